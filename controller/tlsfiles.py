@@ -61,7 +61,7 @@ class CertificateFiles:
                     return None
                 self._seen = stamp
                 cert, key, client_ca = self.read()
-                _check_pair(cert, key)
+                _check_pair(cert, key, client_ca)
         except (UnreadableFile, ValueError) as exc:
             log.warning("TLS files changed but were not taken (the last good ones are served until they change "
                         "again): %s", exc)
@@ -90,18 +90,23 @@ def _configuration(cert: bytes, key: bytes, client_ca: bytes | None) -> grpc.Ser
     return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
 
 
-def _check_pair(cert: bytes, key: bytes) -> None:
-    """ValueError unless `key` is the private key of the first certificate in `cert`."""
+def _check_pair(cert: bytes, key: bytes, client_ca: bytes | None = None) -> None:
+    """ValueError unless every certificate of the chain `cert` and of the bundle `client_ca`
+    loads (one caught half written is not served) and `key` is the first certificate's."""
     # Here, not at the top: `cryptography` costs ~0.1 s of every start, and only a reload needs it.
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
     public = serialization.PublicFormat.SubjectPublicKeyInfo
     try:
-        certified = x509.load_pem_x509_certificate(cert).public_key()
+        for pem in (cert, client_ca or b""):
+            # A block cut short (no END line) is skipped by the parser, not refused: count them.
+            if len(x509.load_pem_x509_certificates(pem) if pem else ()) != pem.count(b"-----BEGIN CERTIFICATE-----"):
+                raise ValueError("a certificate is cut short (its BEGIN line has no END)")
+        certified = x509.load_pem_x509_certificates(cert)[0].public_key()
         private = serialization.load_pem_private_key(key, password=None)
-    except (ValueError, TypeError) as exc:  # not PEM, or a key with a password
-        raise ValueError(f"cannot load the certificate and its key: {exc}") from None
+    except (ValueError, TypeError) as exc:  # not PEM, cut short, or a key with a password
+        raise ValueError(f"cannot load the certificates and the key: {exc}") from None
     encoding = serialization.Encoding.PEM
     if certified.public_bytes(encoding, public) != private.public_key().public_bytes(encoding, public):
         raise ValueError("the key is not the certificate's (one of the pair not replaced yet?)")

@@ -44,3 +44,20 @@ def test_fetch_takes_replaced_files_once_they_agree(tmp_path: Path, caplog: pyte
     with caplog.at_level(logging.WARNING, logger="maia.tls"):
         assert files.fetch() is None
     assert f"--tls-key {live / 'server-key.pem'}: cannot read it" in caplog.text
+
+
+def test_a_client_ca_bundle_caught_half_written_is_not_taken(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    devca.issue_server(tmp_path)
+    ca = tmp_path / devca.CA_CERT
+    now = [0.0]
+    files = CertificateFiles(tmp_path / "server.pem", tmp_path / "server-key.pem", ca, clock=lambda: now[0])
+    files.server_credentials()
+    whole = ca.read_bytes()
+    ca.write_bytes(whole + whole[: len(whole) // 2])  # a bundle of two CAs, the second cut short
+    now[0] += RELOAD_CHECK_S
+    with caplog.at_level(logging.WARNING, logger="maia.tls"):
+        assert files.fetch() is None
+    assert "cannot load the certificates and the key" in caplog.text
+    ca.write_bytes(whole + whole)  # written whole
+    now[0] += RELOAD_CHECK_S
+    assert files.fetch() is not None
