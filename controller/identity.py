@@ -45,7 +45,7 @@ class Principal:
     role: Role = Role.ADMIN
     token_id: str = ""
     tenant: str = ""      # role TENANT: the one tenant it acts for
-    node: str = ""        # role NODE: the one node it speaks for
+    node: str = ""        # role NODE: the one node it speaks for; NODE_BOOTSTRAP: the one it may register ("": any)
     request_id: str = ""
     # When its token expires (None: never): an agent stream opened with it ends then (`AgentHub`).
     expires_at: datetime | None = None

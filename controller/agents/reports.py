@@ -60,7 +60,7 @@ class ReportBuffer:
         contact_write_every_s: float | None,
     ) -> None:
         self._db = db
-        # A database outage fails every flush: one line a minute or so says so, with how many did not.
+        # A database outage fails every flush: a line at most every 10 s says so, with how many did not.
         self._outage_log = Sampler(per_minute=6, burst=1)
         self._sessions = sessions  # the hub's open streams, read only
         self._observer = observer

@@ -10,7 +10,7 @@ from typing import Any
 from google.protobuf.message import Message
 
 # Methods whose object is not named by their last word.
-OBJECT_KIND_OF = {"Register": "node"}
+OBJECT_KIND_OF = {"Register": "node", "ResetNodeCredential": "node"}
 _WORDS = re.compile(r"[A-Z][a-z0-9]*")
 
 

@@ -216,9 +216,12 @@ async def bootstrap_admin_token(db: Database, path: Path, who: Principal) -> Boo
             return None
         given = _given_token(path)
         if given is not None:
-            if await store.get_token(uow.session, given.id) is not None:
-                raise TokenFileError(f"{path} holds token {given.id}, which was revoked or has expired: put a new "
-                                     f"one there, or remove the file to have one written")
+            known = await store.get_token(uow.session, given.id)
+            if known is not None:
+                state = "revoked" if known.revoked_at is not None else "expired" if not store.is_active(
+                    known, _now()) else "active"
+                raise TokenFileError(f"{path} holds token {given.id}, a {state} {known.role} token, not one to make the "
+                                     f"first admin: put a new one there, or remove the file to have one written")
             issued = add_token(uow, who, role=Role.ADMIN, name=BOOTSTRAP_ADMIN_NAME, minted=given)
             try:
                 await uow.commit()

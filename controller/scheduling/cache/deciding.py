@@ -150,7 +150,8 @@ def _short_by(decision: Decision, lost: int) -> Unplaced | None:
     if u is not None:
         return dataclasses.replace(u, replicas=u.replicas + lost)
     return Unplaced(decision.deployment, lost,
-                    (Reason("CAPACITY", f"{lost} replica(s) preempted for higher-priority or reserved work"),))
+                    (Reason("CAPACITY", f"{lost} replica(s) placed and then taken for higher-priority or reserved "
+                                        f"work in the same pass"),))
 
 
 def cordon(snap: Snapshot, session: Session | RemoteSession, nodes: Collection[str]) -> tuple[Node, ...]:
