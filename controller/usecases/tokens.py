@@ -218,10 +218,15 @@ async def bootstrap_admin_token(db: Database, path: Path, who: Principal) -> Boo
         if given is not None:
             known = await store.get_token(uow.session, given.id)
             if known is not None:
-                state = "revoked" if known.revoked_at is not None else "expired" if not store.is_active(
-                    known, _now()) else "active"
-                raise TokenFileError(f"{path} holds token {given.id}, a {state} {known.role} token, not one to make the "
-                                     f"first admin: put a new one there, or remove the file to have one written")
+                active = store.is_active(known, _now())
+                if active and known.role == Role.ADMIN.value:
+                    # Another controller sharing the file made it the first admin since the read above
+                    # (two started together on a new database: it wrote the file, then committed).
+                    return None
+                state = "revoked" if known.revoked_at is not None else "active" if active else "expired"
+                raise TokenFileError(f"{path} holds token {given.id}, {state} and of role {known.role}, not one to "
+                                     f"make the first admin: put a new one there, or remove the file to have one "
+                                     f"written")
             issued = add_token(uow, who, role=Role.ADMIN, name=BOOTSTRAP_ADMIN_NAME, minted=given)
             try:
                 await uow.commit()

@@ -110,6 +110,26 @@ async def test_a_revoked_token_in_the_file_is_refused(database: Database, tmp_pa
     async with database.unit_of_work() as uow:
         (await token_rows.get_token(uow.session, made.view.id)).revoked_at = datetime.now(timezone.utc)
         await uow.commit()
-    with pytest.raises(tokens.TokenFileError, match=f"holds token {made.view.id}, a revoked admin token, not one to make"):
+    with pytest.raises(tokens.TokenFileError,
+                       match=f"holds token {made.view.id}, revoked and of role admin, not one to make"):
         await tokens.bootstrap_admin_token(database, path, CONTROLLER)
     assert not await tokens.has_active_admin(database)
+
+
+async def test_a_controller_adopting_the_token_another_just_made_first_admin_leaves_it(
+        database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two controllers started together on a new database with one token file (CI's failover
+    test): one wrote the file and committed between the other's look for an admin token and its
+    read of the file. The other refused to start ("holds token ..., an active admin token")."""
+    path = tmp_path / "admin.token"
+    first = await tokens.bootstrap_admin_token(database, path, CONTROLLER)
+    assert first is not None and not first.adopted
+    real = token_rows.active_tokens
+
+    async def before_the_other_committed(session, now, **kw):  # type: ignore[no-untyped-def]
+        monkeypatch.setattr(token_rows, "active_tokens", real)
+        return []
+
+    monkeypatch.setattr(token_rows, "active_tokens", before_the_other_committed)
+    assert await tokens.bootstrap_admin_token(database, path, CONTROLLER) is None
+    assert await _holds_the_admin_token(database, path)
