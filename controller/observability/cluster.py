@@ -58,6 +58,9 @@ class ClusterGauges:
     # Accelerators held (fractions as such) per (tenant, model); free on ready nodes per (model, zone).
     allocated: dict[tuple[str, str], float] = field(default_factory=dict)
     free: dict[tuple[str, str], float] = field(default_factory=dict)
+    # Per tenant with a reservation: the accelerators reserved and not held while it has
+    # non-preemptible work waiting (0 while it waits for nothing): a reservation not honoured.
+    reservation_short: dict[str, float] = field(default_factory=dict)
 
 
 async def read_cluster_gauges(session: AsyncSession, *, now: datetime | None = None,
@@ -70,7 +73,7 @@ async def read_cluster_gauges(session: AsyncSession, *, now: datetime | None = N
     now = now or datetime.now(timezone.utc)
     phases = {phase.value: 0 for phase in m.DeploymentPhase}
     phases.update(await repo.count_deployments_by_phase(session))
-    unplaced = await _unplaced_by_reason(session)
+    unplaced, waiting_tenants = await _unplaced_by_reason(session)
 
     zone_of_row: dict[str, str] = {}
     rows_budget: dict[str, float | None] = {}
@@ -98,6 +101,8 @@ async def read_cluster_gauges(session: AsyncSession, *, now: datetime | None = N
         deployments_by_phase=phases, unplaced_by_reason=unplaced, nodes_by_state=states,
         heartbeat_lag_max_s=await _heartbeat_lag(session, now, heard or {}) if lag else {}, racks=racks, rows=rows,
         allocated=await _allocated(session), free=await _free(session),
+        reservation_short={tenant: max(0.0, reserved - held) if tenant in waiting_tenants else 0.0
+                           for tenant, (reserved, held) in (await repo.reserved_usage(session)).items()},
     )
 
 
@@ -120,10 +125,10 @@ async def read_usage_counters(session: AsyncSession, *, now: datetime | None = N
 _NO_REASONS = ("[]", "null")
 
 
-async def _unplaced_by_reason(session: AsyncSession) -> dict[str, int]:
+async def _unplaced_by_reason(session: AsyncSession) -> tuple[dict[str, int], set[str]]:
     """Deployments with fewer replicas placed than asked, counted once under each reason code they
     carry (only the rows of deployments with reasons read, and a count per placed replica of
-    theirs). A deployment placed in full may still carry a reason (SHARD_FAILED after its failed
+    theirs), and the tenants of those not preemptible (what a reservation is for). A deployment placed in full may still carry a reason (SHARD_FAILED after its failed
     replica was placed again, PREEMPTED ...): it has no unplaced replica, so it is not counted. A
     replica is placed when every shard of it is, of the revision it was placed for (as a
     deployment's `placed_replicas` counts it, `domain.phases.replica_counts`); a deleting
@@ -138,17 +143,20 @@ async def _unplaced_by_reason(session: AsyncSession) -> dict[str, int]:
         for deployment_id, replica, revision, count in part:
             shards[deployment_id].append((replica, revision, int(count)))
     unplaced: dict[str, int] = defaultdict(int)
+    tenants: set[str] = set()
     with_reasons = select(m.Deployment.id, m.Deployment.replicas, m.Deployment.shards_per_replica,
                           m.Deployment.template_revision, m.Deployment.revision_specs,
-                          m.Deployment.reasons).where(*waiting)
+                          m.Deployment.reasons, m.Deployment.tenant_id, m.Deployment.preemptible).where(*waiting)
     async for part in partitions(session, with_reasons):
-        for deployment_id, replicas, shards_per_replica, revision, revision_specs, reasons in part:
+        for deployment_id, replicas, shards_per_replica, revision, revision_specs, reasons, tenant, preemptible in part:
             if _placed_replicas(shards.get(deployment_id, ()), shards_per_replica, revision,
                                 revision_specs) >= replicas:
                 continue
             for code in {r.get("code", "") for r in reasons or () if r.get("code")}:
                 unplaced[code] += 1
-    return dict(unplaced)
+            if not preemptible:
+                tenants.add(tenant)
+    return dict(unplaced), tenants
 
 
 def _placed_replicas(shards: Iterable[tuple[int, int, int]], shards_per_replica: int, revision: int,

@@ -122,6 +122,10 @@ def cluster_families(g: ClusterGauges) -> Iterator[Metric]:
     yield _gauge("maia_deployments_unplaced",
                  "Deployments with unplaced replicas (fewer placed than asked), under each reason code they carry.",
                  ["reason"], {(code,): n for code, n in g.unplaced_by_reason.items()})
+    yield _gauge("maia_tenant_reservation_short_accelerators",
+                 "Per tenant with a reservation: accelerators reserved and not held while it has non-preemptible "
+                 "work waiting (0 while it waits for nothing): a reservation not honoured.",
+                 ["tenant"], {(tenant,): short for tenant, short in g.reservation_short.items()})
     yield _gauge("maia_nodes", "Nodes by state (ready, cordoned, suspect, down).", ["state"],
                  {(state,): n for state, n in g.nodes_by_state.items()})
     yield _gauge("maia_node_heartbeat_lag_max_seconds",
