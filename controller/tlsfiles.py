@@ -97,13 +97,18 @@ def _check_pair(cert: bytes, key: bytes, client_ca: bytes | None = None) -> None
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
+    def whole(pem: bytes) -> list[x509.Certificate]:
+        # A block cut short (no END line) is skipped by the parser, not refused: count them.
+        certificates = x509.load_pem_x509_certificates(pem)
+        if len(certificates) != pem.count(b"-----BEGIN CERTIFICATE-----"):
+            raise ValueError("a certificate is cut short (its BEGIN line has no END)")
+        return certificates
+
     public = serialization.PublicFormat.SubjectPublicKeyInfo
     try:
-        for pem in (cert, client_ca or b""):
-            # A block cut short (no END line) is skipped by the parser, not refused: count them.
-            if len(x509.load_pem_x509_certificates(pem) if pem else ()) != pem.count(b"-----BEGIN CERTIFICATE-----"):
-                raise ValueError("a certificate is cut short (its BEGIN line has no END)")
-        certified = x509.load_pem_x509_certificates(cert)[0].public_key()
+        certified = whole(cert)[0].public_key()
+        if client_ca is not None:
+            whole(client_ca)
         private = serialization.load_pem_private_key(key, password=None)
     except (ValueError, TypeError) as exc:  # not PEM, cut short, or a key with a password
         raise ValueError(f"cannot load the certificates and the key: {exc}") from None

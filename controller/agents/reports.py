@@ -311,7 +311,6 @@ class ReportBuffer:
                 views.update(await self._flush_chunk(chunk.only(node_id)))
             return views
 
-
     def _forget_states(self, nodes: list[str]) -> None:
         """What these nodes reported was not written: their next heartbeats write every shard's state again."""
         for node_id in nodes:

@@ -88,11 +88,6 @@ class ConsoleRows:
     usage: list[metering.UsageTotal]  # to date: the closed sums and the open accrual, not the history
 
 
-async def _born(session: AsyncSession, tenant: str) -> datetime | None:
-    row = await repo.get_tenant(session, tenant)
-    return m.as_utc(row.created_at) if row is not None else None
-
-
 async def read_console_rows(session: AsyncSession, *, viewer_tenant: str = "",
                             now: datetime | None = None) -> ConsoleRows:
     """Every row one document needs, in one unit of work (`viewer_tenant` non-empty: that
@@ -109,7 +104,7 @@ async def read_console_rows(session: AsyncSession, *, viewer_tenant: str = "",
         known_tenants=await repo.known_tenant_ids(session) if viewer_tenant else [],
         deployments=await repo.deployment_summary_rows(session, tenant=viewer_tenant),
         # A tenant's viewer sees its own customer's usage, not that of its id's customer before.
-        usage=await metering.customer_usage_to_date(session, viewer_tenant, now=now, born=await _born(
+        usage=await metering.customer_usage_to_date(session, viewer_tenant, now=now, born=await repo.tenant_created_at(
             session, viewer_tenant)) if viewer_tenant else await metering.usage_to_date(session, ("tenant",), now=now),
     )
 

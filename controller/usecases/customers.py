@@ -9,15 +9,13 @@ from datetime import datetime
 from controller.identity import Principal, Role
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
-from controller.store.models import as_utc
 
 
 async def reads_since(uow: UnitOfWork, who: Principal, tenant: str, since: datetime | None) -> datetime | None:
     """`since`, or for a tenant token its tenant's creation where that is later."""
     if who.role is not Role.TENANT or not tenant:
         return since
-    row = await repo.get_tenant(uow.session, tenant)
-    born = as_utc(row.created_at) if row is not None else None
+    born = await repo.tenant_created_at(uow.session, tenant)
     if born is not None and (since is None or since < born):
         return born
     return since

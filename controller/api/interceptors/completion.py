@@ -19,6 +19,7 @@ from grpc import aio
 
 from controller.api.targets import describe_target
 from controller.api.interceptors.behaviour import Behaviour, _BehaviourInterceptor
+from controller.domain.values import deployment_key
 from controller.identity import peek_principal
 
 log = logging.getLogger("maia.api")
@@ -185,6 +186,6 @@ def _object(method: str, request: Any) -> str:
     if not object_id:
         return ""
     if kind == "deployment" and tenant:
-        object_id = f"{tenant}/{object_id}"
+        object_id = deployment_key(tenant, object_id)
     said = object_id[:128]
     return f" object={kind}/{said}" if said.isprintable() and " " not in said else f" object={kind}/{said!r}"

@@ -55,6 +55,12 @@ async def get_tenant(session: AsyncSession, tenant_id: str) -> m.Tenant | None:
     return await session.get(m.Tenant, tenant_id)
 
 
+async def tenant_created_at(session: AsyncSession, tenant_id: str) -> datetime | None:
+    """When the tenant (its id's present customer) was created; None when there is none."""
+    row = await get_tenant(session, tenant_id)
+    return m.as_utc(row.created_at) if row is not None else None
+
+
 @dataclass(frozen=True)
 class TenantSubmitFacts:
     """What a batch of submits is checked against, per tenant."""
