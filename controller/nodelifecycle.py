@@ -44,6 +44,7 @@ from controller.domain.liveness import (
     DOWN, UP, EvictionLimiter, FlapDamper, LivenessPolicy, Transition, eviction_candidates, health_changes,
     zone_rates_of,
 )
+from controller.domain.values import DeploymentEvent, DeploymentView
 from controller.store.db import Database
 from controller.store.lease import LeaseLost
 from controller.store.models import utcnow
@@ -64,7 +65,7 @@ class NodeLifecycle:
         released: Callable[[], Mapping[str, datetime]] = dict, greeting: Callable[[], Set[str]] = frozenset,
         silence_timeout_s: Callable[[], float] | None = None, streams: Callable[[], int] | None = None,
         interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], datetime] = utcnow,
+        wall_clock: Callable[[], datetime] = utcnow, publish: Callable[..., None] = lambda *events: None,
     ) -> None:
         self._db = db
         self._policy = policy
@@ -80,6 +81,7 @@ class NodeLifecycle:
         self._quiet: tuple[int, float] | None = None
         self._damper = damper
         self._on_change = on_change
+        self._publish = publish  # deployment events for watchers (`Signals.publish`): shards gone UNKNOWN
         self._is_leader = is_leader
         self._interval = interval_s
         self._clock = clock
@@ -171,9 +173,12 @@ class NodeLifecycle:
                        and (change.health == UP) == (change.node_id in connected)]
         if not changes:
             return []
+        views: dict[str, DeploymentView] = {}
         async with self._db.unit_of_work() as uow:
             # Only those written: a change whose node moved on since the read is left out.
-            applied = await liveness.apply_transitions(uow, changes, now)
+            applied = await liveness.apply_transitions(uow, changes, now, views=views)
+        if views:  # the deployments whose shards went UNKNOWN with their node
+            self._publish(*(DeploymentEvent("modified", view) for _, view in sorted(views.items())))
         for change in applied:
             log.warning("node %s node=%s why=%s", "evicted" if change.evict else change.health, change.node_id,
                         change.why)

@@ -41,7 +41,7 @@ _NODE_STATE = {"ready": common_pb2.NODE_STATE_READY, "cordoned": common_pb2.NODE
 _SHARD_PHASE_FROM_WORD = {
     "assigned": common_pb2.SHARD_PHASE_ASSIGNED, "loading": common_pb2.SHARD_PHASE_LOADING,
     "running": common_pb2.SHARD_PHASE_RUNNING, "failed": common_pb2.SHARD_PHASE_FAILED,
-    "stopped": common_pb2.SHARD_PHASE_STOPPED,
+    "stopped": common_pb2.SHARD_PHASE_STOPPED, "unknown": common_pb2.SHARD_PHASE_UNKNOWN,
 }
 _SHARD_PHASE_TO_WORD = {value: word for word, value in _SHARD_PHASE_FROM_WORD.items()}
 _DEPLOYMENT_PHASE = {

@@ -3,9 +3,10 @@
 PENDING: no replica placed (the reasons say why); SCHEDULED: placed, some shards not running
 yet; RUNNING: every placed shard runs and every asked replica is placed; DEGRADED: everything
 placed runs but fewer replicas than asked are placed, or a shard FAILED while at least
-`min_replicas` replicas run. DELETING is set by the user, FAILED by the controller when
-replicas keep failing (`domain/restarts.py`); both are sticky. A replica counts as placed only
-with all its shards (a gang).
+`min_replicas` replicas run, or a shard's node is down (the shard UNKNOWN: nothing says it runs,
+until its agent reports again or the node's work is evicted). DELETING is set by the user,
+FAILED by the controller when replicas keep failing (`domain/restarts.py`); both are sticky. A
+replica counts as placed only with all its shards (a gang).
 
 Pure functions over the interchange words: `commit_plan` applies them to the plan it writes,
 the shard-report path to the placements its reports changed.
@@ -23,6 +24,7 @@ class ReplicaCounts:
     placed: int
     running: int
     failed: int = 0  # placed replicas with a FAILED shard
+    unknown: int = 0  # placed replicas with a shard on a node that is down (UNKNOWN)
 
 
 def replica_counts(shards_per_replica: int, shards: Iterable[tuple[int, str]],
@@ -39,7 +41,8 @@ def replica_counts(shards_per_replica: int, shards: Iterable[tuple[int, str]],
     placed = [ps for r, ps in phases.items() if len(ps) >= sizes.get(r, shards_per_replica)]
     running = [ps for ps in placed if all(p == "running" for p in ps)]
     failed = [ps for ps in placed if any(p == "failed" for p in ps)]
-    return ReplicaCounts(placed=len(placed), running=len(running), failed=len(failed))
+    unknown = [ps for ps in placed if any(p == "unknown" for p in ps)]
+    return ReplicaCounts(placed=len(placed), running=len(running), failed=len(failed), unknown=len(unknown))
 
 
 def deployment_phase(replicas: int, counts: ReplicaCounts, *, deleting: bool = False, failed: bool = False,
@@ -53,6 +56,8 @@ def deployment_phase(replicas: int, counts: ReplicaCounts, *, deleting: bool = F
     if counts.placed == 0:
         return "pending"
     if (counts.failed or failing) and max(1, min_replicas) <= counts.running < replicas:
+        return "degraded"
+    if counts.unknown:  # placed on a node that is down: not starting, whatever runs beside it
         return "degraded"
     if counts.running < counts.placed:
         return "scheduled"

@@ -106,6 +106,7 @@ class ShardPhase(str, enum.Enum):
     RUNNING = "running"
     FAILED = "failed"
     STOPPED = "stopped"
+    UNKNOWN = "unknown"  # its node is down (the controller's own: usecases/liveness.py); the agent's next report ends it
 
 
 def _enum_column(enum_cls: type[enum.Enum], **kw: Any) -> Any:

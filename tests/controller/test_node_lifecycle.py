@@ -12,15 +12,16 @@ import pytest
 from sqlalchemy import select
 
 from controller.agents import AgentHub
-from controller.domain.liveness import FlapDamper, LivenessPolicy
-from controller.domain.values import NodeInfo
+from controller.domain.liveness import FlapDamper, LivenessPolicy, Transition
+from controller.domain.values import DeploymentEvent, NodeInfo, ShardReport
 from controller.errors import FailedPrecondition
 from controller.identity import Principal, Role
 from controller.nodelifecycle import NodeLifecycle
 from controller.reconcile import Reconciler
 from controller.store import models as m
+from controller.store import repositories as repo
 from controller.store.db import Database
-from controller.usecases import agents, nodes
+from controller.usecases import agents, liveness, nodes
 from controller.usecases.ports import RecordingSignals
 from uc_builders import WHO, deployment, no_publish, quiet_agent, run_all, statements, submit
 
@@ -106,6 +107,93 @@ async def test_a_silent_node_is_suspect_then_down_then_evicted_and_its_work_plac
     after = await placements(cluster)
     assert set(after) == set(before) and victim not in {node for node, _ in after.values()}
     assert all(after[k] == where for k, where in before.items() if where[0] != victim)
+
+
+async def shard_phases(db: Database) -> dict[tuple[int, int], tuple[str, str, str]]:
+    """svc's shards: (replica, shard) -> (node, phase, message)."""
+    async with db.unit_of_work() as uow:
+        dep = await repo.get_deployment(uow.session, "t1", "svc")
+        return {(p.replica, p.shard): (p.node_id, p.phase.value, p.message or "") for p in dep.placements}
+
+
+async def svc_phase(db: Database) -> str:
+    async with db.unit_of_work() as uow:
+        return (await repo.get_deployment(uow.session, "t1", "svc")).phase.value
+
+
+async def report(db: Database, node: str, phase: str, message: str = "") -> None:
+    """`node`'s agent says `phase` of every svc shard it holds."""
+    held = [(replica, shard) for (replica, shard), (on, _, _) in (await shard_phases(db)).items() if on == node]
+    async with db.unit_of_work() as uow:
+        generation = {(p.replica, p.shard): p.generation
+                      for p in (await repo.get_deployment(uow.session, "t1", "svc")).placements}
+        await agents.flush_reports(uow, {}, [(node, ShardReport("svc", replica, shard, generation[(replica, shard)],
+                                                                phase, message, tenant="t1"))
+                                             for replica, shard in held])
+
+
+async def placed_whole(cluster: Database) -> tuple[Reconciler, dict]:
+    """svc's two replicas placed, each a whole node, and running."""
+    loop = Reconciler(cluster, push=lambda nodes: None, publish=no_publish)
+    await submit(cluster, deployment("svc", replicas=2, accelerators=4, spread=None))
+    await loop.reconcile_once()
+    before = await placements(cluster)
+    for node in {node for node, _ in before.values()}:
+        await report(cluster, node, "running", "serving")
+    return loop, before
+
+
+async def test_a_node_gone_down_leaves_its_shards_unknown_until_its_agent_reports_again(cluster):
+    clocks = Clocks()
+    loop, before = await placed_whole(cluster)
+    assert await svc_phase(cluster) == "running"
+    victim = before[("svc", 0, 0)][0]
+    everyone = {"rack-a-n0", "rack-a-n1", "rack-b-n0", "rack-b-n1"} - {victim}
+    await lose(cluster, victim, clocks.wall)
+    published: list[DeploymentEvent] = []
+    cycle = NodeLifecycle(cluster, POLICY, connected=lambda: frozenset(everyone), damper=FlapDamper(),
+                          on_change=lambda: None, clock=lambda: clocks.mono, wall_clock=lambda: clocks.wall,
+                          publish=lambda *events: published.extend(events))
+
+    clocks.advance(20)  # suspect: it may be a blip, its shards are as last reported
+    await cycle.pass_once()
+    assert await svc_phase(cluster) == "running" and not published
+
+    clocks.advance(15)  # down: nothing says its shards run
+    assert [(c.node_id, c.health) for c in await cycle.pass_once()] == [(victim, "down")]
+    shards = await shard_phases(cluster)
+    assert shards[(0, 0)] == (victim, "unknown", (f"node {victim} is down: no contact for 35s (down grace 30s); "
+                                               "last known running: serving"))
+    assert shards[(1, 0)][1:] == ("running", "serving")  # the other replica's node is up
+    assert await svc_phase(cluster) == "degraded"
+    assert [(e.type, e.deployment.spec.name, e.deployment.phase, e.deployment.running_replicas)
+            for e in published] == [("modified", "svc", "degraded", 1)]
+    async with cluster.unit_of_work() as uow:
+        told = [e.message for e in await repo.list_events(uow.session, object_kind="node", object_id=victim)
+                if e.kind == "node.down"]
+    assert told == ["no contact for 35s (down grace 30s): its 1 shard(s) unknown until its agent reports, "
+                    "evicted after the eviction grace"]
+    await loop.reconcile_once(force=True)  # held where it is until the eviction grace ends
+    assert await placements(cluster) == before
+
+    await report(cluster, victim, "running", "serving")  # its agent is back and says so
+    assert (await shard_phases(cluster))[(0, 0)] == (victim, "running", "serving")
+    assert await svc_phase(cluster) == "running"
+
+
+async def test_a_node_whose_agent_came_back_before_the_write_keeps_its_shards_as_they_were(cluster):
+    clocks = Clocks()
+    _, before = await placed_whole(cluster)
+    victim = before[("svc", 0, 0)][0]
+    async with cluster.unit_of_work() as uow:  # judged suspect and silent; its Hello wrote it up since
+        await repo.set_node_health(uow.session, victim, m.NodeHealth.UP)
+        await uow.commit()
+    views: dict = {}
+    async with cluster.unit_of_work() as uow:
+        assert await liveness.apply_transitions(uow, [Transition(victim, "down", "silent", was="suspect")],
+                                                clocks.wall, views=views) == []
+    assert (await shard_phases(cluster))[(0, 0)] == (victim, "running", "serving")
+    assert await svc_phase(cluster) == "running" and views == {}
 
 
 async def test_becoming_the_leader_gives_the_nodes_the_restart_grace_again(cluster):

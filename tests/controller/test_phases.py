@@ -14,6 +14,7 @@ from controller.domain.phases import ReplicaCounts, deployment_phase, replica_co
         ([(0, "running"), (0, "running")], ReplicaCounts(1, 1)),
         ([(0, "running"), (0, "loading"), (1, "running"), (1, "running")], ReplicaCounts(2, 1)),
         ([(0, "running")], ReplicaCounts(0, 0)),  # half a gang is not a placed replica
+        ([(0, "running"), (0, "unknown"), (1, "running"), (1, "running")], ReplicaCounts(2, 1, unknown=1)),
     ],
 )
 def test_replica_counts_count_whole_gangs(shards, counts):
@@ -30,6 +31,10 @@ def test_replica_counts_count_whole_gangs(shards, counts):
         (2, ReplicaCounts(1, 1), False, "degraded"),
         (2, ReplicaCounts(2, 2), True, "deleting"),
         (2, ReplicaCounts(0, 0), True, "deleting"),
+        # a replica on a node that is down: degraded, whatever else runs or starts
+        (2, ReplicaCounts(2, 1, unknown=1), False, "degraded"),
+        (1, ReplicaCounts(1, 0, unknown=1), False, "degraded"),
+        (2, ReplicaCounts(2, 0, unknown=2), True, "deleting"),
     ],
 )
 def test_deployment_phase(replicas, counts, deleting, phase):

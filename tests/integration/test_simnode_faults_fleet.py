@@ -1,7 +1,7 @@
 """Fault injection end to end: a real `maia-simnode` fleet serving its control socket, driven by
 real `maia-simnode fault ...` processes, against a controller with short node-lifecycle graces
 (suspect for 2 s, then down; work evicted after 3 s). Nodes killed from the CLI go suspect, then
-down, their work is placed again on the living nodes; revived, they are ready again; a
+down (their shards unknown, the deployment degraded), their work is placed again on the living nodes; revived, they are ready again; a
 partitioned node goes suspect on missing heartbeats alone (its stream stays open). SQLite only:
 the lifecycle rules are the same on both backends (tests/integration/test_node_lifecycle_fleet.py)."""
 
@@ -17,6 +17,7 @@ from grpc_harness import RUNNING, Stubs, controlled_fleet, eventually, running_c
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
 READY, SUSPECT, DOWN = common_pb2.NODE_STATE_READY, common_pb2.NODE_STATE_SUSPECT, common_pb2.NODE_STATE_DOWN
+DEGRADED, UNKNOWN = deployments_pb2.DEPLOYMENT_PHASE_DEGRADED, common_pb2.SHARD_PHASE_UNKNOWN
 
 
 def fault(control: Path, *args: str) -> Awaitable[subprocess.CompletedProcess[str]]:
@@ -44,6 +45,15 @@ async def _watch_states(stubs: Stubs, nodes: set[str], seen: dict[str, set[int]]
         await asyncio.sleep(0.1)
 
 
+async def _watch_svc(stubs: Stubs, seen: list[tuple[int, dict[str, set[int]]]]) -> None:
+    """Record svc's phase and its shards' phases on each node, as its watch tells them (until cancelled)."""
+    async for event in stubs.deployments.WatchDeployments(deployments_pb2.WatchDeploymentsRequest(name="svc")):
+        shards: dict[str, set[int]] = {}
+        for p in event.deployment.placements:
+            shards.setdefault(p.node, set()).add(p.phase)
+        seen.append((event.deployment.phase, shards))
+
+
 async def test_nodes_killed_from_the_cli_are_suspected_downed_evicted_and_come_back_revived(tmp_path: Path) -> None:
     async with running_controller(f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}", tmp_path,
                                   node_down_grace_s=2.0, node_eviction_grace_s=3.0) as app, \
@@ -60,6 +70,8 @@ async def test_nodes_killed_from_the_cli_are_suspected_downed_evicted_and_come_b
 
         seen: dict[str, set[int]] = {}
         watcher = asyncio.create_task(_watch_states(stubs, dead, seen))
+        told: list[tuple[int, dict[str, set[int]]]] = []
+        svc_watch = asyncio.create_task(_watch_svc(stubs, told))
         killed = await fault(control, "kill", "--node", ",".join(sorted(dead)))
         assert killed.returncode == 0, killed.stderr
         assert f"killed {len(dead)} nodes" in killed.stdout
@@ -69,7 +81,11 @@ async def test_nodes_killed_from_the_cli_are_suspected_downed_evicted_and_come_b
         await eventually(lambda: stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="svc")),
                          lambda d: d.phase == RUNNING, timeout=30, what="svc running again")
         watcher.cancel()
+        svc_watch.cancel()
         assert all({SUSPECT, DOWN} <= seen[node] for node in dead), seen
+        # Down, before the eviction: svc degraded, its shards on the dead nodes unknown (not running).
+        assert any(phase == DEGRADED and set(shards) == dead and all(shards[n] == {UNKNOWN} for n in dead)
+                   for phase, shards in told), told
         assert len(moved) == 2
 
         status = await fault(control, "status", "-o", "json")

@@ -49,4 +49,5 @@ from controller.store.repositories.deployments import (
 from controller.store.repositories.placements import (
     ASSIGNED_SPECS_KEPT, ASSIGNMENT_READ_CHUNK, ShardState, assignment_sets, bump_node_assignment_generations,
     placements_of_deployments, quarantine_deployment, release_placements_beyond, release_quarantined,
-    remove_placements_on_node, shard_states, view_as_written, write_deployment_phases, write_reported_shards)
+    remove_placements_on_node, shard_states, shard_states_on_nodes, view_as_written, write_deployment_phases,
+    write_reported_shards)

@@ -73,6 +73,24 @@ async def shard_states(session: AsyncSession, keys: Iterable[str]) -> list[Shard
             if (key := d.deployment_key(tenant, name)) in wanted]
 
 
+async def shard_states_on_nodes(session: AsyncSession, node_ids: Iterable[str],
+                                phases: Iterable[m.ShardPhase]) -> list[ShardState]:
+    """The placements on these nodes in any of `phases`, as `ShardState`s (one statement of plain
+    columns): what the node lifecycle marks UNKNOWN when their node goes down."""
+    ids = set(node_ids)
+    if not ids:
+        return []
+    rows = await session.execute(
+        select(m.Deployment.tenant_id, m.Deployment.name, m.Placement.replica, m.Placement.shard,
+               m.Placement.node_id, m.Placement.generation, m.Placement.phase, m.Placement.message,
+               m.Placement.id)
+        .select_from(m.Placement).join(m.Deployment)
+        .where(any_of(session, m.Placement.node_id, ids), m.Placement.phase.in_(list(phases))))
+    return [ShardState(d.deployment_key(tenant, name), replica, shard, node_id, generation or 0, phase, message or "",
+                       placement_id)
+            for tenant, name, replica, shard, node_id, generation, phase, message, placement_id in rows]
+
+
 # The agents' report flush, without the ORM: the placements reports changed and the deployments
 # whose phase or reasons followed, each kind in one executemany by id.
 _REPORTED_SHARD = rowcount_unread(

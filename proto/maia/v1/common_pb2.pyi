@@ -39,6 +39,7 @@ class ShardPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SHARD_PHASE_RUNNING: _ClassVar[ShardPhase]
     SHARD_PHASE_FAILED: _ClassVar[ShardPhase]
     SHARD_PHASE_STOPPED: _ClassVar[ShardPhase]
+    SHARD_PHASE_UNKNOWN: _ClassVar[ShardPhase]
 ISOLATION_UNSPECIFIED: Isolation
 ISOLATION_SHARED: Isolation
 ISOLATION_DEDICATED_NODE: Isolation
@@ -60,6 +61,7 @@ SHARD_PHASE_LOADING: ShardPhase
 SHARD_PHASE_RUNNING: ShardPhase
 SHARD_PHASE_FAILED: ShardPhase
 SHARD_PHASE_STOPPED: ShardPhase
+SHARD_PHASE_UNKNOWN: ShardPhase
 
 class ShardSpec(_message.Message):
     __slots__ = ("accelerators", "accelerator_milli", "hbm_gib", "cpu_milli", "memory_mib", "power_w", "accelerator_models")
