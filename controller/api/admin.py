@@ -59,6 +59,23 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         async with self._deps.db.unit_of_work() as uow:
             return convert.topology_msg(await topology.get_topology(uow, current_principal()))
 
+    async def DeleteRack(self, request: admin_pb2.TopologyItemRequest,
+                         context: aio.ServicerContext) -> admin_pb2.Topology:
+        return await self._delete_item("rack", request.id)
+
+    async def DeleteRow(self, request: admin_pb2.TopologyItemRequest,
+                        context: aio.ServicerContext) -> admin_pb2.Topology:
+        return await self._delete_item("row", request.id)
+
+    async def DeleteZone(self, request: admin_pb2.TopologyItemRequest,
+                         context: aio.ServicerContext) -> admin_pb2.Topology:
+        return await self._delete_item("zone", request.id)
+
+    async def _delete_item(self, kind: str, item_id: str) -> admin_pb2.Topology:
+        async with self._deps.db.unit_of_work() as uow:
+            view = await topology.delete_item(uow, current_principal(), kind, item_id, self._deps.signals)
+        return convert.topology_msg(view)
+
     # --- nodes -------------------------------------------------------------------------------
     async def ListNodes(self, request: admin_pb2.ListNodesRequest,
                         context: aio.ServicerContext) -> admin_pb2.ListNodesResponse:

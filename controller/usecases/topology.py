@@ -1,7 +1,9 @@
-"""Zones, rows and racks with their power budgets: apply (upsert) and read with power used.
+"""Zones, rows and racks with their power budgets: apply (upsert), delete one, and read with power used.
 
 The topology is operator intent: applying it never removes anything (a rack with nodes cannot
-silently disappear). References must resolve against the request itself or what is stored. A
+silently disappear); a rack, row or zone is removed by name, and only once nothing holds it
+(`delete_item`: no node in the rack, no rack in the row, no row in the zone nor a tenant's
+contract naming it). References must resolve against the request itself or what is stored. A
 change that would leave a rack or row placing more power than its budget is refused
 (`_check_not_overdrawn`), as is moving a rack to another row or a row to another zone under work
 that would then break its tenant's zones, its locality or its spread (`_check_moves_keep_work`).
@@ -108,6 +110,44 @@ async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, si
     repo.record_event(s, actor=who.name, kind="topology.applied", object_kind="topology", object_id="cluster",
                       message=(said + (f"; +{more} more" if more else "")) or "no change", data=detail)
     audit.note(**detail)  # what a budget cut or a move was, before and after
+    await uow.commit()
+    signals.wake_reconciler()
+    return await get_topology(uow, who)
+
+
+# What each kind of item holds, and how to move it out.
+_CHILDREN = {"rack": ("node", "delete or re-register them elsewhere (maiactl delete node ID; drain first to move "
+                              "their shards make-before-break)"),
+             "row": ("rack", "delete them first (maiactl delete rack ID) or move them to another row (apply them "
+                             "with another row)"),
+             "zone": ("row", "delete them first (maiactl delete row ID) or move them to another zone (apply them "
+                             "with another zone)")}
+HOLDERS_SHOWN = 5
+
+
+async def delete_item(uow: UnitOfWork, who: Principal, kind: str, item_id: str, signals: Signals) -> TopologyView:
+    """Remove the rack, row or zone `item_id` (`kind`) when nothing holds it: FAILED_PRECONDITION
+    naming what does (the first few, and how many), NOT_FOUND when there is no such item. The
+    topology as it is after."""
+    policy.require_admin(who, "changing the topology")
+    check_id(kind, item_id)
+    s = uow.session
+    if not await repo.lock_topology_item(s, kind, item_id):
+        raise NotFound(f"{kind} {item_id} not found")
+    child, how = _CHILDREN[kind]
+    count, first = await repo.held_by(s, kind, item_id, HOLDERS_SHOWN)
+    if count:
+        named = ", ".join(first) + (f" and {count - len(first)} more" if count > len(first) else "")
+        raise FailedPrecondition(f"{kind} {item_id} holds {count} {child}(s): {named}; {how}",
+                                 reasons=(ReasonDetail(f"{kind.upper()}_NOT_EMPTY", f"{count} {child}(s)", item_id),))
+    if kind == "zone" and (tenants := await repo.tenants_naming_zone(s, item_id)):
+        raise FailedPrecondition(f"zone {item_id} is named by the contract of tenant(s) {', '.join(tenants)}; "
+                                 f"update their zones first (maiactl apply a Tenant without it)",
+                                 reasons=tuple(ReasonDetail("ZONE_IN_CONTRACT", f"tenant {t}", t) for t in tenants))
+    await repo.delete_topology_item(s, kind, item_id)
+    await repo.bump_cluster_generation(s, ClusterChange.topology())
+    repo.record_event(s, actor=who.name, kind="topology.deleted", object_kind="topology", object_id="cluster",
+                      message=f"{kind} {item_id} removed", data={"deleted": f"{kind} {item_id}"})
     await uow.commit()
     signals.wake_reconciler()
     return await get_topology(uow, who)

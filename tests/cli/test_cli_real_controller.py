@@ -140,7 +140,35 @@ def test_output_formats_and_headers(running: RunningController):
     smaller = running.ctl("apply", "-f", "-", stdin=yaml.safe_dump(topology))
     assert smaller.stdout == "topology unchanged\n"
     assert "the topology keeps rack rack-03, which the file leaves out (applying a topology adds and changes; " \
-           "it removes nothing)" in smaller.stderr
+           "it removes nothing: maiactl delete rack|row|zone ID removes one that holds nothing)" in smaller.stderr
+
+
+SPARE_TOPOLOGY = """kind: Topology
+zones: [{id: spare-az}]
+rows: [{id: spare-row, zone: spare-az}]
+racks: [{id: spare-r1, row: spare-row}, {id: spare-r2, row: spare-row}]
+"""
+
+
+def test_delete_removes_empty_racks_rows_and_zones_children_first(running: RunningController, tmp_path: Path):
+    f = write(tmp_path / "spare.yaml", SPARE_TOPOLOGY)
+    assert running.ctl("apply", "-f", f).returncode == 0
+    held = running.ctl("delete", "row", "spare-row")
+    assert held.returncode == 1
+    assert ("row/spare-row failed: FAILED_PRECONDITION: row spare-row holds 2 rack(s): spare-r1, spare-r2; "
+            "delete them first") in held.stderr
+    named = running.ctl("delete", "zone", "eastus2-az2")  # rows in it, and tenants name it
+    assert named.returncode == 1 and "zone eastus2-az2 holds 1 row(s): row-b" in named.stderr
+    # The file's items, racks before their row and the row before its zone, whatever the file's order.
+    gone = running.ctl("delete", "-f", f)
+    assert gone.returncode == 0, gone.stderr
+    assert gone.stdout.splitlines() == ["rack/spare-r1 deleted", "rack/spare-r2 deleted", "row/spare-row deleted",
+                                        "zone/spare-az deleted"]
+    left = yaml.safe_load(running.ctl("get", "topology", "-o", "yaml").stdout)
+    assert [z["id"] for z in left["zones"]] == ["eastus2-az1", "eastus2-az2"]
+    assert [r["id"] for r in left["racks"]] == ["rack-00", "rack-01", "rack-02", "rack-03"]
+    again = running.ctl("delete", "rack/spare-r1")
+    assert again.returncode == 3 and "rack/spare-r1 failed: NOT_FOUND: rack spare-r1 not found" in again.stderr
 
 
 def test_filters_work_or_are_refused(running: RunningController):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from controller.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from controller.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from controller.identity import Principal, Role
 from controller.reconcile import Reconciler
 from controller.store import models as m
+from controller.store import repositories as repo
 from controller.usecases import deployments, tenants, topology
 from controller.domain.values import RackSpec, RowSpec, TenantSpec, TopologySpec, ZoneSpec
 from controller.usecases.ports import RecordingSignals
@@ -199,3 +201,63 @@ async def test_moving_a_rack_or_a_row_under_work_it_would_break_is_refused(clust
         view = await topology.apply_topology(uow, WHO, TopologySpec(racks=(RackSpec("rack-c", "row-b"),)),
                                              RecordingSignals())
     assert {k.spec.id: k.spec.row for k in view.racks}["rack-c"] == "row-b"
+
+
+async def _delete_item(db, kind: str, item_id: str, who=WHO):
+    async with db.unit_of_work() as uow:
+        return await topology.delete_item(uow, who, kind, item_id, RecordingSignals())
+
+
+@pytest.mark.parametrize(
+    ("kind", "item", "error", "message"),
+    [
+        ("rack", "rack-a", FailedPrecondition, "rack rack-a holds 2 node(s): rack-a-n0, rack-a-n1; delete or "
+                                               "re-register them elsewhere"),
+        ("row", "row-a", FailedPrecondition, "row row-a holds 2 rack(s): rack-a, rack-b; delete them first"),
+        ("zone", "z1", FailedPrecondition, "zone z1 holds 1 row(s): row-a; delete them first"),
+        ("rack", "rack-z", NotFound, "rack rack-z not found"),
+        ("zone", "bad id!", InvalidArgument, "zone id 'bad id!' is invalid"),
+    ],
+)
+async def test_a_rack_row_or_zone_that_holds_something_is_not_deleted(cluster, kind, item, error, message):
+    await assert_refused_writing_nothing(
+        cluster, lambda uow: topology.delete_item(uow, WHO, kind, item, RecordingSignals()), error, message)
+
+
+async def test_a_zone_a_tenant_s_contract_names_is_not_deleted(cluster):
+    async with cluster.unit_of_work() as uow:
+        await topology.apply_topology(uow, WHO, TopologySpec(zones=(ZoneSpec("z2"),)), RecordingSignals())
+    await add_tenant(cluster, "lab-z", zones=("z1", "z2"))
+    await assert_refused_writing_nothing(
+        cluster, lambda uow: topology.delete_item(uow, WHO, "zone", "z2", RecordingSignals()), FailedPrecondition,
+        "zone z2 is named by the contract of tenant(s) lab-z; update their zones first")
+
+
+async def test_deleting_an_empty_rack_row_and_zone_removes_them_and_says_so(cluster):
+    async with cluster.unit_of_work() as uow:
+        await topology.apply_topology(uow, WHO, TopologySpec(
+            zones=(ZoneSpec("z2"),), rows=(RowSpec("row-b", "z2", 50_000.0),),
+            racks=(RackSpec("rack-c", "row-b", 20_000.0),)), RecordingSignals())
+        generation = await repo.read_cluster_generation(uow.session)
+    with pytest.raises(FailedPrecondition):  # its rack first
+        await _delete_item(cluster, "row", "row-b")
+    signals = RecordingSignals()
+    async with cluster.unit_of_work() as uow:
+        after = await topology.delete_item(uow, WHO, "rack", "rack-c", signals)
+    assert [k.spec.id for k in after.racks] == ["rack-a", "rack-b"] and signals.wakes == 1
+    after = await _delete_item(cluster, "row", "row-b")
+    after = await _delete_item(cluster, "zone", "z2")
+    assert [r.spec.id for r in after.rows] == ["row-a"] and [z.id for z in after.zones] == ["z1"]
+    async with cluster.unit_of_work() as uow:
+        assert await repo.read_cluster_generation(uow.session) == generation + 3  # the solver's view moved
+        told = [(e.kind, e.message) for e in await repo.list_events(uow.session, object_kind="topology")]
+    assert told[-3:] == [("topology.deleted", "rack rack-c removed"), ("topology.deleted", "row row-b removed"),
+                         ("topology.deleted", "zone z2 removed")]
+    with pytest.raises(NotFound, match="rack rack-c not found"):
+        await _delete_item(cluster, "rack", "rack-c")
+
+
+async def test_only_an_admin_deletes_topology(cluster):
+    lab = Principal("lab", Role.TENANT, tenant="t1")
+    with pytest.raises(PermissionDenied):
+        await _delete_item(cluster, "rack", "rack-a", who=lab)

@@ -184,7 +184,8 @@ def plan(objects: list[ManifestObject], ctx: Context, *, judge: bool, solve: boo
             left = _left_out(obj.message, current)  # type: ignore[arg-type]
             if left:  # a removal would read as done: say it is not (exploratory testing: "unchanged")
                 ctx.note(f"note: {obj.source}: the topology keeps {', '.join(left)}, which the file leaves out "
-                         f"(applying a topology adds and changes; it removes nothing)")
+                         f"(applying a topology adds and changes; it removes nothing: maiactl delete "
+                         f"rack|row|zone ID removes one that holds nothing)")
             if judge and changes and not batch.topology:
                 step = _judged(step, admin.ApplyTopology, obj.message, ctx)
             if changes:

@@ -1,12 +1,15 @@
-"""`maiactl delete [deployment|tenant] NAME...` and `maiactl delete -f FILE...`.
+"""`maiactl delete [deployment|tenant|node|rack|row|zone] NAME...` and `maiactl delete -f FILE...`.
 
 Every object named is tried; one line per object says what happened, and the exit code is
 non-zero when any failed: the code of their failure when all failed alike (3 NOT_FOUND, 2
 INVALID_ARGUMENT), else 1. Without a kind, NAMEs are deployments (`maiactl delete big-dep`),
 unless a NAME says its kind as `-o name` prints it (`deployment/TENANT/NAME`, `tenant/ID`,
-`node/ID`), so `maiactl get ... -o name | xargs maiactl delete` deletes what get listed. With -f,
-the file's deployments go first, then its tenants; a Topology cannot be deleted and is reported
-as skipped. A deleted deployment is reported as `deployment/TENANT/NAME`, its tenant resolved.
+`node/ID`, `rack/ID`, `row/ID`, `zone/ID`), so `maiactl get ... -o name | xargs maiactl delete`
+deletes what get listed. With -f, the file's deployments go first, then its tenants, then its
+Topology's racks, rows and zones. Racks, rows and zones go last, each kind after the one it holds
+(racks, then rows, then zones): a row whose racks are deleted in the same call is empty by then. The
+controller refuses one that still holds something (FAILED_PRECONDITION naming it). A deleted
+deployment is reported as `deployment/TENANT/NAME`, its tenant resolved.
 """
 from __future__ import annotations
 
@@ -23,7 +26,11 @@ from controller.cli.views import phase_text
 from maia.v1 import admin_pb2, deployments_pb2
 
 KINDS = {"deployment": "deployment", "deployments": "deployment", "deploy": "deployment",
-         "tenant": "tenant", "tenants": "tenant", "node": "node", "nodes": "node"}
+         "tenant": "tenant", "tenants": "tenant", "node": "node", "nodes": "node",
+         "rack": "rack", "racks": "rack", "row": "row", "rows": "row", "zone": "zone", "zones": "zone"}
+# The topology's items, each deleted after the kind it holds (and after every other kind).
+TOPOLOGY_ORDER = {"rack": 1, "row": 2, "zone": 3}
+_TOPOLOGY_RPC = {"rack": "DeleteRack", "row": "DeleteRow", "zone": "DeleteZone"}
 
 
 @dataclass(frozen=True)
@@ -36,14 +43,19 @@ class Outcome:
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("delete", parents=[common],
-                       help="delete deployments (their shards are stopped), tenants, or nodes (their shards move)",
-                       description="maiactl delete [deployment|tenant|node] NAME... | maiactl delete -f FILE...: "
-                                   "tries every object and reports each; when any failed, exit with the code of "
-                                   "their failure if all failed alike (3 NOT_FOUND, 2 INVALID_ARGUMENT), else 1. "
-                                   "Without a kind, NAMEs are deployments, or say their kind as -o name prints "
-                                   "them: deployment/TENANT/NAME, tenant/ID, node/ID.")
+                       help="delete deployments (their shards are stopped), tenants, nodes (their shards move), "
+                            "or empty racks, rows and zones",
+                       description="maiactl delete [deployment|tenant|node|rack|row|zone] NAME... | maiactl delete "
+                                   "-f FILE...: tries every object and reports each; when any failed, exit with the "
+                                   "code of their failure if all failed alike (3 NOT_FOUND, 2 INVALID_ARGUMENT), "
+                                   "else 1. Without a kind, NAMEs are deployments, or say their "
+                                   "kind as -o name prints them: deployment/TENANT/NAME, tenant/ID, node/ID, rack/ID, "
+                                   "row/ID, zone/ID. A rack is deleted only when no node is in it, a row when no rack "
+                                   "is, a zone when no row is and no tenant's contract names it; racks go before "
+                                   "rows and rows before zones, so a file's whole topology can be deleted at once.")
     p.add_argument("words", nargs="*", metavar="[KIND] NAME",
-                   help="deployment|tenant|node (optional), then names: NAME, TENANT/NAME (deployments) or KIND/NAME")
+                   help="deployment|tenant|node|rack|row|zone (optional), then names: NAME, TENANT/NAME "
+                        "(deployments) or KIND/NAME")
     p.add_argument("-f", "--filename", action="append", metavar="FILE|DIR|-",
                    help="delete the objects of these manifests (repeatable)")
     add_tenant_flag(p)
@@ -59,21 +71,30 @@ def targets(args: argparse.Namespace) -> list[tuple[str, str]]:
         objects = load_manifest_sources(args.filename)
         pairs = [("deployment", _manifest_deployment(o)) for o in objects if o.kind == "Deployment"]
         pairs += [("tenant", o.name) for o in objects if o.kind == "Tenant"]
-        pairs += [("topology", "") for o in objects if o.kind == "Topology"]
+        for topo in (o.message for o in objects if o.kind == "Topology"):  # admin_pb2.Topology
+            pairs += [("rack", k.id) for k in topo.racks]  # type: ignore[attr-defined]
+            pairs += [("row", r.id) for r in topo.rows]  # type: ignore[attr-defined]
+            pairs += [("zone", z.id) for z in topo.zones]  # type: ignore[attr-defined]
         if not pairs:
             raise CliError(f"{', '.join(args.filename)}: no objects to delete", Exit.USAGE)
-        return pairs
+        return _topology_last(list(dict.fromkeys(pairs)))
     words = list(args.words)
     kind = KINDS.get(words[0], "") if words else ""
     names = words[1:] if kind else words
     if not names:
-        raise CliError("delete needs NAMEs (maiactl delete [deployment|tenant] NAME...) or -f FILE", Exit.USAGE)
+        raise CliError("delete needs NAMEs (maiactl delete [deployment|tenant|node|rack|row|zone] NAME...) or -f FILE",
+                       Exit.USAGE)
     pairs = [_target(name, kind) for name in names]
     others = sorted({k for k, _ in pairs if k != "deployment"})
     if args.tenant and others:
         raise CliError(f"delete {others[0]}: -n/--tenant applies to deployments only", Exit.USAGE)
     pairs = [(k, str(deployment_ref(n, args.tenant)) if k == "deployment" else n) for k, n in pairs]
-    return list(dict.fromkeys(pairs))
+    return _topology_last(list(dict.fromkeys(pairs)))
+
+
+def _topology_last(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """`pairs` with racks, rows and zones last, in that order (each kind in the order given)."""
+    return sorted(pairs, key=lambda pair: TOPOLOGY_ORDER.get(pair[0], 0))
 
 
 def _target(word: str, kind: str) -> tuple[str, str]:
@@ -94,9 +115,11 @@ def _manifest_deployment(obj: ManifestObject) -> str:
 
 
 def _delete(kind: str, name: str, ctx: Context) -> Outcome:
-    if kind == "topology":
-        return Outcome("topology", "skipped", "a topology cannot be deleted")
     try:
+        if kind in _TOPOLOGY_RPC:
+            getattr(ctx.controller.admin, _TOPOLOGY_RPC[kind])(admin_pb2.TopologyItemRequest(id=name),
+                                                              timeout=ctx.rpc_timeout)
+            return Outcome(f"{kind}/{name}", "deleted")
         if kind == "tenant":
             ctx.controller.admin.DeleteTenant(admin_pb2.DeleteTenantRequest(id=name), timeout=ctx.rpc_timeout)
             return Outcome(f"tenant/{name}", "deleted")

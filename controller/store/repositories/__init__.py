@@ -27,7 +27,8 @@ from controller.store.repositories.generation import (
 from controller.store.repositories.events import (
     NewEvent, event_rows, events_of_kinds, list_events, record_event, record_events)
 from controller.store.repositories.topology import (
-    get_rack, list_racks, list_rows, list_zones)
+    delete_topology_item, get_rack, held_by, list_racks, list_rows, list_zones, lock_topology_item,
+    tenants_naming_zone)
 from controller.store.repositories.tenants import (
     ForgetRequestIds, PlacedBeside, SubmitBatchReads, TenantSubmitFacts, count_tenant_deployments,
     existing_tenant_ids, get_tenant, known_tenant_ids, list_tenant_rows, placed_beside, submit_batch_reads,

@@ -110,6 +110,12 @@ class GetTopologyRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class TopologyItemRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
 class Node(_message.Message):
     __slots__ = ("id", "hostname", "rack", "row", "zone", "state", "accelerators", "accelerator_model", "hbm_gib", "cpu_milli", "memory_mib", "idle_power_w", "labels", "connected", "last_heartbeat", "power_draw_w", "accelerators_used", "shards", "tenants", "cordoned", "draining", "evicted")
     class LabelsEntry(_message.Message):

@@ -75,6 +75,21 @@ class AdminServiceStub:
                 request_serializer=maia_dot_v1_dot_admin__pb2.GetTopologyRequest.SerializeToString,
                 response_deserializer=maia_dot_v1_dot_admin__pb2.Topology.FromString,
                 _registered_method=True)
+        self.DeleteRack = channel.unary_unary(
+                '/maia.v1.AdminService/DeleteRack',
+                request_serializer=maia_dot_v1_dot_admin__pb2.TopologyItemRequest.SerializeToString,
+                response_deserializer=maia_dot_v1_dot_admin__pb2.Topology.FromString,
+                _registered_method=True)
+        self.DeleteRow = channel.unary_unary(
+                '/maia.v1.AdminService/DeleteRow',
+                request_serializer=maia_dot_v1_dot_admin__pb2.TopologyItemRequest.SerializeToString,
+                response_deserializer=maia_dot_v1_dot_admin__pb2.Topology.FromString,
+                _registered_method=True)
+        self.DeleteZone = channel.unary_unary(
+                '/maia.v1.AdminService/DeleteZone',
+                request_serializer=maia_dot_v1_dot_admin__pb2.TopologyItemRequest.SerializeToString,
+                response_deserializer=maia_dot_v1_dot_admin__pb2.Topology.FromString,
+                _registered_method=True)
         self.ListNodes = channel.unary_unary(
                 '/maia.v1.AdminService/ListNodes',
                 request_serializer=maia_dot_v1_dot_admin__pb2.ListNodesRequest.SerializeToString,
@@ -194,6 +209,28 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetTopology(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRack(self, request, context):
+        """Removes a rack no node is in, a row no rack is in, a zone no row is in and no tenant's
+        contract names (FAILED_PRECONDITION naming what holds it; delete or move that first) and
+        answers the topology as it is after. A node's agent that registers into a removed rack is
+        refused until the topology has the rack again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRow(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteZone(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -332,6 +369,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
             'GetTopology': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTopology,
                     request_deserializer=maia_dot_v1_dot_admin__pb2.GetTopologyRequest.FromString,
+                    response_serializer=maia_dot_v1_dot_admin__pb2.Topology.SerializeToString,
+            ),
+            'DeleteRack': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRack,
+                    request_deserializer=maia_dot_v1_dot_admin__pb2.TopologyItemRequest.FromString,
+                    response_serializer=maia_dot_v1_dot_admin__pb2.Topology.SerializeToString,
+            ),
+            'DeleteRow': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRow,
+                    request_deserializer=maia_dot_v1_dot_admin__pb2.TopologyItemRequest.FromString,
+                    response_serializer=maia_dot_v1_dot_admin__pb2.Topology.SerializeToString,
+            ),
+            'DeleteZone': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteZone,
+                    request_deserializer=maia_dot_v1_dot_admin__pb2.TopologyItemRequest.FromString,
                     response_serializer=maia_dot_v1_dot_admin__pb2.Topology.SerializeToString,
             ),
             'ListNodes': grpc.unary_unary_rpc_method_handler(
@@ -599,6 +651,87 @@ class AdminService:
             target,
             '/maia.v1.AdminService/GetTopology',
             maia_dot_v1_dot_admin__pb2.GetTopologyRequest.SerializeToString,
+            maia_dot_v1_dot_admin__pb2.Topology.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maia.v1.AdminService/DeleteRack',
+            maia_dot_v1_dot_admin__pb2.TopologyItemRequest.SerializeToString,
+            maia_dot_v1_dot_admin__pb2.Topology.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maia.v1.AdminService/DeleteRow',
+            maia_dot_v1_dot_admin__pb2.TopologyItemRequest.SerializeToString,
+            maia_dot_v1_dot_admin__pb2.Topology.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteZone(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maia.v1.AdminService/DeleteZone',
+            maia_dot_v1_dot_admin__pb2.TopologyItemRequest.SerializeToString,
             maia_dot_v1_dot_admin__pb2.Topology.FromString,
             options,
             channel_credentials,
