@@ -53,7 +53,15 @@ def node_cell(node: admin_pb2.Node, letters: dict[str, str], colour: dict[str, s
         else:
             marks.append(CORDONED if state in ("cordoned", "suspect") else FREE)
     bracket = "\\[" if colour else "["  # rich markup reads a bare '[' as a tag
-    return f"{node.id.rsplit('-', 1)[-1]}{bracket}{''.join(marks)}]"
+    return f"{node_label(node)}{bracket}{''.join(marks)}]"
+
+
+def node_label(node: admin_pb2.Node) -> str:
+    """A node's id without its rack's (`rack-00-n03` in rack-00: `n03`); whole when it does not
+    start with it: a node named after another rack (moved, or registered into another one) would
+    otherwise read as that rack's own node of that name."""
+    short = node.id.removeprefix(f"{node.rack}-")
+    return short if short != node.id and short else node.id
 
 
 def render_map(topology: admin_pb2.Topology, nodes: Sequence[admin_pb2.Node], colour: bool = False) -> str:

@@ -35,6 +35,14 @@ def test_plain_map_draws_each_accelerator() -> None:
     assert lines[-1].endswith("· free, - takes nothing new (node cordoned or suspect), x node down")
 
 
+def test_a_node_named_after_another_rack_shows_its_whole_id() -> None:
+    topology, nodes = cluster()
+    nodes[3] = admin_pb2.Node(id="rack-01-n00", rack="rack-00", accelerators=4, state=READY)  # moved here
+    nodes.append(admin_pb2.Node(id="gpu-host-7", rack="rack-00", accelerators=4, state=READY))
+    assert render_map(topology, nodes).splitlines()[2] == \
+        "    gpu-host-7[····] n00[BB··] n01[ABA·] n02[----] rack-01-n00[····]"
+
+
 def test_colour_is_markup_only_when_asked() -> None:
     topology, nodes = cluster()
     coloured = render_map(topology, nodes, colour=True)
