@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Set
+from collections.abc import Callable, Iterable, Mapping, Set
 from datetime import datetime, timedelta
 
 from controller.domain.liveness import (
@@ -52,6 +52,10 @@ from controller.usecases import liveness
 
 log = logging.getLogger("maia.nodelifecycle")
 
+# The changes a transaction writes at most: a zone going dark marks thousands of nodes down in one
+# pass, each with its shards (UNKNOWN) and their deployments, and one transaction of them all held
+# SQLite's writer (and PostgreSQL's row locks) against every report flush and plan commit.
+CHANGES_PER_TRANSACTION = 128
 # The nodes whose stream ended lately that a pass reads by id at most; with more, it reads every
 # node up and stored as silent for a timeout instead (most of the connected ones too: their stored
 # time is written every few timeouts), not one bind parameter per node.
@@ -66,6 +70,7 @@ class NodeLifecycle:
         silence_timeout_s: Callable[[], float] | None = None, streams: Callable[[], int] | None = None,
         interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = utcnow, publish: Callable[..., None] = lambda *events: None,
+        restate: Callable[[Iterable[str]], None] = lambda node_ids: None,
     ) -> None:
         self._db = db
         self._policy = policy
@@ -82,6 +87,7 @@ class NodeLifecycle:
         self._damper = damper
         self._on_change = on_change
         self._publish = publish  # deployment events for watchers (`Signals.publish`): shards gone UNKNOWN
+        self._restate = restate  # the live streams of these nodes write every shard again (`AgentHub.restate`)
         self._is_leader = is_leader
         self._interval = interval_s
         self._clock = clock
@@ -173,12 +179,20 @@ class NodeLifecycle:
                        and (change.health == UP) == (change.node_id in connected)]
         if not changes:
             return []
-        views: dict[str, DeploymentView] = {}
-        async with self._db.unit_of_work() as uow:
-            # Only those written: a change whose node moved on since the read is left out.
-            applied = await liveness.apply_transitions(uow, changes, now, views=views)
-        if views:  # the deployments whose shards went UNKNOWN with their node
-            self._publish(*(DeploymentEvent("modified", view) for _, view in sorted(views.items())))
+        applied: list[Transition] = []
+        for start in range(0, len(changes), CHANGES_PER_TRANSACTION):
+            views: dict[str, DeploymentView] = {}
+            async with self._db.unit_of_work() as uow:
+                # Only those written: a change whose node moved on since the read is left out.
+                written = await liveness.apply_transitions(uow, changes[start:start + CHANGES_PER_TRANSACTION],
+                                                           now, views=views)
+            applied += written
+            if views:  # the deployments whose shards went UNKNOWN with their node
+                self._publish(*(DeploymentEvent("modified", view) for _, view in sorted(views.items())))
+            # A node marked down whose agent said Hello since the read (a damped one comes back
+            # suspect, which the change was judged with): what its stream said before is written
+            # over by UNKNOWN; its next heartbeat writes every shard again.
+            self._restate([c.node_id for c in written if c.health == DOWN and not c.evict])
         for change in applied:
             log.warning("node %s node=%s why=%s", "evicted" if change.evict else change.health, change.node_id,
                         change.why)

@@ -138,6 +138,16 @@ class AgentHub:
             if left:
                 self._greeting[node_id] = left
 
+    def restate(self, node_ids: Iterable[str]) -> None:
+        """The live streams of these nodes write every shard's state with their next heartbeat
+        (what their agents said is not what is stored any more: the node lifecycle marked their
+        shards UNKNOWN); nodes without a stream here are passed over."""
+        for node_id in node_ids:
+            session = self._sessions.get(node_id)
+            if session is not None:
+                session.forget_state()
+                session.want_state()
+
     def streams_changed(self) -> int:
         """How many times a stream opened or ended here (a node connected, or its stream ended and
         it was released): while it stays, no node's liveness changed through this hub (the node

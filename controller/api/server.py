@@ -202,7 +202,7 @@ class ControllerApp:
             on_change=self.signals.wake_reconciler, is_leader=self.election.should_run, released=self.hub.released,
             silence_timeout_s=self.hub.longest_silence_timeout_s, streams=self.hub.streams_changed,
             greeting=self.hub.greeting, interval_s=min(1.0, config.heartbeat_timeout_s / 4),
-            publish=self.signals.publish,
+            publish=self.signals.publish, restate=self.hub.restate,
         )
         self.throttle = SubmitLimits(
             submits=KeyedRateLimiter(config.submits_per_minute, "submits"),

@@ -56,7 +56,7 @@ def node_state_word(value: int) -> str:
 
 def shard_phase_word(value: int) -> str:
     if value == common_pb2.SHARD_PHASE_UNSPECIFIED:
-        return "unknown"
+        return "unspecified"  # "unknown" is a phase of its own: the shard's node is down
     return _word(common_pb2.ShardPhase.Name(value), "SHARD_PHASE_")
 
 

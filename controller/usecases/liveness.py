@@ -5,8 +5,8 @@ the rules what is due, and writes the changes in one transaction: health, `evict
 event per node, and a cluster generation bump when what the solver sees changed (a node that
 takes new shards again, or one whose work is evicted).
 
-A node that goes down leaves its shards UNKNOWN in the same transaction (those assigned, loading
-or running: nothing says they run any more), their last word kept in the message, and their
+A node that goes down leaves its shards UNKNOWN in the same transaction (those loading or running:
+nothing says they run any more), their last word kept in the message, and their
 deployments' phases follow (DEGRADED: `domain/phases.py`): `get`, `describe` and `wait` no longer
 show a rack that went dark as running until the eviction grace ends. The agent's next report
 (its first full heartbeat on a new stream) says what they are again; an eviction moves them.
@@ -26,9 +26,10 @@ from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 
-# What a node going down leaves UNKNOWN: the shards that may run there (FAILED and STOPPED ones
-# stay as they are: nothing runs, and a failed one is placed again after its back-off anyway).
-_MAY_RUN = (m.ShardPhase.ASSIGNED, m.ShardPhase.LOADING, m.ShardPhase.RUNNING)
+# What a node going down leaves UNKNOWN: the shards its agent said it loads or runs. ASSIGNED ones
+# (not taken up yet) stay so: not running either, and a STOPPED of one is ignored (`agents._judged`);
+# FAILED and STOPPED ones run nothing (a failed one is placed again after its back-off anyway).
+_MAY_RUN = (m.ShardPhase.LOADING, m.ShardPhase.RUNNING)
 
 
 async def read_liveness(uow: UnitOfWork, connected: Iterable[str], *, silent_before: datetime | None = None,

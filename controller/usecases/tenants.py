@@ -59,9 +59,25 @@ async def _validate(uow: UnitOfWork, spec: TenantSpec) -> None:
     missing = sorted(set(spec.excludes) - await repo.existing_tenant_ids(uow.session, spec.excludes))
     if missing:
         raise NotFound(f"tenant {spec.id} excludes unknown tenant(s): {', '.join(missing)}")
-    missing = sorted(set(spec.zones) - await repo.existing_ids(uow.session, m.Zone, spec.zones))
+    await _check_zones(uow, spec)
+
+
+async def _check_zones(uow: UnitOfWork, spec: TenantSpec) -> None:
+    """The zones `spec` names exist (NOT_FOUND naming those that do not), and cannot be deleted
+    before this transaction ends: a zone's deletion refuses while a tenant names it
+    (`topology.delete_item`), and a contract naming a zone that is gone failed every full pass. On
+    PostgreSQL their rows are locked `FOR KEY SHARE` (the deletion locks the zone `FOR UPDATE`
+    before it reads the tenants); on SQLite a write checks them again once it holds the writer
+    (`_zones_still_there`): a deletion committed between this read and the write is seen then."""
+    missing = sorted(set(spec.zones) - await repo.existing_ids(uow.session, m.Zone, spec.zones, key_share=True))
     if missing:
         raise NotFound(f"tenant {spec.id} names unknown zone(s): {', '.join(missing)}; apply the topology first")
+
+
+async def _zones_still_there(uow: UnitOfWork, spec: TenantSpec) -> None:
+    """`_check_zones` again, after the tenant's first write (the generation's: on SQLite it holds the writer)."""
+    if spec.zones:
+        await _check_zones(uow, spec)
 
 
 BROKEN_SHOWN = 5  # places a refusal's message names (its reasons name more)
@@ -147,6 +163,7 @@ async def create_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
     _write(row, spec)
     uow.session.add(row)
     await repo.bump_cluster_generation(uow.session, ClusterChange.tenant(spec.id))
+    await _zones_still_there(uow, spec)
     repo.record_event(uow.session, actor=who.name, kind="tenant.created", object_kind="tenant", object_id=spec.id)
     await uow.commit()
     signals.wake_reconciler()
@@ -177,6 +194,7 @@ async def update_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
     changed = changed_fields(was, spec)
     _write(row, spec)
     await repo.bump_cluster_generation(uow.session, ClusterChange.tenant(spec.id))
+    await _zones_still_there(uow, spec)
     said = ", ".join(f"{name} {before} -> {after}" for name, (before, after) in changed.items())
     repo.record_event(uow.session, actor=who.name, kind="tenant.updated", object_kind="tenant", object_id=spec.id,
                       message=said or "no change", data={"changed": changed})

@@ -132,19 +132,23 @@ async def delete_item(uow: UnitOfWork, who: Principal, kind: str, item_id: str, 
     policy.require_admin(who, "changing the topology")
     check_id(kind, item_id)
     s = uow.session
+    await repo.will_move_generation(s)  # before any row lock (the lock order: store/changes.py)
     if not await repo.lock_topology_item(s, kind, item_id):
         raise NotFound(f"{kind} {item_id} not found")
     child, how = _CHILDREN[kind]
     count, first = await repo.held_by(s, kind, item_id, HOLDERS_SHOWN)
-    if count:
+    if count:  # what holds it by a foreign key (a race past this read fails the DELETE itself)
         named = ", ".join(first) + (f" and {count - len(first)} more" if count > len(first) else "")
         raise FailedPrecondition(f"{kind} {item_id} holds {count} {child}(s): {named}; {how}",
                                  reasons=(ReasonDetail(f"{kind.upper()}_NOT_EMPTY", f"{count} {child}(s)", item_id),))
+    await repo.delete_topology_item(s, kind, item_id)
+    # The tenants naming a zone (JSON, no foreign key), read once the DELETE holds SQLite's writer;
+    # on PostgreSQL a tenant's write that named it holds its key share until it commits, which the
+    # lock above waited for (`tenants._check_zones`).
     if kind == "zone" and (tenants := await repo.tenants_naming_zone(s, item_id)):
         raise FailedPrecondition(f"zone {item_id} is named by the contract of tenant(s) {', '.join(tenants)}; "
                                  f"update their zones first (maiactl apply a Tenant without it)",
                                  reasons=tuple(ReasonDetail("ZONE_IN_CONTRACT", f"tenant {t}", t) for t in tenants))
-    await repo.delete_topology_item(s, kind, item_id)
     await repo.bump_cluster_generation(s, ClusterChange.topology())
     repo.record_event(s, actor=who.name, kind="topology.deleted", object_kind="topology", object_id="cluster",
                       message=f"{kind} {item_id} removed", data={"deleted": f"{kind} {item_id}"})

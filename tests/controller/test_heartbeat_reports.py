@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from controller.agents import AgentHub, HubObserver, ShardStateRequest
 from controller.errors import ResourceExhausted, Unauthenticated
@@ -149,6 +149,25 @@ async def test_after_a_failed_write_the_next_heartbeat_writes_every_shard_again(
 
         await stream.say(running)  # the same state again: written this time
         assert await _placement_reads_of_flush(hub, cluster) > 0
+        assert await _phases(cluster) == {(0, 0): "running"}
+
+
+async def test_a_stream_restated_writes_its_shards_again_over_what_the_lifecycle_wrote(cluster):
+    node_id, generation = await _placed_on_one_node(cluster)
+    async with _streaming(cluster, node_id) as (hub, stream):
+        running = HeartbeatReport(1, 900.0, (ShardReport("svc", 0, 0, generation, "running", tenant="t1"),))
+        await stream.say(running)
+        await hub.flush()
+        # Marked down meanwhile (a Hello that came after the lifecycle's read): its shard UNKNOWN.
+        async with cluster.unit_of_work() as uow:
+            await uow.session.execute(update(m.Placement).values(phase=m.ShardPhase.UNKNOWN))
+            await uow.commit()
+        await stream.say(replace(running, seq=2))  # unchanged on this stream: not written
+        await hub.flush()
+        assert await _phases(cluster) == {(0, 0): "unknown"}
+        hub.restate([node_id, "no-such-node"])
+        await stream.say(replace(running, seq=3))
+        await hub.flush()
         assert await _phases(cluster) == {(0, 0): "running"}
 
 

@@ -16,6 +16,7 @@ from controller.domain.liveness import FlapDamper, LivenessPolicy, Transition
 from controller.domain.values import DeploymentEvent, NodeInfo, ShardReport
 from controller.errors import FailedPrecondition
 from controller.identity import Principal, Role
+from controller import nodelifecycle
 from controller.nodelifecycle import NodeLifecycle
 from controller.reconcile import Reconciler
 from controller.store import models as m
@@ -151,9 +152,10 @@ async def test_a_node_gone_down_leaves_its_shards_unknown_until_its_agent_report
     everyone = {"rack-a-n0", "rack-a-n1", "rack-b-n0", "rack-b-n1"} - {victim}
     await lose(cluster, victim, clocks.wall)
     published: list[DeploymentEvent] = []
+    restated: list[str] = []
     cycle = NodeLifecycle(cluster, POLICY, connected=lambda: frozenset(everyone), damper=FlapDamper(),
                           on_change=lambda: None, clock=lambda: clocks.mono, wall_clock=lambda: clocks.wall,
-                          publish=lambda *events: published.extend(events))
+                          publish=lambda *events: published.extend(events), restate=restated.extend)
 
     clocks.advance(20)  # suspect: it may be a blip, its shards are as last reported
     await cycle.pass_once()
@@ -168,6 +170,7 @@ async def test_a_node_gone_down_leaves_its_shards_unknown_until_its_agent_report
     assert await svc_phase(cluster) == "degraded"
     assert [(e.type, e.deployment.spec.name, e.deployment.phase, e.deployment.running_replicas)
             for e in published] == [("modified", "svc", "degraded", 1)]
+    assert restated == [victim]  # a stream of it that came back since the read writes its shards again
     async with cluster.unit_of_work() as uow:
         told = [e.message for e in await repo.list_events(uow.session, object_kind="node", object_id=victim)
                 if e.kind == "node.down"]
@@ -179,6 +182,27 @@ async def test_a_node_gone_down_leaves_its_shards_unknown_until_its_agent_report
     await report(cluster, victim, "running", "serving")  # its agent is back and says so
     assert (await shard_phases(cluster))[(0, 0)] == (victim, "running", "serving")
     assert await svc_phase(cluster) == "running"
+
+
+async def test_a_pass_writes_its_changes_a_few_nodes_a_transaction(cluster, monkeypatch):
+    clocks = Clocks()
+    for node in ("rack-a-n0", "rack-a-n1", "rack-b-n0"):
+        await lose(cluster, node, clocks.wall)
+    transactions: list[list[str]] = []
+    apply = liveness.apply_transitions
+
+    async def counted(uow, changes, now, **kw):  # noqa: ANN001, ANN003
+        transactions.append([c.node_id for c in changes])
+        return await apply(uow, changes, now, **kw)
+
+    monkeypatch.setattr(liveness, "apply_transitions", counted)
+    monkeypatch.setattr(nodelifecycle, "CHANGES_PER_TRANSACTION", 2)
+    cycle = lifecycle(cluster, clocks, {"rack-b-n1"})
+    clocks.advance(35)
+    assert sorted(c.node_id for c in await cycle.pass_once()) == ["rack-a-n0", "rack-a-n1", "rack-b-n0"]
+    assert transactions == [["rack-a-n0", "rack-a-n1"], ["rack-b-n0"]]
+    assert {node: state for node, (state, _) in (await health(cluster)).items()} == {
+        "rack-a-n0": "down", "rack-a-n1": "down", "rack-b-n0": "down", "rack-b-n1": "up"}
 
 
 async def test_a_node_whose_agent_came_back_before_the_write_keeps_its_shards_as_they_were(cluster):

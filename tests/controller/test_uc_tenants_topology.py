@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from sqlalchemy import select
 
@@ -261,3 +263,45 @@ async def test_only_an_admin_deletes_topology(cluster):
     lab = Principal("lab", Role.TENANT, tenant="t1")
     with pytest.raises(PermissionDenied):
         await _delete_item(cluster, "rack", "rack-a", who=lab)
+
+
+async def test_a_zone_deleted_while_a_tenant_is_created_naming_it_never_leaves_the_tenant_naming_nothing(
+        cluster, monkeypatch):
+    async with cluster.unit_of_work() as uow:
+        await topology.apply_topology(uow, WHO, TopologySpec(zones=(ZoneSpec("z2"),)), RecordingSignals())
+    checked, go = asyncio.Event(), asyncio.Event()
+    real = repo.existing_ids
+
+    async def paused_after_the_zone_check(session, model, ids, **kw):
+        found = await real(session, model, ids, **kw)
+        if model is m.Zone and not checked.is_set():  # the tenant's check read z2; the deletion goes now
+            checked.set()
+            await go.wait()
+        return found
+
+    monkeypatch.setattr(repo, "existing_ids", paused_after_the_zone_check)
+
+    async def create() -> None:
+        async with cluster.unit_of_work() as uow:
+            await tenants.create_tenant(uow, WHO, TenantSpec("lab-z", zones=("z2",)), RecordingSignals())
+
+    async def delete() -> None:
+        await checked.wait()
+        # On PostgreSQL the deletion waits for the tenant's transaction (its key share on z2), which
+        # waits here: let it go on after a while (an idle transaction is ended by the server).
+        asyncio.get_running_loop().call_later(0.5, go.set)
+        try:
+            await _delete_item(cluster, "zone", "z2")
+        finally:
+            go.set()
+
+    created, deleted = await asyncio.gather(asyncio.wait_for(create(), 30), asyncio.wait_for(delete(), 30),
+                                            return_exceptions=True)
+    # PostgreSQL: the deletion waits for the tenant's key share, then sees it and refuses; SQLite:
+    # the deletion lands first, and the tenant's write finds the zone gone.
+    assert [type(outcome) for outcome in (created, deleted)] in ([type(None), FailedPrecondition],
+                                                                  [NotFound, type(None)]), (created, deleted)
+    async with cluster.unit_of_work() as uow:
+        zones = await repo.existing_ids(uow.session, m.Zone, ["z2"])
+        named = await repo.tenants_naming_zone(uow.session, "z2")
+    assert (zones, named) in (({"z2"}, ["lab-z"]), (set(), []))

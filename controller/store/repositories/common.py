@@ -26,11 +26,15 @@ async def count_rows(session: AsyncSession, model: type[m.Base]) -> int:
     return int(await session.scalar(select(func.count()).select_from(model)) or 0)
 
 
-async def existing_ids(session: AsyncSession, model: type, ids: Iterable[str]) -> set[str]:
+async def existing_ids(session: AsyncSession, model: type, ids: Iterable[str], *, key_share: bool = False) -> set[str]:
+    """Which of `ids` have a row of `model`; `key_share`: those rows locked `FOR KEY SHARE` to the
+    end of the transaction (PostgreSQL), as a foreign key's check locks what it refers to: their
+    deletion waits for this transaction, and this one for a deletion under way (then reads it)."""
     wanted = set(ids)
     if not wanted:
         return set()
-    return set(await session.scalars(select(model.id).where(any_of(session, model.id, wanted))))
+    query = select(model.id).where(any_of(session, model.id, wanted))
+    return set(await session.scalars(query.with_for_update(read=True, key_share=True) if key_share else query))
 
 
 async def upsert(session: AsyncSession, model: type[m.Base], key: str, **values: object) -> None:

@@ -76,7 +76,9 @@ async def shard_states(session: AsyncSession, keys: Iterable[str]) -> list[Shard
 async def shard_states_on_nodes(session: AsyncSession, node_ids: Iterable[str],
                                 phases: Iterable[m.ShardPhase]) -> list[ShardState]:
     """The placements on these nodes in any of `phases`, as `ShardState`s (one statement of plain
-    columns): what the node lifecycle marks UNKNOWN when their node goes down."""
+    columns), locked to the end of the transaction in ascending id (PostgreSQL: the lock order,
+    store/changes.py; a report flush's write landing meanwhile is waited for and read): what the
+    node lifecycle marks UNKNOWN when their node goes down, and writes back if it does not."""
     ids = set(node_ids)
     if not ids:
         return []
@@ -85,7 +87,8 @@ async def shard_states_on_nodes(session: AsyncSession, node_ids: Iterable[str],
                m.Placement.node_id, m.Placement.generation, m.Placement.phase, m.Placement.message,
                m.Placement.id)
         .select_from(m.Placement).join(m.Deployment)
-        .where(any_of(session, m.Placement.node_id, ids), m.Placement.phase.in_(list(phases))))
+        .where(any_of(session, m.Placement.node_id, ids), m.Placement.phase.in_(list(phases)))
+        .order_by(m.Placement.id).with_for_update(of=m.Placement, key_share=True))
     return [ShardState(d.deployment_key(tenant, name), replica, shard, node_id, generation or 0, phase, message or "",
                        placement_id)
             for tenant, name, replica, shard, node_id, generation, phase, message, placement_id in rows]
