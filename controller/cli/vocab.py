@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable
 
 from google.protobuf.descriptor import EnumDescriptor
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
 from maia.v1 import common_pb2, deployments_pb2
 
@@ -36,34 +37,43 @@ def _word(enum_name: str, prefix: str) -> str:
     return enum_name.removeprefix(prefix).lower()
 
 
+def _named(enum: EnumTypeWrapper, value: int, prefix: str) -> str:
+    """The word of `enum`'s `value`; one this client does not know (a newer controller's) reads
+    as `value N`, never a traceback."""
+    try:
+        return _word(enum.Name(value), prefix)
+    except ValueError:
+        return f"value {value}"
+
+
 def isolation_word(value: int) -> str:
     if value == common_pb2.ISOLATION_UNSPECIFIED:
         return _ISOLATION_DEFAULT
-    return _word(common_pb2.Isolation.Name(value), "ISOLATION_")
+    return _named(common_pb2.Isolation, value, "ISOLATION_")
 
 
 def domain_word(value: int, default: str = _DOMAIN_DEFAULT) -> str:
     if value == common_pb2.DOMAIN_UNSPECIFIED:
         return default
-    return _word(common_pb2.Domain.Name(value), "DOMAIN_")
+    return _named(common_pb2.Domain, value, "DOMAIN_")
 
 
 def node_state_word(value: int) -> str:
     if value == common_pb2.NODE_STATE_UNSPECIFIED:
         return "unknown"
-    return _word(common_pb2.NodeState.Name(value), "NODE_STATE_")
+    return _named(common_pb2.NodeState, value, "NODE_STATE_")
 
 
 def shard_phase_word(value: int) -> str:
     if value == common_pb2.SHARD_PHASE_UNSPECIFIED:
         return "unspecified"  # "unknown" is a phase of its own: the shard's node is down
-    return _word(common_pb2.ShardPhase.Name(value), "SHARD_PHASE_")
+    return _named(common_pb2.ShardPhase, value, "SHARD_PHASE_")
 
 
 def deployment_phase_word(value: int) -> str:
     if value == deployments_pb2.DEPLOYMENT_PHASE_UNSPECIFIED:
         return "unknown"
-    return _word(deployments_pb2.DeploymentPhase.Name(value), "DEPLOYMENT_PHASE_")
+    return _named(deployments_pb2.DeploymentPhase, value, "DEPLOYMENT_PHASE_")
 
 
 _WORD_OF_ENUM: dict[str, Callable[[int], str]] = {

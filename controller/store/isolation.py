@@ -30,15 +30,17 @@ PAGE = 1000  # rows per query: the event loop is never held for long, nor a whol
 
 Values = tuple[Any, ...]  # one row's columns, in the order of the column tuples below
 
-# (id, deployment id, replica, shard, node id, accelerator indices as JSON text, accelerator milli)
+# (id, deployment id, replica, shard, node id, accelerator indices as JSON text, accelerator milli,
+# the deployment revision it was placed with)
 PLACEMENT_COLUMNS: tuple[ColumnElement[Any], ...] = (
     Placement.id, Placement.deployment_id, Placement.replica, Placement.shard, Placement.node_id,  # type: ignore[assignment]
-    cast(Placement.accelerator_indices, Text), Placement.accelerator_milli)
-# (id, name, tenant id, shard accelerators, accelerator milli, HBM GiB, CPU milli, memory MiB)
+    cast(Placement.accelerator_indices, Text), Placement.accelerator_milli, Placement.revision)
+# (id, name, tenant id, shard accelerators, accelerator milli, HBM GiB, CPU milli, memory MiB,
+# template revision, older revisions' specs still running: a rollout's outgoing replicas)
 DEPLOYMENT_COLUMNS: tuple[ColumnElement[Any], ...] = (
     Deployment.id, Deployment.name, Deployment.tenant_id, Deployment.shard_accelerators,  # type: ignore[assignment]
     Deployment.shard_accelerator_milli, Deployment.shard_hbm_gib, Deployment.shard_cpu_milli,
-    Deployment.shard_memory_mib)
+    Deployment.shard_memory_mib, Deployment.template_revision, Deployment.revision_specs)
 # (id, rack id, accelerators, HBM GiB, CPU milli, memory MiB)
 NODE_COLUMNS: tuple[ColumnElement[Any], ...] = (
     Node.id, Node.rack_id, Node.accelerators, Node.hbm_gib, Node.cpu_milli, Node.memory_mib)  # type: ignore[assignment]

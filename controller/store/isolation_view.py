@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 from controller.domain.values import deployment_key
 from controller.store.isolation import Around, Contracts, Values
+from controller.store.rollout import outgoing_id
+from scheduler.interchange import shard_spec_from_dict
 from scheduler.model import Deployment as SolverDeployment
 from scheduler.model import Node as SolverNode
 from scheduler.model import Placement as SolverPlacement
@@ -71,7 +73,14 @@ class HeldRows:
 @dataclass(frozen=True, slots=True)
 class _Deployed:
     values: Values  # `isolation.DEPLOYMENT_COLUMNS`
-    model: SolverDeployment
+    model: SolverDeployment  # its template revision's
+    # Each revision a shard may have been placed with (a rollout's outgoing replicas keep their
+    # older shard: judged by the new one, half-accelerator shards sharing an accelerator read as a
+    # whole-accelerator shard shared), as the solver sees them (`rollout.outgoing_id`).
+    revisions: dict[int, SolverDeployment]
+
+    def of_revision(self, revision: int | None) -> SolverDeployment:
+        return self.revisions.get(revision, self.model) if revision is not None else self.model
 
 
 class IsolationView:
@@ -182,8 +191,12 @@ class IsolationView:
                 continue
             self.drop_deployment(deployment_id)
             label = deployment_key(values[2], values[1])
-            self._deployments[deployment_id] = _Deployed(values, SolverDeployment(
-                label, values[2], 1, 1, ShardSpec(values[3], values[4], values[5], values[6], values[7])))
+            current = SolverDeployment(label, values[2], 1, 1, ShardSpec(values[3], values[4], values[5], values[6],
+                                                                        values[7]))
+            revisions = {int(revision): SolverDeployment(outgoing_id(label, int(revision)), values[2], 1, 1,
+                                                         shard_spec_from_dict(doc["shard"]))
+                         for revision, doc in (values[9] or {}).items() if int(revision) != values[8]}
+            self._deployments[deployment_id] = _Deployed(values, current, revisions)
             self._by_label[label] = deployment_id
             self._dirty_around(deployment_id)
 
@@ -307,7 +320,7 @@ class IsolationView:
         """The nodes, the placements on them and the deployments those name, as the solver's model."""
         nodes: list[SolverNode] = []
         placements: list[SolverPlacement] = []
-        deployments: dict[int, SolverDeployment] = {}
+        deployments: dict[str, SolverDeployment] = {}
         for node_id in node_ids:
             node = self._nodes.get(node_id)
             if node is not None:
@@ -316,9 +329,12 @@ class IsolationView:
                 placed = self._placements[placement_id]
                 deployment_id = placed.values[1]
                 deployed = self._deployments.get(deployment_id)
-                if deployed is not None:
-                    deployments[deployment_id] = deployed.model
-                placements.append(_model(placed, deployed.model.id if deployed else f"deployment #{deployment_id}"))
+                if deployed is None:
+                    placements.append(_model(placed, f"deployment #{deployment_id}"))
+                    continue
+                model = deployed.of_revision(placed.values[7])
+                deployments[model.id] = model
+                placements.append(_model(placed, model.id))
         rows, racks_, tenants = self._contracts
         return Problem(nodes=tuple(nodes), deployments=tuple(deployments.values()), rows=rows, racks=racks_,
                        tenants=tenants, placements=tuple(placements))

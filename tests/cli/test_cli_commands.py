@@ -20,6 +20,7 @@ from controller.cli.commands.nodes import drain_moves
 from controller.cli.commands.wait import progress_line
 from controller.cli.config import Connection
 from controller.cli.main import main
+from controller.cli.vocab import deployment_phase_word, node_state_word, shard_phase_word
 from maia.v1 import admin_pb2, admin_pb2_grpc, common_pb2, deployments_pb2 as D, deployments_pb2_grpc
 from tests.addresses import closed_port_address
 
@@ -89,6 +90,16 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
 
     def CordonNode(self, request, context):  # noqa: N802
         context.abort(grpc.StatusCode.NOT_FOUND, f"node {request.id} not found")
+
+    def CreateToken(self, request, context):  # noqa: N802
+        """As a controller older than node-bound tokens: `node` (field 5) is not read."""
+        self.calls.append("CreateToken")
+        return admin_pb2.CreateTokenResponse(secret="maia_tok_secret", token=admin_pb2.Token(
+            id="t0ken", name=request.name, role=request.role, tenant=request.tenant))
+
+    def RevokeToken(self, request, context):  # noqa: N802
+        self.calls.append(f"RevokeToken {request.id}")
+        return admin_pb2.Token(id=request.id)
 
     def GetVersion(self, request, context):  # noqa: N802
         self.calls.append("GetVersion")
@@ -677,3 +688,17 @@ def test_placements_by_name_carry_their_tenant(fake, capsys) -> None:
     assert code == 0, err
     assert sorted(out.splitlines()) == ["placement/msft-internal/chat/0/0", "placement/msft-internal/chat/0/1",
                                         "placement/openlab/chat/0/0", "placement/openlab/chat/0/1"]
+
+
+def test_a_node_bound_token_a_controller_did_not_bind_is_revoked_not_handed_out(fake, capsys) -> None:
+    address, _, _, calls = fake
+    code, out, err = run(capsys, "--controller", address, "token", "create", "--node", "rack-00-n01")
+    assert code == 1 and out == ""  # no secret printed
+    assert "made token t0ken without binding it to node rack-00-n01" in err and "it was revoked at once" in err
+    assert calls[-2:] == ["CreateToken", "RevokeToken t0ken"]
+
+
+def test_an_enum_value_this_client_does_not_know_is_a_word_not_a_traceback() -> None:
+    assert (shard_phase_word(99), node_state_word(99), deployment_phase_word(99)) == ("value 99",) * 3
+    assert shard_phase_word(common_pb2.SHARD_PHASE_UNKNOWN) == "unknown"
+    assert shard_phase_word(common_pb2.SHARD_PHASE_UNSPECIFIED) == "unspecified"

@@ -6,8 +6,8 @@ from controller.store.isolation import Contracts
 from controller.store.isolation_view import Dirty, IsolationView
 
 NODES = [(f"n{i}", "rack1" if i <= 2 else "rack2", 4, None, None, None) for i in range(1, 5)]
-DEPLOYMENTS = [(1, "web", "lab", 1, 1000, 0.0, 0, 0), (2, "api", "rival", 1, 1000, 0.0, 0, 0)]
-PLACEMENTS = [(10 + i, 1 if i % 2 else 2, i, 0, f"n{i}", "[0]", None) for i in range(1, 5)]
+DEPLOYMENTS = [(1, "web", "lab", 1, 1000, 0.0, 0, 0, 1, {}), (2, "api", "rival", 1, 1000, 0.0, 0, 0, 1, {})]
+PLACEMENTS = [(10 + i, 1 if i % 2 else 2, i, 0, f"n{i}", "[0]", None, 1) for i in range(1, 5)]
 
 
 def _view(*, lab_excludes: list[str]) -> IsolationView:
@@ -32,7 +32,7 @@ def test_rows_read_again_unchanged_mark_nothing_to_judge() -> None:
 
 def test_without_rules_of_a_rack_scope_a_change_judges_its_node_alone() -> None:
     view = _view(lab_excludes=[])
-    view.put_placements([(20, 2, 9, 0, "n1", "[0]", None)])  # rival beside lab on n1[0]
+    view.put_placements([(20, 2, 9, 0, "n1", "[0]", None, 1)])  # rival beside lab on n1[0]
     assert view.check(view.take_dirty()) == 2
     assert [v.key for v in view.violations] == [("ACCELERATOR", "node n1[0]", ("lab", "rival"))]
 
@@ -61,9 +61,9 @@ def test_a_rack_no_tenant_of_a_rack_rule_is_on_is_judged_by_node() -> None:
     view.drop_placement(13)  # lab leaves rack2 (n3): its EXCLUSION judged whole, and cleared
     assert view.check(view.take_dirty()) == 1
     assert [v.key for v in view.violations] == [("EXCLUSION", "rack rack1", ("lab", "rival"))]
-    view.put_placements([(30, 2, 9, 0, "n3", "[1]", None)])  # rival on n3: rack2 holds rival alone
+    view.put_placements([(30, 2, 9, 0, "n3", "[1]", None, 1)])  # rival on n3: rack2 holds rival alone
     assert view.check(view.take_dirty()) == 1  # n3 alone, not n3 and n4
-    view.put_placements([(31, 1, 9, 0, "n3", "[2]", None)])  # lab back on n3: rack2 whole again
+    view.put_placements([(31, 1, 9, 0, "n3", "[2]", None, 1)])  # lab back on n3: rack2 whole again
     assert view.check(view.take_dirty()) == 3
     assert [v.key for v in view.violations] == [("EXCLUSION", "rack rack1", ("lab", "rival")),
                                                 ("EXCLUSION", "rack rack2", ("lab", "rival"))]

@@ -4,6 +4,7 @@ raises an alarm (ERROR log, event, audit entry, counters) within seconds, once p
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -558,3 +559,30 @@ async def test_a_watchdog_that_stops_leading_says_nothing_stands(database: Datab
     assert watchdog.active_violations == 1
     leading[0] = False
     assert not watchdog.leads() and watchdog.active_violations == 0
+
+
+async def test_a_rollouts_outgoing_shards_are_judged_by_the_spec_they_were_placed_with(database: Database) -> None:
+    """Half-accelerator shards sharing an accelerator, their deployment updated to whole
+    accelerators (not placed yet): the old replicas are fractions still, not a whole-accelerator
+    shard shared (a false alarm found by exploratory testing, cleared when the rollout ended)."""
+    half = {"id": "lab-half", "tenant": "lab", "replicas": 2, "shards_per_replica": 1,
+            "shard": {"accelerators": 1, "accelerator_milli": 500}}
+    await _seeded(database)
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, {"zones": [], "rows": [], "racks": [], "nodes": [], "tenants": [],
+                                         "deployments": [half], "placements": [
+            {"deployment": "lab-half", "replica": r, "shard": 0, "node": "n2", "accelerator_indices": [1],
+             "accelerator_milli": 500} for r in (0, 1)]})
+        await uow.commit()
+    watchdog = IsolationWatchdog(database)
+    assert await watchdog.check_once() == []
+    async with database.engine.begin() as conn:  # updated to revision 2: whole accelerators
+        await conn.execute(text("UPDATE deployments SET shard_accelerator_milli = 1000, template_revision = 2, "
+                                "revision_specs = :specs WHERE name = 'lab-half'"),
+                           {"specs": json.dumps({"1": half})})
+    assert await watchdog.check_once() == []
+    assert await IsolationWatchdog(database).check_once() == []  # a full check finds nothing either
+    async with database.engine.begin() as conn:  # a shard of revision 2 shares it: that is a violation
+        await conn.execute(text("UPDATE placements SET revision = 2 WHERE replica = 1 AND deployment_id = "
+                                "(SELECT id FROM deployments WHERE name = 'lab-half')"))
+    assert [a.violation.rule for a in await IsolationWatchdog(database).check_once()] == ["ACCELERATOR"]

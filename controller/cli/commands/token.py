@@ -69,6 +69,13 @@ def run_create(args: argparse.Namespace, ctx: Context) -> int:
     reply = ctx.controller.admin.CreateToken(
         admin_pb2.CreateTokenRequest(role=role, tenant=args.tenant or "", name=args.name or "",
                                      ttl_seconds=args.ttl or 0, node=args.node or ""), timeout=ctx.rpc_timeout)
+    if args.node and reply.token.node != args.node:
+        # A controller older than node-bound tokens drops the field and makes a token any host
+        # could register any node with: never hand that out as the bound one asked for.
+        ctx.controller.admin.RevokeToken(admin_pb2.RevokeTokenRequest(id=reply.token.id), timeout=ctx.rpc_timeout)
+        raise CliError(f"the controller made token {reply.token.id} without binding it to node {args.node} (a "
+                       f"release older than node-bound tokens?); it was revoked at once. Upgrade the controller, or "
+                       f"use a node-bootstrap token without --node", Exit.FAILED)
     if ctx.json:
         ctx.emit_json({"token": reply.secret, **_token_dict(reply.token)})
         return 0
