@@ -104,9 +104,16 @@ async def read_console_rows(session: AsyncSession, *, viewer_tenant: str = "",
         known_tenants=await repo.known_tenant_ids(session) if viewer_tenant else [],
         deployments=await repo.deployment_summary_rows(session, tenant=viewer_tenant),
         # A tenant's viewer sees its own customer's usage, not that of its id's customer before.
-        usage=await metering.customer_usage_to_date(session, viewer_tenant, now=now, born=await repo.tenant_created_at(
-            session, viewer_tenant)) if viewer_tenant else await metering.usage_to_date(session, ("tenant",), now=now),
+        usage=await _customer_usage(session, viewer_tenant, now) if viewer_tenant
+        else await metering.usage_to_date(session, ("tenant",), now=now),
     )
+
+
+async def _customer_usage(session: AsyncSession, tenant: str, now: datetime) -> list[metering.UsageTotal]:
+    customer = await repo.customer_of(session, tenant)
+    return await metering.customer_usage_to_date(session, tenant, now=now,
+                                                 born=customer.created_at if customer else None,
+                                                 before=customer.usage_before if customer else None)
 
 
 def console_document(read: ConsoleRows) -> dict[str, Any]:

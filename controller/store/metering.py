@@ -275,19 +275,24 @@ def _group_keys(dialect: str, columns: Sequence[Any]) -> list[Any]:
 _TO_DATE_GROUPS = ("tenant", "accelerator_model", "zone")
 
 
-async def customer_usage_to_date(session: AsyncSession, tenant: str, *, now: datetime,
-                                 born: datetime | None) -> list[UsageTotal]:
+async def customer_usage_to_date(session: AsyncSession, tenant: str, *, now: datetime, born: datetime | None,
+                                 before: tuple[float, float] | None = None) -> list[UsageTotal]:
     """`usage_to_date` of one tenant, less what its id's customers before `born` (its creation)
-    used: a tenant id deleted and created again is a new customer. Their intervals all started
-    before it (read by the tenant's started_s index: none, and no cost, for an id never reused)."""
+    used: a tenant id deleted and created again is a new customer. `before`: the id's usage to
+    date (accelerator-seconds, joules) stored at its creation (migration 0030), which pruning old
+    intervals does not change; without it (a tenant created before 0030), the intervals started
+    before `born` (read by the tenant's started_s index: none, and no cost, for an id never
+    reused), of which a prune deletes some, leaving their usage charged to the new customer."""
     totals = await usage_to_date(session, ("tenant",), now=now, tenant=tenant)
     if born is None or not totals:
         return totals
-    before = await usage_by(session, ("tenant",), now=now, tenant=tenant, until=born)
-    if not before:
-        return totals
-    return [replace(t, accelerator_seconds=max(0.0, t.accelerator_seconds - before[0].accelerator_seconds),
-                    energy_j=max(0.0, t.energy_j - before[0].energy_j)) for t in totals]
+    if before is None:
+        earlier = await usage_by(session, ("tenant",), now=now, tenant=tenant, until=born)
+        if not earlier:
+            return totals
+        before = earlier[0].accelerator_seconds, earlier[0].energy_j
+    return [replace(t, accelerator_seconds=max(0.0, t.accelerator_seconds - before[0]),
+                    energy_j=max(0.0, t.energy_j - before[1])) for t in totals]
 
 
 async def usage_to_date(session: AsyncSession, group: Sequence[str], *, now: datetime,

@@ -248,6 +248,10 @@ class Tenant(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow, nullable=False
     )
+    # What the tenant's id had used to date when this customer was created (migration 0030): its
+    # customers' before it, which its own usage to date leaves out. NULL: created before 0030.
+    usage_before_accelerator_s: Mapped[float | None] = mapped_column(Float)
+    usage_before_energy_j: Mapped[float | None] = mapped_column(Float)
 
     deployments: Mapped[list[Deployment]] = relationship(back_populates="tenant")
 

@@ -19,7 +19,7 @@ from controller.errors import (
     AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ReasonDetail, ResourceExhausted,
 )
 from controller.identity import Principal
-from controller.store import audit
+from controller.store import audit, metering
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
@@ -161,6 +161,11 @@ async def create_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
         return TenantView(spec=repo.tenant_spec(_unsaved(spec)))
     row = m.Tenant(id=spec.id)
     _write(row, spec)
+    # The id's usage to date now: its customers' before this one (a deleted tenant's id created
+    # again), which this customer's usage to date leaves out (`metering.customer_usage_to_date`).
+    (before,) = await metering.usage_to_date(uow.session, ("tenant",), now=m.utcnow(), tenant=spec.id) or (None,)
+    row.usage_before_accelerator_s = before.accelerator_seconds if before is not None else 0.0
+    row.usage_before_energy_j = before.energy_j if before is not None else 0.0
     uow.session.add(row)
     await repo.bump_cluster_generation(uow.session, ClusterChange.tenant(spec.id))
     await _zones_still_there(uow, spec)

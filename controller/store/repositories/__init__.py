@@ -30,9 +30,9 @@ from controller.store.repositories.topology import (
     delete_topology_item, get_rack, held_by, list_racks, list_rows, list_zones, lock_topology_item,
     tenants_naming_zone)
 from controller.store.repositories.tenants import (
-    ForgetRequestIds, PlacedBeside, SubmitBatchReads, TenantSubmitFacts, count_tenant_deployments,
-    existing_tenant_ids, get_tenant, known_tenant_ids, list_tenant_rows, placed_beside, submit_batch_reads,
-    tenant_created_at, tenant_deployments, tenant_spec)
+    Customer, ForgetRequestIds, PlacedBeside, SubmitBatchReads, TenantSubmitFacts, count_tenant_deployments,
+    customer_of, existing_tenant_ids, get_tenant, known_tenant_ids, list_tenant_rows, placed_beside,
+    submit_batch_reads, tenant_created_at, tenant_deployments, tenant_spec)
 from controller.store.repositories.usage import (
     ClusterUsage, PLACEMENT_MILLI, cluster_usage, free_on_ready_nodes, node_usage, placed_milli, placement_milli,
     power_usage, rack_power, reserved_usage, tenant_usage)

@@ -57,8 +57,27 @@ async def get_tenant(session: AsyncSession, tenant_id: str) -> m.Tenant | None:
 
 async def tenant_created_at(session: AsyncSession, tenant_id: str) -> datetime | None:
     """When the tenant (its id's present customer) was created; None when there is none."""
+    customer = await customer_of(session, tenant_id)
+    return customer.created_at if customer is not None else None
+
+
+@dataclass(frozen=True)
+class Customer:
+    """A tenant id's present customer: when it was created, and what the id had used to date
+    then (accelerator-seconds, joules: its customers' before; None when created before migration
+    0030 stored it)."""
+
+    created_at: datetime
+    usage_before: tuple[float, float] | None
+
+
+async def customer_of(session: AsyncSession, tenant_id: str) -> Customer | None:
+    """The tenant's present customer (None: no such tenant)."""
     row = await get_tenant(session, tenant_id)
-    return m.as_utc(row.created_at) if row is not None else None
+    if row is None:
+        return None
+    before = row.usage_before_accelerator_s, row.usage_before_energy_j
+    return Customer(m.as_utc(row.created_at), None if None in before else (float(before[0]), float(before[1])))
 
 
 @dataclass(frozen=True)
