@@ -114,7 +114,10 @@ def reason_document(reason: common_pb2.Reason) -> Document:
 def placement_document(p: deployments_pb2.ShardPlacement) -> Document:
     doc: Document = {"replica": p.replica, "shard": p.shard, "node": p.node, "rack": p.rack,
                      "accelerator_indices": list(p.accelerator_indices),
-                     "accelerator_milli": p.accelerator_milli or 1000, "phase": shard_phase_word(p.phase)}
+                     "accelerator_milli": p.accelerator_milli or 1000, "phase": shard_phase_word(p.phase),
+                     "revision": p.revision}
+    if p.outgoing:  # being replaced: an older revision's, or on a draining node
+        doc["outgoing"] = True
     if p.message:
         doc["message"] = p.message
     return doc
@@ -123,7 +126,11 @@ def placement_document(p: deployments_pb2.ShardPlacement) -> Document:
 def deployment_document(dep: deployments_pb2.Deployment) -> Document:
     doc = spec_document(dep.spec)
     status: Document = {"phase": deployment_phase_word(dep.phase), "generation": dep.generation,
+                        "resource_version": dep.resource_version, "revision": dep.revision,
                         "placed_replicas": dep.placed_replicas, "running_replicas": dep.running_replicas,
+                        # a rolling update's (or a drain's): replicas running the current revision,
+                        # and those being replaced
+                        "updated_replicas": dep.updated_replicas, "outgoing_replicas": dep.outgoing_replicas,
                         "reasons": [reason_document(r) for r in dep.reasons],
                         "placements": [placement_document(p)
                                        for p in sorted(dep.placements, key=lambda p: (p.replica, p.shard))]}

@@ -182,6 +182,11 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
         return DeploymentUpdate(await as_seen_by(uow, who, view), tuple(changes), rolling)
     # Before the row's writes: the request id's DELETE below flushes them (PostgreSQL's lock order: store/changes.py).
     await repo.will_move_generation(uow.session)
+    # The version compared above was read without a lock: an update landing since (two applies at
+    # once) was written over, both answered OK. Taken as the row's first write, judged as it lands.
+    if not await repo.take_resource_version(uow.session, row.id, resource_version):
+        raise Conflict(f"deployment {spec.name} changed since resource version {resource_version} (another "
+                       f"update landed meanwhile): read it again and re-apply the change")
     _change(row, old, spec, rolling)
     await requests.remember(uow, spec.tenant, request_id, row.id, spec, "update")
     await repo.bump_cluster_generation(uow.session, ClusterChange.deployment(spec.key))

@@ -702,3 +702,54 @@ def test_an_enum_value_this_client_does_not_know_is_a_word_not_a_traceback() -> 
     assert (shard_phase_word(99), node_state_word(99), deployment_phase_word(99)) == ("value 99",) * 3
     assert shard_phase_word(common_pb2.SHARD_PHASE_UNKNOWN) == "unknown"
     assert shard_phase_word(common_pb2.SHARD_PHASE_UNSPECIFIED) == "unspecified"
+
+
+def _phi_row(fake, capsys) -> tuple[str, FakeDeployments]:  # noqa: ANN001
+    address, _, deployments, _ = fake
+    deployments.run_after_s = None  # stays Pending unless a test says otherwise
+    run(capsys, "--controller", address, "apply", "-f", str(EXAMPLES / "tenants.yaml"),
+        "-f", str(EXAMPLES / "phi-row.yaml"))
+    return address, deployments
+
+
+def test_rollout_status_stops_at_once_on_a_failed_deployment_and_waits_through_a_quota(fake, capsys) -> None:
+    address, deployments = _phi_row(fake, capsys)
+    with deployments.lock:
+        dep = deployments.deployments["phi-row"]
+        dep.reasons.add(code="QUOTA_ACCELERATORS", message="tenant msft-internal over max_accelerators")
+    started = time.monotonic()
+    code, _, err = run(capsys, "--controller", address, "rollout", "status", "phi-row", "--timeout", "1.5")
+    assert code == 1 and "timed out after 1.5s" in err  # a quota may be raised mid-rollout: it waited
+    with deployments.lock:
+        dep.phase = D.DEPLOYMENT_PHASE_FAILED
+    started = time.monotonic()
+    code, _, err = run(capsys, "--controller", address, "rollout", "status", "phi-row", "--timeout", "30")
+    assert code == 4 and "stopped waiting for rolled-out: blocked" in err and "Failed" in err, err
+    assert time.monotonic() - started < 20  # not the timeout
+
+
+def test_a_wait_ends_at_once_when_its_deployment_is_deleted(fake, capsys) -> None:
+    address, deployments = _phi_row(fake, capsys)
+
+    def delete() -> None:
+        with deployments.lock:
+            del deployments.deployments["phi-row"]
+
+    threading.Timer(0.5, delete).start()
+    started = time.monotonic()
+    code, _, err = run(capsys, "--controller", address, "wait", "deployment", "phi-row", "--for", "running",
+                       "--timeout", "30")
+    assert code == 4 and "stopped waiting for running" in err and "phi-row" in err, err
+    assert time.monotonic() - started < 20
+
+
+def test_rollout_status_prints_the_deployment_as_json(fake, capsys) -> None:
+    address, deployments = _phi_row(fake, capsys)
+    with deployments.lock:
+        dep = deployments.deployments["phi-row"]
+        dep.phase = D.DEPLOYMENT_PHASE_RUNNING
+        dep.placed_replicas = dep.running_replicas = dep.updated_replicas = dep.spec.replicas
+    code, out, err = run(capsys, "--controller", address, "rollout", "status", "phi-row", "-o", "json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["rolled_out"] is True and doc["deployment"]["name"] == "phi-row"

@@ -12,7 +12,7 @@ from sqlalchemy import text
 from controller.errors import AlreadyExists, InvalidArgument, NotFound
 from controller.reconcile import Reconciler
 from controller.store import repositories as repo
-from controller.usecases import deployments
+from controller.usecases import deployments, updates
 from controller.domain.values import Spread
 from controller.usecases.ports import RecordingSignals
 from controller.usecases import capacity as capacity_module
@@ -302,3 +302,32 @@ async def test_a_rebuild_given_up_while_its_thread_builds_leaves_the_index_to_th
     async with cluster.unit_of_work() as uow:
         index = await asyncio.wait_for(capacity.index(uow), 5)
     assert capacity.rebuilds == 1 and index.models() == ["maia-100"]
+
+
+async def test_two_updates_from_one_resource_version_land_one_and_refuse_the_other(cluster, monkeypatch):
+    """Both read version 1 and pass its check before either writes (two applies at once): both
+    were answered OK, the second writing over the first (found by exploratory testing)."""
+    await submit(cluster, deployment("svc", replicas=1))
+    checked, both = [], asyncio.Event()
+    contract = updates.check_contract
+
+    async def both_past_the_version_check(*args, **kw):  # noqa: ANN002, ANN003
+        checked.append(1)
+        if len(checked) == 2:
+            both.set()
+        await asyncio.wait_for(both.wait(), 10)
+        return await contract(*args, **kw)
+
+    monkeypatch.setattr(updates, "check_contract", both_past_the_version_check)
+
+    async def update(replicas: int) -> None:
+        async with cluster.unit_of_work() as uow:
+            await updates.update_deployment(uow, WHO, deployment("svc", replicas=replicas), 1, RecordingSignals())
+
+    outcomes = await asyncio.gather(update(2), update(3), return_exceptions=True)
+    assert sorted(type(o).__name__ for o in outcomes) == ["Conflict", "NoneType"], outcomes
+    won = 2 if outcomes[0] is None else 3
+    async with cluster.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", "svc")
+        assert (row.replicas, row.resource_version) == (won, 2)
+    assert "another update landed meanwhile" in next(o for o in outcomes if o is not None).message

@@ -6,7 +6,8 @@ DEPLOYMENT is NAME or TENANT/NAME, after the word `deployment` or as `-o name` p
 scale reads the deployment and updates it with the new replica count, naming the resource
 version it read (a change made by someone else in between is refused, and read again once).
 rollout status follows a rolling update (or a drain) of one deployment until every asked
-replica runs the current revision and no old replica is left, printing its progress.
+replica runs the current revision and no old replica is left, printing its progress; it stops at
+once (exit 4) when the deployment is Failed or deleted, and prints the deployment with `-o json`.
 """
 from __future__ import annotations
 
@@ -87,7 +88,15 @@ def run_scale(args: argparse.Namespace, ctx: Context) -> int:
 
 def run_status(args: argparse.Namespace, ctx: Context) -> int:
     word = _deployment("rollout status", args.deployment)
-    code = wait_deployments([word], "rolled-out", args.timeout, ctx, fail_fast=False, quiet=True, tenant=args.tenant)
-    if not ctx.json:
-        ctx.out(f'deployment "{deployment_ref(word, args.tenant)}" successfully rolled out')
+    # A rollout that cannot end by waiting (the deployment Failed, or deleted) ends the command at
+    # once (exit 4); one held by quota or zones waits: an operator may lift them mid-rollout.
+    code = wait_deployments([word], "rolled-out", args.timeout, ctx, quiet=True, tenant=args.tenant,
+                            reasons_block=False)
+    ref = deployment_ref(word, args.tenant)
+    if ctx.json:
+        dep = ctx.controller.deployments.GetDeployment(P.GetDeploymentRequest(name=ref.name, tenant=ref.tenant),
+                                                       timeout=ctx.rpc_timeout)
+        ctx.emit_json({"deployment": deployment_document(dep), "rolled_out": True})
+    else:
+        ctx.out(f'deployment "{ref}" successfully rolled out')
     return code

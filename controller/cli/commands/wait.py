@@ -11,8 +11,9 @@ terminal); on timeout the exit code is 1 and the message lists each deployment's
 reasons it is not there yet. `wait nodes` polls ListNodes, through an outage as well.
 
 A deployment blocked for good — a reason that waiting alone cannot change (the tenant's quota,
-its allowed zones, an accelerator model or HBM size no node has) — ends the wait at once with
-its reasons and exit code 4, unless --keep-waiting (someone may raise the quota meanwhile).
+its allowed zones, an accelerator model or HBM size no node has), Failed (until it is updated),
+or deleted since the wait began — ends the wait at once with its reasons and exit code 4,
+unless --keep-waiting (someone may raise the quota meanwhile).
 """
 from __future__ import annotations
 
@@ -135,10 +136,11 @@ class _Tracker:
     one changes (stderr either way)."""
 
     def __init__(self, names: Sequence[str], condition: str, ctx: Context, fail_fast: bool = True,
-                 progress: bool = True) -> None:
+                 progress: bool = True, reasons_block: bool = True) -> None:
         self.names = list(dict.fromkeys(names))
         self.progress = progress
         self.fail_fast = fail_fast and condition != "deleted"
+        self.reasons_block = reasons_block  # off: only Failed and deleted ones end the wait early
         self.check = CONDITIONS[condition]
         self.ctx = ctx
         self.latest: dict[str, P.Deployment | None] = {}
@@ -175,11 +177,12 @@ class _Tracker:
         return all(n in self.latest and self.check(self.latest[n]) for n in self.names)
 
     def blocked(self) -> list[str]:
-        """Deployments not there yet whose reasons waiting cannot change (or that are Failed:
-        the controller gave up on them until they are updated)."""
-        return [n for n, dep in self.latest.items()
-                if dep is not None and not self.check(dep) and (dep.phase == P.DEPLOYMENT_PHASE_FAILED or any(
-                    r.code in BLOCKING_CODES for r in dep.reasons))]
+        """Deployments not there yet that waiting cannot bring there: deleted since the wait began
+        (each was read at its start), Failed (the controller gave up on them until they are
+        updated), or held by reasons waiting cannot change (`reasons_block`)."""
+        return [n for n, dep in self.latest.items() if not self.check(dep) and (
+            dep is None or dep.phase == P.DEPLOYMENT_PHASE_FAILED
+            or (self.reasons_block and any(r.code in BLOCKING_CODES for r in dep.reasons)))]
 
     def finished(self) -> bool:
         return self.done() or (self.fail_fast and bool(self.blocked()))
@@ -229,12 +232,15 @@ def _polled(fetch: Callable[[], T], deadline: float) -> T:
 
 
 def wait_deployments(names: Sequence[str], condition: str, timeout: float, ctx: Context,
-                     fail_fast: bool = True, quiet: bool = False, tenant: str = "", progress: bool = True) -> int:
+                     fail_fast: bool = True, quiet: bool = False, tenant: str = "", progress: bool = True,
+                     reasons_block: bool = True) -> int:
     """Block until every deployment meets `condition` (0), else CliError; each is NAME (in
     `tenant`, if given) or TENANT/NAME. `quiet`: the caller prints the result itself; `progress`
-    off: no progress on stderr either (an outage of the controller is still said)."""
+    off: no progress on stderr either (an outage of the controller is still said);
+    `reasons_block` off: a blocking reason (quota, zones, hardware) does not end the wait early."""
     deadline = time.monotonic() + timeout
-    tracker = _Tracker([str(deployment_ref(n, tenant)) for n in names], condition, ctx, fail_fast, progress)
+    tracker = _Tracker([str(deployment_ref(n, tenant)) for n in names], condition, ctx, fail_fast, progress,
+                       reasons_block)
     try:
         for name in tracker.names:  # the first reads: a controller not there ends the command
             dep = _get(ctx, tracker.refs[name], deadline)
@@ -249,8 +255,9 @@ def wait_deployments(names: Sequence[str], condition: str, timeout: float, ctx: 
     finally:
         tracker.close()
     if not tracker.done() and tracker.fail_fast and tracker.blocked():
-        raise CliError(f"stopped waiting for {condition}: blocked until something changes (quota, zones or "
-                       f"hardware; --keep-waiting waits anyway):\n{tracker.pending_text()}", Exit.PARTIAL)
+        raise CliError(f"stopped waiting for {condition}: blocked until something changes (deleted, Failed until "
+                       f"updated, or quota, zones or hardware; --keep-waiting waits anyway):\n"
+                       f"{tracker.pending_text()}", Exit.PARTIAL)
     if not tracker.done():
         raise CliError(f"timed out after {timeout:g}s waiting for {condition}:\n{tracker.pending_text()}")
     if quiet:

@@ -206,6 +206,17 @@ def _deleting_statement(dialect: str) -> Update:
 _DELETING = {dialect: _deleting_statement(dialect) for dialect in ("sqlite", POSTGRESQL)}
 
 
+async def take_resource_version(session: AsyncSession, deployment_id: int, expected: int) -> bool:
+    """Move the deployment's resource version from `expected` to the next, if it is still
+    `expected` (one conditional UPDATE: on PostgreSQL it waits for a concurrent writer of the row
+    and judges what that one committed; on SQLite it takes the writer first). False: another
+    change landed since `expected` was read, and this one must not write over it."""
+    result = await session.execute(update(_DEPLOYMENTS).where(
+        _DEPLOYMENTS.c.id == deployment_id, _DEPLOYMENTS.c.resource_version == expected).values(
+        resource_version=expected + 1))
+    return bool(result.rowcount)
+
+
 async def set_deleting(session: AsyncSession, rows: Sequence[m.Deployment | DeploymentColumns]) -> datetime:
     """Mark deployments DELETING in ONE UPDATE statement; returns the time written. ORM rows
     among them are updated as written (nothing left for the session to flush: the ORM's flush of
