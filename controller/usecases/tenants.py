@@ -32,7 +32,10 @@ from controller.usecases.ports import Signals
 from controller.usecases.validation import check_count, check_id, check_quantity, check_tenant_id, check_unique
 
 
-async def _validate(uow: UnitOfWork, spec: TenantSpec) -> None:
+async def _validate(uow: UnitOfWork, spec: TenantSpec, *, writing: bool) -> None:
+    """Every check of `spec`'s fields and references; `writing` (not a dry run): the zones it names
+    are locked for the write (`_check_zones`), after the generation writers' lock (the lock order,
+    store/changes.py), which the caller took first."""
     check_tenant_id(spec.id)
     if spec.isolation not in ISOLATIONS:
         raise InvalidArgument(f"tenant {spec.id}: isolation {spec.isolation!r} is not one of {', '.join(ISOLATIONS)}")
@@ -59,17 +62,17 @@ async def _validate(uow: UnitOfWork, spec: TenantSpec) -> None:
     missing = sorted(set(spec.excludes) - await repo.existing_tenant_ids(uow.session, spec.excludes))
     if missing:
         raise NotFound(f"tenant {spec.id} excludes unknown tenant(s): {', '.join(missing)}")
-    await _check_zones(uow, spec)
+    await _check_zones(uow, spec, key_share=writing)
 
 
-async def _check_zones(uow: UnitOfWork, spec: TenantSpec) -> None:
+async def _check_zones(uow: UnitOfWork, spec: TenantSpec, *, key_share: bool = True) -> None:
     """The zones `spec` names exist (NOT_FOUND naming those that do not), and cannot be deleted
     before this transaction ends: a zone's deletion refuses while a tenant names it
     (`topology.delete_item`), and a contract naming a zone that is gone failed every full pass. On
     PostgreSQL their rows are locked `FOR KEY SHARE` (the deletion locks the zone `FOR UPDATE`
     before it reads the tenants); on SQLite a write checks them again once it holds the writer
     (`_zones_still_there`): a deletion committed between this read and the write is seen then."""
-    missing = sorted(set(spec.zones) - await repo.existing_ids(uow.session, m.Zone, spec.zones, key_share=True))
+    missing = sorted(set(spec.zones) - await repo.existing_ids(uow.session, m.Zone, spec.zones, key_share=key_share))
     if missing:
         raise NotFound(f"tenant {spec.id} names unknown zone(s): {', '.join(missing)}; apply the topology first")
 
@@ -151,7 +154,9 @@ async def create_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
                         dry_run: bool = False) -> TenantView:
     """`dry_run`: every check, then the tenant as it would be created; nothing written."""
     policy.require_admin(who, "creating tenants")
-    await _validate(uow, spec)
+    if not dry_run:
+        await repo.will_move_generation(uow.session)  # before any row lock (the lock order: store/changes.py)
+    await _validate(uow, spec, writing=not dry_run)
     if await repo.get_tenant(uow.session, spec.id) is not None:
         raise AlreadyExists(f"tenant {spec.id} already exists")
     count = await repo.count_rows(uow.session, m.Tenant)
@@ -183,7 +188,9 @@ async def update_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
     row = await repo.get_tenant(uow.session, spec.id)
     if row is None:
         raise NotFound(f"tenant {spec.id} not found")
-    await _validate(uow, spec)
+    if not dry_run:
+        await repo.will_move_generation(uow.session)  # before any row lock (the lock order: store/changes.py)
+    await _validate(uow, spec, writing=not dry_run)
     was = repo.tenant_spec(row)
     tight = tightening(was, spec)
     broken = broken_by(spec.id, tight, await repo.placed_beside(uow.session, spec.id)) if tight else []

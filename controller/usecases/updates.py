@@ -117,11 +117,12 @@ async def check_contract(uow: UnitOfWork, who: Principal, row: m.Deployment, spe
               f"{where}: growing by {growth:g} accelerators{waiting} would take capacity reserved for other tenants"))
 
 
-def _change(row: m.Deployment, old: DeploymentSpec, spec: DeploymentSpec, rolling: bool) -> None:
+def _change(row: m.Deployment, old: DeploymentSpec, spec: DeploymentSpec, rolling: bool,
+            running_old: set[int]) -> None:
     """The row changed from `old` to `spec` (in memory): a new template revision when `rolling`,
-    keeping the specs of the revisions still running; the new resource version."""
+    keeping the specs of the revisions still running (`running_old`: its placements' revisions);
+    the new resource version."""
     if rolling:
-        running_old = {p.revision for p in row.placements}
         specs = {k: v for k, v in (row.revision_specs or {}).items() if int(k) in running_old}
         if row.template_revision in running_old:
             specs[str(row.template_revision)] = planning.deployment_doc(old)
@@ -176,7 +177,7 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     rolling = spec.rolls_from(old)
     if dry_run:
         with uow.session.no_autoflush:  # the changes stay in memory, never sent
-            _change(row, old, spec, rolling)
+            _change(row, old, spec, rolling, {p.revision for p in row.placements})
             view = repo.deployment_view(row)
         await uow.rollback()
         return DeploymentUpdate(await as_seen_by(uow, who, view), tuple(changes), rolling)
@@ -185,9 +186,19 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     # The version compared above was read without a lock: an update landing since (two applies at
     # once) was written over, both answered OK. Taken as the row's first write, judged as it lands.
     if not await repo.take_resource_version(uow.session, row.id, resource_version):
+        if await requests.replayed(uow, spec.tenant, request_id, spec, "update") is not None:
+            # Its own first call, landed meanwhile (a retry sent while the first still ran).
+            await uow.session.refresh(row, list(repo.UNVERSIONED_COLUMNS) + ["resource_version", "template_revision"])
+            return DeploymentUpdate(await as_seen_by(uow, who, repo.deployment_view(row)))
         raise Conflict(f"deployment {spec.name} changed since resource version {resource_version} (another "
                        f"update landed meanwhile): read it again and re-apply the change")
-    _change(row, old, spec, rolling)
+    # What plan commits, report flushes and failures wrote since the row was read leaves its
+    # resource version as it was: read again now that this transaction holds the row (PostgreSQL's
+    # lock, SQLite's writer), or the update wrote the older copy back (a revision placed meanwhile
+    # lost its spec, and its running replicas were stopped before any replacement; a FAILED
+    # deployment stayed FAILED under its new spec).
+    await uow.session.refresh(row, list(repo.UNVERSIONED_COLUMNS))
+    _change(row, old, spec, rolling, await repo.placed_revisions(uow.session, row.id))
     await requests.remember(uow, spec.tenant, request_id, row.id, spec, "update")
     await repo.bump_cluster_generation(uow.session, ClusterChange.deployment(spec.key))
     repo.record_event(uow.session, actor=who.name, kind="deployment.updated", object_kind="deployment",

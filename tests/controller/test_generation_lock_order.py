@@ -15,7 +15,8 @@ from controller.domain.restarts import RestartPolicy
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.changes import move_generation, moves_generation_first
-from controller.usecases import updates
+from controller.usecases import tenants, updates
+from controller.domain.values import TenantSpec
 from controller.usecases.ports import RecordingSignals
 from test_failed_shards import Clocks, placed, reconciler, report
 from uc_builders import WHO, deployment, submit
@@ -97,3 +98,35 @@ async def test_a_pass_commits_the_failures_it_released_before_it_retires_replica
     await loop.reconcile_once()  # released (the generation moved), then the retirements checked
     assert (await placed(cluster, "svc"))[0][0] != failed_node
     assert generation_free == [True]
+
+
+async def _zone_free(db, zone: str) -> bool:
+    async with db.unit_of_work() as uow:
+        try:
+            await uow.session.execute(text("SELECT id FROM zones WHERE id = :id FOR UPDATE NOWAIT"), {"id": zone})
+        except Exception:  # noqa: BLE001  (lock not available)
+            return False
+        return True
+
+
+async def test_a_tenant_update_naming_zones_waits_for_the_generation_writers_before_locking_them(cluster):
+    """A tenant's write locks the zones it names (`FOR KEY SHARE`: a zone's deletion waits for it);
+    it took that lock before the generation writers' lock, and a deletion holding that lock shared
+    and waiting for the zone, behind a plan commit waiting for it exclusive, made a cycle."""
+    async with cluster.unit_of_work() as first:  # a plan commit that takes the generation first
+        await moves_generation_first(first.session)
+        await move_generation(first.session, 0)
+
+        async def update() -> None:
+            async with cluster.unit_of_work() as uow:
+                await tenants.update_tenant(uow, WHO, TenantSpec("t1", zones=("z1",)), RecordingSignals())
+
+        task = asyncio.create_task(update())
+        for _ in range(500):
+            if await _waits_for_generation_writers(cluster) or task.done():
+                break
+            await asyncio.sleep(0.01)
+        assert not task.done()
+        assert await _zone_free(cluster, "z1")  # nothing locked before the generation writers' lock
+        await first.commit()
+    await task

@@ -331,3 +331,56 @@ async def test_two_updates_from_one_resource_version_land_one_and_refuse_the_oth
         row = await repo.get_deployment(uow.session, "t1", "svc")
         assert (row.replicas, row.resource_version) == (won, 2)
     assert "another update landed meanwhile" in next(o for o in outcomes if o is not None).message
+
+
+async def test_an_update_writes_over_what_landed_since_its_read_only_its_own_change(cluster, monkeypatch):
+    """Between the update's read and its write a pass placed the replicas (revision 1) and a
+    failure count was stored: the update wrote its older copy back (revision 1's spec dropped,
+    so the next pass stopped both running replicas before any replacement; the failures kept)."""
+    await submit(cluster, deployment("svc", replicas=2, accelerators=2, spread=None))
+    contract = updates.check_contract
+    meanwhile: list[int] = []
+
+    async def placed_and_failing_meanwhile(*args, **kw):  # noqa: ANN002, ANN003
+        if not meanwhile:
+            meanwhile.append(1)
+            await Reconciler(cluster, push=lambda ids: None, publish=no_publish).reconcile_once()
+            async with cluster.unit_of_work() as uow:
+                await uow.session.execute(text("UPDATE deployments SET failures = 3 WHERE name = 'svc'"))
+                await uow.commit()
+        return await contract(*args, **kw)
+
+    monkeypatch.setattr(updates, "check_contract", placed_and_failing_meanwhile)
+    async with cluster.unit_of_work() as uow:  # a rolling change: one accelerator a shard
+        await updates.update_deployment(uow, WHO, deployment("svc", replicas=2, accelerators=1, spread=None), 1,
+                                        RecordingSignals())
+    async with cluster.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", "svc")
+        assert {p.revision for p in row.placements} == {1} and len(row.placements) == 2
+        assert (row.template_revision, sorted(row.revision_specs), row.failures) == (2, ["1"], 0)
+
+
+async def test_a_retry_sent_while_its_first_call_runs_is_answered_as_the_first(cluster, monkeypatch):
+    await submit(cluster, deployment("svc", replicas=1))
+    checked, both = [], asyncio.Event()
+    contract = updates.check_contract
+
+    async def both_past_the_version_check(*args, **kw):  # noqa: ANN002, ANN003
+        checked.append(1)
+        if len(checked) == 2:
+            both.set()
+        await asyncio.wait_for(both.wait(), 10)
+        return await contract(*args, **kw)
+
+    monkeypatch.setattr(updates, "check_contract", both_past_the_version_check)
+
+    async def update() -> int:
+        async with cluster.unit_of_work() as uow:
+            done = await updates.update_deployment(uow, WHO, deployment("svc", replicas=2), 1, RecordingSignals(),
+                                                   request_id="req-7")
+            return done.deployment.resource_version
+
+    assert await asyncio.gather(update(), update()) == [2, 2]
+    async with cluster.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", "svc")
+        assert (row.replicas, row.resource_version) == (2, 2)

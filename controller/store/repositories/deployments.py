@@ -217,6 +217,18 @@ async def take_resource_version(session: AsyncSession, deployment_id: int, expec
     return bool(result.rowcount)
 
 
+async def placed_revisions(session: AsyncSession, deployment_id: int) -> set[int]:
+    """The template revisions the deployment's placements run, as stored now."""
+    return set(await session.scalars(select(_PLACEMENTS.c.revision).where(
+        _PLACEMENTS.c.deployment_id == deployment_id).distinct()))
+
+
+# What writers other than an update change of a deployment's row, leaving its resource version:
+# plan commits (its phase, its revisions' specs once retired), report flushes and failures.
+UNVERSIONED_COLUMNS = ("phase", "reasons", "failures", "last_failure_at", "restart_after", "revision_specs",
+                       "generation")
+
+
 async def set_deleting(session: AsyncSession, rows: Sequence[m.Deployment | DeploymentColumns]) -> datetime:
     """Mark deployments DELETING in ONE UPDATE statement; returns the time written. ORM rows
     among them are updated as written (nothing left for the session to flush: the ORM's flush of
