@@ -30,6 +30,17 @@ async def _waits_for_generation_writers(db) -> bool:
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")))
 
 
+async def _waiting_for_generation_writers(db, call) -> asyncio.Task:  # noqa: ANN001
+    """`call` started, once it waits for the generation writers' lock (still running)."""
+    task = asyncio.create_task(call)
+    for _ in range(500):
+        if await _waits_for_generation_writers(db) or task.done():
+            break
+        await asyncio.sleep(0.01)
+    assert not task.done()
+    return task
+
+
 async def _row_free(db, table: str, row_id: int) -> bool:
     async with db.unit_of_work() as uow:
         try:
@@ -57,12 +68,7 @@ async def test_an_update_with_a_request_id_waits_for_the_generation_writers_befo
                 await updates.update_deployment(uow, WHO, deployment("svc", replicas=2), version,
                                                 RecordingSignals(), request_id="req-1")
 
-        task = asyncio.create_task(update())
-        for _ in range(500):
-            if await _waits_for_generation_writers(cluster) or task.done():
-                break
-            await asyncio.sleep(0.01)
-        assert not task.done()
+        task = await _waiting_for_generation_writers(cluster, update())
         # The commit may now write the deployment's row: the update holds no lock on it.
         assert await _row_free(cluster, "deployments", deployment_id)
         await first.commit()
@@ -121,12 +127,7 @@ async def test_a_tenant_update_naming_zones_waits_for_the_generation_writers_bef
             async with cluster.unit_of_work() as uow:
                 await tenants.update_tenant(uow, WHO, TenantSpec("t1", zones=("z1",)), RecordingSignals())
 
-        task = asyncio.create_task(update())
-        for _ in range(500):
-            if await _waits_for_generation_writers(cluster) or task.done():
-                break
-            await asyncio.sleep(0.01)
-        assert not task.done()
+        task = await _waiting_for_generation_writers(cluster, update())
         assert await _zone_free(cluster, "z1")  # nothing locked before the generation writers' lock
         await first.commit()
     await task

@@ -304,10 +304,8 @@ async def test_a_rebuild_given_up_while_its_thread_builds_leaves_the_index_to_th
     assert capacity.rebuilds == 1 and index.models() == ["maia-100"]
 
 
-async def test_two_updates_from_one_resource_version_land_one_and_refuse_the_other(cluster, monkeypatch):
-    """Both read version 1 and pass its check before either writes (two applies at once): both
-    were answered OK, the second writing over the first (found by exploratory testing)."""
-    await submit(cluster, deployment("svc", replicas=1))
+def _two_past_the_version_check(monkeypatch) -> None:  # noqa: ANN001
+    """Two updates run on only once both passed the check of their resource version (neither wrote)."""
     checked, both = [], asyncio.Event()
     contract = updates.check_contract
 
@@ -319,6 +317,13 @@ async def test_two_updates_from_one_resource_version_land_one_and_refuse_the_oth
         return await contract(*args, **kw)
 
     monkeypatch.setattr(updates, "check_contract", both_past_the_version_check)
+
+
+async def test_two_updates_from_one_resource_version_land_one_and_refuse_the_other(cluster, monkeypatch):
+    """Both read version 1 and pass its check before either writes (two applies at once): both
+    were answered OK, the second writing over the first (found by exploratory testing)."""
+    await submit(cluster, deployment("svc", replicas=1))
+    _two_past_the_version_check(monkeypatch)
 
     async def update(replicas: int) -> None:
         async with cluster.unit_of_work() as uow:
@@ -362,17 +367,7 @@ async def test_an_update_writes_over_what_landed_since_its_read_only_its_own_cha
 
 async def test_a_retry_sent_while_its_first_call_runs_is_answered_as_the_first(cluster, monkeypatch):
     await submit(cluster, deployment("svc", replicas=1))
-    checked, both = [], asyncio.Event()
-    contract = updates.check_contract
-
-    async def both_past_the_version_check(*args, **kw):  # noqa: ANN002, ANN003
-        checked.append(1)
-        if len(checked) == 2:
-            both.set()
-        await asyncio.wait_for(both.wait(), 10)
-        return await contract(*args, **kw)
-
-    monkeypatch.setattr(updates, "check_contract", both_past_the_version_check)
+    _two_past_the_version_check(monkeypatch)
 
     async def update() -> int:
         async with cluster.unit_of_work() as uow:
