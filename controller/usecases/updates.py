@@ -188,7 +188,7 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     if not await repo.take_resource_version(uow.session, row.id, resource_version):
         if await requests.replayed(uow, spec.tenant, request_id, spec, "update") is not None:
             # Its own first call, landed meanwhile (a retry sent while the first still ran).
-            await uow.session.refresh(row, list(repo.UNVERSIONED_COLUMNS) + ["resource_version", "template_revision"])
+            await uow.session.refresh(row, repo.DEPLOYMENT_COLUMN_ATTRIBUTES)  # as that call left it
             return DeploymentUpdate(await as_seen_by(uow, who, repo.deployment_view(row)))
         raise Conflict(f"deployment {spec.name} changed since resource version {resource_version} (another "
                        f"update landed meanwhile): read it again and re-apply the change")

@@ -369,13 +369,13 @@ async def test_a_retry_sent_while_its_first_call_runs_is_answered_as_the_first(c
     await submit(cluster, deployment("svc", replicas=1))
     _two_past_the_version_check(monkeypatch)
 
-    async def update() -> int:
+    async def update() -> tuple[int, int]:
         async with cluster.unit_of_work() as uow:
             done = await updates.update_deployment(uow, WHO, deployment("svc", replicas=2), 1, RecordingSignals(),
                                                    request_id="req-7")
-            return done.deployment.resource_version
+            return done.deployment.resource_version, done.deployment.spec.replicas
 
-    assert await asyncio.gather(update(), update()) == [2, 2]
+    assert await asyncio.gather(update(), update()) == [(2, 2), (2, 2)]
     async with cluster.unit_of_work() as uow:
         row = await repo.get_deployment(uow.session, "t1", "svc")
         assert (row.replicas, row.resource_version) == (2, 2)

@@ -47,7 +47,7 @@ from controller.store.repositories.deployments import (
     deployments_named, deployments_with_ids, get_deployment, implied_phase, insert_deployments, list_deployment_rows,
     new_deployment_columns, new_deployment_row, new_deployment_view, deleting_events, set_deleting, spec_columns,
     submit_facts, take_resource_version, tenants_with_deployment, write_deployment_spec, placed_revisions,
-    UNVERSIONED_COLUMNS)
+    DEPLOYMENT_COLUMN_ATTRIBUTES, UNVERSIONED_COLUMNS)
 from controller.store.repositories.placements import (
     ASSIGNED_SPECS_KEPT, ASSIGNMENT_READ_CHUNK, ShardState, assignment_sets, bump_node_assignment_generations,
     placements_of_deployments, quarantine_deployment, release_placements_beyond, release_quarantined,

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import (ColumnElement, Row, Select, Update, bindparam, insert, case, func, literal, literal_column,
                         null, select, update)
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -223,6 +224,9 @@ async def placed_revisions(session: AsyncSession, deployment_id: int) -> set[int
         _PLACEMENTS.c.deployment_id == deployment_id).distinct()))
 
 
+# Every column of a deployment's row, by attribute (what a refresh of the whole row reads; its
+# placements stay as loaded).
+DEPLOYMENT_COLUMN_ATTRIBUTES = [attribute.key for attribute in sa_inspect(m.Deployment).column_attrs]
 # What writers other than an update change of a deployment's row, leaving its resource version:
 # plan commits (its phase, its revisions' specs once retired), report flushes and failures.
 UNVERSIONED_COLUMNS = ("phase", "reasons", "failures", "last_failure_at", "restart_after", "revision_specs",
