@@ -19,7 +19,7 @@ from grpc import aio
 
 from controller import errors
 from controller.api.interceptors import BuiltOncePerMethod, ErrorInterceptor
-from controller.api.interceptors.completion import LoggingInterceptor, MetricsInterceptor
+from controller.api.interceptors.completion import LoggingInterceptor, MetricsInterceptor, code_of
 from controller.api.server import ControllerApp
 from grpc_harness import HandAgent, Stubs, admin_token_of, running_controller, topology
 
@@ -241,3 +241,24 @@ async def test_agent_streams_the_controller_ends_at_its_stop_are_logged_at_info(
     connect = _connect_lines(caplog)
     assert [(r.levelno, "code=UNAVAILABLE" in r.getMessage()) for r in connect] == [(logging.INFO, True)], \
         [r.getMessage() for r in connect]
+
+
+class _Left:
+    """A servicer context with `left` seconds of its deadline left and no code set."""
+
+    def __init__(self, left: float | None) -> None:
+        self.left = left
+
+    def code(self) -> None:
+        return None
+
+    def time_remaining(self) -> float | None:
+        return self.left
+
+
+@pytest.mark.parametrize(("left", "code"), [(0.0, "DEADLINE_EXCEEDED"), (0.0001, "DEADLINE_EXCEEDED"),
+                                            (-0.01, "DEADLINE_EXCEEDED"), (0.5, "CANCELLED"), (None, "CANCELLED")])
+def test_a_call_cancelled_at_its_deadline_by_the_callers_clock_ends_deadline_exceeded(left, code) -> None:
+    """The caller gives up at its clock's deadline, a moment before the server's (CI saw
+    CANCELLED with 0.1 ms of 200 ms left); one cancelled with time left was cancelled."""
+    assert code_of(_Left(left), asyncio.CancelledError()) == code
