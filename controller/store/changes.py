@@ -109,6 +109,18 @@ async def will_change_nodes_hardware(session: AsyncSession) -> None:
     watch (`NODE_HARDWARE_COLUMNS`): isolation_state's row lock,
     taken now rather than by those triggers after the node's row (PostgreSQL's lock order, step 2:
     module docstring). Sent with the transaction's BEGIN when it has not begun; nothing on SQLite."""
+    await _isolation_first(session)
+
+
+async def will_change_deployment_shape(session: AsyncSession) -> None:
+    """As `will_change_nodes_hardware`, for a writer of a deployment's shard (its accelerators,
+    milli, HBM, CPU or memory: migration 0012's isolation trigger watches them) before its row's
+    first lock: by the trigger, after that row, it waited holding the row for a plan commit that
+    held isolation_state and waited for the row."""
+    await _isolation_first(session)
+
+
+async def _isolation_first(session: AsyncSession) -> None:
     if dialect_of(session) == POSTGRESQL:
         await pg_driver.run_at_begin(session, _ISOLATION_FIRST)
 

@@ -183,6 +183,8 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
         return DeploymentUpdate(await as_seen_by(uow, who, view), tuple(changes), rolling)
     # Before the row's writes: the request id's DELETE below flushes them (PostgreSQL's lock order: store/changes.py).
     await repo.will_move_generation(uow.session)
+    if spec.shard != old.shard:  # the isolation trigger's columns: its lock before the row's (store/changes.py)
+        await repo.will_change_deployment_shape(uow.session)
     # The version compared above was read without a lock: an update landing since (two applies at
     # once) was written over, both answered OK. Taken as the row's first write, judged as it lands.
     if not await repo.take_resource_version(uow.session, row.id, resource_version):

@@ -131,3 +131,33 @@ async def test_a_tenant_update_naming_zones_waits_for_the_generation_writers_bef
         assert await _zone_free(cluster, "z1")  # nothing locked before the generation writers' lock
         await first.commit()
     await task
+
+
+async def test_an_update_of_a_shard_takes_the_isolation_lock_before_its_deployments_row(cluster):
+    """The shard's columns fire the isolation trigger, which locks isolation_state; by the
+    trigger that lock came after the deployment's row (taken by the version's UPDATE), while a
+    plan commit takes isolation_state after its placements and before its deployments: each
+    held what the other waited for."""
+    await submit(cluster, deployment("svc"))
+    async with cluster.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", "svc")
+        deployment_id, version = row.id, row.resource_version
+    async with cluster.unit_of_work() as first:  # a plan commit past its placements
+        await first.session.execute(text("SELECT 1 FROM isolation_state WHERE id = 1 FOR NO KEY UPDATE"))
+
+        async def update() -> None:
+            async with cluster.unit_of_work() as uow:
+                await updates.update_deployment(uow, WHO, deployment("svc", shard_hbm_gib=8.0), version,
+                                                RecordingSignals())
+
+        task = asyncio.create_task(update())
+        for _ in range(300):  # until it waits for a lock (isolation_state's, held above)
+            async with cluster.unit_of_work() as uow:
+                if await uow.session.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")):
+                    break
+            await asyncio.sleep(0.01)
+        assert not task.done()
+        # The commit may now write the deployment's row: the update holds no lock on it.
+        assert await _row_free(cluster, "deployments", deployment_id)
+        await first.commit()
+    await task

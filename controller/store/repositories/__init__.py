@@ -19,7 +19,7 @@ The generation movers of `store/changes.py` are re-exported for the use cases.
 """
 
 from controller.store.changes import (bump_cluster_generation, bump_cluster_generation_unread, moves_generation_alone,
-                                      will_change_nodes_hardware, will_move_generation)
+                                      will_change_deployment_shape, will_change_nodes_hardware, will_move_generation)
 from controller.store.repositories.common import (
     count_rows, existing_ids, upsert)
 from controller.store.repositories.generation import (
