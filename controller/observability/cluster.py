@@ -128,8 +128,9 @@ _NO_REASONS = ("[]", "null")
 async def _unplaced_by_reason(session: AsyncSession) -> tuple[dict[str, int], set[str]]:
     """Deployments with fewer replicas placed than asked, counted once under each reason code they
     carry (only the rows of deployments with reasons read, and a count per placed replica of
-    theirs), and the tenants of those not preemptible (what a reservation is for). A deployment placed in full may still carry a reason (SHARD_FAILED after its failed
-    replica was placed again, PREEMPTED ...): it has no unplaced replica, so it is not counted. A
+    theirs), and the tenants of those not preemptible (what a reservation is for). A deployment
+    placed in full may still carry a reason (SHARD_FAILED after its failed replica was placed
+    again, PREEMPTED ...): it has no unplaced replica, so it is not counted. A
     replica is placed when every shard of it is, of the revision it was placed for (as a
     deployment's `placed_replicas` counts it, `domain.phases.replica_counts`); a deleting
     deployment waits for no placement."""

@@ -106,7 +106,8 @@ class ShardPhase(str, enum.Enum):
     RUNNING = "running"
     FAILED = "failed"
     STOPPED = "stopped"
-    UNKNOWN = "unknown"  # its node is down (the controller's own: usecases/liveness.py); the agent's next report ends it
+    # Its node is down (the controller's own: usecases/liveness.py); the agent's next report ends it.
+    UNKNOWN = "unknown"
 
 
 def _enum_column(enum_cls: type[enum.Enum], **kw: Any) -> Any:

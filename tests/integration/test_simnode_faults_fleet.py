@@ -1,9 +1,10 @@
 """Fault injection end to end: a real `maia-simnode` fleet serving its control socket, driven by
 real `maia-simnode fault ...` processes, against a controller with short node-lifecycle graces
 (suspect for 2 s, then down; work evicted after 3 s). Nodes killed from the CLI go suspect, then
-down (their shards unknown, the deployment degraded), their work is placed again on the living nodes; revived, they are ready again; a
-partitioned node goes suspect on missing heartbeats alone (its stream stays open). SQLite only:
-the lifecycle rules are the same on both backends (tests/integration/test_node_lifecycle_fleet.py)."""
+down (their shards unknown, the deployment degraded), their work is placed again on the living
+nodes; revived, they are ready again; a partitioned node goes suspect on missing heartbeats alone
+(its stream stays open). SQLite only: the lifecycle rules are the same on both backends
+(tests/integration/test_node_lifecycle_fleet.py)."""
 
 from __future__ import annotations
 

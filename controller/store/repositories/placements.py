@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -57,20 +57,26 @@ class ShardState:
     placement_id: int  # the row's id
 
 
+# A placement's `ShardState` columns, its deployment's tenant and name first (`_shard_states`).
+_SHARD_STATES = (select(m.Deployment.tenant_id, m.Deployment.name, m.Placement.replica, m.Placement.shard,
+                        m.Placement.node_id, m.Placement.generation, m.Placement.phase, m.Placement.message,
+                        m.Placement.id)
+                 .select_from(m.Placement).join(m.Deployment))
+
+
+def _shard_states(rows: Iterable[Any]) -> Iterator[ShardState]:
+    for tenant, name, replica, shard, node_id, generation, phase, message, placement_id in rows:
+        yield ShardState(d.deployment_key(tenant, name), replica, shard, node_id, generation or 0, phase,
+                         message or "", placement_id)
+
+
 async def shard_states(session: AsyncSession, keys: Iterable[str]) -> list[ShardState]:
     """Every placement of the deployments with these keys (`TENANT/NAME`), as `ShardState`s: one
     statement of plain columns, for the agents' report flush to find which reports change anything
     before it loads those deployments whole."""
     wanted = set(keys)
-    rows = await session.execute(
-        select(m.Deployment.tenant_id, m.Deployment.name, m.Placement.replica, m.Placement.shard,
-               m.Placement.node_id, m.Placement.generation, m.Placement.phase, m.Placement.message,
-               m.Placement.id)
-        .select_from(m.Placement).join(m.Deployment)
-        .where(_named_as_any(session, wanted)))
-    return [ShardState(key, replica, shard, node_id, generation or 0, phase, message or "", placement_id)
-            for tenant, name, replica, shard, node_id, generation, phase, message, placement_id in rows
-            if (key := d.deployment_key(tenant, name)) in wanted]
+    rows = await session.execute(_SHARD_STATES.where(_named_as_any(session, wanted)))
+    return [state for state in _shard_states(rows) if state.key in wanted]
 
 
 async def shard_states_on_nodes(session: AsyncSession, node_ids: Iterable[str],
@@ -83,15 +89,9 @@ async def shard_states_on_nodes(session: AsyncSession, node_ids: Iterable[str],
     if not ids:
         return []
     rows = await session.execute(
-        select(m.Deployment.tenant_id, m.Deployment.name, m.Placement.replica, m.Placement.shard,
-               m.Placement.node_id, m.Placement.generation, m.Placement.phase, m.Placement.message,
-               m.Placement.id)
-        .select_from(m.Placement).join(m.Deployment)
-        .where(any_of(session, m.Placement.node_id, ids), m.Placement.phase.in_(list(phases)))
+        _SHARD_STATES.where(any_of(session, m.Placement.node_id, ids), m.Placement.phase.in_(list(phases)))
         .order_by(m.Placement.id).with_for_update(of=m.Placement, key_share=True))
-    return [ShardState(d.deployment_key(tenant, name), replica, shard, node_id, generation or 0, phase, message or "",
-                       placement_id)
-            for tenant, name, replica, shard, node_id, generation, phase, message, placement_id in rows]
+    return list(_shard_states(rows))
 
 
 # The agents' report flush, without the ORM: the placements reports changed and the deployments

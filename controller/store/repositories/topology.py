@@ -27,7 +27,7 @@ async def get_rack(session: AsyncSession, rack_id: str) -> m.Rack | None:
 
 # What holds each kind of item: the child table and its column that names it.
 _HELD_BY = {"rack": (m.Node, m.Node.rack_id), "row": (m.Rack, m.Rack.row_id), "zone": (m.Row, m.Row.zone_id)}
-TOPOLOGY_MODELS: dict[str, type[m.Base]] = {"rack": m.Rack, "row": m.Row, "zone": m.Zone}
+_MODELS: dict[str, type[m.Base]] = {"rack": m.Rack, "row": m.Row, "zone": m.Zone}
 
 
 async def held_by(session: AsyncSession, kind: str, item_id: str, limit: int) -> tuple[int, list[str]]:
@@ -48,10 +48,10 @@ async def lock_topology_item(session: AsyncSession, kind: str, item_id: str) -> 
     """Lock the rack, row or zone `item_id` for its deletion (PostgreSQL: a node registering into
     the rack, a rack into the row, a row into the zone holds its key share until it commits, and
     one that comes after waits for the deletion); False if there is none."""
-    model = TOPOLOGY_MODELS[kind]
+    model = _MODELS[kind]
     return await session.scalar(select(model.id).where(model.id == item_id).with_for_update()) is not None
 
 
 async def delete_topology_item(session: AsyncSession, kind: str, item_id: str) -> None:
-    model = TOPOLOGY_MODELS[kind]
+    model = _MODELS[kind]
     await session.execute(delete(model).where(model.id == item_id))
