@@ -14,10 +14,14 @@ default, `maia-controller --max-surge`) and maxUnavailable 0:
   where the solver finds such a place, and else where it holds once they are gone;
 - after the replacements report running, `retire_replaced` stops outgoing replicas one at a
   time, never letting the running replicas drop below the replicas asked; an outgoing replica
-  that does not run (still loading, failed, or on a node whose work was evicted) serves nothing
-  and goes at once. One on a down node not evicted yet is left as it is, like any work there: a
-  node back before its eviction grace keeps its shards (controller/domain/liveness.py), and the
-  replica then goes as a running one would; at the eviction it goes at once;
+  that failed, or a drained one that does not run, serves nothing and goes at once; an older
+  revision's replica still starting goes at once while the replicas placed without it still
+  number the asked ones beside the current revision's not running yet (else it is kept). One
+  on a down node not evicted yet is left as it is, like any work there: a node back before its
+  eviction grace keeps its shards (controller/domain/liveness.py), and the replica then goes as
+  a running one would; at the eviction it goes, unless it is of an older revision and the
+  deployment is short without it: `solver_view` then has it placed again at its revision (a
+  rollout whose new revision cannot be placed keeps a replica);
 - a drain is measured against the replicas the deployment had placed when it began too: one
   short of its replicas (the cluster full) may never run them all, so a drained replica of it
   goes once the running replicas without it still number the smaller of the two (and at least
@@ -112,19 +116,31 @@ def solver_view(current_doc: dict[str, Any], template_revision: int, revision_sp
                 surge: int = DEFAULT_SURGE) -> SolverView:
     """The solver deployments and placements of one stored deployment (see the module doc);
     `surge` replicas at most beyond the asked count while replicas are being replaced. An
-    outgoing replica on an `evicted` node (down, its work evicted) is left out: the commit
-    releases it (it is not placed again); one on a down node not evicted yet stays pinned."""
+    outgoing replica on an `evicted` node (down, its work evicted) is left out, the commit
+    releasing it, unless it is of an older revision and the deployment is short without it
+    (then it is placed again at its revision); one on a down node not evicted yet stays pinned."""
     key = current_doc["id"]
     current: list[StoredReplica] = []
     outgoing: dict[int, list[StoredReplica]] = defaultdict(list)
+    lost: list[StoredReplica] = []  # of an older revision, on an evicted node
     for rep in sorted(replicas, key=lambda r: r.index):
         if rep.revision == template_revision and not rep.nodes & draining:
             current.append(rep)
-        elif rep.nodes & evicted:
-            continue  # an outgoing replica on an evicted node is not placed again: it is dropped
-        elif rep.revision == template_revision or str(rep.revision) in revision_specs:
+        elif rep.revision != template_revision and str(rep.revision) not in revision_specs:
+            continue
+        elif not rep.nodes & evicted:
             outgoing[rep.revision].append(rep)
+        elif rep.revision != template_revision:
+            lost.append(rep)
     asked = current_doc["replicas"]
+    # An older revision's replica on an evicted node is placed again at its revision (pinned
+    # where it was: the solver moves what is on a down node) while the current revision and the
+    # outgoing replicas still running somewhere number fewer than the replicas asked, as a
+    # Kubernetes Deployment's old ReplicaSet recreates its pod: a rollout whose new revision
+    # cannot be placed would otherwise be left with nothing. The others are dropped.
+    short = asked - len(current) - sum(len(reps) for reps in outgoing.values())
+    for rep in lost[:max(0, short)]:
+        outgoing[rep.revision].append(rep)
     n_out = sum(len(reps) for reps in outgoing.values())
     target = asked if n_out == 0 else max(0, min(asked, asked + surge - n_out))
     # Replicas being replaced run on meanwhile: the spread counts them (one service to it).
@@ -233,6 +249,10 @@ class _Replica:
     def draining(self) -> bool:
         return bool(self.drained_on)
 
+    @property
+    def failed(self) -> bool:
+        return ShardPhase.FAILED in self.phases
+
     def running(self, shards: int) -> bool:
         return not self.down and len(self.phases) >= shards and all(p is ShardPhase.RUNNING for p in self.phases)
 
@@ -300,7 +320,8 @@ async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = 
     """Stop the outgoing replicas whose replacements run (the caller commits).
 
     Per deployment with outgoing replicas: those not running go at once, but for those on a down
-    node not evicted yet (left until it is back or evicted); a running one goes only while the
+    node not evicted yet (left until it is back or evicted) and an older revision's starting
+    ones the deployment is short without (kept, see below); a running one goes only while the
     running replicas, without it, still number at least the replicas asked, or for one on a
     draining node at least as many as the deployment had placed when the drain began if that is
     fewer (`_kept_running`: a deployment short of its replicas never holds a drain for ever).
@@ -353,6 +374,12 @@ async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = 
         outgoing, running = outgoing_of[dep_id], running_of[dep_id]
         replacements = sorted(r.index for r in current if r.running(dep.shards_per_replica))
         kept = {r.index: _kept_running(dep, r, baselines) for r in outgoing if r.running(shards_of(dep, r.revision))}
+        # Of an older revision's replicas starting (not failed, not running yet; one placed again
+        # after an eviction), as many go as the replicas placed exceed the asked ones and the
+        # current revision's that do not run yet (Kubernetes' clean-up of unavailable old pods):
+        # while its new revision is not placed, a deployment keeps the old replica it starts
+        # again. A drained replica that does not run goes at once (the drain's rules, above).
+        starting_may_go = len(reps) - dep.replicas - sum(not r.running(dep.shards_per_replica) for r in current)
         gone: list[_Replica] = []
         # Those that do not run first; of the running ones, those that must keep more running first.
         for rep in sorted(outgoing, key=lambda r: (r.index in kept, -kept.get(r.index, 0))):
@@ -360,6 +387,10 @@ async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = 
                 if running - 1 < kept[rep.index]:
                     continue
                 running -= 1
+            elif not rep.failed and not rep.draining and rep.revision != dep.template_revision:
+                if starting_may_go <= 0:
+                    continue
+                starting_may_go -= 1
             gone.append(rep)
         for rep in gone:
             retired_ids += rep.ids

@@ -22,7 +22,7 @@ from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database
-from controller.usecases import agents, liveness, nodes
+from controller.usecases import agents, liveness, nodes, updates
 from controller.usecases.ports import RecordingSignals
 from uc_builders import WHO, deployment, no_publish, quiet_agent, run_all, statements, submit
 
@@ -715,3 +715,53 @@ async def test_a_node_whose_hello_is_being_written_is_left_to_it_when_the_restar
     await opening
     assert comer in hub.connected()
     await stream.aclose()
+
+
+async def _revisions(db: Database, name: str) -> dict[tuple[int, int], tuple[str, int]]:
+    """(replica, shard) -> (node, revision) of one deployment's placements."""
+    async with db.unit_of_work() as uow:
+        rows = await uow.session.execute(select(m.Placement.replica, m.Placement.shard, m.Placement.node_id,
+                                                m.Placement.revision).join(m.Deployment)
+                                         .where(m.Deployment.name == name))
+        return {(replica, shard): (node, revision) for replica, shard, node, revision in rows}
+
+
+async def test_a_stalled_rollout_places_its_old_replica_again_when_the_node_under_it_is_evicted(cluster):
+    """A rollout whose new revision cannot be placed keeps its old replica running; when that
+    replica's node went down and its work was evicted, the replica was dropped (an outgoing
+    replica was never placed again) and the deployment was left with none at all. Like a
+    Kubernetes Deployment's old ReplicaSet recreating its pod, it is placed again at its own
+    revision, and kept while it starts (a replica that does not run is otherwise stopped at once)."""
+    clocks = Clocks()
+    loop = Reconciler(cluster, push=lambda nodes: None, publish=no_publish)
+    every = ["rack-a-n0", "rack-a-n1", "rack-b-n0", "rack-b-n1"]
+    victim, spare, *others = every
+    signals = RecordingSignals()
+    async with cluster.unit_of_work() as uow:  # only the victim takes work: svc (1 of its 4) goes there
+        for node in (spare, *others):
+            await nodes.cordon_node(uow, WHO, node, signals, None, {})
+    await submit(cluster, deployment("svc", replicas=1, accelerators=1, spread=None))
+    await loop.reconcile_once()
+    async with cluster.unit_of_work() as uow:  # then the spare alone: 3 of its 4 taken
+        await nodes.cordon_node(uow, WHO, victim, signals, None, {})
+        await nodes.uncordon_node(uow, WHO, spare, signals, None, {})
+    await submit(cluster, deployment("filler", replicas=1, accelerators=3, spread=None))
+    await loop.reconcile_once()
+    await run_all(cluster)
+    assert await _revisions(cluster, "svc") == {(0, 0): (victim, 1)}
+    assert {node for node, _ in (await _revisions(cluster, "filler")).values()} == {spare}
+    async with cluster.unit_of_work() as uow:  # a whole node a shard: nowhere has 4 free
+        row = await repo.get_deployment(uow.session, "t1", "svc")
+        await updates.update_deployment(uow, WHO, deployment("svc", replicas=1, accelerators=4, spread=None),
+                                        row.resource_version, signals)
+    await loop.reconcile_once(force=True)
+    assert await _revisions(cluster, "svc") == {(0, 0): (victim, 1)}  # stalled: the old one runs on
+    await lose(cluster, victim, clocks.wall)
+    cycle = lifecycle(cluster, clocks, {spare, *others})
+    clocks.advance(60)
+    await cycle.pass_once()
+    clocks.advance(60)
+    assert [(c.node_id, c.evict) for c in await cycle.pass_once()] == [(victim, True)]
+    for _ in range(3):
+        await loop.reconcile_once(force=True)
+        assert await _revisions(cluster, "svc") == {(0, 0): (spare, 1)}  # placed again, at revision 1
