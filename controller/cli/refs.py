@@ -27,6 +27,17 @@ DEPLOYMENT_WORDS = dict.fromkeys(DEPLOYMENT_KINDS, "deployment")  # each spellin
 NODE_WORDS = {"node": "node", "nodes": "node", "no": "node"}
 
 
+class KindAndNameFormatter(argparse.HelpFormatter):
+    """Help that shows a positional read as one reference of one or two words (`nargs="+"`, a
+    metavar such as `[deployment] NAME`, `kind_and_name`) as its metavar, where argparse's own
+    rendering (`DEPLOYMENT [DEPLOYMENT ...]`) reads as several."""
+
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
+        if action.nargs == argparse.ONE_OR_MORE and " " in str(action.metavar or ""):
+            return str(action.metavar)
+        return super()._format_args(action, default_metavar)
+
+
 def add_tenant_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--tenant", default="", metavar="TENANT", help=TENANT_HELP)
 

@@ -154,3 +154,15 @@ def test_good_tls_files_pass_the_checks(pki: Path) -> None:
 
     connection = Connection(ca=str(pki / "ca.pem"), cert=str(pki / "client-me.pem"), key=str(pki / "client-me-key.pem"))
     assert _target_of(connection).credentials is not None
+
+
+@pytest.mark.parametrize("argv", [["rollout", "status"], ["scale", "--replicas", "2"]])
+def test_commands_of_one_deployment_show_one_in_their_usage(capsys: pytest.CaptureFixture[str],
+                                                            argv: list[str]) -> None:
+    """`rollout status` and `scale` take one deployment (`[deployment] NAME`); their usage read
+    `DEPLOYMENT [DEPLOYMENT ...]`, argparse's rendering of the one or two words they read."""
+    assert refused(capsys, *argv).endswith("the following arguments are required: [deployment] NAME")
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert usage.split()[-2:] == ["[deployment]", "NAME"] and "..." not in usage

@@ -20,7 +20,9 @@ from controller.cli.client import CliError, Exit, status_code
 from controller.cli.commands.wait import wait_deployments
 from controller.cli.context import Context
 from controller.cli.documents import deployment_document
-from controller.cli.refs import DEPLOYMENT_WORDS, add_tenant_flag, deployment_name, deployment_ref, kind_and_name
+from controller.cli.refs import (
+    DEPLOYMENT_WORDS, KindAndNameFormatter, add_tenant_flag, deployment_name, deployment_ref, kind_and_name,
+)
 from maia.v1 import deployments_pb2
 
 P = deployments_pb2
@@ -28,14 +30,15 @@ REPLICAS_MAX = int_max(P.DeploymentSpec.DESCRIPTOR.fields_by_name["replicas"])  
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    s = sub.add_parser("scale", parents=[common], help="change a deployment's replica count (at once)")
+    s = sub.add_parser("scale", parents=[common], formatter_class=KindAndNameFormatter,
+                       help="change a deployment's replica count (at once)")
     _add_deployment(s)
     s.add_argument("--replicas", type=int, required=True, metavar="N")
     add_tenant_flag(s)
     s.set_defaults(handler=run_scale)
     r = sub.add_parser("rollout", parents=[common], help="follow a rolling update")
     verbs = r.add_subparsers(dest="rollout_command", metavar="VERB", required=True)
-    st = verbs.add_parser("status", parents=[common],
+    st = verbs.add_parser("status", parents=[common], formatter_class=KindAndNameFormatter,
                           help="wait until a deployment's rolling update (or drain) is done, showing progress")
     _add_deployment(st)
     st.add_argument("--timeout", type=seconds(), default=300.0, metavar="SECONDS")
@@ -44,8 +47,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def _add_deployment(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("deployment", nargs="+", metavar="DEPLOYMENT",
-                        help="[deployment] NAME or TENANT/NAME, or deployment/TENANT/NAME as -o name prints it")
+    parser.add_argument("deployment", nargs="+", metavar="[deployment] NAME",
+                        help="NAME or TENANT/NAME, after the word deployment or not, or deployment/TENANT/NAME "
+                             "as -o name prints it")
 
 
 def _deployment(command: str, words: list[str]) -> str:
