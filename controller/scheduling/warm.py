@@ -185,8 +185,8 @@ class WarmCluster:
                 tenants: list[dict[str, Any]] | None, topology: Topology | None, changed: list[DeploymentRead],
                 generation: int) -> bool | None:
         # The topology first: nodes may join racks it adds. The deployments read again go before
-        # the nodes when every node they hold shards on is known (a node going down drops an
-        # outgoing replica from the view: the session must not re-place it), else last.
+        # the nodes when every node they hold shards on is known (a node's work evicted drops an
+        # outgoing replica from the view, or keeps one to place again: `solver_view`), else last.
         known = cache.snapshot.index.nodes_by_id(cache.snapshot.problem)
         early = all(p["node"] in known for read in changed for p in read.placements)
         helped: bool | None = False if topology is None else cache.apply_topology(*topology)

@@ -14,14 +14,13 @@ default, `maia-controller --max-surge`) and maxUnavailable 0:
   where the solver finds such a place, and else where it holds once they are gone;
 - after the replacements report running, `retire_replaced` stops outgoing replicas one at a
   time, never letting the running replicas drop below the replicas asked; an outgoing replica
-  that failed, or a drained one that does not run, serves nothing and goes at once; an older
-  revision's replica still starting goes at once while the replicas placed without it still
-  number the asked ones beside the current revision's not running yet (else it is kept). One
-  on a down node not evicted yet is left as it is, like any work there: a node back before its
-  eviction grace keeps its shards (controller/domain/liveness.py), and the replica then goes as
-  a running one would; at the eviction it goes, unless it is of an older revision and the
-  deployment is short without it: `solver_view` then has it placed again at its revision (a
-  rollout whose new revision cannot be placed keeps a replica);
+  that does not run (still loading, or failed) serves nothing and goes at once. One on a down
+  node not evicted yet is left as it is, like any work there: a node back before its eviction
+  grace keeps its shards (controller/domain/liveness.py), and the replica then goes as a
+  running one would; at the eviction it goes, unless it is of an older revision, not drained,
+  and the deployment is short without it: `solver_view` then has it placed again at its
+  revision, and `retire_replaced` keeps it while it starts again (`_placed_again`), so that a
+  rollout whose new revision cannot be placed keeps a replica;
 - a drain is measured against the replicas the deployment had placed when it began too: one
   short of its replicas (the cluster full) may never run them all, so a drained replica of it
   goes once the running replicas without it still number the smaller of the two (and at least
@@ -130,14 +129,14 @@ def solver_view(current_doc: dict[str, Any], template_revision: int, revision_sp
             continue
         elif not rep.nodes & evicted:
             outgoing[rep.revision].append(rep)
-        elif rep.revision != template_revision:
+        elif rep.revision != template_revision and not rep.nodes & draining:
             lost.append(rep)
     asked = current_doc["replicas"]
-    # An older revision's replica on an evicted node is placed again at its revision (pinned
-    # where it was: the solver moves what is on a down node) while the current revision and the
-    # outgoing replicas still running somewhere number fewer than the replicas asked, as a
-    # Kubernetes Deployment's old ReplicaSet recreates its pod: a rollout whose new revision
-    # cannot be placed would otherwise be left with nothing. The others are dropped.
+    # An older revision's replica on an evicted node (not a drained one) is placed again at its
+    # revision (pinned where it was: the solver moves what is on a down node) while the current
+    # revision's replicas and the outgoing ones on nodes not evicted number fewer than the
+    # replicas asked, as a Kubernetes Deployment's old ReplicaSet recreates its pod: a rollout
+    # whose new revision cannot be placed would otherwise be left with nothing. Others are dropped.
     short = asked - len(current) - sum(len(reps) for reps in outgoing.values())
     for rep in lost[:max(0, short)]:
         outgoing[rep.revision].append(rep)
@@ -302,6 +301,43 @@ async def _drain_baselines(session: AsyncSession, node_ids: Iterable[str]) -> di
     return {node_id: placed for node_id, placed in latest.items() if isinstance(placed, dict)}
 
 
+async def _placed_again(session: AsyncSession, deps: Mapping[int, Any],
+                        replicas: Mapping[int, Mapping[int, _Replica]]) -> set[tuple[int, int]]:
+    """(deployment id, replica) of the older revisions' replicas that do not run and are not
+    drained, and either sit on an evicted node (`solver_view` places them again) or were moved
+    by a plan commit (a `shard.moved` event) since their deployment last rolled (its latest
+    rolling `deployment.updated`): the replicas `retire_replaced` keeps while the deployment is
+    short without them. One reads the events of those deployments only."""
+    found: set[tuple[int, int]] = set()
+    asked: dict[str, tuple[int, set[int]]] = {}
+    for dep_id, dep in deps.items():
+        for rep in replicas.get(dep_id, {}).values():
+            if (rep.revision == dep.template_revision or rep.draining or rep.away
+                    or rep.running(shards_of(dep, rep.revision))):
+                continue
+            if rep.down:
+                found.add((dep_id, rep.index))
+            else:
+                asked.setdefault(deployment_key(dep.tenant_id, dep.name), (dep_id, set()))[1].add(rep.index)
+    if not asked:
+        return found
+    moved: dict[str, set[int]] = defaultdict(set)
+    rows = await session.execute(
+        select(Event.object_id, Event.kind, Event.data)
+        .where(Event.object_kind == "deployment", any_of(session, Event.object_id, sorted(asked)),
+               Event.kind.in_(("shard.moved", "deployment.updated")))
+        .order_by(Event.id))
+    for key, kind, data in rows:
+        if kind == "deployment.updated":
+            if (data or {}).get("rolling"):
+                moved[key].clear()
+        elif isinstance((data or {}).get("replica"), int):
+            moved[key].add(data["replica"])
+    for key, (dep_id, indices) in asked.items():
+        found.update((dep_id, index) for index in indices & moved[key])
+    return found
+
+
 def _kept_running(dep: Any, rep: _Replica, baselines: Mapping[str, Mapping[str, int]]) -> int:
     """How many replicas must still run once the running outgoing replica `rep` of `dep` has
     gone: the replicas asked; for a drained replica, no more than its deployment had placed when
@@ -368,17 +404,19 @@ async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = 
         if running_of[dep_id] - 1 < dep.replicas:
             short_drains.update(node for r in outgoing_of[dep_id] for node in r.drained_on)
     baselines = await _drain_baselines(session, short_drains) if short_drains else {}
+    lost_or_moved = await _placed_again(session, deps, replicas)
     for dep_id, dep in deps.items():
         reps = replicas.get(dep_id, {})
         current = [r for r in reps.values() if r.revision == dep.template_revision and not r.draining]
         outgoing, running = outgoing_of[dep_id], running_of[dep_id]
         replacements = sorted(r.index for r in current if r.running(dep.shards_per_replica))
         kept = {r.index: _kept_running(dep, r, baselines) for r in outgoing if r.running(shards_of(dep, r.revision))}
-        # Of an older revision's replicas starting (not failed, not running yet; one placed again
-        # after an eviction), as many go as the replicas placed exceed the asked ones and the
-        # current revision's that do not run yet (Kubernetes' clean-up of unavailable old pods):
-        # while its new revision is not placed, a deployment keeps the old replica it starts
-        # again. A drained replica that does not run goes at once (the drain's rules, above).
+        # An older revision's replica that does not run goes at once, unless its node was evicted
+        # or it was placed again since (`_placed_again`): of those, as many go as the replicas
+        # placed exceed the asked ones and the current revision's not running yet (Kubernetes'
+        # clean-up of unavailable old pods), so that a rollout whose new revision is not placed
+        # keeps the old replica it starts again. One stuck starting since before the rollout
+        # still goes at once, making room for its replacement.
         starting_may_go = len(reps) - dep.replicas - sum(not r.running(dep.shards_per_replica) for r in current)
         gone: list[_Replica] = []
         # Those that do not run first; of the running ones, those that must keep more running first.
@@ -387,7 +425,7 @@ async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = 
                 if running - 1 < kept[rep.index]:
                     continue
                 running -= 1
-            elif not rep.failed and not rep.draining and rep.revision != dep.template_revision:
+            elif not rep.failed and (dep_id, rep.index) in lost_or_moved:
                 if starting_may_go <= 0:
                     continue
                 starting_may_go -= 1

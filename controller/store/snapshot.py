@@ -286,7 +286,7 @@ class NodeRead:
     id: str
     doc: dict[str, Any] | None  # the interchange node; None: no such row, or beyond today's limits
     exists: bool
-    evicted: bool   # down and its work evicted: `solver_view` drops outgoing replicas on it
+    evicted: bool   # down and its work evicted: `solver_view` drops (or places again) outgoing replicas on it
     draining: bool  # its replicas are being replaced (`solver_view`)
 
 
@@ -362,7 +362,8 @@ def _view(doc: dict[str, Any], template_revision: int, revision_specs: Mapping[s
           replicas: Mapping[int, StoredReplica], *, evicted: set[str], draining: set[str], surge: int,
           ) -> tuple[Any, dict[ShardKey, Where]]:
     """A stored deployment as the solver sees it (`solver_view`), and the shards the view leaves
-    out (an outgoing replica on an evicted node, replicas beyond the asked count): the commit releases them."""
+    out (an outgoing replica on an evicted node not placed again, replicas beyond the asked count): the
+    commit releases them."""
     view = solver_view(doc, template_revision, revision_specs, replicas.values(), evicted=evicted,
                        draining=draining, surge=surge)
     viewed = {index for ref in view.refs.values() for index in ref.replicas.values()}

@@ -765,3 +765,25 @@ async def test_a_stalled_rollout_places_its_old_replica_again_when_the_node_unde
     for _ in range(3):
         await loop.reconcile_once(force=True)
         assert await _revisions(cluster, "svc") == {(0, 0): (spare, 1)}  # placed again, at revision 1
+
+
+async def test_an_old_replica_stuck_starting_since_before_the_rollout_still_makes_room_for_its_replacement(cluster):
+    """The other side of keeping an old replica that starts again (above): one that never ran
+    (placed, never reported running) and holds the only room its replacement could take goes at
+    once, as before, or the fix pushed for it could never be placed (found by review)."""
+    loop = Reconciler(cluster, push=lambda nodes: None, publish=no_publish)
+    only, *others = ["rack-a-n0", "rack-a-n1", "rack-b-n0", "rack-b-n1"]
+    signals = RecordingSignals()
+    async with cluster.unit_of_work() as uow:
+        for node in others:
+            await nodes.cordon_node(uow, WHO, node, signals, None, {})
+    await submit(cluster, deployment("svc", replicas=1, accelerators=4, spread=None))
+    await loop.reconcile_once()
+    assert await _revisions(cluster, "svc") == {(0, 0): (only, 1)}  # assigned, never running
+    async with cluster.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", "svc")
+        await updates.update_deployment(uow, WHO, deployment("svc", replicas=1, accelerators=3, spread=None),
+                                        row.resource_version, signals)
+    for _ in range(3):
+        await loop.reconcile_once(force=True)
+    assert [(node, revision) for node, revision in (await _revisions(cluster, "svc")).values()] == [(only, 2)]

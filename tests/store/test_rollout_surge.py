@@ -39,19 +39,21 @@ def test_max_surge_is_a_controller_flag_of_at_least_one(capsys: pytest.CaptureFi
     assert "--max-surge" in capsys.readouterr().err
 
 
+def _replica(index: int, revision: int, node: str) -> StoredReplica:
+    return StoredReplica(index, revision, ({"deployment": "svc", "replica": index, "shard": 0, "node": node,
+                                            "accelerator_indices": [0]},), frozenset({node}))
+
+
 @pytest.mark.parametrize(("current", "kept"), [(0, [0, 1]), (1, [0]), (2, []), (4, [])])
 def test_old_replicas_on_an_evicted_node_are_placed_again_while_the_deployment_is_short(current: int,
                                                                                        kept: list[int]) -> None:
     """Old replicas 0 and 1 on evicted nodes, 2 and 3 running elsewhere, `current` replicas of
     the new revision placed: the old ones lost are kept (to be placed again at revision 1) only
-    as far as the deployment would be short of its 4 replicas without them; one of the new
-    revision on a draining node that was evicted is never kept (its revision places anew)."""
-    old = _old_replicas(4)
-    new = [StoredReplica(10 + i, 2, ({"deployment": "svc", "replica": 10 + i, "shard": 0, "node": f"m{i}",
-                                      "accelerator_indices": [0]},), frozenset({f"m{i}"})) for i in range(current)]
-    drained = StoredReplica(20, 2, ({"deployment": "svc", "replica": 20, "shard": 0, "node": "n0",
-                                     "accelerator_indices": [1]},), frozenset({"n0"}))
-    view = solver_view(DOC, 2, {"1": DOC}, [*old, *new, drained], evicted={"n0", "n1"}, draining={"n0"})
-    outgoing = view.refs["svc~1"]
-    assert sorted(outgoing.replicas.values()) == sorted([*kept, 2, 3])
-    assert 20 not in {i for ref in view.refs.values() for i in ref.replicas.values()}
+    as far as the deployment would be short of its 4 replicas without them. Those on a node both
+    draining and evicted never are: an old one (30) and one of the new revision (20)."""
+    old = [_replica(i, 1, f"n{i}") for i in range(4)]
+    new = [_replica(10 + i, 2, f"m{i}") for i in range(current)]
+    drained = [_replica(30, 1, "d0"), _replica(20, 2, "d0")]
+    view = solver_view(DOC, 2, {"1": DOC}, [*drained, *old, *new], evicted={"n0", "n1", "d0"}, draining={"d0"})
+    assert sorted(view.refs["svc~1"].replicas.values()) == sorted([*kept, 2, 3])
+    assert not {20, 30} & {i for ref in view.refs.values() for i in ref.replicas.values()}

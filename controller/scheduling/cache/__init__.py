@@ -31,10 +31,12 @@ one too: the session re-places its shards (`Session.apply` repairs them as `solv
 the next fast plan commits that, speaking for those deployments whole (`repairs`). A node
 holding shards drained (or no longer drained), going down while holding a replica being
 replaced, removed or resized is one too (`reread`): the deployments holding shards there are
-read again whole before the node changes are applied (the view drops an outgoing replica on a
-down node, which the session must not re-place; a node's removal or a registration with fewer
-accelerators released its shards there, and the session, rebuilding its indexes for the node
-change, completes what is left of their replicas beside their gangs as `solve()` does: repairs).
+read again whole before the node changes are applied (the view drops an outgoing replica on an
+evicted node, which the session must not re-place, or keeps an older revision's there for the
+solver to place again while its deployment is short without it: `solver_view`; a node's removal
+or a registration with fewer accelerators released its shards there, and the session,
+rebuilding its indexes for the node change, completes what is left of their replicas beside
+their gangs as `solve()` does: repairs).
 Deployments whose change log names them (`apply_deployments`: updated, scaled up, rolled; a
 failure reported; failed replicas released by `store/failures.py`; replaced replicas retired by
 `store/rollout.py`; placed, moved, preempted or removed by another controller's plan commit,

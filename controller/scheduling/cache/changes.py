@@ -82,7 +82,8 @@ def apply_nodes(snap: Snapshot, session: Session | RemoteSession, reads: Sequenc
 
 def _replacing_on(snap: Snapshot, held_by: Collection[str]) -> bool:
     """Whether one of the solver deployments holding shards on a node is a replica being
-    replaced (`solver_view` drops those on an evicted node: the full path reads them)."""
+    replaced (`solver_view` drops those on an evicted node, or places an older revision's
+    again: the full path reads them)."""
     refs = snap.solver_refs
     return any(refs[name].outgoing for name in held_by if name in refs)
 
