@@ -6,7 +6,9 @@ each other. What changes decides how it takes effect:
 - replicas, min_replicas, priority, preemptible: at once (the next solve scales; nothing restarts);
 - what a replica is (shards per replica, the shard, locality, spread): a new template revision;
   the replicas of the old one keep running until replacements run, one at a time
-  (`store/rollout.py`: make-before-break, never below the replicas asked).
+  (`store/rollout.py`: make-before-break, never below the replicas asked); back to what an
+  older revision's replicas still run (a rollback), those become the new revision's as they
+  run, and the abandoned revision's replicas are the ones replaced (`_adoptable`).
 An update that would break the tenant's contract is refused with the numbers: one that asks
 more than before and so more than its `max_accelerators` or `max_power_w` in total, or
 (non-preemptible) free capacity that is owed to another tenant below its reservation (it could
@@ -117,13 +119,27 @@ async def check_contract(uow: UnitOfWork, who: Principal, row: m.Deployment, spe
               f"{where}: growing by {growth:g} accelerators{waiting} would take capacity reserved for other tenants"))
 
 
+def _adoptable(row: m.Deployment, spec: DeploymentSpec, rolling: bool, running_old: set[int]) -> int | None:
+    """The older revision still placed whose replicas are what `spec` asks (the newest such), if
+    the update rolls: a rollback to the spec they run, whose replicas become the new revision's
+    as they are (a Kubernetes Deployment's rollback makes the old ReplicaSet the new one) rather
+    than each replaced by one alike; None: none."""
+    if not rolling:
+        return None
+    for revision, doc in sorted((row.revision_specs or {}).items(), key=lambda item: -int(item[0])):
+        if int(revision) in running_old and not spec.rolls_from(planning.spec_of_doc(doc)):
+            return int(revision)
+    return None
+
+
 def _change(row: m.Deployment, old: DeploymentSpec, spec: DeploymentSpec, rolling: bool,
-            running_old: set[int]) -> None:
+            running_old: set[int], adopted: int | None = None) -> None:
     """The row changed from `old` to `spec` (in memory): a new template revision when `rolling`,
-    keeping the specs of the revisions still running (`running_old`: its placements' revisions);
-    the new resource version."""
+    keeping the specs of the revisions still running (`running_old`: its placements' revisions)
+    but `adopted`'s (`_adoptable`: its placements become the new revision's, the caller's
+    `repo.adopt_revision`); the new resource version."""
     if rolling:
-        specs = {k: v for k, v in (row.revision_specs or {}).items() if int(k) in running_old}
+        specs = {k: v for k, v in (row.revision_specs or {}).items() if int(k) in running_old and int(k) != adopted}
         if row.template_revision in running_old:
             specs[str(row.template_revision)] = planning.deployment_doc(old)
         row.revision_specs = specs
@@ -175,14 +191,20 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     await check_could_ever_fit(uow, spec, tenant.zones)
     await check_contract(uow, who, row, spec)
     rolling = spec.rolls_from(old)
+    adoptable = _adoptable(row, spec, rolling, {p.revision for p in row.placements})
     if dry_run:
         with uow.session.no_autoflush:  # the changes stay in memory, never sent
-            _change(row, old, spec, rolling, {p.revision for p in row.placements})
+            _change(row, old, spec, rolling, {p.revision for p in row.placements}, adoptable)
+            for p in row.placements:
+                if p.revision == adoptable:
+                    p.revision = row.template_revision
             view = repo.deployment_view(row)
         await uow.rollback()
         return DeploymentUpdate(await as_seen_by(uow, who, view), tuple(changes), rolling)
     # Before the row's writes: the request id's DELETE below flushes them (PostgreSQL's lock order: store/changes.py).
     await repo.will_move_generation(uow.session)
+    if adoptable is not None:  # placements first, as a plan commit takes them (store/changes.py)
+        await repo.lock_revision_placements(uow.session, row.id, adoptable)
     if spec.shard != old.shard:  # the isolation trigger's columns: its lock before the row's (store/changes.py)
         await repo.will_change_deployment_shape(uow.session)
     # The version compared above was read without a lock: an update landing since (two applies at
@@ -200,13 +222,22 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     # lost its spec, and its running replicas were stopped before any replacement; a FAILED
     # deployment stayed FAILED under its new spec).
     await uow.session.refresh(row, list(repo.UNVERSIONED_COLUMNS))
-    _change(row, old, spec, rolling, await repo.placed_revisions(uow.session, row.id))
+    running_old = await repo.placed_revisions(uow.session, row.id)
+    # Adopted only as locked: one retired meanwhile is gone, and another's placements are not held.
+    adopted = adoptable if adoptable == _adoptable(row, spec, rolling, running_old) else None
+    _change(row, old, spec, rolling, running_old, adopted)
+    data: dict[str, object] = {"changes": changes, "rolling": rolling, "resource_version": row.resource_version,
+                               "revision": row.template_revision}
+    message = "; ".join(changes)
+    if adopted is not None:
+        await repo.adopt_revision(uow.session, row, adopted, row.template_revision)
+        data["adopted_revision"] = adopted
+        message += (f" (revision {adopted}'s replicas run this spec: they are revision {row.template_revision}'s, "
+                    f"not replaced)")
     await requests.remember(uow, spec.tenant, request_id, row.id, spec, "update")
     await repo.bump_cluster_generation(uow.session, ClusterChange.deployment(spec.key))
     repo.record_event(uow.session, actor=who.name, kind="deployment.updated", object_kind="deployment",
-                      object_id=spec.key, message="; ".join(changes),
-                      data={"changes": changes, "rolling": rolling, "resource_version": row.resource_version,
-                            "revision": row.template_revision})
+                      object_id=spec.key, message=message, data=data)
     await uow.commit()
     view = repo.deployment_view(row)
     signals.publish(DeploymentEvent("modified", view))

@@ -10,7 +10,7 @@ import asyncio
 import pytest
 from sqlalchemy import text
 
-from controller.reconcile import first_checks
+from controller.reconcile import Reconciler, first_checks
 from controller.domain.restarts import RestartPolicy
 from controller.store import models as m
 from controller.store import repositories as repo
@@ -19,7 +19,7 @@ from controller.usecases import tenants, updates
 from controller.domain.values import TenantSpec
 from controller.usecases.ports import RecordingSignals
 from test_failed_shards import Clocks, placed, reconciler, report
-from uc_builders import WHO, deployment, submit
+from uc_builders import WHO, deployment, no_publish, submit, with_shard
 
 pytestmark = pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
 
@@ -161,3 +161,44 @@ async def test_an_update_of_a_shard_takes_the_isolation_lock_before_its_deployme
         assert await _row_free(cluster, "deployments", deployment_id)
         await first.commit()
     await task
+
+
+async def test_a_rollback_locks_the_placements_it_adopts_before_isolation_state_and_its_row(cluster):
+    """A rollback (`updates._adoptable`) rewrites the revision of the old replicas' placements:
+    written after the deployment's row (and isolation_state's, for a shard change), those came
+    after the locks a plan commit takes after its placements. They are locked first now."""
+    v1 = deployment("svc", accelerators=1, spread=None)
+    await submit(cluster, v1)
+    await Reconciler(cluster, push=lambda ids: None, publish=no_publish).reconcile_once()
+    async with cluster.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", "svc")
+        await updates.update_deployment(uow, WHO, with_shard(v1, accelerators=2), row.resource_version,
+                                        RecordingSignals())
+    async with cluster.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", "svc")
+        deployment_id, version = row.id, row.resource_version
+        [placement_id] = [p.id for p in row.placements if p.revision == 1]
+    async with cluster.unit_of_work() as first:  # a plan commit writing the old replica's placement
+        await first.session.execute(text("SELECT id FROM placements WHERE id = :id FOR NO KEY UPDATE"),
+                                    {"id": placement_id})
+
+        async def rollback() -> None:
+            async with cluster.unit_of_work() as uow:
+                await updates.update_deployment(uow, WHO, v1, version, RecordingSignals())
+
+        task = asyncio.create_task(rollback())
+        for _ in range(300):  # until it waits for a lock (the placement's, held above)
+            async with cluster.unit_of_work() as uow:
+                if await uow.session.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")):
+                    break
+            await asyncio.sleep(0.01)
+        assert not task.done()
+        # The commit may now take isolation_state and write the deployment's row: the rollback holds neither.
+        assert await _row_free(cluster, "isolation_state", 1)
+        assert await _row_free(cluster, "deployments", deployment_id)
+        await first.commit()
+    await task
+    async with cluster.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", "svc")
+        assert (row.template_revision, {p.id: p.revision for p in row.placements if p.id == placement_id}) == (
+            3, {placement_id: 3})

@@ -18,8 +18,8 @@ from controller.usecases.ports import RecordingSignals
 from controller.usecases import capacity as capacity_module
 from controller.usecases.capacity import CapacityCache, CapacityRefresher
 from uc_builders import (
-    WHO, add_nodes, apply_topology, assert_refused_writing_nothing, deployment, no_publish, row_counts, submit,
-    with_shard,
+    WHO, add_nodes, apply_topology, assert_refused_writing_nothing, deployment, no_publish, row_counts, run_all,
+    submit, with_shard,
 )
 
 GOOD = deployment("svc", "t1", replicas=2, shards=2, accelerators=1)
@@ -379,3 +379,51 @@ async def test_a_retry_sent_while_its_first_call_runs_is_answered_as_the_first(c
     async with cluster.unit_of_work() as uow:
         row = await repo.get_deployment(uow.session, "t1", "svc")
         assert (row.replicas, row.resource_version) == (2, 2)
+
+
+async def _shards(cluster) -> dict[tuple[int, int], tuple[int, str, int]]:  # noqa: ANN001
+    """(replica, shard) -> (placement id, node, revision) of svc."""
+    async with cluster.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", "svc")
+        return {(p.replica, p.shard): (p.id, p.node_id, p.revision) for p in row.placements}
+
+
+async def test_a_rollback_to_the_spec_old_replicas_run_keeps_them_as_the_new_revision(cluster):
+    """Reverting a rollout midway to the spec the old replicas still run made a third revision
+    and replaced every old replica with one alike (each restarted, and room for the surge
+    needed: a rollout stalled for room could not be reverted either). The old replicas become
+    the new revision's as they run, as a Kubernetes rollback makes the old ReplicaSet the new
+    one; the replica of the abandoned revision is retired."""
+    loop = Reconciler(cluster, push=lambda ids: None, publish=no_publish)
+    v1 = deployment("svc", replicas=2, accelerators=1, spread=None)
+    await submit(cluster, v1)
+    await loop.reconcile_once()
+    await run_all(cluster)
+    first = await _shards(cluster)
+    assert {revision for _, _, revision in first.values()} == {1} and len(first) == 2
+    async with cluster.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", "svc")
+        await updates.update_deployment(uow, WHO, with_shard(v1, accelerators=2), row.resource_version,
+                                        RecordingSignals())
+    await loop.reconcile_once(force=True)  # one replacement (the surge) beside the old two
+    await run_all(cluster)
+    rolling = await _shards(cluster)
+    assert sorted(revision for _, _, revision in rolling.values()) == [1, 1, 2]
+    async with cluster.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", "svc")
+        version = row.resource_version
+        dry = await updates.update_deployment(uow, WHO, v1, version, RecordingSignals(), dry_run=True)
+    assert (dry.deployment.revision, dry.deployment.updated_replicas, dry.deployment.outgoing_replicas) == (3, 2, 1)
+    async with cluster.unit_of_work() as uow:
+        done = await updates.update_deployment(uow, WHO, v1, version, RecordingSignals())
+    assert (done.deployment.revision, done.deployment.updated_replicas, done.deployment.outgoing_replicas) == (3, 2, 1)
+    for _ in range(3):
+        await loop.reconcile_once(force=True)
+        await run_all(cluster)
+    assert await _shards(cluster) == {key: (pid, node, 3) for key, (pid, node, _) in first.items()}
+    async with cluster.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", "svc")
+        assert (row.template_revision, row.revision_specs) == (3, {})
+        [event] = [e for e in await repo.list_events(uow.session, object_id="t1/svc")
+                   if e.kind == "deployment.updated" and "not replaced" in e.message]
+    assert "revision 1's replicas run this spec: they are revision 3's" in event.message

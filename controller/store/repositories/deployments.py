@@ -224,6 +224,27 @@ async def placed_revisions(session: AsyncSession, deployment_id: int) -> set[int
         _PLACEMENTS.c.deployment_id == deployment_id).distinct()))
 
 
+async def lock_revision_placements(session: AsyncSession, deployment_id: int, revision: int) -> None:
+    """Lock the deployment's placements of `revision` (ascending id, `FOR NO KEY UPDATE` on
+    PostgreSQL) for `adopt_revision`: taken before isolation_state's row and the deployment's,
+    as a plan commit takes placements first (store/changes.py's lock order)."""
+    await session.execute(select(_PLACEMENTS.c.id).where(
+        _PLACEMENTS.c.deployment_id == deployment_id, _PLACEMENTS.c.revision == revision)
+        .order_by(_PLACEMENTS.c.id).with_for_update(key_share=True))
+
+
+async def adopt_revision(session: AsyncSession, row: m.Deployment, old: int, new: int) -> int:
+    """The deployment's placements of revision `old` made revision `new`'s (its replicas run
+    what `new` asks: a rollback to their spec), in the database and in `row`'s loaded
+    placements; how many shards. Lock them first (`lock_revision_placements`)."""
+    result = await session.execute(update(_PLACEMENTS).where(
+        _PLACEMENTS.c.deployment_id == row.id, _PLACEMENTS.c.revision == old).values(revision=new))
+    for placement in row.placements:
+        if placement.revision == old:
+            set_committed_value(placement, "revision", new)
+    return int(result.rowcount or 0)
+
+
 # Every column of a deployment's row, by attribute (what a refresh of the whole row reads; its
 # placements stay as loaded).
 DEPLOYMENT_COLUMN_ATTRIBUTES = [attribute.key for attribute in sa_inspect(m.Deployment).column_attrs]
