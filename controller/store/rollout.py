@@ -50,10 +50,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import distinct, func, or_, select
+from sqlalchemy import distinct, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from controller.domain.values import deployment_key
+from controller.store.changes import will_change_deployment_shape, will_move_generation
 from controller.store.inlist import any_of
 from controller.store.release import record_decisions, stop_placements
 from controller.store.models import (
@@ -338,6 +340,56 @@ async def _placed_again(session: AsyncSession, deps: Mapping[int, Any],
     return found
 
 
+@dataclass
+class _Retiring:
+    """What `retire_replaced` would write of one deployment: the replicas it stops, the older
+    revisions' specs it keeps, the current revision's replicas running."""
+
+    dep: Any
+    gone: list[_Replica]
+    specs: dict[str, Any]
+    replacements: list[int]
+
+
+async def _write_deployments(session: AsyncSession, retiring: list[_Retiring]) -> list[_Retiring]:
+    """Write each deployment's kept specs (and a new generation when it stops replicas) if no
+    update changed it since `retire_replaced` read it, nor its placements to stop: those that
+    were written. Read without a lock, a rollback landing meanwhile made an old replica current
+    (its placements renumbered) and it was stopped as old; an update landing meanwhile lost its
+    new revision's spec to this copy, and the next pass stopped that revision's replicas.
+
+    PostgreSQL's lock order (store/changes.py): the placements to stop first (ascending id, read
+    again as they are), then isolation_state (their DELETE's trigger takes it), then the
+    deployments' rows, each by a conditional UPDATE on the resource version read."""
+    if not retiring:
+        return []
+    await will_move_generation(session)  # before any row (the caller's commit moves the generation)
+    ids = sorted(pid for r in retiring for rep in r.gone for pid in rep.ids)
+    still: dict[int, int] = {}
+    if ids:
+        rows = await session.execute(select(Placement.id, Placement.revision).where(any_of(session, Placement.id, ids))
+                                     .order_by(Placement.id).with_for_update(key_share=True))
+        still = {pid: revision for pid, revision in rows}
+        await will_change_deployment_shape(session)  # isolation_state, before the deployments' rows
+    landed = []
+    for r in sorted(retiring, key=lambda r: r.dep.id):
+        if any(still.get(pid) != rep.revision for rep in r.gone for pid in rep.ids):
+            continue  # gone, or made another revision's (a rollback) since read
+        values: dict[str, Any] = {"revision_specs": r.specs}
+        if r.gone:
+            values["generation"] = Deployment.generation + 1
+        written = await session.execute(
+            update(Deployment).where(Deployment.id == r.dep.id, Deployment.resource_version == r.dep.resource_version)
+            .values(**values).execution_options(synchronize_session=False))
+        if not written.rowcount:
+            continue  # updated since read
+        set_committed_value(r.dep, "revision_specs", r.specs)
+        if r.gone:
+            set_committed_value(r.dep, "generation", r.dep.generation + 1)
+        landed.append(r)
+    return landed
+
+
 def _kept_running(dep: Any, rep: _Replica, baselines: Mapping[str, Mapping[str, int]]) -> int:
     """How many replicas must still run once the running outgoing replica `rep` of `dep` has
     gone: the replicas asked; for a drained replica, no more than its deployment had placed when
@@ -372,6 +424,7 @@ async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = 
     if not outgoing_deps:
         return Retired()
     replacing = False
+    retiring: list[_Retiring] = []
     deps = {d.id: d for d in await session.scalars(
         select(Deployment).where(any_of(session, Deployment.id, outgoing_deps)))}
     rows = await session.execute(
@@ -430,27 +483,33 @@ async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = 
                     continue
                 starting_may_go -= 1
             gone.append(rep)
-        for rep in gone:
+        # Still replacing while any outgoing replica is left, those on a down node not evicted
+        # yet too: said done while they were all there, the next passes stopped looking (an
+        # eviction and this controller's own commits do not call for a look) and the rollout
+        # stalled, its replacement running beside the old replicas, until an unrelated change.
+        replacing |= any(r not in gone and (r.revision != dep.template_revision or r.draining) for r in reps.values())
+        left = {r.revision for r in reps.values() if r not in gone}
+        specs = {k: v for k, v in (dep.revision_specs or {}).items() if int(k) in left}
+        if gone or specs != (dep.revision_specs or {}):
+            retiring.append(_Retiring(dep, gone, specs, replacements))
+    landed = await _write_deployments(session, retiring)
+    replacing |= len(landed) < len(retiring)  # one changed meanwhile: the next pass judges it again
+    for r in landed:
+        dep = r.dep
+        key = deployment_key(dep.tenant_id, dep.name)
+        changed.add(key)
+        for rep in r.gone:
             retired_ids += rep.ids
             nodes |= rep.nodes
             why = "its node is draining" if rep.draining else f"revision {rep.revision} replaced by {dep.template_revision}"
-            key = deployment_key(dep.tenant_id, dep.name)
             line = (f"{key}: replica {rep.index} stopped on {', '.join(sorted(rep.nodes))} ({why}); "
-                    f"running replicas of revision {dep.template_revision}: {replacements or 'none'}")
+                    f"running replicas of revision {dep.template_revision}: {r.replacements or 'none'}")
             lines.append(line)
             events.append({"kind": "deployment.replica_retired", "object_kind": "deployment", "object_id": key,
                            "message": line, "data": {"replica": rep.index, "revision": rep.revision,
                                                      "nodes": sorted(rep.nodes), "draining": rep.draining,
-                                                     "replacements": replacements},
+                                                     "replacements": r.replacements},
                            "tenant": dep.tenant_id})
-        replacing |= len(gone) < len(outgoing)
-        left = {r.revision for r in reps.values() if r not in gone}
-        specs = {k: v for k, v in (dep.revision_specs or {}).items() if int(k) in left}
-        if gone or specs != (dep.revision_specs or {}):
-            dep.revision_specs = specs
-            changed.add(deployment_key(dep.tenant_id, dep.name))
-        if gone:
-            dep.generation = dep.generation + 1
     if not retired_ids:
         return Retired(deployments=frozenset(changed), replacing=replacing)
     await stop_placements(session, retired_ids, nodes, now, changed)

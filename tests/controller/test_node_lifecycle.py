@@ -760,11 +760,23 @@ async def test_a_stalled_rollout_places_its_old_replica_again_when_the_node_unde
     cycle = lifecycle(cluster, clocks, {spare, *others})
     clocks.advance(60)
     await cycle.pass_once()
+    await loop.reconcile_once()  # down, not evicted yet: left where it is
     clocks.advance(60)
     assert [(c.node_id, c.evict) for c in await cycle.pass_once()] == [(victim, True)]
     for _ in range(3):
         await loop.reconcile_once(force=True)
         assert await _revisions(cluster, "svc") == {(0, 0): (spare, 1)}  # placed again, at revision 1
+    # Room frees: the rollout goes on, and the old replica goes once its replacement runs. It
+    # stayed for good: with the old replica on the down node, the pass judged nothing outgoing
+    # and stopped looking until an unrelated change (found by exploratory testing).
+    await run_all(cluster)
+    async with cluster.unit_of_work() as uow:
+        await nodes.uncordon_node(uow, WHO, others[0], signals, None, {})
+    await loop.reconcile_once()
+    await run_all(cluster)
+    for _ in range(2):
+        await loop.reconcile_once()
+    assert list((await _revisions(cluster, "svc")).values()) == [(others[0], 2)]
 
 
 async def test_an_old_replica_stuck_starting_since_before_the_rollout_still_makes_room_for_its_replacement(cluster):
