@@ -132,6 +132,11 @@ def _adoptable(row: m.Deployment, spec: DeploymentSpec, rolling: bool, running_o
     return None
 
 
+def _adopted_change(adopted: int, revision: int) -> str:
+    """What an update says of the replicas it adopts (`_adoptable`), among its changes."""
+    return f"revision {adopted}'s replicas run this spec: they are revision {revision}'s, not replaced"
+
+
 def _change(row: m.Deployment, old: DeploymentSpec, spec: DeploymentSpec, rolling: bool,
             running_old: set[int], adopted: int | None = None) -> None:
     """The row changed from `old` to `spec` (in memory): a new template revision when `rolling`,
@@ -199,6 +204,8 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
                 if p.revision == adoptable:
                     p.revision = row.template_revision
             view = repo.deployment_view(row)
+        if adoptable is not None:
+            changes.append(_adopted_change(adoptable, row.template_revision))
         await uow.rollback()
         return DeploymentUpdate(await as_seen_by(uow, who, view), tuple(changes), rolling)
     # Before the row's writes: the request id's DELETE below flushes them (PostgreSQL's lock order: store/changes.py).
@@ -226,18 +233,16 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     # Adopted only as locked: one retired meanwhile is gone, and another's placements are not held.
     adopted = adoptable if adoptable == _adoptable(row, spec, rolling, running_old) else None
     _change(row, old, spec, rolling, running_old, adopted)
-    data: dict[str, object] = {"changes": changes, "rolling": rolling, "resource_version": row.resource_version,
+    data: dict[str, object] = {"rolling": rolling, "resource_version": row.resource_version,
                                "revision": row.template_revision}
-    message = "; ".join(changes)
     if adopted is not None:
         await repo.adopt_revision(uow.session, row, adopted, row.template_revision)
         data["adopted_revision"] = adopted
-        message += (f" (revision {adopted}'s replicas run this spec: they are revision {row.template_revision}'s, "
-                    f"not replaced)")
+        changes.append(_adopted_change(adopted, row.template_revision))
     await requests.remember(uow, spec.tenant, request_id, row.id, spec, "update")
     await repo.bump_cluster_generation(uow.session, ClusterChange.deployment(spec.key))
     repo.record_event(uow.session, actor=who.name, kind="deployment.updated", object_kind="deployment",
-                      object_id=spec.key, message=message, data=data)
+                      object_id=spec.key, message="; ".join(changes), data={"changes": changes, **data})
     await uow.commit()
     view = repo.deployment_view(row)
     signals.publish(DeploymentEvent("modified", view))

@@ -11,7 +11,9 @@ from sqlalchemy import text
 
 from controller.errors import AlreadyExists, InvalidArgument, NotFound
 from controller.reconcile import Reconciler
+from controller.store import models as m
 from controller.store import repositories as repo
+from controller.store import rollout
 from controller.usecases import deployments, updates
 from controller.domain.values import Spread
 from controller.usecases.ports import RecordingSignals
@@ -417,6 +419,8 @@ async def test_a_rollback_to_the_spec_old_replicas_run_keeps_them_as_the_new_rev
     async with cluster.unit_of_work() as uow:
         done = await updates.update_deployment(uow, WHO, v1, version, RecordingSignals())
     assert (done.deployment.revision, done.deployment.updated_replicas, done.deployment.outgoing_replicas) == (3, 2, 1)
+    assert dry.changes == done.changes == ("shard.accelerators: 2 -> 1",
+                                           "revision 1's replicas run this spec: they are revision 3's, not replaced")
     for _ in range(3):
         await loop.reconcile_once(force=True)
         await run_all(cluster)
@@ -427,3 +431,47 @@ async def test_a_rollback_to_the_spec_old_replicas_run_keeps_them_as_the_new_rev
         [event] = [e for e in await repo.list_events(uow.session, object_id="t1/svc")
                    if e.kind == "deployment.updated" and "not replaced" in e.message]
     assert "revision 1's replicas run this spec: they are revision 3's" in event.message
+
+
+@pytest.mark.parametrize("shard_accelerators", [1, 3], ids=["rollback", "another-rollout"])
+async def test_retiring_replicas_writes_nothing_over_an_update_that_landed_since_its_read(cluster, monkeypatch,
+                                                                                          shard_accelerators: int):
+    """`retire_replaced` read the deployments and placements without a lock and wrote its copy
+    back: an update landing between its read and its write was written over. A rollback had made
+    the old replicas current, and one of them was stopped as old ("revision 1 replaced by 2");
+    another rollout's new revision lost its spec, and the next pass stopped its replicas (found
+    by review). It now writes only what no update changed since; the next pass judges again."""
+    loop = Reconciler(cluster, push=lambda ids: None, publish=no_publish)
+    v1 = deployment("svc", replicas=2, accelerators=1, spread=None)
+    await submit(cluster, v1)
+    await loop.reconcile_once()
+    await run_all(cluster)
+    async with cluster.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", "svc")
+        await updates.update_deployment(uow, WHO, with_shard(v1, accelerators=2), row.resource_version,
+                                        RecordingSignals())
+    await loop.reconcile_once(force=True)  # the surge replica, then running: one old one may go
+    await run_all(cluster)
+    assert sorted(revision for _, _, revision in (await _shards(cluster)).values()) == [1, 1, 2]
+    read_between = rollout._placed_again
+
+    async def update_landing_meanwhile(*args, **kw):  # noqa: ANN002, ANN003
+        async with cluster.unit_of_work() as uow:
+            row = await repo.get_deployment(uow.session, "t1", "svc")
+            await updates.update_deployment(uow, WHO, with_shard(v1, accelerators=shard_accelerators),
+                                            row.resource_version, RecordingSignals())
+        return await read_between(*args, **kw)
+
+    monkeypatch.setattr(rollout, "_placed_again", update_landing_meanwhile)
+    async with cluster.unit_of_work() as uow:
+        retired = await rollout.retire_replaced(uow.session, now=m.utcnow())
+        await uow.commit()
+    assert retired.lines == () and retired.replacing
+    async with cluster.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", "svc")
+        revisions = sorted(p.revision for p in row.placements)
+        specs = sorted(row.revision_specs)
+    if shard_accelerators == 1:  # the old replicas adopted as revision 3, revision 2's kept
+        assert (revisions, specs) == ([2, 3, 3], ["2"])
+    else:  # every replica still there, each revision's spec kept
+        assert (revisions, specs) == ([1, 1, 2], ["1", "2"])
