@@ -61,6 +61,9 @@ class StartedShard:
     shard: int
     node_id: str
     accelerator_milli: int | None
+    # The whole accelerators it holds (its accelerator indices): an older revision's shard, moved
+    # or placed again during a rollout, holds what its revision asked, not the current spec.
+    accelerators: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +135,7 @@ async def start_intervals(
     rows: list[dict[str, Any]] = []
     for s in started:
         dep, node = deps[s.deployment_id], where[s.node_id]
-        milli = shard_milli(dep.shard_accelerators, s.accelerator_milli)
+        milli = shard_milli(dep.shard_accelerators if s.accelerators is None else s.accelerators, s.accelerator_milli)
         idle_share = (node.idle_power_w or 0.0) * milli / (node.accelerators * 1000) if node.accelerators else 0.0
         rows.append({
             "s_deployment_id": s.deployment_id, "s_replica": s.replica, "s_shard": s.shard,

@@ -766,6 +766,9 @@ async def test_a_stalled_rollout_places_its_old_replica_again_when_the_node_unde
     for _ in range(3):
         await loop.reconcile_once(force=True)
         assert await _revisions(cluster, "svc") == {(0, 0): (spare, 1)}  # placed again, at revision 1
+    async with cluster.unit_of_work() as uow:  # metered at what it holds (1), not the new spec's 4
+        assert (await uow.session.execute(select(m.UsageInterval.node_id, m.UsageInterval.accelerator_milli).where(
+            m.UsageInterval.deployment == "svc", m.UsageInterval.ended_s.is_(None)))).all() == [(spare, 1000)]
     # Room frees: the rollout goes on, and the old replica goes once its replacement runs. It
     # stayed for good: with the old replica on the down node, the pass judged nothing outgoing
     # and stopped looking until an unrelated change (found by exploratory testing).

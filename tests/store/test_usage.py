@@ -69,6 +69,30 @@ async def test_usage_sums_match_placement_milli(database: Database) -> None:
     assert usage.tenant("b").accelerators == 0.75
 
 
+async def test_an_older_revisions_shards_count_what_they_hold_not_the_current_spec(database: Database) -> None:
+    """During a rollout (big: 2 accelerators a shard to 4, frac: a quarter to a whole one) the
+    old replicas' shards were counted at the new spec's size: a tenant's usage, its caps and
+    reservation checks, and the racks' power read 4 accelerators for shards that hold 2 (found
+    by exploratory testing). An older revision's shard counts its own indices and milli."""
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, CLUSTER)
+        await uow.session.execute(update(m.Deployment).where(m.Deployment.name == "big")
+                                  .values(template_revision=2, shard_accelerators=4))
+        await uow.session.execute(update(m.Deployment).where(m.Deployment.name == "frac")
+                                  .values(template_revision=2, shard_accelerator_milli=1000))
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        usage = await repo.cluster_usage(uow.session)
+        by_tenant = await repo.tenant_usage(uow.session, ["a", "b"])
+        held = {placement.id: repo.placement_milli(dep, placement) for placement, dep in
+                await uow.session.execute(select(m.Placement, m.Deployment).join(m.Deployment))}
+    assert sorted(held.values()) == [250, 250, 250, 2000, 2000]
+    assert dict(usage.node_milli) == {"n1": 2500, "n2": 250, "n3": 2000}
+    assert dict(usage.tenant_milli) == {"a": 4000, "b": 750}
+    assert (by_tenant["a"].accelerators, by_tenant["b"].accelerators) == (4.0, 0.75)
+    assert by_tenant["a"].power_w == pytest.approx(2800.0)
+
+
 
 async def test_node_usage_is_the_cluster_usage_of_those_nodes_alone(database: Database) -> None:
     """`node_usage` (a node's view: `get node`, a cordon, a page of `get nodes`) reads the nodes

@@ -141,7 +141,8 @@ async def _write(
             ],
         )
     started: list[StartedShard] = [
-        StartedShard(row.deployment_id, row.key[1], row.key[2], pl.node, pl.accelerator_milli) for row, pl in updates
+        StartedShard(row.deployment_id, row.key[1], row.key[2], pl.node, pl.accelerator_milli,
+                     len(pl.accelerator_indices)) for row, pl in updates
     ]
     if inserts:  # no RETURNING: the usage meter finds the rows by their keys (`start_intervals`)
         await session.execute(
@@ -163,8 +164,8 @@ async def _write(
                 for key, pl in inserts.items()
             ],
         )
-        started += [StartedShard(deployments[key[0]].id, key[1], key[2], pl.node, pl.accelerator_milli)
-                    for key, pl in inserts.items()]
+        started += [StartedShard(deployments[key[0]].id, key[1], key[2], pl.node, pl.accelerator_milli,
+                                 len(pl.accelerator_indices)) for key, pl in inserts.items()]
     # The usage meter follows the placements: moved shards stop on the old node, start on the new.
     await stop_intervals(session, [row.id for row in deletes] + [row.id for row, _ in updates], now)
     await start_intervals(session, started, now, nodes=changes.nodes, deployments={

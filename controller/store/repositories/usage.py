@@ -35,15 +35,26 @@ class ClusterUsage:
 
 
 def placement_milli(dep: m.Deployment, placement: m.Placement) -> int:
-    """Accelerator milli-units one placed shard holds."""
+    """Accelerator milli-units one placed shard holds: by its deployment's shard, or for a shard
+    of an older revision (a rollout's outgoing replica) by its own accelerator indices."""
+    if placement.revision != dep.template_revision:
+        return shard_milli(len(placement.accelerator_indices or ()), placement.accelerator_milli)
     return shard_milli(dep.shard_accelerators, placement.accelerator_milli)
 
 
-# `placement_milli` in SQL, for sums over many placements (tests/store/test_usage.py holds them equal).
+def _milli(accelerators: Any) -> Any:
+    """`metering.shard_milli` in SQL, of a shard of `accelerators` whole accelerators."""
+    return case((and_(accelerators == 1, m.Placement.accelerator_milli != 0, m.Placement.accelerator_milli < 1000),
+                 m.Placement.accelerator_milli), else_=1000 * accelerators)
+
+
+# `placement_milli` in SQL, for sums over many placements (tests/store/test_usage.py holds them
+# equal). An older revision's shard counted at the current spec's size misjudged a tenant's caps
+# and reservation during a rollout (found by exploratory testing): its indices are read for it alone.
 PLACEMENT_MILLI = case(
-    (and_(m.Deployment.shard_accelerators == 1, m.Placement.accelerator_milli != 0,
-          m.Placement.accelerator_milli < 1000), m.Placement.accelerator_milli),
-    else_=1000 * m.Deployment.shard_accelerators,
+    (m.Placement.revision != m.Deployment.template_revision,
+     _milli(func.json_array_length(m.Placement.accelerator_indices))),
+    else_=_milli(m.Deployment.shard_accelerators),
 )
 # The watts one placed shard draws (its deployment's shard power, by the share it holds), in SQL.
 _PLACED_POWER_W = m.Deployment.shard_power_w * PLACEMENT_MILLI / 1000.0
