@@ -307,7 +307,8 @@ async def _placed_again(session: AsyncSession, deps: Mapping[int, Any],
                         replicas: Mapping[int, Mapping[int, _Replica]]) -> set[tuple[int, int]]:
     """(deployment id, replica) of the older revisions' replicas that do not run and are not
     drained, and either sit on an evicted node (`solver_view` places them again) or were moved
-    by a plan commit (a `shard.moved` event) since their deployment last rolled (its latest
+    or had lost shards placed again by a plan commit (a `shard.moved` or `shard.placed` event)
+    since their deployment last rolled (its latest
     rolling `deployment.updated`): the replicas `retire_replaced` keeps while the deployment is
     short without them. One reads the events of those deployments only."""
     found: set[tuple[int, int]] = set()
@@ -327,7 +328,7 @@ async def _placed_again(session: AsyncSession, deps: Mapping[int, Any],
     rows = await session.execute(
         select(Event.object_id, Event.kind, Event.data)
         .where(Event.object_kind == "deployment", any_of(session, Event.object_id, sorted(asked)),
-               Event.kind.in_(("shard.moved", "deployment.updated")))
+               Event.kind.in_(("shard.moved", "shard.placed", "deployment.updated")))
         .order_by(Event.id))
     for key, kind, data in rows:
         if kind == "deployment.updated":

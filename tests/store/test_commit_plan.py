@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from controller.domain.changes import ChangeKind, ClusterChange
@@ -1470,3 +1470,27 @@ async def test_shards_placed_again_into_a_running_replica_are_an_audited_decisio
     assert after["events"] == [("shard.placed", TRAIN, {"replica": 0, "shards": [1], "nodes": ["n2"]}, "test")]
     assert [(r.action, r.object_id, r.detail["shards"]) for r in await _audit_rows(database)] == [
         ("shard.placed", TRAIN, [1])]
+
+
+async def test_a_shard_placed_again_into_a_replica_takes_the_revision_its_replica_has_now(database: Database) -> None:
+    """TRAIN's replica lost shard 1; a plan solved then places it again. Meanwhile a rollback
+    (`updates._adoptable`) made the replica's stored shards revision 3's: the shard was written
+    at the snapshot's revision 1, a replica of two revisions, the older one without a spec (found
+    by review). It takes the revision the replica's stored shards have."""
+    doc = {**CLUSTER, "placements": [*CLUSTER["placements"],
+                                     {"deployment": TRAIN, "replica": 0, "shard": 0, "node": "n2",
+                                      "accelerator_indices": [0, 1]}]}
+    snap = await _seeded(database, doc)
+    async with database.unit_of_work() as uow:
+        train = (await uow.session.scalars(select(m.Deployment).where(m.Deployment.name == "train"))).one()
+        await uow.session.execute(update(m.Placement).where(m.Placement.deployment_id == train.id).values(revision=3))
+        train.template_revision = 3
+        await bump_cluster_generation(uow.session)
+        await uow.commit()
+    result = await _commit(database, snap, Plan("optimal", KEPT + (P(TRAIN, 0, 0, "n2", 0, 1),
+                                                                    P(TRAIN, 0, 1, "n2", 2, 3))))
+    assert not result.requeued
+    async with database.unit_of_work() as uow:
+        revisions = {(p.replica, p.shard): p.revision for p in (await uow.session.scalars(
+            select(m.Placement).join(m.Deployment).where(m.Deployment.name == "train")))}
+    assert revisions == {(0, 0): 3, (0, 1): 3}

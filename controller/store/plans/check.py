@@ -196,6 +196,9 @@ async def _plan_changes(
         elif not before and changes.revision_of[min(after)] != deployments[rk[0]].template_revision:
             changes.requeued[rk] = (TEMPLATE_REPLACED,)
         else:
+            if stored[rk]:  # a replica's shards are of one revision: the stored one (a rollback renumbers it)
+                revision = next(iter(stored[rk].values())).revision
+                changes.revision_of.update((k, revision) for k in after)
             landing[rk] = {k[2]: w for k, w in after.items()}
     victims = _victims_of(snapshot, claimants) if claimants else {}
 
