@@ -753,3 +753,19 @@ def test_rollout_status_prints_the_deployment_as_json(fake, capsys) -> None:
     assert code == 0, err
     doc = json.loads(out)
     assert doc["rolled_out"] is True and doc["deployment"]["name"] == "phi-row"
+
+
+def test_rollout_status_prints_its_json_document_when_it_ends_without_the_rollout(fake, capsys) -> None:
+    """Timed out, or stopped on a Failed deployment, `rollout status -o json` printed nothing on
+    stdout (found by exploratory testing): it prints the deployment as it stands, `rolled_out`
+    false and the error (also on stderr), with the exit code as without -o json."""
+    address, deployments = _phi_row(fake, capsys)
+    code, out, err = run(capsys, "--controller", address, "rollout", "status", "phi-row", "-o", "json",
+                         "--timeout", "0.5")
+    doc = json.loads(out)
+    assert code == 1 and "timed out after 0.5s" in err
+    assert (doc["rolled_out"], doc["deployment"]["name"]) == (False, "phi-row") and "timed out" in doc["error"]
+    with deployments.lock:
+        deployments.deployments["phi-row"].phase = D.DEPLOYMENT_PHASE_FAILED
+    code, out, err = run(capsys, "--controller", address, "rollout", "status", "phi-row", "-o", "json")
+    assert code == 4 and json.loads(out)["deployment"]["status"]["phase"] == "failed", out

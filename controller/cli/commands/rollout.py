@@ -7,7 +7,8 @@ scale reads the deployment and updates it with the new replica count, naming the
 version it read (a change made by someone else in between is refused, and read again once).
 rollout status follows a rolling update (or a drain) of one deployment until every asked
 replica runs the current revision and no old replica is left, printing its progress; it stops at
-once (exit 4) when the deployment is Failed or deleted, and prints the deployment with `-o json`.
+once (exit 4) when the deployment is Failed or deleted, and prints the deployment with `-o json`
+(`rolled_out` false and the error when it ends otherwise: timed out, Failed, deleted).
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from controller.cli.commands.wait import wait_deployments
 from controller.cli.context import Context
 from controller.cli.documents import deployment_document
 from controller.cli.refs import (
-    DEPLOYMENT_WORDS, KindAndNameFormatter, add_tenant_flag, deployment_name, deployment_ref, kind_and_name,
+    DEPLOYMENT_WORDS, DeploymentRef, KindAndNameFormatter, add_tenant_flag, deployment_name, deployment_ref,
+    kind_and_name,
 )
 from maia.v1 import deployments_pb2
 
@@ -94,13 +96,33 @@ def run_status(args: argparse.Namespace, ctx: Context) -> int:
     word = _deployment("rollout status", args.deployment)
     # A rollout that cannot end by waiting (the deployment Failed, or deleted) ends the command at
     # once (exit 4); one held by quota or zones waits: an operator may lift them mid-rollout.
-    code = wait_deployments([word], "rolled-out", args.timeout, ctx, quiet=True, tenant=args.tenant,
-                            reasons_block=False)
     ref = deployment_ref(word, args.tenant)
+    try:
+        code = wait_deployments([word], "rolled-out", args.timeout, ctx, quiet=True, tenant=args.tenant,
+                                reasons_block=False)
+    except CliError as exc:
+        # -o json prints its one document whatever the end (the deployment as it stands; none
+        # when there is none), the error on stderr and the exit code as without it.
+        if ctx.json and exc.exit_code != Exit.NOT_FOUND:
+            _emit_status(ctx, ref, rolled_out=False, error=str(exc))
+        raise
     if ctx.json:
-        dep = ctx.controller.deployments.GetDeployment(P.GetDeploymentRequest(name=ref.name, tenant=ref.tenant),
-                                                       timeout=ctx.rpc_timeout)
-        ctx.emit_json({"deployment": deployment_document(dep), "rolled_out": True})
+        _emit_status(ctx, ref, rolled_out=True)
     else:
         ctx.out(f'deployment "{ref}" successfully rolled out')
     return code
+
+
+def _emit_status(ctx: Context, ref: DeploymentRef, *, rolled_out: bool, error: str = "") -> None:
+    try:
+        dep = ctx.controller.deployments.GetDeployment(P.GetDeploymentRequest(name=ref.name, tenant=ref.tenant),
+                                                       timeout=ctx.rpc_timeout)
+    except grpc.RpcError as exc:
+        if rolled_out or status_code(exc) != grpc.StatusCode.NOT_FOUND:
+            raise
+        ctx.emit_json({"deployment": None, "rolled_out": False, "error": error})  # deleted while it waited
+        return
+    doc: dict[str, object] = {"deployment": deployment_document(dep), "rolled_out": rolled_out}
+    if error:
+        doc["error"] = error
+    ctx.emit_json(doc)
