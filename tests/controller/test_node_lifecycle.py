@@ -764,8 +764,11 @@ async def test_a_stalled_rollout_places_its_old_replica_again_when_the_node_unde
     clocks.advance(60)
     assert [(c.node_id, c.evict) for c in await cycle.pass_once()] == [(victim, True)]
     for _ in range(3):
-        await loop.reconcile_once(force=True)
+        await loop.reconcile_once()
         assert await _revisions(cluster, "svc") == {(0, 0): (spare, 1)}  # placed again, at revision 1
+        async with cluster.unit_of_work() as uow:  # still saying why the new revision waits
+            row = await repo.get_deployment(uow.session, "t1", "svc")
+            assert [reason["code"] for reason in row.reasons] == ["NODE_STATE", "CAPACITY"]
     async with cluster.unit_of_work() as uow:  # metered at what it holds (1), not the new spec's 4
         assert (await uow.session.execute(select(m.UsageInterval.node_id, m.UsageInterval.accelerator_milli).where(
             m.UsageInterval.deployment == "svc", m.UsageInterval.ended_s.is_(None)))).all() == [(spare, 1000)]

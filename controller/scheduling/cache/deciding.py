@@ -96,7 +96,11 @@ def fast_plan(snap: Snapshot, decisions: tuple[Decision, ...], held: Mapping[str
     kept = [placement_from_dict(p) for p in snap.index.placements_of(snap.problem, carried_keys)
             if p["deployment"] not in held and (p["deployment"], p["replica"]) not in stopped]
     kept += [p for placements in held.values() for p in placements if (p.deployment, p.replica) not in stopped]
-    reasons = {name: waiting[name] for name in sorted(hit - decided) if name in waiting}
+    # Why the undecided ones it speaks for wait, as the last commit said: the victims', and those
+    # of a repaired outgoing replica's deployment (its current revision, not placeable: a stalled
+    # rollout whose old replica's node was evicted lost its reasons).
+    undecided = (hit | {stored_key(name) for name in held}) - decided
+    reasons = {name: waiting[name] for name in sorted(undecided) if name in waiting}
     reasons.update((name, d.unplaced) for name, d in repaired.items() if name not in decided and d.unplaced)
     unplaced = list(reasons.values()) + [d.unplaced for d in decisions if d.unplaced is not None]
     plan = Plan(
