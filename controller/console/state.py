@@ -126,7 +126,8 @@ def console_document(read: ConsoleRows) -> dict[str, Any]:
         indices = decoded.get(indices_text)
         if indices is None:
             indices = decoded[indices_text] = json.loads(indices_text) or []
-        per_accelerator = metering.shard_milli(shard_accelerators, milli) // max(1, len(indices))
+        # By its own indices, not its deployment's current shard (an older revision's, in a rollout).
+        per_accelerator = metering.shard_milli(len(indices), milli) // max(1, len(indices))
         for index in indices:
             held[(node_id, index)][_visible(tenant, viewer_tenant)] += per_accelerator
 

@@ -124,6 +124,8 @@ class FirstChecks:
             if retired.deployments:
                 generation = await repo.read_cluster_generation(uow.session)
                 await self._commit(uow, retired.nodes, retired.deployments)  # the session goes on in a new transaction
+            elif retired.locked:  # nothing written: its locks go now, not with the pass's plan commit
+                await uow.rollback()
         if retired is not None:
             self._replacing, self._retire.checked = retired.replacing, generation
         checked = [scan.checked for scan in (self._failures, self._retire) if scan.checked is not None]

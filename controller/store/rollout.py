@@ -233,6 +233,9 @@ class Retired:
     deployments: frozenset[str] = frozenset()
     lines: tuple[str, ...] = ()
     replacing: bool = False  # some deployment still has outgoing replicas
+    # Rows locked to write and nothing written (each deployment changed since read): the caller
+    # ends the transaction, else the pass's plan commit ran holding them.
+    locked: bool = False
 
 
 @dataclass
@@ -512,7 +515,7 @@ async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = 
                                                      "replacements": r.replacements},
                            "tenant": dep.tenant_id})
     if not retired_ids:
-        return Retired(deployments=frozenset(changed), replacing=replacing)
+        return Retired(deployments=frozenset(changed), replacing=replacing, locked=bool(retiring) and not landed)
     await stop_placements(session, retired_ids, nodes, now, changed)
     await record_decisions(session, events, now, actor)
     return Retired(nodes=frozenset(nodes), deployments=frozenset(changed), lines=tuple(lines), replacing=replacing)

@@ -305,3 +305,16 @@ async def test_an_event_stream_past_its_tokens_share_is_refused_429(cluster: Dat
                     assert "holds 1 open streams" in (await second.json())["error"]
     finally:
         await console.stop()
+
+
+async def test_an_older_revisions_shard_shows_what_it_holds_on_the_map(cluster: Database) -> None:
+    """Mid-rollout (a-svc's spec now 4 accelerators a shard, its replica still the old 2-accelerator
+    one), the map showed 4000 milli on each of its 2 accelerators (found by review)."""
+    await _two_tenants_placed(cluster)
+    async with cluster.unit_of_work() as uow:
+        await uow.session.execute(update(m.Deployment).where(m.Deployment.name == "a-svc")
+                                  .values(template_revision=2, shard_accelerators=4))
+        await uow.commit()
+    async with cluster.unit_of_work() as uow:
+        whole = await console_state(uow.session)
+    assert _holders(whole) == {"t1": 2000, "t2": 2000}

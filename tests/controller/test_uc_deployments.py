@@ -14,6 +14,7 @@ from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store import rollout
+from controller.store.db import UnitOfWork
 from controller.usecases import deployments, updates
 from controller.domain.values import Spread
 from controller.usecases.ports import RecordingSignals
@@ -466,7 +467,7 @@ async def test_retiring_replicas_writes_nothing_over_an_update_that_landed_since
     async with cluster.unit_of_work() as uow:
         retired = await rollout.retire_replaced(uow.session, now=m.utcnow())
         await uow.commit()
-    assert retired.lines == () and retired.replacing
+    assert retired.lines == () and retired.replacing and retired.locked
     async with cluster.unit_of_work() as uow:
         row = await repo.get_deployment(uow.session, "t1", "svc")
         revisions = sorted(p.revision for p in row.placements)
@@ -475,3 +476,49 @@ async def test_retiring_replicas_writes_nothing_over_an_update_that_landed_since
         assert (revisions, specs) == ([2, 3, 3], ["2"])
     else:  # every replica still there, each revision's spec kept
         assert (revisions, specs) == ([1, 1, 2], ["1", "2"])
+
+
+async def test_a_pass_whose_retirements_all_gave_way_to_an_update_ends_their_locks_before_it_goes_on(cluster,
+                                                                                                   monkeypatch):
+    """Every retirement given up (an update landed since its read) left the rows it had locked to
+    write (the placements, isolation_state, the generation writers' lock shared) held through the
+    rest of the pass: its plan commit then ran holding them, other writers waited for the whole
+    pass, and a commit that must take the generation writers' lock exclusive failed (found by
+    review). The pass ends that transaction first, and the rollout then goes on."""
+    loop = Reconciler(cluster, push=lambda ids: None, publish=no_publish)
+    v1 = deployment("svc", replicas=2, accelerators=1, spread=None)
+    await submit(cluster, v1)
+    await loop.reconcile_once()
+    await run_all(cluster)
+    async with cluster.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", "svc")
+        await updates.update_deployment(uow, WHO, with_shard(v1, accelerators=2), row.resource_version,
+                                        RecordingSignals())
+    await loop.reconcile_once(force=True)
+    await run_all(cluster)
+    read_between, landed = rollout._placed_again, []
+
+    async def update_landing_meanwhile(*args, **kw):  # noqa: ANN002, ANN003
+        if not landed:
+            landed.append(1)
+            async with cluster.unit_of_work() as uow:
+                row = await repo.get_deployment(uow.session, "t1", "svc")
+                await updates.update_deployment(uow, WHO, with_shard(v1, accelerators=3), row.resource_version,
+                                                RecordingSignals())
+        return await read_between(*args, **kw)
+
+    monkeypatch.setattr(rollout, "_placed_again", update_landing_meanwhile)
+    rolled_back: list[int] = []
+    real_rollback = UnitOfWork.rollback
+
+    async def rollback(self):  # noqa: ANN001, ANN202
+        rolled_back.append(1)
+        return await real_rollback(self)
+
+    monkeypatch.setattr(UnitOfWork, "rollback", rollback)
+    await loop.reconcile_once(force=True)  # the retirement gives way; the pass goes on
+    assert landed and rolled_back
+    for _ in range(6):
+        await loop.reconcile_once(force=True)
+        await run_all(cluster)
+    assert sorted(revision for _, _, revision in (await _shards(cluster)).values()) == [3, 3]

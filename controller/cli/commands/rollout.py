@@ -117,10 +117,12 @@ def _emit_status(ctx: Context, ref: DeploymentRef, *, rolled_out: bool, error: s
     try:
         dep = ctx.controller.deployments.GetDeployment(P.GetDeploymentRequest(name=ref.name, tenant=ref.tenant),
                                                        timeout=ctx.rpc_timeout)
-    except grpc.RpcError as exc:
-        if rolled_out or status_code(exc) != grpc.StatusCode.NOT_FOUND:
+    except grpc.RpcError:
+        if rolled_out:
             raise
-        ctx.emit_json({"deployment": None, "rolled_out": False, "error": error})  # deleted while it waited
+        # Deleted while it waited, or the controller out of reach (often why it timed out): the
+        # wait's own error stands, with its exit code.
+        ctx.emit_json({"deployment": None, "rolled_out": False, "error": error})
         return
     doc: dict[str, object] = {"deployment": deployment_document(dep), "rolled_out": rolled_out}
     if error:

@@ -99,7 +99,7 @@ def fast_plan(snap: Snapshot, decisions: tuple[Decision, ...], held: Mapping[str
     # Why the undecided ones it speaks for wait, as the last commit said: the victims', and those
     # of a repaired outgoing replica's deployment (its current revision, not placeable: a stalled
     # rollout whose old replica's node was evicted lost its reasons).
-    undecided = (hit | {stored_key(name) for name in held}) - decided
+    undecided = (hit | ({stored_key(name) for name in held if stored_key(name) != name} - set(settling))) - decided
     reasons = {name: waiting[name] for name in sorted(undecided) if name in waiting}
     reasons.update((name, d.unplaced) for name, d in repaired.items() if name not in decided and d.unplaced)
     unplaced = list(reasons.values()) + [d.unplaced for d in decisions if d.unplaced is not None]
