@@ -16,7 +16,7 @@ from controller.store import repositories as repo
 from controller.store import rollout
 from controller.store.db import UnitOfWork
 from controller.usecases import deployments, updates
-from controller.domain.values import Spread
+from controller.domain.values import DeploymentSpec, Spread
 from controller.usecases.ports import RecordingSignals
 from controller.usecases import capacity as capacity_module
 from controller.usecases.capacity import CapacityCache, CapacityRefresher
@@ -434,14 +434,9 @@ async def test_a_rollback_to_the_spec_old_replicas_run_keeps_them_as_the_new_rev
     assert "revision 1's replicas run this spec: they are revision 3's" in event.message
 
 
-@pytest.mark.parametrize("shard_accelerators", [1, 3], ids=["rollback", "another-rollout"])
-async def test_retiring_replicas_writes_nothing_over_an_update_that_landed_since_its_read(cluster, monkeypatch,
-                                                                                          shard_accelerators: int):
-    """`retire_replaced` read the deployments and placements without a lock and wrote its copy
-    back: an update landing between its read and its write was written over. A rollback had made
-    the old replicas current, and one of them was stopped as old ("revision 1 replaced by 2");
-    another rollout's new revision lost its spec, and the next pass stopped its replicas (found
-    by review). It now writes only what no update changed since; the next pass judges again."""
+async def _rolling_with_its_surge_running(cluster) -> tuple[Reconciler, DeploymentSpec]:  # noqa: ANN001
+    """svc (2 replicas, revision 1 running) rolled to 2 accelerators a shard: its surge replica
+    placed and running beside the old two, one of which the next retirement may stop."""
     loop = Reconciler(cluster, push=lambda ids: None, publish=no_publish)
     v1 = deployment("svc", replicas=2, accelerators=1, spread=None)
     await submit(cluster, v1)
@@ -451,9 +446,21 @@ async def test_retiring_replicas_writes_nothing_over_an_update_that_landed_since
         row = await repo.get_deployment(uow.session, "t1", "svc")
         await updates.update_deployment(uow, WHO, with_shard(v1, accelerators=2), row.resource_version,
                                         RecordingSignals())
-    await loop.reconcile_once(force=True)  # the surge replica, then running: one old one may go
+    await loop.reconcile_once(force=True)
     await run_all(cluster)
     assert sorted(revision for _, _, revision in (await _shards(cluster)).values()) == [1, 1, 2]
+    return loop, v1
+
+
+@pytest.mark.parametrize("shard_accelerators", [1, 3], ids=["rollback", "another-rollout"])
+async def test_retiring_replicas_writes_nothing_over_an_update_that_landed_since_its_read(cluster, monkeypatch,
+                                                                                          shard_accelerators: int):
+    """`retire_replaced` read the deployments and placements without a lock and wrote its copy
+    back: an update landing between its read and its write was written over. A rollback had made
+    the old replicas current, and one of them was stopped as old ("revision 1 replaced by 2");
+    another rollout's new revision lost its spec, and the next pass stopped its replicas (found
+    by review). It now writes only what no update changed since; the next pass judges again."""
+    loop, v1 = await _rolling_with_its_surge_running(cluster)
     read_between = rollout._placed_again
 
     async def update_landing_meanwhile(*args, **kw):  # noqa: ANN002, ANN003
@@ -485,17 +492,7 @@ async def test_a_pass_whose_retirements_all_gave_way_to_an_update_ends_their_loc
     rest of the pass: its plan commit then ran holding them, other writers waited for the whole
     pass, and a commit that must take the generation writers' lock exclusive failed (found by
     review). The pass ends that transaction first, and the rollout then goes on."""
-    loop = Reconciler(cluster, push=lambda ids: None, publish=no_publish)
-    v1 = deployment("svc", replicas=2, accelerators=1, spread=None)
-    await submit(cluster, v1)
-    await loop.reconcile_once()
-    await run_all(cluster)
-    async with cluster.unit_of_work() as uow:
-        row = await repo.get_deployment(uow.session, "t1", "svc")
-        await updates.update_deployment(uow, WHO, with_shard(v1, accelerators=2), row.resource_version,
-                                        RecordingSignals())
-    await loop.reconcile_once(force=True)
-    await run_all(cluster)
+    loop, v1 = await _rolling_with_its_surge_running(cluster)
     read_between, landed = rollout._placed_again, []
 
     async def update_landing_meanwhile(*args, **kw):  # noqa: ANN002, ANN003
