@@ -311,9 +311,9 @@ async def _placed_again(session: AsyncSession, deps: Mapping[int, Any],
     """(deployment id, replica) of the older revisions' replicas that do not run and are not
     drained, and either sit on an evicted node (`solver_view` places them again) or were moved
     or had lost shards placed again by a plan commit (a `shard.moved` or `shard.placed` event)
-    since their deployment last rolled (its latest
-    rolling `deployment.updated`): the replicas `retire_replaced` keeps while the deployment is
-    short without them. One reads the events of those deployments only."""
+    since their deployment last rolled (its latest rolling `deployment.updated`): the replicas
+    `retire_replaced` keeps while the deployment is short without them. It reads the events of
+    those deployments only."""
     found: set[tuple[int, int]] = set()
     asked: dict[str, tuple[int, set[int]]] = {}
     for dep_id, dep in deps.items():
