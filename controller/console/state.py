@@ -46,7 +46,7 @@ _PLACEMENTS, _DEPLOYMENTS = m.Placement.__table__.c, m.Deployment.__table__.c
 # Accelerator holdings: each placed shard's node, accelerator indices (JSON as text: decoded once
 # per distinct list, in the worker thread), milli-units and tenant.
 _HOLDINGS = (select(_PLACEMENTS.node_id, cast(_PLACEMENTS.accelerator_indices, Text), _PLACEMENTS.accelerator_milli,
-                    _DEPLOYMENTS.tenant_id, _DEPLOYMENTS.shard_accelerators)
+                    _DEPLOYMENTS.tenant_id)
              .select_from(m.Placement.__table__.join(m.Deployment.__table__,
                                                      _PLACEMENTS.deployment_id == _DEPLOYMENTS.id)))
 _NODE_MAP = select(_NODES.id, _NODES.rack_id, _NODES.health, _NODES.cordoned, _NODES.accelerator_model,
@@ -122,7 +122,7 @@ def console_document(read: ConsoleRows) -> dict[str, Any]:
     # Accelerator -> tenant -> milli, from every placed shard.
     held: dict[tuple[str, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
     decoded: dict[str | None, list[int]] = {None: []}
-    for node_id, indices_text, milli, tenant, shard_accelerators in read.holdings:
+    for node_id, indices_text, milli, tenant in read.holdings:
         indices = decoded.get(indices_text)
         if indices is None:
             indices = decoded[indices_text] = json.loads(indices_text) or []

@@ -63,7 +63,7 @@ class StartedShard:
     accelerator_milli: int | None
     # The whole accelerators it holds (its accelerator indices): an older revision's shard, moved
     # or placed again during a rollout, holds what its revision asked, not the current spec.
-    accelerators: int | None = None
+    accelerators: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +72,6 @@ class DeploymentMeter:
 
     name: str
     tenant_id: str
-    shard_accelerators: int
     shard_power_w: float | None
 
 
@@ -119,9 +118,9 @@ async def start_intervals(
     deps = dict(deployments or {})
     missing_deps = {s.deployment_id for s in started} - deps.keys()
     if missing_deps:
-        deps.update((row.id, DeploymentMeter(row.name, row.tenant_id, row.shard_accelerators, row.shard_power_w))
+        deps.update((row.id, DeploymentMeter(row.name, row.tenant_id, row.shard_power_w))
                     for row in await session.execute(
-            select(m.Deployment.id, m.Deployment.name, m.Deployment.tenant_id, m.Deployment.shard_accelerators,
+            select(m.Deployment.id, m.Deployment.name, m.Deployment.tenant_id,
                    m.Deployment.shard_power_w).where(any_of(session, m.Deployment.id, missing_deps))))
     where = dict(nodes or {})
     missing_nodes = {s.node_id for s in started} - where.keys()
@@ -135,7 +134,7 @@ async def start_intervals(
     rows: list[dict[str, Any]] = []
     for s in started:
         dep, node = deps[s.deployment_id], where[s.node_id]
-        milli = shard_milli(dep.shard_accelerators if s.accelerators is None else s.accelerators, s.accelerator_milli)
+        milli = shard_milli(s.accelerators, s.accelerator_milli)
         idle_share = (node.idle_power_w or 0.0) * milli / (node.accelerators * 1000) if node.accelerators else 0.0
         rows.append({
             "s_deployment_id": s.deployment_id, "s_replica": s.replica, "s_shard": s.shard,

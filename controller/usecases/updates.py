@@ -196,10 +196,11 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     await check_could_ever_fit(uow, spec, tenant.zones)
     await check_contract(uow, who, row, spec)
     rolling = spec.rolls_from(old)
-    adoptable = _adoptable(row, spec, rolling, {p.revision for p in row.placements})
+    loaded_revisions = {p.revision for p in row.placements}  # as read, without a lock
+    adoptable = _adoptable(row, spec, rolling, loaded_revisions)
     if dry_run:
         with uow.session.no_autoflush:  # the changes stay in memory, never sent
-            _change(row, old, spec, rolling, {p.revision for p in row.placements}, adoptable)
+            _change(row, old, spec, rolling, loaded_revisions, adoptable)
             for p in row.placements:
                 if p.revision == adoptable:
                     p.revision = row.template_revision

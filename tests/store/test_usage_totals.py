@@ -197,8 +197,9 @@ async def _metered_cluster(database: Database) -> None:
         await uow.commit()
     async with database.unit_of_work() as uow:
         rows = await uow.session.execute(select(m.Placement.deployment_id, m.Placement.replica, m.Placement.shard,
-                                                m.Placement.node_id, m.Placement.accelerator_milli))
-        await metering.start_intervals(uow.session, [StartedShard(*row) for row in rows], T0)
+                                                m.Placement.node_id, m.Placement.accelerator_milli,
+                                                m.Placement.accelerator_indices))
+        await metering.start_intervals(uow.session, [StartedShard(*row[:5], len(row[5])) for row in rows], T0)
         await uow.commit()
 
 

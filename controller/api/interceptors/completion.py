@@ -46,7 +46,6 @@ def code_of(context: aio.ServicerContext, failed: BaseException | None) -> str:
     return "UNKNOWN"
 
 
-
 def _who() -> str:
     who = peek_principal()
     if who is None:

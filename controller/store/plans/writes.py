@@ -169,7 +169,7 @@ async def _write(
     # The usage meter follows the placements: moved shards stop on the old node, start on the new.
     await stop_intervals(session, [row.id for row in deletes] + [row.id for row, _ in updates], now)
     await start_intervals(session, started, now, nodes=changes.nodes, deployments={
-            d.id: DeploymentMeter(d.name, d.tenant_id, d.shard_accelerators, d.shard_power_w)
+            d.id: DeploymentMeter(d.name, d.tenant_id, d.shard_power_w)
         for d in map(deployments.__getitem__, changed_deployments)})
     await _lock_deleted_and_updated(session, writes.lock_deployments, deleted_ids,
                                     [update_["b_id"] for update_ in deployment_updates])

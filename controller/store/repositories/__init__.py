@@ -45,9 +45,9 @@ from controller.store.repositories.deployments import (
     adopt_revision, changed_since_read, clear_failures, count_deployments_by_phase, count_schedulable_deployments,
     deleting_view, deployment_id_taken, deployment_page_keys, deployment_spec, deployment_summary_rows,
     deployment_view, deployments_named, deployments_with_ids, get_deployment, implied_phase, insert_deployments,
-    list_deployment_rows, lock_revision_placements, new_deployment_columns, new_deployment_row, new_deployment_view, deleting_events, set_deleting, spec_columns,
-    submit_facts, take_resource_version, tenants_with_deployment, write_deployment_spec, placed_revisions,
-    DEPLOYMENT_COLUMN_ATTRIBUTES, UNVERSIONED_COLUMNS)
+    list_deployment_rows, lock_revision_placements, new_deployment_columns, new_deployment_row, new_deployment_view,
+    deleting_events, set_deleting, spec_columns, submit_facts, take_resource_version, tenants_with_deployment,
+    write_deployment_spec, placed_revisions, DEPLOYMENT_COLUMN_ATTRIBUTES, UNVERSIONED_COLUMNS)
 from controller.store.repositories.placements import (
     ASSIGNED_SPECS_KEPT, ASSIGNMENT_READ_CHUNK, ShardState, assignment_sets, bump_node_assignment_generations,
     placements_of_deployments, quarantine_deployment, release_placements_beyond, release_quarantined,
