@@ -63,6 +63,8 @@ class Config:
     # set that named it was sent fails (controller/agents/hub.py, `_fail_unacknowledged`); 0: never.
     assignment_ack_timeout_s: float = 60.0
     watchdog_interval_s: float = 2.0
+    # Events are deleted this long after they were recorded (controller/retention.py); 0: never.
+    event_ttl_s: float = limits.EVENT_TTL_S
     log_level: str = "INFO"
     # TLS: certificate and key of the server; a client CA turns on mutual TLS (see controller.api.tls).
     tls_cert: Path | None = None
@@ -500,6 +502,9 @@ def _observability_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]
                             "included (0: no ceiling)")
     group.add_argument("--reconcile-stuck-s", type=_positive_float, default=Config.reconcile_stuck_s,
                        help="health says NOT_SERVING when one reconcile pass runs longer than this")
+    group.add_argument("--event-ttl", type=_non_negative_float, default=Config.event_ttl_s, metavar="SECONDS",
+                       help="the leader deletes events recorded longer ago than this, but the isolation "
+                            "watchdog's alarms and the nodes' drains (default 7 days; 0: keep every event)")
 
 
 def _config(ns: argparse.Namespace) -> Config:
@@ -537,7 +542,7 @@ def _config(ns: argparse.Namespace) -> Config:
         dry_run_time_limit_ms=ns.dry_run_time_limit_ms, dry_run_slots=ns.dry_run_slots,
         # observability and health
         log_level=ns.log_level.upper(), metrics_listen=ns.metrics_listen, http_listen=ns.http_listen,
-        max_rss_mib=ns.max_rss_mib, reconcile_stuck_s=ns.reconcile_stuck_s,
+        max_rss_mib=ns.max_rss_mib, reconcile_stuck_s=ns.reconcile_stuck_s, event_ttl_s=ns.event_ttl,
     )
 
 

@@ -84,6 +84,8 @@ FLUSH_CHUNK = 500                   # shard reports written per transaction (hea
 # A client request id whose deployment was deleted is still remembered this long after the
 # request (a retry then is refused rather than applied twice); while it exists, as long as it.
 REQUEST_ID_RETENTION_S = 24 * 3600
+# Events are deleted this long after they were recorded (`--event-ttl`, controller/retention.py).
+EVENT_TTL_S = 7 * 24 * 3600
 
 # --- lists and messages ------------------------------------------------------------------------
 PAGE_SIZE_DEFAULT = 100

@@ -116,7 +116,8 @@ def _event(kind: str, v: Violation, message: str, at: datetime) -> NewEvent:
 async def _stored_alarms(session: AsyncSession) -> dict[_Key, Violation]:
     """The violations whose last stored record is their alarm, not their clearing: raised, by this
     controller or an earlier leader, and not seen clear since. Read once per leadership through
-    the partial index of the two kinds (`events` is never pruned)."""
+    the partial index of the two kinds (the event retention never deletes them:
+    `controller.store.retention.STATE_KINDS`)."""
     last: dict[_Key, tuple[str, Violation]] = {}
     for kind, message, data in await events_of_kinds(session, (EVENT_KIND, CLEARED_KIND)):
         v = Violation(data.get("rule", ""), data.get("scope", ""), tuple(data.get("tenants", ())), message)

@@ -60,6 +60,7 @@ from controller.preflight import StartupError
 from controller.ratelimit import KeyedRateLimiter, SubmitLimits
 from controller.leadership import STARTING_STATE, STATE_METADATA_KEY, LeaderElection, LeaseSettings
 from controller.reconcile import Reconciler, waits_on_report
+from controller.retention import EventRetention
 from controller.scheduling.decider import DecideProcess
 from controller.store.db import Database, unreachable
 from controller.store.checkpoints import WalCheckpointer
@@ -218,6 +219,9 @@ class ControllerApp:
         self.watchdog = IsolationWatchdog(leader_db, interval_s=config.watchdog_interval_s,
                                           should_run=self.election.should_run)
         self.metrics.watch_alarms(lambda: self.watchdog.alarms_total, lambda: self.watchdog.active_violations)
+        self.retention = (EventRetention(leader_db, ttl_s=config.event_ttl_s, should_run=self.election.should_run,
+                                         on_pruned=self.metrics.events_pruned.inc)
+                          if config.event_ttl_s > 0 else None)
         self.console = ConsoleServer(self.db, self.bus, streams=self.streams,
                                      resolve_token=self._console_viewer if self.authn.enabled else None)
         self.health = health.aio.HealthServicer()
@@ -415,6 +419,8 @@ class ControllerApp:
             # the capacity index rebuilt after node changes, not by the submit that first needs it
             asyncio.create_task(CapacityRefresher(self.db, capacity).run(), name="capacity-refresh"),
         ]
+        if self.retention is not None:
+            self._tasks.append(asyncio.create_task(self.retention.run(), name="event-retention"))
         if self.config.insecure_no_auth:
             self._tasks.append(asyncio.create_task(_warn_insecure_forever(), name="insecure-warning"))
         for name in ("", *SERVICE_NAMES, LIVENESS_SERVICE):  # the monitor toggles all but the last

@@ -210,6 +210,8 @@ class ControllerMetrics:
         self.usage_read_errors = Counter("maia_metrics_usage_read_errors",
                                          "Scrapes whose read of the usage counters failed or timed out (the other "
                                          "gauges are in the scrape; maia_usage_* are not).", registry=r)
+        self.events_pruned = Counter("maia_events_pruned", "Events deleted past --event-ttl by this controller "
+                                     "while it led (controller/retention.py).", registry=r)
         self.leader = Gauge("maia_leader", "1 while this controller holds the leader lease (schedules), else 0.",
                             registry=r)
         self.serving = Gauge("maia_serving", "1 while this controller's readiness (grpc.health.v1) says SERVING, "

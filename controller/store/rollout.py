@@ -33,8 +33,9 @@ with nothing free (stopping the drained one would leave 47 of the 48 it ran), an
 started at 47 stands once room for one replica freed (stopping it leaves the 47 it ran). The
 count is the drain's `node.draining` event's data (`{"placed_replicas": {"TENANT/NAME": N}}`,
 `drain_baseline`; there is no column for it), a node's latest such event being its current
-drain's (an uncordon ends a drain, a new drain writes a new one). A drain without it (begun by
-an older controller) keeps the replicas-asked rule.
+drain's (an uncordon ends a drain, a new drain writes a new one; the event retention keeps that
+kind, `controller.store.retention`). A drain without it (begun by an older controller) keeps the
+replicas-asked rule.
 
 Replica indices in the database are stable identities the agents know; the solver wants each
 deployment's replicas numbered 0..n-1. `SolverRef` maps one to the other, and `PlanKeys` maps a
@@ -313,7 +314,8 @@ async def _placed_again(session: AsyncSession, deps: Mapping[int, Any],
     or had lost shards placed again by a plan commit (a `shard.moved` or `shard.placed` event)
     since their deployment last rolled (its latest rolling `deployment.updated`): the replicas
     `retire_replaced` keeps while the deployment is short without them. It reads the events of
-    those deployments only."""
+    those deployments only; one moved before `--event-ttl` and not running since counts as not
+    moved (`controller.store.retention`)."""
     found: set[tuple[int, int]] = set()
     asked: dict[str, tuple[int, set[int]]] = {}
     for dep_id, dep in deps.items():

@@ -1,0 +1,88 @@
+"""The leader deletes events older than `--event-ttl` (7 days by default; 0 keeps them all).
+
+Without it `events` grows for ever: a few rows a deployment and a row for each node's change, so
+~8.6 million a day at 50 deployments a second. Every `interval_s` the leader deletes what passed the
+time to live (but the kinds read back as state: `controller.store.retention`), `batch` rows a
+transaction, oldest first, each batch followed by a pause nine times as long as it took: the
+deletion takes a tenth of the database's writer at most (SQLite's one writer; PostgreSQL's rows
+and its write-ahead log), never a long transaction, and on a table years behind it catches up at
+several thousand rows a second. A follower deletes nothing; a leader that loses its lease stops
+between two batches (each commit is fenced like every leader's write).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from controller.store.db import Database
+from controller.store.lease import LeaseLost
+from controller.store.models import utcnow
+from controller.store.retention import prune_events
+
+log = logging.getLogger("maia.retention")
+
+PRUNE_EVERY_S = 60.0
+BATCH_ROWS = 1000
+# Of the time a run of batches takes, the share spent deleting: after a batch, a pause of
+# (1 / share - 1) times what it took.
+WRITER_SHARE = 0.1
+
+
+class EventRetention:
+    """Deletes the events past `ttl_s` every `interval_s`, while `should_run` (module docstring)."""
+
+    def __init__(self, db: Database, *, ttl_s: float, should_run: Callable[[], bool],
+                 interval_s: float = PRUNE_EVERY_S, batch: int = BATCH_ROWS,
+                 on_pruned: Callable[[int], None] = lambda count: None,
+                 now: Callable[[], datetime] = utcnow) -> None:
+        if ttl_s <= 0:
+            raise ValueError(f"an event TTL must be > 0 (0 means no retention task), got {ttl_s}")
+        self._db = db
+        self.ttl_s = ttl_s
+        self._should_run = should_run
+        self.interval_s = interval_s
+        self._batch = batch
+        self._on_pruned = on_pruned
+        self._now = now
+        self.pruned_total = 0
+
+    async def prune_once(self) -> int:
+        """Delete every event recorded more than the TTL ago, a batch a transaction with a pause
+        after each, until a batch finds fewer than a whole batch or this controller no longer
+        leads; how many it deleted."""
+        before = self._now() - timedelta(seconds=self.ttl_s)
+        pruned = 0
+        while self._should_run():
+            started = time.perf_counter()
+            async with self._db.unit_of_work() as uow:
+                count = await prune_events(uow.session, before, self._batch)
+                await uow.commit()
+            pruned += count
+            self.pruned_total += count
+            self._on_pruned(count)
+            if count < self._batch:
+                break
+            await asyncio.sleep((time.perf_counter() - started) * (1 / WRITER_SHARE - 1))
+        if pruned:
+            log.info("deleted %d events recorded before %s (--event-ttl %gs)", pruned, before.isoformat(), self.ttl_s)
+        return pruned
+
+    async def run(self) -> None:
+        """`prune_once` every `interval_s` while leading, until cancelled; a failed one is logged
+        and the next goes on time."""
+        while True:
+            await asyncio.sleep(self.interval_s)
+            if not self._should_run():
+                continue
+            try:
+                await self.prune_once()
+            except asyncio.CancelledError:
+                raise
+            except LeaseLost:  # another controller leads now and prunes
+                continue
+            except Exception:
+                log.exception("event retention pass failed; retrying in %.0fs", self.interval_s)
