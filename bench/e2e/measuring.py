@@ -60,6 +60,8 @@ class Bench:
     db_xacts: int = 0  # transactions committed or rolled back in the database since (pg_stat_database)
     pg_statements: dict[str, Any] | None = None  # --pg-statements: pg_stat_statements' since the submits
     rss_mib: float = 0.0
+    # the host's speed (bench/calibrate.py) before the run started and after it ended, best ms
+    calibration_ms: list[float] = field(default_factory=list)
     gateway_rss_mib: float = 0.0  # the agent gateways' peak RSS, summed
     controller_exit: int | None = None
     violations: list[str] | None = None  # None: not graded

@@ -86,10 +86,18 @@ def report(r: dict[str, Any]) -> str:
                f"deployment ({r['db_transactions']} transactions) | " if r.get("db_server_cpu_s") is not None else "")
             + f"controller CPU {_per_deployment_ms(r, 'controller_cpu_s')} ms a deployment | "
             f"heartbeat node-row writes {r['heartbeat_rows_per_s']}/s since the submits began | "
-            f"nodes joined in {r['nodes_joined_s']} s | reconcile passes "
+            f"nodes joined in {r['nodes_joined_s']} s | {_calibration(r)}reconcile passes "
             f"{', '.join(f'{k} {v}' for k, v in sorted(r['reconcile_passes'].items())) or '?'} | "
             f"event-loop lag p50/p99 <= {r['loop_lag_p50_le_s']}/{r['loop_lag_p99_le_s']} s "
             f"(the bench's own {pp('bench_loop_lag')} ms)"
             f"{_stages_line(r)}{_pg_statements_lines(r)}\n"
             f"  checker: {checker}; errors: {r['error_count']}"
             + "".join(f"\n    {e}" for e in r["errors"] + r["checker_violations"]))
+
+
+def _calibration(r: dict[str, Any]) -> str:
+    """The host's speed before and after the run (bench/calibrate.py), where measured."""
+    readings = r.get("host_calibration_ms") or []
+    if not readings:
+        return ""
+    return f"host calibration {'/'.join(f'{ms:g}' for ms in readings)} ms before/after (higher: a slower host) | "

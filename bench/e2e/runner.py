@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.calibrate import calibrate
 from bench.e2e.cluster import NODES_PER_RACK, Shape, admin_setup, tenants_for, wait_connected, workload
 from bench.e2e.databases import PG_XACTS_SQL, _pg_execute, database_server, grade, pg_statements_since_reset
 from bench.e2e.load import client, deleter, offered
@@ -46,7 +47,9 @@ async def one_run(kind: str, nodes: int, args: argparse.Namespace, root: Path) -
                   + (f", up to {args.submit_batch} single-shard deployments a call" if args.submit_batch > 1 else ""))
     progress = asyncio.create_task(report_progress(bench, args.progress_every)) if args.progress_every else None
     try:
+        bench.calibration_ms.append((await asyncio.to_thread(calibrate)).best_ms)
         await _measure(bench, args, root)
+        bench.calibration_ms.append((await asyncio.to_thread(calibrate)).best_ms)
     except BaseException as exc:
         why = "cancelled (a signal, ^C or a timeout)" if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt) \
             else f"{type(exc).__name__}: {exc}"

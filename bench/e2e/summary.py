@@ -115,6 +115,7 @@ def summarize(bench: Bench) -> dict[str, Any]:
         "submit_queued": _interpolated_ms(bench.submit_queued),
         "submit_stages": {stage: _interpolated_ms(buckets) for stage, buckets in bench.submit_stages.items()},
         "load": bench.load,
+        "host_calibration_ms": list(bench.calibration_ms),
         "offered_per_s": round(len(run.send_late_ms) / run.sending_s, 1) if run.sending_s else None,
         "send_late": _ms(run.send_late_ms) if run.send_late_ms else None,
         "checker_violations": violations[:10], "checker_violation_count": len(violations),

@@ -50,6 +50,9 @@ def test_e2e_runs_everything_and_the_checker_agrees(tmp_path: Path) -> None:
     assert result["loop_lag_p99_le_s"] is not None  # the controller's event-loop lag, from its /metrics
     assert result["submit_server_p99_le_s"] is not None  # its own timing of the submits, from its /metrics
     assert "submit p50/p99" in done.stdout and "/s steady" in done.stdout  # None when 25 ran at once
+    # the host's speed read before the run and after it (bench/calibrate.py), in the JSON and the report
+    before, after = result["host_calibration_ms"]
+    assert before > 0 and after > 0 and f"host calibration {before:g}/{after:g} ms before/after" in done.stdout
     # the machine's CPU over the submits: its busy part holds at least the controller's and the bench's
     assert 0 < result["machine_busy_cpu_s"] and result["controller_cpu_s"] + result["bench_cpu_s"] <= \
         result["machine_busy_cpu_s"] + 0.2 <= result["machine_cpu_s"] + 0.2
