@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from bench import calibrate as calibration
@@ -22,3 +24,16 @@ def test_a_workload_that_computes_something_else_is_refused(monkeypatch: pytest.
     monkeypatch.setattr(calibration, "workload", lambda: calibration.CHECKSUM + 1)
     with pytest.raises(AssertionError, match="not the fixed one"):
         calibration.calibrate(repeats=1)
+
+
+def test_the_collector_is_off_while_timing_and_as_it_was_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[bool] = []
+    monkeypatch.setattr(calibration, "workload", lambda: seen.append(gc.isenabled()) or calibration.CHECKSUM)
+    calibration.calibrate(repeats=2)
+    assert seen == [False, False] and gc.isenabled()
+    gc.disable()
+    try:
+        calibration.calibrate(repeats=1)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
