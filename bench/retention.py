@@ -1,0 +1,139 @@
+"""Event retention's batches on a large events table (`--event-ttl`, controller/retention.py).
+
+`python -m bench.retention --rows 400000 --db sqlite postgres`: a fresh database of each kind
+(SQLite in a temp dir, a throwaway PostgreSQL of bench/pgserver.py) gets `--rows` events spread
+evenly over the last ten days, in the shapes the controller writes; then the deletion of those
+older than seven days, `controller.store.retention.prune_events` a batch of 1,000 at a time as the
+leader's task runs it (without its pauses), each batch timed as the transaction a writer waits
+behind; then one prune with nothing due, what the leader pays every minute once caught up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from bench.pgserver import LocalPostgres, create_database, find_pg_bin_dir
+from controller.retention import BATCH_ROWS
+from controller.store import migrate
+from controller.store.db import Database
+from controller.store.models import Event, utcnow
+from controller.store.retention import prune_events
+from controller.store.unnest import InsertRows
+
+SPAN_DAYS = 10
+TTL_DAYS = 7
+WRITE_CHUNK = 20_000
+
+
+@asynccontextmanager
+async def _database(kind: str) -> AsyncIterator[Database]:
+    folder = Path(tempfile.mkdtemp(prefix="maia-bench-retention-"))
+    server: LocalPostgres | None = None
+    try:
+        if kind == "sqlite":
+            url = f"sqlite+aiosqlite:///{folder / 'maia.db'}"
+        else:
+            bin_dir = find_pg_bin_dir()
+            if bin_dir is None:
+                raise SystemExit("no PostgreSQL binaries found (bench/pgserver.py); run with --db sqlite")
+            server = LocalPostgres(bin_dir)
+            url = await create_database(server.start(), prefix="maia_bench_retention")
+        db = Database(url)
+        try:
+            await migrate.ensure_schema(db, migrate=True)
+            yield db
+        finally:
+            await db.dispose()
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def _fill(db: Database, rows: int) -> None:
+    """`rows` events, oldest first, evenly over the last SPAN_DAYS: two of three a shard's start,
+    one a placement, on 8 tenants' deployments."""
+    now = utcnow()
+    for start in range(0, rows, WRITE_CHUNK):
+        chunk = [{"at": now - timedelta(days=SPAN_DAYS * (1 - i / rows)), "actor": "system",
+                  "kind": "shard.running" if i % 3 else "deployment.placed", "object_kind": "deployment",
+                  "object_id": f"t{i % 8}/d{i}", "message": f"replica 0 shard 0 placed on n{i % 4096}",
+                  "data": {"replica": 0, "shard": 0, "node": f"n{i % 4096}"}}
+                 for i in range(start, min(rows, start + WRITE_CHUNK))]
+        async with db.unit_of_work() as uow:
+            await InsertRows(Event.__table__, chunk).write(uow.session)
+            await uow.commit()
+
+
+async def _prune(db: Database, before: Any) -> tuple[int, float]:
+    started = time.perf_counter()
+    async with db.unit_of_work() as uow:
+        count = await prune_events(uow.session, before, BATCH_ROWS)
+        await uow.commit()
+    return count, (time.perf_counter() - started) * 1000
+
+
+async def run(kind: str, rows: int) -> dict[str, Any]:
+    async with _database(kind) as db:
+        started = time.perf_counter()
+        await _fill(db, rows)
+        filled_s = time.perf_counter() - started
+        before = utcnow() - timedelta(days=TTL_DAYS)
+        deleted, batches = 0, []
+        while True:
+            count, ms = await _prune(db, before)
+            deleted += count
+            batches.append(ms)
+            if count < BATCH_ROWS:
+                break
+        _, idle_ms = await _prune(db, before)
+        batches.sort()
+        return {"db": kind, "rows": rows, "filled_s": round(filled_s, 1), "deleted": deleted,
+                "batches": len(batches), "batch_p50_ms": round(statistics.median(batches), 1),
+                "batch_p90_ms": round(batches[int(len(batches) * 0.9)], 1), "batch_max_ms": round(batches[-1], 1),
+                "deleted_per_s_of_batches": round(deleted / (sum(batches) / 1000)) if deleted else 0,
+                "nothing_due_ms": round(idle_ms, 2)}
+
+
+def _report(r: dict[str, Any]) -> str:
+    return (f"{r['db']:10} {r['rows']} events over {SPAN_DAYS} days (written in {r['filled_s']} s): "
+            f"{r['deleted']} past {TTL_DAYS} days deleted in {r['batches']} batches of {BATCH_ROWS}, a batch "
+            f"p50/p90/max {r['batch_p50_ms']}/{r['batch_p90_ms']}/{r['batch_max_ms']} ms "
+            f"({r['deleted_per_s_of_batches']} rows a second of batches); a prune with nothing due "
+            f"{r['nothing_due_ms']} ms")
+
+
+async def _main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    results = []
+    for kind in args.db:
+        results.append(await run(kind, args.rows))
+        print(_report(results[-1]), flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.retention", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=400_000, help="events written before the deletion")
+    parser.add_argument("--db", nargs="+", choices=("sqlite", "postgres"), default=["sqlite", "postgres"])
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    results = asyncio.run(_main(args))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
