@@ -5,7 +5,8 @@ the awaited thing completes (CPython gh-86296, fixed in 3.12): a loop that waits
 with it and is cancelled just as someone sets the event never sees the cancellation, runs on,
 and whoever awaits it after `cancel()` waits forever. That is how `ControllerApp.stop()` hung on a
 loaded machine. Here every bounded wait goes through `asyncio.timeout`, which does not have the
-bug, and shutdown cancels with a bound and says which task would not stop.
+bug, and shutdown cancels with a bound and says which task would not stop. And the leader's
+periodic passes (`leader_passes`: the node lifecycle's, the event retention's).
 """
 from __future__ import annotations
 
@@ -34,6 +35,25 @@ async def within(awaitable: Awaitable[T], timeout_s: float) -> T:
     without losing an outer cancellation)."""
     async with asyncio.timeout(max(0.0, timeout_s)):
         return await awaitable
+
+
+async def leader_passes(interval_s: float, leading: Callable[[], bool], one_pass: Callable[[], Awaitable[object]],
+                        *, what: str, quiet: tuple[type[Exception], ...] = ()) -> None:
+    """A leader's periodic work until cancelled: every `interval_s`, `one_pass()` if `leading()`.
+    A pass that fails is logged (`what` names it) and the next one goes on time; the `quiet`
+    exceptions (the lease lost: another controller leads now and does the work) are not logged."""
+    while True:
+        await asyncio.sleep(interval_s)
+        if not leading():
+            continue
+        try:
+            await one_pass()
+        except asyncio.CancelledError:
+            raise
+        except quiet:
+            continue
+        except Exception:
+            log.exception("%s failed; the next in %.1fs", what, interval_s)
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task], *, patience_s: float = 5.0) -> None:

@@ -34,12 +34,12 @@ during the restart grace, which ends with a read.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Set
 from datetime import datetime, timedelta
 
+from controller.aio import leader_passes
 from controller.domain.liveness import (
     DOWN, UP, EvictionLimiter, FlapDamper, LivenessPolicy, Transition, eviction_candidates, health_changes,
     zone_rates_of,
@@ -103,18 +103,9 @@ class NodeLifecycle:
 
     async def run(self) -> None:
         self._started = self._wall_clock()
-        while True:
-            await asyncio.sleep(self._interval)
-            if not self._is_leader():
-                continue
-            try:
-                await self.pass_once()
-            except asyncio.CancelledError:
-                raise
-            except LeaseLost:  # another controller leads now and judges the nodes
-                continue
-            except Exception:
-                log.exception("node lifecycle pass failed")
+        # LeaseLost: another controller leads now and judges the nodes
+        await leader_passes(self._interval, self._is_leader, self.pass_once, what="node lifecycle pass",
+                            quiet=(LeaseLost,))
 
     def _nothing_due(self, streams: int | None, mono: float) -> bool:
         """The last read found no node a rule could change, no stream opened or ended here since,

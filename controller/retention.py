@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+from controller.aio import leader_passes
 from controller.store.db import Database
 from controller.store.lease import LeaseLost
 from controller.store.models import utcnow
@@ -74,15 +75,5 @@ class EventRetention:
     async def run(self) -> None:
         """`prune_once` every `interval_s` while leading, until cancelled; a failed one is logged
         and the next goes on time."""
-        while True:
-            await asyncio.sleep(self.interval_s)
-            if not self._should_run():
-                continue
-            try:
-                await self.prune_once()
-            except asyncio.CancelledError:
-                raise
-            except LeaseLost:  # another controller leads now and prunes
-                continue
-            except Exception:
-                log.exception("event retention pass failed; retrying in %.0fs", self.interval_s)
+        await leader_passes(self.interval_s, self._should_run, self.prune_once, what="event retention pass",
+                            quiet=(LeaseLost,))

@@ -1,5 +1,5 @@
 """controller.aio: bounded waits that never swallow a cancellation (Python 3.11's wait_for does,
-CPython gh-86296), and a shutdown that never waits forever on a task."""
+CPython gh-86296), a shutdown that never waits forever on a task, and a leader's periodic passes."""
 from __future__ import annotations
 
 import asyncio
@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from controller.aio import cancel_and_wait, wait_event, within
+from controller.aio import cancel_and_wait, leader_passes, wait_event, within
 
 
 async def _waiter(event: asyncio.Event) -> None:
@@ -76,3 +76,33 @@ async def test_cancel_and_wait_gives_up_on_a_task_that_never_stops(caplog) -> No
     release.set()
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_leader_passes_run_while_leading_and_go_on_after_a_failure(caplog) -> None:
+    class Deposed(Exception):
+        pass
+
+    leading = [False]
+    outcomes: list[BaseException | None] = [RuntimeError("the database went away"), Deposed(), None]
+    ran: list[str] = []
+
+    async def one_pass() -> None:
+        outcome = outcomes.pop(0) if outcomes else None
+        ran.append(type(outcome).__name__)
+        if outcome is not None:
+            raise outcome
+
+    task = asyncio.create_task(leader_passes(0.01, lambda: leading[0], one_pass, what="a test pass",
+                                             quiet=(Deposed,)))
+    try:
+        await asyncio.sleep(0.05)
+        assert ran == []  # a follower runs none
+        leading[0] = True
+        while len(ran) < 4:
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert ran[:3] == ["RuntimeError", "Deposed", "NoneType"]  # each failure, then the next on time
+    failures = [r for r in caplog.records if "a test pass failed" in r.getMessage()]
+    assert len(failures) == 1 and "the database went away" in (failures[0].exc_text or str(failures[0].exc_info))
