@@ -4,8 +4,9 @@
 (SQLite in a temp dir, a throwaway PostgreSQL of bench/pgserver.py) gets `--rows` events spread
 evenly over the last ten days, in the shapes the controller writes; then the deletion of those
 older than seven days, `controller.store.retention.prune_events` a batch of 1,000 at a time as the
-leader's task runs it (without its pauses), each batch timed as the transaction a writer waits
-behind; then one prune with nothing due, what the leader pays every minute once caught up.
+leader's task runs it (each reading on from where the last stopped; without its pauses), each
+batch timed as the transaction a writer waits behind; then one prune with nothing due, what the
+leader pays every minute once caught up.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from controller.retention import BATCH_ROWS
 from controller.store import migrate
 from controller.store.db import Database
 from controller.store.models import Event, utcnow
-from controller.store.retention import prune_events
+from controller.store.retention import Pruned, prune_events
 from controller.store.unnest import InsertRows
 
 SPAN_DAYS = 10
@@ -76,12 +77,12 @@ async def _fill(db: Database, rows: int) -> None:
             await uow.commit()
 
 
-async def _prune(db: Database, before: Any) -> tuple[int, float]:
+async def _prune(db: Database, before: Any, since: Any) -> tuple[Pruned, float]:
     started = time.perf_counter()
     async with db.unit_of_work() as uow:
-        count = await prune_events(uow.session, before, BATCH_ROWS)
+        pruned = await prune_events(uow.session, before, BATCH_ROWS, since=since)
         await uow.commit()
-    return count, (time.perf_counter() - started) * 1000
+    return pruned, (time.perf_counter() - started) * 1000
 
 
 async def run(kind: str, rows: int) -> dict[str, Any]:
@@ -90,14 +91,15 @@ async def run(kind: str, rows: int) -> dict[str, Any]:
         await _fill(db, rows)
         filled_s = time.perf_counter() - started
         before = utcnow() - timedelta(days=TTL_DAYS)
-        deleted, batches = 0, []
+        deleted, batches, reached = 0, [], None
         while True:
-            count, ms = await _prune(db, before)
-            deleted += count
+            pruned, ms = await _prune(db, before, reached)
+            deleted += pruned.count
+            reached = pruned.reached or reached
             batches.append(ms)
-            if count < BATCH_ROWS:
+            if pruned.count < BATCH_ROWS:
                 break
-        _, idle_ms = await _prune(db, before)
+        _, idle_ms = await _prune(db, before, reached)
         batches.sort()
         return {"db": kind, "rows": rows, "filled_s": round(filled_s, 1), "deleted": deleted,
                 "batches": len(batches), "batch_p50_ms": round(statistics.median(batches), 1),

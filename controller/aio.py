@@ -38,10 +38,10 @@ async def within(awaitable: Awaitable[T], timeout_s: float) -> T:
 
 
 async def leader_passes(interval_s: float, leading: Callable[[], bool], one_pass: Callable[[], Awaitable[object]],
-                        *, what: str, quiet: tuple[type[Exception], ...] = ()) -> None:
+                        *, what: str, quiet: tuple[type[Exception], ...] = (), logger: logging.Logger = log) -> None:
     """A leader's periodic work until cancelled: every `interval_s`, `one_pass()` if `leading()`.
-    A pass that fails is logged (`what` names it) and the next one goes on time; the `quiet`
-    exceptions (the lease lost: another controller leads now and does the work) are not logged."""
+    A pass that fails is logged on `logger` (`what` names it) and the next one goes on time; the
+    `quiet` exceptions (the lease lost: another controller leads now and does the work) are not."""
     while True:
         await asyncio.sleep(interval_s)
         if not leading():
@@ -53,7 +53,7 @@ async def leader_passes(interval_s: float, leading: Callable[[], bool], one_pass
         except quiet:
             continue
         except Exception:
-            log.exception("%s failed; the next in %.1fs", what, interval_s)
+            logger.exception("%s failed; the next in %.1fs", what, interval_s)
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task], *, patience_s: float = 5.0) -> None:

@@ -149,6 +149,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
+EVENT_TTL_MIN_S = 3600.0              # an hour: less would cut what rollouts and operators read back
+EVENT_TTL_MAX_S = 3650 * 24 * 3600.0  # ten years
+
+
+def _event_ttl(text: str) -> float:
+    value = _number(text)
+    if value != 0 and not EVENT_TTL_MIN_S <= value <= EVENT_TTL_MAX_S:
+        raise argparse.ArgumentTypeError(
+            f"0 (keep every event) or {EVENT_TTL_MIN_S:.0f} to {EVENT_TTL_MAX_S:.0f} seconds (an hour to ten "
+            f"years), got {text}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = _number(text)
     if value < 0:
@@ -502,9 +515,10 @@ def _observability_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]
                             "included (0: no ceiling)")
     group.add_argument("--reconcile-stuck-s", type=_positive_float, default=Config.reconcile_stuck_s,
                        help="health says NOT_SERVING when one reconcile pass runs longer than this")
-    group.add_argument("--event-ttl", type=_non_negative_float, default=Config.event_ttl_s, metavar="SECONDS",
+    group.add_argument("--event-ttl", type=_event_ttl, default=Config.event_ttl_s, metavar="SECONDS",
                        help="the leader deletes events recorded longer ago than this, but the isolation "
-                            "watchdog's alarms and the nodes' drains (default 7 days; 0: keep every event)")
+                            "watchdog's alarms and the nodes' drains (default 7 days, at least an hour; 0: keep "
+                            "every event)")
 
 
 def _config(ns: argparse.Namespace) -> Config:

@@ -105,7 +105,7 @@ class NodeLifecycle:
         self._started = self._wall_clock()
         # LeaseLost: another controller leads now and judges the nodes
         await leader_passes(self._interval, self._is_leader, self.pass_once, what="node lifecycle pass",
-                            quiet=(LeaseLost,))
+                            quiet=(LeaseLost,), logger=log)
 
     def _nothing_due(self, streams: int | None, mono: float) -> bool:
         """The last read found no node a rule could change, no stream opened or ended here since,

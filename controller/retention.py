@@ -2,11 +2,12 @@
 
 Without it `events` grows for ever: a few rows a deployment and a row for each node's change, so
 ~8.6 million a day at 50 deployments a second. Every `interval_s` the leader deletes what passed the
-time to live (but the kinds read back as state: `controller.store.retention`), `batch` rows a
-transaction, oldest first, each batch followed by a pause nine times as long as it took: the
-deletion takes a tenth of the database's writer at most (SQLite's one writer; PostgreSQL's rows
-and its write-ahead log), never a long transaction, and on a table years behind it catches up at
-several thousand rows a second. A follower deletes nothing; a leader that loses its lease stops
+time to live (but the kinds read back as state, and the newest event: `controller.store.retention`),
+`batch` rows a transaction, oldest first, each batch reading on from where the last one stopped
+and followed by a pause nine times as long as it took: the deletion takes a tenth of the
+database's writer at most (SQLite's one writer; PostgreSQL's rows and its write-ahead log), never
+a long transaction, and on a table years behind it catches up at ~15,000 rows a second
+(docs/benchmarks.md, `retention`). A follower deletes nothing; a leader that loses its lease stops
 between two batches (each commit is fenced like every leader's write).
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 from controller.aio import leader_passes
@@ -39,7 +40,8 @@ class EventRetention:
     def __init__(self, db: Database, *, ttl_s: float, should_run: Callable[[], bool],
                  interval_s: float = PRUNE_EVERY_S, batch: int = BATCH_ROWS,
                  on_pruned: Callable[[int], None] = lambda count: None,
-                 now: Callable[[], datetime] = utcnow) -> None:
+                 now: Callable[[], datetime] = utcnow,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         if ttl_s <= 0:
             raise ValueError(f"an event TTL must be > 0 (0 means no retention task), got {ttl_s}")
         self._db = db
@@ -49,7 +51,11 @@ class EventRetention:
         self._batch = batch
         self._on_pruned = on_pruned
         self._now = now
+        self._sleep = sleep
         self.pruned_total = 0
+        # The latest time a batch reached: the next batch reads on from there (the older events left
+        # are of the kinds kept, and no event is recorded that long after it happened).
+        self._reached: datetime | None = None
 
     async def prune_once(self) -> int:
         """Delete every event recorded more than the TTL ago, a batch a transaction with a pause
@@ -60,14 +66,16 @@ class EventRetention:
         while self._should_run():
             started = time.perf_counter()
             async with self._db.unit_of_work() as uow:
-                count = await prune_events(uow.session, before, self._batch)
+                batch = await prune_events(uow.session, before, self._batch, since=self._reached)
                 await uow.commit()
-            pruned += count
-            self.pruned_total += count
-            self._on_pruned(count)
-            if count < self._batch:
+            if batch.reached is not None:
+                self._reached = batch.reached
+            pruned += batch.count
+            self.pruned_total += batch.count
+            self._on_pruned(batch.count)
+            if batch.count < self._batch:
                 break
-            await asyncio.sleep((time.perf_counter() - started) * (1 / WRITER_SHARE - 1))
+            await self._sleep((time.perf_counter() - started) * (1 / WRITER_SHARE - 1))
         if pruned:
             log.info("deleted %d events recorded before %s (--event-ttl %gs)", pruned, before.isoformat(), self.ttl_s)
         return pruned
@@ -76,4 +84,4 @@ class EventRetention:
         """`prune_once` every `interval_s` while leading, until cancelled; a failed one is logged
         and the next goes on time."""
         await leader_passes(self.interval_s, self._should_run, self.prune_once, what="event retention pass",
-                            quiet=(LeaseLost,))
+                            quiet=(LeaseLost,), logger=log)

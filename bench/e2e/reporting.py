@@ -100,4 +100,5 @@ def _calibration(r: dict[str, Any]) -> str:
     readings = r.get("host_calibration_ms") or []
     if not readings:
         return ""
-    return f"host calibration {'/'.join(f'{ms:g}' for ms in readings)} ms before/after (higher: a slower host) | "
+    when = "before/after" if len(readings) > 1 else "before (the run stopped)"
+    return f"host calibration {'/'.join(f'{ms:g}' for ms in readings)} ms {when} (higher: a slower host) | "

@@ -3,24 +3,31 @@
 
 `events` is the controller's busiest table (a few rows a deployment, more for each node's ups and
 downs: ~100 a second at 50 deployments a second, 8.6 million a day) and its history is for people
-(`maiactl get events`, the console, credits for an outage). Three kinds are read back as state
-and are never deleted here: the isolation watchdog's alarms and clearings (a new leader learns the
-alarms standing from them, `controller.watchdog`) and a node's drain (`node.draining`: the count
-of replicas the drain is measured against, `controller.store.rollout`). They are rare: an alarm,
-an operator's drain.
+(`maiactl get events`, `maiactl describe`, credits for an outage). Three kinds are read back as
+state and are never deleted here: the isolation watchdog's alarms and clearings (a new leader
+learns the alarms standing from them, `controller.watchdog`) and a node's drain (`node.draining`:
+the count of replicas the drain is measured against, `controller.store.rollout`). They are rare:
+an alarm, an operator's drain.
 
-One more reader tolerates the cut: `rollout._placed_again` looks for the moves and fills of a
-replica since its deployment last rolled; a replica moved longer than the time to live ago and
-still not running counts as not moved, and goes as any outgoing replica that does not run.
+Nor is the newest event ever deleted, however old: SQLite gives a new row the highest id in the
+table plus one, and with the newest gone a new event would take an id a reader following the
+history (`ListEvents(after_id=)`, `maiactl get events -w`) has already passed.
+
+One more reader tolerates the cut: `rollout._placed_again` looks for the moves and fills of an
+older revision's replica since its deployment last rolled; one placed again longer than the time
+to live ago and not running now counts as not placed again, and goes as any outgoing replica that
+serves nothing.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from controller.store.inlist import any_of
 from controller.store.models import Event
 from controller.store.rollout import DRAIN_EVENT
 
@@ -29,11 +36,31 @@ from controller.store.rollout import DRAIN_EVENT
 STATE_KINDS = ("isolation.violation", "isolation.cleared", DRAIN_EVENT)
 
 
-async def prune_events(session: AsyncSession, before: datetime, limit: int) -> int:
-    """Delete the oldest `limit` events at most that were recorded before `before`, those of the
-    `STATE_KINDS` excepted; how many it deleted. Read through the index on `at`: the statement
-    costs the rows it deletes, not the table."""
-    doomed = (select(Event.id).where(Event.at < before, Event.kind.not_in(STATE_KINDS))
-              .order_by(Event.at).limit(limit).scalar_subquery())
-    result = await session.execute(delete(Event).where(Event.id.in_(doomed)))
-    return int(result.rowcount or 0)
+@dataclass(frozen=True)
+class Pruned:
+    """What one `prune_events` deleted: how many, and the latest time among them (None: none)."""
+
+    count: int
+    reached: datetime | None
+
+
+async def prune_events(session: AsyncSession, before: datetime, limit: int, *,
+                       since: datetime | None = None) -> Pruned:
+    """Delete the oldest `limit` events at most recorded before `before` (and at `since` or later:
+    where the last batch stopped), those of the `STATE_KINDS` and the newest event excepted.
+
+    Read through the index on `at` from `since` on: a batch costs the rows it deletes, not the
+    table, nor the entries of rows earlier batches deleted (PostgreSQL keeps those in the index
+    until a vacuum may drop them, and while an old snapshot is open, a dump's, a batch walking
+    them from the start again grew with every batch)."""
+    due = select(Event.id, Event.at).where(
+        Event.at < before, Event.kind.not_in(STATE_KINDS),
+        Event.id < select(func.max(Event.id)).scalar_subquery())
+    if since is not None:
+        due = due.where(Event.at >= since)
+    rows = (await session.execute(due.order_by(Event.at).limit(limit))).all()
+    if not rows:
+        return Pruned(0, None)
+    table = Event.__table__
+    result = await session.execute(delete(table).where(any_of(session, table.c.id, [row.id for row in rows])))
+    return Pruned(int(result.rowcount or 0), max(row.at for row in rows))

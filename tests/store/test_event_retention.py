@@ -14,6 +14,7 @@ from controller.config import parse_args
 from controller.retention import EventRetention
 from controller.store import models as m
 from controller.store.db import Database
+from controller.store import repositories as repo
 from controller.store.repositories import NewEvent, record_events
 from controller.store.retention import STATE_KINDS, prune_events
 from controller.store.rollout import DRAIN_EVENT
@@ -40,22 +41,49 @@ async def _left(database: Database) -> list[tuple[str, str]]:
         return [(kind, object_id) for kind, object_id in rows]
 
 
+async def _prune(database: Database, limit: int, since: datetime | None = None) -> int:
+    async with database.unit_of_work() as uow:
+        pruned = await prune_events(uow.session, NOW - timedelta(hours=1), limit, since=since)
+        await uow.commit()
+    return pruned.count
+
+
 async def test_a_prune_deletes_the_oldest_events_past_the_cutoff_a_batch_at_most_and_keeps_state_kinds(
         database: Database) -> None:
     await _record(database, ("node.down", "old-3", 5), ("node.up", "old-1", 3), ("node.down", "old-2", 4),
                   (EVENT_KIND, "n1", 9), (DRAIN_EVENT, "n2", 9), (CLEARED_KIND, "n3", 9),
                   ("deployment.placed", "new", 0.5))
-    async with database.unit_of_work() as uow:
-        deleted = await prune_events(uow.session, NOW - timedelta(hours=1), limit=2)
-        await uow.commit()
-    assert deleted == 2
+    assert await _prune(database, 2) == 2
     # the two oldest past the cutoff went (5 h and 4 h), whatever order they were written in
     assert ("node.up", "old-1") in await _left(database)
-    async with database.unit_of_work() as uow:
-        assert await prune_events(uow.session, NOW - timedelta(hours=1), limit=2) == 1
-        await uow.commit()
+    assert await _prune(database, 2) == 1
     assert await _left(database) == [(EVENT_KIND, "n1"), (DRAIN_EVENT, "n2"), (CLEARED_KIND, "n3"),
                                      ("deployment.placed", "new")]
+
+
+async def test_the_newest_event_stays_however_old_so_a_new_one_never_reuses_an_id(database: Database) -> None:
+    """SQLite numbers a new row after the highest id left: with every event deleted, the next one
+    took id 1, and a reader following the history after the last id it saw never saw it."""
+    await _record(database, *(("node.down", f"n{i}", 2) for i in range(3)))
+    assert await _prune(database, 10) == 2
+    async with database.unit_of_work() as uow:
+        last_seen = await uow.session.scalar(select(func.max(m.Event.id)))
+    await _record(database, ("node.up", "n9", 0))
+    async with database.unit_of_work() as uow:
+        assert await uow.session.scalar(select(func.max(m.Event.id))) > last_seen
+        assert len(await repo.list_events(uow.session, after_id=last_seen)) == 1
+
+
+async def test_a_prune_reads_on_from_where_the_last_batch_stopped(database: Database) -> None:
+    await _record(database, ("node.down", "a", 5), ("node.down", "b", 4), ("node.down", "c", 3),
+                  ("node.up", "newest", 0))
+    async with database.unit_of_work() as uow:
+        first = await prune_events(uow.session, NOW - timedelta(hours=1), 1)
+        await uow.commit()
+    assert first.count == 1 and first.reached is not None
+    # nothing at or after a time later than every due event: the batch reads from there on
+    assert await _prune(database, 10, since=NOW - timedelta(hours=2)) == 0
+    assert await _prune(database, 10, since=first.reached) == 2
 
 
 def test_the_kinds_kept_are_those_the_controller_reads_back() -> None:
@@ -67,10 +95,16 @@ async def test_the_leader_deletes_everything_past_the_ttl_in_batches_and_alarms_
     await _record(database, *(("node.down", f"n{i}", 2 + i / 100) for i in range(7)),
                   (EVENT_KIND, "n1", 30 * 24), ("node.up", "n9", 0.1))
     counted: list[int] = []
+    paused: list[float] = []
+
+    async def pause(seconds: float) -> None:
+        paused.append(seconds)
+
     retention = EventRetention(database, ttl_s=TTL_S, should_run=lambda: True, batch=3, on_pruned=counted.append,
-                               now=lambda: NOW)
+                               now=lambda: NOW, sleep=pause)
     assert await retention.prune_once() == 7
     assert counted == [3, 3, 1] and retention.pruned_total == 7  # a transaction a batch, until one is short
+    assert len(paused) == 2 and all(p > 0 for p in paused)  # a pause after each whole batch, none after the last
     assert await _left(database) == [(EVENT_KIND, "n1"), ("node.up", "n9")]
     async with database.read_snapshot() as session:  # a new leader still learns the month-old alarm
         assert [v.scope for v in (await _stored_alarms(session)).values()] == ["node n1"]
@@ -111,11 +145,15 @@ async def test_the_run_loop_prunes_on_its_period_while_leading(database: Databas
 def test_event_ttl_is_a_flag_and_zero_keeps_every_event() -> None:
     assert parse_args([], env={}).event_ttl_s == 7 * 24 * 3600
     assert parse_args(["--event-ttl", "0"], env={}).event_ttl_s == 0
+    assert parse_args(["--event-ttl", "3600"], env={}).event_ttl_s == 3600
     with pytest.raises(ValueError):
         EventRetention(None, ttl_s=0, should_run=lambda: True)  # type: ignore[arg-type]
 
 
-def test_a_negative_event_ttl_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("ttl", ["-1", "60", "1e12", "nan"])
+def test_an_event_ttl_out_of_range_is_a_usage_error(ttl: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Under an hour would cut what rollouts and operators read back; past ten years the cutoff
+    overflowed a date and every pass failed."""
     with pytest.raises(SystemExit) as caught:
-        parse_args(["--event-ttl", "-1"], env={})
-    assert caught.value.code == 2 and "--event-ttl: must be >= 0" in capsys.readouterr().err
+        parse_args(["--event-ttl", ttl], env={})
+    assert caught.value.code == 2 and "--event-ttl:" in capsys.readouterr().err

@@ -304,8 +304,9 @@ def fetch_events(ctx: Context, kind: str = "", name: str = "", after_id: int = 0
 
 def _must_exist(ctx: Context, kind: str, name: str, tenant: str) -> None:
     """NOT_FOUND raised when the object of `--for` does not exist: its having no events says
-    nothing (a deleted one keeps its history, so this is asked only when there is none). One read;
-    an answer other than NOT_FOUND (a tenant's token may not read nodes) leaves the empty list be."""
+    nothing (a deleted one keeps its history for the controller's --event-ttl, so this is asked
+    only when there is none). One read; an answer other than NOT_FOUND (a tenant's token may not
+    read nodes) leaves the empty list be."""
     if kind == "topology":  # always exists
         return
     try:
