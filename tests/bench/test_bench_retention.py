@@ -17,3 +17,12 @@ async def test_the_bench_deletes_the_events_past_seven_of_ten_days(kind: str) ->
     assert result["batches"] == 1 + result["deleted"] // BATCH_ROWS
     assert 0 < result["batch_p50_ms"] <= result["batch_max_ms"] and result["nothing_due_ms"] > 0
     assert f"{result['deleted']} past 7 days deleted" in retention._report(result)
+
+
+@pytest.mark.postgres
+async def test_the_bench_holds_an_old_snapshot_open_on_postgresql_when_asked() -> None:
+    result = await retention.run("postgres", BATCH_ROWS + 500, hold_snapshot=True)
+    assert result["snapshot_held"] and result["deleted"] >= int((BATCH_ROWS + 500) * 0.3)
+    assert "a snapshot held open meanwhile" in retention._report(result)
+    assert not (await retention.run("sqlite", 100, hold_snapshot=True))["snapshot_held"]  # SQLite has none to hold
+
