@@ -125,7 +125,7 @@ async def run(kind: str, rows: int, *, hold_snapshot: bool = False) -> dict[str,
                 "snapshot_held": hold_snapshot and kind == "postgres",
                 "batches": len(batches), "batch_p50_ms": round(statistics.median(batches), 1),
                 "batch_p90_ms": round(batches[int(len(batches) * 0.9)], 1), "batch_max_ms": round(batches[-1], 1),
-                # the first and the last ten batches' mean: a batch that grows with the rows deleted before it shows here
+                # the first and the last ten batches' means: batches that grow with the rows deleted show here
                 "first_10_ms": round(statistics.mean(in_order[:10]), 1),
                 "last_10_ms": round(statistics.mean(in_order[-10:]), 1),
                 "deleted_per_s_of_batches": round(deleted / (sum(batches) / 1000)) if deleted else 0,

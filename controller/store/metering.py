@@ -64,6 +64,10 @@ class StartedShard:
     # The whole accelerators it holds (its accelerator indices): an older revision's shard, moved
     # or placed again during a rollout, holds what its revision asked, not the current spec.
     accelerators: int
+    # Its revision's power a whole accelerator, when that revision is not its deployment's current
+    # one (an older revision's shard during a rollout draws what its spec says); None: the
+    # deployment's (`DeploymentMeter.shard_power_w`).
+    power_w: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +145,8 @@ async def start_intervals(
             "tenant_id": dep.tenant_id, "deployment": dep.name,
             "replica": s.replica, "shard": s.shard, "node_id": s.node_id, "zone_id": node.zone_id,
             "accelerator_model": node.accelerator_model, "accelerator_milli": milli,
-            "load_power_w": (dep.shard_power_w or 0.0) * milli / 1000.0, "idle_share_w": idle_share,
+            "load_power_w": (s.power_w if s.power_w is not None else dep.shard_power_w or 0.0) * milli / 1000.0,
+            "idle_share_w": idle_share,
             "started_s": start, "ended_s": None,
         })
     await session.execute(_START_INTERVAL, rows)

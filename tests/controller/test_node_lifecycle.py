@@ -740,7 +740,7 @@ async def test_a_stalled_rollout_places_its_old_replica_again_when_the_node_unde
     async with cluster.unit_of_work() as uow:  # only the victim takes work: svc (1 of its 4) goes there
         for node in (spare, *others):
             await nodes.cordon_node(uow, WHO, node, signals, None, {})
-    await submit(cluster, deployment("svc", replicas=1, accelerators=1, spread=None))
+    await submit(cluster, deployment("svc", replicas=1, accelerators=1, spread=None, shard_power_w=300.0))
     await loop.reconcile_once()
     async with cluster.unit_of_work() as uow:  # then the spare alone: 3 of its 4 taken
         await nodes.cordon_node(uow, WHO, victim, signals, None, {})
@@ -752,7 +752,8 @@ async def test_a_stalled_rollout_places_its_old_replica_again_when_the_node_unde
     assert {node for node, _ in (await _revisions(cluster, "filler")).values()} == {spare}
     async with cluster.unit_of_work() as uow:  # a whole node a shard: nowhere has 4 free
         row = await repo.get_deployment(uow.session, "t1", "svc")
-        await updates.update_deployment(uow, WHO, deployment("svc", replicas=1, accelerators=4, spread=None),
+        await updates.update_deployment(uow, WHO, deployment("svc", replicas=1, accelerators=4, spread=None,
+                                                             shard_power_w=500.0),
                                         row.resource_version, signals)
     await loop.reconcile_once(force=True)
     assert await _revisions(cluster, "svc") == {(0, 0): (victim, 1)}  # stalled: the old one runs on
@@ -769,9 +770,12 @@ async def test_a_stalled_rollout_places_its_old_replica_again_when_the_node_unde
         async with cluster.unit_of_work() as uow:  # still saying why the new revision waits
             row = await repo.get_deployment(uow.session, "t1", "svc")
             assert [reason["code"] for reason in row.reasons] == ["NODE_STATE", "CAPACITY"]
-    async with cluster.unit_of_work() as uow:  # metered at what it holds (1), not the new spec's 4
-        assert (await uow.session.execute(select(m.UsageInterval.node_id, m.UsageInterval.accelerator_milli).where(
-            m.UsageInterval.deployment == "svc", m.UsageInterval.ended_s.is_(None)))).all() == [(spare, 1000)]
+    async with cluster.unit_of_work() as uow:  # metered at what it holds (1) and draws (its revision's
+        # 300 W), not the new spec's 4 accelerators at 500 W
+        assert (await uow.session.execute(
+            select(m.UsageInterval.node_id, m.UsageInterval.accelerator_milli, m.UsageInterval.load_power_w).where(
+                m.UsageInterval.deployment == "svc", m.UsageInterval.ended_s.is_(None)))
+                ).all() == [(spare, 1000, 300.0)]
     # Room frees: the rollout goes on, and the old replica goes once its replacement runs. It
     # stayed for good: with the old replica on the down node, the pass judged nothing outgoing
     # and stopped looking until an unrelated change (found by exploratory testing).
