@@ -3,7 +3,7 @@
 `python -m bench.retention --rows 400000 --db sqlite postgres`: a fresh database of each kind
 (SQLite in a temp dir, a throwaway PostgreSQL of bench/pgserver.py) gets `--rows` events spread
 evenly over the last ten days, in the shapes the controller writes; then the deletion of those
-older than seven days, `controller.store.retention.prune_events` a batch of 1,000 at a time as the
+older than seven days, `controller.store.retention.prune_events` a batch of 500 at a time as the
 leader's task runs it (each reading on from where the last stopped; without its pauses), each
 batch timed as the transaction a writer waits behind; then one prune with nothing due, what the
 leader pays every minute once caught up. `--hold-snapshot`: the same with an old snapshot open
@@ -95,12 +95,19 @@ async def _snapshot_held(db: Database, hold: bool) -> AsyncIterator[None]:
         yield
         return
     async with db.engine.connect() as conn:
-        await conn.exec_driver_sql("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        # The first statement of the transaction the driver begins (as `Database.read_snapshot`);
+        # no idle-in-transaction timeout (the engine's ends an idle transaction after seconds).
+        await conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        await conn.exec_driver_sql("SET idle_in_transaction_session_timeout = 0")
         await conn.exec_driver_sql("SELECT count(*) FROM events")
+        held = (await conn.exec_driver_sql(
+            "SELECT backend_xmin IS NOT NULL FROM pg_stat_activity WHERE pid = pg_backend_pid()")).scalar()
+        if not held:
+            raise RuntimeError("the snapshot is not held: this connection's transaction keeps no xmin")
         try:
             yield
         finally:
-            await conn.exec_driver_sql("ROLLBACK")
+            await conn.rollback()
 
 
 async def run(kind: str, rows: int, *, hold_snapshot: bool = False) -> dict[str, Any]:

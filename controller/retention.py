@@ -6,7 +6,7 @@ time to live (but the kinds read back as state, and the newest event: `controlle
 `batch` rows a transaction, oldest first, each batch reading on from where the last one stopped
 and followed by a pause nine times as long as it took: the deletion takes a tenth of the
 database's writer at most (SQLite's one writer; PostgreSQL's rows and its write-ahead log), never
-a long transaction, and on a table years behind it catches up at ~15,000 rows a second
+a long transaction, and on a table years behind it catches up at ~12,000 rows a second
 (docs/benchmarks.md, `retention`). A follower deletes nothing; a leader that loses its lease stops
 between two batches (each commit is fenced like every leader's write).
 """
@@ -28,7 +28,7 @@ from controller.store.retention import prune_events
 log = logging.getLogger("maia.retention")
 
 PRUNE_EVERY_S = 60.0
-BATCH_ROWS = 1000
+BATCH_ROWS = 500  # a DELETE of one list (`store.retention.IDS_A_STATEMENT`), ~5 ms of the writer
 # Of the time a run of batches takes, the share spent deleting: after a batch, a pause of
 # (1 / share - 1) times what it took.
 WRITER_SHARE = 0.1
@@ -53,9 +53,6 @@ class EventRetention:
         self._now = now
         self._sleep = sleep
         self.pruned_total = 0
-        # The latest time a batch reached: the next batch reads on from there (the older events left
-        # are of the kinds kept, and no event is recorded that long after it happened).
-        self._reached: datetime | None = None
 
     async def prune_once(self) -> int:
         """Delete every event recorded more than the TTL ago, a batch a transaction with a pause
@@ -63,13 +60,16 @@ class EventRetention:
         leads; how many it deleted."""
         before = self._now() - timedelta(seconds=self.ttl_s)
         pruned = 0
+        # The latest time a batch of this pass reached: the next reads on from there. A pass starts
+        # from the oldest event again: one recorded late with an older time, or a deletion a
+        # database failover lost, is not skipped for good.
+        reached: datetime | None = None
         while self._should_run():
             started = time.perf_counter()
             async with self._db.unit_of_work() as uow:
-                batch = await prune_events(uow.session, before, self._batch, since=self._reached)
+                batch = await prune_events(uow.session, before, self._batch, since=reached)
                 await uow.commit()
-            if batch.reached is not None:
-                self._reached = batch.reached
+            reached = batch.reached or reached
             pruned += batch.count
             self.pruned_total += batch.count
             self._on_pruned(batch.count)

@@ -34,6 +34,9 @@ from controller.store.rollout import DRAIN_EVENT
 # The isolation watchdog's kinds (`controller.watchdog.EVENT_KIND`, `CLEARED_KIND`; the partial
 # index `models.ISOLATION_RECORDS` names them too) and the drain's.
 STATE_KINDS = ("isolation.violation", "isolation.cleared", DRAIN_EVENT)
+# Ids a DELETE lists at most: SQLite before 3.32 takes 999 bound parameters, and the store's other
+# lists stop at 500 too.
+IDS_A_STATEMENT = 500
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ async def prune_events(session: AsyncSession, before: datetime, limit: int, *,
     rows = (await session.execute(due.order_by(Event.at).limit(limit))).all()
     if not rows:
         return Pruned(0, None)
-    table = Event.__table__
-    result = await session.execute(delete(table).where(any_of(session, table.c.id, [row.id for row in rows])))
-    return Pruned(int(result.rowcount or 0), max(row.at for row in rows))
+    table, ids, count = Event.__table__, [row.id for row in rows], 0
+    for start in range(0, len(ids), IDS_A_STATEMENT):
+        listed = any_of(session, table.c.id, ids[start:start + IDS_A_STATEMENT])
+        count += int((await session.execute(delete(table).where(listed))).rowcount or 0)
+    return Pruned(count, max(row.at for row in rows))

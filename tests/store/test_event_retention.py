@@ -16,7 +16,7 @@ from controller.store import models as m
 from controller.store.db import Database
 from controller.store import repositories as repo
 from controller.store.repositories import NewEvent, record_events
-from controller.store.retention import STATE_KINDS, prune_events
+from controller.store.retention import IDS_A_STATEMENT, STATE_KINDS, prune_events
 from controller.store.rollout import DRAIN_EVENT
 from controller.watchdog import CLEARED_KIND, EVENT_KIND, _stored_alarms
 
@@ -109,6 +109,23 @@ async def test_the_leader_deletes_everything_past_the_ttl_in_batches_and_alarms_
     async with database.read_snapshot() as session:  # a new leader still learns the month-old alarm
         assert [v.scope for v in (await _stored_alarms(session)).values()] == ["node n1"]
     assert await retention.prune_once() == 0
+
+
+async def test_a_batch_longer_than_one_statement_s_list_deletes_it_all(database: Database) -> None:
+    await _record(database, *(("node.down", f"n{i}", 2) for i in range(IDS_A_STATEMENT + 100)), ("node.up", "n", 0))
+    assert await _prune(database, IDS_A_STATEMENT + 50) == IDS_A_STATEMENT + 50
+    assert await _prune(database, IDS_A_STATEMENT + 50) == 50
+
+
+async def test_each_pass_starts_again_from_the_oldest_event(database: Database) -> None:
+    """Within a pass a batch reads on from where the last stopped; the next pass does not: an
+    event recorded after a pass with an older time (or one a failover's lost deletion kept) goes."""
+    await _record(database, ("node.down", "a", 3), ("node.up", "newest", 0))
+    retention = EventRetention(database, ttl_s=TTL_S, should_run=lambda: True, now=lambda: NOW)
+    assert await retention.prune_once() == 1
+    await _record(database, ("node.down", "late", 5), ("node.up", "newest-2", 0))
+    assert await retention.prune_once() == 1  # "late", older than where the last pass stopped
+    assert await _left(database) == [("node.up", "newest"), ("node.up", "newest-2")]
 
 
 async def test_a_follower_deletes_nothing_and_a_leader_that_stops_leading_stops_between_batches(
