@@ -100,7 +100,8 @@ async def check_contract(uow: UnitOfWork, who: Principal, row: m.Deployment, spe
                    asked=accelerators, elsewhere=own.accelerators - held, unit=" accelerators")
     if power > before_power + 1e-9:
         _check_cap("QUOTA_POWER", "max_power_w", tenant.max_power_w, spec=spec,
-                   asked=power, elsewhere=own.power_w - held * row.shard_power_w, unit=" W")
+                   asked=power, elsewhere=own.power_w - sum(repo.placement_power_w(row, p) for p in row.placements),
+                   unit=" W")
     # Growth is of the ask: what waited unplaced before the update was asked before it, and
     # the update takes nothing more by leaving it so (a new priority) or asking less. A
     # preemptible deployment made non-preemptible ("firming") asks all it holds afresh: a tenant

@@ -94,6 +94,46 @@ async def test_an_older_revisions_shards_count_what_they_hold_not_the_current_sp
 
 
 
+async def test_an_older_revisions_shards_draw_their_own_revisions_power(database: Database) -> None:
+    """A rollout from 700 W to 1,000 W an accelerator (big) and from 800 W to 100 W (frac): the
+    old replicas' shards were counted at the new spec's power, a tenant's power and the racks'
+    off by the difference while the rollout ran. An older revision's shard draws its revision's
+    power (its spec in `revision_specs`); one whose spec is not kept, the current one's."""
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, CLUSTER)
+        await uow.session.execute(update(m.Deployment).where(m.Deployment.name == "big").values(
+            template_revision=2, shard_power_w=1000.0,
+            revision_specs={"1": {"shard": {"accelerators": 2, "power_w": 700.0}}}))
+        await uow.session.execute(update(m.Deployment).where(m.Deployment.name == "frac").values(
+            template_revision=2, shard_power_w=100.0, revision_specs={}))  # revision 1's spec not kept
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        usage = await repo.cluster_usage(uow.session)
+        by_tenant = await repo.tenant_usage(uow.session, ["a", "b"])
+        racks, _ = await repo.rack_power(uow.session)
+    assert dict(usage.tenant_power_w) == pytest.approx({"a": 2800.0, "b": 75.0})  # 4 x 700; 3 x 0.25 x 100
+    assert (by_tenant["a"].power_w, by_tenant["b"].power_w) == pytest.approx((2800.0, 75.0))
+    assert dict(usage.rack_power_w) == pytest.approx({"rack1": 1200.0 + 1400.0 + 75.0, "rack2": 1400.0})
+    assert racks == pytest.approx(usage.rack_power_w)
+
+
+async def test_an_updates_power_cap_counts_the_deployments_older_shards_at_their_own_power(
+        database: Database) -> None:
+    """The cap check takes what the deployment holds out of the tenant's total: both at each
+    shard's own revision's power (the total counted them so, the part taken out at the current
+    spec's: "holds -1200 W elsewhere")."""
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, CLUSTER)
+        await uow.session.execute(update(m.Deployment).where(m.Deployment.name == "big").values(
+            template_revision=2, shard_power_w=1000.0,
+            revision_specs={"1": {"shard": {"accelerators": 2, "power_w": 700.0}}}))
+        await uow.session.execute(update(m.Tenant).where(m.Tenant.id == "a").values(max_power_w=100.0))
+        await uow.commit()
+    assert await _contract(database, "a", "big", replicas=2) == (
+        "ResourceExhausted: deployment big: 2 replicas need 8000 W; tenant a holds 0 W elsewhere, "
+        "8000 W > max_power_w 100 W")
+
+
 async def test_node_usage_is_the_cluster_usage_of_those_nodes_alone(database: Database) -> None:
     """`node_usage` (a node's view: `get node`, a cordon, a page of `get nodes`) reads the nodes
     asked for, and gives for them what `cluster_usage` gives; nothing of the other nodes."""

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from controller.store.inlist import POSTGRESQL, any_of_named, any_of_named_in_order, dialect_of, listed, locked_in_order
 from controller.store.models import Node, Placement, ShardPhase
 from controller.store.metering import DeploymentMeter, StartedShard, start_intervals, stop_intervals
+from controller.store.repositories.usage import revision_power_w
 from controller.store.snapshot import ShardKey
 from controller.store.marks import rowcount_unread
 from controller.store.plans.check import _Changes
@@ -142,7 +143,7 @@ async def _write(
         )
     started: list[StartedShard] = [
         StartedShard(row.deployment_id, row.key[1], row.key[2], pl.node, pl.accelerator_milli,
-                     len(pl.accelerator_indices), _older_power_w(deployments[row.key[0]], row.revision))
+                     len(pl.accelerator_indices), revision_power_w(deployments[row.key[0]], row.revision))
         for row, pl in updates
     ]
     if inserts:  # no RETURNING: the usage meter finds the rows by their keys (`start_intervals`)
@@ -167,7 +168,7 @@ async def _write(
         )
         started += [StartedShard(deployments[key[0]].id, key[1], key[2], pl.node, pl.accelerator_milli,
                                  len(pl.accelerator_indices),
-                                 _older_power_w(deployments[key[0]], changes.revision_of[key]))
+                                 revision_power_w(deployments[key[0]], changes.revision_of[key]))
                     for key, pl in inserts.items()]
     # The usage meter follows the placements: moved shards stop on the old node, start on the new.
     await stop_intervals(session, [row.id for row in deletes] + [row.id for row, _ in updates], now)
@@ -183,16 +184,6 @@ async def _write(
     for chunk in _chunks(sorted(changed_nodes)):
         await session.execute(writes.bump_nodes, {"ids": list(chunk)})
     return {row.key[0] for row in deletes} | {row.key[0] for row, _ in updates} | {key[0] for key in inserts}
-
-
-def _older_power_w(deployment: Any, revision: int) -> float | None:
-    """The power a whole accelerator of `revision`'s shard draws when that is an older revision of
-    `deployment` (its spec kept in `revision_specs`, interchange form: 0 when it names none);
-    None for the current revision, whose power is the deployment's own."""
-    if revision == deployment.template_revision:
-        return None
-    spec = (deployment.revision_specs or {}).get(str(revision))
-    return None if spec is None else float(spec.get("shard", {}).get("power_w", 0.0))
 
 
 async def _lock_deleted_and_updated(session: AsyncSession, lock: Any, deleted: list[int], updated: list[int]) -> None:

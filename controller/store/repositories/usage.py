@@ -7,8 +7,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Row, and_, case, func, select
+from sqlalchemy import Float, Row, and_, case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 from controller.store import models as m
 from controller.store.inlist import any_of
@@ -42,6 +44,24 @@ def placement_milli(dep: m.Deployment, placement: m.Placement) -> int:
     return shard_milli(dep.shard_accelerators, placement.accelerator_milli)
 
 
+def revision_power_w(dep: Any, revision: int) -> float | None:
+    """The power a whole accelerator of `revision`'s shard draws when that is an older revision of
+    `dep` whose spec is kept (`revision_specs`, interchange form); None otherwise: the current
+    spec's (`dep.shard_power_w`) stands. What `SHARD_POWER_W` reads in SQL."""
+    if revision == dep.template_revision:
+        return None
+    shard = ((dep.revision_specs or {}).get(str(revision)) or {}).get("shard") or {}
+    power = shard.get("power_w")
+    return None if power is None else float(power)
+
+
+def placement_power_w(dep: m.Deployment, placement: m.Placement) -> float:
+    """The watts one placed shard draws: its revision's power a whole accelerator (`revision_power_w`,
+    else its deployment's) by the milli-units it holds (`placement_milli`)."""
+    power = revision_power_w(dep, placement.revision)
+    return (dep.shard_power_w or 0.0 if power is None else power) * placement_milli(dep, placement) / 1000.0
+
+
 def _milli(accelerators: Any) -> Any:
     """`metering.shard_milli` in SQL, of a shard of `accelerators` whole accelerators."""
     return case((and_(accelerators == 1, m.Placement.accelerator_milli != 0, m.Placement.accelerator_milli < 1000),
@@ -56,8 +76,41 @@ PLACEMENT_MILLI = case(
      _milli(func.json_array_length(m.Placement.accelerator_indices))),
     else_=_milli(m.Deployment.shard_accelerators),
 )
-# The watts one placed shard draws (its deployment's shard power, by the share it holds), in SQL.
-_PLACED_POWER_W = m.Deployment.shard_power_w * PLACEMENT_MILLI / 1000.0
+
+
+class _RevisionPowerW(FunctionElement[float]):
+    """The `power_w` of an older revision's shard spec, read from its deployment's
+    `revision_specs` (interchange form, keyed by the revision as text) for the placement's
+    revision: NULL when that revision's spec is not kept."""
+
+    type = Float()
+    inherit_cache = True
+
+
+@compiles(_RevisionPowerW, "sqlite")
+def _revision_power_w_sqlite(element: _RevisionPowerW, compiler: Any, **kw: Any) -> str:
+    specs, revision = (compiler.process(c, **kw) for c in element.clauses)
+    return f"json_extract({specs}, '$.\"' || {revision} || '\".shard.power_w')"
+
+
+@compiles(_RevisionPowerW, "postgresql")
+def _revision_power_w_postgresql(element: _RevisionPowerW, compiler: Any, **kw: Any) -> str:
+    specs, revision = (compiler.process(c, **kw) for c in element.clauses)
+    return f"CAST((({specs}) -> CAST({revision} AS TEXT) -> 'shard' ->> 'power_w') AS DOUBLE PRECISION)"
+
+
+# The watts a whole accelerator of a placed shard draws: its deployment's shard power, or for an
+# older revision's shard (a rollout in flight) that revision's (the current spec's when that
+# revision's is not kept).
+SHARD_POWER_W = case(
+    (m.Placement.revision != m.Deployment.template_revision,
+     func.coalesce(_RevisionPowerW(m.Deployment.revision_specs, m.Placement.revision), m.Deployment.shard_power_w)),
+    else_=m.Deployment.shard_power_w,
+)
+# The watts one placed shard draws (its revision's shard power, by the share it holds), in SQL. An
+# older revision's shard counted at the current spec's power misjudged a tenant's power and the
+# racks' during a rollout that changed it.
+_PLACED_POWER_W = SHARD_POWER_W * PLACEMENT_MILLI / 1000.0
 # The accelerator milli-units of every placed shard, summed by the database (one row).
 _PLACED_MILLI = select(func.sum(PLACEMENT_MILLI)).select_from(m.Placement).join(m.Deployment)
 # Every placed shard summed by the database per tenant: (tenant, milli, watts), a row a tenant.
