@@ -25,7 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from bench.pgserver import LocalPostgres, create_database, find_pg_bin_dir
+from bench.e2e.databases import database_server
 from controller.retention import BATCH_ROWS
 from controller.store import migrate
 from controller.store.db import Database
@@ -40,26 +40,18 @@ WRITE_CHUNK = 20_000
 
 @asynccontextmanager
 async def _database(kind: str) -> AsyncIterator[Database]:
+    """A fresh database of `kind` at the schema's head (`bench.e2e`'s server: a SQLite file in a
+    temp dir, or a throwaway PostgreSQL), removed after."""
     folder = Path(tempfile.mkdtemp(prefix="maia-bench-retention-"))
-    server: LocalPostgres | None = None
     try:
-        if kind == "sqlite":
-            url = f"sqlite+aiosqlite:///{folder / 'maia.db'}"
-        else:
-            bin_dir = find_pg_bin_dir()
-            if bin_dir is None:
-                raise SystemExit("no PostgreSQL binaries found (bench/pgserver.py); run with --db sqlite")
-            server = LocalPostgres(bin_dir)
-            url = await create_database(server.start(), prefix="maia_bench_retention")
-        db = Database(url)
-        try:
-            await migrate.ensure_schema(db, migrate=True)
-            yield db
-        finally:
-            await db.dispose()
+        async with database_server(kind, folder) as (url, _server):
+            db = Database(url)
+            try:
+                await migrate.ensure_schema(db, migrate=True)
+                yield db
+            finally:
+                await db.dispose()
     finally:
-        if server is not None:
-            server.stop()
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -53,15 +53,15 @@ from controller.store.db import Database
 from controller.store.isolation import (
     DEPLOYMENT_COLUMNS, NODE_COLUMNS, PLACEMENT_COLUMNS, pages, read_around, read_contracts, read_versions)
 from controller.store.isolation_view import HeldRows, IsolationView
-from controller.store.models import utcnow
+from controller.store.models import ISOLATION_KINDS, utcnow
 from controller.store.repositories import NewEvent, events_of_kinds, record_events
 from scheduler.violations import Violation
 
 log = logging.getLogger("maia.watchdog")
 
 ACTOR = "isolation-watchdog"
-EVENT_KIND = "isolation.violation"
-CLEARED_KIND = "isolation.cleared"  # a violation alarmed before is no longer found
+# An alarm, and its clearing: a violation alarmed before is no longer found.
+EVENT_KIND, CLEARED_KIND = ISOLATION_KINDS
 
 # A change check names at most this many deployments and nodes; more, and a full check costs little more.
 CHANGED_MAX = 2_000

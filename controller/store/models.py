@@ -371,7 +371,10 @@ class ClientRequest(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
 
 
-ISOLATION_RECORDS = text("kind IN ('isolation.violation', 'isolation.cleared')")
+# The isolation watchdog's event kinds, an alarm and its clearing (`controller.watchdog`), and the
+# partial index that reads them (migration 0021 wrote this same text).
+ISOLATION_KINDS = ("isolation.violation", "isolation.cleared")
+ISOLATION_RECORDS = text("kind IN ({})".format(", ".join(f"'{kind}'" for kind in ISOLATION_KINDS)))
 
 
 class Event(Base):

@@ -28,12 +28,11 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store.inlist import any_of
-from controller.store.models import Event
+from controller.store.models import ISOLATION_KINDS, Event
 from controller.store.rollout import DRAIN_EVENT
 
-# The isolation watchdog's kinds (`controller.watchdog.EVENT_KIND`, `CLEARED_KIND`; the partial
-# index `models.ISOLATION_RECORDS` names them too) and the drain's.
-STATE_KINDS = ("isolation.violation", "isolation.cleared", DRAIN_EVENT)
+# The isolation watchdog's kinds and the drain's.
+STATE_KINDS = (*ISOLATION_KINDS, DRAIN_EVENT)
 # Ids a DELETE lists at most: SQLite before 3.32 takes 999 bound parameters, and the store's other
 # lists stop at 500 too.
 IDS_A_STATEMENT = 500
