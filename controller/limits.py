@@ -84,6 +84,9 @@ FLUSH_CHUNK = 500                   # shard reports written per transaction (hea
 # A client request id whose deployment was deleted is still remembered this long after the
 # request (a retry then is refused rather than applied twice); while it exists, as long as it.
 REQUEST_ID_RETENTION_S = 24 * 3600
+# Template revisions kept a deployment, the current one included (`maiactl rollout history`;
+# Kubernetes' revisionHistoryLimit is 10 too).
+REVISION_HISTORY = 10
 # Events are deleted this long after they were recorded (`--event-ttl`, controller/retention.py).
 EVENT_TTL_S = 7 * 24 * 3600
 

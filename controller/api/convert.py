@@ -243,6 +243,12 @@ def deployment_msg(view: d.DeploymentView) -> deployments_pb2.Deployment:
     return deployments_pb2.Deployment(**_deployment_fields(view))
 
 
+def revisions_msg(views: Sequence[d.RevisionView]) -> deployments_pb2.ListDeploymentRevisionsResponse:
+    return deployments_pb2.ListDeploymentRevisionsResponse(revisions=[
+        {"revision": v.revision, "spec": _deployment_spec_fields(v.spec), "created_at": _timestamp_fields(v.created_at),
+         "changes": v.changes, "current": v.current} for v in views])
+
+
 def _deployment_event_fields(event: d.DeploymentEvent) -> dict[str, object]:
     return {"type": _EVENT_TYPE[event.type], "deployment": _deployment_fields(event.deployment)}
 

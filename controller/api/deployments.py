@@ -19,6 +19,7 @@ from controller.errors import MaiaError
 from controller.identity import Principal, current_principal
 from controller.retryinfo import rich_error
 from controller.usecases import deployments as cases
+from controller.usecases import revisions
 from controller.usecases.submits import check_submits_call
 from controller.usecases.updates import update_deployment
 from controller.usecases.usage import usage_report
@@ -120,6 +121,24 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
                                              throttle=self._deps.throttle)
         return deployments_pb2.UpdateDeploymentResponse(deployment=convert.deployment_msg(result.deployment),
                                                         changes=list(result.changes), rolling=result.rolling)
+
+    async def ListDeploymentRevisions(self, request: deployments_pb2.ListDeploymentRevisionsRequest,
+                                      context: aio.ServicerContext) -> deployments_pb2.ListDeploymentRevisionsResponse:
+        async with self._deps.db.unit_of_work() as uow:
+            views = await revisions.list_revisions(uow, current_principal(), request.name, tenant=request.tenant)
+        return convert.revisions_msg(views)
+
+    async def RollbackDeployment(self, request: deployments_pb2.RollbackDeploymentRequest,
+                                 context: aio.ServicerContext) -> deployments_pb2.RollbackDeploymentResponse:
+        async with self._deps.db.unit_of_work() as uow:
+            done = await revisions.rollback_deployment(
+                uow, current_principal(), request.name, self._deps.signals, tenant=request.tenant,
+                to_revision=request.to_revision, resource_version=request.resource_version,
+                request_id=request.client_request_id, dry_run=dryrun.asked(context, dryrun.ROLLBACK_DEPLOYMENT),
+                throttle=self._deps.throttle)
+        return deployments_pb2.RollbackDeploymentResponse(
+            deployment=convert.deployment_msg(done.update.deployment), changes=list(done.update.changes),
+            rolling=done.update.rolling, to_revision=done.to_revision)
 
     async def GetDeployment(self, request: deployments_pb2.GetDeploymentRequest,
                             context: aio.ServicerContext) -> deployments_pb2.Deployment:

@@ -62,6 +62,16 @@ EXIT_MEANING: dict[Exit, str] = {
 }
 
 
+# The metadata of a dry run of a write (controller/api/dryrun.py), said back by the controller.
+DRY_RUN_METADATA = (("maia-dry-run", "all"),)
+
+
+def dry_run_said_back(call: Any) -> bool:
+    """Whether the answer of a write asked with `DRY_RUN_METADATA` says it back: a controller older
+    than dry runs by metadata ignores the key and writes."""
+    return set(DRY_RUN_METADATA) <= {tuple(m) for m in call.trailing_metadata() or ()}
+
+
 _EXIT_OF_STATUS = {grpc.StatusCode.NOT_FOUND: Exit.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT: Exit.USAGE,
                    grpc.StatusCode.UNAVAILABLE: Exit.UNAVAILABLE}
 

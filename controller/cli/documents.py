@@ -123,6 +123,14 @@ def placement_document(p: deployments_pb2.ShardPlacement) -> Document:
     return doc
 
 
+def revision_document(r: deployments_pb2.DeploymentRevision) -> Document:
+    """One kept revision of a deployment: its number, when, the changes that made it, and its spec
+    as it was made (the current one's as it stands)."""
+    return {"kind": "DeploymentRevision", "revision": r.revision, "current": r.current,
+            "created_at": r.created_at.ToJsonString() if r.HasField("created_at") else None,
+            "changes": list(r.changes), "spec": spec_document(r.spec)}
+
+
 def deployment_document(dep: deployments_pb2.Deployment) -> Document:
     doc = spec_document(dep.spec)
     status: Document = {"phase": deployment_phase_word(dep.phase), "generation": dep.generation,

@@ -66,6 +66,31 @@ def deployments_table(deployments: Sequence[deployments_pb2.Deployment], wide: b
                         empty="No deployments found.")
 
 
+def _made_text(r: deployments_pb2.DeploymentRevision) -> str | None:
+    return r.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if r.HasField("created_at") else None
+
+
+def revisions_table(revisions: Sequence[deployments_pb2.DeploymentRevision]) -> str:
+    """Newest first: each kept revision's template and the changes that made it."""
+    rows = [[r.revision, "yes" if r.current else None, _made_text(r), r.spec.shards_per_replica,
+             shard_request_text(r.spec.shard), domain_word(r.spec.locality), spread_text(r.spec),
+             "; ".join(r.changes) or None] for r in revisions]
+    return render_table(["revision", "current", "created", "shards", "shard", "locality", "spread", "changes"],
+                        rows, empty="No revisions.")  # type: ignore[arg-type]
+
+
+def revision_detail(r: deployments_pb2.DeploymentRevision) -> str:
+    """One kept revision: when, why, and the spec it was made with."""
+    pairs: list[tuple[str, object]] = [
+        ("Revision", r.revision), ("Current", "yes" if r.current else "no"),
+        ("Created", _made_text(r) or "unknown (before revisions were kept)"),
+        ("Changes", "; ".join(r.changes) or "-"), ("Replicas", r.spec.replicas),
+        ("Shards/replica", r.spec.shards_per_replica), ("Shard", shard_request_text(r.spec.shard)),
+        ("Locality", domain_word(r.spec.locality)), ("Spread", spread_text(r.spec)),
+        ("Priority", r.spec.priority), ("Preemptible", "yes" if r.spec.preemptible else "no")]
+    return render_kv(pairs)  # type: ignore[arg-type]
+
+
 def placements_table(placements: Sequence[deployments_pb2.ShardPlacement]) -> str:
     rows = [[p.replica, p.shard, p.node, p.rack, fmt_indices(p.accelerator_indices, p.accelerator_milli),
              title(shard_phase_word(p.phase)) + (" (being replaced)" if p.outgoing else ""), p.message or None]

@@ -9,7 +9,7 @@ and power; `accelerator_models` None means any model).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -177,6 +177,12 @@ class DeploymentSpec:
         return any(getattr(old, f) != getattr(self, f) for f in TEMPLATE_FIELDS)
 
 
+    def with_template_of(self, other: DeploymentSpec) -> DeploymentSpec:
+        """This spec with `other`'s template (`TEMPLATE_FIELDS`): a rollback to `other`'s revision,
+        its replica count, priority and preemptibility as they are now."""
+        return replace(self, **{f: getattr(other, f) for f in TEMPLATE_FIELDS})
+
+
 # The fields that make a replica what it is: a change to one rolls the deployment.
 TEMPLATE_FIELDS = ("shards_per_replica", "shard", "locality", "spread")
 
@@ -240,6 +246,27 @@ class DeploymentUpdate:
     deployment: DeploymentView
     changes: tuple[str, ...] = ()
     rolling: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RevisionView:
+    """One of a deployment's kept revisions (`maiactl rollout history`): the spec it was made with
+    (the current one's as it stands now), when (None: unknown, made before revisions were kept),
+    the changes of the update that made it (none: the first)."""
+
+    revision: int
+    spec: DeploymentSpec
+    created_at: datetime | None
+    changes: tuple[str, ...]
+    current: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Rollback:
+    """What a rollback did: the update it made (`DeploymentUpdate`), and the revision whose template it took."""
+
+    update: DeploymentUpdate
+    to_revision: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -353,6 +353,24 @@ class Placement(Base):
     node: Mapped[Node] = relationship(back_populates="placements")
 
 
+class DeploymentRevision(Base):
+    """A template revision of a deployment, kept for `maiactl rollout history` and rollbacks to it
+    (`usecases/revisions.py`): written when an update rolls (the revision it makes, and the one it
+    leaves when that was never written: the first, or one made before revisions were kept), the
+    newest `limits.REVISION_HISTORY` of each deployment kept, gone with the deployment. A
+    deployment never rolled has none: its first revision is its row."""
+
+    __tablename__ = "deployment_revisions"
+
+    deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True)
+    revision: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # The whole spec it was made with, as an interchange deployment document (`planning.deployment_doc`).
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    # None: made before the controller kept revisions (the revision it left, by an older controller).
+    created_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    changes: Mapped[list[str]] = mapped_column(JSON, default=list, nullable=False)
+
+
 class ClientRequest(Base):
     """A submit's or update's client request id: a retry with the same id gets the first answer.
     It outlives its deployment (`deployment_id` turns null) for `limits.REQUEST_ID_RETENTION_S`,

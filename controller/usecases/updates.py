@@ -155,6 +155,18 @@ def _change(row: m.Deployment, old: DeploymentSpec, spec: DeploymentSpec, rollin
     row.resource_version = row.resource_version + 1
 
 
+async def _keep_revisions(uow: UnitOfWork, row: m.Deployment, left: DeploymentSpec, made: DeploymentSpec,
+                          changes: list[str]) -> None:
+    """The update rolled `row` from `left` to `made` (its `template_revision` now): both kept for
+    rollout history and rollbacks (`usecases/revisions.py`), the one it left only if it never was
+    (the first, at the deployment's creation; one made before revisions were kept, at no time)."""
+    was = row.template_revision - 1
+    await repo.keep_revisions(uow.session, row.id, [
+        repo.StoredRevision(was, planning.deployment_doc(left), m.as_utc(row.created_at) if was == 1 else None, ()),
+        repo.StoredRevision(row.template_revision, planning.deployment_doc(made), m.utcnow(), tuple(changes)),
+    ])
+
+
 async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpec, resource_version: int,
                             signals: Signals, request_id: str = "", *, dry_run: bool = False,
                             throttle: SubmitLimits | None = None) -> DeploymentUpdate:
@@ -241,6 +253,8 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
         await repo.adopt_revision(uow.session, row, adopted, row.template_revision)
         data["adopted_revision"] = adopted
         changes.append(_adopted_change(adopted, row.template_revision))
+    if rolling:
+        await _keep_revisions(uow, row, old, spec, changes)
     await requests.remember(uow, spec.tenant, request_id, row.id, spec, "update")
     await repo.bump_cluster_generation(uow.session, ClusterChange.deployment(spec.key))
     repo.record_event(uow.session, actor=who.name, kind="deployment.updated", object_kind="deployment",

@@ -398,3 +398,42 @@ def test_scale_wait_and_explain_read_what_o_name_prints(running: RunningControll
     assert running.ctl("delete", word).returncode == 0
     gone = running.ctl("wait", "deployment", word, "--for", "deleted", "--timeout", "30")
     assert (gone.returncode, gone.stdout) == (0, f"{word} condition met (deleted)\n"), gone.stderr
+
+
+def test_rollout_history_lists_each_revision_and_undo_rolls_the_template_back(running: RunningController,
+                                                                               tmp_path: Path):
+    assert running.ctl("apply", "-f", write(tmp_path / "h.yaml", DEPLOYMENT.format(
+        name="hist", tenant="openlab", replicas=1))).returncode == 0
+    bigger = DEPLOYMENT.format(name="hist", tenant="openlab", replicas=2).replace("hbm_gib: 48", "hbm_gib: 64")
+    assert running.ctl("apply", "-f", write(tmp_path / "h2.yaml", bigger)).returncode == 0
+
+    table = running.ctl("rollout", "history", "hist")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["REVISION", "CURRENT", "CREATED", "SHARDS", "SHARD", "LOCALITY", "SPREAD", "CHANGES"]
+    assert lines[1].split()[:2] == ["2", "yes"] and lines[1].endswith("shard.hbm_gib: 48 -> 64")
+    assert lines[2].split()[:2] == ["1", "-"] and "48 GiB" in lines[2] and len(lines) == 3
+    one = json.loads(running.ctl("rollout", "history", "hist", "--revision", "1", "-o", "json").stdout)
+    assert (one["revision"], one["current"], one["spec"]["shard"]["hbm_gib"], one["spec"]["replicas"]) == (1, False, 48, 1)
+    detail = running.ctl("rollout", "history", "hist", "--revision", "2").stdout
+    assert "Current:" in detail and "Changes:" in detail and "shard.hbm_gib: 48 -> 64" in detail
+    assert "1 acc, 64 GiB, 700 W" in detail
+
+    dry = running.ctl("rollout", "undo", "hist", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.startswith("(dry run) deployment/") and "rolled back to revision 1's template (now revision 3)" \
+        in dry.stdout and "shard.hbm_gib: 64 -> 48" in dry.stdout
+    assert json.loads(running.ctl("get", "deployment", "hist", "-o", "json").stdout)["status"]["revision"] == 2
+
+    undone = running.ctl("rollout", "undo", "hist")
+    assert undone.returncode == 0, undone.stderr
+    assert "rolled back to revision 1's template (now revision 3): shard.hbm_gib: 64 -> 48" in undone.stdout
+    doc = json.loads(running.ctl("get", "deployment", "hist", "-o", "json").stdout)
+    assert (doc["status"]["revision"], doc["shard"]["hbm_gib"], doc["replicas"]) == (3, 48, 2)
+    again = running.ctl("rollout", "undo", "hist", "--to-revision", "3")
+    assert again.returncode == 0 and "unchanged: its template already is revision 3's" in again.stdout
+
+    missing = running.ctl("rollout", "undo", "hist", "--to-revision", "9")
+    assert missing.returncode == 3 and "no revision 9 kept (kept: 1, 2, 3;" in missing.stderr
+    assert running.ctl("rollout", "history", "hist", "-o", "name").stdout.split() == [
+        "revision/openlab/hist/3", "revision/openlab/hist/2", "revision/openlab/hist/1"]

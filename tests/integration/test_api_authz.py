@@ -72,6 +72,10 @@ CASES = [
     Case("UpdateDeployment(own tenant)", lambda s: s.deployments.UpdateDeployment(
         D.UpdateDeploymentRequest(spec=spec("chat", "", replicas=2), resource_version=1)), NOT_FOUND),
     Case("GetDeployment", lambda s: s.deployments.GetDeployment(D.GetDeploymentRequest(name="chat")), NOT_FOUND),
+    Case("ListDeploymentRevisions", lambda s: s.deployments.ListDeploymentRevisions(
+        D.ListDeploymentRevisionsRequest(name="chat", tenant=OWNER)), NOT_FOUND),
+    Case("RollbackDeployment", lambda s: s.deployments.RollbackDeployment(
+        D.RollbackDeploymentRequest(name="chat", to_revision=1)), NOT_FOUND),
     Case("ListDeployments(owner)", lambda s: s.deployments.ListDeployments(D.ListDeploymentsRequest(tenant=OWNER)),
          NOT_FOUND),
     Case("ListDeployments(all)", lambda s: s.deployments.ListDeployments(D.ListDeploymentsRequest()), OK),
@@ -246,6 +250,14 @@ async def test_the_owner_and_an_admin_do_what_the_others_may_not(
         scaled = await owner.deployments.UpdateDeployment(D.UpdateDeploymentRequest(
             spec=spec("chat", "", replicas=2), resource_version=chat.resource_version))
         assert list(scaled.changes) == ["replicas: 1 -> 2"] and scaled.deployment.resource_version == 2
+        # ... rolls it to a new template, reads its revisions and rolls it back.
+        bigger = spec("chat", "", replicas=2)
+        bigger.shard.hbm_gib = 24
+        await owner.deployments.UpdateDeployment(D.UpdateDeploymentRequest(spec=bigger, resource_version=2))
+        history = await owner.deployments.ListDeploymentRevisions(D.ListDeploymentRevisionsRequest(name="chat"))
+        assert [(r.revision, r.spec.tenant) for r in history.revisions] == [(2, OWNER), (1, OWNER)]
+        back = await owner.deployments.RollbackDeployment(D.RollbackDeploymentRequest(name="chat"))
+        assert back.to_revision == 1 and list(back.changes) == ["shard.hbm_gib: 24 -> 16"]
         with pytest.raises(grpc.aio.AioRpcError) as denied:
             await owner.admin.UpdateTenant(A.Tenant(id=OWNER, max_accelerators=1000))
         assert denied.value.code() == DENIED and "admin" in denied.value.details()

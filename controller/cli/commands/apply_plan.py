@@ -30,7 +30,9 @@ from typing import Any
 import grpc
 
 from controller import limits
-from controller.cli.client import CliError, Exit, list_all, rpc_error_text, status_code
+from controller.cli.client import (
+    DRY_RUN_METADATA, CliError, Exit, dry_run_said_back, list_all, rpc_error_text, status_code,
+)
 from controller.cli.context import Context
 from controller.cli.documents import DEPLOYMENT_DEFAULTS, spec_differences, spec_document, tenant_document
 from controller.cli.manifests import ManifestObject
@@ -232,10 +234,6 @@ class _Batch:
         return bool(set(tenant.zones) & self.zones or set(tenant.excludes) & self.tenants)
 
 
-# The metadata of a dry run of a write (controller/api/dryrun.py), said back by the controller.
-DRY_RUN_METADATA = (("maia-dry-run", "all"),)
-
-
 def _judged(step: Step, call: Any, request: Any, ctx: Context) -> Step:
     """`step`, or a conflict carrying the controller's refusal of its write asked as a dry run.
     A controller that does not say the dry run back knew none and may have written (older than
@@ -246,7 +244,7 @@ def _judged(step: Step, call: Any, request: Any, ctx: Context) -> Step:
         if status_code(exc) == grpc.StatusCode.UNAVAILABLE:
             raise
         return _refused(step.obj, exc, ctx)
-    if not set(DRY_RUN_METADATA) <= {tuple(m) for m in answer.trailing_metadata() or ()}:
+    if not dry_run_said_back(answer):
         raise CliError(f"{step.ref}: the controller at {ctx.address} does not know dry runs of this write (it is "
                        f"older than maiactl) and may have applied it; see `maiactl get`", Exit.FAILED)
     return step

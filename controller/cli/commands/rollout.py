@@ -1,4 +1,5 @@
-"""`maiactl scale DEPLOYMENT --replicas N` and `maiactl rollout status DEPLOYMENT [--timeout]`.
+"""`maiactl scale DEPLOYMENT --replicas N`, `maiactl rollout status DEPLOYMENT [--timeout]`, `maiactl
+rollout history DEPLOYMENT [--revision N]` and `maiactl rollout undo DEPLOYMENT [--to-revision N]`.
 
 DEPLOYMENT is NAME or TENANT/NAME, after the word `deployment` or as `-o name` prints it
 (`deployment/TENANT/NAME`), as kubectl reads `scale deployment web` and `scale deployment/web`.
@@ -9,22 +10,26 @@ rollout status follows a rolling update (or a drain) of one deployment until eve
 replica runs the current revision and no old replica is left, printing its progress; it stops at
 once (exit 4) when the deployment is Failed or deleted, and prints the deployment with `-o json`
 (`rolled_out` false and the error when it ends otherwise: timed out, Failed, deleted).
+rollout history lists the revisions the controller keeps (the newest ten), rollout undo rolls back
+to one of them (RollbackDeployment: only the template goes back, the replica count stays).
 """
 from __future__ import annotations
 
 import argparse
+import uuid
 
 import grpc
 
 from controller.cli.bounds import int_max, seconds
-from controller.cli.client import CliError, Exit, status_code
+from controller.cli.client import DRY_RUN_METADATA, CliError, Exit, dry_run_said_back, status_code
 from controller.cli.commands.wait import wait_deployments
 from controller.cli.context import Context
-from controller.cli.documents import deployment_document
+from controller.cli.documents import deployment_document, revision_document
 from controller.cli.refs import (
     DEPLOYMENT_WORDS, DeploymentRef, KindAndNameFormatter, add_tenant_flag, deployment_name, deployment_ref,
     kind_and_name,
 )
+from controller.cli.views import revision_detail, revisions_table
 from maia.v1 import deployments_pb2
 
 P = deployments_pb2
@@ -38,7 +43,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     s.add_argument("--replicas", type=int, required=True, metavar="N")
     add_tenant_flag(s)
     s.set_defaults(handler=run_scale)
-    r = sub.add_parser("rollout", parents=[common], help="follow a rolling update")
+    r = sub.add_parser("rollout", parents=[common], help="follow a rolling update, list a deployment's revisions, roll one back")
     verbs = r.add_subparsers(dest="rollout_command", metavar="VERB", required=True)
     st = verbs.add_parser("status", parents=[common], formatter_class=KindAndNameFormatter,
                           help="wait until a deployment's rolling update (or drain) is done, showing progress")
@@ -46,6 +51,22 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     st.add_argument("--timeout", type=seconds(), default=300.0, metavar="SECONDS")
     add_tenant_flag(st)
     st.set_defaults(handler=run_status)
+    hi = verbs.add_parser("history", parents=[common], formatter_class=KindAndNameFormatter,
+                          help="list a deployment's kept revisions (newest first), or show one")
+    _add_deployment(hi)
+    hi.add_argument("--revision", type=int, default=0, metavar="N", help="show revision N alone, with its spec")
+    add_tenant_flag(hi)
+    hi.set_defaults(handler=run_history)
+    un = verbs.add_parser("undo", parents=[common], formatter_class=KindAndNameFormatter,
+                          help="roll a deployment back to an older revision's template (shard, shards per "
+                               "replica, locality, spread), replica by replica")
+    _add_deployment(un)
+    un.add_argument("--to-revision", type=int, default=0, metavar="N",
+                    help="the revision to go back to (default: the one before the current one)")
+    un.add_argument("--dry-run", action="store_true",
+                    help="ask the controller what the rollback would change, writing nothing")
+    add_tenant_flag(un)
+    un.set_defaults(handler=run_undo)
 
 
 def _add_deployment(parser: argparse.ArgumentParser) -> None:
@@ -128,3 +149,48 @@ def _emit_status(ctx: Context, ref: DeploymentRef, *, rolled_out: bool, error: s
     if error:
         doc["error"] = error
     ctx.emit_json(doc)
+
+
+def run_history(args: argparse.Namespace, ctx: Context) -> int:
+    if args.revision < 0:
+        raise CliError(f"--revision must be a revision number, got {args.revision}", Exit.USAGE)
+    ref = deployment_ref(_deployment("rollout history", args.deployment), args.tenant)
+    revisions = list(ctx.controller.deployments.ListDeploymentRevisions(
+        P.ListDeploymentRevisionsRequest(name=ref.name, tenant=ref.tenant), timeout=ctx.rpc_timeout).revisions)
+    if args.revision:
+        one = next((r for r in revisions if r.revision == args.revision), None)
+        if one is None:
+            kept = ", ".join(str(r.revision) for r in sorted(revisions, key=lambda r: r.revision))
+            raise CliError(f"deployment {ref} has no revision {args.revision} kept (kept: {kept})", Exit.NOT_FOUND)
+        ctx.emit(lambda: revision_document(one), lambda: revision_detail(one))
+        return Exit.OK
+    ctx.emit(lambda: {"kind": "List", "items": [revision_document(r) for r in revisions]},
+             lambda: revisions_table(revisions),
+             names=lambda: [f"revision/{r.spec.tenant}/{r.spec.name}/{r.revision}" for r in revisions], is_table=True)
+    return Exit.OK
+
+
+def run_undo(args: argparse.Namespace, ctx: Context) -> int:
+    if args.to_revision < 0:
+        raise CliError(f"--to-revision must be a revision number, got {args.to_revision}", Exit.USAGE)
+    ref = deployment_ref(_deployment("rollout undo", args.deployment), args.tenant)
+    request = P.RollbackDeploymentRequest(name=ref.name, tenant=ref.tenant, to_revision=args.to_revision,
+                                          client_request_id=f"undo-{uuid.uuid4()}")
+    answer, call = ctx.controller.deployments.RollbackDeployment.with_call(
+        request, timeout=ctx.rpc_timeout, metadata=DRY_RUN_METADATA if args.dry_run else None)
+    if args.dry_run and not dry_run_said_back(call):
+        raise CliError(f"the controller at {ctx.address} does not know dry runs of a rollback (it is older than "
+                       f"maiactl) and may have rolled {ref} back; see `maiactl rollout history`", Exit.FAILED)
+    dep = answer.deployment
+    name = deployment_name(dep.spec.tenant or ref.tenant, dep.spec.name or ref.name)
+    if ctx.json:
+        ctx.emit_json({"deployment": deployment_document(dep), "to_revision": answer.to_revision,
+                       "changes": list(answer.changes), "rolling": answer.rolling, "dry_run": args.dry_run})
+        return Exit.OK
+    prefix = "(dry run) " if args.dry_run else ""
+    if answer.changes:
+        ctx.out(f"{prefix}{name} rolled back to revision {answer.to_revision}'s template (now revision "
+                f"{dep.revision}): {'; '.join(answer.changes)}")
+    else:
+        ctx.out(f"{prefix}{name} unchanged: its template already is revision {answer.to_revision}'s")
+    return Exit.OK

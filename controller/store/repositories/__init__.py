@@ -14,6 +14,7 @@ One module a kind of row; this package re-exports their public names:
 - `usage`: what placements use, by node and tenant, and power by rack;
 - `nodes`: node reads, health, cordons, heartbeats, views;
 - `deployments`: deployments by name with their placements, submits, deletion marks, views;
+- `revisions`: the template revisions kept for rollout history and rollbacks;
 - `placements`: shard states, releases, quarantine, the agents' assignment sets.
 The generation movers of `store/changes.py` are re-exported for the use cases.
 """
@@ -48,6 +49,7 @@ from controller.store.repositories.deployments import (
     list_deployment_rows, lock_revision_placements, new_deployment_columns, new_deployment_row, new_deployment_view,
     deleting_events, set_deleting, spec_columns, submit_facts, take_resource_version, tenants_with_deployment,
     write_deployment_spec, placed_revisions, DEPLOYMENT_COLUMN_ATTRIBUTES, UNVERSIONED_COLUMNS)
+from controller.store.repositories.revisions import StoredRevision, keep_revisions, stored_revisions
 from controller.store.repositories.placements import (
     ASSIGNED_SPECS_KEPT, ASSIGNMENT_READ_CHUNK, ShardState, assignment_sets, bump_node_assignment_generations,
     placements_of_deployments, quarantine_deployment, release_placements_beyond, release_quarantined,

@@ -169,6 +169,60 @@ class UpdateDeploymentResponse(_message.Message):
     rolling: bool
     def __init__(self, deployment: _Optional[_Union[Deployment, _Mapping]] = ..., changes: _Optional[_Iterable[str]] = ..., rolling: _Optional[bool] = ...) -> None: ...
 
+class ListDeploymentRevisionsRequest(_message.Message):
+    __slots__ = ("name", "tenant")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tenant: str
+    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
+
+class DeploymentRevision(_message.Message):
+    __slots__ = ("revision", "spec", "created_at", "changes", "current")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    spec: DeploymentSpec
+    created_at: _timestamp_pb2.Timestamp
+    changes: _containers.RepeatedScalarFieldContainer[str]
+    current: bool
+    def __init__(self, revision: _Optional[int] = ..., spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., changes: _Optional[_Iterable[str]] = ..., current: _Optional[bool] = ...) -> None: ...
+
+class ListDeploymentRevisionsResponse(_message.Message):
+    __slots__ = ("revisions",)
+    REVISIONS_FIELD_NUMBER: _ClassVar[int]
+    revisions: _containers.RepeatedCompositeFieldContainer[DeploymentRevision]
+    def __init__(self, revisions: _Optional[_Iterable[_Union[DeploymentRevision, _Mapping]]] = ...) -> None: ...
+
+class RollbackDeploymentRequest(_message.Message):
+    __slots__ = ("name", "tenant", "to_revision", "resource_version", "client_request_id")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    TO_REVISION_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tenant: str
+    to_revision: int
+    resource_version: int
+    client_request_id: str
+    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., to_revision: _Optional[int] = ..., resource_version: _Optional[int] = ..., client_request_id: _Optional[str] = ...) -> None: ...
+
+class RollbackDeploymentResponse(_message.Message):
+    __slots__ = ("deployment", "changes", "rolling", "to_revision")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    ROLLING_FIELD_NUMBER: _ClassVar[int]
+    TO_REVISION_FIELD_NUMBER: _ClassVar[int]
+    deployment: Deployment
+    changes: _containers.RepeatedScalarFieldContainer[str]
+    rolling: bool
+    to_revision: int
+    def __init__(self, deployment: _Optional[_Union[Deployment, _Mapping]] = ..., changes: _Optional[_Iterable[str]] = ..., rolling: _Optional[bool] = ..., to_revision: _Optional[int] = ...) -> None: ...
+
 class GetDeploymentRequest(_message.Message):
     __slots__ = ("name", "tenant")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -49,6 +49,16 @@ class DeploymentServiceStub:
                 request_serializer=maia_dot_v1_dot_deployments__pb2.UpdateDeploymentRequest.SerializeToString,
                 response_deserializer=maia_dot_v1_dot_deployments__pb2.UpdateDeploymentResponse.FromString,
                 _registered_method=True)
+        self.ListDeploymentRevisions = channel.unary_unary(
+                '/maia.v1.DeploymentService/ListDeploymentRevisions',
+                request_serializer=maia_dot_v1_dot_deployments__pb2.ListDeploymentRevisionsRequest.SerializeToString,
+                response_deserializer=maia_dot_v1_dot_deployments__pb2.ListDeploymentRevisionsResponse.FromString,
+                _registered_method=True)
+        self.RollbackDeployment = channel.unary_unary(
+                '/maia.v1.DeploymentService/RollbackDeployment',
+                request_serializer=maia_dot_v1_dot_deployments__pb2.RollbackDeploymentRequest.SerializeToString,
+                response_deserializer=maia_dot_v1_dot_deployments__pb2.RollbackDeploymentResponse.FromString,
+                _registered_method=True)
         self.GetDeployment = channel.unary_unary(
                 '/maia.v1.DeploymentService/GetDeployment',
                 request_serializer=maia_dot_v1_dot_deployments__pb2.GetDeploymentRequest.SerializeToString,
@@ -120,6 +130,27 @@ class DeploymentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDeploymentRevisions(self, request, context):
+        """The deployment's revisions, newest first: the current one and the older ones kept (ten in
+        all at most), each with the spec it was made with and the changes that made it. A
+        deployment never rolled has one, its first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackDeployment(self, request, context):
+        """Rolls the deployment back to a kept revision's template (shard, shards_per_replica,
+        locality, spread; replicas, min_replicas, priority and preemptible stay as they are now),
+        exactly as an UpdateDeployment to that spec would: a new revision, rolled replica by
+        replica, or the replicas of that revision still placed adopted as they run. A revision not
+        kept is NOT_FOUND; one whose template is the current one's is answered with no changes.
+        With the metadata `maia-dry-run: all`: judged and answered, nothing written.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetDeployment(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -182,6 +213,16 @@ def add_DeploymentServiceServicer_to_server(servicer, server):
                     servicer.UpdateDeployment,
                     request_deserializer=maia_dot_v1_dot_deployments__pb2.UpdateDeploymentRequest.FromString,
                     response_serializer=maia_dot_v1_dot_deployments__pb2.UpdateDeploymentResponse.SerializeToString,
+            ),
+            'ListDeploymentRevisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeploymentRevisions,
+                    request_deserializer=maia_dot_v1_dot_deployments__pb2.ListDeploymentRevisionsRequest.FromString,
+                    response_serializer=maia_dot_v1_dot_deployments__pb2.ListDeploymentRevisionsResponse.SerializeToString,
+            ),
+            'RollbackDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackDeployment,
+                    request_deserializer=maia_dot_v1_dot_deployments__pb2.RollbackDeploymentRequest.FromString,
+                    response_serializer=maia_dot_v1_dot_deployments__pb2.RollbackDeploymentResponse.SerializeToString,
             ),
             'GetDeployment': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDeployment,
@@ -295,6 +336,60 @@ class DeploymentService:
             '/maia.v1.DeploymentService/UpdateDeployment',
             maia_dot_v1_dot_deployments__pb2.UpdateDeploymentRequest.SerializeToString,
             maia_dot_v1_dot_deployments__pb2.UpdateDeploymentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeploymentRevisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maia.v1.DeploymentService/ListDeploymentRevisions',
+            maia_dot_v1_dot_deployments__pb2.ListDeploymentRevisionsRequest.SerializeToString,
+            maia_dot_v1_dot_deployments__pb2.ListDeploymentRevisionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maia.v1.DeploymentService/RollbackDeployment',
+            maia_dot_v1_dot_deployments__pb2.RollbackDeploymentRequest.SerializeToString,
+            maia_dot_v1_dot_deployments__pb2.RollbackDeploymentResponse.FromString,
             options,
             channel_credentials,
             insecure,
