@@ -406,7 +406,9 @@ async def hellos(uow: UnitOfWork, batch: Sequence[Hello], now: datetime) -> list
     True if it changed whether the node takes new shards, or the error that refuses it. The
     nodes' placements are kept: their agents are sent them and converge to them. Only a node's own
     credential (or an admin) may speak for it."""
-    rows = await repo.node_rows_by_id(uow.session, {h.node_id for h in batch if h.node_id})
+    # Only ids that could name a node are read: one PostgreSQL cannot take (a NUL in it) would fail
+    # the whole batch's read, where `_accept_hello` refuses that hello alone (INVALID_ARGUMENT).
+    rows = await repo.node_rows_by_id(uow.session, {h.node_id for h in batch if _may_name_a_node(h.node_id)})
     outcomes: list[bool | MaiaError] = []
     for h in batch:
         try:
@@ -418,6 +420,14 @@ async def hellos(uow: UnitOfWork, batch: Sequence[Hello], now: datetime) -> list
             h.node_id for h, o in zip(batch, outcomes) if o is True))
     await uow.commit()
     return outcomes
+
+
+def _may_name_a_node(node_id: str) -> bool:
+    try:
+        check_id("node", node_id)
+    except MaiaError:
+        return False
+    return True
 
 
 def _accept_hello(uow: UnitOfWork, h: Hello, row: m.Node | None, now: datetime) -> bool:

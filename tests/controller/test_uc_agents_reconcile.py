@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from controller.api import convert
-from controller.errors import FailedPrecondition
+from controller.errors import FailedPrecondition, InvalidArgument
 from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.usecases import agents, deployments, nodes, planning
@@ -64,6 +64,17 @@ async def test_hello_needs_the_current_session(database):
         assert await agents.mark_suspect(uow, "n1", session_id=first.session_id, why="test") is False
     async with database.unit_of_work() as uow:
         assert await agents.mark_suspect(uow, "n1", session_id=second.session_id, why="test") is True
+
+
+async def test_a_hello_naming_no_possible_node_is_refused_alone_in_its_batch(database):
+    """A NUL in a node id (which PostgreSQL's text cannot hold) refuses that hello, not the batch's read."""
+    await apply_topology(database, {"rack-a": "row-a"})
+    async with database.unit_of_work() as uow:
+        reg = await agents.register_node(uow, WHO, NodeInfo("n1", "rack-a", 4), heartbeat_interval_ms=1000)
+    async with database.unit_of_work() as uow:
+        outcomes = await agents.hellos(uow, [agents.Hello(WHO, "a\x00b", "s"), agents.Hello(WHO, "n1", reg.session_id)],
+                                       datetime.now(timezone.utc))
+    assert isinstance(outcomes[0], InvalidArgument) and outcomes[1] is True
 
 
 def _overtaken_before_its_first_write(uow, meanwhile) -> None:
