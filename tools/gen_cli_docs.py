@@ -54,7 +54,7 @@ contexts:
 `-o table` (default) prints aligned tables (`--no-headers` drops the header line); `-o wide`
 adds columns; `-o name` prints `kind/name` per line: `deployment/TENANT/NAME`, `node/ID`,
 `tenant/ID`, which every command naming such an object reads back as one word (`get`, `describe`,
-`delete`, `wait`, `explain`, `scale`, `rollout status|history|undo`, `cordon`, `uncordon`, `drain`),
+`delete`, `wait`, `explain`, `scale`, `rollout status|history|undo|restart`, `cordon`, `uncordon`, `drain`),
 as it reads `KIND NAME`; `placement/TENANT/NAME/REPLICA/SHARD`, one shard of
 `deployment/TENANT/NAME`, and `revision/TENANT/NAME/REVISION`, one of its kept revisions (no
 command takes either by name); `event/ID`, `token/ID`, `audit/SEQ`; `config

@@ -140,6 +140,16 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
             deployment=convert.deployment_msg(done.update.deployment), changes=list(done.update.changes),
             rolling=done.update.rolling, to_revision=done.to_revision)
 
+    async def RestartDeployment(self, request: deployments_pb2.RestartDeploymentRequest,
+                                context: aio.ServicerContext) -> deployments_pb2.RestartDeploymentResponse:
+        async with self._deps.db.unit_of_work() as uow:
+            done = await revisions.restart_deployment(
+                uow, current_principal(), request.name, self._deps.signals, tenant=request.tenant,
+                resource_version=request.resource_version, request_id=request.client_request_id,
+                dry_run=dryrun.asked(context, dryrun.RESTART_DEPLOYMENT), throttle=self._deps.throttle)
+        return deployments_pb2.RestartDeploymentResponse(deployment=convert.deployment_msg(done.deployment),
+                                                         changes=list(done.changes))
+
     async def GetDeployment(self, request: deployments_pb2.GetDeploymentRequest,
                             context: aio.ServicerContext) -> deployments_pb2.Deployment:
         async with self._deps.db.unit_of_work() as uow:

@@ -1,7 +1,7 @@
 """Dry runs of writes whose request is the object itself, asked in the call's metadata.
 
 `maia-dry-run: all` (Kubernetes' `dryRun=All`) on CreateTenant, UpdateTenant, ApplyTopology,
-UpdateDeployment or RollbackDeployment: the call is judged exactly as it would be written (the caller's rights, every
+UpdateDeployment, RollbackDeployment or RestartDeployment: the call is judged exactly as it would be written (the caller's rights, every
 check against what is stored: references, limits, a contract that running work would break,
 quotas, the resource version) and answered with the object as it would be, or with the status
 the write would end with; nothing is written, no event, no audit entry, nothing woken. A request
@@ -28,7 +28,9 @@ UPDATE_TENANT = "/maia.v1.AdminService/UpdateTenant"
 APPLY_TOPOLOGY = "/maia.v1.AdminService/ApplyTopology"
 UPDATE_DEPLOYMENT = "/maia.v1.DeploymentService/UpdateDeployment"
 ROLLBACK_DEPLOYMENT = "/maia.v1.DeploymentService/RollbackDeployment"
-DRY_RUN_METHODS = frozenset({CREATE_TENANT, UPDATE_TENANT, APPLY_TOPOLOGY, UPDATE_DEPLOYMENT, ROLLBACK_DEPLOYMENT})
+RESTART_DEPLOYMENT = "/maia.v1.DeploymentService/RestartDeployment"
+DRY_RUN_METHODS = frozenset({CREATE_TENANT, UPDATE_TENANT, APPLY_TOPOLOGY, UPDATE_DEPLOYMENT, ROLLBACK_DEPLOYMENT,
+                             RESTART_DEPLOYMENT})
 _OWN_FIELD = {"/maia.v1.DeploymentService/SubmitDeployment": "SubmitDeploymentRequest.dry_run"}
 
 

@@ -176,7 +176,6 @@ class DeploymentSpec:
         a new revision, rolled out replica by replica; else it applies at once (docs/rollout.md)."""
         return any(getattr(old, f) != getattr(self, f) for f in TEMPLATE_FIELDS)
 
-
     def with_template_of(self, other: DeploymentSpec) -> DeploymentSpec:
         """This spec with `other`'s template (`TEMPLATE_FIELDS`): a rollback to `other`'s revision,
         its replica count, priority and preemptibility as they are now."""

@@ -44,6 +44,15 @@ def spec_digest(spec: DeploymentSpec) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+async def used(uow: UnitOfWork, tenant: str, request_id: str) -> bool:
+    """Whether `tenant` used `request_id` already (for anything)."""
+    return bool(request_id) and await uow.session.get(m.ClientRequest, (tenant, request_id)) is not None
+
+
+# How a refusal names what an id was used for, where the action's word is not the verb.
+_VERB = {"rollback": "roll back"}
+
+
 async def replayed(uow: UnitOfWork, tenant: str, request_id: str, spec: DeploymentSpec,
                    action: str) -> m.Deployment | None:
     """The deployment a first call with this id wrote (None: the id is new, or empty)."""
@@ -53,14 +62,14 @@ async def replayed(uow: UnitOfWork, tenant: str, request_id: str, spec: Deployme
     if seen is None:
         return None
     row = await uow.session.get(m.Deployment, seen.deployment_id) if seen.deployment_id is not None else None
+    verb = _VERB.get(seen.action, seen.action)
+    used_to = f"client_request_id {request_id!r} was already used by tenant {tenant} to {verb}"
     if row is None:
-        raise FailedPrecondition(
-            f"client_request_id {request_id!r} was already used by tenant {tenant} to {seen.action} deployment "
-            f"{seen.deployment_name}, which has been deleted since; use a new id for a new request")
+        raise FailedPrecondition(f"{used_to} deployment {seen.deployment_name}, which has been deleted since; use a "
+                                 f"new id for a new request")
     if seen.action != action or row.name != spec.name or seen.spec_sha256 != spec_digest(spec):
-        raise FailedPrecondition(
-            f"client_request_id {request_id!r} was already used by tenant {tenant} to {seen.action} "
-            f"deployment {row.name} with a different spec; use a new id for a different request")
+        raise FailedPrecondition(f"{used_to} deployment {row.name} with a different spec; use a new id for a "
+                                 f"different request")
     return row
 
 

@@ -21,6 +21,8 @@ without the other tenants' ids (`redaction`).
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from controller.errors import (
     Conflict, FailedPrecondition, InvalidArgument, NotFound, ReasonDetail, ResourceExhausted,
 )
@@ -37,6 +39,12 @@ from controller.domain.changes import ClusterChange
 from controller.domain.values import TEMPLATE_FIELDS, DeploymentEvent, DeploymentSpec, DeploymentUpdate, Usage
 from controller.usecases.ports import Signals
 from controller.usecases.validation import check_name
+
+# What a restart (`action="restart"`) says among an update's changes: a new revision of the same spec.
+RESTARTED = "restart: every replica replaced by a new one, one at a time"
+
+# What an update's request id is remembered as (`requests.remember`): what the call was.
+Action = Literal["update", "rollback", "restart"]
 
 # Fields whose change needs new replicas (a rolling update); every other field applies at once.
 _FIELDS = ("replicas", "min_replicas", "priority", "preemptible", *TEMPLATE_FIELDS)
@@ -155,13 +163,23 @@ def _change(row: m.Deployment, old: DeploymentSpec, spec: DeploymentSpec, rollin
     row.resource_version = row.resource_version + 1
 
 
+def check_changeable(row: m.Deployment) -> None:
+    """FAILED_PRECONDITION for a deployment no update may change: being deleted, or quarantined."""
+    if row.phase is m.DeploymentPhase.DELETING:
+        raise FailedPrecondition(f"deployment {row.name} is being deleted")
+    if row.phase is m.DeploymentPhase.QUARANTINED:
+        raise FailedPrecondition(f"deployment {row.name} is quarantined: submit it again to replace it")
+
+
 async def _keep_revisions(uow: UnitOfWork, row: m.Deployment, left: DeploymentSpec, made: DeploymentSpec,
-                          changes: list[str]) -> None:
+                          changes: list[str], running_specs: dict[str, Any]) -> None:
     """The update rolled `row` from `left` to `made` (its `template_revision` now): both kept for
     rollout history and rollbacks (`usecases/revisions.py`), the one it left only if it never was
-    (the first, at the deployment's creation; one made before revisions were kept, at no time)."""
+    (the first, at the deployment's creation; one made before revisions were kept, at no time),
+    and so are older ones whose specs `revision_specs` held (`running_specs`) that never were."""
     was = row.template_revision - 1
     await repo.keep_revisions(uow.session, row.id, [
+        *(repo.StoredRevision(int(revision), doc, None, ()) for revision, doc in running_specs.items()),
         repo.StoredRevision(was, planning.deployment_doc(left), m.as_utc(row.created_at) if was == 1 else None, ()),
         repo.StoredRevision(row.template_revision, planning.deployment_doc(made), m.utcnow(), tuple(changes)),
     ])
@@ -169,27 +187,29 @@ async def _keep_revisions(uow: UnitOfWork, row: m.Deployment, left: DeploymentSp
 
 async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpec, resource_version: int,
                             signals: Signals, request_id: str = "", *, dry_run: bool = False,
-                            throttle: SubmitLimits | None = None) -> DeploymentUpdate:
+                            throttle: SubmitLimits | None = None, action: Action = "update") -> DeploymentUpdate:
     """`dry_run`: every check, then the deployment as the update would leave it (its changes,
     whether it rolls); nothing written (a request id used before answers as the write would; a
     new one is not remembered). `throttle`: a tenant token's update takes a token of its tenant's
-    change rate first (a dry run does not), whatever becomes of it."""
+    change rate first (a dry run does not), whatever becomes of it. `action`: what the request id
+    is remembered as (a rollback's, `usecases/revisions.py`, is an update to an older template);
+    "restart": a new revision of the spec even when nothing in it changes (`RESTARTED` first among
+    the changes), rolled out as any template change, never adopting an older revision's replicas
+    (`maiactl rollout restart`)."""
     check_name("deployment", spec.name)
     spec = as_caller(who, spec, "updating deployments")
     validate_spec(spec)
     requests.check_request_id(request_id)
     # A retry of an update that landed (its request id seen) is answered, not counted again; any
     # other takes its token before the deployment is looked up, so refused ones are counted too.
-    replayed = await requests.replayed(uow, spec.tenant, request_id, spec, "update") is not None
+    restart = action == "restart"
+    replayed = await requests.replayed(uow, spec.tenant, request_id, spec, action) is not None
     if throttle is not None and not dry_run and not replayed:
         throttle.check_change(who)
     row = await visible_row(uow, who, spec.tenant, spec.name, "updating deployments")  # names are per tenant
     if replayed:
         return DeploymentUpdate(await as_seen_by(uow, who, repo.deployment_view(row)))
-    if row.phase is m.DeploymentPhase.DELETING:
-        raise FailedPrecondition(f"deployment {spec.name} is being deleted")
-    if row.phase is m.DeploymentPhase.QUARANTINED:
-        raise FailedPrecondition(f"deployment {spec.name} is quarantined: submit it again to replace it")
+    check_changeable(row)
     if resource_version <= 0:
         raise InvalidArgument(f"deployment {spec.name}: resource_version is required (the version the change is "
                               f"based on; it is at {row.resource_version})")
@@ -201,6 +221,8 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
                        f"(it is at {row.resource_version}): read it again and re-apply the change")
     old = repo.deployment_spec(row)
     changes = spec_changes(old, spec)
+    if restart:
+        changes.insert(0, RESTARTED)
     if not changes:
         return DeploymentUpdate(await as_seen_by(uow, who, repo.deployment_view(row)))
     tenant = await repo.get_tenant(uow.session, spec.tenant)
@@ -208,9 +230,9 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
         raise NotFound(f"tenant {spec.tenant} not found")
     await check_could_ever_fit(uow, spec, tenant.zones)
     await check_contract(uow, who, row, spec)
-    rolling = spec.rolls_from(old)
+    rolling = restart or spec.rolls_from(old)
     loaded_revisions = {p.revision for p in row.placements}  # as read, without a lock
-    adoptable = _adoptable(row, spec, rolling, loaded_revisions)
+    adoptable = None if restart else _adoptable(row, spec, rolling, loaded_revisions)
     if dry_run:
         with uow.session.no_autoflush:  # the changes stay in memory, never sent
             _change(row, old, spec, rolling, loaded_revisions, adoptable)
@@ -231,7 +253,7 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     # The version compared above was read without a lock: an update landing since (two applies at
     # once) was written over, both answered OK. Taken as the row's first write, judged as it lands.
     if not await repo.take_resource_version(uow.session, row.id, resource_version):
-        if await requests.replayed(uow, spec.tenant, request_id, spec, "update") is not None:
+        if await requests.replayed(uow, spec.tenant, request_id, spec, action) is not None:
             # Its own first call, landed meanwhile (a retry sent while the first still ran).
             await uow.session.refresh(row, repo.DEPLOYMENT_COLUMN_ATTRIBUTES)  # as that call left it
             return DeploymentUpdate(await as_seen_by(uow, who, repo.deployment_view(row)))
@@ -245,7 +267,8 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     await uow.session.refresh(row, list(repo.UNVERSIONED_COLUMNS))
     running_old = await repo.placed_revisions(uow.session, row.id)
     # Adopted only as locked: one retired meanwhile is gone, and another's placements are not held.
-    adopted = adoptable if adoptable == _adoptable(row, spec, rolling, running_old) else None
+    adopted = adoptable if adoptable is not None and adoptable == _adoptable(row, spec, rolling, running_old) else None
+    running_specs = dict(row.revision_specs or {})  # before `_change` drops those it leaves behind
     _change(row, old, spec, rolling, running_old, adopted)
     data: dict[str, object] = {"rolling": rolling, "resource_version": row.resource_version,
                                "revision": row.template_revision}
@@ -254,8 +277,8 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
         data["adopted_revision"] = adopted
         changes.append(_adopted_change(adopted, row.template_revision))
     if rolling:
-        await _keep_revisions(uow, row, old, spec, changes)
-    await requests.remember(uow, spec.tenant, request_id, row.id, spec, "update")
+        await _keep_revisions(uow, row, old, spec, changes, running_specs)
+    await requests.remember(uow, spec.tenant, request_id, row.id, spec, action)
     await repo.bump_cluster_generation(uow.session, ClusterChange.deployment(spec.key))
     repo.record_event(uow.session, actor=who.name, kind="deployment.updated", object_kind="deployment",
                       object_id=spec.key, message="; ".join(changes), data={"changes": changes, **data})

@@ -437,3 +437,10 @@ def test_rollout_history_lists_each_revision_and_undo_rolls_the_template_back(ru
     assert missing.returncode == 3 and "no revision 9 kept (kept: 1, 2, 3;" in missing.stderr
     assert running.ctl("rollout", "history", "hist", "-o", "name").stdout.split() == [
         "revision/openlab/hist/3", "revision/openlab/hist/2", "revision/openlab/hist/1"]
+
+    restarted = running.ctl("rollout", "restart", "hist")
+    assert restarted.returncode == 0, restarted.stderr
+    assert "restarted (revision 4): its replicas are replaced one at a time" in restarted.stdout
+    newest = json.loads(running.ctl("rollout", "history", "hist", "-o", "json").stdout)["items"][0]
+    assert (newest["revision"], newest["changes"], newest["spec"]["shard"]["hbm_gib"]) == (
+        4, ["restart: every replica replaced by a new one, one at a time"], 48)

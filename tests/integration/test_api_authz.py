@@ -76,6 +76,8 @@ CASES = [
         D.ListDeploymentRevisionsRequest(name="chat", tenant=OWNER)), NOT_FOUND),
     Case("RollbackDeployment", lambda s: s.deployments.RollbackDeployment(
         D.RollbackDeploymentRequest(name="chat", to_revision=1)), NOT_FOUND),
+    Case("RestartDeployment", lambda s: s.deployments.RestartDeployment(
+        D.RestartDeploymentRequest(name="chat", tenant=OWNER)), NOT_FOUND),
     Case("ListDeployments(owner)", lambda s: s.deployments.ListDeployments(D.ListDeploymentsRequest(tenant=OWNER)),
          NOT_FOUND),
     Case("ListDeployments(all)", lambda s: s.deployments.ListDeployments(D.ListDeploymentsRequest()), OK),

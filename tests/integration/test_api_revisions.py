@@ -1,7 +1,8 @@
 """Rollout history and rollbacks over real gRPC with real agents (`maia-simnode` subprocesses):
 ListDeploymentRevisions keeps each revision an update rolled to, RollbackDeployment rolls a
 deployment back to one (only its template: the replica count stays), make-before-break as any
-rollout; a revision not kept, a stale resource version and a dry run write nothing."""
+rollout; RestartDeployment replaces every replica the same way without changing the spec; a
+revision not kept, a stale resource version and a dry run write nothing."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from controller.api.dryrun import DRY_RUN_ALL, DRY_RUN_METADATA_KEY
 from grpc_harness import SimFleet, Stubs, eventually, running_fleet
 from maia.v1 import audit_pb2, deployments_pb2
-from test_api_rollout import _get, _rolled_out, _svc, _update, committed_violations
+from test_api_rollout import _get, _rolled_out, _svc, _update, committed_violations, never_below, running_timeline
 
 P = deployments_pb2
 RACKS = {"rack-00": "row-a", "rack-01": "row-a"}
@@ -54,7 +55,7 @@ async def test_a_rollback_takes_an_older_revisions_template_and_rolls_it_out(stu
     history = await _history(stubs)
     assert [(r.revision, r.current, r.spec.shard.hbm_gib) for r in history] == [(2, True, 24), (1, False, 16)]
     assert list(history[0].changes) == ["shard.hbm_gib: 16 -> 24"] and history[0].spec.replicas == 3
-    assert history[1].spec.replicas == 2  # as it was made
+    assert history[1].spec.replicas == 2  # as it stood when the update rolled away from it
     assert history[1].created_at.ToDatetime() == first.created_at.ToDatetime()
 
     back = await _rollback(stubs, client_request_id="undo-1")
@@ -85,7 +86,7 @@ async def test_rollbacks_that_cannot_be_made_write_nothing(stubs: Stubs, fleet: 
     with pytest.raises(grpc.aio.AioRpcError) as none_before:
         await _rollback(stubs)
     assert none_before.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "no revision before 1" in none_before.value.details()
+    assert "no revision before 1 with another template" in none_before.value.details()
 
     changed = _svc()
     changed.shard.hbm_gib = 24
@@ -100,7 +101,38 @@ async def test_rollbacks_that_cannot_be_made_write_nothing(stubs: Stubs, fleet: 
     assert stale.value.code() == grpc.StatusCode.ABORTED
     dry = await stubs.deployments.RollbackDeployment(P.RollbackDeploymentRequest(name="svc"),
                                                      metadata=((DRY_RUN_METADATA_KEY, DRY_RUN_ALL),))
-    assert dry.to_revision == 1 and list(dry.changes) == ["shard.hbm_gib: 24 -> 16"] and dry.deployment.revision == 3
+    # (revision 1's replicas may still run beside revision 2's: then they are adopted, said after)
+    assert dry.to_revision == 1 and list(dry.changes)[:1] == ["shard.hbm_gib: 24 -> 16"]
+    assert dry.deployment.revision == 3
     after = await _get(stubs, "svc")
     assert (after.resource_version, after.revision, after.spec.shard.hbm_gib) == (before.resource_version, 2, 24)
     assert [r.revision for r in await _history(stubs)] == [2, 1]
+
+
+async def test_a_restart_replaces_every_replica_make_before_break(stubs: Stubs, fleet: SimFleet, controller_app):
+    await stubs.deployments.SubmitDeployment(P.SubmitDeploymentRequest(spec=_svc()))
+    first = await eventually(lambda: _get(stubs, "svc"), _rolled_out, timeout=60, what="svc running")
+    dry = await stubs.deployments.RestartDeployment(P.RestartDeploymentRequest(name="svc"),
+                                                    metadata=((DRY_RUN_METADATA_KEY, DRY_RUN_ALL),))
+    assert dry.deployment.revision == 2 and (await _get(stubs, "svc")).revision == 1
+
+    restarted = await stubs.deployments.RestartDeployment(P.RestartDeploymentRequest(
+        name="svc", client_request_id="restart-1"))
+    assert restarted.deployment.revision == 2 and list(restarted.changes) == [
+        "restart: every replica replaced by a new one, one at a time"]
+    assert restarted.deployment.spec == first.spec
+    again = await stubs.deployments.RestartDeployment(P.RestartDeploymentRequest(
+        name="svc", client_request_id="restart-1"))  # a retry: answered, not restarted once more
+    assert again.deployment.resource_version == restarted.deployment.resource_version
+    done = await eventually(lambda: _get(stubs, "svc"), lambda d: _rolled_out(d) and d.revision == 2, timeout=90,
+                            what="the restart rolled out")
+    assert {p.revision for p in done.placements} == {2} and len(done.placements) == 4
+    # Every shard is a new one (a new assignment), and from the agents' own log never fewer than
+    # the 2 asked ran once both did.
+    counts = running_timeline(fleet.log_path.read_text(errors="replace"), "svc", 2)
+    assert never_below(counts, 2), counts
+    assert max(counts) == 3, counts
+    [current, before] = await _history(stubs)
+    assert (current.revision, list(current.changes), before.revision) == (
+        2, ["restart: every replica replaced by a new one, one at a time"], 1)
+    assert await committed_violations(controller_app) == []

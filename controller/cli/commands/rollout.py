@@ -1,5 +1,6 @@
 """`maiactl scale DEPLOYMENT --replicas N`, `maiactl rollout status DEPLOYMENT [--timeout]`, `maiactl
-rollout history DEPLOYMENT [--revision N]` and `maiactl rollout undo DEPLOYMENT [--to-revision N]`.
+rollout history DEPLOYMENT [--revision N]`, `maiactl rollout undo DEPLOYMENT [--to-revision N]` and
+`maiactl rollout restart DEPLOYMENT`.
 
 DEPLOYMENT is NAME or TENANT/NAME, after the word `deployment` or as `-o name` prints it
 (`deployment/TENANT/NAME`), as kubectl reads `scale deployment web` and `scale deployment/web`.
@@ -11,12 +12,14 @@ replica runs the current revision and no old replica is left, printing its progr
 once (exit 4) when the deployment is Failed or deleted, and prints the deployment with `-o json`
 (`rolled_out` false and the error when it ends otherwise: timed out, Failed, deleted).
 rollout history lists the revisions the controller keeps (the newest ten), rollout undo rolls back
-to one of them (RollbackDeployment: only the template goes back, the replica count stays).
+to one of them (RollbackDeployment: only the template goes back, the replica count stays), rollout
+restart replaces every replica with a new one (RestartDeployment: a new revision of the same spec).
 """
 from __future__ import annotations
 
 import argparse
 import uuid
+from typing import Any
 
 import grpc
 
@@ -43,7 +46,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     s.add_argument("--replicas", type=int, required=True, metavar="N")
     add_tenant_flag(s)
     s.set_defaults(handler=run_scale)
-    r = sub.add_parser("rollout", parents=[common], help="follow a rolling update, list a deployment's revisions, roll one back")
+    r = sub.add_parser("rollout", parents=[common], help="follow a rolling update, list a deployment's revisions, roll one back, restart")
     verbs = r.add_subparsers(dest="rollout_command", metavar="VERB", required=True)
     st = verbs.add_parser("status", parents=[common], formatter_class=KindAndNameFormatter,
                           help="wait until a deployment's rolling update (or drain) is done, showing progress")
@@ -54,7 +57,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     hi = verbs.add_parser("history", parents=[common], formatter_class=KindAndNameFormatter,
                           help="list a deployment's kept revisions (newest first), or show one")
     _add_deployment(hi)
-    hi.add_argument("--revision", type=int, default=0, metavar="N", help="show revision N alone, with its spec")
+    hi.add_argument("--revision", type=int, metavar="N", help="show revision N alone, with its spec")
     add_tenant_flag(hi)
     hi.set_defaults(handler=run_history)
     un = verbs.add_parser("undo", parents=[common], formatter_class=KindAndNameFormatter,
@@ -62,11 +65,20 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                                "replica, locality, spread), replica by replica")
     _add_deployment(un)
     un.add_argument("--to-revision", type=int, default=0, metavar="N",
-                    help="the revision to go back to (default: the one before the current one)")
+                    help="the revision to go back to (default: the newest before the current one with "
+                         "another template)")
     un.add_argument("--dry-run", action="store_true",
                     help="ask the controller what the rollback would change, writing nothing")
     add_tenant_flag(un)
     un.set_defaults(handler=run_undo)
+    rs = verbs.add_parser("restart", parents=[common], formatter_class=KindAndNameFormatter,
+                          help="replace every replica of a deployment with a new one, one at a time, "
+                               "make-before-break (a new revision of the same spec)")
+    _add_deployment(rs)
+    rs.add_argument("--dry-run", action="store_true",
+                    help="ask the controller whether it would restart, writing nothing")
+    add_tenant_flag(rs)
+    rs.set_defaults(handler=run_restart)
 
 
 def _add_deployment(parser: argparse.ArgumentParser) -> None:
@@ -152,12 +164,12 @@ def _emit_status(ctx: Context, ref: DeploymentRef, *, rolled_out: bool, error: s
 
 
 def run_history(args: argparse.Namespace, ctx: Context) -> int:
-    if args.revision < 0:
-        raise CliError(f"--revision must be a revision number, got {args.revision}", Exit.USAGE)
+    if args.revision is not None and args.revision < 1:
+        raise CliError(f"--revision must be a revision number (1 or more), got {args.revision}", Exit.USAGE)
     ref = deployment_ref(_deployment("rollout history", args.deployment), args.tenant)
     revisions = list(ctx.controller.deployments.ListDeploymentRevisions(
         P.ListDeploymentRevisionsRequest(name=ref.name, tenant=ref.tenant), timeout=ctx.rpc_timeout).revisions)
-    if args.revision:
+    if args.revision is not None:
         one = next((r for r in revisions if r.revision == args.revision), None)
         if one is None:
             kept = ", ".join(str(r.revision) for r in sorted(revisions, key=lambda r: r.revision))
@@ -174,13 +186,9 @@ def run_undo(args: argparse.Namespace, ctx: Context) -> int:
     if args.to_revision < 0:
         raise CliError(f"--to-revision must be a revision number, got {args.to_revision}", Exit.USAGE)
     ref = deployment_ref(_deployment("rollout undo", args.deployment), args.tenant)
-    request = P.RollbackDeploymentRequest(name=ref.name, tenant=ref.tenant, to_revision=args.to_revision,
-                                          client_request_id=f"undo-{uuid.uuid4()}")
-    answer, call = ctx.controller.deployments.RollbackDeployment.with_call(
-        request, timeout=ctx.rpc_timeout, metadata=DRY_RUN_METADATA if args.dry_run else None)
-    if args.dry_run and not dry_run_said_back(call):
-        raise CliError(f"the controller at {ctx.address} does not know dry runs of a rollback (it is older than "
-                       f"maiactl) and may have rolled {ref} back; see `maiactl rollout history`", Exit.FAILED)
+    answer = _write(ctx, ctx.controller.deployments.RollbackDeployment, P.RollbackDeploymentRequest(
+        name=ref.name, tenant=ref.tenant, to_revision=args.to_revision, client_request_id=f"undo-{uuid.uuid4()}"),
+        dry_run=args.dry_run, what=f"rolled {ref} back")
     dep = answer.deployment
     name = deployment_name(dep.spec.tenant or ref.tenant, dep.spec.name or ref.name)
     if ctx.json:
@@ -194,3 +202,29 @@ def run_undo(args: argparse.Namespace, ctx: Context) -> int:
     else:
         ctx.out(f"{prefix}{name} unchanged: its template already is revision {answer.to_revision}'s")
     return Exit.OK
+
+
+def run_restart(args: argparse.Namespace, ctx: Context) -> int:
+    ref = deployment_ref(_deployment("rollout restart", args.deployment), args.tenant)
+    answer = _write(ctx, ctx.controller.deployments.RestartDeployment, P.RestartDeploymentRequest(
+        name=ref.name, tenant=ref.tenant, client_request_id=f"restart-{uuid.uuid4()}"),
+        dry_run=args.dry_run, what=f"restarted {ref}")
+    dep = answer.deployment
+    name = deployment_name(dep.spec.tenant or ref.tenant, dep.spec.name or ref.name)
+    if ctx.json:
+        ctx.emit_json({"deployment": deployment_document(dep), "changes": list(answer.changes),
+                       "dry_run": args.dry_run})
+    else:
+        ctx.out(f"{'(dry run) ' if args.dry_run else ''}{name} restarted (revision {dep.revision}): its replicas "
+                f"are replaced one at a time; follow with: maiactl rollout status {name}")
+    return Exit.OK
+
+
+def _write(ctx: Context, method: Any, request: Any, *, dry_run: bool, what: str) -> Any:
+    """The answer of a write (`method` with `request`), asked as a dry run when `dry_run`: a
+    controller that does not say the dry run back knew none and may have written (`what`)."""
+    answer, call = method.with_call(request, timeout=ctx.rpc_timeout, metadata=DRY_RUN_METADATA if dry_run else None)
+    if dry_run and not dry_run_said_back(call):
+        raise CliError(f"the controller at {ctx.address} does not know dry runs of this write (it is older than "
+                       f"maiactl) and may have {what}; see `maiactl rollout history`", Exit.FAILED)
+    return answer

@@ -223,6 +223,26 @@ class RollbackDeploymentResponse(_message.Message):
     to_revision: int
     def __init__(self, deployment: _Optional[_Union[Deployment, _Mapping]] = ..., changes: _Optional[_Iterable[str]] = ..., rolling: _Optional[bool] = ..., to_revision: _Optional[int] = ...) -> None: ...
 
+class RestartDeploymentRequest(_message.Message):
+    __slots__ = ("name", "tenant", "resource_version", "client_request_id")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tenant: str
+    resource_version: int
+    client_request_id: str
+    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., resource_version: _Optional[int] = ..., client_request_id: _Optional[str] = ...) -> None: ...
+
+class RestartDeploymentResponse(_message.Message):
+    __slots__ = ("deployment", "changes")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    deployment: Deployment
+    changes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, deployment: _Optional[_Union[Deployment, _Mapping]] = ..., changes: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class GetDeploymentRequest(_message.Message):
     __slots__ = ("name", "tenant")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -59,6 +59,11 @@ class DeploymentServiceStub:
                 request_serializer=maia_dot_v1_dot_deployments__pb2.RollbackDeploymentRequest.SerializeToString,
                 response_deserializer=maia_dot_v1_dot_deployments__pb2.RollbackDeploymentResponse.FromString,
                 _registered_method=True)
+        self.RestartDeployment = channel.unary_unary(
+                '/maia.v1.DeploymentService/RestartDeployment',
+                request_serializer=maia_dot_v1_dot_deployments__pb2.RestartDeploymentRequest.SerializeToString,
+                response_deserializer=maia_dot_v1_dot_deployments__pb2.RestartDeploymentResponse.FromString,
+                _registered_method=True)
         self.GetDeployment = channel.unary_unary(
                 '/maia.v1.DeploymentService/GetDeployment',
                 request_serializer=maia_dot_v1_dot_deployments__pb2.GetDeploymentRequest.SerializeToString,
@@ -132,8 +137,8 @@ class DeploymentServiceServicer:
 
     def ListDeploymentRevisions(self, request, context):
         """The deployment's revisions, newest first: the current one and the older ones kept (ten in
-        all at most), each with the spec it was made with and the changes that made it. A
-        deployment never rolled has one, its first.
+        all at most, and any older one whose replicas still run), each with its spec and the
+        changes that made it. A deployment never rolled has one, its first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -144,8 +149,20 @@ class DeploymentServiceServicer:
         locality, spread; replicas, min_replicas, priority and preemptible stay as they are now),
         exactly as an UpdateDeployment to that spec would: a new revision, rolled replica by
         replica, or the replicas of that revision still placed adopted as they run. A revision not
-        kept is NOT_FOUND; one whose template is the current one's is answered with no changes.
+        kept is NOT_FOUND; one whose template is the current one's is answered with no changes; no
+        older revision with another template (to_revision 0) is FAILED_PRECONDITION.
         With the metadata `maia-dry-run: all`: judged and answered, nothing written.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestartDeployment(self, request, context):
+        """Replaces every replica with a new one, make-before-break, one at a time (or --max-surge at a
+        time), never below the running replicas asked: a new revision of the spec as it stands, rolled
+        out as a template change is (new processes, e.g. to load new weights; a FAILED deployment's
+        failures are forgotten, as by any change). `maiactl rollout status` follows it. With the
+        metadata `maia-dry-run: all`: judged and answered, nothing written.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -223,6 +240,11 @@ def add_DeploymentServiceServicer_to_server(servicer, server):
                     servicer.RollbackDeployment,
                     request_deserializer=maia_dot_v1_dot_deployments__pb2.RollbackDeploymentRequest.FromString,
                     response_serializer=maia_dot_v1_dot_deployments__pb2.RollbackDeploymentResponse.SerializeToString,
+            ),
+            'RestartDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestartDeployment,
+                    request_deserializer=maia_dot_v1_dot_deployments__pb2.RestartDeploymentRequest.FromString,
+                    response_serializer=maia_dot_v1_dot_deployments__pb2.RestartDeploymentResponse.SerializeToString,
             ),
             'GetDeployment': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDeployment,
@@ -390,6 +412,33 @@ class DeploymentService:
             '/maia.v1.DeploymentService/RollbackDeployment',
             maia_dot_v1_dot_deployments__pb2.RollbackDeploymentRequest.SerializeToString,
             maia_dot_v1_dot_deployments__pb2.RollbackDeploymentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestartDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maia.v1.DeploymentService/RestartDeployment',
+            maia_dot_v1_dot_deployments__pb2.RestartDeploymentRequest.SerializeToString,
+            maia_dot_v1_dot_deployments__pb2.RestartDeploymentResponse.FromString,
             options,
             channel_credentials,
             insecure,
