@@ -94,7 +94,7 @@ def configure(params: "sat_parameters_pb2.SatParameters", budget_s: float,
 def _frag_metric(state: ClusterState) -> tuple[int, int]:
     """Whole free racks and whole free nodes (more is less fragmented)."""
     topo = state.topo
-    whole_nodes = (state.free_whole() == topo.node_accelerators) & topo.node_ready & \
+    whole_nodes = (state.free_whole() == topo.node_healthy) & topo.node_ready & \
         (state.node_tenant.sum(axis=1) == 0)
     busy_racks = np.bincount(topo.node_rack, weights=~whole_nodes & topo.node_ready,
                              minlength=len(topo.rack_ids))
@@ -215,7 +215,7 @@ def _class_capacity(m: ClassModel) -> None:
     memory; and the fresh (entirely free) nodes opened, for the fragmentation term."""
     deps, base, model = m.deps, m.base, m.model
     free_whole = base.free_whole()
-    acc_count = base.topo.node_accelerators
+    acc_count = base.topo.node_healthy
     for d, ci in m.pairs:
         m.by_class[ci].append(d)
     for ci, ds in m.by_class.items():

@@ -29,6 +29,13 @@ reasons use instead of its state ("not ready: n2 (suspect)"). The controller say
 `down, its work not evicted yet` of nodes it gives the solver as `cordoned` (they keep their
 shards and take no new ones), which the reasons called cordoned. Nothing is decided by it; a
 value that is not a string of at most 64 characters is ignored.
+
+And a node's `unhealthy_accelerators`, a list of distinct indices below its `accelerators`:
+accelerators that failed (the controller hears it from the node's agent). No shard may be placed
+on one. A placement in the problem that uses one is lost, as one on a `down` node is (its
+replica is repaired: placed again whole, or beside its siblings), and a plan that places a shard
+on one breaks INDICES in the independent checker (tests/scheduler/checker.py). A reader that
+ignores the field may place on a failed accelerator.
 """
 
 from __future__ import annotations
@@ -226,6 +233,14 @@ def check_references(problem: Problem) -> None:
     for i, node in enumerate(problem.nodes):
         if node.rack not in racks:
             raise ProblemError(f"nodes[{i}].rack", node.rack, f"unknown rack {node.rack!r}")
+        for j, index in enumerate(node.unhealthy_accelerators):
+            if index.__class__ is not int or not 0 <= index < node.accelerators:
+                raise ProblemError(f"nodes[{i}].unhealthy_accelerators[{j}]", index,
+                                   f"not an index of node {node.id!r}'s {node.accelerators} accelerators "
+                                   f"(unhealthy_accelerators lists indices 0..accelerators-1)")
+            if index in node.unhealthy_accelerators[:j]:
+                raise ProblemError(f"nodes[{i}].unhealthy_accelerators[{j}]", index,
+                                   f"accelerator {index} listed twice")
     for i, tenant in enumerate(problem.tenants):
         for j, other in enumerate(tenant.excludes):
             if other not in tenants:
@@ -505,7 +520,8 @@ def _node(n: dict[str, Any]) -> Node:
                 memory_mib=_int(n.get("memory_mib")),
                 idle_power_w=_real(n.get("idle_power_w", 0)),
                 labels=tuple(sorted(n.get("labels", {}).items())),
-                condition=_condition(n.get("condition")))
+                condition=_condition(n.get("condition")),
+                unhealthy_accelerators=_indices(n.get("unhealthy_accelerators")))
 
 
 def node_shape(doc: dict[str, Any]) -> dict[str, Any]:
@@ -513,6 +529,15 @@ def node_shape(doc: dict[str, Any]) -> dict[str, Any]:
     Two documents of one node that differ only there are one node flipped in place (a cordon, a
     suspect node), not a node resized, moved or relabelled."""
     return {k: v for k, v in doc.items() if k not in ("state", "condition")}
+
+
+def _indices(value: Any) -> tuple[Any, ...]:
+    """A node's `unhealthy_accelerators` (an extension, in the module docstring) as given, each
+    an int where it is one (`_int`); `check_references` refuses what is not a list of distinct
+    indices of the node's accelerators. Absent: none."""
+    if value is None:
+        return ()
+    return tuple(_int(i) for i in value) if isinstance(value, list) else (value,)
 
 
 def _condition(value: Any) -> str | None:
@@ -656,7 +681,8 @@ def problem_to_dict(problem: Problem) -> dict[str, Any]:
                              "accelerator_model": n.accelerator_model, "hbm_gib": n.hbm_gib,
                              "cpu_milli": n.cpu_milli, "memory_mib": n.memory_mib,
                              "idle_power_w": n.idle_power_w,
-                             "labels": dict(n.labels) or None, "condition": n.condition})
+                             "labels": dict(n.labels) or None, "condition": n.condition,
+                             "unhealthy_accelerators": list(n.unhealthy_accelerators) or None})
                   for n in problem.nodes],
         "tenants": [_drop_none({"id": t.id, "isolation": t.isolation,
                                "excludes": list(t.excludes) or None,

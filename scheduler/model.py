@@ -50,6 +50,9 @@ class Node:
     # Why a node that is not ready is so, in words (an interchange extension, `interchange.py`):
     # the reasons say it instead of `state` ("suspect", where the format can only say cordoned).
     condition: str | None = None
+    # Indices of its accelerators that failed (an interchange extension, `interchange.py`): no
+    # shard may use them; a shard placed on one is lost, as on a down node.
+    unhealthy_accelerators: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -217,7 +217,7 @@ class NodeScores:
 
     def _ready_accelerators(self) -> int:
         topo = self.state.topo
-        return int(topo.node_accelerators[topo.node_ready].sum())
+        return int(topo.node_healthy[topo.node_ready].sum())
 
     def _room_by_use(self) -> dict[int, int]:
         """Accelerators of ready nodes with room, per milli used on them (0: empty)."""

@@ -322,7 +322,8 @@ class Session:
     def _rebuild(self) -> None:
         """Build the indexes again from the session's own state (no re-read): for changes
         that reshape them. Shards on removed nodes, or on accelerators a node no longer has,
-        are dropped here and repaired (`_repair`) like shards on a down node."""
+        are dropped here and repaired (`_repair`) like shards on a down node (and those on
+        accelerators that failed, by the new solver's load: `Solver._load_existing`)."""
         problem = self.snapshot()
         nodes = self._nodes
         kept: list[Placement] = []

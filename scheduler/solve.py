@@ -121,6 +121,8 @@ class Solver:
         given = self.given
         lost: dict[tuple[int, int], list[int]] = defaultdict(list)
         alive = topo.node_alive.tolist()
+        failed = {topo.node_index[n.id]: frozenset(n.unhealthy_accelerators)  # lost as on a down node
+                  for n in self.problem.nodes if n.unhealthy_accelerators}
         dep_index, node_index = topo.deployment_index, topo.node_index
         make = tuple.__new__  # ShardAt without the keyword-handling constructor
         fractional = [dep.shard.fractional for dep in state.deps]
@@ -135,7 +137,7 @@ class Solver:
             g[p.shard] = p
             if (p.accelerator_milli is not None) != fractional[d]:
                 odd.add(key)  # milli given where none belongs (or missing): re-emit
-            if not alive[n]:
+            if not alive[n] or (n in failed and not failed[n].isdisjoint(p.accelerator_indices)):
                 lost[key].append(p.shard)
                 continue
             sh = groups.get(key)

@@ -103,7 +103,7 @@ class ClusterState:
         self.dep_tenant = np.array([topo.tenant_index[d.tenant] for d in deps], dtype=np.int64)
         n, a = topo.n_nodes, max(topo.max_accelerators, 1)
         n_t = len(topo.tenant_ids)
-        exists = np.arange(a)[None, :] < topo.node_accelerators[:, None]
+        exists = topo.acc_usable.copy()  # an unhealthy accelerator is as one the node does not have
         self.acc_exists = exists
         self.acc_free = np.where(exists, 1000, 0).astype(np.int64)         # milli free
         self.acc_hbm = np.where(exists, topo.node_hbm[:, None], 0.0)        # GiB free

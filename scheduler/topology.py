@@ -39,7 +39,9 @@ class Topology:
     row_zone: np.ndarray           # (W,)
     node_ready: np.ndarray         # (N,) bool: takes new shards
     node_alive: np.ndarray         # (N,) bool: not down (draws idle power, keeps shards)
-    node_accelerators: np.ndarray  # (N,)
+    node_accelerators: np.ndarray  # (N,) installed: indices run 0..accelerators-1
+    node_healthy: np.ndarray       # (N,) installed and not `unhealthy_accelerators`
+    acc_usable: np.ndarray         # (N, A) bool: the index exists on the node and is healthy
     node_hbm: np.ndarray           # (N,) per accelerator, UNLIMITED if undeclared
     node_cpu: np.ndarray           # (N,)
     node_mem: np.ndarray           # (N,)
@@ -132,6 +134,12 @@ def build_topology(problem: Problem) -> Topology:
             for z in t.zones:
                 zone_ok[i, zone_index[z]] = True
 
+    width = int(max((n.accelerators for n in problem.nodes), default=0))
+    usable = np.arange(max(width, 1))[None, :] < np.array([n.accelerators for n in problem.nodes],
+                                                          dtype=np.int64).reshape(-1, 1)
+    for i, n in enumerate(problem.nodes):
+        if n.unhealthy_accelerators:
+            usable[i, list(n.unhealthy_accelerators)] = False
     return Topology(
         problem=problem, node_ids=node_ids, rack_ids=rack_ids, row_ids=row_ids,
         zone_ids=zone_ids, tenant_ids=tenant_ids,
@@ -158,5 +166,6 @@ def build_topology(problem: Problem) -> Topology:
         tenant_max_power=opt([t.max_power_w for t in problem.tenants]),
         tenant_reserved_milli=np.array([t.reserved_accelerators * 1000
                                         for t in problem.tenants], dtype=float),
-        max_accelerators=int(max((n.accelerators for n in problem.nodes), default=0)),
+        max_accelerators=width,
+        node_healthy=usable.sum(axis=1).astype(np.int64), acc_usable=usable,
     )

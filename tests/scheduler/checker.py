@@ -9,7 +9,9 @@ Interpretations the spec leaves open, decided here (and documented so they can b
 - A placement on a `cordoned` node is "new" unless the problem placed the same
   (deployment, replica, shard) on that same node.
 - A replica with any shard on a `down` node is broken: its surviving shards may be dropped or
-  re-placed, and re-placing it is not a "move" that needs rebalance mode.
+  re-placed, and re-placing it is not a "move" that needs rebalance mode. So is one with a shard
+  on an accelerator its node lists in `unhealthy_accelerators` (an extension of the format,
+  scheduler/interchange.py), where no plan may place a shard (INDICES).
 - Kept placements keep their node *and* their accelerator indices (a running process is bound
   to its accelerators); changing either is a move.
 - `spread` counts a replica in every domain one of its shards touches; domain `none` is no limit.
@@ -176,6 +178,15 @@ class _Problem:
     def state(self, node: str) -> str:
         return self.nodes[node].get("state", "ready")
 
+    def failed(self, node: str) -> set[int]:
+        """The node's `unhealthy_accelerators` (an extension of the format: accelerators that failed)."""
+        return set(self.nodes[node].get("unhealthy_accelerators", ()))
+
+    def breaks(self, p: dict[str, Any]) -> bool:
+        """Whether an existing placement lost its node: down, or one of its accelerators failed."""
+        return p["node"] in self.nodes and (self.state(p["node"]) == "down"
+                                            or bool(self.failed(p["node"]) & set(p["accelerator_indices"])))
+
     def domain(self, node: str, level: str) -> str | None:
         """The id of the node's enclosing domain at `level` (node/rack/row/zone)."""
         n = self.nodes[node]
@@ -289,6 +300,9 @@ def check_plan(problem_doc: dict[str, Any], plan_doc: dict[str, Any], *,
         if out_of_range:
             bad(INDICES, f"placement {k}: indices {out_of_range} out of range, node "
                          f"{p['node']} has {node_accels} accelerators")
+        failed = sorted(prob.failed(p["node"]) & set(idx))
+        if failed:
+            bad(INDICES, f"placement {k}: accelerators {failed} of node {p['node']} are unhealthy")
         if "accelerator_milli" in p and want > 0:
             declared = p["accelerator_milli"]
             if declared != (milli if fractional else 1000):
@@ -490,10 +504,11 @@ def _check_history(prob: _Problem, plan_doc: dict[str, Any], placements: list[di
     preempted_keys = {(e["deployment"], e["replica"]) for e in preempted}
     moved_by_key = {(e["deployment"], e["replica"], e["shard"]): e for e in moved}
 
-    # Replicas broken by a down node, and deployments allowed to drop below min_replicas.
+    # Replicas broken by a down node (or a failed accelerator), and deployments allowed to drop
+    # below min_replicas.
     broken: set[tuple[str, int]] = set()
     for p in prob.existing:
-        if p["node"] in prob.nodes and prob.state(p["node"]) == "down":
+        if prob.breaks(p):
             broken.add((p["deployment"], p["replica"]))
     surviving: dict[str, set[int]] = defaultdict(set)
     for p in prob.existing:
