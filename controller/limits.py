@@ -57,6 +57,7 @@ TENANT_POWER_W_MAX = 1e12
 
 # --- agent reports -----------------------------------------------------------------------------
 REPORT_MESSAGE_MAX = 1024           # a shard's status message
+FAULT_REASON_MAX = 256              # why an agent says an accelerator failed
 REPORTS_PER_SECOND = 200.0          # per agent stream (token bucket)
 REPORTS_BURST = SHARDS_PER_NODE_MAX + 100
 # A Connect stream's first message (its Hello) must arrive this long after the stream opened, else the

@@ -25,6 +25,7 @@ from typing import Any
 from controller import limits
 from controller.admission import AdmissionGate, agent_admission_gate
 from controller.agents.joins import Joins, shared_failure
+from controller.agents.faults import FaultWriter
 from controller.agents.pacing import HeartbeatIntervals
 from controller.agents.reports import ReportBuffer
 from controller.agents.session import (
@@ -39,6 +40,7 @@ from controller.store.db import Database
 from controller.store.lease import LeaseLost
 from controller.tokenstreams import ExpiryTimer
 from controller.usecases import agents as agent_cases
+from controller.usecases.faults import FaultsRecorded
 from controller.domain.liveness import FlapDamper
 from controller.domain.values import AssignmentSet, DeploymentView, NodeInfo
 
@@ -94,11 +96,13 @@ class AgentHub:
         # The intervals told to agents, and the silence each stream is judged by.
         self._intervals = HeartbeatIntervals(self._sessions, heartbeat_timeout_s=heartbeat_timeout_s,
                                              max_heartbeats_per_second=max_heartbeats_per_second)
+        # The failed accelerators the streams' agents list, written when a list changes.
+        self._faults = FaultWriter(db, leading=leading, on_recorded=self._faults_recorded)
         # What the streams' agents say, buffered until a flush writes it.
         self._buffer = ReportBuffer(
             db, self._sessions, observer=self._observer, on_deployments_changed=on_deployments_changed,
             heartbeat_timeout_s=heartbeat_timeout_s, longest_silence_timeout_s=self.longest_silence_timeout_s,
-            contact_write_every_s=contact_write_every_s)
+            contact_write_every_s=contact_write_every_s, on_failed_accelerators=self._faults.heard)
         # The Registers and Hellos, committed in batches behind the admission gate; a refused
         # Register is told when to come back (`pacer`).
         self._joins = Joins(db, self.admission, self._intervals, held_by_live_agent=self.holds_live_session)
@@ -206,6 +210,14 @@ class AgentHub:
         for session in list(self._sessions.values()):
             session.close(f"this controller no longer leads ({reason})", mark_down=False, told=told)
         self._released.clear()  # the next leader judges these nodes
+        self._faults.forget()
+
+    def _faults_recorded(self, node_id: str, recorded: FaultsRecorded) -> None:
+        """A node's failed accelerators changed (`FaultWriter`): its set lost the shards released,
+        and the reconciler places them again and keeps new ones off the failed accelerators."""
+        if recorded.released:
+            self.notify([node_id])
+        self._on_liveness_change()
 
     def revoke(self, node_id: str, reason: str) -> None:
         """End the node's stream (if any) with UNAUTHENTICATED: the credential it connected with

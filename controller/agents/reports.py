@@ -30,7 +30,7 @@ from controller.store.lease import LeaseLost
 from controller.usecases import agents as agent_cases
 from controller.usecases.agents import NodeBeat, RefusedReports
 from controller.domain.liveness import LivenessPolicy
-from controller.domain.values import DeploymentView, HeartbeatReport, ShardReport, deployment_key
+from controller.domain.values import AcceleratorFault, DeploymentView, HeartbeatReport, ShardReport, deployment_key
 
 log = logging.getLogger("maia.agents")
 
@@ -58,8 +58,11 @@ class ReportBuffer:
         on_deployments_changed: Callable[[Mapping[str, DeploymentView]], Awaitable[None]],
         heartbeat_timeout_s: float, longest_silence_timeout_s: Callable[[], float],
         contact_write_every_s: float | None,
+        on_failed_accelerators: Callable[[AgentSession, tuple[AcceleratorFault, ...]], None] = lambda s, f: None,
     ) -> None:
         self._db = db
+        # Each heartbeat's list of failed accelerators (`FaultWriter.heard`: written when it changes).
+        self._on_failed_accelerators = on_failed_accelerators
         # A database outage fails every flush: a line at most every 10 s says so, with how many did not.
         self._outage_log = Sampler(per_minute=6, burst=1)
         self._sessions = sessions  # the hub's open streams, read only
@@ -173,6 +176,7 @@ class ReportBuffer:
                 named = deployment_key(report.tenant, report.deployment) if report.tenant else report.deployment
                 self._refuse(node_id, (named, report.replica, report.shard))
         if beat:
+            self._on_failed_accelerators(session, message.failed_accelerators)
             session.beat_at = datetime.now(timezone.utc)
             self._beats[node_id] = NodeBeat(session.beat_at, message.power_draw_w)
             if not message.shards_omitted:

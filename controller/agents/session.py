@@ -20,7 +20,7 @@ from controller.aio import Wakeup
 from controller.errors import MaiaError, Unauthenticated
 from controller.ratelimit import TokenBucket
 from controller.tokenstreams import ExpiryTimer
-from controller.domain.values import AssignmentSet, HeartbeatReport, ShardReport
+from controller.domain.values import AcceleratorFault, AssignmentSet, HeartbeatReport, ShardReport
 
 AgentInbound = HeartbeatReport | ShardReport
 # Why a shard its agent never took up failed (`AgentSession.overdue`).
@@ -106,6 +106,9 @@ class AgentSession:
     # The shard_state_version of the last full heartbeat judged on this stream (None: none, or its
     # write failed): a heartbeat that omits its shards under this version changed nothing.
     state_version: int | None = None
+    # The failed accelerators this stream's heartbeats last listed (None: no heartbeat yet, or its
+    # list's write failed): `FaultWriter.heard`.
+    faults: tuple[AcceleratorFault, ...] | None = None
     # The pusher's work besides closing: the node's set changed (`set_due`), the agent must be
     # asked for its full shard state (`ask_state`; `state_asked` once sent, until a full heartbeat),
     # or told a heartbeat interval (`tell_due`: `interval_ms`; a longer one as the cluster grows, or

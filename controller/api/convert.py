@@ -155,6 +155,7 @@ def node_msg(view: d.NodeView) -> admin_pb2.Node:
         last_heartbeat=timestamp(view.last_heartbeat), power_draw_w=view.power_draw_w,
         accelerators_used=view.accelerators_used, shards=view.shards, tenants=list(view.tenants),
         cordoned=view.cordoned, draining=view.draining, evicted=view.evicted,
+        failed_accelerators=[{"index": f.index, "reason": f.reason} for f in view.failed_accelerators],
     )
 
 
@@ -293,7 +294,9 @@ def shard_report(msg: agent_pb2.ShardStatus) -> d.ShardReport:
 
 def heartbeat_report(msg: agent_pb2.Heartbeat) -> d.HeartbeatReport:
     return d.HeartbeatReport(seq=msg.seq, power_draw_w=msg.power_draw_w, shards=tuple(map(shard_report, msg.shards)),
-                             shard_state_version=msg.shard_state_version, shards_omitted=msg.shards_omitted)
+                             shard_state_version=msg.shard_state_version, shards_omitted=msg.shards_omitted,
+                             failed_accelerators=tuple(d.AcceleratorFault(f.index, f.reason)
+                                                       for f in msg.failed_accelerators))
 
 
 def assignment_set_msg(view: d.AssignmentSet) -> agent_pb2.ControllerMessage:

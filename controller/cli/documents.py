@@ -200,7 +200,8 @@ def node_document(n: admin_pb2.Node) -> Document:
         "status": {"state": node_state_word(n.state), "cordoned": n.cordoned, "draining": n.draining,
                    "evicted": n.evicted, "connected": n.connected,
                    "accelerators_used": number(n.accelerators_used), "shards": n.shards,
-                   "power_draw_w": number(round(n.power_draw_w, 1)), "tenants": list(n.tenants)},
+                   "power_draw_w": number(round(n.power_draw_w, 1)), "tenants": list(n.tenants),
+                   "failed_accelerators": [{"index": f.index, "reason": f.reason} for f in n.failed_accelerators]},
     }
     if n.HasField("last_heartbeat"):
         doc["status"]["last_heartbeat"] = n.last_heartbeat.ToJsonString()

@@ -152,7 +152,8 @@ def node_flags(n: admin_pb2.Node) -> list[str]:
     """What its state word leaves out: a cordon on a node that is suspect or down (the word says
     cordoned of an up node only), a drain, an eviction (down, its work placed elsewhere)."""
     flags = ["cordoned"] if n.cordoned and n.state != common_pb2.NODE_STATE_CORDONED else []
-    return flags + ["draining"] * n.draining + ["evicted"] * n.evicted
+    failed = [f"accelerator {f.index} failed" for f in n.failed_accelerators]
+    return flags + ["draining"] * n.draining + ["evicted"] * n.evicted + failed
 
 
 def nodes_table(nodes: Sequence[admin_pb2.Node], wide: bool = False) -> str:
@@ -160,7 +161,7 @@ def nodes_table(nodes: Sequence[admin_pb2.Node], wide: bool = False) -> str:
     rows = []
     for n in sorted(nodes, key=lambda n: n.id):
         row: list[object] = [n.id, n.rack, node_state_word(n.state), "yes" if n.connected else "no",
-                             f"{fmt_number(n.accelerators_used)}/{n.accelerators}", n.shards,
+                             _accelerators_text(n), n.shards,
                              "-" if _down(n) else round(n.power_draw_w), fmt_list(n.tenants)]
         if wide:
             row += [n.row, n.zone, n.accelerator_model, fmt_list(f"{k}={v}" for k, v in sorted(n.labels.items())),
@@ -171,6 +172,12 @@ def nodes_table(nodes: Sequence[admin_pb2.Node], wide: bool = False) -> str:
                         empty="No nodes found.")
 
 
+def _accelerators_text(n: admin_pb2.Node) -> str:
+    """'1.5/4' used of installed, with the failed ones: '1/4 (1 failed)'."""
+    failed = f" ({len(n.failed_accelerators)} failed)" if n.failed_accelerators else ""
+    return f"{fmt_number(n.accelerators_used)}/{n.accelerators}{failed}"
+
+
 def node_detail(n: admin_pb2.Node) -> str:
     flags = node_flags(n)
     pairs: list[tuple[str, object]] = [
@@ -178,6 +185,8 @@ def node_detail(n: admin_pb2.Node) -> str:
         ("State", node_state_word(n.state) + (f" ({', '.join(flags)})" if flags else "")),
         ("Connected", "yes" if n.connected else "no"),
         ("Accelerators", f"{fmt_number(n.accelerators_used)}/{n.accelerators} used ({n.accelerator_model})"),
+        *((f"Accelerator {f.index}", f"failed: {f.reason or 'no reason given'} (takes no shards)")
+          for f in n.failed_accelerators),
         ("HBM/accelerator", f"{fmt_number(n.hbm_gib)} GiB"),
         ("CPU", f"{n.cpu_milli}m"), ("Memory", f"{n.memory_mib} MiB"),
         ("Power", (f"unknown: down (its last reading {fmt_number(round(n.power_draw_w))} W)" if _down(n) else

@@ -129,6 +129,7 @@ class NodeView:
     cordoned: bool = False  # by an operator (`state` says so of an up node only)
     draining: bool = False
     evicted: bool = False   # down, its work placed again elsewhere
+    failed_accelerators: tuple[AcceleratorFault, ...] = ()  # its agent says so (usecases/faults.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +325,15 @@ class HeartbeatReport:
     shards: tuple[ShardReport, ...] = ()
     shard_state_version: int = 0  # 0: unversioned (every heartbeat carries the full state)
     shards_omitted: bool = False  # the state is that of `shard_state_version`, sent in full before
+    failed_accelerators: tuple[AcceleratorFault, ...] = ()  # all of the node's, in every heartbeat
+
+
+@dataclass(frozen=True, slots=True)
+class AcceleratorFault:
+    """One accelerator of a node that its agent says failed, and why (its words)."""
+
+    index: int
+    reason: str = ""
 
 
 # --- tokens ----------------------------------------------------------------------------------

@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     fail.add_argument("--message", default="injected fault", help="the FAILED report's message")
     fail.add_argument("--keep-failing", action="store_true",
                       help="every later load of a matching shard fails too, until `fault stop-failing`")
+    acc = verbs.add_parser("fail-accelerator", parents=[common, targets, timed],
+                           help="an accelerator of the nodes fails: their heartbeats list it until repaired")
+    acc.add_argument("--index", type=int, required=True, help="which accelerator (0..accelerators-1)")
+    acc.add_argument("--reason", default=None, help="what the agent says of it (default: injected accelerator fault)")
+    fix = verbs.add_parser("repair-accelerator", parents=[common, targets],
+                           help="a failed accelerator of the nodes works again")
+    fix.add_argument("--index", type=int, default=None, help="which one (default: every failed one)")
     stop = verbs.add_parser("stop-failing", parents=[common], help="end --keep-failing rules")
     stop.add_argument("--deployment", default=None, help="only this deployment's rules (default: all)")
     verbs.add_parser("status", parents=[common], help="what is injected, how many nodes are connected")
@@ -113,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 def request_of(args: argparse.Namespace) -> dict[str, Any]:
     """The JSON request a parsed command line sends."""
     fields = ("nodes", "racks", "all", "for_s", "delay_s", "period_s", "down_s", "count", "deployment",
-              "replica", "shard", "message", "keep_failing")
+              "replica", "shard", "message", "keep_failing", "index", "reason")
     request = {"op": args.op}
     for name in fields:
         value = getattr(args, name, None)

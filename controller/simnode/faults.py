@@ -13,6 +13,8 @@ all of them:
 - `delay-heartbeats`: `by` seconds more between heartbeats;
 - `fail-shard`: the agent holding a shard reports it FAILED with a message; `keep_failing`
   fails every later load of a matching shard too, until `stop-failing`;
+- `fail-accelerator`: accelerator `index` of the nodes failed (their heartbeats list it, with a
+  reason), until `repair-accelerator` (one index, or all) or the timed fault ends;
 - `revive`: undoes kill, partition, flap and heartbeat delay, and brings back a node whose stream
   a newer one of its node superseded; `status`: what is injected (and which nodes gave way to a
   newer stream), and how the nodes' Registers went (latencies of those that succeeded, failures
@@ -171,6 +173,30 @@ class FaultInjector:
                 "message": f"failed {len(failed)} shards of {pattern.describe()}"
                            + ("; every later load of one fails too" if keep else "")}
 
+    def _fail_accelerator(self, request: dict[str, Any]) -> dict[str, Any]:
+        nodes = self._select(request)
+        index = request.get("index")
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise FaultError(f"index must be an accelerator's index (0 or more), got {index!r}")
+        too_few = [n.spec.node_id for n in nodes if index >= n.spec.accelerators]
+        if too_few:
+            raise FaultError(f"{', '.join(too_few[:5])} {'has' if len(too_few) == 1 else 'have'} no accelerator {index}")
+        reason = request.get("reason") or "injected accelerator fault"
+        for_s = _optional_seconds(request, "for_s")
+        for node in nodes:
+            node.fail_accelerator(index, str(reason))
+            self._schedule(node, f"accelerator-{index}", for_s, lambda n=node: n.repair_accelerator(index))
+        return self._done(f"accelerator {index} failed on", nodes, for_s)
+
+    def _repair_accelerator(self, request: dict[str, Any]) -> dict[str, Any]:
+        nodes = self._select(request)
+        index = request.get("index")
+        if index is not None and (not isinstance(index, int) or isinstance(index, bool) or index < 0):
+            raise FaultError(f"index must be an accelerator's index (0 or more), got {index!r}")
+        repaired = [node for node in nodes if node.repair_accelerator(index)]
+        return self._done(f"{'every accelerator' if index is None else f'accelerator {index}'} repaired on",
+                          repaired, None)
+
     def _stop_failing(self, request: dict[str, Any]) -> dict[str, Any]:
         deployment = request.get("deployment")
         kept = [p for p in self._failing if deployment is not None and p.deployment != deployment]
@@ -184,7 +210,8 @@ class FaultInjector:
             kinds = [kind for kind, on in (("killed", node.killed), ("partitioned", node.partitioned),
                                            ("superseded", node.superseded),
                                            ("flapping", "flap" in self._faults[node_id].tasks),
-                                           ("heartbeat-delay", node.heartbeat_delay_s > 0)) if on]
+                                           ("heartbeat-delay", node.heartbeat_delay_s > 0),
+                                           ("failed-accelerators", bool(node.failed_accelerators))) if on]
             if kinds:
                 faulty[node_id] = kinds
         connected = sum(1 for n in self._nodes.values() if n.connected and not n.muted)
@@ -199,6 +226,7 @@ class FaultInjector:
     _HANDLERS: dict[str, Callable[[FaultInjector, dict[str, Any]], dict[str, Any]]] = {
         "kill": _kill, "partition": _partition, "delay-heartbeats": _delay_heartbeats, "flap": _flap,
         "revive": _revive, "fail-shard": _fail_shard, "stop-failing": _stop_failing, "status": _status,
+        "fail-accelerator": _fail_accelerator, "repair-accelerator": _repair_accelerator,
     }
 
     # --- helpers --------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Conversions between the agent's values and maia.v1 agent protocol messages."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from controller.simnode.agent import DesiredShard, DesiredState, Phase, ShardKey, ShardReport
@@ -64,15 +65,18 @@ def hello(node_id: str, session_id: str, heartbeat_interval_s: float) -> agent_p
 
 
 def heartbeat(seq: int, power_draw_w: float, reports: list[ShardReport] | None,
-              state_version: int = 0) -> agent_pb2.AgentMessage:
+              state_version: int = 0, failed: Mapping[int, str] | None = None) -> agent_pb2.AgentMessage:
     """A heartbeat with the node's full shard state (`reports`), or without it (None: unchanged since
-    the stream's last heartbeat that carried it, under `state_version`)."""
+    the stream's last heartbeat that carried it, under `state_version`), and the node's failed
+    accelerators (`failed`: index -> why), in every one."""
+    faults = [common_pb2.AcceleratorFault(index=i, reason=why) for i, why in sorted((failed or {}).items())]
     if reports is None:
         return agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(
-            seq=seq, power_draw_w=power_draw_w, shard_state_version=state_version, shards_omitted=True))
+            seq=seq, power_draw_w=power_draw_w, shard_state_version=state_version, shards_omitted=True,
+            failed_accelerators=faults))
     return agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(
         seq=seq, power_draw_w=power_draw_w, shards=[status_to_proto(r) for r in reports],
-        shard_state_version=state_version))
+        shard_state_version=state_version, failed_accelerators=faults))
 
 
 def shard_status(report: ShardReport) -> agent_pb2.AgentMessage:

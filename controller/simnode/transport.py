@@ -184,6 +184,9 @@ class SimulatedNode:
         # A newer stream of this node superseded ours (another agent holds the node): no reconnect until `revive()`.
         self.superseded = False
         self.heartbeat_delay_s = 0.0
+        # Accelerators that failed (index -> why): listed in every heartbeat (`fail_accelerator`).
+        self.failed_accelerators: dict[int, str] = {}
+        self._beat_now = False  # the next heartbeat goes at once (the failed accelerators changed)
         self._call: grpc.aio.StreamStreamCall | None = None
         self._outbox: asyncio.Queue | None = None
         # The controller asked for the full shard state (ShardStateRequest): the next heartbeat carries it.
@@ -238,6 +241,22 @@ class SimulatedNode:
     @property
     def muted(self) -> bool:
         return self.partitioned or self.killed
+
+    def fail_accelerator(self, index: int, reason: str) -> None:
+        """Accelerator `index` failed: said in every heartbeat from now on, the next one at once."""
+        self.failed_accelerators[index] = reason
+        self._beat_now = True
+        self._wake.set()
+
+    def repair_accelerator(self, index: int | None = None) -> bool:
+        """Accelerator `index` (None: every one) works again; False if none of those had failed."""
+        gone = [i for i in self.failed_accelerators if index is None or i == index]
+        for i in gone:
+            del self.failed_accelerators[i]
+        if gone:
+            self._beat_now = True
+            self._wake.set()
+        return bool(gone)
 
     def fail_shard(self, key: ShardKey, message: str) -> bool:
         """The shard fails: FAILED with `message` is reported (False if this node does not hold it)."""
@@ -510,13 +529,15 @@ class SimulatedNode:
         while True:
             now = self.clock()
             self._send_reports(self.agent.tick(now))
-            if now >= next_heartbeat:
+            if now >= next_heartbeat or self._beat_now:
+                self._beat_now = False
                 if not self.muted:
                     seq += 1
                     version = self.agent.state_version
                     full = self._state_asked or version != sent_version
                     outbox.put_nowait(protocol.heartbeat(seq, self.agent.power_draw_w(),
-                                                         self.agent.reports() if full else None, version))
+                                                         self.agent.reports() if full else None, version,
+                                                         self.failed_accelerators))
                     if full:
                         sent_version, self._state_asked = version, False
                     self.heartbeats_sent += 1

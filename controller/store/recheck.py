@@ -72,6 +72,10 @@ def recheck(
             if state != "ready":
                 rejected[(name, replica)] = (f"node {where[0]} is {state}: it takes no new shards",)
                 break
+            failed = sorted(set(where[1]) & set(nodes[where[0]].get("unhealthy_accelerators", ())))
+            if failed:  # failed since the plan's snapshot (usecases/faults.py)
+                rejected[(name, replica)] = (f"accelerators {failed} of node {where[0]} failed: they take no shards",)
+                break
     candidates = {rk: shards for rk, shards in landing.items() if rk not in rejected}
     if not candidates:
         return rejected

@@ -133,6 +133,7 @@ def _put(doc: dict[str, Any], key: str, value: Any) -> None:
 _NODE_COLUMNS = (
     Node.id, Node.rack_id, Node.health, Node.cordoned, Node.accelerators, Node.accelerator_model, Node.hbm_gib,
     Node.cpu_milli, Node.memory_mib, Node.idle_power_w, Node.labels, Node.draining, Node.evicted_at,
+    Node.failed_accelerators,
 )
 _TENANT_COLUMNS = (
     Tenant.id, Tenant.isolation, Tenant.excludes, Tenant.zones, Tenant.reserved_accelerators,
@@ -170,6 +171,11 @@ def _node_doc(n: Any) -> dict[str, Any] | None:
     if n.labels:
         node["labels"] = dict(n.labels)
     _put(node, "condition", node_condition(n.health, n.evicted_at is not None))
+    # Failed accelerators (usecases/faults.py) the node still has: one registered since with
+    # fewer accelerators lost the others.
+    failed = sorted({int(f["index"]) for f in n.failed_accelerators or ()} & set(range(n.accelerators)))
+    if failed:
+        node["unhealthy_accelerators"] = failed
     return node
 
 

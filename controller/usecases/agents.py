@@ -90,6 +90,14 @@ def validate_heartbeat_header(node_id: str, beat: HeartbeatReport) -> None:
     hub uses those that changed since the stream's last heartbeat)."""
     check_quantity(f"node {node_id}: heartbeat power_draw_w", beat.power_draw_w, limits.POWER_W_MAX)
     check_count(f"node {node_id}: heartbeat shards", beat.shards, limits.SHARDS_PER_NODE_MAX)
+    seen: set[int] = set()
+    for fault in beat.failed_accelerators:  # against the node's own count when written (usecases/faults.py)
+        where = f"node {node_id}: heartbeat failed_accelerators"
+        check_range(f"{where} index", fault.index, 0, limits.NODE_ACCELERATORS_MAX - 1)
+        if fault.index in seen:
+            raise InvalidArgument(f"{where}: accelerator {fault.index} listed twice")
+        seen.add(fault.index)
+        check_text(f"{where} reason", fault.reason, limits.FAULT_REASON_MAX)
 
 
 def _capacity(row: m.Node) -> tuple:

@@ -39,7 +39,8 @@ from controller.store.repositories.usage import (
     placement_power_w, power_usage, rack_power, reserved_usage, tenant_usage)
 from controller.store.repositories.nodes import (
     count_nodes_by_rack, count_placements_on_nodes, get_node, list_node_rows, node_capacities, node_health_by_zone,
-    node_info, node_liveness_rows, node_rows_by_id, node_state_counts, node_view, set_node_cordoned, set_node_health,
+    failed_accelerators, node_info, node_liveness_rows, node_rows_by_id, node_state_counts, node_view, set_node_cordoned,
+    set_node_health, stored_faults,
     write_heartbeats)
 from controller.store.repositories.deployments import (
     DeploymentColumns, DeploymentSummary, NamedDeployment, PlacedNode, PlacementColumns, SubmitFacts, SummaryRows,
@@ -52,6 +53,7 @@ from controller.store.repositories.deployments import (
 from controller.store.repositories.revisions import StoredRevision, keep_revisions, stored_revisions
 from controller.store.repositories.placements import (
     ASSIGNED_SPECS_KEPT, ASSIGNMENT_READ_CHUNK, ShardState, assignment_sets, bump_node_assignment_generations,
+    release_placements_off,
     placements_of_deployments, quarantine_deployment, release_placements_beyond, release_quarantined,
     remove_placements_on_node, shard_states, shard_states_on_nodes, view_as_written, write_deployment_phases,
     write_reported_shards)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Row, and_, bindparam, or_, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -178,8 +179,21 @@ def node_view(row: m.Node, usage: ClusterUsage, connected: bool) -> d.NodeView:
         shards=usage.node_shards.get(row.id, 0), tenants=tuple(sorted(usage.node_tenants.get(row.id, ()))),
         cordoned=bool(row.cordoned), draining=bool(row.draining),
         evicted=row.health is m.NodeHealth.DOWN and row.evicted_at is not None,
+        failed_accelerators=stored_faults(row.failed_accelerators),
     )
 
 
 async def set_node_cordoned(session: AsyncSession, node_id: str, cordoned: bool) -> None:
     await session.execute(update(m.Node).where(m.Node.id == node_id).values(cordoned=cordoned))
+
+
+def stored_faults(value: list[dict[str, Any]] | None) -> tuple[d.AcceleratorFault, ...]:
+    """A node's `failed_accelerators` column as faults, by index (NULL: none)."""
+    return tuple(d.AcceleratorFault(int(f["index"]), str(f.get("reason", ""))) for f in value or ())
+
+
+async def failed_accelerators(session: AsyncSession) -> dict[str, tuple[d.AcceleratorFault, ...]]:
+    """The nodes with failed accelerators (the column not NULL: a few), and those accelerators."""
+    rows = await session.execute(select(m.Node.id, m.Node.failed_accelerators)
+                                 .where(m.Node.failed_accelerators.is_not(None)))
+    return {node_id: faults for node_id, value in rows if (faults := stored_faults(value))}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -192,8 +192,14 @@ async def _lock_placements(session: AsyncSession, where: ColumnElement[bool]) ->
 
 async def release_placements_beyond(session: AsyncSession, accelerators: Mapping[str, int]) -> dict[str, list[list[object]]]:
     """Delete the placements of nodes that registered with fewer accelerators (`accelerators`: how
-    many each has now) on the indices they no longer have, stopping their usage meters; returns
-    them by node as [TENANT/NAME, replica, shard] (a node that lost none left out).
+    many each has now) on the indices they no longer have (`release_placements_off`)."""
+    return await release_placements_off(session, {node_id: range(n) for node_id, n in accelerators.items()})
+
+
+async def release_placements_off(session: AsyncSession, usable: Mapping[str, Container[int]]) -> dict[str, list[list[object]]]:
+    """Delete the placements of these nodes that use an accelerator index not in the node's
+    `usable` ones (it has fewer now, or some failed), stopping their usage meters; returns them by
+    node as [TENANT/NAME, replica, shard] (a node that lost none left out).
 
     In a report flush's table order (PostgreSQL's lock order: store/changes.py): every placement
     of those nodes locked first, in ascending id, then read (one a plan commit moved or removed
@@ -201,7 +207,7 @@ async def release_placements_beyond(session: AsyncSession, accelerators: Mapping
     released ones deleted (the isolation trigger), then their deployments', then their nodes' rows.
     Node by node, a node's row came before the next node's placements: a flush holding one of
     those and waiting for that node's heartbeat row waited for this, and this for it."""
-    nodes = sorted(accelerators)
+    nodes = sorted(usable)
     if not nodes:
         return {}
     on_nodes = any_of(session, m.Placement.node_id, nodes)
@@ -211,7 +217,7 @@ async def release_placements_beyond(session: AsyncSession, accelerators: Mapping
                m.Placement.accelerator_indices, m.Deployment.tenant_id, m.Deployment.name)
         .join(m.Deployment).where(on_nodes)
         .order_by(m.Placement.node_id, m.Deployment.name, m.Placement.replica, m.Placement.shard))
-    gone = [row for row in rows if any(i >= accelerators[row.node_id] for i in row.accelerator_indices or ())]
+    gone = [row for row in rows if any(i not in usable[row.node_id] for i in row.accelerator_indices or ())]
     if not gone:
         return {}
     ids = sorted(row.id for row in gone)  # locked above, in this order

@@ -81,18 +81,20 @@ class Hello(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., session_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("seq", "power_draw_w", "shards", "shard_state_version", "shards_omitted")
+    __slots__ = ("seq", "power_draw_w", "shards", "shard_state_version", "shards_omitted", "failed_accelerators")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     POWER_DRAW_W_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     SHARD_STATE_VERSION_FIELD_NUMBER: _ClassVar[int]
     SHARDS_OMITTED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_ACCELERATORS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     power_draw_w: float
     shards: _containers.RepeatedCompositeFieldContainer[ShardStatus]
     shard_state_version: int
     shards_omitted: bool
-    def __init__(self, seq: _Optional[int] = ..., power_draw_w: _Optional[float] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., shard_state_version: _Optional[int] = ..., shards_omitted: _Optional[bool] = ...) -> None: ...
+    failed_accelerators: _containers.RepeatedCompositeFieldContainer[_common_pb2.AcceleratorFault]
+    def __init__(self, seq: _Optional[int] = ..., power_draw_w: _Optional[float] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., shard_state_version: _Optional[int] = ..., shards_omitted: _Optional[bool] = ..., failed_accelerators: _Optional[_Iterable[_Union[_common_pb2.AcceleratorFault, _Mapping]]] = ...) -> None: ...
 
 class ShardStatus(_message.Message):
     __slots__ = ("deployment", "replica", "shard", "generation", "phase", "message", "power_draw_w", "tenant")

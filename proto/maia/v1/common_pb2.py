@@ -24,25 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14maia/v1/common.proto\x12\x07maia.v1\"\xa1\x01\n\tShardSpec\x12\x14\n\x0c\x61\x63\x63\x65lerators\x18\x01 \x01(\x05\x12\x19\n\x11\x61\x63\x63\x65lerator_milli\x18\x02 \x01(\x05\x12\x0f\n\x07hbm_gib\x18\x03 \x01(\x01\x12\x11\n\tcpu_milli\x18\x04 \x01(\x03\x12\x12\n\nmemory_mib\x18\x05 \x01(\x03\x12\x0f\n\x07power_w\x18\x06 \x01(\x01\x12\x1a\n\x12\x61\x63\x63\x65lerator_models\x18\x07 \x03(\t\"A\n\x06Spread\x12\x1f\n\x06\x64omain\x18\x01 \x01(\x0e\x32\x0f.maia.v1.Domain\x12\x16\n\x0emax_per_domain\x18\x02 \x01(\x05\"6\n\x06Reason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05scope\x18\x03 \x01(\t*x\n\tIsolation\x12\x19\n\x15ISOLATION_UNSPECIFIED\x10\x00\x12\x14\n\x10ISOLATION_SHARED\x10\x01\x12\x1c\n\x18ISOLATION_DEDICATED_NODE\x10\x02\x12\x1c\n\x18ISOLATION_DEDICATED_RACK\x10\x03*t\n\x06\x44omain\x12\x16\n\x12\x44OMAIN_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44OMAIN_NODE\x10\x01\x12\x0f\n\x0b\x44OMAIN_RACK\x10\x02\x12\x0e\n\nDOMAIN_ROW\x10\x03\x12\x0f\n\x0b\x44OMAIN_ZONE\x10\x04\x12\x0f\n\x0b\x44OMAIN_NONE\x10\x05*\x83\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10NODE_STATE_READY\x10\x01\x12\x17\n\x13NODE_STATE_CORDONED\x10\x02\x12\x13\n\x0fNODE_STATE_DOWN\x10\x03\x12\x16\n\x12NODE_STATE_SUSPECT\x10\x04*\xbf\x01\n\nShardPhase\x12\x1b\n\x17SHARD_PHASE_UNSPECIFIED\x10\x00\x12\x18\n\x14SHARD_PHASE_ASSIGNED\x10\x01\x12\x17\n\x13SHARD_PHASE_LOADING\x10\x02\x12\x17\n\x13SHARD_PHASE_RUNNING\x10\x03\x12\x16\n\x12SHARD_PHASE_FAILED\x10\x04\x12\x17\n\x13SHARD_PHASE_STOPPED\x10\x05\x12\x17\n\x13SHARD_PHASE_UNKNOWN\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14maia/v1/common.proto\x12\x07maia.v1\"\xa1\x01\n\tShardSpec\x12\x14\n\x0c\x61\x63\x63\x65lerators\x18\x01 \x01(\x05\x12\x19\n\x11\x61\x63\x63\x65lerator_milli\x18\x02 \x01(\x05\x12\x0f\n\x07hbm_gib\x18\x03 \x01(\x01\x12\x11\n\tcpu_milli\x18\x04 \x01(\x03\x12\x12\n\nmemory_mib\x18\x05 \x01(\x03\x12\x0f\n\x07power_w\x18\x06 \x01(\x01\x12\x1a\n\x12\x61\x63\x63\x65lerator_models\x18\x07 \x03(\t\"A\n\x06Spread\x12\x1f\n\x06\x64omain\x18\x01 \x01(\x0e\x32\x0f.maia.v1.Domain\x12\x16\n\x0emax_per_domain\x18\x02 \x01(\x05\"6\n\x06Reason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05scope\x18\x03 \x01(\t\"1\n\x10\x41\x63\x63\x65leratorFault\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t*x\n\tIsolation\x12\x19\n\x15ISOLATION_UNSPECIFIED\x10\x00\x12\x14\n\x10ISOLATION_SHARED\x10\x01\x12\x1c\n\x18ISOLATION_DEDICATED_NODE\x10\x02\x12\x1c\n\x18ISOLATION_DEDICATED_RACK\x10\x03*t\n\x06\x44omain\x12\x16\n\x12\x44OMAIN_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44OMAIN_NODE\x10\x01\x12\x0f\n\x0b\x44OMAIN_RACK\x10\x02\x12\x0e\n\nDOMAIN_ROW\x10\x03\x12\x0f\n\x0b\x44OMAIN_ZONE\x10\x04\x12\x0f\n\x0b\x44OMAIN_NONE\x10\x05*\x83\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10NODE_STATE_READY\x10\x01\x12\x17\n\x13NODE_STATE_CORDONED\x10\x02\x12\x13\n\x0fNODE_STATE_DOWN\x10\x03\x12\x16\n\x12NODE_STATE_SUSPECT\x10\x04*\xbf\x01\n\nShardPhase\x12\x1b\n\x17SHARD_PHASE_UNSPECIFIED\x10\x00\x12\x18\n\x14SHARD_PHASE_ASSIGNED\x10\x01\x12\x17\n\x13SHARD_PHASE_LOADING\x10\x02\x12\x17\n\x13SHARD_PHASE_RUNNING\x10\x03\x12\x16\n\x12SHARD_PHASE_FAILED\x10\x04\x12\x17\n\x13SHARD_PHASE_STOPPED\x10\x05\x12\x17\n\x13SHARD_PHASE_UNKNOWN\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'maia.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ISOLATION']._serialized_start=320
-  _globals['_ISOLATION']._serialized_end=440
-  _globals['_DOMAIN']._serialized_start=442
-  _globals['_DOMAIN']._serialized_end=558
-  _globals['_NODESTATE']._serialized_start=561
-  _globals['_NODESTATE']._serialized_end=692
-  _globals['_SHARDPHASE']._serialized_start=695
-  _globals['_SHARDPHASE']._serialized_end=886
+  _globals['_ISOLATION']._serialized_start=371
+  _globals['_ISOLATION']._serialized_end=491
+  _globals['_DOMAIN']._serialized_start=493
+  _globals['_DOMAIN']._serialized_end=609
+  _globals['_NODESTATE']._serialized_start=612
+  _globals['_NODESTATE']._serialized_end=743
+  _globals['_SHARDPHASE']._serialized_start=746
+  _globals['_SHARDPHASE']._serialized_end=937
   _globals['_SHARDSPEC']._serialized_start=34
   _globals['_SHARDSPEC']._serialized_end=195
   _globals['_SPREAD']._serialized_start=197
   _globals['_SPREAD']._serialized_end=262
   _globals['_REASON']._serialized_start=264
   _globals['_REASON']._serialized_end=318
+  _globals['_ACCELERATORFAULT']._serialized_start=320
+  _globals['_ACCELERATORFAULT']._serialized_end=369
 # @@protoc_insertion_point(module_scope)

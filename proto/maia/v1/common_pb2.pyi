@@ -98,3 +98,11 @@ class Reason(_message.Message):
     message: str
     scope: str
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., scope: _Optional[str] = ...) -> None: ...
+
+class AcceleratorFault(_message.Message):
+    __slots__ = ("index", "reason")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    reason: str
+    def __init__(self, index: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
