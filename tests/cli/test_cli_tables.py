@@ -90,6 +90,14 @@ def test_nodes_and_topology_and_summary_views() -> None:
                           power_draw_w=2000.0, idle_power_w=500.0)
     assert nodes_table([down]).splitlines()[1].split()[6] == "-"
     assert "unknown: down (its last reading 2000 W) (idle 500 W)" in node_detail(down)
+    # A failed accelerator: counted in the table, its reason in the detail, a flag in -o wide.
+    sick = admin_pb2.Node(id="rack-00-n02", rack="rack-00", state=common_pb2.NODE_STATE_READY, accelerators=4,
+                          accelerators_used=1.0, failed_accelerators=[common_pb2.AcceleratorFault(
+                              index=2, reason="uncorrectable ECC error")])
+    assert nodes_table([sick]).splitlines()[1].split()[4:6] == ["1/4", "(1"]
+    assert "1/4 (1 failed)" in nodes_table([sick])
+    assert "Accelerator 2:" in node_detail(sick) and "failed: uncorrectable ECC error (takes no shards)" in node_detail(sick)
+    assert "accelerator 2 failed" in nodes_table([sick], wide=True)
 
     topo = admin_pb2.Topology(zones=[admin_pb2.Zone(id="z1")],
                               rows=[admin_pb2.Row(id="row-a", zone="z1", power_budget_w=100000, power_used_w=20000)],
