@@ -88,11 +88,13 @@ class FaultWriter:
                 session.faults = None
                 log.warning("node %s: could not record its failed accelerators: %s", node_id, one_line(exc))
                 continue
+            if done is None:  # the same list stored, or not this stream's to say: read again when needed
+                self._stored = None
+                continue
             if faults:
                 self._stored[node_id] = _by_index(faults)
             else:
                 self._stored.pop(node_id, None)
-            if done is not None:
-                log.warning("node %s: accelerators failed %s, recovered %s; %d shard(s) released", node_id,
-                            list(done.failed), list(done.recovered), len(done.released))
-                self._on_recorded(node_id, done)
+            log.warning("node %s: accelerators failed %s, recovered %s; %d shard(s) released", node_id,
+                        list(done.failed), list(done.recovered), len(done.released))
+            self._on_recorded(node_id, done)
