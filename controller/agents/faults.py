@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 
 from controller.agents.session import AgentSession
 from controller.domain.values import AcceleratorFault
-from controller.errors import MaiaError
 from controller.logs import one_line
 from controller.store import repositories as repo
 from controller.store.db import Database
@@ -49,7 +48,7 @@ class FaultWriter:
         first = session.faults is None
         session.faults = faults
         if first and not faults and self._stored is not None and session.node_id not in self._stored:
-            return  # none stored, none said
+            return  # none stored, none said (a stream's first list naming some is always handed over)
         self._due[session.node_id] = (session, faults, first)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._write_due(), name="accelerator-faults")
@@ -74,27 +73,29 @@ class FaultWriter:
                 if self._stored is None:
                     async with self._db.unit_of_work() as uow:
                         self._stored = {n: _by_index(f) for n, f in (await repo.failed_accelerators(uow.session)).items()}
-                if first and _by_index(faults) == self._stored.get(node_id, {}):
+                if first and not faults and node_id not in self._stored:
                     continue
                 async with self._db.unit_of_work() as uow:
                     done = await record_faults(uow, node_id, session.session_id, faults)
             except LeaseLost:
                 self.forget()
                 return
-            except MaiaError as exc:  # an index the node does not have: said again only once changed
-                log.warning("node %s: its failed accelerators were not recorded: %s", node_id, exc.message)
-                continue
             except Exception as exc:  # the database: the stream's next heartbeat hands its list over again
                 session.faults = None
                 log.warning("node %s: could not record its failed accelerators: %s", node_id, one_line(exc))
                 continue
-            if done is None:  # the same list stored, or not this stream's to say: read again when needed
-                self._stored = None
+            if done is None or self._stored is None:  # not this stream's to say, or the lead lost meanwhile
+                self._stored = None  # read again when needed
                 continue
-            if faults:
-                self._stored[node_id] = _by_index(faults)
+            if done.ignored:
+                log.warning("node %s: its agent says accelerators %s failed, which it does not have: ignored",
+                            node_id, list(done.ignored))
+            kept = {f.index: f.reason for f in faults if f.index not in done.ignored}
+            if kept:
+                self._stored[node_id] = kept
             else:
                 self._stored.pop(node_id, None)
-            log.warning("node %s: accelerators failed %s, recovered %s; %d shard(s) released", node_id,
-                        list(done.failed), list(done.recovered), len(done.released))
-            self._on_recorded(node_id, done)
+            if done.changed:
+                log.warning("node %s: accelerators failed %s, recovered %s; %d shard(s) released", node_id,
+                            list(done.failed), list(done.recovered), len(done.released))
+                self._on_recorded(node_id, done)

@@ -292,11 +292,16 @@ def shard_report(msg: agent_pb2.ShardStatus) -> d.ShardReport:
     )
 
 
+def _fault_index(fault: d.AcceleratorFault) -> int:
+    return fault.index
+
+
 def heartbeat_report(msg: agent_pb2.Heartbeat) -> d.HeartbeatReport:
     return d.HeartbeatReport(seq=msg.seq, power_draw_w=msg.power_draw_w, shards=tuple(map(shard_report, msg.shards)),
                              shard_state_version=msg.shard_state_version, shards_omitted=msg.shards_omitted,
-                             failed_accelerators=tuple(d.AcceleratorFault(f.index, f.reason)
-                                                       for f in msg.failed_accelerators))
+                             failed_accelerators=tuple(sorted(
+                                 (d.AcceleratorFault(f.index, f.reason) for f in msg.failed_accelerators),
+                                 key=_fault_index)))
 
 
 def assignment_set_msg(view: d.AssignmentSet) -> agent_pb2.ControllerMessage:

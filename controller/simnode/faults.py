@@ -15,7 +15,7 @@ all of them:
   fails every later load of a matching shard too, until `stop-failing`;
 - `fail-accelerator`: accelerator `index` of the nodes failed (their heartbeats list it, with a
   reason), until `repair-accelerator` (one index, or all) or the timed fault ends;
-- `revive`: undoes kill, partition, flap and heartbeat delay, and brings back a node whose stream
+- `revive`: undoes kill, partition, flap, heartbeat delay and failed accelerators, and brings back a node whose stream
   a newer one of its node superseded; `status`: what is injected (and which nodes gave way to a
   newer stream), and how the nodes' Registers went (latencies of those that succeeded, failures
   by status code).
@@ -153,6 +153,7 @@ class FaultInjector:
         for node in nodes:
             self._faults[node.spec.node_id].cancel_all()
             node.heartbeat_delay_s = 0.0
+            node.repair_accelerator()
             node.revive()
         return self._done("revived", nodes, None)
 

@@ -44,7 +44,9 @@ PostgreSQL's lock order. Every transaction that moves the generation takes its l
    lock to order: its trigger (0028) inserts rows of closed_usage_deltas and folds them into
    closed_usage only when it gets the fold's advisory lock at once, as the deployment counts (0016);
    nor do a deployment's kept revisions (deployment_revisions, 0031): only an update holding the
-   deployment's row writes them, and a deletion of that row (its cascade) removes them;
+   deployment's row writes them, and a deletion of that row (its cascade) removes them. Failed
+   accelerators (usecases/faults.py) release shards in a Register's order above, then write the
+   node's row (no trigger watches the column);
 3. the generation row (`cluster_state`), then the change log (inserts);
 4. the audit chain's head (`audit_head`), then the leader lease (`FOR KEY SHARE`, with the COMMIT).
 A plan commit that holds the generation row while it writes rows (step 3 before 2) does so under

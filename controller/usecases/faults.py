@@ -23,39 +23,47 @@ from dataclasses import dataclass
 
 from controller.domain.changes import ClusterChange
 from controller.domain.values import AcceleratorFault
-from controller.errors import InvalidArgument
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
 
 
 @dataclass(frozen=True, slots=True)
 class FaultsRecorded:
-    """What `record_faults` changed: the accelerators that failed and recovered, and the shards it
-    released ([TENANT/NAME, replica, shard])."""
+    """What `record_faults` changed: the accelerators that failed and recovered, the shards it
+    released ([TENANT/NAME, replica, shard]), and the indices it ignored (the node has no such
+    accelerator). Nothing failed or recovered: at most a reason changed (no event, the solver's
+    view unchanged)."""
 
     failed: tuple[int, ...]
     recovered: tuple[int, ...]
-    released: tuple[list[object], ...]
+    released: tuple[list[object], ...] = ()
+    ignored: tuple[int, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        """Whether which accelerators work changed (what the solver and the node's set see)."""
+        return bool(self.failed or self.recovered)
 
 
 async def record_faults(uow: UnitOfWork, node_id: str, session_id: str,
                         faults: Sequence[AcceleratorFault]) -> FaultsRecorded | None:
     """Store `faults` as node `node_id`'s failed accelerators, said by its agent on the stream of
-    `session_id`; None when nothing changed (the same list stored, the node gone, or the session
-    no longer its own). INVALID_ARGUMENT for an index the node does not have (nothing written)."""
+    `session_id` (an index the node does not have is ignored, and said so); None when the node is
+    gone or the session no longer its own, or nothing is to be said (the same list stored)."""
     row = (await repo.node_rows_by_id(uow.session, [node_id])).get(node_id)
     if row is None or row.session_id != session_id:
         return None
-    for fault in faults:
-        if not 0 <= fault.index < row.accelerators:
-            raise InvalidArgument(f"node {node_id}: failed accelerator {fault.index} is not one of its "
-                                  f"{row.accelerators} (indices 0..{row.accelerators - 1})")
+    ignored = tuple(sorted(f.index for f in faults if not 0 <= f.index < row.accelerators))
     before = {f.index: f.reason for f in repo.stored_faults(row.failed_accelerators)}
-    now = {f.index: f.reason for f in faults}
+    now = {f.index: f.reason for f in faults if 0 <= f.index < row.accelerators}
     if now == before:
-        return None
+        return FaultsRecorded((), (), ignored=ignored) if ignored else None
     failed = tuple(sorted(set(now) - set(before)))
     recovered = tuple(sorted(set(before) - set(now)))
+    if not failed and not recovered:  # the reasons alone: no one's view of the node changes
+        row.failed_accelerators = [{"index": i, "reason": now[i]} for i in sorted(now)]
+        await uow.commit()
+        return FaultsRecorded((), (), ignored=ignored)
     # The generation writers' lock before any row, then the placements, then the node's row
     # (PostgreSQL's lock order: store/changes.py, as a Register that shrinks a node).
     await repo.will_move_generation(uow.session)
@@ -81,4 +89,4 @@ async def record_faults(uow: UnitOfWork, node_id: str, session_id: str,
                           message=f"accelerator {index} works again: it takes shards")
     await repo.bump_cluster_generation(uow.session, ClusterChange.nodes([node_id]))
     await uow.commit()
-    return FaultsRecorded(failed, recovered, shards)
+    return FaultsRecorded(failed, recovered, shards, ignored)

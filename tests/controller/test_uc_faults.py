@@ -6,13 +6,12 @@ a repaired accelerator leaves the list."""
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from controller.agents import faults as faults_module
 from controller.agents.faults import FaultWriter
 from controller.agents.session import AgentSession
 from controller.domain.values import AcceleratorFault
-from controller.errors import InvalidArgument
 from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store.db import Database
@@ -64,14 +63,31 @@ async def test_a_failed_accelerator_releases_its_shards_and_the_solver_is_told(c
         assert (await uow.session.get(m.Node, NODE)).failed_accelerators is None
 
 
-async def test_a_superseded_session_or_an_index_the_node_lacks_changes_nothing(cluster: Database) -> None:
+async def test_a_superseded_session_changes_nothing_and_an_index_the_node_lacks_is_ignored(cluster: Database) -> None:
     before = await row_counts(cluster)
     assert await _record(cluster, AcceleratorFault(1, "x"), session="not-its-session") is None
-    with pytest.raises(InvalidArgument, match="failed accelerator 4 is not one of its 4"):
-        await _record(cluster, AcceleratorFault(4, "x"))
+    alone = await _record(cluster, AcceleratorFault(4, "x"))
+    assert alone is not None and (alone.ignored, alone.changed) == ((4,), False)
     assert await row_counts(cluster) == before
+    both = await _record(cluster, AcceleratorFault(4, "x"), AcceleratorFault(1, "link down"))
+    assert both is not None and (both.failed, both.ignored) == ((1,), (4,))
     async with cluster.unit_of_work() as uow:
-        assert (await uow.session.get(m.Node, NODE)).failed_accelerators is None
+        assert (await uow.session.get(m.Node, NODE)).failed_accelerators == [{"index": 1, "reason": "link down"}]
+
+
+async def test_a_new_reason_alone_moves_nothing_and_a_repair_stores_sql_null(cluster: Database) -> None:
+    await _record(cluster, AcceleratorFault(1, "ECC errors: 1"))
+    async with cluster.unit_of_work() as uow:
+        generation = (await uow.session.get(m.ClusterState, 1)).generation
+    again = await _record(cluster, AcceleratorFault(1, "ECC errors: 2"))
+    assert again is not None and not again.changed
+    async with cluster.unit_of_work() as uow:
+        assert (await uow.session.get(m.ClusterState, 1)).generation == generation
+        assert (await uow.session.get(m.Node, NODE)).failed_accelerators == [{"index": 1, "reason": "ECC errors: 2"}]
+    await _record(cluster)
+    async with cluster.unit_of_work() as uow:  # SQL NULL, not JSON null: the nodes with faults are read by IS NOT NULL
+        assert await uow.session.scalar(select(func.count()).select_from(m.Node)
+                                        .where(m.Node.failed_accelerators.is_not(None))) == 0
 
 
 async def _events(db: Database) -> list[str]:
@@ -104,3 +120,12 @@ async def test_the_hub_writes_a_list_only_when_it_differs_from_what_is_stored(cl
     writer.heard(well, (AcceleratorFault(3, "no answer"),))
     await writer.settled()
     assert [(n, r.failed) for n, r in recorded[1:]] == [("rack-a-n1", (3,))] and asked == [NODE, "rack-a-n1"]
+    # A stream's first list naming failed accelerators is handed over whatever the writer holds:
+    # the row may have lost them (the node deleted and registered again).
+    async with cluster.unit_of_work() as uow:
+        (await uow.session.get(m.Node, "rack-a-n1")).failed_accelerators = None
+        await uow.commit()
+    anew = AgentSession("rack-a-n1", well.session_id, interval_ms=1000, timeout_s=3.0)
+    writer.heard(anew, (AcceleratorFault(3, "no answer"),))
+    await writer.settled()
+    assert [(n, r.failed) for n, r in recorded[2:]] == [("rack-a-n1", (3,))]
