@@ -61,6 +61,8 @@ class ClusterGauges:
     # Per tenant with a reservation: the accelerators reserved and not held while it has
     # non-preemptible work waiting (0 while it waits for nothing): a reservation not honoured.
     reservation_short: dict[str, float] = field(default_factory=dict)
+    # Failed accelerators (usecases/faults.py) per (node, rack): only nodes with some.
+    failed: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 async def read_cluster_gauges(session: AsyncSession, *, now: datetime | None = None,
@@ -97,10 +99,14 @@ async def read_cluster_gauges(session: AsyncSession, *, now: datetime | None = N
         PowerDomain(row_id, zone_of_row[row_id], row_used.get(row_id, 0.0), budget)
         for row_id, budget in sorted(rows_budget.items())
     )
+    failed, failed_free = await _failed(session)
+    free = await _free(session)
+    for key, count in failed_free.items():  # not held (their shards are released), and not free either
+        free[key] = max(0.0, free.get(key, 0.0) - count)
     return ClusterGauges(
         deployments_by_phase=phases, unplaced_by_reason=unplaced, nodes_by_state=states,
         heartbeat_lag_max_s=await _heartbeat_lag(session, now, heard or {}) if lag else {}, racks=racks, rows=rows,
-        allocated=await _allocated(session), free=await _free(session),
+        allocated=await _allocated(session), free=free, failed=failed,
         reservation_short={tenant: max(0.0, reserved - held) if tenant in waiting_tenants else 0.0
                            for tenant, (reserved, held) in (await repo.reserved_usage(session)).items()},
     )
@@ -193,6 +199,25 @@ async def _allocated(session: AsyncSession) -> dict[tuple[str, str], float]:
             .select_from(m.Placement).join(m.Deployment).join(m.Node)
             .group_by(m.Deployment.tenant_id, m.Node.accelerator_model))
     return {(tenant, model): int(milli) / 1000.0 for tenant, model, milli in await session.execute(held)}
+
+
+async def _failed(session: AsyncSession) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
+    """Failed accelerators per (node, rack), and those of ready nodes per (model, zone): the few
+    nodes whose column is not NULL, read as rows. An index the node no longer has is not counted."""
+    by_node: dict[tuple[str, str], int] = {}
+    on_ready: dict[tuple[str, str], int] = defaultdict(int)
+    rows = await session.execute(
+        select(m.Node.id, m.Node.rack_id, m.Node.accelerator_model, m.Row.zone_id, m.Node.accelerators,
+               m.Node.failed_accelerators, m.Node.health, m.Node.cordoned)
+        .select_from(m.Node).join(m.Rack).join(m.Row).where(m.Node.failed_accelerators.is_not(None)))
+    for node_id, rack_id, model, zone, accelerators, faults, health, cordoned in rows:
+        count = sum(1 for f in repo.stored_faults(faults) if f.index < accelerators)
+        if not count:
+            continue
+        by_node[(node_id, rack_id)] = count
+        if health is m.NodeHealth.UP and not cordoned:
+            on_ready[(model, zone)] += count
+    return by_node, dict(on_ready)
 
 
 async def _free(session: AsyncSession) -> dict[tuple[str, str], float]:

@@ -143,7 +143,10 @@ def cluster_families(g: ClusterGauges) -> Iterator[Metric]:
                  {(r.id, r.parent): r.budget_w for r in g.rows if r.budget_w is not None})
     yield _gauge("maia_accelerators_allocated", "Accelerators held by placed shards (fractions as such).",
                  ["tenant", "model"], dict(g.allocated))
-    yield _gauge("maia_accelerators_free", "Accelerators not held on ready nodes.", ["model", "zone"], dict(g.free))
+    yield _gauge("maia_accelerators_free", "Accelerators not held on ready nodes (failed ones not counted).",
+                 ["model", "zone"], dict(g.free))
+    yield _gauge("maia_accelerators_failed", "Accelerators a node's agent says failed (nodes with some): they take "
+                 "no shards.", ["node", "rack"], dict(g.failed))
 
 
 def usage_families(usage: UsageCounters) -> Iterator[Metric]:

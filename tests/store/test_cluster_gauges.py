@@ -130,6 +130,8 @@ async def _full_read(database: Database, heard: dict[str, datetime]) -> cluster.
         lag: dict[str, float] = {}
         draw: dict[str, float] = defaultdict(float)
         free: dict[tuple[str, str], float] = defaultdict(float)
+        failed = {(n.id, n.rack_id): count for n in nodes
+                  if (count := len([f for f in n.failed_accelerators or () if f["index"] < n.accelerators]))}
         for n in nodes:
             up = n.health is not m.NodeHealth.DOWN
             state = n.health.value if n.health is not m.NodeHealth.UP else "cordoned" if n.cordoned else "ready"
@@ -144,6 +146,7 @@ async def _full_read(database: Database, heard: dict[str, datetime]) -> cluster.
             if state == "ready":
                 zone = rows[racks[n.rack_id].row_id].zone_id
                 free[(n.accelerator_model, zone)] += max(0, n.accelerators * 1000 - held[n.id]) / 1000.0
+                free[(n.accelerator_model, zone)] -= failed.get((n.id, n.rack_id), 0)
         unplaced: dict[str, int] = defaultdict(int)
         shards: dict[int, list[tuple[int, str]]] = defaultdict(list)
         for p in placements:
@@ -165,7 +168,7 @@ async def _full_read(database: Database, heard: dict[str, datetime]) -> cluster.
                         for r in sorted(racks.values(), key=lambda r: r.id)),
             rows=tuple(cluster.PowerDomain(r.id, r.zone_id, row_used.get(r.id, 0.0), r.power_budget_w)
                        for r in sorted(rows.values(), key=lambda r: r.id)),
-            allocated=dict(allocated), free=dict(free))
+            allocated=dict(allocated), free={key: max(0.0, value) for key, value in free.items()}, failed=failed)
 
 
 def _compared(g: cluster.ClusterGauges, close: Any = lambda value: value) -> dict[str, Any]:
@@ -178,15 +181,18 @@ def _compared(g: cluster.ClusterGauges, close: Any = lambda value: value) -> dic
 
 
 async def _random_changes(database: Database, rng: random.Random, round_: int) -> None:
-    """Nodes' health, cordons, draws, idle power and contact; placements placed and removed (whole
-    and fractional); deployments' reasons set and cleared."""
+    """Nodes' health, cordons, draws, idle power, contact and failed accelerators; placements placed
+    and removed (whole and fractional); deployments' reasons set and cleared."""
     async with database.unit_of_work() as uow:
         s = uow.session
         for node_id in rng.sample([n["id"] for n in CLUSTER["nodes"]], 3):
             await s.execute(update(m.Node).where(m.Node.id == node_id).values(
                 health=rng.choice(list(m.NodeHealth)), cordoned=rng.random() < 0.3,
                 power_draw_w=rng.choice((0.0, 120.5, 310.25)), idle_power_w=rng.choice((0.0, 90.0, 100.0)),
-                last_heartbeat_at=rng.choice((None, NOW - timedelta(seconds=rng.randint(0, 90))))))
+                last_heartbeat_at=rng.choice((None, NOW - timedelta(seconds=rng.randint(0, 90)))),
+                # failed accelerators (an index beyond the node's too: not counted), or none
+                failed_accelerators=rng.choice((None, [{"index": 1, "reason": "ECC"}],
+                                                [{"index": 2, "reason": ""}, {"index": 99, "reason": "gone"}]))))
         deployments = list((await s.execute(select(m.Deployment))).scalars())
         for dep in rng.sample(deployments, 3):
             codes = rng.choice(((), ("NO_CAPACITY",), ("QUOTA_ACCELERATORS", "QUOTA_ACCELERATORS"), ("",),
