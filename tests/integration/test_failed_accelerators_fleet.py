@@ -12,6 +12,7 @@ from bench.checking import check_state
 from controller.store.snapshot import load_snapshot
 from grpc_harness import RUNNING, controlled_fleet, eventually, running_controller, spec
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
+from test_metrics import scrape, value
 from test_simnode_faults_fleet import fault
 
 D = deployments_pb2
@@ -19,7 +20,8 @@ D = deployments_pb2
 
 async def test_a_failed_accelerator_sheds_its_shard_takes_no_new_one_and_comes_back_when_repaired(
         tmp_path: Path) -> None:
-    async with running_controller(f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}", tmp_path) as app, \
+    async with running_controller(f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}", tmp_path,
+                                  metrics_listen="127.0.0.1:0") as app, \
             controlled_fleet(app, tmp_path) as (stubs, _, control):
 
         def get(name: str = "svc") -> D.Deployment:
@@ -44,6 +46,10 @@ async def test_a_failed_accelerator_sheds_its_shard_takes_no_new_one_and_comes_b
             p.node != sick for p in d.placements), timeout=60, what="replica 0 running again off the failed accelerator")
         events = (await stubs.admin.ListEvents(admin_pb2.ListEventsRequest(object_kind="node", object_id=sick))).events
         assert "node.accelerator_failed" in [e.kind for e in events]
+        samples = await scrape(app.metrics_address)
+        assert value(samples, "maia_accelerators_failed", node=sick, rack=shown.rack) == 1
+        # 4 nodes x 4 accelerators, svc's 8 held, the failed one neither held nor free
+        assert value(samples, "maia_accelerators_free", model="maia-100", zone="z1") == 16 - 8 - 1
 
         # Four whole accelerators on one node: the sick node has three that work, so it takes none.
         await stubs.deployments.SubmitDeployment(D.SubmitDeploymentRequest(
