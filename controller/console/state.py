@@ -21,7 +21,7 @@ import asyncio
 import json
 import zlib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -50,7 +50,7 @@ _HOLDINGS = (select(_PLACEMENTS.node_id, cast(_PLACEMENTS.accelerator_indices, T
              .select_from(m.Placement.__table__.join(m.Deployment.__table__,
                                                      _PLACEMENTS.deployment_id == _DEPLOYMENTS.id)))
 _NODE_MAP = select(_NODES.id, _NODES.rack_id, _NODES.health, _NODES.cordoned, _NODES.accelerator_model,
-                   _NODES.accelerators).order_by(_NODES.id)
+                   _NODES.accelerators, _NODES.failed_accelerators).order_by(_NODES.id)
 _RACK_LIST = select(_RACKS.id, _RACKS.row_id, _RACKS.power_budget_w).order_by(_RACKS.id)
 
 
@@ -116,6 +116,14 @@ async def _customer_usage(session: AsyncSession, tenant: str, now: datetime) -> 
                                                  before=customer.usage_before if customer else None)
 
 
+def _accelerator(index: int, held: Mapping[str, int] | None, failed: Mapping[int, str]) -> dict[str, Any]:
+    """One accelerator of the map: who holds how much of it, and why it failed (if it did)."""
+    doc: dict[str, Any] = {"index": index, "holders": _holders(held)}
+    if index in failed:
+        doc["failed"] = failed[index] or "failed"
+    return doc
+
+
 def console_document(read: ConsoleRows) -> dict[str, Any]:
     """The console document of `read`'s rows: pure, CPU only (the caller's worker thread)."""
     viewer_tenant = read.viewer_tenant
@@ -132,10 +140,11 @@ def console_document(read: ConsoleRows) -> dict[str, Any]:
             held[(node_id, index)][_visible(tenant, viewer_tenant)] += per_accelerator
 
     nodes_by_rack: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for node_id, rack_id, health, cordoned, model, accelerators in read.nodes:
+    for node_id, rack_id, health, cordoned, model, accelerators, failed_column in read.nodes:
+        failed = {f.index: f.reason for f in repo.stored_faults(failed_column)}
         nodes_by_rack[rack_id].append({
             "id": node_id, "state": m.operator_state(health, cordoned), "model": model,
-            "accelerators": [{"index": i, "holders": _holders(held.get((node_id, i)))} for i in range(accelerators)],
+            "accelerators": [_accelerator(i, held.get((node_id, i)), failed) for i in range(accelerators)],
         })
     racks_by_row: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for rack_id, row_id, budget in read.racks:
@@ -176,7 +185,7 @@ def console_document(read: ConsoleRows) -> dict[str, Any]:
     }
 
 
-def _holders(held: dict[str, int] | None) -> list[dict[str, Any]]:
+def _holders(held: Mapping[str, int] | None) -> list[dict[str, Any]]:
     return [{"tenant": t, "milli": milli} for t, milli in sorted(held.items())] if held else []
 
 

@@ -318,3 +318,15 @@ async def test_an_older_revisions_shard_shows_what_it_holds_on_the_map(cluster: 
     async with cluster.unit_of_work() as uow:
         whole = await console_state(uow.session)
     assert _holders(whole) == {"t1": 2000, "t2": 2000}
+
+
+async def test_a_failed_accelerator_is_marked_on_the_map(cluster: Database) -> None:
+    async with cluster.unit_of_work() as uow:
+        await uow.session.execute(update(m.Node).where(m.Node.id == "rack-a-n0").values(
+            failed_accelerators=[{"index": 3, "reason": "link down"}]))
+        await uow.commit()
+    async with cluster.unit_of_work() as uow:
+        doc = await console_state(uow.session)
+    nodes = {n["id"]: n for z in doc["zones"] for row in z["rows"] for r in row["racks"] for n in r["nodes"]}
+    assert [a.get("failed") for a in nodes["rack-a-n0"]["accelerators"]] == [None, None, None, "link down"]
+    assert all("failed" not in a for a in nodes["rack-a-n1"]["accelerators"])

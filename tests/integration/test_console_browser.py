@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 from controller.api.server import ControllerApp
 from controller.config import Config
 from controller.console.state import tenant_colours
+from controller.store import models as m
 from grpc_harness import (
     PENDING, RUNNING, SimFleet, Stubs, admin_token_of, eventually, issue_token, spec, topology,
 )
@@ -108,6 +110,10 @@ async def cluster(tmp_path: Path) -> AsyncIterator[tuple[ControllerApp, Stubs]]:
         await eventually(lambda: stubs.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(name="big")),
                          lambda d: d.phase == PENDING and len(d.reasons) > 0, what="big pending with reasons")
         await stubs.admin.CordonNode(admin_pb2.NodeRequest(id="rack-01-n01"))
+        async with app.db.unit_of_work() as uow:  # as its agent's heartbeats would have it stored
+            await uow.session.execute(update(m.Node).where(m.Node.id == "rack-01-n01").values(
+                failed_accelerators=[{"index": 3, "reason": "link down"}]))
+            await uow.commit()
         yield app, stubs
     finally:
         await fleet.stop()
@@ -152,6 +158,10 @@ async def test_the_console_shows_racks_tenants_and_why_work_is_pending(cluster) 
             acme_titles = await page.locator(".acc[title*='acme']").evaluate_all("els => els.map(e => e.title)")
             assert sum(int(m) for t in acme_titles for m in re.findall(r"acme (\d+)m", t)) == 500
             assert await page.locator('.node.cordoned[data-node="rack-01-n01"]').count() == 1
+            failed = page.locator('[data-node="rack-01-n01"] .acc.failed')
+            assert await failed.count() == 1
+            assert await failed.get_attribute("title") == "accelerator 3: failed (link down)"
+            assert "repeating-linear-gradient" in await failed.evaluate("e => getComputedStyle(e).backgroundImage")
             # The pending deployment and the solver's reason.
             reason = await page.locator('[data-deployment="big"] .reason').inner_text()
             assert "QUOTA_ACCELERATORS" in reason

@@ -43,9 +43,9 @@ function drawLegend(state, colours) {
 }
 
 function drawAccelerator(acc, colours) {
-  const cell = el("div", { class: "acc", "data-accelerator": acc.index });
+  const cell = el("div", { class: acc.failed ? "acc failed" : "acc", "data-accelerator": acc.index });
   const parts = acc.holders.map((h) => `${h.tenant} ${h.milli < 1000 ? h.milli + "m" : ""}`.trim());
-  cell.title = `accelerator ${acc.index}: ${parts.length ? parts.join(", ") : "free"}`;
+  cell.title = `accelerator ${acc.index}: ` + (acc.failed ? `failed (${acc.failed})` : parts.length ? parts.join(", ") : "free");
   for (const holder of acc.holders) {
     cell.append(el("span", { style: { width: Math.min(100, holder.milli / 10) + "%", background: colours[holder.tenant] || "#888" } }));
   }
