@@ -288,17 +288,23 @@ class Capacity(SlotFilter):
 
     def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
         spec = state.deps[d].shard
-        ids = state.topo.node_ids
+        topo = state.topo
+        ids = topo.node_ids
+
+        def failed(n: int) -> str:  # what a node's count leaves out: its failed accelerators
+            k = int(topo.node_accelerators[n] - topo.node_healthy[n])
+            return f" ({k} failed)" if k else ""
+
         if spec.fractional:
             return (f"need {spec.accelerator_milli} milli of an accelerator: "
-                    f"{names(first(nodes, lambda n: ids[n]))} full")
+                    f"{names(first(nodes, lambda n: ids[n] + failed(n)))} full")
         need = f"{spec.accelerators} free accelerator(s)"
         free = (state.acc_free[nodes[:MAX_NAMED]] >= 1000).sum(axis=1)
         if not free.any():
-            return f"need {need}: {names(first(nodes, lambda n: ids[n]))} full"
+            return f"need {need}: {names(first(nodes, lambda n: f'{ids[n]} full{failed(n)}'))}"
         # "n4 full" read as wrong where n4 had 3 of the 4 needed free.
         have = dict(zip(nodes[:MAX_NAMED].tolist(), free.tolist()))
-        return f"need {need} on one node: {names(first(nodes, lambda n: f'{ids[n]} has {have[n]}'))}"
+        return f"need {need} on one node: {names(first(nodes, lambda n: f'{ids[n]} has {have[n]}{failed(n)}'))}"
 
 
 class Hbm(SlotFilter):

@@ -29,6 +29,7 @@ def test_a_failed_accelerator_takes_no_shard_and_a_node_short_of_healthy_ones_no
     assert _indices(plan, "three") == [("n1", (0, 2, 3))]
     assert _indices(plan, "four") == [] and plan.unplaced[0].deployment == "four"
     assert plan.unplaced[0].reasons[0].code == "CAPACITY"
+    assert "n2 has 2 (2 failed)" in plan.unplaced[0].reasons[0].message  # what its count leaves out
     assert check_plan(doc, plan_to_dict(plan)) == []
 
 
