@@ -301,7 +301,7 @@ class Capacity(SlotFilter):
         need = f"{spec.accelerators} free accelerator(s)"
         free = (state.acc_free[nodes[:MAX_NAMED]] >= 1000).sum(axis=1)
         if not free.any():
-            return f"need {need}: {names(first(nodes, lambda n: f'{ids[n]} full{failed(n)}'))}"
+            return f"need {need}: {names(first(nodes, lambda n: ids[n] + failed(n)))} full"
         # "n4 full" read as wrong where n4 had 3 of the 4 needed free.
         have = dict(zip(nodes[:MAX_NAMED].tolist(), free.tolist()))
         return f"need {need} on one node: {names(first(nodes, lambda n: f'{ids[n]} has {have[n]}{failed(n)}'))}"
