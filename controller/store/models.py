@@ -224,7 +224,7 @@ class Node(Base):
     power_draw_w: Mapped[float] = mapped_column(Float, default=0.0, nullable=False)
     # Accelerators its agent says failed, [{"index": i, "reason": text}] by index; NULL: none
     # (`usecases/faults.py`). The solver places nothing on them.
-    failed_accelerators: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True))
+    failed_accelerators: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     # Bumped whenever the node's desired assignment set changes; sent in AssignmentSet.
     assignment_generation: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
     registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)

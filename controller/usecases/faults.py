@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sqlalchemy import null
+
 from controller.domain.changes import ClusterChange
 from controller.domain.values import AcceleratorFault
 from controller.store import repositories as repo
@@ -71,7 +73,8 @@ async def record_faults(uow: UnitOfWork, node_id: str, session_id: str,
     if failed:
         usable = set(range(row.accelerators)) - set(now)
         released = await repo.release_placements_off(uow.session, {node_id: usable})
-    row.failed_accelerators = [{"index": i, "reason": now[i]} for i in sorted(now)] or None
+    # SQL NULL when none is left (not JSON null): the nodes with some are read by IS NOT NULL.
+    row.failed_accelerators = [{"index": i, "reason": now[i]} for i in sorted(now)] or null()
     shards = tuple(released.get(node_id, ()))
     for index in failed:
         repo.record_event(uow.session, actor=node_id, kind="node.accelerator_failed", object_kind="node",

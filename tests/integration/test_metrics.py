@@ -347,6 +347,13 @@ def test_a_node_suspect_for_minutes_fires_a_rule_one_going_down_does_not() -> No
         assert fires(rule, lambda t: 1.0 if 100 <= t <= 100 + 600 else 0.0), rule["alert"]
 
 
+def test_an_accelerator_failed_for_minutes_fires_a_rule_a_brief_fault_does_not() -> None:
+    """A failed accelerator its agent keeps listing is worth a look; one repaired within minutes is not."""
+    for rule in _rules_over("maia_accelerators_failed"):
+        assert not fires(rule, lambda t: 1.0 if 100 <= t <= 160 else 0.0), rule["alert"]
+        assert fires(rule, lambda t: 1.0 if t >= 100 else 0.0), rule["alert"]
+
+
 async def test_a_sqlite_controller_checkpoints_its_log_off_the_commit_path(tmp_path: Path) -> None:
     """store/checkpoints.py: the controller's checkpointer copies the log into the database file
     (its commits do not, below a large bound) and says so in its metrics; the stop's last
