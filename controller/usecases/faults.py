@@ -21,8 +21,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import null
-
 from controller.domain.changes import ClusterChange
 from controller.domain.values import AcceleratorFault
 from controller.store import repositories as repo
@@ -63,7 +61,7 @@ async def record_faults(uow: UnitOfWork, node_id: str, session_id: str,
     failed = tuple(sorted(set(now) - set(before)))
     recovered = tuple(sorted(set(before) - set(now)))
     if not failed and not recovered:  # the reasons alone: no one's view of the node changes
-        row.failed_accelerators = [{"index": i, "reason": now[i]} for i in sorted(now)]
+        repo.set_failed_accelerators(row, [AcceleratorFault(i, now[i]) for i in sorted(now)])
         await uow.commit()
         return FaultsRecorded((), (), ignored=ignored)
     # The generation writers' lock before any row, then the placements, then the node's row
@@ -73,8 +71,7 @@ async def record_faults(uow: UnitOfWork, node_id: str, session_id: str,
     if failed:
         usable = set(range(row.accelerators)) - set(now)
         released = await repo.release_placements_off(uow.session, {node_id: usable})
-    # SQL NULL when none is left (not JSON null): the nodes with some are read by IS NOT NULL.
-    row.failed_accelerators = [{"index": i, "reason": now[i]} for i in sorted(now)] or null()
+    repo.set_failed_accelerators(row, [AcceleratorFault(i, now[i]) for i in sorted(now)])
     shards = tuple(released.get(node_id, ()))
     for index in failed:
         repo.record_event(uow.session, actor=node_id, kind="node.accelerator_failed", object_kind="node",

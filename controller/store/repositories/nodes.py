@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, and_, bindparam, or_, func, select, update
+from sqlalchemy import Row, and_, bindparam, null, or_, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
@@ -185,6 +185,12 @@ def node_view(row: m.Node, usage: ClusterUsage, connected: bool) -> d.NodeView:
 
 async def set_node_cordoned(session: AsyncSession, node_id: str, cordoned: bool) -> None:
     await session.execute(update(m.Node).where(m.Node.id == node_id).values(cordoned=cordoned))
+
+
+def set_failed_accelerators(row: m.Node, faults: Sequence[d.AcceleratorFault]) -> None:
+    """The node's failed accelerators as `stored_faults` reads them back: SQL NULL for none (not
+    JSON null: `failed_accelerators` reads the nodes with some by IS NOT NULL)."""
+    row.failed_accelerators = [{"index": f.index, "reason": f.reason} for f in faults] or null()
 
 
 def stored_faults(value: list[dict[str, Any]] | None) -> tuple[d.AcceleratorFault, ...]:
