@@ -72,7 +72,8 @@ class FaultWriter:
             try:
                 if self._stored is None:
                     async with self._db.unit_of_work() as uow:
-                        self._stored = {n: _by_index(f) for n, f in (await repo.failed_accelerators(uow.session)).items()}
+                        stored = await repo.failed_accelerators(uow.session)
+                    self._stored = {n: _by_index(f) for n, f in stored.items()}
                 if first and not faults and node_id not in self._stored:
                     continue
                 async with self._db.unit_of_work() as uow:

@@ -1,9 +1,10 @@
 """Dry runs of writes whose request is the object itself, asked in the call's metadata.
 
 `maia-dry-run: all` (Kubernetes' `dryRun=All`) on CreateTenant, UpdateTenant, ApplyTopology,
-UpdateDeployment, RollbackDeployment or RestartDeployment: the call is judged exactly as it would be written (the caller's rights, every
-check against what is stored: references, limits, a contract that running work would break,
-quotas, the resource version) and answered with the object as it would be, or with the status
+UpdateDeployment, RollbackDeployment or RestartDeployment: the call is judged exactly as it would
+be written (the caller's rights, every check against what is stored: references, limits, a
+contract that running work would break, quotas, the resource version) and answered with the
+object as it would be, or with the status
 the write would end with; nothing is written, no event, no audit entry, nothing woken. A request
 message of these calls has no room for a flag (CreateTenant's is the Tenant), hence the
 metadata; SubmitDeployment has its own field (`dry_run`, which also solves where it would land).

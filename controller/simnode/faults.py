@@ -181,7 +181,8 @@ class FaultInjector:
             raise FaultError(f"index must be an accelerator's index (0 or more), got {index!r}")
         too_few = [n.spec.node_id for n in nodes if index >= n.spec.accelerators]
         if too_few:
-            raise FaultError(f"{', '.join(too_few[:5])} {'has' if len(too_few) == 1 else 'have'} no accelerator {index}")
+            verb = "has" if len(too_few) == 1 else "have"
+            raise FaultError(f"{', '.join(too_few[:5])} {verb} no accelerator {index}")
         reason = request.get("reason") or "injected accelerator fault"
         for_s = _optional_seconds(request, "for_s")
         for node in nodes:

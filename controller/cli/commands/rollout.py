@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     s.add_argument("--replicas", type=int, required=True, metavar="N")
     add_tenant_flag(s)
     s.set_defaults(handler=run_scale)
-    r = sub.add_parser("rollout", parents=[common], help="follow a rolling update, list a deployment's revisions, roll one back, restart")
+    r = sub.add_parser("rollout", parents=[common],
+                       help="follow a rolling update, list a deployment's revisions, roll one back, restart")
     verbs = r.add_subparsers(dest="rollout_command", metavar="VERB", required=True)
     st = verbs.add_parser("status", parents=[common], formatter_class=KindAndNameFormatter,
                           help="wait until a deployment's rolling update (or drain) is done, showing progress")

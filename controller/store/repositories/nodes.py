@@ -179,7 +179,8 @@ def node_view(row: m.Node, usage: ClusterUsage, connected: bool) -> d.NodeView:
         shards=usage.node_shards.get(row.id, 0), tenants=tuple(sorted(usage.node_tenants.get(row.id, ()))),
         cordoned=bool(row.cordoned), draining=bool(row.draining),
         evicted=row.health is m.NodeHealth.DOWN and row.evicted_at is not None,
-        failed_accelerators=stored_faults(row.failed_accelerators),
+        # Those it still has: a node registered since with fewer accelerators lost the others.
+        failed_accelerators=tuple(f for f in stored_faults(row.failed_accelerators) if f.index < row.accelerators),
     )
 
 
