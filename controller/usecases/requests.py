@@ -67,7 +67,10 @@ async def replayed(uow: UnitOfWork, tenant: str, request_id: str, spec: Deployme
     if row is None:
         raise FailedPrecondition(f"{used_to} deployment {seen.deployment_name}, which has been deleted since; use a "
                                  f"new id for a new request")
-    if seen.action != action or row.name != spec.name or seen.spec_sha256 != spec_digest(spec):
+    # A restart carries no spec of its own (the deployment's as it stood): its retry is the same
+    # request whatever changed the spec since.
+    same_spec = action == "restart" or seen.spec_sha256 == spec_digest(spec)
+    if seen.action != action or row.name != spec.name or not same_spec:
         raise FailedPrecondition(f"{used_to} deployment {row.name} with a different spec; use a new id for a "
                                  f"different request")
     return row

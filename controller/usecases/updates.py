@@ -128,14 +128,20 @@ async def check_contract(uow: UnitOfWork, who: Principal, row: m.Deployment, spe
               f"{where}: growing by {growth:g} accelerators{waiting} would take capacity reserved for other tenants"))
 
 
-def _adoptable(row: m.Deployment, spec: DeploymentSpec, rolling: bool, running_old: set[int]) -> int | None:
+def _adoptable(row: m.Deployment, spec: DeploymentSpec, rolling: bool, running_old: set[int],
+               restarted: int = 0) -> int | None:
     """The older revision still placed whose replicas are what `spec` asks (the newest such), if
     the update rolls: a rollback to the spec they run, whose replicas become the new revision's
     as they are (a Kubernetes Deployment's rollback makes the old ReplicaSet the new one) rather
-    than each replaced by one alike; None: none."""
+    than each replaced by one alike; None: none. Never one older than `restarted` (the newest
+    revision a restart made, `_restarted`): a restart asked for those replicas to be replaced,
+    and they run the same spec as the restart's revision, so a later update back to it would
+    otherwise keep them."""
     if not rolling:
         return None
     for revision, doc in sorted((row.revision_specs or {}).items(), key=lambda item: -int(item[0])):
+        if int(revision) < restarted:
+            break
         if int(revision) in running_old and not spec.rolls_from(planning.spec_of_doc(doc)):
             return int(revision)
     return None
@@ -161,6 +167,13 @@ def _change(row: m.Deployment, old: DeploymentSpec, spec: DeploymentSpec, rollin
     repo.write_deployment_spec(row, spec)
     repo.clear_failures(row)  # a changed spec is a fresh start: a FAILED deployment is placed again
     row.resource_version = row.resource_version + 1
+
+
+async def _restarted(uow: UnitOfWork, row: m.Deployment) -> int:
+    """The newest kept revision a restart made (0: none): the replicas of older ones are being
+    replaced, never adopted back (`_adoptable`)."""
+    return max((r.revision for r in await repo.stored_revisions(uow.session, row.id) if r.changes[:1] == (RESTARTED,)),
+               default=0)
 
 
 def check_changeable(row: m.Deployment) -> None:
@@ -232,7 +245,8 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     await check_contract(uow, who, row, spec)
     rolling = restart or spec.rolls_from(old)
     loaded_revisions = {p.revision for p in row.placements}  # as read, without a lock
-    adoptable = None if restart else _adoptable(row, spec, rolling, loaded_revisions)
+    restarted = await _restarted(uow, row) if rolling and not restart and row.revision_specs else 0
+    adoptable = None if restart else _adoptable(row, spec, rolling, loaded_revisions, restarted)
     if dry_run:
         with uow.session.no_autoflush:  # the changes stay in memory, never sent
             _change(row, old, spec, rolling, loaded_revisions, adoptable)
@@ -267,7 +281,8 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     await uow.session.refresh(row, list(repo.UNVERSIONED_COLUMNS))
     running_old = await repo.placed_revisions(uow.session, row.id)
     # Adopted only as locked: one retired meanwhile is gone, and another's placements are not held.
-    adopted = adoptable if adoptable is not None and adoptable == _adoptable(row, spec, rolling, running_old) else None
+    adopted = adoptable if adoptable is not None and adoptable == _adoptable(
+        row, spec, rolling, running_old, restarted) else None
     running_specs = dict(row.revision_specs or {})  # before `_change` drops those it leaves behind
     _change(row, old, spec, rolling, running_old, adopted)
     data: dict[str, object] = {"rolling": rolling, "resource_version": row.resource_version,

@@ -5,6 +5,8 @@ PostgreSQL)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from sqlalchemy import delete, func, select, update
 
@@ -16,7 +18,8 @@ from controller.store import models as m
 from controller.store.db import Database
 from controller.usecases import planning, revisions, updates
 from controller.usecases.ports import RecordingSignals
-from uc_builders import WHO, deployment, submit, with_shard
+from controller.reconcile import Reconciler
+from uc_builders import WHO, deployment, no_publish, submit, with_shard
 
 SVC = deployment("svc", "t1", replicas=2, shards=1, accelerators=1, shard_hbm_gib=16.0)
 
@@ -125,3 +128,32 @@ async def test_a_request_id_used_by_an_update_is_not_a_rollbacks(cluster: Databa
     await _roll(cluster, 16.0)  # back to 16 GiB by an update: revision 3
     with pytest.raises(FailedPrecondition, match="'r1' was already used by tenant t1 to update deployment svc"):
         await _rollback(cluster, request_id="r1")
+
+
+async def test_an_update_back_after_a_restart_does_not_adopt_the_replicas_the_restart_replaces(
+        cluster: Database) -> None:
+    await submit(cluster, SVC)
+    await Reconciler(cluster, push=lambda nodes: None, publish=no_publish).reconcile_once()  # revision 1 placed
+    async with cluster.unit_of_work() as uow:
+        await revisions.restart_deployment(uow, WHO, "svc", RecordingSignals(), tenant="t1")  # revision 2, not placed
+    await _roll(cluster, 24.0)  # revision 3
+    async with cluster.unit_of_work() as uow:
+        row = await uow.session.scalar(select(m.Deployment).where(m.Deployment.name == "svc"))
+        version = row.resource_version
+    async with cluster.unit_of_work() as uow:
+        back = await updates.update_deployment(uow, WHO, SVC, version, RecordingSignals())  # revision 4: 16 GiB
+    assert back.rolling and not any("replicas run this spec" in c for c in back.changes), back.changes
+
+
+async def test_a_restart_retried_after_another_change_is_answered_not_refused(cluster: Database) -> None:
+    await submit(cluster, SVC)
+
+    async def restart() -> int:
+        async with cluster.unit_of_work() as uow:
+            return (await revisions.restart_deployment(uow, WHO, "svc", RecordingSignals(), tenant="t1",
+                                                       request_id="r1")).deployment.revision
+
+    assert await restart() == 2
+    async with cluster.unit_of_work() as uow:
+        await updates.update_deployment(uow, WHO, replace(SVC, replicas=3), 2, RecordingSignals())  # a scale
+    assert await restart() == 2  # the first call's restart, not a second one
