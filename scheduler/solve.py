@@ -121,8 +121,7 @@ class Solver:
         given = self.given
         lost: dict[tuple[int, int], list[int]] = defaultdict(list)
         alive = topo.node_alive.tolist()
-        failed = {topo.node_index[n.id]: frozenset(n.unhealthy_accelerators)  # lost as on a down node
-                  for n in self.problem.nodes if n.unhealthy_accelerators}
+        failed = topo.node_failed  # a shard on one is lost as on a down node
         dep_index, node_index = topo.deployment_index, topo.node_index
         make = tuple.__new__  # ShardAt without the keyword-handling constructor
         fractional = [dep.shard.fractional for dep in state.deps]

@@ -42,6 +42,7 @@ class Topology:
     node_accelerators: np.ndarray  # (N,) installed: indices run 0..accelerators-1
     node_healthy: np.ndarray       # (N,) installed and not `unhealthy_accelerators`
     acc_usable: np.ndarray         # (N, A) bool: the index exists on the node and is healthy
+    node_failed: dict[int, frozenset[int]]  # node -> its `unhealthy_accelerators` (only nodes with some)
     node_hbm: np.ndarray           # (N,) per accelerator, UNLIMITED if undeclared
     node_cpu: np.ndarray           # (N,)
     node_mem: np.ndarray           # (N,)
@@ -134,12 +135,12 @@ def build_topology(problem: Problem) -> Topology:
             for z in t.zones:
                 zone_ok[i, zone_index[z]] = True
 
-    width = int(max((n.accelerators for n in problem.nodes), default=0))
-    usable = np.arange(max(width, 1))[None, :] < np.array([n.accelerators for n in problem.nodes],
-                                                          dtype=np.int64).reshape(-1, 1)
-    for i, n in enumerate(problem.nodes):
-        if n.unhealthy_accelerators:
-            usable[i, list(n.unhealthy_accelerators)] = False
+    accelerators = np.array([n.accelerators for n in problem.nodes], dtype=np.int64)
+    width = int(accelerators.max(initial=0))
+    usable = np.arange(max(width, 1))[None, :] < accelerators.reshape(-1, 1)
+    failed = {i: frozenset(n.unhealthy_accelerators) for i, n in enumerate(problem.nodes) if n.unhealthy_accelerators}
+    for i, indices in failed.items():
+        usable[i, list(indices)] = False
     return Topology(
         problem=problem, node_ids=node_ids, rack_ids=rack_ids, row_ids=row_ids,
         zone_ids=zone_ids, tenant_ids=tenant_ids,
@@ -151,7 +152,7 @@ def build_topology(problem: Problem) -> Topology:
         node_condition=[n.condition for n in problem.nodes],
         node_ready=np.array([n.state == "ready" for n in problem.nodes], dtype=bool),
         node_alive=np.array([n.state != "down" for n in problem.nodes], dtype=bool),
-        node_accelerators=np.array([n.accelerators for n in problem.nodes], dtype=np.int64),
+        node_accelerators=accelerators,
         node_hbm=opt([n.hbm_gib for n in problem.nodes]),
         node_cpu=opt([n.cpu_milli for n in problem.nodes]),
         node_mem=opt([n.memory_mib for n in problem.nodes]),
@@ -167,5 +168,5 @@ def build_topology(problem: Problem) -> Topology:
         tenant_reserved_milli=np.array([t.reserved_accelerators * 1000
                                         for t in problem.tenants], dtype=float),
         max_accelerators=width,
-        node_healthy=usable.sum(axis=1).astype(np.int64), acc_usable=usable,
+        node_healthy=usable.sum(axis=1).astype(np.int64), acc_usable=usable, node_failed=failed,
     )
