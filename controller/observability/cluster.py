@@ -211,7 +211,7 @@ async def _failed(session: AsyncSession) -> tuple[dict[tuple[str, str], int], di
                m.Node.failed_accelerators, m.Node.health, m.Node.cordoned)
         .select_from(m.Node).join(m.Rack).join(m.Row).where(m.Node.failed_accelerators.is_not(None)))
     for node_id, rack_id, model, zone, accelerators, faults, health, cordoned in rows:
-        count = sum(1 for f in repo.stored_faults(faults) if f.index < accelerators)
+        count = len(repo.stored_faults(faults, accelerators))
         if not count:
             continue
         by_node[(node_id, rack_id)] = count

@@ -38,6 +38,7 @@ from controller import limits
 from controller.domain.values import deployment_key, split_deployment_key
 from controller.store.changes import schedulable_count
 from controller.store.inlist import any_of
+from controller.store.repositories.nodes import stored_faults
 from controller.store.rollout import DEFAULT_SURGE, PlanKeys, SolverRef, StoredReplica, outgoing_id, solver_view
 from controller.store.snapshot_index import SnapshotIndex
 from controller.store.models import (
@@ -171,9 +172,7 @@ def _node_doc(n: Any) -> dict[str, Any] | None:
     if n.labels:
         node["labels"] = dict(n.labels)
     _put(node, "condition", node_condition(n.health, n.evicted_at is not None))
-    # Failed accelerators (usecases/faults.py) the node still has: one registered since with
-    # fewer accelerators lost the others.
-    failed = sorted({int(f["index"]) for f in n.failed_accelerators or ()} & set(range(n.accelerators)))
+    failed = sorted(f.index for f in stored_faults(n.failed_accelerators, n.accelerators))  # usecases/faults.py
     if failed:
         node["unhealthy_accelerators"] = failed
     return node

@@ -179,8 +179,7 @@ def node_view(row: m.Node, usage: ClusterUsage, connected: bool) -> d.NodeView:
         shards=usage.node_shards.get(row.id, 0), tenants=tuple(sorted(usage.node_tenants.get(row.id, ()))),
         cordoned=bool(row.cordoned), draining=bool(row.draining),
         evicted=row.health is m.NodeHealth.DOWN and row.evicted_at is not None,
-        # Those it still has: a node registered since with fewer accelerators lost the others.
-        failed_accelerators=tuple(f for f in stored_faults(row.failed_accelerators) if f.index < row.accelerators),
+        failed_accelerators=stored_faults(row.failed_accelerators, row.accelerators),
     )
 
 
@@ -194,9 +193,12 @@ def set_failed_accelerators(row: m.Node, faults: Sequence[d.AcceleratorFault]) -
     row.failed_accelerators = [{"index": f.index, "reason": f.reason} for f in faults] or null()
 
 
-def stored_faults(value: list[dict[str, Any]] | None) -> tuple[d.AcceleratorFault, ...]:
-    """A node's `failed_accelerators` column as faults, by index (NULL: none)."""
-    return tuple(d.AcceleratorFault(int(f["index"]), str(f.get("reason", ""))) for f in value or ())
+def stored_faults(value: list[dict[str, Any]] | None,
+                  accelerators: int | None = None) -> tuple[d.AcceleratorFault, ...]:
+    """A node's `failed_accelerators` column as faults, by index (NULL: none); with `accelerators`
+    (the node's count), only those it still has: one registered since with fewer lost the others."""
+    faults = (d.AcceleratorFault(int(f["index"]), str(f.get("reason", ""))) for f in value or ())
+    return tuple(f for f in faults if accelerators is None or f.index < accelerators)
 
 
 async def failed_accelerators(session: AsyncSession) -> dict[str, tuple[d.AcceleratorFault, ...]]:
