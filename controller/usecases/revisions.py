@@ -47,7 +47,7 @@ def _history(row: m.Deployment, stored: Sequence[repo.StoredRevision]) -> list[R
     still run (`revision_specs`) that are not (made before revisions were kept: no time)."""
     current = row.template_revision
     own = next((r for r in stored if r.revision == current), None)
-    made = own.created_at if own is not None else (m.as_utc(row.created_at) if current == 1 else None)
+    made = own.created_at if own is not None else repo.made_at(row, current)
     older = {r.revision: r for r in stored if r.revision < current}
     for revision, doc in (row.revision_specs or {}).items():
         older.setdefault(int(revision), repo.StoredRevision(int(revision), doc, None, ()))

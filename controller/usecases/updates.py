@@ -193,7 +193,7 @@ async def _keep_revisions(uow: UnitOfWork, row: m.Deployment, left: DeploymentSp
     was = row.template_revision - 1
     await repo.keep_revisions(uow.session, row.id, [
         *(repo.StoredRevision(int(revision), doc, None, ()) for revision, doc in running_specs.items()),
-        repo.StoredRevision(was, planning.deployment_doc(left), m.as_utc(row.created_at) if was == 1 else None, ()),
+        repo.StoredRevision(was, planning.deployment_doc(left), repo.made_at(row, was), ()),
         repo.StoredRevision(row.template_revision, planning.deployment_doc(made), m.utcnow(), tuple(changes)),
     ])
 

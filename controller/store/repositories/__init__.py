@@ -50,7 +50,7 @@ from controller.store.repositories.deployments import (
     list_deployment_rows, lock_revision_placements, new_deployment_columns, new_deployment_row, new_deployment_view,
     deleting_events, set_deleting, spec_columns, submit_facts, take_resource_version, tenants_with_deployment,
     write_deployment_spec, placed_revisions, DEPLOYMENT_COLUMN_ATTRIBUTES, UNVERSIONED_COLUMNS)
-from controller.store.repositories.revisions import StoredRevision, keep_revisions, stored_revisions
+from controller.store.repositories.revisions import StoredRevision, keep_revisions, made_at, stored_revisions
 from controller.store.repositories.placements import (
     ASSIGNED_SPECS_KEPT, ASSIGNMENT_READ_CHUNK, ShardState, assignment_sets, bump_node_assignment_generations,
     release_placements_off,

@@ -26,6 +26,12 @@ class StoredRevision:
     changes: tuple[str, ...]
 
 
+def made_at(row: m.Deployment, revision: int) -> datetime | None:
+    """When revision `revision` of `row` was made, if no kept row says: the first at the
+    deployment's creation; a later one unknown (made before revisions were kept)."""
+    return m.as_utc(row.created_at) if revision == 1 else None
+
+
 async def stored_revisions(session: AsyncSession, deployment_id: int) -> list[StoredRevision]:
     """The deployment's kept revisions, newest first."""
     rows = await session.execute(
