@@ -47,11 +47,18 @@ class FaultWriter:
             return
         first = session.faults is None
         session.faults = faults
-        if first and not faults and self._stored is not None and session.node_id not in self._stored:
-            return  # none stored, none said (a stream's first list naming some is always handed over)
+        if self._stored is not None and self._nothing_new(session.node_id, faults, first):
+            return
         self._due[session.node_id] = (session, faults, first)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._write_due(), name="accelerator-faults")
+
+    def _nothing_new(self, node_id: str, faults: tuple[AcceleratorFault, ...], first: bool) -> bool:
+        """A stream's first list, naming none, of a node with none stored (read this term): nothing
+        to write. A stream's first list naming some is always handed over (what is stored here
+        may be stale: the node deleted and registered again), as is any later change."""
+        assert self._stored is not None
+        return first and not faults and node_id not in self._stored
 
     async def settled(self) -> None:
         """Wait until the lists handed over so far are written (or given up)."""
@@ -74,7 +81,7 @@ class FaultWriter:
                     async with self._db.unit_of_work() as uow:
                         stored = await repo.failed_accelerators(uow.session)
                     self._stored = {n: _by_index(f) for n, f in stored.items()}
-                if first and not faults and node_id not in self._stored:
+                if self._nothing_new(node_id, faults, first):
                     continue
                 async with self._db.unit_of_work() as uow:
                     done = await record_faults(uow, node_id, session.session_id, faults)
