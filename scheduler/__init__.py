@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from scheduler.errors import ProblemError
     from scheduler.interchange import deployment_to_dict, plan_to_dict, problem_from_dict, problem_to_dict
-    from scheduler.model import (Deployment, Move, Node, Options, Placement, Plan, Preemption,
+    from scheduler.model import (Deployment, Move, Node, Nomination, Options, Placement, Plan, Preemption,
                                  Problem, Rack, Reason, Row, ShardSpec, Spread, Tenant, Unplaced,
                                  Zone)
     from scheduler.solve import solve
 
-_MODEL_NAMES = ("Deployment", "Move", "Node", "Options", "Placement", "Plan", "Preemption", "Problem",
+_MODEL_NAMES = ("Deployment", "Move", "Node", "Nomination", "Options", "Placement", "Plan", "Preemption", "Problem",
                 "Rack", "Reason", "Row", "ShardSpec", "Spread", "Tenant", "Unplaced", "Zone")
 _INTERCHANGE_NAMES = ("deployment_to_dict", "plan_to_dict", "problem_from_dict", "problem_to_dict")
 # Where each public name lives.

@@ -3,8 +3,8 @@
 CP-SAT should see "12 free nodes of this kind in rack r07", not 12 copies of the same
 variables. Two nodes are one class when they share the rack (so every domain and power budget),
 readiness, model, per-accelerator free state and owners, free CPU and memory, which tenants and
-deployments they hold (isolation and spread). Swapping two nodes of a class changes nothing a
-rule can see, so the model may count them.
+deployments they hold (isolation and spread), and the deployment they are nominated for.
+Swapping two nodes of a class changes nothing a rule can see, so the model may count them.
 """
 
 from __future__ import annotations
@@ -41,11 +41,14 @@ def node_classes(state: ClusterState, only_ready: bool = True) -> list[NodeClass
     groups: dict[tuple, list[int]] = defaultdict(list)
     free, owner, hbm = state.acc_free.tolist(), state.acc_owner.tolist(), state.acc_hbm.tolist()
     tenants = state.node_tenant
+    nominated = topo.node_nominated.tolist()
+    noms = [(nom.deployment, nom.priority) for nom in topo.nominations]
     for n in range(topo.n_nodes):
         if only_ready and not topo.node_ready[n]:
             continue
         key = (int(topo.node_rack[n]), topo.node_model[n], tuple(free[n]), tuple(owner[n]),
                tuple(hbm[n]), float(state.cpu_free[n]), float(state.mem_free[n]),
-               tuple(np.flatnonzero(tenants[n]).tolist()), tuple(sorted(held.get(n, ()))))
+               tuple(np.flatnonzero(tenants[n]).tolist()), tuple(sorted(held.get(n, ()))),
+               noms[nominated[n]] if nominated[n] >= 0 else None)
         groups[key].append(n)
     return [NodeClass(i, key[0], tuple(nodes)) for i, (key, nodes) in enumerate(groups.items())]

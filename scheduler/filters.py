@@ -163,15 +163,30 @@ class SlotFilter(NodeFilter):
 # ---- the filters, in the order their reasons are read ---------------------------------------
 
 class NodeState(MaskFilter):
+    """Ready, and not nominated for another deployment of this one's priority or higher (the
+    problem's `nominations`: a node kept for the head of the line is as cordoned to the rest)."""
+
     code = "NODE_STATE"
 
     def mask(self, fit: FitInput) -> np.ndarray:
-        return fit.static[0]
+        against = fit.topo.nominated_against(fit.dep)
+        return fit.static[0] if against is None else fit.static[0] & ~against
 
     def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
         topo = state.topo
-        states = first(nodes, lambda n: f"{topo.node_ids[n]} ({topo.node_said(n)})")
-        return f"not ready: {names(states)}"
+        ready = topo.node_ready[nodes]
+        parts = []
+        if not ready.all():
+            states = first(nodes[~ready], lambda n: f"{topo.node_ids[n]} ({topo.node_said(n)})")
+            parts.append(f"not ready: {names(states)}")
+        if ready.any():
+            nominated = nodes[ready]
+            for i in np.unique(topo.node_nominated[nominated]).tolist():
+                nom = topo.nominations[i]
+                these = nominated[topo.node_nominated[nominated] == i]
+                parts.append(f"nominated for {nom.deployment} (priority {nom.priority}, waiting at the head of "
+                             f"the line): {names(first(these, lambda n: topo.node_ids[n]))}")
+        return "; ".join(parts)
 
 
 class Zone(MaskFilter):

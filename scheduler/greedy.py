@@ -231,8 +231,11 @@ class Placer:
 
     def _keeps_candidates(self, d: int) -> bool:
         """Whether a single shard of d is chosen from the kept candidates: FGD scoring (the
-        ranking `RackBest` keeps) and no spread rule (a rule of the deployment's own)."""
-        return KEEP_CANDIDATES and self.scores.uses_fgd() and self.state.deps[d].spread is None
+        ranking `RackBest` keeps), no spread rule (a rule of the deployment's own) and no node
+        nominated against it (kept per tenant and shape, the candidates know no priority)."""
+        dep = self.state.deps[d]
+        return KEEP_CANDIDATES and self.scores.uses_fgd() and dep.spread is None \
+            and self.state.topo.nominated_against(dep) is None
 
     def _best_kept(self, d: int) -> int | None:
         """`_best_node(d, node_fit(state, d).slots)`, from the kept candidates: the same node

@@ -36,6 +36,17 @@ on one. A placement in the problem that uses one is lost, as one on a `down` nod
 replica is repaired: placed again whole, or beside its siblings), and a plan that places a shard
 on one breaks INDICES in the independent checker (tests/scheduler/checker.py). A reader that
 ignores the field may place on a failed accelerator.
+
+And the problem's `nominations`, a list of `{"deployment": id, "priority": int, "nodes": [node
+ids]}`: nodes kept for a deployment that waits at the head of the line (the controller names
+them: docs/operations.md, "Head-of-line nominations"). No new shard of another deployment whose
+priority is at most the nomination's is placed on a nominated node (a higher priority may: it
+could preempt there anyway); what runs there stays. The deployment itself may be absent from
+the problem (one the controller leaves out while it waits); its `priority` is given so the rule
+needs nothing else. A node is nominated at most once; the reasons count a nominated node under
+NODE_STATE ("nominated for acme/big"). The independent checker refuses a plan that places
+against one (tests/scheduler/checker.py, NOMINATION). A reader that ignores the field places as
+if no node were nominated.
 """
 
 from __future__ import annotations
@@ -52,7 +63,7 @@ import jsonschema
 
 from scheduler.errors import ProblemError
 from scheduler.schema_check import Check, compile_schema
-from scheduler.model import (Deployment, Node, Options, Placement, Plan, Problem, Rack, Row,
+from scheduler.model import (Deployment, Node, Nomination, Options, Placement, Plan, Problem, Rack, Row,
                              ShardSpec, Spread, Tenant, Zone)
 
 IMPLIED_ROW = "_row"
@@ -200,7 +211,8 @@ def problem_from_dict(doc: dict[str, Any], *, validate: bool = True) -> Problem:
         tenants = tuple(Tenant(tid) for tid in dict.fromkeys(d.tenant for d in deployments))
 
     problem = Problem(nodes=nodes, deployments=deployments, zones=zones, rows=rows, racks=racks,
-                      tenants=tenants, placements=placements, options=options)
+                      tenants=tenants, placements=placements, options=options,
+                      nominations=_nominations(doc.get("nominations")))
     check_references(problem)
     return problem
 
@@ -274,11 +286,34 @@ def check_references(problem: Problem) -> None:
                                              or not dep.spread_group):
             raise ProblemError(f"deployments[{i}].spread_group", dep.spread_group,
                                "spread_group must be a non-empty string (leave it out for none)")
+    _check_nominations(problem, nodes)
     for field, names in QUANTITIES:
         _check_quantities(field, getattr(problem, field), names)
     for field, integers in INTEGERS:
         _check_integers(field, getattr(problem, field), integers)
     _check_placements(problem, deployments, nodes)
+
+
+def _check_nominations(problem: Problem, nodes: dict[str, int]) -> None:
+    """The problem's `nominations` (an extension, in the module docstring): a deployment id, an
+    integer priority, known nodes each nominated once."""
+    nominated: dict[str, str] = {}
+    for i, nom in enumerate(problem.nominations):
+        if not isinstance(nom, Nomination):
+            raise ProblemError(f"nominations[{i}]", nom,
+                               'a nomination is {"deployment": id, "priority": int, "nodes": [node ids]}')
+        if not isinstance(nom.deployment, str) or not nom.deployment:
+            raise ProblemError(f"nominations[{i}].deployment", nom.deployment, "a deployment id (a non-empty string)")
+        if nom.priority.__class__ is not int or not -INT64_MAX <= nom.priority <= INT64_MAX:
+            raise ProblemError(f"nominations[{i}].priority", nom.priority,
+                               "an integer priority, as a deployment's (within 64 bits)")
+        for j, node in enumerate(nom.nodes):
+            if not isinstance(node, str) or node not in nodes:
+                raise ProblemError(f"nominations[{i}].nodes[{j}]", node, f"unknown node {node!r}")
+            if node in nominated:
+                raise ProblemError(f"nominations[{i}].nodes[{j}]", node,
+                                   f"node {node} is already nominated for {nominated[node]}")
+            nominated[node] = nom.deployment
 
 
 def _check_quantities(field: str, items: tuple[Any, ...], names: tuple[str, ...]) -> None:
@@ -546,6 +581,18 @@ def _condition(value: Any) -> str | None:
     return value if isinstance(value, str) and 0 < len(value) <= CONDITION_MAX else None
 
 
+def _nominations(value: Any) -> tuple[Any, ...]:
+    """The problem's `nominations` (an extension) as given; what is not a list of objects with
+    a list of nodes is passed on as it is, for `check_references` to refuse. Absent: none."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        return (value,)
+    return tuple(Nomination(deployment=n.get("deployment"), priority=_int(n.get("priority", 0)),
+                            nodes=tuple(n["nodes"])) if isinstance(n, dict) and isinstance(n.get("nodes"), list)
+                 else n for n in value)
+
+
 def _tenant(t: dict[str, Any]) -> Tenant:
     zones = t.get("zones")
     return Tenant(id=t["id"], isolation=t.get("isolation", "shared"),
@@ -692,6 +739,8 @@ def problem_to_dict(problem: Problem) -> dict[str, Any]:
                                "max_power_w": t.max_power_w}) for t in problem.tenants],
         "deployments": [deployment_to_dict(d) for d in problem.deployments],
         "placements": [placement_to_dict(p) for p in problem.placements],
+        **({"nominations": [{"deployment": n.deployment, "priority": n.priority, "nodes": list(n.nodes)}
+                            for n in problem.nominations]} if problem.nominations else {}),
         "options": _drop_none({"mode": problem.options.mode,
                               "time_limit_ms": problem.options.time_limit_ms,
                               "max_moves": problem.options.max_moves,

@@ -135,6 +135,18 @@ class Options:
 
 
 @dataclass(frozen=True, slots=True)
+class Nomination:
+    """Nodes kept for one deployment that waits at the head of the line (an interchange
+    extension, `interchange.py`): no new shard of another deployment of `priority` or lower is
+    placed on them, so capacity freed there accumulates until the deployment fits (Kubernetes'
+    nominated node, Slurm's reservation for the top job)."""
+
+    deployment: str
+    priority: int
+    nodes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Problem:
     nodes: tuple[Node, ...]
     deployments: tuple[Deployment, ...]
@@ -144,6 +156,7 @@ class Problem:
     tenants: tuple[Tenant, ...] = ()
     placements: tuple[Placement, ...] = ()
     options: Options = field(default_factory=Options)
+    nominations: tuple[Nomination, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

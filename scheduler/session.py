@@ -18,6 +18,8 @@ Changes arrive as deltas:
   * `release(id, replicas)`  departures: the replicas' placements are taken out;
   * `replace(deployment, placements)`  a deployment changed elsewhere (updated, replicas
                              released or retired), held as given from now on;
+  * `nominate(nominations)`  nodes kept for deployments waiting at the head of the line
+                             (`nominees` says which to keep for one), updated in place;
   * `apply(ClusterDelta)`    nodes, tenants (contracts) and domains added or changed, nodes
                              removed. A node flipped between `ready` and `cordoned` is updated
                              in place; anything that changes the shape of the indexes (a new
@@ -53,7 +55,8 @@ import numpy as np
 from scheduler.emit import unplaced_with_reasons
 from scheduler.decisions import ClusterDelta, Decision
 from scheduler.errors import ProblemError
-from scheduler.model import Deployment, Move, Node, Options, Placement, Preemption, Problem
+from scheduler.model import Deployment, Move, Node, Nomination, Options, Placement, Preemption, Problem
+from scheduler.nominate import choose_nodes
 from scheduler.repair import repair
 from scheduler.room import TrialBudget
 from scheduler.solve import DEFAULT_TIME_LIMIT_MS, Solver
@@ -102,6 +105,22 @@ class Session:
         else:
             d = self._upsert(deployment)
         return self._decide(d)
+
+    def nominate(self, nominations: Iterable[Nomination]) -> None:
+        """Replace the nominations (the problem's `nominations`, `model.Nomination`): nodes kept
+        for deployments waiting at the head of the line. Nodes unknown to the session are left
+        out; the nodes whose nomination changed are judged again."""
+        changed = self._solver.topo.nominate(tuple(nominations))
+        if len(changed):
+            self._solver.state.touch(changed)
+
+    def nominees(self, deployment: Deployment | str) -> tuple[str, ...]:
+        """The nodes to nominate for a deployment (`nominate.choose_nodes`): a known id, or a
+        `Deployment` recorded now (as an arrival, not decided). Empty when nominating would not
+        help it (it needs no accelerator, or no domain could hold a replica however empty)."""
+        d = self._index(deployment) if isinstance(deployment, str) else self._upsert(deployment)
+        ids = self._solver.topo.node_ids
+        return tuple(ids[n] for n in choose_nodes(self._solver.state, d))
 
     def release(self, deployment: str, replicas: list[int] | None = None) -> None:
         """Departures: these replicas of a deployment stop (None: the deployment is gone)."""
@@ -195,7 +214,8 @@ class Session:
             deployments=tuple(dep for d, dep in enumerate(deps) if d not in self._gone),
             zones=tuple(self._zones.values()), rows=tuple(self._rows.values()),
             racks=tuple(self._racks.values()), tenants=tuple(self._tenants.values()),
-            placements=tuple(placements), options=self.options)
+            placements=tuple(placements), options=self.options,
+            nominations=tuple(s.topo.nominations))
 
     def placements_of(self, deployment: str) -> tuple[Placement, ...]:
         """Where the session holds a deployment's shards now, by replica and shard."""

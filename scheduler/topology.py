@@ -3,16 +3,18 @@
 The solver works on integers and numpy arrays (one entry per node, rack, row, zone, tenant or
 deployment) so that a filter over 4,096 nodes is a handful of vector operations, not a Python
 loop. `Topology` is immutable and built once per solve; the mutable occupancy lives in
-`state.ClusterState`.
+`state.ClusterState`. (A warm session flips a few node facts in place: readiness, condition,
+nominations.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from scheduler.model import Deployment, Problem
+from scheduler.model import Deployment, Nomination, Problem
 
 # A resource a node (or budget a domain) does not declare is not limited; a large finite number
 # keeps integer division and subtraction well defined where infinity would not be.
@@ -58,10 +60,38 @@ class Topology:
     tenant_max_power: np.ndarray   # (T,)
     tenant_reserved_milli: np.ndarray  # (T,)
     max_accelerators: int
+    # The problem's `nominations` (a list a warm session replaces in place: `nominate`) and,
+    # per node, the index of the one naming it (-1: none).
+    nominations: list[Nomination]
+    node_nominated: np.ndarray     # (N,)
 
     @property
     def n_nodes(self) -> int:
         return len(self.node_ids)
+
+    def nominate(self, nominations: Sequence[Nomination]) -> np.ndarray:
+        """Replace the nominations (nodes unknown here are left out); the nodes whose
+        nomination changed (another deployment or priority, or none)."""
+        def key(noms: Sequence[Nomination], i: int) -> tuple[str, int] | None:
+            return None if i < 0 else (noms[i].deployment, noms[i].priority)
+        old, before = list(self.nominations), self.node_nominated.copy()
+        self.nominations[:] = nominations
+        self.node_nominated[:] = -1
+        for i, nom in enumerate(nominations):
+            self.node_nominated[[self.node_index[n] for n in nom.nodes if n in self.node_index]] = i
+        either = np.flatnonzero((before >= 0) | (self.node_nominated >= 0))
+        return np.array([n for n in either.tolist() if key(old, int(before[n]))
+                         != key(nominations, int(self.node_nominated[n]))], dtype=np.int64)
+
+    def nominated_against(self, dep: Deployment) -> np.ndarray | None:
+        """(N,) bool: the nodes nominated for another deployment of `dep`'s priority or higher,
+        which take no new shard of `dep` (None: no node is)."""
+        if not self.nominations or all(n.priority < dep.priority or n.deployment == dep.id
+                                       for n in self.nominations):
+            return None
+        refused = np.array([n.priority >= dep.priority and n.deployment != dep.id for n in self.nominations]
+                           + [False], dtype=bool)
+        return refused[self.node_nominated]  # -1 reads the last entry: not nominated
 
     def node_state(self, n: int) -> str:
         """The node's state as the arrays say (a warm session flips them in place)."""
@@ -141,7 +171,7 @@ def build_topology(problem: Problem) -> Topology:
     failed = {i: frozenset(n.unhealthy_accelerators) for i, n in enumerate(problem.nodes) if n.unhealthy_accelerators}
     for i, indices in failed.items():
         usable[i, list(indices)] = False
-    return Topology(
+    topo = Topology(
         problem=problem, node_ids=node_ids, rack_ids=rack_ids, row_ids=row_ids,
         zone_ids=zone_ids, tenant_ids=tenant_ids,
         node_index={n: i for i, n in enumerate(node_ids)}, rack_index=rack_index,
@@ -169,4 +199,7 @@ def build_topology(problem: Problem) -> Topology:
                                         for t in problem.tenants], dtype=float),
         max_accelerators=width,
         node_healthy=usable.sum(axis=1).astype(np.int64), acc_usable=usable, node_failed=failed,
+        nominations=[], node_nominated=np.full(len(node_ids), -1, dtype=np.int64),
     )
+    topo.nominate(problem.nominations)
+    return topo

@@ -12,6 +12,9 @@ Interpretations the spec leaves open, decided here (and documented so they can b
   re-placed, and re-placing it is not a "move" that needs rebalance mode. So is one with a shard
   on an accelerator its node lists in `unhealthy_accelerators` (an extension of the format,
   scheduler/interchange.py), where no plan may place a shard (INDICES).
+- A node the problem's `nominations` (an extension, scheduler/interchange.py) keep for a
+  deployment is as cordoned to every other deployment of that nomination's priority or lower: a
+  placement of one there is "new" (NODE_STATE) unless the problem placed the same shard there.
 - Kept placements keep their node *and* their accelerator indices (a running process is bound
   to its accelerators); changing either is a move.
 - `spread` counts a replica in every domain one of its shards touches; domain `none` is no limit.
@@ -174,6 +177,8 @@ class _Problem:
         self.mode = self.options.get("mode", "batch")
         self.existing = list(doc.get("placements", []))
         self.existing_by_key = {_key(p): p for p in self.existing}
+        # node -> the nomination keeping it (an extension: `nominations`)
+        self.nominated = {node: nom for nom in doc.get("nominations", ()) for node in nom["nodes"]}
 
     def state(self, node: str) -> str:
         return self.nodes[node].get("state", "ready")
@@ -227,6 +232,13 @@ class _Problem:
 
     def priority(self, deployment: str) -> int:
         return self.deployments[deployment].get("priority", 0)
+
+
+def _kept_for_another(prob: _Problem, s: _Shard) -> bool:
+    """Whether the shard's node is nominated for another deployment of its priority or higher."""
+    nom = prob.nominated.get(s.node)
+    return nom is not None and nom["deployment"] != s.deployment and \
+        nom.get("priority", 0) >= prob.priority(s.deployment)
 
 
 def placed_accelerators(problem_doc: dict[str, Any], plan_doc: dict[str, Any]) -> dict[str, float]:
@@ -375,11 +387,12 @@ def check_plan(problem_doc: dict[str, Any], plan_doc: dict[str, Any], *,
         state = prob.state(s.node)
         if state == "down":
             bad(NODE_STATE, f"{s.deployment} r{s.replica} s{s.shard} placed on down node {s.node}")
-        elif state == "cordoned":
+        elif state == "cordoned" or _kept_for_another(prob, s):
             before = prob.existing_by_key.get((s.deployment, s.replica, s.shard))
             if before is None or before["node"] != s.node:
-                bad(NODE_STATE, f"{s.deployment} r{s.replica} s{s.shard} newly placed on "
-                                f"cordoned node {s.node}")
+                said = "cordoned node" if state == "cordoned" else \
+                    f"node nominated for {prob.nominated[s.node]['deployment']}"
+                bad(NODE_STATE, f"{s.deployment} r{s.replica} s{s.shard} newly placed on {said} {s.node}")
     for node_id, used in sorted(cpu.items()):
         cap = prob.nodes[node_id].get("cpu_milli")
         if cap is not None and used > cap:

@@ -1,0 +1,184 @@
+"""Nominated nodes (the problem's `nominations`, an extension of the interchange format): nodes
+kept for a deployment waiting at the head of the line take no new shard of another deployment
+of that priority or lower, in `solve()` (greedy and CP-SAT) and in a warm session; the
+nominated deployment and higher priorities may use them; the reasons say so; the independent
+checker refuses a plan that places against a nomination; and `choose_nodes` picks them."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from builders import dep, node, placed, problem, refusal  # noqa: E402
+from checker import NODE_STATE, check_plan  # noqa: E402
+
+from scheduler import plan_to_dict, problem_from_dict, problem_to_dict, solve  # noqa: E402
+from scheduler.classes import node_classes  # noqa: E402
+from scheduler.interchange import deployment_from_dict  # noqa: E402
+from scheduler.model import Nomination  # noqa: E402
+from scheduler.nominate import choose_nodes  # noqa: E402
+from scheduler.session import Session  # noqa: E402
+from scheduler.solve import Solver  # noqa: E402
+
+
+def _nodes_of(plan, deployment: str) -> set[str]:
+    return {p.node for p in plan.placements if p.deployment == deployment}
+
+
+def _four_nodes(**kw) -> list[dict]:
+    return [node(f"n{i}", rack="r1" if i < 2 else "r2", **kw) for i in range(4)]
+
+
+def test_a_nominated_node_takes_no_shard_of_equal_or_lower_priority_and_the_reason_says_whose_it_is() -> None:
+    doc = problem(_four_nodes(), [dep("small", acc=4, replicas=3, locality="node")])
+    doc["nominations"] = [{"deployment": "big", "priority": 0, "nodes": ["n0", "n1"]}]
+    plan = solve(problem_from_dict(doc))
+    assert _nodes_of(plan, "small") == {"n2", "n3"}
+    [unplaced] = plan.unplaced
+    assert unplaced.reasons[0].code == "NODE_STATE"
+    assert "nominated for big (priority 0" in unplaced.reasons[0].message and "n0, n1" in unplaced.reasons[0].message
+    assert check_plan(doc, plan_to_dict(plan)) == []
+    # Without the nomination the third replica fits: the nomination is what kept it off.
+    assert not solve(problem_from_dict({**doc, "nominations": []})).unplaced
+
+
+def test_the_nominated_deployment_and_higher_priorities_may_use_the_nodes() -> None:
+    nodes = _four_nodes()
+    doc = problem(nodes, [dep("big", acc=4, replicas=2, locality="node", priority=3),
+                          dep("urgent", acc=4, replicas=1, locality="node", priority=5)])
+    doc["nominations"] = [{"deployment": "big", "priority": 3, "nodes": ["n0", "n1", "n2"]}]
+    plan = solve(problem_from_dict(doc))
+    assert len(_nodes_of(plan, "big")) == 2 and len(_nodes_of(plan, "urgent")) == 1
+    assert not plan.unplaced
+    assert check_plan(doc, plan_to_dict(plan)) == []
+
+
+def test_what_runs_on_a_nominated_node_stays() -> None:
+    doc = problem(_four_nodes(), [dep("small", acc=1, replicas=1, locality="node")],
+                  placements=[placed("small", "n0", [0])], mode="online")
+    doc["nominations"] = [{"deployment": "big", "priority": 0, "nodes": ["n0"]}]
+    plan = solve(problem_from_dict(doc))
+    assert [(p.node, p.accelerator_indices) for p in plan.placements] == [("n0", (0,))]
+    assert check_plan(doc, plan_to_dict(plan)) == []
+
+
+def test_cpsat_sees_nominated_nodes_as_classes_of_their_own() -> None:
+    doc = problem(_four_nodes(), [dep("a", acc=4, replicas=4, locality="node")])
+    doc["nominations"] = [{"deployment": "big", "priority": 0, "nodes": ["n0"]}]
+    solver = Solver(problem_from_dict(doc), 2000)
+    classes = {frozenset(c.nodes) for c in node_classes(solver.state)}
+    assert frozenset({0}) in classes and frozenset({0, 1}) not in classes  # n0 and n1 were one class
+    plan = solve(problem_from_dict(doc))
+    assert _nodes_of(plan, "a") == {"n1", "n2", "n3"}
+    assert check_plan(doc, plan_to_dict(plan)) == []
+
+
+def test_the_checker_refuses_a_new_shard_on_a_node_nominated_for_another() -> None:
+    doc = problem(_four_nodes(), [dep("a", acc=1, priority=2), dep("b", acc=1, priority=3)])
+    doc["nominations"] = [{"deployment": "big", "priority": 2, "nodes": ["n0"]}]
+    plan = {"status": "feasible", "placements": [placed("a", "n0", [0]), placed("b", "n0", [1])], "unplaced": []}
+    violations = check_plan(doc, plan)
+    assert [v.rule for v in violations] == [NODE_STATE]  # a (priority 2) may not; b (3) may
+    assert "nominated for big" in violations[0].message
+
+
+def test_nominations_round_trip_and_bad_ones_are_refused_with_their_path() -> None:
+    doc = problem(_four_nodes(), [dep("a")])
+    doc["nominations"] = [{"deployment": "big", "priority": 7, "nodes": ["n1", "n3"]}]
+    assert problem_from_dict(doc).nominations == (Nomination("big", 7, ("n1", "n3")),)
+    assert problem_to_dict(problem_from_dict(doc))["nominations"] == doc["nominations"]
+    assert "nominations" not in problem_to_dict(problem_from_dict({**doc, "nominations": []}))
+    cases = [
+        ([{"deployment": "big", "priority": 0, "nodes": ["n9"]}], "nominations[0].nodes[0]", "unknown node"),
+        ([{"deployment": "big", "nodes": ["n0"]}, {"deployment": "c", "nodes": ["n0"]}],
+         "nominations[1].nodes[0]", "already nominated for big"),
+        ([{"deployment": "", "nodes": ["n0"]}], "nominations[0].deployment", "non-empty"),
+        ([{"deployment": "big", "priority": 1.5, "nodes": ["n0"]}], "nominations[0].priority", "integer"),
+        ([{"deployment": "big", "nodes": "n0"}], "nominations[0]", "a nomination is"),
+        ({"deployment": "big"}, "nominations[0]", "a nomination is"),
+    ]
+    for value, path, words in cases:
+        error = refusal({**doc, "nominations": value})
+        assert error.field == path and words in str(error), (value, error)
+
+
+def test_choose_nodes_takes_the_domain_with_the_most_room_now_and_only_as_many_nodes_as_a_replica_needs() -> None:
+    nodes = [node(f"a{i}", rack="ra") for i in range(4)] + [node(f"b{i}", rack="rb") for i in range(4)]
+    # Rack ra has 3 free accelerators, rack rb 6: a 6-shard gang waits least in rb.
+    busy = [placed(f"s{k}", f"a{k // 4}", [k % 4]) for k in range(13)] + \
+           [placed(f"s{13 + k}", f"b{k // 4}", [k % 4]) for k in range(10)]
+    deployments = [dep(f"s{k}", acc=1, locality="node") for k in range(23)] + \
+                  [dep("big", acc=1, shards=6, locality="rack")]
+    solver = Solver(problem_from_dict(problem(nodes, deployments, placements=busy, mode="online")), 2000)
+    d = solver.topo.deployment_index["big"]
+    chosen = [solver.topo.node_ids[n] for n in choose_nodes(solver.state, d)]
+    # b3 (4 free) then b2 (2 free): 8 accelerators once emptied, and all 6 needed free now.
+    assert sorted(chosen) == ["b2", "b3"]
+    # A whole-node shard at locality node: the emptiest node that could hold it.
+    wide = solver.state.add_deployment(deployment_from_dict(dep("wide", acc=4, locality="node")))
+    assert [solver.topo.node_ids[n] for n in choose_nodes(solver.state, wide)] == ["b3"]
+
+
+def test_choose_nodes_finds_nothing_for_a_replica_no_domain_could_hold_and_skips_others_nominations() -> None:
+    nodes = [node(f"a{i}", rack="ra") for i in range(2)]
+    doc = problem(nodes, [dep("huge", acc=1, shards=9, locality="rack"), dep("fits", acc=1, shards=4)])
+    solver = Solver(problem_from_dict(doc), 2000)
+    assert choose_nodes(solver.state, 0) == []  # 8 accelerators in the rack, 9 needed
+    solver.topo.nominate([Nomination("other", 0, ("a0",))])
+    assert [solver.topo.node_ids[n] for n in choose_nodes(solver.state, 1)] == ["a1"]
+
+
+def _full_cluster(n_racks: int = 4, per_rack: int = 4) -> tuple[dict, list[str]]:
+    nodes = [node(f"r{r}n{i}", rack=f"r{r}") for r in range(n_racks) for i in range(per_rack)]
+    smalls, placements = [], []
+    for k, n in enumerate(nodes):
+        for a in range(4):
+            name = f"s{k}-{a}"
+            smalls.append(dep(name, acc=1, locality="node"))
+            placements.append(placed(name, n["id"], [a]))
+    return problem(nodes, smalls, placements=placements, mode="online"), [d["id"] for d in smalls]
+
+
+def _churn(nominate: bool, steps: int, seed: int) -> int | None:
+    """A full cluster where every step one single-accelerator deployment leaves and a new one
+    arrives, and an 8-shard gang (one rack) waits: the step the gang was placed at, or None."""
+    doc, running = _full_cluster()
+    session = Session(problem_from_dict(doc))
+    gang = deployment_from_dict(dep("gang", acc=1, shards=8, locality="rack"))
+    assert session.place(gang).placements == ()
+    if nominate:
+        session.nominate([Nomination("gang", 0, session.nominees("gang"))])
+    rng = random.Random(seed)
+    for step in range(steps):
+        gone = running.pop(rng.randrange(len(running)))
+        session.release(gone)
+        name = f"new{step}"
+        if session.place(deployment_from_dict(dep(name, acc=1, locality="node"))).placements:
+            running.append(name)
+        if session.place("gang").placements:
+            return step
+    return None
+
+
+def test_a_waiting_gang_behind_a_stream_of_small_arrivals_is_placed_only_with_nominated_nodes() -> None:
+    for seed in (1, 2, 3):
+        assert _churn(nominate=False, steps=300, seed=seed) is None  # each freed accelerator is taken again
+        placed_at = _churn(nominate=True, steps=300, seed=seed)
+        assert placed_at is not None, seed
+
+
+def test_a_session_keeps_single_shards_off_nominated_nodes_and_lets_them_go_when_the_nomination_ends() -> None:
+    doc = problem([node("n0"), node("n1")], [dep("x", acc=1, locality="node")])
+    session = Session(problem_from_dict(doc))
+    session.nominate([Nomination("big", 0, ("n0",))])
+    nodes = set()
+    for k in range(4):
+        nodes |= {p.node for p in session.place(deployment_from_dict(dep(f"one{k}", acc=1, locality="node"))).placements}
+    assert nodes == {"n1"}
+    assert session.place(deployment_from_dict(dep("five", acc=1, locality="node"))).placements == ()
+    assert session.snapshot().nominations == (Nomination("big", 0, ("n0",)),)
+    session.nominate([])
+    assert {p.node for p in session.place("five").placements} == {"n0"}
+    assert session.snapshot().nominations == ()
