@@ -46,14 +46,18 @@ class FastPath(PathCollaborators):
         controller/scheduling/cache/); None: the full path must run instead."""
         started = time.perf_counter()
         helped, self._state.redecide = self._state.redecide, False
-        if generation != self._warm.own_generation:
+        # Others' changes to follow. A deletion among them leaves the schedulable count as it was
+        # when a submission landed beside it: the rows stored since are read all the same.
+        followed = generation != self._warm.own_generation
+        if followed:
             caught_up = await self._warm.catch_up(uow.session, generation=generation)
             self._state.laps.lap("catch_up")
             if caught_up is None:
                 return None
             helped |= caught_up
             self._state.last_generation = self._warm.own_generation
-        read = await self._warm.arrivals(uow.session, arrivals) if arrivals != self._state.last_arrivals else ArrivalDocs([])
+        read = await self._warm.arrivals(uow.session, arrivals) if arrivals != self._state.last_arrivals or followed \
+            else ArrivalDocs([])
         self._state.laps.lap("arrivals")
         cache = self._warm.cache
         if read is None or cache is None or self._quarantined.judge(read.docs + read.late, self._submitted_here(read)):

@@ -446,3 +446,23 @@ async def test_the_session_is_asked_what_waits_only_when_something_may(cluster, 
     await delete("e")
     assert len(answers) == asked + 1
     assert_same(loop.warm_snapshot, await fresh(cluster))
+
+
+async def test_an_arrival_beside_a_deletion_is_decided_in_its_pass(cluster):
+    # The deletion leaves the schedulable count as the last pass left it (one gone being deleted,
+    # one stored): the pass that follows the deletion reads the new row all the same.
+    loop = reconciler(cluster)
+    for name in ("a", "b"):
+        await submit(cluster, deployment(name))
+    await loop.reconcile_once()
+    await submit(cluster, deployment("c"))
+    await loop.reconcile_once()
+    assert loop.fast_passes == 1
+    async with cluster.unit_of_work() as uow:
+        await deployments.delete_deployment(uow, WHO, "a", RecordingSignals())
+    await submit(cluster, deployment("d"))
+    outcome = await loop.reconcile_once()
+    assert outcome.solved and loop.fast_passes == 2 and outcome.deleted == ("t1/a",)
+    async with cluster.unit_of_work() as uow:
+        assert (await deployments.get_deployment(uow, WHO, "d")).phase == "scheduled"
+    assert_same(loop.warm_snapshot, await fresh(cluster))
