@@ -6,7 +6,7 @@ the tenant does not use yet, CPU left, node index). Done from scratch that is so
 operations over every node per decision, however few nodes changed since the last one: it
 made a decision at 16,384 nodes cost 2-3x one at 4,096.
 
-`RackBest` keeps, per (tenant, shard shape), what of that is a function of one node alone:
+`RackBest` keeps, per (tenant, shard shape, the nominations refusing it), what of that is a function of one node alone:
 whether the node's own rules admit the shard (node-local slots, ready, zone, model, node
 isolation) and its ranking keys; and per rack, how many of its nodes are admitted and the best
 of them under the node keys. A decision judges and ranks again only the nodes whose stamp
@@ -153,12 +153,16 @@ class RackBest:
 
 def node_admits(state: ClusterState, d: int, nodes: np.ndarray) -> np.ndarray:
     """Whether each of these nodes' own rules admit a shard of d: a slot under the
-    node-local filters, ready, in the tenant's zones, of an accepted model, no node
-    isolation against the tenant (`filters.node_fit` for one node, its rack aside)."""
+    node-local filters, ready and not nominated for another (`Topology.nominated_against`), in
+    the tenant's zones, of an accepted model, no node isolation against the tenant
+    (`filters.node_fit` for one node, its rack aside)."""
     topo = state.topo
     t = int(state.dep_tenant[d])
     ok = local_slots(state, d, nodes) > 0
     ok &= topo.node_ready[nodes]
+    against = topo.nominated_against(state.deps[d])
+    if against is not None:
+        ok &= ~against[nodes]
     if len(topo.zone_ids):
         ok &= topo.tenant_zone_ok[t][topo.node_zone[nodes]]
     models = state.deps[d].shard.accelerator_models

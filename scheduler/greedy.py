@@ -231,11 +231,8 @@ class Placer:
 
     def _keeps_candidates(self, d: int) -> bool:
         """Whether a single shard of d is chosen from the kept candidates: FGD scoring (the
-        ranking `RackBest` keeps), no spread rule (a rule of the deployment's own) and no node
-        nominated against it (kept per tenant and shape, the candidates know no priority)."""
-        dep = self.state.deps[d]
-        return KEEP_CANDIDATES and self.scores.uses_fgd() and dep.spread is None \
-            and self.state.topo.nominated_against(dep) is None
+        ranking `RackBest` keeps) and no spread rule (a rule of the deployment's own)."""
+        return KEEP_CANDIDATES and self.scores.uses_fgd() and self.state.deps[d].spread is None
 
     def _best_kept(self, d: int) -> int | None:
         """`_best_node(d, node_fit(state, d).slots)`, from the kept candidates: the same node
@@ -244,7 +241,7 @@ class Placer:
         s = self.state
         spec = s.deps[d].shard
         t = int(s.dep_tenant[d])
-        best_of = self._kept_candidates(t, spec)
+        best_of = self._kept_candidates(t, spec, s.topo.refusing(s.deps[d]))
         best_of.judge(s, d)
         racks, count = best_of.candidates(s, d)
         if count <= 1:
@@ -262,9 +259,11 @@ class Placer:
             self._known_index = (node, int(pick[0]))
         return node
 
-    def _kept_candidates(self, t: int, spec: ShardSpec) -> RackBest:
+    def _kept_candidates(self, t: int, spec: ShardSpec, refusing: tuple[int, ...]) -> RackBest:
+        """Per tenant, shard shape and the nominations that refuse it (`Topology.refusing`: the
+        nodes kept for others differ by priority; a change of them moves those nodes' stamps)."""
         key = (t, spec.accelerators, spec.accelerator_milli, spec.hbm_gib, spec.cpu_milli,
-               spec.memory_mib, spec.accelerator_models)
+               spec.memory_mib, spec.accelerator_models, refusing)
         if self._rack_order is None:
             self._rack_order = RackOrder.of(self.state.topo)
         order = self._rack_order

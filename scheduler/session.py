@@ -117,7 +117,11 @@ class Session:
     def nominees(self, deployment: Deployment | str) -> tuple[str, ...]:
         """The nodes to nominate for a deployment (`nominate.choose_nodes`): a known id, or a
         `Deployment` recorded now (as an arrival, not decided). Empty when nominating would not
-        help it (it needs no accelerator, or no domain could hold a replica however empty)."""
+        help it (it needs no accelerator, or no domain could hold a replica however empty) and
+        for an id the session does not know (a caller in another process asks without failing
+        its session)."""
+        if isinstance(deployment, str) and deployment not in self:
+            return ()
         d = self._index(deployment) if isinstance(deployment, str) else self._upsert(deployment)
         ids = self._solver.topo.node_ids
         return tuple(ids[n] for n in choose_nodes(self._solver.state, d))

@@ -83,14 +83,20 @@ class Topology:
         return np.array([n for n in either.tolist() if key(old, int(before[n]))
                          != key(nominations, int(self.node_nominated[n]))], dtype=np.int64)
 
+    def refusing(self, dep: Deployment) -> tuple[int, ...]:
+        """The nominations whose nodes take no new shard of `dep`: those for another deployment
+        of its priority or higher."""
+        return tuple(i for i, n in enumerate(self.nominations) if n.priority >= dep.priority and n.deployment != dep.id)
+
     def nominated_against(self, dep: Deployment) -> np.ndarray | None:
-        """(N,) bool: the nodes nominated for another deployment of `dep`'s priority or higher,
-        which take no new shard of `dep` (None: no node is)."""
-        if not self.nominations or all(n.priority < dep.priority or n.deployment == dep.id
-                                       for n in self.nominations):
+        """(N,) bool: the nodes of the nominations `refusing` `dep` (None: no node is)."""
+        if not self.nominations:
             return None
-        refused = np.array([n.priority >= dep.priority and n.deployment != dep.id for n in self.nominations]
-                           + [False], dtype=bool)
+        refusing = self.refusing(dep)
+        if not refusing:
+            return None
+        refused = np.zeros(len(self.nominations) + 1, dtype=bool)
+        refused[list(refusing)] = True
         return refused[self.node_nominated]  # -1 reads the last entry: not nominated
 
     def node_state(self, n: int) -> str:

@@ -182,3 +182,25 @@ def test_a_session_keeps_single_shards_off_nominated_nodes_and_lets_them_go_when
     session.nominate([])
     assert {p.node for p in session.place("five").placements} == {"n0"}
     assert session.snapshot().nominations == ()
+
+
+def test_nominees_of_an_id_the_session_does_not_know_is_none_and_the_session_goes_on() -> None:
+    session = Session(problem_from_dict(problem([node("n0")], [dep("x", acc=1)])))
+    assert session.nominees("nobody") == ()
+    assert session.nominees("x") == ("n0",)
+
+
+def test_a_session_keeps_nominated_nodes_from_lower_priorities_only_whatever_order_they_come_in() -> None:
+    doc = problem([node("n0"), node("n1")], [dep("x", acc=1, locality="node")])
+    session = Session(problem_from_dict(doc))
+    session.nominate([Nomination("big", 3, ("n0",))])
+
+    def one(name: str, priority: int) -> set[str]:
+        d = deployment_from_dict(dep(name, acc=1, locality="node", priority=priority))
+        return {p.node for p in session.place(d).placements}
+
+    assert [one(f"low{k}", 3) for k in range(4)] == [{"n1"}] * 4  # the same priority: kept off n0
+    assert one("low4", 0) == set()
+    assert one("high", 4) == {"n0"}  # a higher priority (same tenant and shape) may go there
+    assert one("low5", 3) == set()  # and the lower ones still may not
+    assert one("high2", 9) == {"n0"}
