@@ -1,4 +1,4 @@
-"""Command line: `python -m bench fgd|synthetic|session|rebalance|watchdog|auth|e2e|submit|unary|failover|join|nodedeath|reconcile|departures|commit ...`."""
+"""Command line: `python -m bench fgd|synthetic|session|headofline|rebalance|watchdog|auth|e2e|submit|unary|failover|join|nodedeath|reconcile|departures|commit ...`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from bench import auth, commit, e2e, failover, join, nodedeath, session, submit, traces, unary, watchdog
+from bench import auth, commit, e2e, failover, headofline, join, nodedeath, session, submit, traces, unary, watchdog
 
 
 def _fgd(args: argparse.Namespace) -> int:
@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=_synthetic)
 
     session.add_parser(sub)
+    headofline.add_parser(sub)
     commit.add_parser(sub)
 
     r = sub.add_parser("rebalance", help="1,024-node rebalance problem: solver vs greedy "

@@ -55,6 +55,10 @@ class Config:
     # by default, it halved submit -> committed on a quiet machine (docs/benchmarks.md, 2026-12-01).
     decide_process: bool = True
     max_surge: int = DEFAULT_SURGE  # replicas beyond the asked count while replicas are replaced
+    # Head-of-line nominations (controller/scheduling/nominations.py): after how long a wait for
+    # room, and for how long at most, nodes are kept for the deployment waiting longest.
+    nominate_after_s: float = limits.NOMINATE_AFTER_S
+    nomination_max_s: float = limits.NOMINATION_MAX_S
     # Replicas whose shards FAILED (controller/domain/restarts.py): back-off and the give-up limit.
     restart_backoff_s: float = _RESTARTS.initial_delay_s
     restart_backoff_max_s: float = _RESTARTS.max_delay_s
@@ -380,6 +384,15 @@ def _reconcile_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-surge", type=_positive_int, default=Config.max_surge, metavar="REPLICAS",
                        help="replicas a rolling update or a drain may place beyond the replicas asked "
                             "(make-before-break): more rolls faster but holds more capacity meanwhile")
+    group.add_argument("--nominate-after", type=_non_negative_float, default=Config.nominate_after_s,
+                       metavar="SECONDS",
+                       help="keep nodes for the deployment that has waited this long for room others hold (the "
+                            "highest priority, then the longest wait), so that what frees there goes to it and not "
+                            "to newer work of its priority or lower; 0: never (docs/operations.md)")
+    group.add_argument("--nomination-max", type=_positive_float, default=Config.nomination_max_s,
+                       metavar="SECONDS",
+                       help="the longest nodes stay nominated for one deployment that does not fit there; then it "
+                            "goes to the back of the line")
     group.add_argument("--quarantine-after-failures", type=_positive_int, default=Config.quarantine_after_failures,
                        help="solver failures of one deployment before it is quarantined")
     group.add_argument("--watchdog-interval", type=_positive_float, default=Config.watchdog_interval_s,
@@ -533,6 +546,7 @@ def _config(ns: argparse.Namespace) -> Config:
         # reconcile and solver
         reconcile_interval_s=ns.reconcile_interval, solve_time_limit_ms=ns.solve_time_limit_ms,
         preemption=ns.preemption, decide_process=ns.decide_process, max_surge=ns.max_surge,
+        nominate_after_s=ns.nominate_after, nomination_max_s=ns.nomination_max,
         quarantine_after_failures=ns.quarantine_after_failures, watchdog_interval_s=ns.watchdog_interval,
         # node lifecycle and heartbeats
         heartbeat_timeout_s=ns.heartbeat_timeout, max_heartbeats_per_second=ns.max_heartbeats_per_second,

@@ -251,6 +251,13 @@ RETRY_LATER_AUDITS_BURST = 20.0
 
 # --- the reconciler ----------------------------------------------------------------------------
 QUARANTINE_AFTER_FAILURES = 3       # solver failures of one deployment before it is set aside
+# Head-of-line nominations (controller/scheduling/nominations.py): a deployment waiting this long
+# for room others hold has nodes kept for it (30 s: longer than a rollout's or a drain's churn
+# takes to settle, short against a gang's wait behind a stream of arrivals, which has no end), for
+# at most NOMINATION_MAX_S (then the next in line; 10 minutes: most single-shard inference
+# deployments of a busy cluster turn over well within it, docs/operations.md).
+NOMINATE_AFTER_S = 30.0
+NOMINATION_MAX_S = 600.0
 ISOLATION_SOLVES_MAX = 16           # deployments solved alone to find the one a failed pass trips on
 RECONCILE_FAILURES_UNHEALTHY = 3    # failed passes in a row before health says NOT_SERVING
 RECONCILE_STUCK_S = 120.0           # one pass running longer: NOT_SERVING

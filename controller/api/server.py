@@ -197,6 +197,7 @@ class ControllerApp:
             lease=self.election, observer=self.metrics,
             quarantine_after=config.quarantine_after_failures, allow_preemption=config.preemption,
             max_surge=config.max_surge, restart_policy=config.restarts,
+            nominate_after_s=config.nominate_after_s, nomination_max_s=config.nomination_max_s,
         )
         self.lifecycle = NodeLifecycle(
             leader_db, config.liveness, connected=self.hub.connected, damper=damper,

@@ -241,6 +241,11 @@ class ControllerMetrics:
                                       "backoff (one more try by the full solve due), unschedulable (none of it placed, "
                                       "waiting for a change that could help; a deployment placed in part and short "
                                       "of replicas is in maia_deployments{phase=\"degraded\"}).", ["queue"], registry=r)
+        self.nominated_nodes = Gauge("maia_scheduling_nominated_nodes",
+                                     "Nodes nominated for the deployment waiting at the head of the line: no new "
+                                     "shard of another deployment of its priority or lower lands there until it "
+                                     "fits (0: none; docs/operations.md, \"Head-of-line nominations\").",
+                                     registry=r)
         self.agents_admitted = Counter("maia_agent_admission_admitted",
                                        "Agent Registers and Connect hellos let in by the admission gate.", registry=r)
         self.agents_refused = Counter("maia_agent_admission_refused",
@@ -313,6 +318,9 @@ class ControllerMetrics:
     def queue_depths(self, depths: QueueDepths) -> None:
         for queue in ("active", "backoff", "unschedulable"):
             self.scheduling_queue.labels(queue).set(getattr(depths, queue))
+
+    def nominated(self, nodes: int) -> None:
+        self.nominated_nodes.set(nodes)
 
     def shard_start_stage(self, stage: str, seconds: Iterable[float]) -> None:
         histogram = self._labelled(self.shard_start, stage)

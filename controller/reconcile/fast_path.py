@@ -64,6 +64,12 @@ class FastPath(PathCollaborators):
             self._warm.drop()  # a deployment beyond the limits is quarantined by the full path
             return None
         docs, late = read.docs, read.late
+        try:
+            helped |= await self._state.nominations.bring(cache, self._clock())
+        except DeciderFailed:  # the session in the decide process is lost
+            log.exception("the warm session is lost; solving the whole cluster")
+            self._warm.drop()
+            return None
         if helped:  # everything unschedulable is active again: decided now, on the session
             self._state.queue.helped()
         # Arrivals committed out of order go first, followed as the commit lists them.

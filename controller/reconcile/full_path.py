@@ -86,7 +86,7 @@ class FullPath(PathCollaborators):
             problem = planning.with_options(admitted, time_limit_ms=self._time_limit_ms,
                                             allow_preemption=self._allow_preemption)
             avoided = self._checks.avoid  # nodes replicas just failed on: other nodes first, for this pass
-            problem = planning.with_cordoned(problem, avoided)
+            problem = self._state.nominations.into(planning.with_cordoned(problem, avoided))
             started = time.perf_counter()
             try:
                 plan = SchedulingQueue.with_waiting(await self._solve(problem, time_limit_ms=self._time_limit_ms), waiting)

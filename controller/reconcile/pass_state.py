@@ -14,9 +14,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from controller.scheduling.nominations import Nominations
 from controller.scheduling.warm import WarmCluster
 from controller.scheduling.quarantine import Quarantine
 from controller.scheduling.queue import SchedulingQueue
+from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
 from controller.store.lease import CommitOutcomeUnknown
 from controller.store.plans import CommitResult
@@ -50,6 +52,8 @@ class PassState:
     retry: RetryBackoff
     clock: Callable[[], float]
     wall_clock: Callable[[], datetime]  # when placements start and stop, for the usage meter
+    # Nodes kept for the deployment waiting longest at the head of the line (`scheduling/nominations.py`).
+    nominations: Nominations = field(default_factory=Nominations)
     # Failed replicas released and replaced ones retired first in a pass (it commits through `commit`).
     checks: FirstChecks = field(init=False)
     laps: PassLaps = field(default_factory=PassLaps)  # where the pass under way spends its time (the log line)
@@ -73,6 +77,7 @@ class PassState:
         """Log, count, push and publish what a commit changed (`published`: `_to_publish`'s); the
         deployments changed."""
         self.observer.placed(result.first_placed_after_s.values())
+        self.nominations.saw(plan, self.clock(), whole=path == "full")
         if result.changed_deployments:  # it moved the generation (else the one it returns is another's)
             self.checks.own_commit(result.generation)
         if result.requeued:
@@ -103,6 +108,9 @@ class PassState:
         if not). Sets are pushed and deployments published on change, not polled: without this an
         agent would hear of a landed commit only at its node's next change, and a watcher never
         (the next pass finds nothing to change)."""
+        events = self.nominations.take_events()
+        if events:
+            await repo.record_events(uow.session, events)
         try:
             await uow.commit()
         except CommitOutcomeUnknown:

@@ -32,6 +32,8 @@ class ReconcileObserver(Protocol):
 
     def queue_depths(self, depths: QueueDepths) -> None: ...
 
+    def nominated(self, nodes: int) -> None: ...
+
     def pass_taken(self, path: str) -> None: ...
 
 
@@ -52,6 +54,9 @@ class NoObserver:
         pass
 
     def queue_depths(self, depths: QueueDepths) -> None:
+        pass
+
+    def nominated(self, nodes: int) -> None:
         pass
 
     def pass_taken(self, path: str) -> None:

@@ -21,6 +21,7 @@ from datetime import datetime
 from controller import limits
 from controller.aio import wait_event
 from controller.scheduling.decider import DecideProcess, open_in_process
+from controller.scheduling.nominations import Nominations
 from controller.scheduling.own_loop import OwnLoop
 from controller.scheduling.warm import WarmCluster
 from controller.scheduling.quarantine import Quarantine
@@ -35,6 +36,7 @@ from controller.usecases import planning
 from controller.usecases.submits import SubmittedRows
 from controller.domain.restarts import RestartPolicy
 from scheduler import Plan
+from scheduler.model import Nomination
 
 from controller.reconcile.fast_path import FastPath
 from controller.reconcile.first_checks import FirstChecks
@@ -70,6 +72,8 @@ class Reconciler:
         restart_policy: RestartPolicy | None = None,
         max_surge: int = DEFAULT_SURGE,
         backoff_s: float = 1.0,
+        nominate_after_s: float = limits.NOMINATE_AFTER_S,
+        nomination_max_s: float = limits.NOMINATION_MAX_S,
         decider: DecideProcess | None = None,
         own_thread: bool = False,
         read_views: ViewReader | None = None,
@@ -109,7 +113,8 @@ class Reconciler:
         self._state = state = PassState(
             db=db, push=push, publisher=self._publisher, warm=self._warm, observer=self._observer,
             queue=SchedulingQueue(backoff_s=backoff_s), quarantined=self._quarantined, retry=self._retry,
-            clock=clock, wall_clock=wall_clock)
+            clock=clock, wall_clock=wall_clock,
+            nominations=Nominations(after_s=nominate_after_s, max_s=nomination_max_s))
         # Failed replicas released and replaced ones retired first in a pass (`state.push` read
         # when called: `run` on its own thread hands pushes to the controller's loop).
         self._checks = state.checks = FirstChecks(
@@ -161,6 +166,11 @@ class Reconciler:
             self._wake.set()
 
     @property
+    def nominations(self) -> tuple[Nomination, ...]:
+        """The nodes kept for the deployment waiting at the head of the line (`scheduling/nominations.py`)."""
+        return self._state.nominations.nominations
+
+    @property
     def warm_snapshot(self) -> Snapshot | None:
         """The cached snapshot the next fast pass decides on (None: the next one reads afresh)."""
         return None if self._warm.cache is None else self._warm.cache.snapshot
@@ -183,6 +193,7 @@ class Reconciler:
         self._checks.forget_failures()
         self._quarantined.within.clear()
         self._state.queue = SchedulingQueue(backoff_s=self._state.queue.backoff_s)
+        self._state.nominations.reset()
         self.wake()
 
     async def run(self) -> None:
@@ -315,6 +326,7 @@ class Reconciler:
                 if outcome.solved:
                     self._state.queue.arrived(0)
                 self._observer.queue_depths(self._state.queue.depths())
+                self._observer.nominated(self._state.nominations.nominated_nodes)
             except LeaseLost:  # not a failure of this pass: another controller schedules now
                 self._warm.drop()
                 raise

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from scheduler import problem_from_dict
 from scheduler.decisions import ClusterDelta, Decision
 from scheduler.interchange import deployment_from_dict
-from scheduler.model import Deployment, Placement, Problem
+from scheduler.model import Deployment, Nomination, Placement, Problem
 
 if TYPE_CHECKING:
     from scheduler.session import Session
@@ -296,6 +296,13 @@ class RemoteSession:
 
     def apply(self, delta: ClusterDelta) -> list[Decision]:
         result: list[Decision] = self._process.ask(self._token, "apply", (delta,))
+        return result
+
+    def nominate(self, nominations: Iterable[Nomination]) -> None:
+        self._process.tell(self._token, "nominate", (tuple(nominations),))
+
+    def nominees(self, deployment: Deployment | str) -> tuple[str, ...]:
+        result: tuple[str, ...] = self._process.ask(self._token, "nominees", (deployment,))
         return result
 
     def snapshot(self) -> Problem:

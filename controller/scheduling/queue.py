@@ -14,9 +14,9 @@ reconciler, so that work which cannot be placed is not solved again on every pas
   Everything unschedulable moves back to active when something changes that could help: a
   placement went away (a departure, a deletion, a move, a preemption), a node changed (added,
   removed, cordoned or uncordoned, up, down, its capacity), the topology or its power budgets,
-  a tenant's contract, a placed deployment became easier to preempt (preemptible, or a lower
-  priority); one whose own spec changed (a priority that now allows it to preempt, a smaller
-  shape) moves back alone.
+  a tenant's contract, nodes nominated or no longer (`nominations.py`), a placed deployment
+  became easier to preempt (preemptible, or a lower priority); one whose own spec changed (a
+  priority that now allows it to preempt, a smaller shape) moves back alone.
 
 Without this, every reconcile pass (woken by every arrival) solved hopeless deployments again,
 the whole batch solve with its CP-SAT time limit included.
@@ -31,7 +31,8 @@ from typing import Any
 from scheduler import Plan, Unplaced
 from scheduler.interchange import node_shape
 
-_HELPING = ("zones", "rows", "racks", "nodes", "tenants")
+# A nomination made or ended (`nominations.py`) changes where work may go too.
+_HELPING = ("zones", "rows", "racks", "nodes", "tenants", "nominations")
 
 
 @dataclass(frozen=True)

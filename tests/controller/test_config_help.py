@@ -15,7 +15,7 @@ SECTIONS = {
     "database": ["--db", "--migrate", "--no-migrate", "--db-wait"],
     "reconcile and solver": ["--reconcile-interval", "--solve-time-limit-ms", "--preemption", "--no-preemption",
                              "--decide-process",
-                             "--no-decide-process", "--max-surge", "--quarantine-after-failures",
+                             "--no-decide-process", "--max-surge", "--nominate-after", "--nomination-max", "--quarantine-after-failures",
                              "--watchdog-interval"],
     "node lifecycle and heartbeats": ["--heartbeat-timeout", "--max-heartbeats-per-second", "--node-down-grace",
                                       "--node-eviction-grace", "--restart-grace", "--eviction-rate",

@@ -19,6 +19,7 @@ from controller.store.snapshot import Arrivals, DeploymentRead, NodeRead, ShardK
 from controller.store.snapshot_index import SnapshotIndex
 from scheduler import Plan, Unplaced
 from scheduler.decisions import ClusterDelta, Decision
+from scheduler.model import Nomination
 
 from controller.scheduling.cache import arriving, changes, commits, deciding
 from controller.scheduling.cache.deciding import FastPlan
@@ -57,6 +58,8 @@ class ClusterCache:
         # A change may leave nothing to decide and still make the stored ones wrong: a scale-down
         # to the replicas placed, a drain ended before its replacement could be placed.
         self.settling: set[str] = set()
+        # The nominations the session was handed (`scheduling/nominations.py`): none when built.
+        self.nominations: tuple[Nomination, ...] = ()
 
     @classmethod
     def build(cls, snapshot: Snapshot, *, allow_preemption: bool, time_limit_ms: int,

@@ -1,0 +1,125 @@
+"""The head-of-line nomination policy (controller/scheduling/nominations.py) on a stand-in for
+the warm cluster: what counts as waiting, who is nominated first, when a nomination ends, and
+what the full solve's problem carries."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from controller.scheduling.nominations import Nominated, Nominations
+from scheduler import Plan
+from scheduler.model import Nomination, Placement, Reason, Unplaced
+
+
+class Session:
+    def __init__(self, nodes: dict[str, tuple[str, ...]]) -> None:
+        self.nodes = nodes  # deployment -> what nominees answers (absent: unknown to the session)
+        self.handed: list[tuple[Nomination, ...]] = []
+
+    def nominees(self, name: str) -> tuple[str, ...]:
+        return self.nodes.get(name, ())  # unknown to the session: none, as `Session.nominees`
+
+    def nominate(self, nominations) -> None:
+        self.handed.append(tuple(nominations))
+
+
+def cache(docs: list[dict], session: Session):
+    problem = {"deployments": docs}
+    index = SimpleNamespace(deployments_of=lambda problem, keys: [d for d in problem["deployments"]
+                                                                 if d["id"] in keys])
+    snapshot = SimpleNamespace(problem=problem, index=index, deployment_ids={d["id"]: i for i, d in enumerate(docs)})
+    return SimpleNamespace(snapshot=snapshot, session=session, nominations=())
+
+
+def unplaced(name: str, *codes: str) -> Unplaced:
+    return Unplaced(name, 1, tuple(Reason(code, f"{code} words") for code in codes))
+
+
+def plan(*unplaced_: Unplaced, placed: tuple[str, ...] = ()) -> Plan:
+    return Plan(status="feasible", placements=tuple(Placement(n, 0, 0, "n1", (0,)) for n in placed),
+                unplaced=unplaced_)
+
+
+async def test_only_work_waiting_for_room_waits_and_the_highest_priority_then_the_longest_wait_goes_first():
+    noms = Nominations(after_s=30, max_s=600)
+    noms.saw(plan(unplaced("t/old", "CAPACITY"), unplaced("t/capped", "CAPACITY", "QUOTA_ACCELERATORS"),
+                  unplaced("t/cordoned", "NODE_STATE")), 0.0, whole=False)
+    assert noms.waiting_since("t/old") == 0.0
+    assert noms.waiting_since("t/capped") is None and noms.waiting_since("t/cordoned") is None
+    noms.saw(plan(unplaced("t/urgent", "POWER_RACK")), 10.0, whole=False)
+    session = Session({"t/old": ("n1",), "t/urgent": ("n2", "n3")})
+    c = cache([{"id": "t/old", "priority": 0}, {"id": "t/urgent", "priority": 5}], session)
+    assert not await noms.bring(c, 29.0) and noms.current is None and session.handed == []
+    await noms.bring(c, 39.0)  # old waited 39 s, urgent 29 s: only old is due
+    assert noms.nominations == (Nomination("t/old", 0, ("n1",)),)
+    assert session.handed == [noms.nominations] and c.nominations == noms.nominations
+    noms.current = None
+    await noms.bring(c, 41.0)  # both due: the higher priority first
+    assert noms.nominations == (Nomination("t/urgent", 5, ("n2", "n3")),)
+
+
+async def test_a_nomination_ends_when_its_deployment_is_placed_and_lets_the_nodes_go():
+    noms = Nominations(after_s=30, max_s=600)
+    noms.saw(plan(unplaced("t/gang", "CAPACITY", "NODE_STATE")), 0.0, whole=True)
+    session = Session({"t/gang": ("n1", "n2")})
+    c = cache([{"id": "t/gang"}], session)
+    assert not await noms.bring(c, 30.0)
+    assert noms.nominated_nodes == 2
+    noms.saw(plan(placed=("t/gang",)), 31.0, whole=False)
+    assert noms.current is None and noms.waiting_since("t/gang") is None
+    assert await noms.bring(c, 32.0)  # nodes let go: what waits elsewhere is decided again
+    assert session.handed[-1] == () and c.nominations == ()
+
+
+async def test_a_full_plan_that_no_longer_lists_a_deployment_ends_its_wait_and_a_deleted_one_its_nomination():
+    noms = Nominations(after_s=30, max_s=600)
+    noms.saw(plan(unplaced("t/a", "CAPACITY"), unplaced("t/b", "LOCALITY")), 0.0, whole=False)
+    noms.saw(plan(unplaced("t/b", "LOCALITY")), 5.0, whole=False)  # a fast plan says nothing of t/a
+    assert noms.waiting_since("t/a") == 0.0
+    noms.saw(plan(unplaced("t/b", "LOCALITY")), 6.0, whole=True)  # a full one lists every unplaced
+    assert noms.waiting_since("t/a") is None and noms.waiting_since("t/b") == 0.0
+    session = Session({"t/b": ("n1",)})
+    c = cache([{"id": "t/b"}], session)
+    await noms.bring(c, 30.0)
+    assert noms.current is not None
+    c.snapshot.deployment_ids = {}  # t/b deleted: gone from the cache
+    assert await noms.bring(c, 31.0)
+    assert noms.current is None and noms.waiting_since("t/b") is None
+
+
+async def test_a_nomination_that_does_not_fit_in_max_s_goes_to_the_back_of_the_line():
+    noms = Nominations(after_s=30, max_s=600)
+    noms.saw(plan(unplaced("t/first", "CAPACITY")), 0.0, whole=False)
+    noms.saw(plan(unplaced("t/second", "CAPACITY")), 1.0, whole=False)
+    session = Session({"t/first": ("n1",), "t/second": ("n2",)})
+    c = cache([{"id": "t/first"}, {"id": "t/second"}], session)
+    await noms.bring(c, 40.0)
+    assert noms.nominations[0].deployment == "t/first"
+    await noms.bring(c, 639.0)
+    assert noms.nominations[0].deployment == "t/first"  # 599 s
+    await noms.bring(c, 640.0)  # 600 s: ended, and the next in line is nominated in the same pass
+    assert noms.nominations[0].deployment == "t/second"
+    assert noms.waiting_since("t/first") == 640.0
+
+
+async def test_a_deployment_nodes_would_not_help_goes_to_the_back_and_none_is_nominated_when_off():
+    noms = Nominations(after_s=30, max_s=600)
+    noms.saw(plan(unplaced("t/huge", "CAPACITY"), unplaced("t/unknown", "CAPACITY")), 0.0, whole=False)
+    session = Session({"t/huge": ()})  # no domain could ever hold it; t/unknown not in the session
+    await noms.bring(cache([{"id": "t/huge"}, {"id": "t/unknown"}], session), 30.0)
+    assert noms.current is None
+    assert noms.waiting_since("t/huge") == 30.0 and noms.waiting_since("t/unknown") == 30.0
+    off = Nominations(after_s=0, max_s=600)
+    off.saw(plan(unplaced("t/x", "CAPACITY")), 0.0, whole=False)
+    await off.bring(cache([{"id": "t/x"}], Session({"t/x": ("n1",)})), 1e6)
+    assert off.current is None
+
+
+def test_the_full_solve_carries_the_nomination_on_the_nodes_it_has():
+    noms = Nominations()
+    problem: dict = {"nodes": [{"id": "n1"}, {"id": "n2"}], "deployments": []}
+    assert noms.into(problem) is problem
+    noms.current = Nominated(Nomination("t/gang", 3, ("n1", "gone")), 0.0)
+    assert noms.into(problem)["nominations"] == [{"deployment": "t/gang", "priority": 3, "nodes": ["n1"]}]
+    noms.current = Nominated(Nomination("t/gang", 3, ("gone",)), 0.0)
+    assert "nominations" not in noms.into(problem)

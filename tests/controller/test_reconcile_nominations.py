@@ -1,0 +1,124 @@
+"""Head-of-line nominations in the reconciler (controller/scheduling/nominations.py), with the
+real solver and database, one pass at a time on a clock of the test's: a gang that waits for room
+behind a stream of single-accelerator arrivals gets nodes kept for it after `nominate_after_s`,
+arrivals stay off them (their reasons say why), and it is placed once the work there leaves;
+without nominations each freed accelerator is taken again and the gang never fits."""
+
+from __future__ import annotations
+
+from controller.reconcile import Reconciler
+from controller.scheduling.decider import DecideProcess
+from controller.store import repositories as repo
+from controller.store.db import Database
+from controller.store.snapshot import load_snapshot
+from controller.usecases import deployments
+from controller.usecases.ports import RecordingSignals
+from uc_builders import WHO, deployment, no_publish, submit
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def reconciler(db: Database, clock: Clock, *, after_s: float, decider: DecideProcess | None = None) -> Reconciler:
+    return Reconciler(db, push=lambda nodes: None, publish=no_publish, solve_time_limit_ms=60_000, backoff_s=0.0,
+                      clock=clock, decider=decider, nominate_after_s=after_s, nomination_max_s=3600.0)
+
+
+async def nodes_of(db: Database) -> dict[str, set[str]]:
+    """Deployment name -> the nodes its shards are on."""
+    async with db.unit_of_work() as uow:
+        snapshot = await load_snapshot(uow.session)
+    out: dict[str, set[str]] = {}
+    for p in snapshot.problem["placements"]:
+        out.setdefault(p["deployment"].split("/", 1)[1], set()).add(p["node"])
+    return out
+
+
+async def view(db: Database, name: str):
+    async with db.unit_of_work() as uow:
+        return await deployments.get_deployment(uow, WHO, name)
+
+
+async def delete(db: Database, name: str) -> None:
+    async with db.unit_of_work() as uow:
+        await deployments.delete_deployment(uow, WHO, name, RecordingSignals())
+
+
+async def full_cluster_and_a_waiting_gang(db: Database, loop: Reconciler) -> None:
+    """16 single-accelerator fillers on the 16 accelerators, then an 8-shard gang (one rack's worth)."""
+    for k in range(16):
+        await submit(db, deployment(f"f{k}", accelerators=1, locality="node"))
+    await loop.reconcile_once()
+    assert len(await nodes_of(db)) == 16
+    await submit(db, deployment("gang", shards=8, accelerators=1, locality="rack"))
+    for _ in range(3):  # decided on the session, then the back-off's full solve: it waits
+        await loop.reconcile_once()
+    assert (await view(db, "gang")).phase == "pending"
+
+
+async def churn(db: Database, loop: Reconciler, leaving: list[str], step: int) -> None:
+    """One filler leaves and a new one arrives; one pass."""
+    await delete(db, leaving.pop(0))
+    await submit(db, deployment(f"new{step}", accelerators=1, locality="node"))
+    await loop.reconcile_once()
+
+
+async def test_a_gang_behind_a_stream_of_arrivals_gets_nominated_nodes_and_is_placed(cluster, decider):
+    clock = Clock()
+    loop = reconciler(cluster, clock, after_s=30.0, decider=decider)
+    await full_cluster_and_a_waiting_gang(cluster, loop)
+    assert loop.nominations == ()
+    clock.now += 31.0
+    placed = await nodes_of(cluster)
+    # The first departure after the wait: its pass nominates a rack's two nodes for the gang.
+    await churn(cluster, loop, ["f0"], 0)
+    [nomination] = loop.nominations
+    assert nomination.deployment == "t1/gang" and len(nomination.nodes) == 2
+    nominated = set(nomination.nodes)
+    racks = {n.split("-")[0] + n.split("-")[1] for n in nominated}
+    assert len(racks) == 1, nominated  # one rack: the gang's locality
+    # The fillers on the nominated nodes leave one by one while new ones arrive: the new ones go
+    # nowhere else (the cluster is full) and never onto the nominated nodes.
+    there = sorted(name for name, nodes in placed.items() if nodes & nominated and name != "f0")
+    step = 1
+    while there:
+        await churn(cluster, loop, there, step)
+        now = await nodes_of(cluster)
+        assert not any(nodes & nominated for name, nodes in now.items() if name.startswith("new")), now
+        arrival = await view(cluster, f"new{step}")
+        assert arrival.phase == "pending"
+        assert any(r.code == "NODE_STATE" and "nominated for t1/gang" in r.message for r in arrival.reasons), \
+            arrival.reasons
+        step += 1
+    await loop.reconcile_once()
+    assert (await view(cluster, "gang")).phase == "scheduled"
+    assert (await nodes_of(cluster))["gang"] == nominated
+    assert loop.nominations == ()  # placed: the nomination ended
+    await submit(cluster, deployment("after", accelerators=1, locality="node"))
+    await loop.reconcile_once()  # the next commit records the end
+    async with cluster.unit_of_work() as uow:
+        events = await repo.list_events(uow.session, object_kind="deployment", object_id="t1/gang")
+    said = {e.kind: e.message for e in events}
+    assert all(node in said["deployment.nominated"] for node in nominated)
+    assert "waiting for room" in said["deployment.nominated"]
+    assert said["deployment.nomination_ended"].endswith("placed")
+
+
+async def test_without_nominations_each_freed_accelerator_is_taken_again(cluster):
+    clock = Clock()
+    loop = reconciler(cluster, clock, after_s=0.0)  # never nominate
+    await full_cluster_and_a_waiting_gang(cluster, loop)
+    clock.now += 31.0
+    placed = await nodes_of(cluster)
+    rack_a = sorted(name for name, nodes in placed.items() if any(n.startswith("rack-a") for n in nodes))
+    assert len(rack_a) == 8
+    for step in range(8):  # all of rack a's fillers leave, one a pass, each replaced by an arrival
+        await churn(cluster, loop, rack_a, step)
+    assert loop.nominations == ()
+    assert (await view(cluster, "gang")).phase == "pending"
+    assert [(await view(cluster, f"new{k}")).phase for k in range(8)] == ["scheduled"] * 8
