@@ -46,18 +46,14 @@ class FastPath(PathCollaborators):
         controller/scheduling/cache/); None: the full path must run instead."""
         started = time.perf_counter()
         helped, self._state.redecide = self._state.redecide, False
-        # Others' changes to follow. A deletion among them leaves the schedulable count as it was
-        # when a submission landed beside it: the rows stored since are read all the same.
-        followed = generation != self._warm.own_generation
-        if followed:
+        if generation != self._warm.own_generation:  # others' changes to follow
             caught_up = await self._warm.catch_up(uow.session, generation=generation)
             self._state.laps.lap("catch_up")
             if caught_up is None:
                 return None
             helped |= caught_up
             self._state.last_generation = self._warm.own_generation
-        read = await self._warm.arrivals(uow.session, arrivals) if arrivals != self._state.last_arrivals or followed \
-            else ArrivalDocs([])
+        read = await self._warm.arrivals(uow.session, arrivals) if self._may_have_arrivals(arrivals) else ArrivalDocs([])
         self._state.laps.lap("arrivals")
         cache = self._warm.cache
         if read is None or cache is None or self._quarantined.judge(read.docs + read.late, self._submitted_here(read)):
@@ -147,6 +143,15 @@ class FastPath(PathCollaborators):
             solved=True, generation=result.generation, changed_nodes=frozenset(result.changed_nodes),
             changed_deployments=frozenset(changed), deleted=tuple(sorted(result.deleted_deployments)),
             retry_in_s=retry_in_s)
+
+    def _may_have_arrivals(self, schedulable: int) -> bool:
+        """Whether rows may have been stored since the cache last read them: the schedulable count
+        differs from what the last pass left, or from what the cache holds now that it followed
+        others' changes (a deletion among them leaves the count as the last pass left it when a
+        submission landed beside it; the cache has taken the deleted one out)."""
+        cache = self._warm.cache
+        return schedulable != self._state.last_arrivals or \
+            (cache is not None and schedulable != len(cache.snapshot.deployment_ids))
 
     def _submitted_here(self, read: ArrivalDocs) -> set[str]:
         """The arrivals this process's submit batches validated and inserted, read as inserted
