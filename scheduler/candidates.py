@@ -160,9 +160,9 @@ def node_admits(state: ClusterState, d: int, nodes: np.ndarray) -> np.ndarray:
     t = int(state.dep_tenant[d])
     ok = local_slots(state, d, nodes) > 0
     ok &= topo.node_ready[nodes]
-    against = topo.nominated_against(state.deps[d])
+    against = topo.nominated_against(state.deps[d], nodes)
     if against is not None:
-        ok &= ~against[nodes]
+        ok &= ~against
     if len(topo.zone_ids):
         ok &= topo.tenant_zone_ok[t][topo.node_zone[nodes]]
     models = state.deps[d].shard.accelerator_models

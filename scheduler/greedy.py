@@ -259,7 +259,7 @@ class Placer:
             self._known_index = (node, int(pick[0]))
         return node
 
-    def _kept_candidates(self, t: int, spec: ShardSpec, refusing: tuple[int, ...]) -> RackBest:
+    def _kept_candidates(self, t: int, spec: ShardSpec, refusing: tuple[tuple[str, int], ...]) -> RackBest:
         """Per tenant, shard shape and the nominations that refuse it (`Topology.refusing`: the
         nodes kept for others differ by priority; a change of them moves those nodes' stamps)."""
         key = (t, spec.accelerators, spec.accelerator_milli, spec.hbm_gib, spec.cpu_milli,

@@ -297,7 +297,7 @@ def check_references(problem: Problem) -> None:
 def _check_nominations(problem: Problem, nodes: dict[str, int]) -> None:
     """The problem's `nominations` (an extension, in the module docstring): a deployment id, an
     integer priority, known nodes each nominated once."""
-    nominated: dict[str, str] = {}
+    nominated: dict[str, tuple[int, str]] = {}  # node -> (the nomination naming it, its deployment)
     for i, nom in enumerate(problem.nominations):
         if not isinstance(nom, Nomination):
             raise ProblemError(f"nominations[{i}]", nom,
@@ -312,8 +312,9 @@ def _check_nominations(problem: Problem, nodes: dict[str, int]) -> None:
                 raise ProblemError(f"nominations[{i}].nodes[{j}]", node, f"unknown node {node!r}")
             if node in nominated:
                 raise ProblemError(f"nominations[{i}].nodes[{j}]", node,
-                                   f"node {node} is already nominated for {nominated[node]}")
-            nominated[node] = nom.deployment
+                                   f"node {node} listed twice" if nominated[node][0] == i else
+                                   f"node {node} is already nominated for {nominated[node][1]}")
+            nominated[node] = (i, nom.deployment)
 
 
 def _check_quantities(field: str, items: tuple[Any, ...], names: tuple[str, ...]) -> None:

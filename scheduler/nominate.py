@@ -29,13 +29,12 @@ def empty_slots(state: ClusterState, d: int) -> np.ndarray:
     topo = state.topo
     spec = state.deps[d].shard
     t = int(state.dep_tenant[d])
-    ok = topo.node_ready & topo.model_mask(state.deps[d]) & (topo.node_nominated < 0)
+    ok = topo.node_ready & topo.model_mask(state.deps[d])
     if len(topo.zone_ids):
         ok &= topo.tenant_zone_ok[t][topo.node_zone]
-    nominated_here = topo.node_nominated >= 0
-    if nominated_here.any():  # its own nominated nodes count
-        own = np.array([n.deployment == state.deps[d].id for n in topo.nominations] + [False], dtype=bool)
-        ok |= topo.node_ready & own[topo.node_nominated]
+    # Not nominated for another deployment (its own nominated nodes count).
+    own = np.array([n.deployment == state.deps[d].id for n in topo.nominations] + [True], dtype=bool)
+    ok &= own[topo.node_nominated]  # -1 (not nominated) reads the last entry
     usable = topo.acc_usable & (topo.node_hbm[:, None] >= spec.hbm_gib)
     if spec.fractional:
         slots = usable.sum(axis=1) * (1000 // spec.accelerator_milli)

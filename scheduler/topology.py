@@ -70,34 +70,40 @@ class Topology:
         return len(self.node_ids)
 
     def nominate(self, nominations: Sequence[Nomination]) -> np.ndarray:
-        """Replace the nominations (nodes unknown here are left out); the nodes whose
-        nomination changed (another deployment or priority, or none)."""
+        """Replace the nominations, each with the nodes known here (a node named twice is the
+        later one's); the nodes whose nomination changed (another deployment or priority, or
+        none): what per-node caches must judge again."""
         def key(noms: Sequence[Nomination], i: int) -> tuple[str, int] | None:
             return None if i < 0 else (noms[i].deployment, noms[i].priority)
         old, before = list(self.nominations), self.node_nominated.copy()
-        self.nominations[:] = nominations
         self.node_nominated[:] = -1
         for i, nom in enumerate(nominations):
             self.node_nominated[[self.node_index[n] for n in nom.nodes if n in self.node_index]] = i
+        index, at = self.node_index, self.node_nominated
+        self.nominations[:] = [
+            Nomination(nom.deployment, nom.priority, tuple(n for n in nom.nodes if n in index and at[index[n]] == i))
+            for i, nom in enumerate(nominations)]
         either = np.flatnonzero((before >= 0) | (self.node_nominated >= 0))
         return np.array([n for n in either.tolist() if key(old, int(before[n]))
-                         != key(nominations, int(self.node_nominated[n]))], dtype=np.int64)
+                         != key(self.nominations, int(self.node_nominated[n]))], dtype=np.int64)
 
-    def refusing(self, dep: Deployment) -> tuple[int, ...]:
-        """The nominations whose nodes take no new shard of `dep`: those for another deployment
-        of its priority or higher."""
-        return tuple(i for i, n in enumerate(self.nominations) if n.priority >= dep.priority and n.deployment != dep.id)
+    def refusing(self, dep: Deployment) -> tuple[tuple[str, int], ...]:
+        """The nominations whose nodes take no new shard of `dep` (those for another deployment
+        of its priority or higher), as (deployment, priority): what a cache of admitted nodes is
+        kept per (a node's stamp moves when its nomination does, `nominate`)."""
+        return tuple(sorted({(n.deployment, n.priority) for n in self.nominations
+                             if n.priority >= dep.priority and n.deployment != dep.id}))
 
-    def nominated_against(self, dep: Deployment) -> np.ndarray | None:
-        """(N,) bool: the nodes of the nominations `refusing` `dep` (None: no node is)."""
+    def nominated_against(self, dep: Deployment, nodes: np.ndarray | None = None) -> np.ndarray | None:
+        """Per node (of `nodes`, else all), whether it is nominated for another deployment of
+        `dep`'s priority or higher, so takes no new shard of it (None: no node is)."""
         if not self.nominations:
             return None
-        refusing = self.refusing(dep)
-        if not refusing:
+        refused = np.array([n.priority >= dep.priority and n.deployment != dep.id for n in self.nominations]
+                           + [False], dtype=bool)
+        if not refused.any():
             return None
-        refused = np.zeros(len(self.nominations) + 1, dtype=bool)
-        refused[list(refusing)] = True
-        return refused[self.node_nominated]  # -1 reads the last entry: not nominated
+        return refused[self.node_nominated if nodes is None else self.node_nominated[nodes]]  # -1: the last, False
 
     def node_state(self, n: int) -> str:
         """The node's state as the arrays say (a warm session flips them in place)."""

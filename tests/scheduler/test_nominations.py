@@ -48,19 +48,21 @@ def test_the_nominated_deployment_and_higher_priorities_may_use_the_nodes() -> N
     nodes = _four_nodes()
     doc = problem(nodes, [dep("big", acc=4, replicas=2, locality="node", priority=3),
                           dep("urgent", acc=4, replicas=1, locality="node", priority=5)])
-    doc["nominations"] = [{"deployment": "big", "priority": 3, "nodes": ["n0", "n1", "n2"]}]
+    doc["nominations"] = [{"deployment": "big", "priority": 3, "nodes": ["n0", "n1", "n2", "n3"]}]
     plan = solve(problem_from_dict(doc))
     assert len(_nodes_of(plan, "big")) == 2 and len(_nodes_of(plan, "urgent")) == 1
     assert not plan.unplaced
     assert check_plan(doc, plan_to_dict(plan)) == []
 
 
-def test_what_runs_on_a_nominated_node_stays() -> None:
-    doc = problem(_four_nodes(), [dep("small", acc=1, replicas=1, locality="node")],
+def test_what_runs_on_a_nominated_node_stays_and_nothing_new_joins_it() -> None:
+    doc = problem([node("n0")], [dep("small", acc=1, replicas=1, locality="node"),
+                                 dep("other", acc=1, replicas=1, locality="node")],
                   placements=[placed("small", "n0", [0])], mode="online")
     doc["nominations"] = [{"deployment": "big", "priority": 0, "nodes": ["n0"]}]
     plan = solve(problem_from_dict(doc))
-    assert [(p.node, p.accelerator_indices) for p in plan.placements] == [("n0", (0,))]
+    assert [(p.deployment, p.node, p.accelerator_indices) for p in plan.placements] == [("small", "n0", (0,))]
+    assert [u.deployment for u in plan.unplaced] == ["other"]
     assert check_plan(doc, plan_to_dict(plan)) == []
 
 
@@ -94,6 +96,9 @@ def test_nominations_round_trip_and_bad_ones_are_refused_with_their_path() -> No
         ([{"deployment": "big", "priority": 0, "nodes": ["n9"]}], "nominations[0].nodes[0]", "unknown node"),
         ([{"deployment": "big", "nodes": ["n0"]}, {"deployment": "c", "nodes": ["n0"]}],
          "nominations[1].nodes[0]", "already nominated for big"),
+        ([{"deployment": "big", "nodes": ["n0", "n1", "n0"]}], "nominations[0].nodes[2]", "listed twice"),
+        ([{"deployment": "big", "nodes": [3]}], "nominations[0].nodes[0]", "unknown node"),
+        ([{"deployment": "big", "priority": True, "nodes": ["n0"]}], "nominations[0].priority", "integer"),
         ([{"deployment": "", "nodes": ["n0"]}], "nominations[0].deployment", "non-empty"),
         ([{"deployment": "big", "priority": 1.5, "nodes": ["n0"]}], "nominations[0].priority", "integer"),
         ([{"deployment": "big", "nodes": "n0"}], "nominations[0]", "a nomination is"),
@@ -204,3 +209,30 @@ def test_a_session_keeps_nominated_nodes_from_lower_priorities_only_whatever_ord
     assert one("high", 4) == {"n0"}  # a higher priority (same tenant and shape) may go there
     assert one("low5", 3) == set()  # and the lower ones still may not
     assert one("high2", 9) == {"n0"}
+
+
+def test_a_session_follows_nominations_ending_beside_others_that_stay() -> None:
+    # n1 is b's (priority 3); a's n0 and n2 are full but for one accelerator of n2.
+    doc = problem([node("n0", acc=1), node("n1"), node("n2")],
+                  [dep(f"x{k}", acc=1, locality="node") for k in range(4)],
+                  placements=[placed("x0", "n0", [0])] + [placed(f"x{k}", "n2", [k - 1]) for k in range(1, 4)],
+                  mode="online")
+    session = Session(problem_from_dict(doc))
+    session.nominate([Nomination("a", 5, ("n0",)), Nomination("b", 3, ("n1",))])
+
+    def one(name: str, priority: int) -> set[str]:
+        d = deployment_from_dict(dep(name, acc=1, locality="node", priority=priority))
+        return {p.node for p in session.place(d).placements}
+
+    assert one("four", 4) == {"n2"}  # b's n1 admits a priority 4 too; the fuller n2 is the better fit
+    session.nominate([Nomination("b", 3, ("n1",))])  # a ends (n1's nomination stays, first in the list now)
+    assert one("three", 3) == set()  # n1 refuses priority 3 still: the candidates kept for "four" are not its
+    assert one("five", 5) == {"n1"}
+    assert session.snapshot().nominations == (Nomination("b", 3, ("n1",)),)
+
+
+def test_nominations_keep_only_the_nodes_a_session_has_and_a_node_named_twice_goes_to_the_later() -> None:
+    session = Session(problem_from_dict(problem([node("n0"), node("n1")], [dep("x", acc=1)])))
+    session.nominate([Nomination("a", 1, ("n0", "gone")), Nomination("b", 2, ("n0", "n1"))])
+    assert session.snapshot().nominations == (Nomination("a", 1, ()), Nomination("b", 2, ("n0", "n1")))
+    problem_from_dict(problem_to_dict(session.snapshot()))  # a document the interchange takes back
