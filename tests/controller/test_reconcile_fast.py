@@ -406,9 +406,9 @@ async def test_the_session_is_asked_what_waits_only_when_something_may(cluster, 
     looked = [0]
     real_docs = ClusterCache.pending_docs
 
-    def pending_docs(self: ClusterCache) -> list[dict[str, Any]]:
+    def pending_docs(self: ClusterCache, also: Any = ()) -> list[dict[str, Any]]:
         looked[0] += 1
-        return real_docs(self)
+        return real_docs(self, also)
 
     monkeypatch.setattr(ClusterCache, "pending_docs", pending_docs)
     # (A back-off the test never reaches: what waits is decided again on the session, not by a full solve.)

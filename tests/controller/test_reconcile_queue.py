@@ -113,3 +113,25 @@ async def test_a_contract_change_lets_parked_work_go(cluster):
 
 async def _nothing() -> None:
     return None
+
+
+async def test_work_a_full_solve_left_unplaced_is_placed_by_the_fast_pass_a_departure_helps(cluster):
+    # "late" arrives as the back-off's full solve runs: only that solve decides it (the warm
+    # session never does). The departures after it must still reach it, on the fast path.
+    solve = SolveRecorder()
+    loop = reconciler(cluster, solve)
+    for k in range(16):  # every accelerator taken
+        await submit(cluster, deployment(f"f{k}", accelerators=1, locality="node"))
+    assert (await loop.reconcile_once()).solved
+    await submit(cluster, deployment("early", accelerators=1, locality="node"))
+    assert (await loop.reconcile_once()).solved and loop.fast_passes == 1  # no room: backs off
+    await submit(cluster, deployment("late", accelerators=1, locality="node"))
+    assert (await loop.reconcile_once()).solved and solve.asked[-1] >= {"early", "late"}  # the full solve
+    assert [(await view(cluster, n)).phase for n in ("early", "late")] == ["pending", "pending"]
+    for gone in ("f0", "f1"):
+        async with cluster.unit_of_work() as uow:
+            await deployments.delete_deployment(uow, WHO, gone, RecordingSignals())
+        assert (await loop.reconcile_once()).solved
+    full = len(solve.asked)
+    assert [(await view(cluster, n)).phase for n in ("early", "late")] == ["scheduled", "scheduled"]
+    assert len(solve.asked) == full and loop.fast_passes == 3  # placed on the warm cluster

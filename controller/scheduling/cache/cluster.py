@@ -227,18 +227,22 @@ class ClusterCache:
         last answered none and nothing since could leave a deployment short."""
         return not self._none_pending
 
-    def pending_docs(self) -> list[dict[str, Any]]:
+    def pending_docs(self, also: Collection[str] = ()) -> list[dict[str, Any]]:
         """The deployments the session holds short of replicas (unplaceable so far, preempted, or
-        placed in part), in arrival order: to decide again after a change that could help them.
-        The session is asked (a walk of every deployment it holds; in the decide process a round
-        trip) only when it may hold some: not after it answered none and nothing since could
-        leave one short (`_may_leave_short`)."""
-        if self._none_pending:
+        placed in part) and those of `also` (what the last commits left unplaced: a full solve's
+        the session never decided), in arrival order: to decide again after a change that could
+        help them. The session is asked (a walk of every deployment it holds; in the decide
+        process a round trip) only when it may hold some: not after it answered none and nothing
+        since could leave one short (`_may_leave_short`)."""
+        short: set[str] = set()
+        if not self._none_pending:
+            short = set(self.session.pending())
+            self._none_pending = not short
+        wanted = short | set(also)
+        if not wanted:
             return []
-        short = set(self.session.pending())
-        self._none_pending = not short
         snap = self.snapshot
-        return [d for d in snap.index.deployments_of(snap.problem, map(stored_key, short)) if d["id"] in short]
+        return [d for d in snap.index.deployments_of(snap.problem, map(stored_key, wanted)) if d["id"] in wanted]
 
     def _may_leave_short(self) -> None:
         """A call on the session may have left a deployment short of replicas (a decision left
