@@ -31,7 +31,7 @@ from typing import Any
 from bench.fgd import percentile
 from scheduler import problem_from_dict
 from scheduler.interchange import deployment_from_dict, plan_to_dict, problem_to_dict
-from scheduler.model import Nomination, Plan
+from scheduler.model import Nomination, Plan, Problem
 from scheduler.session import Session
 
 PER_RACK = 16
@@ -80,10 +80,12 @@ def run(args: argparse.Namespace, nominate: bool, seed: int) -> Run:
     rng = random.Random(seed)
     waiting: list[str] = []
     nominated: set[str] = set()
+    before: Problem | None = None  # the state when nodes were nominated (what --check judges against)
     for step in range(args.steps):
         if nominate and not nominated and step >= args.nominate_after:
             nominated = set(session.nominees("gang"))
             session.nominate([Nomination("gang", 0, tuple(sorted(nominated)))])
+            before = session.snapshot()
         gone = running.pop(rng.randrange(len(running)))
         session.release(gone)
         del where[gone]
@@ -110,17 +112,23 @@ def run(args: argparse.Namespace, nominate: bool, seed: int) -> Run:
         if nominated:
             used = sum(1 for node in where.values() if node in nominated)
             out.idle_accelerator_steps += ACCELERATORS * len(nominated) - used
-    if nominated:
-        session.nominate([])
     out.arrivals_waiting = len(waiting)
     if args.check:
-        from tests.scheduler.checker import check_plan  # the independent checker (tests/scheduler)
-        final = session.snapshot()
-        plan = Plan(status="feasible", placements=final.placements, unplaced=())
-        rules = ("INDICES", "EXCLUSIVE_ACCELERATOR", "LOCALITY", "GANG")
-        out.violations = len(check_plan(problem_to_dict(dataclasses.replace(final, placements=())), plan_to_dict(plan),
-                                        validate_schema=False, rules=rules))
+        out.violations = len(_violations(session.snapshot(), before))
     return out
+
+
+def _violations(final: Problem, before: Problem | None) -> list[Any]:
+    """The independent checker on the final state, as a plan of everything running: what one
+    node, rack or gang holds; and, against the state when nodes were nominated, that nothing
+    placed since (but the gang) landed on a nominated node (NODE_STATE)."""
+    from tests.scheduler.checker import check_plan  # the independent checker (tests/scheduler)
+    live = {d.id for d in final.deployments}
+    kept = tuple(p for p in before.placements if p.deployment in live) if before is not None else ()
+    problem = dataclasses.replace(final, placements=kept, nominations=() if before is None else before.nominations)
+    plan = Plan(status="feasible", placements=final.placements, unplaced=())
+    rules = ("INDICES", "EXCLUSIVE_ACCELERATOR", "LOCALITY", "GANG", "NODE_STATE")
+    return check_plan(problem_to_dict(problem), plan_to_dict(plan), validate_schema=False, rules=rules)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -46,6 +46,13 @@ class FastPath(PathCollaborators):
         controller/scheduling/cache/); None: the full path must run instead."""
         started = time.perf_counter()
         helped, self._state.redecide = self._state.redecide, False
+        try:  # the nomination in force (`scheduling/nominations.py`), before the changes' repairs decide
+            if self._warm.cache is not None:
+                helped |= await self._state.nominations.bring(self._warm.cache, self._clock())
+        except DeciderFailed:  # the session in the decide process is lost
+            log.exception("the warm session is lost; solving the whole cluster")
+            self._warm.drop()
+            return None
         if generation != self._warm.own_generation:  # others' changes to follow
             caught_up = await self._warm.catch_up(uow.session, generation=generation)
             self._state.laps.lap("catch_up")
@@ -60,19 +67,15 @@ class FastPath(PathCollaborators):
             self._warm.drop()  # a deployment beyond the limits is quarantined by the full path
             return None
         docs, late = read.docs, read.late
-        try:
-            helped |= await self._state.nominations.bring(cache, self._clock())
-        except DeciderFailed:  # the session in the decide process is lost
-            log.exception("the warm session is lost; solving the whole cluster")
-            self._warm.drop()
-            return None
         if helped:  # everything unschedulable is active again: decided now, on the session
             self._state.queue.helped()
         # Arrivals committed out of order go first, followed as the commit lists them.
         try:
+            await self._state.nominations.hand(cache)  # a cache this pass built holds none yet
             # A worker thread only when the session is asked (it blocks on it): not after it answered none.
-            retried = (await asyncio.to_thread(cache.pending_docs) if cache.may_hold_pending else []) + late \
-                if helped else late
+            unplaced = list(self._warm.unplaced)  # the session may never have decided a full solve's
+            retried = (await asyncio.to_thread(cache.pending_docs, unplaced) if cache.may_hold_pending or unplaced
+                       else []) + late if helped else late
         except DeciderFailed:  # the session in the decide process is lost
             log.exception("the warm session is lost; solving the whole cluster")
             self._warm.drop()

@@ -82,11 +82,16 @@ class FullPath(PathCollaborators):
             if beyond:  # stored before today's limits: never handed to the solver
                 await self._quarantine(beyond)
                 continue
-            admitted, waiting = self._state.queue.admit(snapshot.problem)
+            # The nomination in force (`scheduling/nominations.py`), ended first when due; the
+            # queue sees it too, so work it parked is let go when it ends.
+            self._state.nominations.expire(self._state.clock(), snapshot.deployment_ids)
+            nominated = self._state.nominations.into(snapshot.problem)
+            self._state.nominations.let_go = False  # this solve decides everything with them let go
+            admitted, waiting = self._state.queue.admit(nominated)
             problem = planning.with_options(admitted, time_limit_ms=self._time_limit_ms,
                                             allow_preemption=self._allow_preemption)
             avoided = self._checks.avoid  # nodes replicas just failed on: other nodes first, for this pass
-            problem = self._state.nominations.into(planning.with_cordoned(problem, avoided))
+            problem = planning.with_cordoned(problem, avoided)
             started = time.perf_counter()
             try:
                 plan = SchedulingQueue.with_waiting(await self._solve(problem, time_limit_ms=self._time_limit_ms), waiting)
@@ -128,7 +133,7 @@ class FullPath(PathCollaborators):
                 self._state.queue.after_retry()
                 retry_in_s = self._retry.schedule(plan, requeued=bool(result.requeued or plan.unplaced))
             else:
-                self._state.queue.after_commit(snapshot.problem, plan, time_limited=time_limited(plan))
+                self._state.queue.after_commit(nominated, plan, time_limited=time_limited(plan))
                 retry_in_s = self._retry.schedule(plan, requeued=bool(result.requeued) and not result.stale)
             if not result.stale:
                 await self._warm.after_full(snapshot, result)

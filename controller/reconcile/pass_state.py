@@ -77,7 +77,7 @@ class PassState:
         """Log, count, push and publish what a commit changed (`published`: `_to_publish`'s); the
         deployments changed."""
         self.observer.placed(result.first_placed_after_s.values())
-        self.nominations.saw(plan, self.clock(), whole=path == "full")
+        self.nominations.saw(plan, self.clock(), whole=path == "full", requeued={name for name, _ in result.requeued})
         if result.changed_deployments:  # it moved the generation (else the one it returns is another's)
             self.checks.own_commit(result.generation)
         if result.requeued:
@@ -109,15 +109,19 @@ class PassState:
         agent would hear of a landed commit only at its node's next change, and a watcher never
         (the next pass finds nothing to change)."""
         events = self.nominations.take_events()
-        if events:
-            await repo.record_events(uow.session, events)
         try:
+            if events:
+                await repo.record_events(uow.session, events)
             await uow.commit()
         except CommitOutcomeUnknown:
+            self.nominations.put_back(events)  # recorded by the next commit (twice if this one landed)
             self.push(set(nodes))
             changed, deleted = set(changed), list(deleted)
             if changed or deleted:
                 self.publisher.publish_in_order(changed, deleted, unsure=True)
+            raise
+        except BaseException:
+            self.nominations.put_back(events)  # not written: the next commit records them
             raise
 
 

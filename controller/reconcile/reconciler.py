@@ -315,8 +315,14 @@ class Reconciler:
                     now = self._clock()
                     retry_due = self._retry.due(now) or self._state.queue.backoff_due(now)
                     self._state.queue.arrived(arrivals - (self._state.last_arrivals or 0))
+                    # Nominations due (one to end or make, nodes let go) in a cluster where nothing
+                    # else changes: on the warm cluster when there is one (a fast pass deciding
+                    # what waits again), else the full solve takes them in.
+                    nominations_due = self._state.nominations.due(now)
+                    self._state.redecide |= nominations_due and self._warm.cache is not None
                     if (not force and not retry_due and generation == self._state.last_generation
-                            and arrivals == self._state.last_arrivals and not self._state.redecide):
+                            and arrivals == self._state.last_arrivals and not self._state.redecide
+                            and not nominations_due):
                         outcome = ReconcileOutcome(generation=generation)
                         self._observer.pass_taken("idle")  # woken for nothing (or only retired/released first)
                     elif not (force or retry_due) and self._may_go_fast(generation, arrivals):

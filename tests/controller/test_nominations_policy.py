@@ -15,8 +15,10 @@ class Session:
     def __init__(self, nodes: dict[str, tuple[str, ...]]) -> None:
         self.nodes = nodes  # deployment -> what nominees answers (absent: unknown to the session)
         self.handed: list[tuple[Nomination, ...]] = []
+        self.calls: list[str] = []
 
     def nominees(self, name: str) -> tuple[str, ...]:
+        self.calls.append(f"nominees {name} holding {[n.deployment for n in self.handed[-1]] if self.handed else []}")
         return self.nodes.get(name, ())  # unknown to the session: none, as `Session.nominees`
 
     def nominate(self, nominations) -> None:
@@ -24,6 +26,7 @@ class Session:
 
 
 def cache(docs: list[dict], session: Session):
+    docs = [{"shards_per_replica": 8, "shard": {"accelerators": 1}, **d} for d in docs]  # gangs, unless said
     problem = {"deployments": docs}
     index = SimpleNamespace(deployments_of=lambda problem, keys: [d for d in problem["deployments"]
                                                                  if d["id"] in keys])
@@ -100,6 +103,8 @@ async def test_a_nomination_that_does_not_fit_in_max_s_goes_to_the_back_of_the_l
     await noms.bring(c, 640.0)  # 600 s: ended, and the next in line is nominated in the same pass
     assert noms.nominations[0].deployment == "t/second"
     assert noms.waiting_since("t/first") == 640.0
+    # The session let the ended one's nodes go before it chose the next one's (they may be those).
+    assert session.calls == ["nominees t/first holding []", "nominees t/second holding []"]
 
 
 async def test_a_deployment_nodes_would_not_help_goes_to_the_back_and_none_is_nominated_when_off():
@@ -119,7 +124,66 @@ def test_the_full_solve_carries_the_nomination_on_the_nodes_it_has():
     noms = Nominations()
     problem: dict = {"nodes": [{"id": "n1"}, {"id": "n2"}], "deployments": []}
     assert noms.into(problem) is problem
-    noms.current = Nominated(Nomination("t/gang", 3, ("n1", "gone")), 0.0)
+    noms.current = Nominated(Nomination("t/gang", 3, ("n1", "gone")), 0.0, 1)
     assert noms.into(problem)["nominations"] == [{"deployment": "t/gang", "priority": 3, "nodes": ["n1"]}]
-    noms.current = Nominated(Nomination("t/gang", 3, ("gone",)), 0.0)
+    noms.current = Nominated(Nomination("t/gang", 3, ("gone",)), 0.0, 1)
     assert "nominations" not in noms.into(problem)
+
+
+async def test_progress_ends_a_nomination_and_the_rest_is_nominated_again_at_once():
+    noms = Nominations(after_s=30, max_s=600)
+    noms.saw(plan(Unplaced("t/gangs", 2, (Reason("CAPACITY", "full"),))), 0.0, whole=False)
+    c = cache([{"id": "t/gangs"}], Session({"t/gangs": ("n1",)}))
+    await noms.bring(c, 30.0)
+    assert noms.current is not None and noms.current.missing == 2
+    noms.saw(plan(Unplaced("t/gangs", 1, (Reason("CAPACITY", "full"),)), placed=("t/gangs",)), 31.0, whole=False)
+    assert noms.current is None and noms.waiting_since("t/gangs") == 0.0  # still first in line
+    assert await noms.bring(c, 32.0)  # let go (decide again), and nominated again for the replica left
+    assert noms.current is not None and noms.current.missing == 1
+
+
+async def test_a_placement_the_commit_turned_away_is_not_progress():
+    noms = Nominations(after_s=30, max_s=600)
+    noms.saw(plan(unplaced("t/gang", "CAPACITY")), 0.0, whole=False)
+    await noms.bring(cache([{"id": "t/gang"}], Session({"t/gang": ("n1",)})), 30.0)
+    noms.saw(plan(placed=("t/gang",)), 31.0, whole=False, requeued={"t/gang"})
+    assert noms.current is not None and noms.waiting_since("t/gang") == 0.0
+
+
+async def test_a_new_leadership_ends_the_nomination_and_events_a_failed_commit_took_come_back():
+    noms = Nominations(after_s=30, max_s=600)
+    noms.saw(plan(unplaced("t/gang", "CAPACITY")), 0.0, whole=False)
+    await noms.bring(cache([{"id": "t/gang"}], Session({"t/gang": ("n1",)})), 30.0)
+    events = noms.take_events()
+    assert [(e.kind, e.object_id) for e in events] == [("deployment.nominated", "t/gang")]
+    noms.put_back(events)
+    noms.reset()
+    assert noms.current is None and noms.waiting_since("t/gang") is None
+    assert [e.kind for e in noms.take_events()] == ["deployment.nominated", "deployment.nomination_ended"]
+    assert noms.take_events() == []
+
+
+async def test_work_of_one_accelerator_a_replica_is_never_nominated():
+    # What waits is decided again first on every departure: it takes the first accelerator freed.
+    noms = Nominations(after_s=30, max_s=600)
+    noms.saw(plan(unplaced("t/one", "CAPACITY"), unplaced("t/half", "CAPACITY"), unplaced("t/two", "CAPACITY")),
+             0.0, whole=False)
+    session = Session({"t/one": ("n1",), "t/half": ("n2",), "t/two": ("n3",)})
+    c = cache([{"id": "t/one", "shards_per_replica": 1}, {"id": "t/half", "shards_per_replica": 1,
+               "shard": {"accelerators": 1, "accelerator_milli": 500}},
+               {"id": "t/two", "shards_per_replica": 1, "shard": {"accelerators": 2}}], session)
+    await noms.bring(c, 30.0)
+    assert noms.nominations == (Nomination("t/two", 0, ("n3",)),)
+    assert noms.waiting_since("t/one") is None and noms.waiting_since("t/half") is None
+
+
+async def test_a_pass_is_due_in_a_quiet_cluster_to_end_a_nomination_and_to_decide_on_the_nodes_let_go():
+    noms = Nominations(after_s=30, max_s=600)
+    noms.saw(plan(unplaced("t/gang", "CAPACITY")), 0.0, whole=False)
+    assert not noms.due(1000.0)  # one to make: the pass a change brings makes it
+    c = cache([{"id": "t/gang"}], Session({"t/gang": ("n1",)}))
+    await noms.bring(c, 30.0)
+    assert not noms.due(629.0) and noms.due(630.0)  # held max_s
+    noms.saw(plan(placed=("t/gang",)), 40.0, whole=False)
+    assert noms.due(41.0)  # let go: what waits is decided again
+    assert await noms.bring(c, 41.0) and not noms.due(42.0)

@@ -122,3 +122,34 @@ async def test_without_nominations_each_freed_accelerator_is_taken_again(cluster
     assert loop.nominations == ()
     assert (await view(cluster, "gang")).phase == "pending"
     assert [(await view(cluster, f"new{k}")).phase for k in range(8)] == ["scheduled"] * 8
+
+
+async def test_a_nomination_held_too_long_ends_in_a_quiet_cluster_and_what_waited_takes_the_room(cluster, decider):
+    clock = Clock()
+    loop = Reconciler(cluster, push=lambda nodes: None, publish=no_publish, solve_time_limit_ms=60_000,
+                      backoff_s=0.0, clock=clock, decider=decider, nominate_after_s=30.0, nomination_max_s=100.0)
+    await full_cluster_and_a_waiting_gang(cluster, loop)
+    clock.now += 31.0
+    placed = await nodes_of(cluster)
+    there = sorted(name for name, nodes in placed.items() if name.startswith("f") and name != "f0")
+    await churn(cluster, loop, ["f0"], 0)
+    [nomination] = loop.nominations
+    there = [name for name in there if placed[name] & set(nomination.nodes)][:2]
+    for step in (1, 2):  # two of the nominated nodes' fillers leave; the arrivals wait
+        await churn(cluster, loop, there, step)
+    waiting = [k for k in range(3) if (await view(cluster, f"new{k}")).phase == "pending"]
+    assert len(waiting) >= 2
+    for _ in range(5):  # the back-off's full solve of the arrivals left short, then nothing to do
+        if not (await loop.reconcile_once()).solved:
+            break
+    else:
+        raise AssertionError("no idle pass: the quiet cluster keeps being solved")
+    assert loop.nominations == (nomination,)
+    clock.now += 100.0  # the nomination has been held --nomination-max: the next pass ends it
+    assert (await loop.reconcile_once()).solved
+    assert loop.nominations == ()
+    assert [(await view(cluster, f"new{k}")).phase for k in waiting] == ["scheduled"] * len(waiting)
+    assert (await view(cluster, "gang")).phase == "pending"
+    async with cluster.unit_of_work() as uow:
+        events = await repo.list_events(uow.session, object_kind="deployment", object_id="t1/gang")
+    assert "held 100 s without fitting" in [e for e in events if e.kind == "deployment.nomination_ended"][0].message
