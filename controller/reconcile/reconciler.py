@@ -315,9 +315,9 @@ class Reconciler:
                     now = self._clock()
                     retry_due = self._retry.due(now) or self._state.queue.backoff_due(now)
                     self._state.queue.arrived(arrivals - (self._state.last_arrivals or 0))
-                    # Nominations due (one to end or make, nodes let go) in a cluster where nothing
-                    # else changes: on the warm cluster when there is one (a fast pass deciding
-                    # what waits again), else the full solve takes them in.
+                    # Nominations due (one to end, nodes let go) in a cluster where nothing else
+                    # changes: on the warm cluster when there is one (a fast pass deciding what
+                    # waits again), else the full solve takes them in.
                     nominations_due = self._state.nominations.due(now)
                     self._state.redecide |= nominations_due and self._warm.cache is not None
                     if (not force and not retry_due and generation == self._state.last_generation
