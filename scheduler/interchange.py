@@ -45,7 +45,7 @@ could preempt there anyway); what runs there stays. The deployment itself may be
 the problem (one the controller leaves out while it waits); its `priority` is given so the rule
 needs nothing else. A node is nominated at most once; the reasons count a nominated node under
 NODE_STATE ("nominated for acme/big"). The independent checker refuses a plan that places
-against one (tests/scheduler/checker.py, NOMINATION). A reader that ignores the field places as
+against one (tests/scheduler/checker.py, NODE_STATE). A reader that ignores the field places as
 if no node were nominated.
 """
 

@@ -91,16 +91,14 @@ class Topology:
         """The nominations whose nodes take no new shard of `dep` (those for another deployment
         of its priority or higher), as (deployment, priority): what a cache of admitted nodes is
         kept per (a node's stamp moves when its nomination does, `nominate`)."""
-        return tuple(sorted({(n.deployment, n.priority) for n in self.nominations
-                             if n.priority >= dep.priority and n.deployment != dep.id}))
+        return tuple(sorted({(n.deployment, n.priority) for n in self.nominations if refuses(n, dep)}))
 
     def nominated_against(self, dep: Deployment, nodes: np.ndarray | None = None) -> np.ndarray | None:
         """Per node (of `nodes`, else all), whether it is nominated for another deployment of
         `dep`'s priority or higher, so takes no new shard of it (None: no node is)."""
         if not self.nominations:
             return None
-        refused = np.array([n.priority >= dep.priority and n.deployment != dep.id for n in self.nominations]
-                           + [False], dtype=bool)
+        refused = np.array([refuses(n, dep) for n in self.nominations] + [False], dtype=bool)
         if not refused.any():
             return None
         return refused[self.node_nominated if nodes is None else self.node_nominated[nodes]]  # -1: the last, False
@@ -143,6 +141,12 @@ class Topology:
         allowed = set(models)
         return np.fromiter((m in allowed for m in self.node_model), dtype=bool,
                            count=self.n_nodes)
+
+
+def refuses(nomination: Nomination, dep: Deployment) -> bool:
+    """Whether a nomination's nodes take no new shard of `dep`: it is for another deployment, of
+    `dep`'s priority or higher."""
+    return nomination.priority >= dep.priority and nomination.deployment != dep.id
 
 
 def build_topology(problem: Problem) -> Topology:

@@ -57,7 +57,6 @@ ROOM = frozenset({"CAPACITY", "HBM", "CPU", "MEMORY", "POWER_RACK", "POWER_ROW",
 NOT_ROOM = frozenset({"QUOTA_ACCELERATORS", "QUOTA_POWER"})
 
 
-
 @dataclass(frozen=True)
 class Nominated:
     """The nomination in force, when it began (the reconciler's clock), and how many replicas
@@ -143,7 +142,11 @@ class Nominations:
         nodes let go to decide again, or a nomination to end (`max_s`). Not one to make: where
         nothing changes nothing takes the room a waiting deployment needs, and the pass any
         change brings makes it."""
-        return self.let_go or (self.current is not None and now - self.current.since >= self.max_s)
+        return self.let_go or self._overdue(now)
+
+    def _overdue(self, now: float) -> bool:
+        """Whether the nomination in force has been held `max_s`."""
+        return self.current is not None and now - self.current.since >= self.max_s
 
     # --- both paths --------------------------------------------------------------------------
     def into(self, problem: dict[str, Any]) -> dict[str, Any]:
@@ -166,7 +169,7 @@ class Nominations:
         if stored_key(name) not in live:
             self._waiting.pop(name, None)
             self._end("deployment gone")
-        elif now - self.current.since >= self.max_s:
+        elif self._overdue(now):
             self._waiting[name] = (now, self._waiting.get(name, (now, 0))[1])  # to the back of the line
             self._end(f"held {self.max_s:.0f} s without fitting")
 
