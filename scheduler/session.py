@@ -114,17 +114,18 @@ class Session:
         if len(changed):
             self._solver.state.touch(changed)
 
-    def nominees(self, deployment: Deployment | str) -> tuple[str, ...]:
+    def nominees(self, deployment: Deployment | str, zones_apart: bool = False) -> tuple[str, ...]:
         """The nodes to nominate for a deployment (`nominate.choose_nodes`): a known id, or a
         `Deployment` recorded now (as an arrival, not decided). Empty when nominating would not
-        help it (it needs no accelerator, or no domain could hold a replica however empty) and
-        for an id the session does not know (a caller in another process asks without failing
-        its session)."""
+        help it (it needs no accelerator, or no domain could hold a replica however empty; with
+        `zones_apart`, none in a zone where no other deployment holds nominated nodes) and for
+        an id the session does not know (a caller in another process asks without failing its
+        session)."""
         if isinstance(deployment, str) and deployment not in self:
             return ()
         d = self._index(deployment) if isinstance(deployment, str) else self._upsert(deployment)
         ids = self._solver.topo.node_ids
-        return tuple(ids[n] for n in choose_nodes(self._solver.state, d))
+        return tuple(ids[n] for n in choose_nodes(self._solver.state, d, zones_apart=zones_apart))
 
     def release(self, deployment: str, replicas: list[int] | None = None) -> None:
         """Departures: these replicas of a deployment stop (None: the deployment is gone)."""

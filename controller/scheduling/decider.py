@@ -301,8 +301,8 @@ class RemoteSession:
     def nominate(self, nominations: Iterable[Nomination]) -> None:
         self._process.tell(self._token, "nominate", (tuple(nominations),))
 
-    def nominees(self, deployment: Deployment | str) -> tuple[str, ...]:
-        result: tuple[str, ...] = self._process.ask(self._token, "nominees", (deployment,))
+    def nominees(self, deployment: Deployment | str, zones_apart: bool = False) -> tuple[str, ...]:
+        result: tuple[str, ...] = self._process.ask(self._token, "nominees", (deployment, zones_apart))
         return result
 
     def snapshot(self) -> Problem:

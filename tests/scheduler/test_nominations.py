@@ -135,6 +135,48 @@ def test_choose_nodes_finds_nothing_for_a_replica_no_domain_could_hold_and_skips
     assert [solver.topo.node_ids[n] for n in choose_nodes(solver.state, 1)] == ["a1"]
 
 
+def test_between_domains_as_full_choose_nodes_takes_the_one_gangs_hold_least() -> None:
+    # Racks ra and rb both full: ra held by a placed 8-shard gang, rb by single-accelerator work.
+    # A gang that leaves only whole would keep the next gang waiting: rb is nominated.
+    nodes = [node(f"{r}{i}", rack=f"r{r}") for r in "ab" for i in range(2)]
+    busy = [placed("gang0", f"a{k // 4}", [k % 4], shard=k) for k in range(8)] + \
+           [placed(f"s{k}", f"b{k // 4}", [k % 4]) for k in range(8)]
+    deployments = [dep("gang0", acc=1, shards=8), dep("gang1", acc=1, shards=8)] + \
+                  [dep(f"s{k}", acc=1, locality="node") for k in range(8)]
+    solver = Solver(problem_from_dict(problem(nodes, deployments, placements=busy, mode="online")), 2000)
+    d = solver.topo.deployment_index["gang1"]
+    assert sorted(solver.topo.node_ids[n] for n in choose_nodes(solver.state, d)) == ["b0", "b1"]
+    # At locality node likewise: a whole-node shard is nominated a node of single-accelerator work.
+    wide = solver.state.add_deployment(deployment_from_dict(dep("wide", acc=4, locality="node")))
+    assert [solver.topo.node_ids[n][0] for n in choose_nodes(solver.state, wide)] == ["b"]
+
+
+def test_choose_nodes_zones_apart_keeps_to_zones_where_no_other_deployment_holds_nodes() -> None:
+    # Zone z1: racks ra (most room) and rb; zone z2: rack rc (less room).
+    nodes = [node(f"{r}{i}", rack=f"r{r}") for r in "abc" for i in range(2)]
+    busy = [placed("s0", "c0", [0]), placed("s1", "c1", [0])]
+    doc = problem(nodes, [dep("gang", acc=1, shards=4), dep("s0", acc=1, locality="node"),
+                          dep("s1", acc=1, locality="node")], placements=busy, mode="online",
+                  racks=[{"id": "ra", "row": "w1"}, {"id": "rb", "row": "w1"}, {"id": "rc", "row": "w2"}],
+                  rows=[{"id": "w1", "zone": "z1"}, {"id": "w2", "zone": "z2"}])
+    solver = Solver(problem_from_dict(doc), 2000)
+    names = solver.topo.node_ids
+    d = solver.topo.deployment_index["gang"]
+
+    def zone_of_choice(zones_apart: bool = False) -> str | None:
+        chosen = {names[n][0] for n in choose_nodes(solver.state, d, zones_apart=zones_apart)}
+        return None if not chosen else "z2" if chosen == {"c"} else "z1" if chosen <= {"a", "b"} else str(chosen)
+
+    assert zone_of_choice() == "z1"  # the most room
+    solver.topo.nominate([Nomination("other", 0, ("b0",))])  # another deployment's node in z1
+    assert zone_of_choice() == "z1"  # nodes apart are enough
+    assert zone_of_choice(zones_apart=True) == "z2"
+    solver.topo.nominate([Nomination("other", 0, ("b0",)), Nomination("third", 0, ("c0",))])
+    assert zone_of_choice(zones_apart=True) is None  # every zone holds another's nodes
+    solver.topo.nominate([Nomination("gang", 0, ("a0",)), Nomination("third", 0, ("c0",))])
+    assert zone_of_choice(zones_apart=True) == "z1"  # its own nodes do not count
+
+
 def _full_cluster(n_racks: int = 4, per_rack: int = 4) -> tuple[dict, list[str]]:
     nodes = [node(f"r{r}n{i}", rack=f"r{r}") for r in range(n_racks) for i in range(per_rack)]
     smalls, placements = [], []
