@@ -386,9 +386,9 @@ def _reconcile_flags(parser: argparse.ArgumentParser) -> None:
                             "(make-before-break): more rolls faster but holds more capacity meanwhile")
     group.add_argument("--nominate-after", type=_non_negative_float, default=Config.nominate_after_s,
                        metavar="SECONDS",
-                       help="keep nodes for the deployment that has waited this long for room others hold (the "
-                            "highest priority, then the longest wait), so that what frees there goes to it and not "
-                            "to newer work of its priority or lower; 0: never (docs/operations.md)")
+                       help="keep nodes for the deployments that have waited this long for room others hold (the "
+                            "highest priority, then the longest wait, one a zone), so that what frees there goes to "
+                            "them and not to newer work of their priority or lower; 0: never (docs/operations.md)")
     group.add_argument("--nomination-max", type=_positive_float, default=Config.nomination_max_s,
                        metavar="SECONDS",
                        help="the longest nodes stay nominated for one deployment that does not fit there; then it "

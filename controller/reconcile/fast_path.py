@@ -46,7 +46,7 @@ class FastPath(PathCollaborators):
         controller/scheduling/cache/); None: the full path must run instead."""
         started = time.perf_counter()
         helped, self._state.redecide = self._state.redecide, False
-        try:  # the nomination in force (`scheduling/nominations.py`), before the changes' repairs decide
+        try:  # the nominations in force (`scheduling/nominations.py`), before the changes' repairs decide
             if self._warm.cache is not None:
                 helped |= await self._state.nominations.bring(self._warm.cache, self._clock())
         except DeciderFailed:  # the session in the decide process is lost

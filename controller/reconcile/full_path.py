@@ -82,8 +82,8 @@ class FullPath(PathCollaborators):
             if beyond:  # stored before today's limits: never handed to the solver
                 await self._quarantine(beyond)
                 continue
-            # The nomination in force (`scheduling/nominations.py`), ended first when due; the
-            # queue sees it too, so work it parked is let go when it ends.
+            # The nominations in force (`scheduling/nominations.py`), ended first when due; the
+            # queue sees them too, so work one parked is let go when it ends.
             self._state.nominations.expire(self._state.clock(), snapshot.deployment_ids)
             nominated = self._state.nominations.into(snapshot.problem)
             self._state.nominations.let_go = False  # this solve decides everything with them let go

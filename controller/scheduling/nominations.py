@@ -15,11 +15,14 @@ module is the policy the leader's reconciler keeps:
   plan places all it asked for, when a full solve (which lists every unplaced deployment) no
   longer lists it, or when it is gone;
 - once one has waited `after_s`, the one waiting longest at the highest priority whose replica
-  needs room gathered (more than one accelerator: `_gathers`) is nominated, one at a time
-  (`bring`, at the start of a fast pass):
-  the warm session picks the nodes (`Session.nominees`: a domain at its locality that could hold
-  a replica once emptied, with the most room now). A deployment no nodes would help goes to the
-  back of the line;
+  needs room gathered (more than one accelerator: `_gathers`) is nominated (`bring`, at the start
+  of a fast pass), then the next in line, and so on, **one a zone**: the warm session picks the
+  nodes (`Session.nominees`: a domain at its locality that could hold a replica once emptied,
+  with the most room now), in the zones where no other deployment holds nominated nodes. So
+  starving gangs in different zones gather room at once, and what stands idle while nodes drain
+  is one domain's worth a zone at most. One whose zones are all held waits its turn, and keeps its
+  place in the line (it is tried again when a nomination ends); one no nodes would help goes to
+  the back of the line;
 - the nomination ends when its deployment stops waiting (placed, deleted), when a replica of it
   is placed (the nodes for the rest are chosen again at once), or after `max_s`: then it goes to
   the back of the line, so that one another rule holds back (its rack's power, another tenant's
@@ -59,8 +62,8 @@ NOT_ROOM = frozenset({"QUOTA_ACCELERATORS", "QUOTA_POWER"})
 
 @dataclass(frozen=True)
 class Nominated:
-    """The nomination in force, when it began (the reconciler's clock), and how many replicas
-    its deployment missed then (fewer since: progress, the nodes are chosen again)."""
+    """A nomination in force, when it began (the reconciler's clock), and how many replicas its
+    deployment missed then (fewer since: progress, the nodes are chosen again)."""
 
     nomination: Nomination
     since: float
@@ -68,14 +71,18 @@ class Nominated:
 
 
 class Nominations:
-    """The waiting deployments and the one nomination in force (module docstring)."""
+    """The waiting deployments and the nominations in force, one a zone (module docstring)."""
 
     def __init__(self, *, after_s: float = limits.NOMINATE_AFTER_S, max_s: float = limits.NOMINATION_MAX_S) -> None:
         self.after_s = after_s  # 0: never nominate
         self.max_s = max_s
         # Solver id -> (since when it waits, on the reconciler's clock; replicas it misses).
         self._waiting: dict[str, tuple[float, int]] = {}
-        self.current: Nominated | None = None
+        # Solver id -> its nomination in force, in the order they were made (no two in a zone).
+        self.held: dict[str, Nominated] = {}
+        # Waiting deployments whose zones were all held when last tried: not tried again until a
+        # nomination ends (each try is a call into the session).
+        self._blocked: set[str] = set()
         # A nomination ended since a pass last decided what waits: the next decides it again
         # (the nodes let go may fit it), idle or not (`Reconciler`).
         self.let_go = False
@@ -85,9 +92,10 @@ class Nominations:
 
     def reset(self) -> None:
         """Start afresh (a new leader): nothing waiting, nothing nominated."""
-        if self.current is not None:
-            self._end("this controller's leadership changed")
+        for name in list(self.held):
+            self._end(name, "this controller's leadership changed")
         self._waiting.clear()
+        self._blocked.clear()
 
     def take_events(self) -> list[NewEvent]:
         """The events to record with the commit under way (`put_back` if it fails)."""
@@ -100,11 +108,11 @@ class Nominations:
 
     @property
     def nominated_nodes(self) -> int:
-        return 0 if self.current is None else len(self.current.nomination.nodes)
+        return sum(len(held.nomination.nodes) for held in self.held.values())
 
     @property
     def nominations(self) -> tuple[Nomination, ...]:
-        return () if self.current is None else (self.current.nomination,)
+        return tuple(held.nomination for held in self.held.values())
 
     def waiting_since(self, name: str) -> float | None:
         waiting = self._waiting.get(name)
@@ -129,61 +137,58 @@ class Nominations:
         if whole:
             for name in [n for n in self._waiting if n not in unplaced]:
                 del self._waiting[name]
-        if self.current is None:
-            return
-        name = self.current.nomination.deployment
-        if name not in self._waiting:
-            self._end("placed" if name in placed else "no longer waiting for room")
-        elif self._waiting[name][1] < self.current.missing:  # progress: nodes for the rest chosen again
-            self._end(f"{self.current.missing - self._waiting[name][1]} of its replicas placed")
+        self._blocked.intersection_update(self._waiting)
+        for name, held in list(self.held.items()):
+            if name not in self._waiting:
+                self._end(name, "placed" if name in placed else "no longer waiting for room")
+            elif self._waiting[name][1] < held.missing:  # progress: nodes for the rest chosen again
+                self._end(name, f"{held.missing - self._waiting[name][1]} of its replicas placed")
 
     def due(self, now: float) -> bool:
         """Whether a pass is due for nominations alone, in a cluster where nothing else changes:
         nodes let go to decide again, or a nomination to end (`max_s`). Not one to make: where
         nothing changes nothing takes the room a waiting deployment needs, and the pass any
         change brings makes it."""
-        return self.let_go or self._overdue(now)
+        return self.let_go or any(self._overdue(held, now) for held in self.held.values())
 
-    def _overdue(self, now: float) -> bool:
-        """Whether the nomination in force has been held `max_s`."""
-        return self.current is not None and now - self.current.since >= self.max_s
+    def _overdue(self, held: Nominated, now: float) -> bool:
+        """Whether a nomination in force has been held `max_s`."""
+        return now - held.since >= self.max_s
 
     # --- both paths --------------------------------------------------------------------------
     def into(self, problem: dict[str, Any]) -> dict[str, Any]:
-        """The full solve's problem with the nomination in force (its nodes the problem has)."""
-        if self.current is None:
+        """The full solve's problem with the nominations in force (their nodes the problem has)."""
+        if not self.held:
             return problem
-        nom = self.current.nomination
         known = {n["id"] for n in problem.get("nodes", ())}
-        nodes = [n for n in nom.nodes if n in known]
-        if not nodes:
-            return problem
-        return {**problem, "nominations": [{"deployment": nom.deployment, "priority": nom.priority, "nodes": nodes}]}
+        out = []
+        for nom in self.nominations:
+            nodes = [n for n in nom.nodes if n in known]
+            if nodes:
+                out.append({"deployment": nom.deployment, "priority": nom.priority, "nodes": nodes})
+        return {**problem, "nominations": out} if out else problem
 
     def expire(self, now: float, live: Collection[str]) -> None:
-        """End a nomination held `max_s` (its deployment to the back of the line) or whose
+        """End the nominations held `max_s` (their deployments to the back of the line) or whose
         deployment is gone (`live`: the stored deployments' keys), on either path."""
-        if self.current is None:
-            return
-        name = self.current.nomination.deployment
-        if stored_key(name) not in live:
-            self._waiting.pop(name, None)
-            self._end("deployment gone")
-        elif self._overdue(now):
-            self._waiting[name] = (now, self._waiting.get(name, (now, 0))[1])  # to the back of the line
-            self._end(f"held {self.max_s:.0f} s without fitting")
+        for name, held in list(self.held.items()):
+            if stored_key(name) not in live:
+                self._waiting.pop(name, None)
+                self._end(name, "deployment gone")
+            elif self._overdue(held, now):
+                self._waiting[name] = (now, self._waiting.get(name, (now, 0))[1])  # to the back of the line
+                self._end(name, f"held {self.max_s:.0f} s without fitting")
 
     async def bring(self, cache: ClusterCache, now: float) -> bool:
-        """At a fast pass's start: `expire`, hand the session what is in force, make a
-        nomination when a deployment has waited `after_s` (the session picks its nodes, with
-        the ended one's let go first) and hand it over too (blocking calls in a worker
-        thread). Whether nodes were let go since the last pass decided what waits (work
-        waiting elsewhere may fit on them now: decide it again)."""
+        """At a fast pass's start: `expire`, hand the session what is in force, make
+        nominations for deployments that have waited `after_s` in zones no other holds (the
+        session picks their nodes, with those of ended ones let go first) and hand them over
+        too (blocking calls in a worker thread). Whether nodes were let go since the last pass
+        decided what waits (work waiting elsewhere may fit on them now: decide it again)."""
         self.expire(now, cache.snapshot.deployment_ids)
         await self.hand(cache)
-        if self.current is None and self.after_s > 0:
+        if self.after_s > 0:
             await self._elect(cache, now)
-            await self.hand(cache)
         let_go, self.let_go = self.let_go, False
         return let_go
 
@@ -195,7 +200,10 @@ class Nominations:
             cache.nominations = self.nominations
 
     async def _elect(self, cache: ClusterCache, now: float) -> None:
-        due = [name for name, (since, _) in self._waiting.items() if now - since >= self.after_s]
+        """Nominate, in the line's order, each deployment due that nodes in a zone no other
+        holds would help; each one made is handed to the session before the next is chosen."""
+        due = [name for name, (since, _) in self._waiting.items()
+               if now - since >= self.after_s and name not in self.held and name not in self._blocked]
         if not due:
             return
         snap = cache.snapshot
@@ -205,28 +213,30 @@ class Nominations:
         ranked = sorted((n for n in due if n in self._waiting),
                         key=lambda n: (-int(docs[n].get("priority", 0)), self._waiting[n][0], n))
         for name in ranked:
-            nodes = await asyncio.to_thread(cache.session.nominees, name)
+            nodes = await asyncio.to_thread(cache.session.nominees, name, True)
             since, missing = self._waiting[name]
+            if not nodes and self.held:  # every zone that could help it is held: it waits its turn
+                self._blocked.add(name)
+                continue
             if not nodes:  # nodes would not help it now (or the session does not hold it): to the back of the line
                 self._waiting[name] = (now, missing)
                 continue
             priority = int(docs[name].get("priority", 0))
-            self.current = Nominated(Nomination(name, priority, nodes), now, missing)
+            self.held[name] = Nominated(Nomination(name, priority, nodes), now, missing)
             log.info("nominated nodes for the head of the line deployment=%s priority=%d waited_s=%.0f nodes=%s",
                      name, priority, now - since, ",".join(nodes))
             self._event(name, "deployment.nominated",
                         f"nodes {', '.join(nodes)} kept for it after {now - since:.0f} s waiting for room: no new "
                         f"work of priority {priority} or lower is placed there until it fits",
                         {"nodes": list(nodes), "priority": priority, "waited_s": round(now - since, 1)})
-            return
+            await self.hand(cache)
 
-    def _end(self, why: str) -> None:
-        assert self.current is not None
-        nom = self.current.nomination
+    def _end(self, name: str, why: str) -> None:
+        nom = self.held.pop(name).nomination
         log.info("nomination ended deployment=%s reason=%s", nom.deployment, why)
         self._event(nom.deployment, "deployment.nomination_ended", f"nodes {', '.join(nom.nodes)} no longer kept "
                     f"for it: {why}", {"nodes": list(nom.nodes), "why": why})
-        self.current = None
+        self._blocked.clear()  # its zone is free: those that waited for one are tried again
         self.let_go = True
 
     def _event(self, name: str, kind: str, message: str, data: dict[str, Any]) -> None:

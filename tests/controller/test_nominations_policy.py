@@ -1,6 +1,6 @@
 """The head-of-line nomination policy (controller/scheduling/nominations.py) on a stand-in for
-the warm cluster: what counts as waiting, who is nominated first, when a nomination ends, and
-what the full solve's problem carries."""
+the warm cluster: what counts as waiting, who is nominated first, one a zone, when a nomination
+ends, and what the full solve's problem carries."""
 
 from __future__ import annotations
 
@@ -12,14 +12,18 @@ from scheduler.model import Nomination, Placement, Reason, Unplaced
 
 
 class Session:
-    def __init__(self, nodes: dict[str, tuple[str, ...]]) -> None:
+    def __init__(self, nodes: dict[str, tuple[str, ...]], zones: dict[str, str] | None = None) -> None:
         self.nodes = nodes  # deployment -> what nominees answers (absent: unknown to the session)
+        self.zones = zones or {}  # node -> its zone (absent: "z1")
         self.handed: list[tuple[Nomination, ...]] = []
         self.calls: list[str] = []
 
-    def nominees(self, name: str) -> tuple[str, ...]:
-        self.calls.append(f"nominees {name} holding {[n.deployment for n in self.handed[-1]] if self.handed else []}")
-        return self.nodes.get(name, ())  # unknown to the session: none, as `Session.nominees`
+    def nominees(self, name: str, zones_apart: bool = False) -> tuple[str, ...]:
+        holding = self.handed[-1] if self.handed else ()
+        self.calls.append(f"nominees {name} holding {[n.deployment for n in holding]}")
+        nodes = self.nodes.get(name, ())  # unknown to the session: none, as `Session.nominees`
+        taken = {self.zones.get(n, "z1") for nom in holding if nom.deployment != name for n in nom.nodes}
+        return () if zones_apart and any(self.zones.get(n, "z1") in taken for n in nodes) else nodes
 
     def nominate(self, nominations) -> None:
         self.handed.append(tuple(nominations))
@@ -52,13 +56,40 @@ async def test_only_work_waiting_for_room_waits_and_the_highest_priority_then_th
     noms.saw(plan(unplaced("t/urgent", "POWER_RACK")), 10.0, whole=False)
     session = Session({"t/old": ("n1",), "t/urgent": ("n2", "n3")})
     c = cache([{"id": "t/old", "priority": 0}, {"id": "t/urgent", "priority": 5}], session)
-    assert not await noms.bring(c, 29.0) and noms.current is None and session.handed == []
+    assert not await noms.bring(c, 29.0) and not noms.held and session.handed == []
     await noms.bring(c, 39.0)  # old waited 39 s, urgent 29 s: only old is due
     assert noms.nominations == (Nomination("t/old", 0, ("n1",)),)
     assert session.handed == [noms.nominations] and c.nominations == noms.nominations
-    noms.current = None
-    await noms.bring(c, 41.0)  # both due: the higher priority first
-    assert noms.nominations == (Nomination("t/urgent", 5, ("n2", "n3")),)
+    # Both due at once (one zone): the higher priority first.
+    both = Nominations(after_s=30, max_s=600)
+    both.saw(plan(unplaced("t/old", "CAPACITY"), unplaced("t/urgent", "POWER_RACK")), 0.0, whole=False)
+    await both.bring(cache([{"id": "t/old", "priority": 0}, {"id": "t/urgent", "priority": 5}], Session(session.nodes)),
+                     30.0)
+    assert both.nominations == (Nomination("t/urgent", 5, ("n2", "n3")),)
+
+
+async def test_one_nomination_a_zone_and_one_whose_zone_is_held_keeps_its_place_until_it_ends():
+    noms = Nominations(after_s=30, max_s=600)
+    noms.saw(plan(unplaced("t/a", "CAPACITY"), unplaced("t/b", "CAPACITY"), unplaced("t/c", "CAPACITY")),
+             0.0, whole=False)
+    session = Session({"t/a": ("a1", "a2"), "t/b": ("a3",), "t/c": ("c1",)}, zones={"c1": "z2"})
+    c = cache([{"id": "t/a"}, {"id": "t/b"}, {"id": "t/c"}], session)
+    await noms.bring(c, 30.0)
+    # t/a first (its name, at an equal wait), then t/b's zone is held, and t/c's is not.
+    assert noms.nominations == (Nomination("t/a", 0, ("a1", "a2")), Nomination("t/c", 0, ("c1",)))
+    assert noms.nominated_nodes == 3 and c.nominations == noms.nominations
+    assert noms.waiting_since("t/b") == 0.0  # waits its turn, not sent to the back of the line
+    assert noms.into({"nodes": [{"id": n} for n in ("a1", "a2", "c1")]})["nominations"] == [
+        {"deployment": "t/a", "priority": 0, "nodes": ["a1", "a2"]},
+        {"deployment": "t/c", "priority": 0, "nodes": ["c1"]}]
+    calls = len(session.calls)
+    await noms.bring(c, 31.0)
+    assert len(session.calls) == calls  # nothing ended: t/b is not tried again
+    noms.saw(plan(unplaced("t/b", "CAPACITY"), unplaced("t/c", "CAPACITY"), placed=("t/a",)), 32.0, whole=False)
+    assert await noms.bring(c, 33.0)  # t/a placed: its zone is free, and t/b has it
+    assert noms.nominations == (Nomination("t/c", 0, ("c1",)), Nomination("t/b", 0, ("a3",)))
+    assert [e.kind for e in noms.take_events()] == ["deployment.nominated"] * 2 + [
+        "deployment.nomination_ended", "deployment.nominated"]
 
 
 async def test_a_nomination_ends_when_its_deployment_is_placed_and_lets_the_nodes_go():
@@ -69,7 +100,7 @@ async def test_a_nomination_ends_when_its_deployment_is_placed_and_lets_the_node
     assert not await noms.bring(c, 30.0)
     assert noms.nominated_nodes == 2
     noms.saw(plan(placed=("t/gang",)), 31.0, whole=False)
-    assert noms.current is None and noms.waiting_since("t/gang") is None
+    assert not noms.held and noms.waiting_since("t/gang") is None
     assert await noms.bring(c, 32.0)  # nodes let go: what waits elsewhere is decided again
     assert session.handed[-1] == () and c.nominations == ()
 
@@ -84,10 +115,10 @@ async def test_a_full_plan_that_no_longer_lists_a_deployment_ends_its_wait_and_a
     session = Session({"t/b": ("n1",)})
     c = cache([{"id": "t/b"}], session)
     await noms.bring(c, 30.0)
-    assert noms.current is not None
+    assert "t/b" in noms.held
     c.snapshot.deployment_ids = {}  # t/b deleted: gone from the cache
     assert await noms.bring(c, 31.0)
-    assert noms.current is None and noms.waiting_since("t/b") is None
+    assert not noms.held and noms.waiting_since("t/b") is None
 
 
 async def test_a_nomination_that_does_not_fit_in_max_s_goes_to_the_back_of_the_line():
@@ -104,7 +135,8 @@ async def test_a_nomination_that_does_not_fit_in_max_s_goes_to_the_back_of_the_l
     assert noms.nominations[0].deployment == "t/second"
     assert noms.waiting_since("t/first") == 640.0
     # The session let the ended one's nodes go before it chose the next one's (they may be those).
-    assert session.calls == ["nominees t/first holding []", "nominees t/second holding []"]
+    assert session.calls == ["nominees t/first holding []", "nominees t/second holding ['t/first']",
+                             "nominees t/second holding []"]
 
 
 async def test_a_deployment_nodes_would_not_help_goes_to_the_back_and_none_is_nominated_when_off():
@@ -112,21 +144,21 @@ async def test_a_deployment_nodes_would_not_help_goes_to_the_back_and_none_is_no
     noms.saw(plan(unplaced("t/huge", "CAPACITY"), unplaced("t/unknown", "CAPACITY")), 0.0, whole=False)
     session = Session({"t/huge": ()})  # no domain could ever hold it; t/unknown not in the session
     await noms.bring(cache([{"id": "t/huge"}, {"id": "t/unknown"}], session), 30.0)
-    assert noms.current is None
+    assert not noms.held
     assert noms.waiting_since("t/huge") == 30.0 and noms.waiting_since("t/unknown") == 30.0
     off = Nominations(after_s=0, max_s=600)
     off.saw(plan(unplaced("t/x", "CAPACITY")), 0.0, whole=False)
     await off.bring(cache([{"id": "t/x"}], Session({"t/x": ("n1",)})), 1e6)
-    assert off.current is None
+    assert not off.held
 
 
 def test_the_full_solve_carries_the_nomination_on_the_nodes_it_has():
     noms = Nominations()
     problem: dict = {"nodes": [{"id": "n1"}, {"id": "n2"}], "deployments": []}
     assert noms.into(problem) is problem
-    noms.current = Nominated(Nomination("t/gang", 3, ("n1", "gone")), 0.0, 1)
+    noms.held = {"t/gang": Nominated(Nomination("t/gang", 3, ("n1", "gone")), 0.0, 1)}
     assert noms.into(problem)["nominations"] == [{"deployment": "t/gang", "priority": 3, "nodes": ["n1"]}]
-    noms.current = Nominated(Nomination("t/gang", 3, ("gone",)), 0.0, 1)
+    noms.held = {"t/gang": Nominated(Nomination("t/gang", 3, ("gone",)), 0.0, 1)}
     assert "nominations" not in noms.into(problem)
 
 
@@ -135,11 +167,11 @@ async def test_progress_ends_a_nomination_and_the_rest_is_nominated_again_at_onc
     noms.saw(plan(Unplaced("t/gangs", 2, (Reason("CAPACITY", "full"),))), 0.0, whole=False)
     c = cache([{"id": "t/gangs"}], Session({"t/gangs": ("n1",)}))
     await noms.bring(c, 30.0)
-    assert noms.current is not None and noms.current.missing == 2
+    assert noms.held["t/gangs"].missing == 2
     noms.saw(plan(Unplaced("t/gangs", 1, (Reason("CAPACITY", "full"),)), placed=("t/gangs",)), 31.0, whole=False)
-    assert noms.current is None and noms.waiting_since("t/gangs") == 0.0  # still first in line
+    assert not noms.held and noms.waiting_since("t/gangs") == 0.0  # still first in line
     assert await noms.bring(c, 32.0)  # let go (decide again), and nominated again for the replica left
-    assert noms.current is not None and noms.current.missing == 1
+    assert noms.held["t/gangs"].missing == 1
 
 
 async def test_a_placement_the_commit_turned_away_is_not_progress():
@@ -147,7 +179,7 @@ async def test_a_placement_the_commit_turned_away_is_not_progress():
     noms.saw(plan(unplaced("t/gang", "CAPACITY")), 0.0, whole=False)
     await noms.bring(cache([{"id": "t/gang"}], Session({"t/gang": ("n1",)})), 30.0)
     noms.saw(plan(placed=("t/gang",)), 31.0, whole=False, requeued={"t/gang"})
-    assert noms.current is not None and noms.waiting_since("t/gang") == 0.0
+    assert "t/gang" in noms.held and noms.waiting_since("t/gang") == 0.0
 
 
 async def test_a_new_leadership_ends_the_nomination_and_events_a_failed_commit_took_come_back():
@@ -158,7 +190,7 @@ async def test_a_new_leadership_ends_the_nomination_and_events_a_failed_commit_t
     assert [(e.kind, e.object_id) for e in events] == [("deployment.nominated", "t/gang")]
     noms.put_back(events)
     noms.reset()
-    assert noms.current is None and noms.waiting_since("t/gang") is None
+    assert not noms.held and noms.waiting_since("t/gang") is None
     assert [e.kind for e in noms.take_events()] == ["deployment.nominated", "deployment.nomination_ended"]
     assert noms.take_events() == []
 

@@ -10,10 +10,11 @@ from controller.reconcile import Reconciler
 from controller.scheduling.decider import DecideProcess
 from controller.store import repositories as repo
 from controller.store.db import Database
+from controller.domain.values import RackSpec, RowSpec, TopologySpec, ZoneSpec
 from controller.store.snapshot import load_snapshot
-from controller.usecases import deployments
+from controller.usecases import deployments, topology
 from controller.usecases.ports import RecordingSignals
-from uc_builders import WHO, deployment, no_publish, submit
+from uc_builders import WHO, add_nodes, add_tenant, deployment, no_publish, submit
 
 
 class Clock:
@@ -153,3 +154,52 @@ async def test_a_nomination_held_too_long_ends_in_a_quiet_cluster_and_what_waite
     async with cluster.unit_of_work() as uow:
         events = await repo.list_events(uow.session, object_kind="deployment", object_id="t1/gang")
     assert "held 100 s without fitting" in [e for e in events if e.kind == "deployment.nomination_ended"][0].message
+
+
+async def test_gangs_waiting_in_two_zones_are_nominated_at_once_one_a_zone_and_both_placed(database, decider):
+    """Zone z1 with racks 1a and 1b, zone z2 with rack 2, two 4-accelerator nodes a rack, every
+    accelerator taken; three 8-shard gangs wait. One nomination a zone: two gather room at once,
+    each in its own zone, and the third waits its turn (rack 1b would do, but z1 is held)."""
+    spec = TopologySpec(zones=(ZoneSpec("z1"), ZoneSpec("z2")), rows=(RowSpec("row-1", "z1"), RowSpec("row-2", "z2")),
+                        racks=(RackSpec("rack-1a", "row-1", None), RackSpec("rack-1b", "row-1", None),
+                               RackSpec("rack-2", "row-2", None)))
+    async with database.unit_of_work() as uow:
+        await topology.apply_topology(uow, WHO, spec, RecordingSignals())
+    for rack in ("rack-1a", "rack-1b", "rack-2"):
+        await add_nodes(database, rack, 2)
+    await add_tenant(database, "t1")
+    clock = Clock()
+    loop = reconciler(database, clock, after_s=30.0, decider=decider)
+    for k in range(24):
+        await submit(database, deployment(f"f{k}", accelerators=1, locality="node"))
+    await loop.reconcile_once()
+    gangs = ("gang-a", "gang-b", "gang-c")
+    for name in gangs:
+        await submit(database, deployment(name, shards=8, accelerators=1, locality="rack"))
+    for _ in range(3):
+        await loop.reconcile_once()
+    assert {(await view(database, n)).phase for n in gangs} == {"pending"}
+    clock.now += 31.0
+    placed = await nodes_of(database)
+    await churn(database, loop, ["f0"], 0)
+    noms = loop.nominations
+    assert len(noms) == 2, noms
+    racks = sorted(sorted({node.rsplit("-n", 1)[0] for node in n.nodes}) for n in noms)
+    assert racks in ([["rack-1a"], ["rack-2"]], [["rack-1b"], ["rack-2"]]), racks  # a zone each
+    [left] = set(gangs) - {n.deployment.split("/")[1] for n in noms}
+    # The fillers on the nominated nodes leave, one a step, each replaced by an arrival that finds
+    # no room: both nominated gangs fit there. Never two nominations in one zone meanwhile (the
+    # third gang has one once a zone is free: on a placed gang's nodes, which it waits to leave).
+    nominated = {node for n in noms for node in n.nodes}
+    fillers = sorted(name for name, nodes in placed.items() if nodes & nominated and name != "f0")
+    step = 1
+    while fillers:
+        await churn(database, loop, fillers, step)
+        zones = [{"z2" if node.startswith("rack-2") else "z1" for node in n.nodes} for n in loop.nominations]
+        assert all(len(z) == 1 for z in zones) and len(set().union(*zones)) == len(zones), loop.nominations
+        step += 1
+    await loop.reconcile_once()
+    now = await nodes_of(database)
+    assert sorted(n.deployment for n in noms) == sorted(f"t1/{g}" for g in gangs if g != left)
+    assert {frozenset(now[n.deployment.split("/")[1]]) for n in noms} == {frozenset(n.nodes) for n in noms}
+    assert (await view(database, left)).phase == "pending"
