@@ -44,6 +44,14 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         self.topology = admin_pb2.Topology()
         self.knows_dry_runs = True  # off: as a controller older than dry runs by metadata (writes)
         self.refuse_writes: set[str] = set()  # tenants whose CreateTenant is refused, its dry run not
+        self.events: list[admin_pb2.EventRecord] | None = None  # None: ListEvents unimplemented, as before
+
+    def ListEvents(self, request, context):  # noqa: N802
+        if self.events is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "no events here")
+        self.calls.append(f"ListEvents {request.object_kind}/{request.tenant}/{request.object_id}")
+        return admin_pb2.ListEventsResponse(events=[e for e in self.events if e.object_kind == request.object_kind
+                                                    and e.object_id == f"{request.tenant}/{request.object_id}"])
 
     def CreateTenant(self, request, context):  # noqa: N802
         dry = dry_run(self, context)
@@ -543,6 +551,38 @@ def test_explain_names_the_in_place_way_to_make_the_change(fake, capsys) -> None
     doc = json.loads(out)  # a script gets how to make it too
     assert (doc["suggestion"], doc["how"]) == (
         "replicas: 1", f"it applies in place, at once: maiactl scale {dep.spec.tenant}/copilot-chat --replicas 1")
+
+
+def test_explain_shows_the_last_nomination_of_a_deployment_at_the_head_of_the_line(fake, capsys) -> None:
+    address, admin, deployments, _ = fake
+    deployments.run_after_s = None
+    run(capsys, "--controller", address, "apply", "-f", str(EXAMPLES / "tenants.yaml"),
+        "-f", str(EXAMPLES / "copilot-chat.yaml"))
+    dep = deployments.deployments["copilot-chat"]
+    key = f"{dep.spec.tenant}/copilot-chat"
+    code, out, err = run(capsys, "--controller", address, "explain", "deployment", "copilot-chat")
+    assert code == 0 and "Head of the line" not in out, err  # a controller without ListEvents: none said
+
+    def event(id_: int, kind: str, message: str, object_id: str = key) -> admin_pb2.EventRecord:
+        record = admin_pb2.EventRecord(id=id_, kind=kind, object_kind="deployment", object_id=object_id,
+                                       message=message)
+        record.at.FromSeconds(1_765_000_000 + id_)
+        return record
+
+    admin.events = [event(1, "deployment.submitted", "submitted"),
+                    event(2, "deployment.nominated", "nodes n1, n2 kept for it after 31 s waiting for room"),
+                    event(3, "deployment.nominated", "nodes n9 kept for it", object_id="other/copilot-chat")]
+    code, out, err = run(capsys, "--controller", address, "explain", "deployment", "copilot-chat")
+    assert code == 0, err
+    assert "\nHead of the line, since 2025-12-06 05:46:42: nodes n1, n2 kept for it after 31 s waiting for room\n" \
+        in out
+    admin.events.append(event(4, "deployment.nomination_ended", "nodes n1, n2 no longer kept for it: held 600 s "
+                                                                 "without fitting"))
+    code, out, err = run(capsys, "--controller", address, "explain", "deployment", "copilot-chat", "-o", "json")
+    assert code == 0, err
+    nomination = json.loads(out)["nomination"]
+    assert nomination["held"] is False and nomination["message"].endswith("held 600 s without fitting")
+    assert nomination["event"] == "deployment.nomination_ended"
 
 
 def test_every_change_explain_can_suggest_says_how_to_make_it_in_place() -> None:

@@ -8,7 +8,9 @@ The first variant that places everything asked is the suggestion, with how to ma
 field tried changes in place (a replica count at once with `maiactl scale`, the others replica
 by replica through `apply` of the changed manifest), never by deleting the deployment. Reasons
 such as a tenant's quota are named as they are (the fix is the tenant's contract, not the
-deployment).
+deployment). A deployment waiting at the head of the line also shows its last nomination (nodes
+kept for it, or why they no longer are), from its events (docs/operations.md, "Head-of-line
+nominations").
 """
 from __future__ import annotations
 
@@ -19,16 +21,20 @@ from typing import Any
 import grpc
 
 from controller.cli.client import Exit, rpc_error_text, status_code
+from controller.cli.commands.get import fetch_events
 from controller.cli.context import Context
+from controller.cli.documents import event_document
 from controller.cli.refs import DEPLOYMENT_WORDS, add_tenant_flag, deployment_ref, kind_and_name
 from controller.cli.views import phase_text, reasons_text
 from controller.cli.vocab import DOMAIN_BY_WORD, domain_word
-from maia.v1 import deployments_pb2
+from maia.v1 import admin_pb2, deployments_pb2
 
 WIDER = ("node", "rack", "row", "zone", "none")
 MAX_TRIES = 6
 # How a change of what a replica is (locality, shards per replica) is made: in place, rolling.
 _ROLLS = "it applies in place, replica by replica: change it in the manifest and `maiactl apply -f` it"
+NOMINATED, NOMINATION_ENDED = "deployment.nominated", "deployment.nomination_ended"
+RECENT_EVENTS = 100  # of the deployment's, looked through for its last nomination
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,18 @@ def _try(variant: Variant, ctx: Context) -> Variant:
     return replace(variant, placed=dep.placed_replicas)
 
 
+def last_nomination(ctx: Context, spec: deployments_pb2.DeploymentSpec) -> admin_pb2.EventRecord | None:
+    """The deployment's last nomination event among its recent ones (made, or ended); None when
+    there is none, or when the caller may not read events or the controller has none to list."""
+    try:
+        events = fetch_events(ctx, "deployment", spec.name, limit=RECENT_EVENTS, tenant=spec.tenant)
+    except grpc.RpcError as exc:
+        if status_code(exc) in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED):
+            return None
+        raise
+    return next((e for e in reversed(events) if e.kind in (NOMINATED, NOMINATION_ENDED)), None)
+
+
 def run(args: argparse.Namespace, ctx: Context) -> int:
     _, name = kind_and_name("explain", [args.resource, *([] if args.name is None else [args.name])],
                             DEPLOYMENT_WORDS, default="deployment")  # it explains deployments only
@@ -105,6 +123,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     s = dep.spec
     settled = dep.placed_replicas >= s.replicas and not dep.reasons
     tried: list[Variant] = []
+    nomination = None if settled else last_nomination(ctx, s)
     if not settled:
         for variant in candidates(s, dep.placed_replicas):
             tried.append(_try(variant, ctx))
@@ -118,7 +137,9 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
                        "tried": [{"change": v.change, "would_place": v.placed, **({"error": v.error} if v.error else {})}
                                  for v in tried],
                        "suggestion": suggestion.change if suggestion else None,
-                       "how": suggestion.how if suggestion else None})
+                       "how": suggestion.how if suggestion else None,
+                       "nomination": None if nomination is None else {
+                           "held": nomination.kind == NOMINATED, **event_document(nomination)}})
         return Exit.OK
     ctx.out(f"deployment/{s.name}: {phase_text(dep)}, {dep.placed_replicas}/{s.replicas} replicas placed, "
             f"{dep.running_replicas} running")
@@ -127,6 +148,10 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         return Exit.OK
     if dep.reasons:
         ctx.out("\nWhy (the solver's reasons at the last reconcile pass):\n" + reasons_text(dep.reasons, indent="  "))
+    if nomination is not None:
+        at = nomination.at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+        ctx.out(f"\nHead of the line, {'since' if nomination.kind == NOMINATED else 'ended'} {at}: "
+                f"{nomination.message}")
     ctx.out("\nWhat would fit now (dry runs, nothing written):")
     for v in tried:
         outcome = v.error if v.error else f"would place {v.placed}/{v.spec.replicas} replicas"
