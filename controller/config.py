@@ -56,7 +56,7 @@ class Config:
     decide_process: bool = True
     max_surge: int = DEFAULT_SURGE  # replicas beyond the asked count while replicas are replaced
     # Head-of-line nominations (controller/scheduling/nominations.py): after how long a wait for
-    # room, and for how long at most, nodes are kept for the deployment waiting longest.
+    # room, and for how long at most, nodes are kept for the deployments waiting longest.
     nominate_after_s: float = limits.NOMINATE_AFTER_S
     nomination_max_s: float = limits.NOMINATION_MAX_S
     # Replicas whose shards FAILED (controller/domain/restarts.py): back-off and the give-up limit.

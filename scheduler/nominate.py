@@ -7,8 +7,9 @@ shard of another deployment of its priority or lower lands there) keeps what fre
 it, until it fits. `choose_nodes` picks them, for each replica it misses (its `min_replicas` that
 are not placed, one at least): the domain at its locality level whose nodes, once emptied, would
 hold the replica whole, with the most room now (the least to wait for), and in it the nodes with
-the most room now until, emptied, they would hold the replica. Between domains (and nodes) with
-as much room now, the one replicas of several accelerators (`_held_whole`) hold least goes first:
+the most room now until, emptied, they would hold the replica. Between domains with as much room
+now (and in a domain, nodes as good), the one replicas of several accelerators (`_held_whole`)
+hold least goes first:
 such a replica leaves only whole and is, as a rule, the long-lived kind this line exists to place
 (a model being served), where single-accelerator work turns over; nodes a gang was just placed on
 would otherwise be kept for the next gang, which would wait for the first to leave. `zones_apart` keeps to zones where
@@ -83,11 +84,13 @@ def _held_whole(state: ClusterState, d: int) -> np.ndarray:
     """(N,) accelerators on each node held by replicas of several accelerators (a gang, a shard
     of several) of deployments other than d."""
     held = np.zeros(state.topo.n_nodes, dtype=np.int64)
-    deps = state.deps
-    for (other, _), shards in state.replicas.items():
+    deps, replicas = state.deps, state.replicas
+    for other, placed in state.by_dep.items():
         dep = deps[other]
-        if other != d and dep.shards_per_replica * dep.shard.accelerators > 1:
-            for at in shards.values():
+        if other == d or dep.shards_per_replica * dep.shard.accelerators <= 1:
+            continue  # single-accelerator work, by far the most replicas, costs one test a deployment
+        for r in placed:
+            for at in replicas[(other, r)].values():
                 held[at.node] += len(at.indices)
     return held
 
@@ -95,12 +98,12 @@ def _held_whole(state: ClusterState, d: int) -> np.ndarray:
 def _best_domain(domain: np.ndarray, empty: np.ndarray, room: np.ndarray, held: np.ndarray, need: int) -> list[int]:
     """In the domain whose nodes, emptied, take `need` shards and that has the most room now
     (then the least held by replicas of several accelerators, then the lowest index), the fewest
-    nodes that would: most room first, then least held, then most when emptied, then index."""
+    nodes that would: most room first, then most when emptied, then least held, then index."""
     nodes = np.arange(len(domain))
     if len(np.unique(domain)) == len(domain):  # one node a domain (locality node): no walk
         fits = np.flatnonzero(empty >= need)
         return [] if len(fits) == 0 else [int(fits[np.lexsort((fits, held[fits], -room[fits]))[0]])]
-    order = np.lexsort((nodes, -empty, held, -room, domain))  # by domain, each in the order nodes are taken
+    order = np.lexsort((nodes, held, -empty, -room, domain))  # by domain, each in the order nodes are taken
     can = np.bincount(domain, weights=empty)
     starts = np.searchsorted(domain[order], np.arange(len(can) + 1))
     best: tuple[int, int, int, list[int]] | None = None  # (room, -held, -domain, nodes)

@@ -52,7 +52,7 @@ class PassState:
     retry: RetryBackoff
     clock: Callable[[], float]
     wall_clock: Callable[[], datetime]  # when placements start and stop, for the usage meter
-    # Nodes kept for the deployment waiting longest at the head of the line (`scheduling/nominations.py`).
+    # Nodes kept for the deployments waiting longest at the head of the line (`scheduling/nominations.py`).
     nominations: Nominations = field(default_factory=Nominations)
     # Failed replicas released and replaced ones retired first in a pass (it commits through `commit`).
     checks: FirstChecks = field(init=False)

@@ -167,7 +167,8 @@ class Reconciler:
 
     @property
     def nominations(self) -> tuple[Nomination, ...]:
-        """The nodes kept for the deployment waiting at the head of the line (`scheduling/nominations.py`)."""
+        """The nodes kept for the deployments waiting at the head of the line, one a zone
+        (`scheduling/nominations.py`)."""
         return self._state.nominations.nominations
 
     @property

@@ -10,8 +10,9 @@
 - `queue.SchedulingQueue`: kube-scheduler's active / back-off / unschedulable queues: what the
   session cannot place gets one more try from the full solve, then waits, out of later solves,
   until a change could help it;
-- `nominations.Nominations`: nodes kept for the deployment waiting longest for room others hold
-  (head-of-line nominations), so that a gang is not starved by a stream of smaller arrivals;
+- `nominations.Nominations`: nodes kept for the deployments waiting longest for room others hold,
+  one a zone (head-of-line nominations), so that a gang is not starved by a stream of smaller
+  arrivals;
 - `quarantine.Quarantine`: deployments beyond today's limits or that the solver fails on are
   taken out, so that one bad deployment never stalls the others;
 - `decider.DecideProcess`: the warm session in a process of its own (the default,

@@ -1,6 +1,6 @@
-"""Head-of-line nominations: nodes kept for the deployment that has waited longest for room that
-others hold, so that what frees there accumulates for it (docs/operations.md, "Head-of-line
-nominations").
+"""Head-of-line nominations: nodes kept for the deployments that have waited longest for room
+that others hold (one a zone), so that what frees there accumulates for them (docs/operations.md,
+"Head-of-line nominations").
 
 Without them a gang of 64 shards can wait for ever behind a stream of single-shard arrivals:
 each departure frees an accelerator and the next arrival takes it
@@ -20,9 +20,9 @@ module is the policy the leader's reconciler keeps:
   nodes (`Session.nominees`: a domain at its locality that could hold a replica once emptied,
   with the most room now), in the zones where no other deployment holds nominated nodes. So
   starving gangs in different zones gather room at once, and what stands idle while nodes drain
-  is one domain's worth a zone at most. One whose zones are all held waits its turn, and keeps its
-  place in the line (it is tried again when a nomination ends); one no nodes would help goes to
-  the back of the line;
+  is one deployment's nodes a zone at most. One only zones others hold would help keeps its place
+  in the line (it is asked again when a nomination ends, or before one behind it is nominated);
+  one no nodes would help goes to the back of the line;
 - the nomination ends when its deployment stops waiting (placed, deleted), when a replica of it
   is placed (the nodes for the rest are chosen again at once), or after `max_s`: then it goes to
   the back of the line, so that one another rule holds back (its rack's power, another tenant's
@@ -80,8 +80,8 @@ class Nominations:
         self._waiting: dict[str, tuple[float, int]] = {}
         # Solver id -> its nomination in force, in the order they were made (no two in a zone).
         self.held: dict[str, Nominated] = {}
-        # Waiting deployments whose zones were all held when last tried: not tried again until a
-        # nomination ends (each try is a call into the session).
+        # Waiting deployments only zones others hold would help, when last tried: not asked again
+        # until a nomination ends or another deployment is due (each ask is a call into the session).
         self._blocked: set[str] = set()
         # A nomination ended since a pass last decided what waits: the next decides it again
         # (the nodes let go may fit it), idle or not (`Reconciler`).
@@ -201,23 +201,27 @@ class Nominations:
 
     async def _elect(self, cache: ClusterCache, now: float) -> None:
         """Nominate, in the line's order, each deployment due that nodes in a zone no other
-        holds would help; each one made is handed to the session before the next is chosen."""
-        due = [name for name, (since, _) in self._waiting.items()
-               if now - since >= self.after_s and name not in self.held and name not in self._blocked]
-        if not due:
+        holds would help; each one made is handed to the session before the next is chosen.
+        Nothing is asked while every deployment due is one whose zones were all held (`_blocked`);
+        when one is not, those are asked again too, in the line's order (a zone may have become
+        of use to them since: a node added or repaired, a cordon lifted)."""
+        due = [name for name, (since, _) in self._waiting.items() if now - since >= self.after_s and name not in self.held]
+        if all(name in self._blocked for name in due):
             return
         snap = cache.snapshot
         docs = {d["id"]: d for d in snap.index.deployments_of(snap.problem, {stored_key(n) for n in due})}
         for name in [n for n in due if n not in docs or not _gathers(docs[n])]:
             del self._waiting[name]  # gone (or not in the cache: the next full solve says), or needs no gathering
+            self._blocked.discard(name)
         ranked = sorted((n for n in due if n in self._waiting),
                         key=lambda n: (-int(docs[n].get("priority", 0)), self._waiting[n][0], n))
         for name in ranked:
-            nodes = await asyncio.to_thread(cache.session.nominees, name, True)
             since, missing = self._waiting[name]
-            if not nodes and self.held:  # every zone that could help it is held: it waits its turn
-                self._blocked.add(name)
+            nodes = await asyncio.to_thread(cache.session.nominees, name, True)
+            if not nodes and self.held and await asyncio.to_thread(cache.session.nominees, name, False):
+                self._blocked.add(name)  # only zones another holds would help it: it keeps its place
                 continue
+            self._blocked.discard(name)
             if not nodes:  # nodes would not help it now (or the session does not hold it): to the back of the line
                 self._waiting[name] = (now, missing)
                 continue

@@ -12,18 +12,24 @@ from scheduler.model import Nomination, Placement, Reason, Unplaced
 
 
 class Session:
-    def __init__(self, nodes: dict[str, tuple[str, ...]], zones: dict[str, str] | None = None) -> None:
-        self.nodes = nodes  # deployment -> what nominees answers (absent: unknown to the session)
+    def __init__(self, nodes: dict[str, tuple[str, ...] | list[tuple[str, ...]]],
+                 zones: dict[str, str] | None = None) -> None:
+        # Deployment -> the nodes nominees answers, or a list of choices in the order the session
+        # prefers them (the first in zones no other holds, with `zones_apart`); absent: unknown.
+        self.nodes = nodes
         self.zones = zones or {}  # node -> its zone (absent: "z1")
         self.handed: list[tuple[Nomination, ...]] = []
         self.calls: list[str] = []
 
     def nominees(self, name: str, zones_apart: bool = False) -> tuple[str, ...]:
         holding = self.handed[-1] if self.handed else ()
-        self.calls.append(f"nominees {name} holding {[n.deployment for n in holding]}")
-        nodes = self.nodes.get(name, ())  # unknown to the session: none, as `Session.nominees`
+        self.calls.append(f"nominees {name}{' apart' * zones_apart} holding {[n.deployment for n in holding]}")
+        choices = self.nodes.get(name, ())  # unknown to the session: none, as `Session.nominees`
         taken = {self.zones.get(n, "z1") for nom in holding if nom.deployment != name for n in nom.nodes}
-        return () if zones_apart and any(self.zones.get(n, "z1") in taken for n in nodes) else nodes
+        for nodes in [choices] if isinstance(choices, tuple) else choices:
+            if not (zones_apart and any(self.zones.get(n, "z1") in taken for n in nodes)):
+                return nodes
+        return ()
 
     def nominate(self, nominations) -> None:
         self.handed.append(tuple(nominations))
@@ -92,6 +98,32 @@ async def test_one_nomination_a_zone_and_one_whose_zone_is_held_keeps_its_place_
         "deployment.nomination_ended", "deployment.nominated"]
 
 
+async def test_one_nothing_would_help_goes_to_the_back_while_another_zone_is_held():
+    noms = Nominations(after_s=30, max_s=600)
+    noms.saw(plan(unplaced("t/a", "CAPACITY"), unplaced("t/huge", "CAPACITY")), 0.0, whole=False)
+    session = Session({"t/a": ("a1",), "t/huge": ()})
+    await noms.bring(cache([{"id": "t/a"}, {"id": "t/huge"}], session), 30.0)
+    assert noms.nominations == (Nomination("t/a", 0, ("a1",)),)
+    assert noms.waiting_since("t/huge") == 30.0  # to the back of the line, not kept waiting for a zone
+
+
+async def test_a_blocked_higher_priority_is_asked_again_before_a_lower_one_behind_it_is_nominated():
+    noms = Nominations(after_s=30, max_s=600)
+    noms.saw(plan(unplaced("t/x", "CAPACITY"), unplaced("t/high", "CAPACITY")), 0.0, whole=False)
+    session = Session({"t/x": ("a1",), "t/high": ("a2",), "t/low": ("c2",)}, zones={"c1": "z3", "c2": "z3"})
+    c = cache([{"id": "t/x", "priority": 9}, {"id": "t/high", "priority": 5}, {"id": "t/low", "priority": 0}], session)
+    await noms.bring(c, 30.0)
+    assert noms.nominations == (Nomination("t/x", 9, ("a1",)),)  # t/high: only z1 would do, and t/x holds it
+    calls = len(session.calls)
+    await noms.bring(c, 35.0)
+    assert len(session.calls) == calls  # nothing new due: nothing asked
+    session.nodes["t/high"] = [("a2",), ("c1",)]  # a node of z3 repaired: it would do for t/high now
+    noms.saw(plan(unplaced("t/low", "CAPACITY")), 10.0, whole=False)
+    await noms.bring(c, 40.0)  # t/low due: t/high, ahead of it in the line, is asked first and has z3
+    assert noms.nominations == (Nomination("t/x", 9, ("a1",)), Nomination("t/high", 5, ("c1",)))
+    assert noms.waiting_since("t/low") == 10.0  # z3 held now: it keeps its place
+
+
 async def test_a_nomination_ends_when_its_deployment_is_placed_and_lets_the_nodes_go():
     noms = Nominations(after_s=30, max_s=600)
     noms.saw(plan(unplaced("t/gang", "CAPACITY", "NODE_STATE")), 0.0, whole=True)
@@ -135,8 +167,8 @@ async def test_a_nomination_that_does_not_fit_in_max_s_goes_to_the_back_of_the_l
     assert noms.nominations[0].deployment == "t/second"
     assert noms.waiting_since("t/first") == 640.0
     # The session let the ended one's nodes go before it chose the next one's (they may be those).
-    assert session.calls == ["nominees t/first holding []", "nominees t/second holding ['t/first']",
-                             "nominees t/second holding []"]
+    assert session.calls == ["nominees t/first apart holding []", "nominees t/second apart holding ['t/first']",
+                             "nominees t/second holding ['t/first']", "nominees t/second apart holding []"]
 
 
 async def test_a_deployment_nodes_would_not_help_goes_to_the_back_and_none_is_nominated_when_off():

@@ -151,6 +151,18 @@ def test_between_domains_as_full_choose_nodes_takes_the_one_gangs_hold_least() -
     assert [solver.topo.node_ids[n][0] for n in choose_nodes(solver.state, wide)] == ["b"]
 
 
+def test_in_a_domain_the_fewest_nodes_go_before_nodes_gangs_hold_least() -> None:
+    # One rack, all full: an 8-accelerator node a gang holds, two 6-accelerator nodes of singles.
+    nodes = [node("big", acc=8), node("m0", acc=6), node("m1", acc=6)]
+    busy = [placed("gang0", "big", [k], shard=k) for k in range(8)] + \
+           [placed(f"s{k}", f"m{k // 6}", [k % 6]) for k in range(12)]
+    deployments = [dep("gang0", acc=1, shards=8), dep("gang1", acc=1, shards=8)] + \
+                  [dep(f"s{k}", acc=1, locality="node") for k in range(12)]
+    solver = Solver(problem_from_dict(problem(nodes, deployments, placements=busy, mode="online")), 2000)
+    d = solver.topo.deployment_index["gang1"]
+    assert [solver.topo.node_ids[n] for n in choose_nodes(solver.state, d)] == ["big"]  # not 12 for 8
+
+
 def test_choose_nodes_zones_apart_keeps_to_zones_where_no_other_deployment_holds_nodes() -> None:
     # Zone z1: racks ra (most room) and rb; zone z2: rack rc (less room).
     nodes = [node(f"{r}{i}", rack=f"r{r}") for r in "abc" for i in range(2)]
