@@ -532,13 +532,18 @@ def test_submit_dry_run_of_a_stored_deployment_agrees_with_submit(fake, capsys, 
         "deployment/phi-row unchanged\n"
 
 
-def test_explain_names_the_in_place_way_to_make_the_change(fake, capsys) -> None:
-    """A smaller replica count is applied in place (`maiactl scale`), never by deleting the deployment."""
-    address, _, deployments, _ = fake
+def _pending_copilot_chat(address: str, deployments: FakeDeployments, capsys) -> D.Deployment:
+    """copilot-chat applied, and left pending (the fake never runs it)."""
     deployments.run_after_s = None
     run(capsys, "--controller", address, "apply", "-f", str(EXAMPLES / "tenants.yaml"),
         "-f", str(EXAMPLES / "copilot-chat.yaml"))
-    dep = deployments.deployments["copilot-chat"]
+    return deployments.deployments["copilot-chat"]
+
+
+def test_explain_names_the_in_place_way_to_make_the_change(fake, capsys) -> None:
+    """A smaller replica count is applied in place (`maiactl scale`), never by deleting the deployment."""
+    address, _, deployments, _ = fake
+    dep = _pending_copilot_chat(address, deployments, capsys)
     dep.placed_replicas = 1
     deployments.fit_replicas = 1
     code, out, err = run(capsys, "--controller", address, "explain", "deployment", "copilot-chat")
@@ -555,11 +560,7 @@ def test_explain_names_the_in_place_way_to_make_the_change(fake, capsys) -> None
 
 def test_explain_shows_the_last_nomination_of_a_deployment_at_the_head_of_the_line(fake, capsys) -> None:
     address, admin, deployments, _ = fake
-    deployments.run_after_s = None
-    run(capsys, "--controller", address, "apply", "-f", str(EXAMPLES / "tenants.yaml"),
-        "-f", str(EXAMPLES / "copilot-chat.yaml"))
-    dep = deployments.deployments["copilot-chat"]
-    key = f"{dep.spec.tenant}/copilot-chat"
+    key = f"{_pending_copilot_chat(address, deployments, capsys).spec.tenant}/copilot-chat"
     code, out, err = run(capsys, "--controller", address, "explain", "deployment", "copilot-chat")
     assert code == 0 and "Head of the line" not in out, err  # a controller without ListEvents: none said
 
