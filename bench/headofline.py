@@ -2,8 +2,9 @@
 nominations (`scheduler.model.Nomination`, controller/scheduling/nominations.py).
 
 A full cluster (every accelerator held by a single-accelerator deployment), gangs waiting for
-room (`--gangs`, in `--zones` zones), and churn: each step one running deployment (chosen at random) leaves, one new arrives,
-and the gangs are tried again, all on one warm `Session` as the controller's fast path drives it.
+room (`--gangs`, in `--zones` zones), and churn: each step one running deployment (chosen at
+random) leaves, one new arrives, and the gangs are tried again, all on one warm `Session` as the
+controller's fast path drives it.
 Without nominations each freed accelerator goes to the next arrival and a gang waits for a
 coincidence; with them the session nominates nodes for it (`Session.nominees`) once it has waited
 `--nominate-after` steps, arrivals go elsewhere (or wait: the cluster is full), and what frees
@@ -12,8 +13,9 @@ holds nodes at a time, cluster-wide: the controller's first policy) and `zone` (
 zones no other gang holds nodes in: the controller's now).
 
 Reported per policy and seed: the step each gang was placed at and the last (or that not all
-were within `--steps`), how many gangs held nodes at once, the accelerator-steps the nominated nodes stood idle meanwhile (what the nomination
-costs the others), the arrivals left waiting, and the cost of one single-shard decision
+were within `--steps`), how many gangs held nodes at once, the accelerator-steps the nominated
+nodes stood idle meanwhile (what the nominations cost the others), the arrivals left waiting, and
+the cost of one single-shard decision
 (`place()`) with a nomination in force against without one, those that placed apart from those
 refused (an arrival with nowhere to go has its reasons worded). With `--check` the final state
 is graded by the independent checker.
@@ -174,7 +176,8 @@ def _violations(final: Problem, before: Problem | None, gang: str | None) -> lis
 def main(args: argparse.Namespace) -> int:
     runs = [run(args, policy, seed) for seed in args.seeds for policy in args.policies]
     for r in runs:
-        placed = f"all placed at step {r.placed_at}" if r.placed_at is not None else f"not all placed in {args.steps} steps"
+        placed = (f"all placed at step {r.placed_at}" if r.placed_at is not None
+                  else f"not all placed in {args.steps} steps")
         each = ", ".join("-" if at is None else str(at) for at in r.gangs_placed_at)
         print(f"policy={r.policy:4} seed={r.seed}: gangs {placed} (each: {each}); at most {r.most_nominated} "
               f"nominated at once; idle accelerator-steps on nominated nodes {r.idle_accelerator_steps}; arrivals "

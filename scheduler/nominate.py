@@ -9,12 +9,12 @@ are not placed, one at least): the domain at its locality level whose nodes, onc
 hold the replica whole, with the most room now (the least to wait for), and in it the nodes with
 the most room now until, emptied, they would hold the replica. Between domains with as much room
 now (and in a domain, nodes as good), the one replicas of several accelerators (`_held_whole`)
-hold least goes first:
-such a replica leaves only whole and is, as a rule, the long-lived kind this line exists to place
-(a model being served), where single-accelerator work turns over; nodes a gang was just placed on
-would otherwise be kept for the next gang, which would wait for the first to leave. `zones_apart` keeps to zones where
-no other deployment holds nominated nodes, so that several nominations (one a zone: the
-controller's policy) each gather room in a zone of their own.
+hold least goes first: such a replica leaves only whole and is, as a rule, the long-lived kind
+this line exists to place (a model being served), where single-accelerator work turns over;
+nodes a gang was just placed on would otherwise be kept for the next gang, which would wait for
+the first to leave. `zones_apart` keeps to zones where no other deployment holds nominated
+nodes, so that several nominations (one a zone: the controller's policy) each gather room in a
+zone of their own.
 
 "Emptied" counts what no departure changes: the node is ready (and not nominated for another
 deployment), in the tenant's zones, of an accepted model, and its healthy accelerators (with

@@ -205,7 +205,8 @@ class Nominations:
         Nothing is asked while every deployment due is one whose zones were all held (`_blocked`);
         when one is not, those are asked again too, in the line's order (a zone may have become
         of use to them since: a node added or repaired, a cordon lifted)."""
-        due = [name for name, (since, _) in self._waiting.items() if now - since >= self.after_s and name not in self.held]
+        due = [name for name, (since, _) in self._waiting.items()
+               if now - since >= self.after_s and name not in self.held]
         if all(name in self._blocked for name in due):
             return
         snap = cache.snapshot
