@@ -4,21 +4,20 @@ nominations (`scheduler.model.Nomination`, controller/scheduling/nominations.py)
 A full cluster (every accelerator held by a single-accelerator deployment), gangs waiting for
 room (`--gangs`, in `--zones` zones), and churn: each step one running deployment (chosen at
 random) leaves, one new arrives, and the gangs are tried again, all on one warm `Session` as the
-controller's fast path drives it.
-Without nominations each freed accelerator goes to the next arrival and a gang waits for a
-coincidence; with them the session nominates nodes for it (`Session.nominees`) once it has waited
-`--nominate-after` steps, arrivals go elsewhere (or wait: the cluster is full), and what frees
-on the nominated nodes stays free until the gang fits. `--policies`: `off`, `one` (one gang
-holds nodes at a time, cluster-wide: the controller's first policy) and `zone` (one a zone, in
-zones no other gang holds nodes in: the controller's now).
+controller's fast path drives it. Without nominations each freed accelerator goes to the next
+arrival and a gang waits for a coincidence; with them the session nominates nodes for it
+(`Session.nominees`) once it has waited `--nominate-after` steps, arrivals go elsewhere (or wait:
+the cluster is full), and what frees on the nominated nodes stays free until the gang fits.
+`--policies`: `off`, `one` (one gang holds nodes at a time, cluster-wide: the controller's first
+policy) and `zone` (one a zone, in zones no other gang holds nodes in: the controller's now).
 
 Reported per policy and seed: the step each gang was placed at and the last (or that not all
 were within `--steps`), how many gangs held nodes at once, the accelerator-steps the nominated
 nodes stood idle meanwhile (what the nominations cost the others), the arrivals left waiting, and
-the cost of one single-shard decision
-(`place()`) with a nomination in force against without one, those that placed apart from those
-refused (an arrival with nowhere to go has its reasons worded). With `--check` the final state
-is graded by the independent checker.
+the cost of one single-shard decision (`place()`) with a nomination in force against without
+one, those that placed apart from those refused (an arrival with nowhere to go has its reasons
+worded). With `--check` each gang's placement and the final state are graded by the independent
+checker.
 """
 
 from __future__ import annotations
@@ -195,7 +194,7 @@ def _ms(values: list[float]) -> str:
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("headofline", help="a gang behind a stream of single-shard arrivals on a full cluster: "
+    p = sub.add_parser("headofline", help="gangs behind a stream of single-shard arrivals on a full cluster: "
                                           "steps until placed, with and without nominations")
     p.add_argument("--nodes", type=int, default=256, help="4-accelerator nodes, 16 a rack")
     p.add_argument("--gang", type=int, default=32, help="shards of one accelerator, in one rack, a gang")
@@ -205,7 +204,7 @@ def add_parser(sub: Any) -> None:
                    help="off: no nominations; one: one gang at a time, cluster-wide; zone: one a zone (the "
                         "controller's)")
     p.add_argument("--steps", type=int, default=20000, help="departures (each with one arrival) at most")
-    p.add_argument("--nominate-after", type=int, default=10, help="steps the gang waits before nodes are nominated")
+    p.add_argument("--nominate-after", type=int, default=10, help="steps a gang waits before nodes are nominated")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--check", action="store_true", help="grade the final state with the independent checker")
     p.add_argument("--json", help="write the runs here")

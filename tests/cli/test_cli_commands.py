@@ -575,8 +575,8 @@ def test_explain_shows_the_last_nomination_of_a_deployment_at_the_head_of_the_li
                     event(3, "deployment.nominated", "nodes n9 kept for it", object_id="other/copilot-chat")]
     code, out, err = run(capsys, "--controller", address, "explain", "deployment", "copilot-chat")
     assert code == 0, err
-    assert "\nHead of the line, since 2025-12-06 05:46:42: nodes n1, n2 kept for it after 31 s waiting for room\n" \
-        in out
+    assert ("\nHead of the line (nominated at 2025-12-06 05:46:42): nodes n1, n2 kept for it after 31 s waiting "
+            "for room\n") in out
     admin.events.append(event(4, "deployment.nomination_ended", "nodes n1, n2 no longer kept for it: held 600 s "
                                                                  "without fitting"))
     code, out, err = run(capsys, "--controller", address, "explain", "deployment", "copilot-chat", "-o", "json")

@@ -150,8 +150,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         ctx.out("\nWhy (the solver's reasons at the last reconcile pass):\n" + reasons_text(dep.reasons, indent="  "))
     if nomination is not None:
         at = nomination.at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
-        ctx.out(f"\nHead of the line, {'since' if nomination.kind == NOMINATED else 'ended'} {at}: "
-                f"{nomination.message}")
+        what = "nominated" if nomination.kind == NOMINATED else "nomination ended"
+        ctx.out(f"\nHead of the line ({what} at {at}): {nomination.message}")
     ctx.out("\nWhat would fit now (dry runs, nothing written):")
     for v in tried:
         outcome = v.error if v.error else f"would place {v.placed}/{v.spec.replicas} replicas"
