@@ -242,9 +242,10 @@ class ControllerMetrics:
                                       "waiting for a change that could help; a deployment placed in part and short "
                                       "of replicas is in maia_deployments{phase=\"degraded\"}).", ["queue"], registry=r)
         self.nominated_nodes = Gauge("maia_scheduling_nominated_nodes",
-                                     "Nodes nominated for the deployment waiting at the head of the line: no new "
-                                     "shard of another deployment of its priority or lower lands there until it "
-                                     "fits (0: none; docs/operations.md, \"Head-of-line nominations\").",
+                                     "Nodes nominated for the deployments waiting at the head of the line (one a "
+                                     "zone): no new shard of another deployment of their priority or lower lands "
+                                     "there until they fit (0: none; docs/operations.md, \"Head-of-line "
+                                     "nominations\").",
                                      registry=r)
         self.agents_admitted = Counter("maia_agent_admission_admitted",
                                        "Agent Registers and Connect hellos let in by the admission gate.", registry=r)
