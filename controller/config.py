@@ -69,6 +69,9 @@ class Config:
     watchdog_interval_s: float = 2.0
     # Events are deleted this long after they were recorded (controller/retention.py); 0: never.
     event_ttl_s: float = limits.EVENT_TTL_S
+    # Audit entries are deleted this long after they were recorded, the chain's base moved along
+    # (controller/retention.py, controller/store/audit.py); 0: never (the default).
+    audit_ttl_s: float = 0.0
     log_level: str = "INFO"
     # TLS: certificate and key of the server; a client CA turns on mutual TLS (see controller.api.tls).
     tls_cert: Path | None = None
@@ -162,6 +165,18 @@ def _event_ttl(text: str) -> float:
     if value != 0 and not EVENT_TTL_MIN_S <= value <= EVENT_TTL_MAX_S:
         raise argparse.ArgumentTypeError(
             f"0 (keep every event) or {EVENT_TTL_MIN_S:.0f} to {EVENT_TTL_MAX_S:.0f} seconds (an hour to ten "
+            f"years), got {text}")
+    return value
+
+
+AUDIT_TTL_MIN_S = 24 * 3600.0  # a day: less would leave an incident nothing to read back
+
+
+def _audit_ttl(text: str) -> float:
+    value = _number(text)
+    if value != 0 and not AUDIT_TTL_MIN_S <= value <= EVENT_TTL_MAX_S:
+        raise argparse.ArgumentTypeError(
+            f"0 (keep every audit entry) or {AUDIT_TTL_MIN_S:.0f} to {EVENT_TTL_MAX_S:.0f} seconds (a day to ten "
             f"years), got {text}")
     return value
 
@@ -532,6 +547,10 @@ def _observability_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]
                        help="the leader deletes events recorded longer ago than this, but the isolation "
                             "watchdog's alarms and the nodes' drains (default 7 days, at least an hour; 0: keep "
                             "every event)")
+    group.add_argument("--audit-ttl", type=_audit_ttl, default=Config.audit_ttl_s, metavar="SECONDS",
+                       help="the leader deletes audit entries recorded longer ago than this, oldest first, and "
+                            "`maiactl audit verify` checks the chain from the first one kept (default 0: keep "
+                            "the whole audit log; else at least a day)")
 
 
 def _config(ns: argparse.Namespace) -> Config:
@@ -571,6 +590,7 @@ def _config(ns: argparse.Namespace) -> Config:
         # observability and health
         log_level=ns.log_level.upper(), metrics_listen=ns.metrics_listen, http_listen=ns.http_listen,
         max_rss_mib=ns.max_rss_mib, reconcile_stuck_s=ns.reconcile_stuck_s, event_ttl_s=ns.event_ttl,
+        audit_ttl_s=ns.audit_ttl,
     )
 
 

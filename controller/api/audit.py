@@ -42,5 +42,5 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         report = await cases.verify(self._deps.db, current_principal(), expected_head=expected)
         return audit_pb2.VerifyAuditLogResponse(
             intact=report.intact, entries=report.entries, head_seq=report.head_seq, head_hash=report.head_hash,
-            first_bad_seq=report.first_bad_seq or 0, problem=report.problem,
+            first_bad_seq=report.first_bad_seq or 0, problem=report.problem, first_seq=report.first_seq,
         )

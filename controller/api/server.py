@@ -60,7 +60,7 @@ from controller.preflight import StartupError
 from controller.ratelimit import KeyedRateLimiter, SubmitLimits
 from controller.leadership import STARTING_STATE, STATE_METADATA_KEY, LeaderElection, LeaseSettings
 from controller.reconcile import Reconciler, waits_on_report
-from controller.retention import EventRetention
+from controller.retention import AuditRetention, EventRetention
 from controller.scheduling.decider import DecideProcess
 from controller.store.db import Database, unreachable
 from controller.store.checkpoints import WalCheckpointer
@@ -223,6 +223,9 @@ class ControllerApp:
         self.retention = (EventRetention(leader_db, ttl_s=config.event_ttl_s, should_run=self.election.should_run,
                                          on_pruned=self.metrics.events_pruned.inc)
                           if config.event_ttl_s > 0 else None)
+        self.audit_retention = (AuditRetention(leader_db, ttl_s=config.audit_ttl_s, should_run=self.election.should_run,
+                                               on_pruned=self.metrics.audit_entries_pruned.inc)
+                                if config.audit_ttl_s > 0 else None)
         self.console = ConsoleServer(self.db, self.bus, streams=self.streams,
                                      resolve_token=self._console_viewer if self.authn.enabled else None)
         self.health = health.aio.HealthServicer()
@@ -422,6 +425,8 @@ class ControllerApp:
         ]
         if self.retention is not None:
             self._tasks.append(asyncio.create_task(self.retention.run(), name="event-retention"))
+        if self.audit_retention is not None:
+            self._tasks.append(asyncio.create_task(self.audit_retention.run(), name="audit-retention"))
         if self.config.insecure_no_auth:
             self._tasks.append(asyncio.create_task(_warn_insecure_forever(), name="insecure-warning"))
         for name in ("", *SERVICE_NAMES, LIVENESS_SERVICE):  # the monitor toggles all but the last

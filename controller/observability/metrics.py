@@ -215,6 +215,9 @@ class ControllerMetrics:
                                          "gauges are in the scrape; maia_usage_* are not).", registry=r)
         self.events_pruned = Counter("maia_events_pruned", "Events deleted past --event-ttl by this controller "
                                      "while it led (controller/retention.py).", registry=r)
+        self.audit_entries_pruned = Counter(
+            "maia_audit_entries_pruned", "Audit entries deleted past --audit-ttl by this controller while it led, "
+            "the oldest first (controller/retention.py).", registry=r)
         self.leader = Gauge("maia_leader", "1 while this controller holds the leader lease (schedules), else 0.",
                             registry=r)
         self.serving = Gauge("maia_serving", "1 while this controller's readiness (grpc.health.v1) says SERVING, "

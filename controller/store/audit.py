@@ -12,6 +12,11 @@ What the chain cannot do (docs/security.md): someone who can write the database 
 the whole tail *and* the head consistently. Only a head recorded outside the database (the
 `expected_head` of `verify_chain`, e.g. from an earlier `maiactl audit verify`) detects that.
 
+Retention (`maia-controller --audit-ttl`, off by default) deletes the oldest entries a batch at a
+time (`prune`): a prefix of the chain, each batch re-hashed first (it stops before an entry that
+does not verify, and never deletes the newest), and `audit_base` records the last one deleted.
+The chain then begins there: `verify_chain` checks that the first entry left links to it.
+
 `append` runs in the caller's transaction (a plan commit writes its placement decisions with
 the placements themselves); the caller commits. An API call's own entry rides along with the
 call's first commit (`open_call` / `commit`, used by `UnitOfWork.commit`).
@@ -22,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 from contextvars import ContextVar, Token
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -29,14 +35,17 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Row, TextClause, bindparam, case, event, insert, select, text, update
+from sqlalchemy import Row, TextClause, bindparam, case, delete, event, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from controller.store.inlist import POSTGRESQL, dialect_of, session_dialect
-from controller.store.models import AuditEntry, AuditHead, as_utc, utcnow
+from controller.store.models import AuditBase, AuditEntry, AuditHead, as_utc, utcnow
 from controller.store.marks import refused_by_null, rowcount_unread
+from controller.store.retention import Pruned
 from controller.store.riders import Rider
+
+log = logging.getLogger("maia.audit")
 
 GENESIS_HASH = "0" * 64
 OUTCOME_OK = "OK"
@@ -74,6 +83,7 @@ class ChainReport:
     head_hash: str
     first_bad_seq: int | None = None
     problem: str = ""
+    first_seq: int = 1              # the first entry checked: those before it were deleted past --audit-ttl
 
 
 def _clean(text: Any, limit: int) -> str:
@@ -463,6 +473,41 @@ def _check_batch(rows: Sequence[Mapping[str, Any]], prev_seq: int, prev_hash: st
     return None
 
 
+async def prune(session: AsyncSession, before: datetime, limit: int, *, since: datetime | None = None) -> Pruned:
+    """Delete the oldest `limit` entries at most recorded before `before`, and record the last one
+    deleted as the chain's base (`audit_base`), in the caller's transaction. Only a prefix of the
+    chain goes: it stops at the first entry recorded at `before` or later, never takes the newest
+    (the head record names it), and stops before the first that does not verify against the base
+    (re-hashed in a worker thread: an edited or missing entry stays for `verify_chain` to name).
+    `since` is the `Retention` loop's and unused: the base says where the last batch stopped."""
+    base = (await session.execute(
+        select(AuditBase.seq, AuditBase.hash).where(AuditBase.id == 1).with_for_update())).one_or_none()
+    if base is None:
+        raise RuntimeError("the audit chain's base record (audit_base id=1) is missing: nothing deleted")
+    newest = select(func.max(AuditEntry.seq)).scalar_subquery()
+    rows = [dict(row._mapping) for row in await session.execute(
+        select(*_COLUMNS).where(AuditEntry.seq > base.seq, AuditEntry.seq < newest)
+        .order_by(AuditEntry.seq).limit(limit))]
+    due = []
+    for row in rows:
+        if as_utc(row["at"]) >= before:
+            break
+        due.append(row)
+    bad = await asyncio.to_thread(_check_batch, due, base.seq, base.hash) if due else None
+    if bad is not None:
+        log.error("audit retention stopped before entry %d, which does not verify: %s", bad[0], bad[1])
+        due = [row for row in due if row["seq"] < bad[0]]
+    if not due:
+        return Pruned(0, None)
+    last = due[-1]
+    table = AuditEntry.__table__
+    count = (await session.execute(
+        delete(table).where(table.c.seq > base.seq, table.c.seq <= last["seq"]))).rowcount
+    await session.execute(update(AuditBase).where(AuditBase.id == 1)
+                          .values(seq=last["seq"], hash=last["hash"], at=last["at"]))
+    return Pruned(int(count or 0), as_utc(last["at"]))
+
+
 async def verify_chain(session: AsyncSession, *, expected_head: tuple[int, str] | None = None) -> ChainReport:
     """Re-hash every entry in seq order and check the links, the recorded head and `expected_head`.
 
@@ -472,10 +517,14 @@ async def verify_chain(session: AsyncSession, *, expected_head: tuple[int, str] 
     if head is None:
         return ChainReport(False, 0, 0, "", 1, ("the head record (audit_head id=1) was deleted: no entry from 1 on can be "
                                           "checked against it"))
-    prev_seq, prev_hash, entries = 0, GENESIS_HASH, 0
+    base = (await session.execute(select(AuditBase.seq, AuditBase.hash).where(AuditBase.id == 1))).one_or_none()
+    if base is None:
+        return ChainReport(False, 0, head.seq, head.hash, 1, (
+            "the base record (audit_base id=1) was deleted: where the chain begins is unknown"))
+    prev_seq, prev_hash, entries = base.seq, base.hash, 0
 
     def broken(seq: int, problem: str) -> ChainReport:
-        return ChainReport(False, entries, head.seq, head.hash, seq, problem)
+        return ChainReport(False, entries, head.seq, head.hash, seq, problem, base.seq + 1)
 
     while True:
         batch = [dict(row._mapping) for row in await session.execute(
@@ -503,8 +552,11 @@ async def verify_chain(session: AsyncSession, *, expected_head: tuple[int, str] 
             return broken(head.seq + 1, f"the log ends at seq {head.seq} but the expected head is seq {want_seq}: "
                                         "the newest entries (and the head record) were removed")
         if want_seq > 0 and want_hash:
-            found = (await session.execute(select(AuditEntry.hash).where(AuditEntry.seq == want_seq))).scalar_one()
+            # An expected head before the base was deleted past --audit-ttl: the chain from the
+            # base on is what is checked (`first_seq` says so).
+            found = (base.hash if want_seq == base.seq else want_hash if want_seq < base.seq else
+                     (await session.execute(select(AuditEntry.hash).where(AuditEntry.seq == want_seq))).scalar_one())
             if found != want_hash:
                 return broken(want_seq, f"entry {want_seq} does not have the expected head hash: the log was "
                                         "rewritten from there on (head record included)")
-    return ChainReport(True, entries, head.seq, head.hash)
+    return ChainReport(True, entries, head.seq, head.hash, first_seq=base.seq + 1)

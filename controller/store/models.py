@@ -455,6 +455,21 @@ class AuditHead(Base):
     hash: Mapped[str] = mapped_column(String(64), nullable=False)
 
 
+class AuditBase(Base):
+    """A single row (id=1): the last audit entry retention deleted (seq 0 and the genesis hash:
+    none), where the chain now begins. `verify` checks entry seq+1 links to this hash
+    (`controller.store.audit.prune`, `maia-controller --audit-ttl`). Its own row, not columns of
+    `audit_head`: a deletion's transaction never holds the lock appenders take."""
+
+    __tablename__ = "audit_base"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
+    hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    # When that entry was recorded (None: nothing deleted yet).
+    at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
 class UsageInterval(Base):
     """One placed shard's use of its node from start to stop: the usage meter's record.
 

@@ -30,7 +30,7 @@ SECTIONS = {
     "tenants' rates and dry runs": ["--submits-per-minute", "--changes-per-minute", "--dry-runs-per-minute", "--dry-run-time-limit-ms",
                                     "--dry-run-slots"],
     "observability and health": ["--log-level", "--metrics-listen", "--http-listen", "--max-rss-mib",
-                                 "--reconcile-stuck-s", "--event-ttl"],
+                                 "--reconcile-stuck-s", "--event-ttl", "--audit-ttl"],
 }
 
 

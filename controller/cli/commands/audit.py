@@ -4,7 +4,8 @@
 `verify` exits 0 when the chain is intact and prints its head (seq and hash): keep that line
 somewhere outside the controller's database and pass it back with --expect-head to detect a
 tail rewritten together with the head record. When the chain is broken it names the first bad
-entry and exits 1.
+entry and exits 1. Where the controller deletes entries past `--audit-ttl`, it says from which
+entry on the chain was checked.
 """
 from __future__ import annotations
 
@@ -101,7 +102,9 @@ def run_verify(args: argparse.Namespace, ctx: Context) -> int:
     if ctx.json:
         ctx.emit_json(report)
     elif report.intact:
-        ctx.out(f"audit log intact: {report.entries} entries; head {report.head_seq}:{report.head_hash}")
+        since = f" from entry {report.first_seq} (those before it deleted past --audit-ttl)" \
+            if report.first_seq > 1 else ""
+        ctx.out(f"audit log intact: {report.entries} entries{since}; head {report.head_seq}:{report.head_hash}")
     if not report.intact:
         raise CliError(f"audit log broken at entry {report.first_bad_seq}: {report.problem}", Exit.FAILED)
     return Exit.OK

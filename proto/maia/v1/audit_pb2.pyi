@@ -69,17 +69,19 @@ class VerifyAuditLogRequest(_message.Message):
     def __init__(self, expected_head_seq: _Optional[int] = ..., expected_head_hash: _Optional[str] = ...) -> None: ...
 
 class VerifyAuditLogResponse(_message.Message):
-    __slots__ = ("intact", "entries", "head_seq", "head_hash", "first_bad_seq", "problem")
+    __slots__ = ("intact", "entries", "head_seq", "head_hash", "first_bad_seq", "problem", "first_seq")
     INTACT_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     HEAD_SEQ_FIELD_NUMBER: _ClassVar[int]
     HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
     FIRST_BAD_SEQ_FIELD_NUMBER: _ClassVar[int]
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEQ_FIELD_NUMBER: _ClassVar[int]
     intact: bool
     entries: int
     head_seq: int
     head_hash: str
     first_bad_seq: int
     problem: str
-    def __init__(self, intact: _Optional[bool] = ..., entries: _Optional[int] = ..., head_seq: _Optional[int] = ..., head_hash: _Optional[str] = ..., first_bad_seq: _Optional[int] = ..., problem: _Optional[str] = ...) -> None: ...
+    first_seq: int
+    def __init__(self, intact: _Optional[bool] = ..., entries: _Optional[int] = ..., head_seq: _Optional[int] = ..., head_hash: _Optional[str] = ..., first_bad_seq: _Optional[int] = ..., problem: _Optional[str] = ..., first_seq: _Optional[int] = ...) -> None: ...
