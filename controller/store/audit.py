@@ -485,15 +485,19 @@ async def prune(session: AsyncSession, before: datetime, limit: int, *, since: d
     if base is None:
         raise RuntimeError("the audit chain's base record (audit_base id=1) is missing: nothing deleted")
     newest = select(func.max(AuditEntry.seq)).scalar_subquery()
-    rows = [dict(row._mapping) for row in await session.execute(
-        select(*_COLUMNS).where(AuditEntry.seq > base.seq, AuditEntry.seq < newest)
-        .order_by(AuditEntry.seq).limit(limit))]
-    due = []
-    for row in rows:
-        if as_utc(row["at"]) >= before:
+    times = (await session.execute(
+        select(AuditEntry.seq, AuditEntry.at).where(AuditEntry.seq > base.seq, AuditEntry.seq < newest)
+        .order_by(AuditEntry.seq).limit(limit))).all()
+    through = None  # the last entry of the prefix recorded before `before`
+    for seq, at in times:
+        if as_utc(at) >= before:
             break
-        due.append(row)
-    bad = await asyncio.to_thread(_check_batch, due, base.seq, base.hash) if due else None
+        through = seq
+    if through is None:  # what a caught-up leader pays a minute: a read of times, no entry's content
+        return Pruned(0, None)
+    due = [dict(row._mapping) for row in await session.execute(
+        select(*_COLUMNS).where(AuditEntry.seq > base.seq, AuditEntry.seq <= through).order_by(AuditEntry.seq))]
+    bad = await asyncio.to_thread(_check_batch, due, base.seq, base.hash)
     if bad is not None:
         log.error("audit retention stopped before entry %d, which does not verify: %s", bad[0], bad[1])
         due = [row for row in due if row["seq"] < bad[0]]

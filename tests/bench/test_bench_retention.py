@@ -26,3 +26,13 @@ async def test_the_bench_holds_an_old_snapshot_open_on_postgresql_when_asked() -
     assert "a snapshot held open meanwhile" in retention._report(result)
     assert not (await retention.run("sqlite", 100, hold_snapshot=True))["snapshot_held"]  # SQLite has none to hold
 
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_the_bench_deletes_the_audit_entries_past_seven_of_ten_days_and_the_chain_verifies(kind: str) -> None:
+    rows = 5 * retention.AUDIT_CHUNK  # five appends, a time each: the first two (days 10 and 8 ago) go
+    result = await retention.run(kind, rows, table="audit")
+    assert result["deleted"] == 2 * retention.AUDIT_CHUNK and result["intact_after"] is True
+    assert result["batches"] == 1 + result["deleted"] // BATCH_ROWS
+    assert f"{rows} audit entries over 10 days" in retention._report(result)
+    assert "the chain verifies after" in retention._report(result)
