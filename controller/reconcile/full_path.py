@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from controller.store import repositories as repo
+from controller.store.nominations import in_force, read_nominations
 from controller.store.plans import CommitResult, commit_plan
 from controller.store.rollout import stored_key
 from controller.store.snapshot import Snapshot
@@ -66,6 +67,16 @@ class FullPath(PathCollaborators):
             snapshot = await planning.load_snapshot(uow.session, surge=self._max_surge)
             return snapshot, await _deleting_views(uow.session, snapshot.deleting)
 
+    async def _adopt_nominations(self, snapshot: Snapshot) -> None:
+        """Take up the stored nominations this snapshot still has (`store.nominations.in_force`)."""
+        async with self._state.db.unit_of_work() as uow:
+            stored = await read_nominations(uow.session)
+        if stored:
+            problem = snapshot.problem
+            stored = in_force(stored, snapshot.deployment_ids, {d["id"] for d in problem["deployments"]},
+                              {n["id"] for n in problem["nodes"]})
+        self._state.nominations.adopt(stored, self._state.clock(), self._wall_clock())
+
     async def solve_and_commit(self) -> ReconcileOutcome:
         """Solve the whole cluster and commit the plan; a commit gone stale is followed by the
         cache (`_caught_up`) or solved again from a fresh read, `max_conflict_retries` more times
@@ -83,7 +94,10 @@ class FullPath(PathCollaborators):
                 await self._quarantine(beyond)
                 continue
             # The nominations in force (`scheduling/nominations.py`), ended first when due; the
-            # queue sees them too, so work one parked is let go when it ends.
+            # queue sees them too, so work one parked is let go when it ends. A new leadership's
+            # first full pass takes up those stored.
+            if self._state.nominations.adopting:
+                await self._adopt_nominations(snapshot)
             self._state.nominations.expire(self._state.clock(), snapshot.deployment_ids)
             nominated = self._state.nominations.into(snapshot.problem)
             self._state.nominations.let_go = False  # this solve decides everything with them let go

@@ -22,6 +22,7 @@ from controller.store import repositories as repo
 from controller.store.db import Database, UnitOfWork
 from controller.store.lease import CommitOutcomeUnknown
 from controller.store.plans import CommitResult
+from controller.store.nominations import write_nominations
 from controller.store.snapshot import Snapshot
 from controller.domain.values import DeploymentView
 from scheduler import Plan
@@ -109,12 +110,17 @@ class PassState:
         agent would hear of a landed commit only at its node's next change, and a watcher never
         (the next pass finds nothing to change)."""
         events = self.nominations.take_events()
+        stored = self.nominations.take_stored(self.clock(), self.wall_clock())
         try:
             if events:
                 await repo.record_events(uow.session, events)
+            if stored is not None:  # the nominations in force changed: the set stored with this commit
+                await write_nominations(uow.session, stored)
             await uow.commit()
         except CommitOutcomeUnknown:
             self.nominations.put_back(events)  # recorded by the next commit (twice if this one landed)
+            if stored is not None:
+                self.nominations.store_again()
             self.push(set(nodes))
             changed, deleted = set(changed), list(deleted)
             if changed or deleted:
@@ -122,6 +128,8 @@ class PassState:
             raise
         except BaseException:
             self.nominations.put_back(events)  # not written: the next commit records them
+            if stored is not None:
+                self.nominations.store_again()
             raise
 
 

@@ -31,21 +31,27 @@ module is the policy the leader's reconciler keeps:
 
 Both paths honour the nomination: the warm session is handed it (`bring`, `hand`), the full
 solve's problem carries it (`into`), and the scheduling queue sees it in that problem (work it
-parked is let go when it changes). Events say when one is made and ended. It is the leader's
-memory, not stored: a new leader (or a restart) starts with none and nominates again after
-`after_s`.
+parked is let go when it changes). Events say when one is made and ended.
+
+The set in force is stored with the next plan commit whenever it changes (`take_stored`;
+controller/store/nominations.py), so a new leader, or this one restarted, takes it up on its
+first full pass (`adopt`): the nodes drained for a gang so far stay kept, its place in the line
+and its `max_s` run on from when it was made, and snapshots (`maiactl snapshot`, dry runs) show
+it. What the rest of the line had waited is not stored: the plans of the new leader say it again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from controller import limits
 from controller.scheduling.cache import ClusterCache
+from controller.store.nominations import StoredNomination
 from controller.store.repositories.events import NewEvent
 from controller.store.rollout import stored_key
 from scheduler import Plan
@@ -62,12 +68,14 @@ NOT_ROOM = frozenset({"QUOTA_ACCELERATORS", "QUOTA_POWER"})
 
 @dataclass(frozen=True)
 class Nominated:
-    """A nomination in force, when it began (the reconciler's clock), and how many replicas its
-    deployment missed then (fewer since: progress, the nodes are chosen again)."""
+    """A nomination in force, when it began (the reconciler's clock), how many replicas its
+    deployment missed then (fewer since: progress, the nodes are chosen again), and the stored
+    deployment's primary key (what the stored row names: `take_stored`)."""
 
     nomination: Nomination
     since: float
     missing: int
+    deployment_id: int | None  # None: not in the snapshot it was made on (not stored)
 
 
 class Nominations:
@@ -89,13 +97,58 @@ class Nominations:
         # Events of nominations made and ended, for the next commit to record (`take_events`):
         # `maiactl describe deployment` shows them.
         self._events: list[NewEvent] = []
+        # The set in force changed since the last commit stored it (`take_stored`).
+        self._changed = False
+        # What is stored is to be taken up by the next full pass (`adopt`): a new leadership.
+        self.adopting = True
 
     def reset(self) -> None:
-        """Start afresh (a new leader): nothing waiting, nothing nominated."""
-        for name in list(self.held):
-            self._end(name, "this controller's leadership changed")
+        """A new leadership: forget what this controller held (the stored set, which the last
+        leader kept, is taken up by the next full pass: `adopt`) and what waited. No event: a
+        nomination stored goes on under the new leader."""
+        if self.held:
+            log.info("nominations left to the store for the next full pass: %s", ",".join(self.held))
+        self.held.clear()
         self._waiting.clear()
         self._blocked.clear()
+        self._changed = False
+        self.adopting = True
+
+    def adopt(self, stored: Sequence[StoredNomination], now: float, wall_now: datetime) -> None:
+        """Take up the stored nominations the state still has (`store.nominations.in_force`),
+        each as made at its stored time and its deployment waiting since its stored time (on the
+        reconciler's clock: `now` is `wall_now`). The next commit stores the set again (rows the
+        state no longer has go)."""
+        self.adopting = False
+        for nom in stored:
+            if nom.solver_id in self.held:
+                continue
+            since = now - max(0.0, (wall_now - nom.nominated_at).total_seconds())
+            waited = now - max(0.0, (wall_now - nom.waiting_since).total_seconds())
+            self.held[nom.solver_id] = Nominated(Nomination(nom.solver_id, nom.priority, nom.nodes), since,
+                                                 nom.missing, nom.deployment_id)
+            self._waiting[nom.solver_id] = (min(waited, since), nom.missing)
+            log.info("took up a stored nomination deployment=%s priority=%d held_s=%.0f nodes=%s", nom.solver_id,
+                     nom.priority, now - since, ",".join(nom.nodes))
+        self._changed = True
+
+    def take_stored(self, now: float, wall_now: datetime) -> list[StoredNomination] | None:
+        """The set in force to store with the commit under way, when it changed since the last
+        one stored it (None: unchanged); `store_again` if that commit fails."""
+        if not self._changed:
+            return None
+        self._changed = False
+
+        def wall(at: float) -> datetime:
+            return wall_now - timedelta(seconds=max(0.0, now - at))
+
+        return [StoredNomination(name, held.deployment_id, held.nomination.priority, held.nomination.nodes,
+                                 wall(held.since), wall(self._waiting.get(name, (held.since, 0))[0]), held.missing)
+                for name, held in self.held.items() if held.deployment_id is not None]
+
+    def store_again(self) -> None:
+        """The commit that was to store the set failed (or may have): the next one stores it."""
+        self._changed = True
 
     def take_events(self) -> list[NewEvent]:
         """The events to record with the commit under way (`put_back` if it fails)."""
@@ -157,16 +210,18 @@ class Nominations:
 
     # --- both paths --------------------------------------------------------------------------
     def into(self, problem: dict[str, Any]) -> dict[str, Any]:
-        """The full solve's problem with the nominations in force (their nodes the problem has)."""
+        """The full solve's problem with the nominations in force (their nodes the problem has),
+        in place of those it was read with (the stored set, which may be older)."""
         if not self.held:
-            return problem
+            return {k: v for k, v in problem.items() if k != "nominations"} if "nominations" in problem else problem
         known = {n["id"] for n in problem.get("nodes", ())}
         out = []
         for nom in self.nominations:
             nodes = [n for n in nom.nodes if n in known]
             if nodes:
                 out.append({"deployment": nom.deployment, "priority": nom.priority, "nodes": nodes})
-        return {**problem, "nominations": out} if out else problem
+        rest = {k: v for k, v in problem.items() if k != "nominations"}
+        return {**rest, "nominations": out} if out else rest
 
     def expire(self, now: float, live: Collection[str]) -> None:
         """End the nominations held `max_s` (their deployments to the back of the line) or whose
@@ -227,7 +282,9 @@ class Nominations:
                 self._waiting[name] = (now, missing)
                 continue
             priority = int(docs[name].get("priority", 0))
-            self.held[name] = Nominated(Nomination(name, priority, nodes), now, missing)
+            self.held[name] = Nominated(Nomination(name, priority, nodes), now, missing,
+                                        snap.deployment_ids.get(stored_key(name)))
+            self._changed = True
             log.info("nominated nodes for the head of the line deployment=%s priority=%d waited_s=%.0f nodes=%s",
                      name, priority, now - since, ",".join(nodes))
             self._event(name, "deployment.nominated",
@@ -238,6 +295,7 @@ class Nominations:
 
     def _end(self, name: str, why: str) -> None:
         nom = self.held.pop(name).nomination
+        self._changed = True
         log.info("nomination ended deployment=%s reason=%s", nom.deployment, why)
         self._event(nom.deployment, "deployment.nomination_ended", f"nodes {', '.join(nom.nodes)} no longer kept "
                     f"for it: {why}", {"nodes": list(nom.nodes), "why": why})

@@ -356,6 +356,25 @@ class Placement(Base):
     node: Mapped[Node] = relationship(back_populates="placements")
 
 
+class NominationRow(Base):
+    """A head-of-line nomination in force (controller/scheduling/nominations.py): nodes kept for
+    a deployment waiting for room others hold. The leader writes the set with its plan commit
+    whenever it changes; a new leader (or the same one restarted) takes them up, and every
+    snapshot carries them (`maiactl snapshot`, dry runs: controller/store/nominations.py)."""
+
+    __tablename__ = "nominations"
+
+    # The solver's deployment id (a rolling deployment's revisions have their own: store/rollout.py).
+    solver_id: Mapped[str] = mapped_column(String(320), primary_key=True)
+    deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"), nullable=False)
+    priority: Mapped[int] = mapped_column(Integer, nullable=False)
+    nodes: Mapped[list[str]] = mapped_column(JSON, nullable=False)
+    nominated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    # Since when it has waited (the line's order), and the replicas it missed when nominated.
+    waiting_since: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    missing: Mapped[int] = mapped_column(Integer, nullable=False)
+
+
 class DeploymentRevision(Base):
     """A template revision of a deployment, kept for `maiactl rollout history` and rollbacks to it
     (`usecases/revisions.py`): written when an update rolls (the revision it makes, and the one it
@@ -396,6 +415,9 @@ class ClientRequest(Base):
 # partial index that reads them (migration 0021 wrote this same text).
 ISOLATION_KINDS = ("isolation.violation", "isolation.cleared")
 ISOLATION_RECORDS = text("kind IN ({})".format(", ".join(f"'{kind}'" for kind in ISOLATION_KINDS)))
+# The event a node's drain starts with (usecases/nodes.py); its data carries the drain's baseline
+# (store/rollout.py).
+DRAIN_EVENT = "node.draining"
 
 
 class Event(Base):

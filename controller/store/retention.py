@@ -28,8 +28,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store.inlist import any_of
-from controller.store.models import ISOLATION_KINDS, Event
-from controller.store.rollout import DRAIN_EVENT
+from controller.store.models import DRAIN_EVENT, ISOLATION_KINDS, Event
 
 # The isolation watchdog's kinds and the drain's.
 STATE_KINDS = (*ISOLATION_KINDS, DRAIN_EVENT)

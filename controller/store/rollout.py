@@ -60,15 +60,14 @@ from controller.store.changes import will_change_deployment_shape, will_move_gen
 from controller.store.inlist import any_of
 from controller.store.release import record_decisions, stop_placements
 from controller.store.models import (
-    Deployment, DeploymentPhase, Event, Node, NodeHealth, Placement, ShardPhase,
+    DRAIN_EVENT, Deployment, DeploymentPhase, Event, Node, NodeHealth, Placement, ShardPhase,
 )
 
 # Replicas placed beyond the asked count while a rollout or drain replaces replicas (the
 # default of `maia-controller --max-surge`).
 DEFAULT_SURGE = 1
 _SEPARATOR = "~"  # never in a deployment name or a tenant id
-# The event a drain starts with (usecases/nodes.py); its data carries the drain's baseline.
-DRAIN_EVENT = "node.draining"
+# The event a drain starts with (`models.DRAIN_EVENT`, usecases/nodes.py) carries the drain's baseline.
 
 ShardKey = tuple[str, int, int]
 

@@ -38,6 +38,7 @@ from controller import limits
 from controller.domain.values import deployment_key, split_deployment_key
 from controller.store.changes import schedulable_count
 from controller.store.inlist import any_of
+from controller.store.nominations import StoredNomination, in_force, problem_nominations, read_nominations
 from controller.store.repositories.nodes import stored_faults
 from controller.store.rollout import DEFAULT_SURGE, PlanKeys, SolverRef, StoredReplica, outgoing_id, solver_view
 from controller.store.snapshot_index import SnapshotIndex
@@ -536,10 +537,12 @@ class SnapshotRows:
     # `_DEPLOYMENT_COLUMNS` of the deployments not quarantined, in arrival order (primary key).
     deployments: Sequence[SqlRow[Any]]
     placements: Sequence[SqlRow[Any]]  # `_PLACEMENT_COLUMNS` of every placement, by deployment, replica, shard
+    # The head-of-line nominations the leader stored (store/nominations.py), oldest first.
+    nominations: Sequence[StoredNomination] = ()
 
 
 async def load_snapshot(session: AsyncSession, *, surge: int = DEFAULT_SURGE) -> Snapshot:
-    """Read the whole placement-relevant state in one pass (8 queries, whatever the size);
+    """Read the whole placement-relevant state in one pass (9 queries, whatever the size);
     `surge`: replicas beyond the asked count a rollout or drain may place (store/rollout.py).
 
     Deployments being deleted are left out, with their placements (`deleting` names them): the
@@ -567,7 +570,7 @@ _SNAPSHOT_PLACEMENTS = _core(_PLACEMENT_COLUMNS).order_by(
 
 
 async def read_snapshot_rows(session: AsyncSession) -> SnapshotRows:
-    """Every row one snapshot is made of, in one pass (8 queries, whatever the size)."""
+    """Every row one snapshot is made of, in one pass (9 queries, whatever the size)."""
     # The generation first: anything changed after this read makes the commit stale (re-checked).
     generation = (await session.execute(select(ClusterState.generation).where(ClusterState.id == 1))).scalar_one()
     zones, datacenter_rows, racks = await _topology_rows(session)
@@ -576,7 +579,9 @@ async def read_snapshot_rows(session: AsyncSession) -> SnapshotRows:
     # Arrival order (primary key): what the online mode places first.
     deployments = (await session.execute(_SNAPSHOT_DEPLOYMENTS)).all()
     placements = (await session.execute(_SNAPSHOT_PLACEMENTS)).all()
-    return SnapshotRows(generation, zones, datacenter_rows, racks, nodes, tenants, deployments, placements)
+    nominations = await read_nominations(session)
+    return SnapshotRows(generation, zones, datacenter_rows, racks, nodes, tenants, deployments, placements,
+                        nominations)
 
 
 def build_snapshot(read: SnapshotRows, *, surge: int = DEFAULT_SURGE) -> Snapshot:
@@ -651,6 +656,10 @@ def build_snapshot(read: SnapshotRows, *, surge: int = DEFAULT_SURGE) -> Snapsho
         "deployments": deployments,
         "placements": placements,
     }
+    # Those the state read still has (a node gone, a deployment's revisions renamed: `in_force`).
+    nominated = in_force(read.nominations, deployment_ids, {d["id"] for d in deployments}, {n["id"] for n in nodes})
+    if nominated:
+        problem["nominations"] = problem_nominations(nominated)
     return Snapshot(generation=read.generation, problem=problem, deployment_ids=deployment_ids,
                     solver_refs=solver_refs, replica_indices=replica_indices, released=released,
                     deleting=frozenset(deleting))

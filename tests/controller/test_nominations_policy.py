@@ -4,11 +4,16 @@ ends, and what the full solve's problem carries."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 from controller.scheduling.nominations import Nominated, Nominations
+from controller.store.nominations import StoredNomination
 from scheduler import Plan
 from scheduler.model import Nomination, Placement, Reason, Unplaced
+
+
+WALL = datetime(2026, 12, 6, 21, 0, tzinfo=timezone.utc)
 
 
 class Session:
@@ -184,14 +189,19 @@ async def test_a_deployment_nodes_would_not_help_goes_to_the_back_and_none_is_no
     assert not off.held
 
 
-def test_the_full_solve_carries_the_nomination_on_the_nodes_it_has():
+def test_the_full_solve_carries_the_nominations_in_force_on_the_nodes_it_has_in_place_of_those_stored():
     noms = Nominations()
     problem: dict = {"nodes": [{"id": "n1"}, {"id": "n2"}], "deployments": []}
     assert noms.into(problem) is problem
-    noms.held = {"t/gang": Nominated(Nomination("t/gang", 3, ("n1", "gone")), 0.0, 1)}
+    noms.held = {"t/gang": Nominated(Nomination("t/gang", 3, ("n1", "gone")), 0.0, 1, 7)}
     assert noms.into(problem)["nominations"] == [{"deployment": "t/gang", "priority": 3, "nodes": ["n1"]}]
-    noms.held = {"t/gang": Nominated(Nomination("t/gang", 3, ("gone",)), 0.0, 1)}
+    noms.held = {"t/gang": Nominated(Nomination("t/gang", 3, ("gone",)), 0.0, 1, 7)}
     assert "nominations" not in noms.into(problem)
+    # The problem as read carries the stored set, which may be older than what is in force.
+    read = dict(problem, nominations=[{"deployment": "t/old", "priority": 1, "nodes": ["n2"]}])
+    assert "nominations" not in noms.into(read)
+    noms.held = {"t/gang": Nominated(Nomination("t/gang", 3, ("n1",)), 0.0, 1, 7)}
+    assert noms.into(read)["nominations"] == [{"deployment": "t/gang", "priority": 3, "nodes": ["n1"]}]
 
 
 async def test_progress_ends_a_nomination_and_the_rest_is_nominated_again_at_once():
@@ -214,17 +224,57 @@ async def test_a_placement_the_commit_turned_away_is_not_progress():
     assert "t/gang" in noms.held and noms.waiting_since("t/gang") == 0.0
 
 
-async def test_a_new_leadership_ends_the_nomination_and_events_a_failed_commit_took_come_back():
+async def test_a_new_leadership_forgets_what_it_held_without_an_event_and_events_a_failed_commit_took_come_back():
+    """What it held is stored (`take_stored`): the new leadership's first full pass takes it up
+    (`adopt`), so nothing ended and no event says so."""
     noms = Nominations(after_s=30, max_s=600)
+    assert noms.adopting  # a controller's first leadership takes up what is stored too
+    noms.adopt([], 0.0, WALL)
     noms.saw(plan(unplaced("t/gang", "CAPACITY")), 0.0, whole=False)
     await noms.bring(cache([{"id": "t/gang"}], Session({"t/gang": ("n1",)})), 30.0)
     events = noms.take_events()
     assert [(e.kind, e.object_id) for e in events] == [("deployment.nominated", "t/gang")]
     noms.put_back(events)
     noms.reset()
-    assert not noms.held and noms.waiting_since("t/gang") is None
-    assert [e.kind for e in noms.take_events()] == ["deployment.nominated", "deployment.nomination_ended"]
+    assert not noms.held and noms.waiting_since("t/gang") is None and noms.adopting
+    assert noms.take_stored(31.0, WALL) is None  # nothing to store: the set stored stays for the next leader
+    assert [e.kind for e in noms.take_events()] == ["deployment.nominated"]
     assert noms.take_events() == []
+
+
+async def test_the_set_in_force_is_stored_when_it_changes_with_its_times_on_the_wall_clock():
+    noms = Nominations(after_s=30, max_s=600)
+    noms.adopt([], 0.0, WALL)
+    assert noms.take_stored(0.0, WALL) == []  # a new leadership stores its set once (none: stale rows go)
+    assert noms.take_stored(0.0, WALL) is None
+    noms.saw(plan(unplaced("t/gang", "CAPACITY")), 100.0, whole=False)
+    await noms.bring(cache([{"id": "t/gang"}], Session({"t/gang": ("n1", "n2")})), 140.0)
+    [stored] = noms.take_stored(150.0, WALL)
+    assert stored == StoredNomination("t/gang", 0, 0, ("n1", "n2"), WALL - timedelta(seconds=10),
+                                      WALL - timedelta(seconds=50), 1)
+    assert noms.take_stored(151.0, WALL) is None  # unchanged since
+    noms.store_again()  # the commit that stored it failed
+    assert noms.take_stored(152.0, WALL) is not None
+    noms.saw(plan(placed=("t/gang",)), 160.0, whole=False)  # placed: the nomination ends
+    assert noms.take_stored(160.0, WALL) == []
+
+
+async def test_a_new_leadership_takes_up_the_stored_nominations_at_their_times():
+    noms = Nominations(after_s=30, max_s=600)
+    stored = StoredNomination("t/gang", 4, 2, ("n1", "n2"), WALL - timedelta(seconds=500),
+                              WALL - timedelta(seconds=560), 1)
+    noms.adopt([stored], 1000.0, WALL)
+    assert not noms.adopting
+    assert noms.nominations == (Nomination("t/gang", 2, ("n1", "n2")),)
+    assert noms.held["t/gang"].since == 500.0 and noms.waiting_since("t/gang") == 440.0
+    assert noms.take_stored(1000.0, WALL) == [stored]  # stored again by the first commit
+    c = cache([{"id": "t/gang"}, {"id": "t/other"}], Session({"t/gang": ("n3",), "t/other": ("n1",)}))
+    await noms.bring(c, 1000.0)
+    assert c.session.handed == [noms.nominations]  # the session is handed it
+    assert not noms.due(1099.0) and noms.due(1100.0)  # max_s runs on from when it was made
+    noms.saw(plan(unplaced("t/gang", "CAPACITY")), 1100.0, whole=True)
+    noms.expire(1100.0, {"t/gang": 4})
+    assert not noms.held and [e.kind for e in noms.take_events()] == ["deployment.nomination_ended"]
 
 
 async def test_work_of_one_accelerator_a_replica_is_never_nominated():

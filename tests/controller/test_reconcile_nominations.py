@@ -10,6 +10,7 @@ from controller.reconcile import Reconciler
 from controller.scheduling.decider import DecideProcess
 from controller.store import repositories as repo
 from controller.store.db import Database
+from controller.store.nominations import read_nominations
 from controller.domain.values import RackSpec, RowSpec, TopologySpec, ZoneSpec
 from controller.store.snapshot import load_snapshot
 from controller.usecases import deployments, topology
@@ -108,6 +109,47 @@ async def test_a_gang_behind_a_stream_of_arrivals_gets_nominated_nodes_and_is_pl
     assert all(node in said["deployment.nominated"] for node in nominated)
     assert "waiting for room" in said["deployment.nominated"]
     assert said["deployment.nomination_ended"].endswith("placed")
+
+
+async def test_a_new_leader_takes_up_the_stored_nomination_and_the_gang_is_placed_on_its_nodes(cluster, decider):
+    """The nomination is stored with the pass's commit; a second reconciler on the database (a
+    new leader: its own clock, nothing in memory) takes it up on its first pass, with no event
+    ending it, and snapshots (`maiactl snapshot`) carry it."""
+    clock = Clock()
+    loop = reconciler(cluster, clock, after_s=30.0, decider=decider)
+    await full_cluster_and_a_waiting_gang(cluster, loop)
+    clock.now += 31.0
+    placed = await nodes_of(cluster)
+    await churn(cluster, loop, ["f0"], 0)
+    [nomination] = loop.nominations
+    async with cluster.unit_of_work() as uow:
+        [stored] = await read_nominations(uow.session)
+        snapshot = await load_snapshot(uow.session)
+    assert (stored.solver_id, stored.nodes, stored.priority) == ("t1/gang", nomination.nodes, nomination.priority)
+    assert snapshot.problem["nominations"] == [
+        {"deployment": "t1/gang", "priority": nomination.priority, "nodes": list(nomination.nodes)}]
+    later = Clock()
+    later.now = 50_000.0  # another process's clock
+    successor = reconciler(cluster, later, after_s=30.0)
+    await successor.reconcile_once()
+    assert successor.nominations == (nomination,)
+    there = sorted(name for name, nodes in placed.items() if nodes & set(nomination.nodes) and name != "f0")
+    step = 1
+    while there:  # the fillers there leave under the new leader; arrivals stay off its nodes
+        await churn(cluster, successor, there, step)
+        assert not any(nodes & set(nomination.nodes) for name, nodes in (await nodes_of(cluster)).items()
+                       if name.startswith("new"))
+        step += 1
+    await successor.reconcile_once()
+    assert (await view(cluster, "gang")).phase == "scheduled"
+    assert (await nodes_of(cluster))["gang"] == set(nomination.nodes)
+    await submit(cluster, deployment("after", accelerators=1, locality="node"))
+    await successor.reconcile_once()  # the next commit records the end and stores the empty set
+    async with cluster.unit_of_work() as uow:
+        events = await repo.list_events(uow.session, object_kind="deployment", object_id="t1/gang")
+        assert await read_nominations(uow.session) == []
+    assert [e.kind for e in events if "nominat" in e.kind] == ["deployment.nominated", "deployment.nomination_ended"]
+    assert [e for e in events if e.kind == "deployment.nomination_ended"][0].message.endswith("placed")
 
 
 async def test_without_nominations_each_freed_accelerator_is_taken_again(cluster):

@@ -35,6 +35,9 @@ class ClusterCache:
 
     def __init__(self, snapshot: Snapshot, session: Session | RemoteSession) -> None:
         self.snapshot = _own_copy(snapshot)  # updated in place after each commit
+        # The stored nominations it was read with go: the reconciler hands the session those in
+        # force (`nominations`, below), and the full path puts them in its problem (`into`).
+        self.snapshot.problem.pop("nominations", None)
         self.snapshot.index.read(self.snapshot.problem)  # in the worker thread that builds it (`build`)
         self.session = session
         self.last_id = max(snapshot.deployment_ids.values(), default=0)
@@ -70,8 +73,8 @@ class ClusterCache:
         (in this process, or in the decide process: `decider.py`)."""
         if snapshot.released or snapshot.deleting:
             return None
-        problem = dict(snapshot.problem, options={"mode": "online", "time_limit_ms": time_limit_ms,
-                                                  "allow_preemption": allow_preemption})
+        problem = {key: value for key, value in snapshot.problem.items() if key != "nominations"}  # see __init__
+        problem["options"] = {"mode": "online", "time_limit_ms": time_limit_ms, "allow_preemption": allow_preemption}
         session = open_session(problem, time_limit_ms=time_limit_ms)
         if session.repaired_at_load:  # shards on down nodes: the full path places them again
             return None

@@ -1,0 +1,94 @@
+"""Head-of-line nominations as stored (table `nominations`, migration 0034).
+
+The leader's reconciler keeps them (controller/scheduling/nominations.py) and writes the whole set
+with its next plan commit whenever one is made or ends (`write_nominations`, in the commit's
+transaction: fenced by the leader lease as every leader's write). Two readers:
+
+- a new leader, or the same one restarted, takes them up on its first full pass rather than
+  starting the line again (`read_nominations`): the nodes drained for a gang so far stay kept;
+- every snapshot carries those still valid in its problem's `nominations` (`in_force`), so that
+  `maiactl snapshot` shows them and a dry run decides as the leader will.
+
+A row can outlive what it names: a node deleted, a rolling deployment whose revisions have new
+solver ids, a deployment deleted and one of its name created (the row's `deployment_id` is the
+old one's; ids are never reused, and the foreign key deletes the row with its deployment where
+the database enforces it). `in_force` keeps only what the state it is read with still has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, insert, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controller.store.models import Deployment, NominationRow, as_utc
+from controller.store.rollout import stored_key
+
+
+@dataclass(frozen=True, slots=True)
+class StoredNomination:
+    """One nomination in force: the solver deployment it keeps nodes for, which stored deployment
+    that is, its priority and nodes, when it was made, since when that deployment has waited (the
+    line's order) and how many replicas it missed then."""
+
+    solver_id: str
+    deployment_id: int
+    priority: int
+    nodes: tuple[str, ...]
+    nominated_at: datetime
+    waiting_since: datetime
+    missing: int
+
+
+async def read_nominations(session: AsyncSession) -> list[StoredNomination]:
+    """Every stored nomination, oldest first."""
+    rows = await session.execute(select(
+        NominationRow.solver_id, NominationRow.deployment_id, NominationRow.priority, NominationRow.nodes,
+        NominationRow.nominated_at, NominationRow.waiting_since, NominationRow.missing,
+    ).order_by(NominationRow.nominated_at, NominationRow.solver_id))
+    return [StoredNomination(r.solver_id, r.deployment_id, r.priority, tuple(r.nodes), as_utc(r.nominated_at),
+                             as_utc(r.waiting_since), r.missing) for r in rows]
+
+
+async def write_nominations(session: AsyncSession, nominations: Sequence[StoredNomination]) -> None:
+    """Replace the stored set with `nominations` (one a zone: a handful of rows), in the caller's
+    transaction. One whose deployment's row is gone is left out: a foreign key refused would
+    fail the plan commit it rides with, and every one after it."""
+    await session.execute(delete(NominationRow))
+    if nominations:
+        live = set((await session.scalars(select(Deployment.id).where(
+            Deployment.id.in_(sorted({n.deployment_id for n in nominations}))))).all())
+        nominations = [n for n in nominations if n.deployment_id in live]
+    if nominations:
+        await session.execute(insert(NominationRow), [
+            {"solver_id": n.solver_id, "deployment_id": n.deployment_id, "priority": n.priority,
+             "nodes": list(n.nodes), "nominated_at": n.nominated_at, "waiting_since": n.waiting_since,
+             "missing": n.missing} for n in nominations])
+
+
+def in_force(stored: Sequence[StoredNomination], deployment_ids: Mapping[str, int], solver_ids: Collection[str],
+             node_ids: Collection[str]) -> list[StoredNomination]:
+    """The stored nominations a state still has: their solver deployment among `solver_ids`, of
+    the same stored deployment (`deployment_ids`: key -> primary key), with the nodes of
+    `node_ids` only (a node in two, which one leader never writes, stays with the older); none
+    left without a node."""
+    kept: list[StoredNomination] = []
+    taken: set[str] = set()
+    for nom in stored:
+        if nom.solver_id not in solver_ids or deployment_ids.get(stored_key(nom.solver_id)) != nom.deployment_id:
+            continue
+        nodes = tuple(n for n in nom.nodes if n in node_ids and n not in taken)
+        if nodes:
+            taken.update(nodes)
+            kept.append(nom if nodes == nom.nodes else replace(nom, nodes=nodes))
+    return kept
+
+
+def problem_nominations(nominations: Sequence[StoredNomination]) -> list[dict[str, Any]]:
+    """The problem document's `nominations` (scheduler/interchange.py) of these."""
+    return [{"deployment": n.solver_id, "priority": n.priority, "nodes": list(n.nodes)} for n in nominations]
+
