@@ -128,6 +128,9 @@ async def test_a_new_leader_takes_up_the_stored_nomination_and_the_gang_is_place
     assert (stored.solver_id, stored.nodes, stored.priority) == ("t1/gang", nomination.nodes, nomination.priority)
     assert snapshot.problem["nominations"] == [
         {"deployment": "t1/gang", "priority": nomination.priority, "nodes": list(nomination.nodes)}]
+    loop.resync()  # this controller elected again (it lost the lease): what it held is taken up again
+    await loop.reconcile_once()
+    assert loop.nominations == (nomination,)
     later = Clock()
     later.now = 50_000.0  # another process's clock
     successor = reconciler(cluster, later, after_s=30.0)
