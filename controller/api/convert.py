@@ -156,6 +156,7 @@ def node_msg(view: d.NodeView) -> admin_pb2.Node:
         accelerators_used=view.accelerators_used, shards=view.shards, tenants=list(view.tenants),
         cordoned=view.cordoned, draining=view.draining, evicted=view.evicted,
         failed_accelerators=[{"index": f.index, "reason": f.reason} for f in view.failed_accelerators],
+        nominated_for=view.nominated_for, nominated_at=timestamp(view.nominated_at),
     )
 
 

@@ -205,6 +205,10 @@ def node_document(n: admin_pb2.Node) -> Document:
     }
     if n.HasField("last_heartbeat"):
         doc["status"]["last_heartbeat"] = n.last_heartbeat.ToJsonString()
+    if n.nominated_for:
+        doc["status"]["nominated_for"] = n.nominated_for
+        if n.HasField("nominated_at"):
+            doc["status"]["nominated_at"] = n.nominated_at.ToJsonString()
     return doc
 
 

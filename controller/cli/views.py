@@ -153,7 +153,8 @@ def node_flags(n: admin_pb2.Node) -> list[str]:
     cordoned of an up node only), a drain, an eviction (down, its work placed elsewhere)."""
     flags = ["cordoned"] if n.cordoned and n.state != common_pb2.NODE_STATE_CORDONED else []
     failed = [f"accelerator {f.index} failed" for f in n.failed_accelerators]
-    return flags + ["draining"] * n.draining + ["evicted"] * n.evicted + failed
+    nominated = [f"nominated for {n.nominated_for}"] if n.nominated_for else []
+    return flags + ["draining"] * n.draining + ["evicted"] * n.evicted + failed + nominated
 
 
 def nodes_table(nodes: Sequence[admin_pb2.Node], wide: bool = False) -> str:
@@ -193,6 +194,10 @@ def node_detail(n: admin_pb2.Node) -> str:
                    f"{fmt_number(round(n.power_draw_w))} W drawn") + f" (idle {fmt_number(n.idle_power_w)} W)"),
         ("Shards", n.shards), ("Tenants", fmt_list(n.tenants)),
     ]
+    if n.nominated_for:
+        since = f" since {n.nominated_at.ToJsonString()}" if n.HasField("nominated_at") else ""
+        pairs.append(("Nominated", f"for {n.nominated_for}{since}, at the head of the line: it takes no new work "
+                                   "of that deployment's priority or lower"))
     if n.HasField("last_heartbeat"):
         pairs.append(("Last heartbeat", n.last_heartbeat.ToJsonString()))
     if n.labels:

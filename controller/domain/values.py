@@ -130,6 +130,9 @@ class NodeView:
     draining: bool = False
     evicted: bool = False   # down, its work placed again elsewhere
     failed_accelerators: tuple[AcceleratorFault, ...] = ()  # its agent says so (usecases/faults.py)
+    # The deployment (key) it is kept for at the head of the line, and since when ("": none).
+    nominated_for: str = ""
+    nominated_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,6 +54,11 @@ async def read_nominations(session: AsyncSession) -> list[StoredNomination]:
                              as_utc(r.waiting_since), r.missing) for r in rows]
 
 
+async def nominated_nodes(session: AsyncSession) -> dict[str, StoredNomination]:
+    """Node -> the stored nomination keeping it (what `maiactl get nodes` and `describe node` show)."""
+    return {node: nom for nom in await read_nominations(session) for node in nom.nodes}
+
+
 async def write_nominations(session: AsyncSession, nominations: Sequence[StoredNomination]) -> None:
     """Replace the stored set with `nominations` (one a zone: a handful of rows), in the caller's
     transaction. One whose deployment's row is gone is left out: a foreign key refused would

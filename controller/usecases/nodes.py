@@ -30,7 +30,8 @@ from controller.usecases import policy
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
-from controller.store.rollout import DRAIN_EVENT, drain_baseline
+from controller.store.nominations import StoredNomination, nominated_nodes
+from controller.store.rollout import DRAIN_EVENT, drain_baseline, stored_key
 from controller.store.snapshot import load_snapshot
 from controller.domain.changes import ClusterChange
 from controller.domain.liveness import later_contact
@@ -43,13 +44,18 @@ from controller.usecases.validation import check_id, check_optional_id
 
 
 def _view(row: m.Node, usage: repo.ClusterUsage, connected: Set[str] | None,
-          heard: Mapping[str, datetime]) -> NodeView:
+          heard: Mapping[str, datetime], nominated: Mapping[str, StoredNomination]) -> NodeView:
     """The node as stored, connected or not (`connected` None: as stored, on a follower), its last
-    heartbeat the later of the stored one and the hub's (module docstring)."""
+    heartbeat the later of the stored one and the hub's (module docstring), and the head-of-line
+    nomination keeping it (`nominated`: node -> the stored one)."""
     up = row.health is m.NodeHealth.UP if connected is None else row.id in connected
     view = repo.node_view(row, usage, up)
     last = later_contact(view.last_heartbeat, heard.get(row.id))
-    return view if last == view.last_heartbeat else replace(view, last_heartbeat=last)
+    if last != view.last_heartbeat:
+        view = replace(view, last_heartbeat=last)
+    nom = nominated.get(row.id)
+    return view if nom is None else replace(view, nominated_for=stored_key(nom.solver_id),
+                                            nominated_at=nom.nominated_at)
 
 
 async def list_nodes(uow: UnitOfWork, who: Principal, connected: Set[str] | None, heard: Mapping[str, datetime],
@@ -60,7 +66,8 @@ async def list_nodes(uow: UnitOfWork, who: Principal, connected: Set[str] | None
     policy.require_admin(who, "listing nodes")
     page = paging.page_of(rows, bounds, key=lambda n: (n.id,))
     usage = await repo.node_usage(uow.session, [n.id for n in page.items])
-    return page.map(lambda n: _view(n, usage, connected, heard))
+    nominated = await nominated_nodes(uow.session)
+    return page.map(lambda n: _view(n, usage, connected, heard, nominated))
 
 
 async def get_node(uow: UnitOfWork, who: Principal, node_id: str, connected: Set[str] | None,
@@ -71,7 +78,7 @@ async def get_node(uow: UnitOfWork, who: Principal, node_id: str, connected: Set
     if row is None:
         raise NotFound(f"node {node_id} not found")
     usage = await repo.node_usage(uow.session, [row.id])
-    return _view(row, usage, connected, heard)
+    return _view(row, usage, connected, heard, await nominated_nodes(uow.session))
 
 
 async def _set_cordon(uow: UnitOfWork, who: Principal, node_id: str, cordoned: bool, signals: Signals,
@@ -91,7 +98,7 @@ async def _set_cordon(uow: UnitOfWork, who: Principal, node_id: str, cordoned: b
         await uow.commit()
         signals.wake_reconciler()
     usage = await repo.node_usage(uow.session, [row.id])
-    return _view(row, usage, connected, heard)
+    return _view(row, usage, connected, heard, await nominated_nodes(uow.session))
 
 
 async def cordon_node(uow: UnitOfWork, who: Principal, node_id: str, signals: Signals,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from controller.cli.commands.apply import dry_run_text
+from controller.cli.documents import node_document
 from controller.cli.tables import fmt_indices, fmt_number, fmt_used_of, render_kv, render_table
 from controller.cli.views import (
     cluster_placements_table, deployment_detail, deployments_table, node_detail, nodes_table, summary_view,
@@ -98,6 +99,15 @@ def test_nodes_and_topology_and_summary_views() -> None:
     assert "1/4 (1 failed)" in nodes_table([sick])
     assert "Accelerator 2:" in node_detail(sick) and "failed: uncorrectable ECC error (takes no shards)" in node_detail(sick)
     assert "accelerator 2 failed" in nodes_table([sick], wide=True)
+    # Kept at the head of the line: a flag in -o wide, the deployment and since when in the detail.
+    kept = admin_pb2.Node(id="rack-00-n03", rack="rack-00", state=common_pb2.NODE_STATE_READY, accelerators=4,
+                          nominated_for="acme/llama-70b")
+    kept.nominated_at.FromJsonString("2026-12-06T21:00:00Z")
+    assert "nominated for acme/llama-70b" in nodes_table([kept], wide=True)
+    assert ("Nominated:        for acme/llama-70b since 2026-12-06T21:00:00Z, at the head of the line"
+            in node_detail(kept)), node_detail(kept)
+    assert node_document(kept)["status"]["nominated_for"] == "acme/llama-70b"
+    assert "nominated_for" not in node_document(sick)["status"]
 
     topo = admin_pb2.Topology(zones=[admin_pb2.Zone(id="z1")],
                               rows=[admin_pb2.Row(id="row-a", zone="z1", power_budget_w=100000, power_used_w=20000)],

@@ -14,6 +14,7 @@ from controller.store.nominations import read_nominations
 from controller.domain.values import RackSpec, RowSpec, TopologySpec, ZoneSpec
 from controller.store.snapshot import load_snapshot
 from controller.usecases import deployments, topology
+from controller.usecases import nodes as node_cases
 from controller.usecases.ports import RecordingSignals
 from uc_builders import WHO, add_nodes, add_tenant, deployment, no_publish, submit
 
@@ -128,6 +129,11 @@ async def test_a_new_leader_takes_up_the_stored_nomination_and_the_gang_is_place
     assert (stored.solver_id, stored.nodes, stored.priority) == ("t1/gang", nomination.nodes, nomination.priority)
     assert snapshot.problem["nominations"] == [
         {"deployment": "t1/gang", "priority": nomination.priority, "nodes": list(nomination.nodes)}]
+    async with cluster.unit_of_work() as uow:  # `maiactl describe node`, on any controller
+        kept = await node_cases.get_node(uow, WHO, nomination.nodes[0], None, {})
+        listed = await node_cases.list_nodes(uow, WHO, None, {})
+    assert kept.nominated_for == "t1/gang" and kept.nominated_at == stored.nominated_at
+    assert {n.info.node_id for n in listed.items if n.nominated_for == "t1/gang"} == set(nomination.nodes)
     loop.resync()  # this controller elected again (it lost the lease): what it held is taken up again
     await loop.reconcile_once()
     assert loop.nominations == (nomination,)

@@ -117,7 +117,7 @@ class TopologyItemRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("id", "hostname", "rack", "row", "zone", "state", "accelerators", "accelerator_model", "hbm_gib", "cpu_milli", "memory_mib", "idle_power_w", "labels", "connected", "last_heartbeat", "power_draw_w", "accelerators_used", "shards", "tenants", "cordoned", "draining", "evicted", "failed_accelerators")
+    __slots__ = ("id", "hostname", "rack", "row", "zone", "state", "accelerators", "accelerator_model", "hbm_gib", "cpu_milli", "memory_mib", "idle_power_w", "labels", "connected", "last_heartbeat", "power_draw_w", "accelerators_used", "shards", "tenants", "cordoned", "draining", "evicted", "failed_accelerators", "nominated_for", "nominated_at")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,8 @@ class Node(_message.Message):
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     EVICTED_FIELD_NUMBER: _ClassVar[int]
     FAILED_ACCELERATORS_FIELD_NUMBER: _ClassVar[int]
+    NOMINATED_FOR_FIELD_NUMBER: _ClassVar[int]
+    NOMINATED_AT_FIELD_NUMBER: _ClassVar[int]
     id: str
     hostname: str
     rack: str
@@ -171,7 +173,9 @@ class Node(_message.Message):
     draining: bool
     evicted: bool
     failed_accelerators: _containers.RepeatedCompositeFieldContainer[_common_pb2.AcceleratorFault]
-    def __init__(self, id: _Optional[str] = ..., hostname: _Optional[str] = ..., rack: _Optional[str] = ..., row: _Optional[str] = ..., zone: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.NodeState, str]] = ..., accelerators: _Optional[int] = ..., accelerator_model: _Optional[str] = ..., hbm_gib: _Optional[float] = ..., cpu_milli: _Optional[int] = ..., memory_mib: _Optional[int] = ..., idle_power_w: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., connected: _Optional[bool] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., power_draw_w: _Optional[float] = ..., accelerators_used: _Optional[float] = ..., shards: _Optional[int] = ..., tenants: _Optional[_Iterable[str]] = ..., cordoned: _Optional[bool] = ..., draining: _Optional[bool] = ..., evicted: _Optional[bool] = ..., failed_accelerators: _Optional[_Iterable[_Union[_common_pb2.AcceleratorFault, _Mapping]]] = ...) -> None: ...
+    nominated_for: str
+    nominated_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., hostname: _Optional[str] = ..., rack: _Optional[str] = ..., row: _Optional[str] = ..., zone: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.NodeState, str]] = ..., accelerators: _Optional[int] = ..., accelerator_model: _Optional[str] = ..., hbm_gib: _Optional[float] = ..., cpu_milli: _Optional[int] = ..., memory_mib: _Optional[int] = ..., idle_power_w: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., connected: _Optional[bool] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., power_draw_w: _Optional[float] = ..., accelerators_used: _Optional[float] = ..., shards: _Optional[int] = ..., tenants: _Optional[_Iterable[str]] = ..., cordoned: _Optional[bool] = ..., draining: _Optional[bool] = ..., evicted: _Optional[bool] = ..., failed_accelerators: _Optional[_Iterable[_Union[_common_pb2.AcceleratorFault, _Mapping]]] = ..., nominated_for: _Optional[str] = ..., nominated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ("rack", "page_size", "page_token")
