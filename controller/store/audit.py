@@ -521,10 +521,15 @@ async def verify_chain(session: AsyncSession, *, expected_head: tuple[int, str] 
     if head is None:
         return ChainReport(False, 0, 0, "", 1, ("the head record (audit_head id=1) was deleted: no entry from 1 on can be "
                                           "checked against it"))
-    base = (await session.execute(select(AuditBase.seq, AuditBase.hash).where(AuditBase.id == 1))).one_or_none()
+    base = (await session.execute(
+        select(AuditBase.seq, AuditBase.hash, AuditBase.at).where(AuditBase.id == 1))).one_or_none()
     if base is None:
         return ChainReport(False, 0, head.seq, head.hash, 1, (
             "the base record (audit_base id=1) was deleted: where the chain begins is unknown"))
+    if base.seq > 0 and base.at is None:  # retention records the time of what it deleted
+        return ChainReport(False, 0, head.seq, head.hash, base.seq + 1, (
+            f"the base record (audit_base id=1) names entry {base.seq} but no time: it was not written by retention"),
+            base.seq + 1)
     prev_seq, prev_hash, entries = base.seq, base.hash, 0
 
     def broken(seq: int, problem: str) -> ChainReport:
@@ -555,10 +560,14 @@ async def verify_chain(session: AsyncSession, *, expected_head: tuple[int, str] 
         if want_seq > head.seq:
             return broken(head.seq + 1, f"the log ends at seq {head.seq} but the expected head is seq {want_seq}: "
                                         "the newest entries (and the head record) were removed")
+        if want_seq > 0 and want_hash and want_seq < base.seq:
+            # Deleted past --audit-ttl, or by whoever moved the base: nothing can tell which, so
+            # the check the operator asked for fails rather than pass unchecked.
+            return broken(want_seq, (
+                f"the expected head, entry {want_seq}, was deleted (the chain begins after entry {base.seq}, past "
+                "--audit-ttl or by hand): it cannot be checked; save a newer head more often than the audit TTL"))
         if want_seq > 0 and want_hash:
-            # An expected head before the base was deleted past --audit-ttl: the chain from the
-            # base on is what is checked (`first_seq` says so).
-            found = (base.hash if want_seq == base.seq else want_hash if want_seq < base.seq else
+            found = (base.hash if want_seq == base.seq else
                      (await session.execute(select(AuditEntry.hash).where(AuditEntry.seq == want_seq))).scalar_one())
             if found != want_hash:
                 return broken(want_seq, f"entry {want_seq} does not have the expected head hash: the log was "

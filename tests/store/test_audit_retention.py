@@ -139,16 +139,35 @@ async def test_a_base_moved_past_entries_kept_breaks_the_link(database: Database
     assert not report.intact and report.first_bad_seq == 4 and "does not link to entry 3" in report.problem
 
 
-async def test_an_expected_head_before_the_base_is_past_the_ttl_and_at_the_base_is_checked(
+async def test_an_expected_head_at_the_base_is_checked_and_one_before_it_fails_unchecked(
         database: Database) -> None:
     await _append(database, 5, 1, 2, 3)
     await _append(database, 0, 4)
     second, third = await _hash_of(database, 2), await _hash_of(database, 3)
     assert await _prune(database) == 3
-    assert (await _verify(database, expected_head=(2, second))).intact  # deleted past the TTL: from the base on
     assert (await _verify(database, expected_head=(3, third))).intact
     report = await _verify(database, expected_head=(3, "f" * 64))
     assert not report.intact and report.first_bad_seq == 3 and "expected head hash" in report.problem
+    # Deleted: by retention or by someone who moved the base too, which nothing tells apart.
+    report = await _verify(database, expected_head=(2, second))
+    assert not report.intact and report.first_bad_seq == 2 and "cannot be checked" in report.problem
+
+
+async def test_a_whole_log_rewritten_behind_a_forged_base_fails_the_expected_head(database: Database) -> None:
+    """Without retention too: the log deleted, a forged entry whose prev_hash the base is set to."""
+    await _append(database, 0, 1, 2, 3, 4, 5)
+    fifth = await _hash_of(database, 5)
+    await _append(database, 0, 6, 7)
+    seventh = await _hash_of(database, 7)
+    await _sql(database, "DELETE FROM audit_log WHERE seq < 7")
+    forged_base = "UPDATE audit_base SET seq = 6, hash = (SELECT prev_hash FROM audit_log WHERE seq = 7)"
+    await _sql(database, forged_base)
+    report = await _verify(database)
+    assert not report.intact and "names entry 6 but no time" in report.problem  # retention writes a time
+    await _sql(database, "UPDATE audit_base SET at = CURRENT_TIMESTAMP")
+    assert (await _verify(database)).intact  # what the chain alone cannot tell (docs/security.md)
+    assert not (await _verify(database, expected_head=(5, fifth))).intact  # the saved head can
+    assert (await _verify(database, expected_head=(7, seventh))).intact
 
 
 async def test_the_retention_loop_deletes_a_batch_a_transaction(database: Database) -> None:
