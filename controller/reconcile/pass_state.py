@@ -98,6 +98,15 @@ class PassState:
         )
         return changed
 
+    async def store_nominations(self) -> None:
+        """At a pass's end, commit what the nominations changed that no plan commit of the pass
+        took (the set in force and its events): one made or ended by a pass that committed
+        nothing, or ended by what its commit placed (`report`'s `saw` runs after the commit).
+        Else a snapshot, a dry run and a new leader would go on with a nomination ended here."""
+        if self.nominations.unstored:
+            async with self.db.unit_of_work() as uow:
+                await self.commit(uow, ())
+
     async def commit(self, uow: UnitOfWork, nodes: Iterable[str], changed: Iterable[str] = (),
                      deleted: Iterable[DeploymentView] = ()) -> None:
         """Commit a unit of work that changed `nodes`' assignment sets and the deployments

@@ -333,6 +333,7 @@ class Reconciler:
                 if outcome.solved:
                     self._state.queue.arrived(0)
                 self._observer.queue_depths(self._state.queue.depths())
+                await self._state.store_nominations()
                 self._observer.nominated(self._state.nominations.nominated_nodes)
             except LeaseLost:  # not a failure of this pass: another controller schedules now
                 self._warm.drop()

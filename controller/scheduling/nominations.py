@@ -33,8 +33,9 @@ Both paths honour the nomination: the warm session is handed it (`bring`, `hand`
 solve's problem carries it (`into`), and the scheduling queue sees it in that problem (work it
 parked is let go when it changes). Events say when one is made and ended.
 
-The set in force is stored with the next plan commit whenever it changes (`take_stored`;
-controller/store/nominations.py), so a new leader, or this one restarted, takes it up on its
+The set in force is stored with the pass's plan commit whenever it changes, or in a commit of
+its own at the end of a pass when that committed nothing or changed it after (`take_stored`,
+`PassState.store_nominations`; controller/store/nominations.py), so a new leader, or this one restarted, takes it up on its
 first full pass (`adopt`): the nodes drained for a gang so far stay kept, its place in the line
 and its `max_s` run on from when it was made, and snapshots (`maiactl snapshot`, dry runs) show
 it. What the rest of the line had waited is not stored: the plans of the new leader say it again.
@@ -120,7 +121,7 @@ class Nominations:
         reconciler's clock: `now` is `wall_now`). The next commit stores the set again (rows the
         state no longer has go)."""
         self.adopting = False
-        for nom in stored:
+        for nom in stored if self.after_s > 0 else ():  # nominations turned off: the stored set goes
             if nom.solver_id in self.held:
                 continue
             since = now - max(0.0, (wall_now - nom.nominated_at).total_seconds())
@@ -145,6 +146,11 @@ class Nominations:
         return [StoredNomination(name, held.deployment_id, held.nomination.priority, held.nomination.nodes,
                                  wall(held.since), wall(self._waiting.get(name, (held.since, 0))[0]), held.missing)
                 for name, held in self.held.items() if held.deployment_id is not None]
+
+    @property
+    def unstored(self) -> bool:
+        """Whether the set in force or its events changed since a commit last took them."""
+        return self._changed or bool(self._events)
 
     def store_again(self) -> None:
         """The commit that was to store the set failed (or may have): the next one stores it."""

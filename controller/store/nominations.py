@@ -1,18 +1,18 @@
 """Head-of-line nominations as stored (table `nominations`, migration 0034).
 
 The leader's reconciler keeps them (controller/scheduling/nominations.py) and writes the whole set
-with its next plan commit whenever one is made or ends (`write_nominations`, in the commit's
-transaction: fenced by the leader lease as every leader's write). Two readers:
+whenever one is made or ends, with the pass's plan commit or in a commit of its own at the end of
+the pass (`write_nominations`, fenced by the leader lease as every leader's write). Two readers:
 
 - a new leader, or the same one restarted, takes them up on its first full pass rather than
   starting the line again (`read_nominations`): the nodes drained for a gang so far stay kept;
 - every snapshot carries those still valid in its problem's `nominations` (`in_force`), so that
   `maiactl snapshot` shows them and a dry run decides as the leader will.
 
-A row can outlive what it names: a node deleted, a rolling deployment whose revisions have new
-solver ids, a deployment deleted and one of its name created (the row's `deployment_id` is the
-old one's; ids are never reused, and the foreign key deletes the row with its deployment where
-the database enforces it). `in_force` keeps only what the state it is read with still has.
+A row can outlive what it names: a node deleted, a rollout's outgoing revision (its own solver
+id, `NAME~REV`) finished, a deployment deleted and one of its name created (the row's
+`deployment_id` is the old one's; ids are never reused, and the foreign key deletes the row with
+its deployment). `in_force` keeps only what the state it is read with still has.
 """
 
 from __future__ import annotations

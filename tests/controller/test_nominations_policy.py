@@ -7,6 +7,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
+import pytest
+
+from controller.reconcile import pass_state
+from controller.reconcile.pass_state import PassState
 from controller.scheduling.nominations import Nominated, Nominations
 from controller.store.nominations import StoredNomination
 from scheduler import Plan
@@ -259,6 +263,12 @@ async def test_the_set_in_force_is_stored_when_it_changes_with_its_times_on_the_
     assert noms.take_stored(160.0, WALL) == []
 
 
+async def test_with_nominations_off_a_new_leadership_takes_up_none_and_clears_the_stored_set():
+    noms = Nominations(after_s=0, max_s=600)
+    noms.adopt([StoredNomination("t/gang", 4, 2, ("n1",), WALL, WALL, 1)], 1000.0, WALL)
+    assert not noms.held and noms.take_stored(1000.0, WALL) == []
+
+
 async def test_a_new_leadership_takes_up_the_stored_nominations_at_their_times():
     noms = Nominations(after_s=30, max_s=600)
     stored = StoredNomination("t/gang", 4, 2, ("n1", "n2"), WALL - timedelta(seconds=500),
@@ -301,3 +311,31 @@ async def test_a_pass_is_due_in_a_quiet_cluster_to_end_a_nomination_and_to_decid
     noms.saw(plan(placed=("t/gang",)), 40.0, whole=False)
     assert noms.due(41.0)  # let go: what waits is decided again
     assert await noms.bring(c, 41.0) and not noms.due(42.0)
+
+
+async def test_a_commit_that_fails_leaves_the_set_and_its_events_for_the_next():
+    noms = Nominations(after_s=30, max_s=600)
+    noms.adopt([], 0.0, WALL)
+    noms.saw(plan(unplaced("t/gang", "CAPACITY")), 0.0, whole=False)
+    await noms.bring(cache([{"id": "t/gang"}], Session({"t/gang": ("n1",)})), 30.0)
+    written: list[object] = []
+
+    class Uow:
+        session = SimpleNamespace()
+
+        async def commit(self) -> None:
+            raise RuntimeError("the database went away")
+
+    state = SimpleNamespace(nominations=noms, clock=lambda: 31.0, wall_clock=lambda: WALL)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pass_state, "write_nominations", lambda session, stored: _written(written, stored))
+        patch.setattr(pass_state.repo, "record_events", lambda session, events: _written(written, events))
+        with pytest.raises(RuntimeError):
+            await PassState.commit(state, Uow(), ())  # type: ignore[arg-type]
+    assert len(written) == 2  # both went into the transaction that failed
+    assert noms.unstored and [e.kind for e in noms.take_events()] == ["deployment.nominated"]
+    assert [s.solver_id for s in noms.take_stored(32.0, WALL)] == ["t/gang"]
+
+
+async def _written(into: list[object], what: object) -> None:
+    into.append(what)

@@ -11,7 +11,7 @@ from sqlalchemy import delete
 
 from controller.store.db import Database
 from controller.store.models import Deployment
-from controller.store.nominations import StoredNomination, read_nominations, write_nominations
+from controller.store.nominations import StoredNomination, in_force, read_nominations, write_nominations
 from controller.store.snapshot import load_snapshot
 from scheduler import problem_from_dict
 
@@ -90,3 +90,11 @@ async def test_a_snapshot_carries_the_nominations_the_state_still_has(database: 
     await _write(database)
     async with database.unit_of_work() as uow:
         assert "nominations" not in (await load_snapshot(uow.session)).problem
+
+
+def test_a_node_in_two_stored_nominations_stays_with_the_older() -> None:
+    """One leader never writes that; a problem naming a node twice would be refused whole."""
+    older, newer = _nomination("t/a", 1, ("n1", "n2"), 9), _nomination("t/b", 2, ("n2", "n3"), 1)
+    kept = in_force([older, newer], {"t/a": 1, "t/b": 2}, {"t/a", "t/b"}, {"n1", "n2", "n3"})
+    assert [(k.solver_id, k.nodes) for k in kept] == [("t/a", ("n1", "n2")), ("t/b", ("n3",))]
+    assert in_force([newer], {"t/b": 2}, {"t/b"}, {"n9"}) == []  # none of its nodes left: none
