@@ -98,7 +98,7 @@ class FullPath(PathCollaborators):
             # first full pass takes up those stored.
             if self._state.nominations.adopting:
                 await self._adopt_nominations(snapshot)
-            self._state.nominations.expire(self._state.clock(), snapshot.deployment_ids)
+            self._state.nominations.expire(self._state.clock(), snapshot)
             nominated = self._state.nominations.into(snapshot.problem)
             self._state.nominations.let_go = False  # this solve decides everything with them let go
             admitted, waiting = self._state.queue.admit(nominated)

@@ -24,7 +24,8 @@ module is the policy the leader's reconciler keeps:
   in the line (it is asked again when a nomination ends, or before one behind it is nominated);
   one no nodes would help goes to the back of the line;
 - the nomination ends when its deployment stops waiting (placed, deleted), when a replica of it
-  is placed (the nodes for the rest are chosen again at once), or after `max_s`: then it goes to
+  is placed (the nodes for the rest are chosen again at once), when the deployment is updated in
+  what its nodes were chosen for (`shape_of`; it keeps its place), or after `max_s`: then it goes to
   the back of the line, so that one another rule holds back (its rack's power, another tenant's
   isolation) does not keep the nodes from everyone for ever. The nodes let go, what waits is
   decided again (a pass is due for it, and for the end, in a quiet cluster too: `due`).
@@ -44,6 +45,8 @@ it. What the rest of the line had waited is not stored: the plans of the new lea
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -55,6 +58,7 @@ from controller.scheduling.cache import ClusterCache
 from controller.store.nominations import StoredNomination
 from controller.store.repositories.events import NewEvent
 from controller.store.rollout import stored_key
+from controller.store.snapshot import Snapshot
 from scheduler import Plan
 from scheduler.model import Nomination
 
@@ -77,6 +81,8 @@ class Nominated:
     since: float
     missing: int
     deployment_id: int | None  # None: not in the snapshot it was made on (not stored)
+    # What the nodes were chosen for (`shape_of` its deployment then): an update ends it (`expire`).
+    shape: str = ""
 
 
 class Nominations:
@@ -127,7 +133,7 @@ class Nominations:
             since = now - max(0.0, (wall_now - nom.nominated_at).total_seconds())
             waited = now - max(0.0, (wall_now - nom.waiting_since).total_seconds())
             self.held[nom.solver_id] = Nominated(Nomination(nom.solver_id, nom.priority, nom.nodes), since,
-                                                 nom.missing, nom.deployment_id)
+                                                 nom.missing, nom.deployment_id, nom.shape)
             self._waiting[nom.solver_id] = (min(waited, since), nom.missing)
             log.info("took up a stored nomination deployment=%s priority=%d held_s=%.0f nodes=%s", nom.solver_id,
                      nom.priority, now - since, ",".join(nom.nodes))
@@ -144,7 +150,8 @@ class Nominations:
             return wall_now - timedelta(seconds=max(0.0, now - at))
 
         return [StoredNomination(name, held.deployment_id, held.nomination.priority, held.nomination.nodes,
-                                 wall(held.since), wall(self._waiting.get(name, (held.since, 0))[0]), held.missing)
+                                 wall(held.since), wall(self._waiting.get(name, (held.since, 0))[0]), held.missing,
+                                 held.shape)
                 for name, held in self.held.items() if held.deployment_id is not None]
 
     @property
@@ -229,9 +236,16 @@ class Nominations:
         rest = {k: v for k, v in problem.items() if k != "nominations"}
         return {**rest, "nominations": out} if out else rest
 
-    def expire(self, now: float, live: Collection[str]) -> None:
-        """End the nominations held `max_s` (their deployments to the back of the line) or whose
-        deployment is gone (`live`: the stored deployments' keys), on either path."""
+    def expire(self, now: float, snapshot: Snapshot) -> None:
+        """End the nominations held `max_s` (their deployments to the back of the line), whose
+        deployment is gone, or whose deployment was updated since its nodes were chosen (its
+        priority or what a replica needs: `shape_of`; it keeps its place, and nodes are chosen
+        again for what it is now), on either path."""
+        if not self.held:
+            return
+        live = snapshot.deployment_ids
+        docs = {d["id"]: d for d in snapshot.index.deployments_of(
+            snapshot.problem, {stored_key(name) for name in self.held})}
         for name, held in list(self.held.items()):
             if stored_key(name) not in live:
                 self._waiting.pop(name, None)
@@ -239,6 +253,8 @@ class Nominations:
             elif self._overdue(held, now):
                 self._waiting[name] = (now, self._waiting.get(name, (now, 0))[1])  # to the back of the line
                 self._end(name, f"held {self.max_s:.0f} s without fitting")
+            elif name in docs and held.shape and shape_of(docs[name]) != held.shape:
+                self._end(name, "its deployment was updated: nodes are chosen again for what it asks now")
 
     async def bring(self, cache: ClusterCache, now: float) -> bool:
         """At a fast pass's start: `expire`, hand the session what is in force, make
@@ -246,7 +262,7 @@ class Nominations:
         session picks their nodes, with those of ended ones let go first) and hand them over
         too (blocking calls in a worker thread). Whether nodes were let go since the last pass
         decided what waits (work waiting elsewhere may fit on them now: decide it again)."""
-        self.expire(now, cache.snapshot.deployment_ids)
+        self.expire(now, cache.snapshot)
         await self.hand(cache)
         if self.after_s > 0:
             await self._elect(cache, now)
@@ -289,7 +305,7 @@ class Nominations:
                 continue
             priority = int(docs[name].get("priority", 0))
             self.held[name] = Nominated(Nomination(name, priority, nodes), now, missing,
-                                        snap.deployment_ids.get(stored_key(name)))
+                                        snap.deployment_ids.get(stored_key(name)), shape_of(docs[name]))
             self._changed = True
             log.info("nominated nodes for the head of the line deployment=%s priority=%d waited_s=%.0f nodes=%s",
                      name, priority, now - since, ",".join(nodes))
@@ -311,6 +327,17 @@ class Nominations:
     def _event(self, name: str, kind: str, message: str, data: dict[str, Any]) -> None:
         self._events.append(NewEvent(actor="controller", kind=kind, object_kind="deployment",
                                      object_id=stored_key(name), message=message, data=data))
+
+
+# What nodes are chosen for, of a deployment's document: not its replica counts (a scale keeps
+# the nomination; fewer missing is progress, `saw`).
+_SHAPE_KEYS = ("tenant", "priority", "preemptible", "shards_per_replica", "shard", "locality", "spread")
+
+
+def shape_of(doc: dict[str, Any]) -> str:
+    """A digest of what a deployment's nominated nodes were chosen for (`_SHAPE_KEYS`)."""
+    content = json.dumps({key: doc.get(key) for key in _SHAPE_KEYS}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(content.encode()).hexdigest()[:32]
 
 
 def _gathers(doc: dict[str, Any]) -> bool:

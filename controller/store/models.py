@@ -373,6 +373,8 @@ class NominationRow(Base):
     # Since when it has waited (the line's order), and the replicas it missed when nominated.
     waiting_since: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     missing: Mapped[int] = mapped_column(Integer, nullable=False)
+    # A digest of what the nodes were chosen for: an update of the deployment ends the nomination.
+    shape: Mapped[str] = mapped_column(String(64), default="", nullable=False)
 
 
 class DeploymentRevision(Base):

@@ -42,16 +42,17 @@ class StoredNomination:
     nominated_at: datetime
     waiting_since: datetime
     missing: int
+    shape: str = ""  # what the nodes were chosen for (`scheduling.nominations.shape_of`)
 
 
 async def read_nominations(session: AsyncSession) -> list[StoredNomination]:
     """Every stored nomination, oldest first."""
     rows = await session.execute(select(
         NominationRow.solver_id, NominationRow.deployment_id, NominationRow.priority, NominationRow.nodes,
-        NominationRow.nominated_at, NominationRow.waiting_since, NominationRow.missing,
+        NominationRow.nominated_at, NominationRow.waiting_since, NominationRow.missing, NominationRow.shape,
     ).order_by(NominationRow.nominated_at, NominationRow.solver_id))
     return [StoredNomination(r.solver_id, r.deployment_id, r.priority, tuple(r.nodes), as_utc(r.nominated_at),
-                             as_utc(r.waiting_since), r.missing) for r in rows]
+                             as_utc(r.waiting_since), r.missing, r.shape) for r in rows]
 
 
 async def nominated_nodes(session: AsyncSession) -> dict[str, StoredNomination]:
@@ -72,7 +73,7 @@ async def write_nominations(session: AsyncSession, nominations: Sequence[StoredN
         await session.execute(insert(NominationRow), [
             {"solver_id": n.solver_id, "deployment_id": n.deployment_id, "priority": n.priority,
              "nodes": list(n.nodes), "nominated_at": n.nominated_at, "waiting_since": n.waiting_since,
-             "missing": n.missing} for n in nominations])
+             "missing": n.missing, "shape": n.shape} for n in nominations])
 
 
 def in_force(stored: Sequence[StoredNomination], deployment_ids: Mapping[str, int], solver_ids: Collection[str],

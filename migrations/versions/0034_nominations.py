@@ -6,8 +6,9 @@ Create Date: 2026-12-06
 
 A row a nomination (controller/scheduling/nominations.py): the solver's deployment id, its stored
 deployment (deleted with it), the nominated nodes, when it was made, since when its deployment
-has waited and how many replicas it missed. The leader writes them with its plan commits; a new
-leader takes them up instead of starting the line again.
+has waited, how many replicas it missed, and a digest of what the nodes were chosen for. The
+leader writes them with its commits; a new leader takes them up instead of starting the line
+again.
 """
 from typing import Sequence, Union
 
@@ -30,6 +31,7 @@ def upgrade() -> None:
         sa.Column("nominated_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("waiting_since", sa.DateTime(timezone=True), nullable=False),
         sa.Column("missing", sa.Integer(), nullable=False),
+        sa.Column("shape", sa.String(length=64), nullable=False),
         sa.ForeignKeyConstraint(["deployment_id"], ["deployments.id"], name=op.f("fk_nominations_deployment_id_deployments"),
                                 ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("solver_id", name=op.f("pk_nominations")),

@@ -11,13 +11,14 @@ import pytest
 
 from controller.reconcile import pass_state
 from controller.reconcile.pass_state import PassState
-from controller.scheduling.nominations import Nominated, Nominations
+from controller.scheduling.nominations import Nominated, Nominations, shape_of
 from controller.store.nominations import StoredNomination
 from scheduler import Plan
 from scheduler.model import Nomination, Placement, Reason, Unplaced
 
 
 WALL = datetime(2026, 12, 6, 21, 0, tzinfo=timezone.utc)
+GANG = {"id": "t/gang", "shards_per_replica": 8, "shard": {"accelerators": 1}}  # `cache`'s defaults
 
 
 class Session:
@@ -255,12 +256,38 @@ async def test_the_set_in_force_is_stored_when_it_changes_with_its_times_on_the_
     await noms.bring(cache([{"id": "t/gang"}], Session({"t/gang": ("n1", "n2")})), 140.0)
     [stored] = noms.take_stored(150.0, WALL)
     assert stored == StoredNomination("t/gang", 0, 0, ("n1", "n2"), WALL - timedelta(seconds=10),
-                                      WALL - timedelta(seconds=50), 1)
+                                      WALL - timedelta(seconds=50), 1, shape_of(GANG))
     assert noms.take_stored(151.0, WALL) is None  # unchanged since
     noms.store_again()  # the commit that stored it failed
     assert noms.take_stored(152.0, WALL) is not None
     noms.saw(plan(placed=("t/gang",)), 160.0, whole=False)  # placed: the nomination ends
     assert noms.take_stored(160.0, WALL) == []
+
+
+async def test_an_update_of_the_deployment_ends_its_nomination_and_it_keeps_its_place_but_a_scale_does_not():
+    noms = Nominations(after_s=30, max_s=600)
+    noms.saw(plan(unplaced("t/gang", "CAPACITY"), unplaced("t/next", "CAPACITY")), 0.0, whole=False)
+    session = Session({"t/gang": [("n1",), ("n2",)], "t/next": ("n3",)})
+    await noms.bring(cache([{"id": "t/gang"}, {"id": "t/next"}], session), 30.0)
+    assert [n.deployment for n in noms.nominations] == ["t/gang"]  # one zone: t/next waits its turn
+    noms.take_events()
+    await noms.bring(cache([{"id": "t/gang", "replicas": 3}, {"id": "t/next"}], session), 31.0)
+    assert [n.deployment for n in noms.nominations] == ["t/gang"]  # scaled: what a replica needs is the same
+    await noms.bring(cache([{"id": "t/gang", "priority": 7}, {"id": "t/next"}], session), 32.0)
+    [ended, made] = noms.take_events()
+    assert ended.kind == "deployment.nomination_ended" and "was updated" in ended.message
+    assert made.object_id == "t/gang" and noms.nominations == (Nomination("t/gang", 7, ("n1",)),)  # still first
+    await noms.bring(cache([{"id": "t/gang", "priority": 7, "shard": {"accelerators": 2}}, {"id": "t/next"}],
+                           session), 33.0)
+    assert [e.kind for e in noms.take_events()] == ["deployment.nomination_ended", "deployment.nominated"]
+
+
+async def test_a_stored_nomination_for_what_its_deployment_no_longer_asks_ends_when_taken_up():
+    noms = Nominations(after_s=30, max_s=600)
+    noms.adopt([StoredNomination("t/gang", 0, 0, ("n1",), WALL, WALL, 1, shape_of(dict(GANG, priority=3)))],
+               1000.0, WALL)
+    noms.expire(1000.0, cache([GANG], Session({})).snapshot)
+    assert not noms.held and "was updated" in noms.take_events()[0].message
 
 
 async def test_with_nominations_off_a_new_leadership_takes_up_none_and_clears_the_stored_set():
@@ -283,7 +310,7 @@ async def test_a_new_leadership_takes_up_the_stored_nominations_at_their_times()
     assert c.session.handed == [noms.nominations]  # the session is handed it
     assert not noms.due(1099.0) and noms.due(1100.0)  # max_s runs on from when it was made
     noms.saw(plan(unplaced("t/gang", "CAPACITY")), 1100.0, whole=True)
-    noms.expire(1100.0, {"t/gang": 4})
+    noms.expire(1100.0, cache([{"id": "t/gang"}], Session({})).snapshot)
     assert not noms.held and [e.kind for e in noms.take_events()] == ["deployment.nomination_ended"]
 
 
