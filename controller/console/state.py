@@ -22,17 +22,19 @@ import json
 import zlib
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import Row, Text, cast, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from controller.domain.values import ReasonView
+from controller.domain.values import ReasonView, split_deployment_key
 from controller.store import metering
 from controller.store import models as m
 from controller.store import repositories as repo
+from controller.store.nominations import nominated_nodes
+from controller.store.rollout import stored_key
 from controller.usecases.redaction import NOTHING, Redactor
 
 OTHER_TENANT = "other"
@@ -86,6 +88,8 @@ class ConsoleRows:
     known_tenants: list[str]  # every tenant id ever (deleted ones too): what a tenant's view redacts
     deployments: repo.SummaryRows
     usage: list[metering.UsageTotal]  # to date: the closed sums and the open accrual, not the history
+    # Node -> the deployment (key) a head-of-line nomination keeps it for (store/nominations.py).
+    nominated: dict[str, str] = field(default_factory=dict)
 
 
 async def read_console_rows(session: AsyncSession, *, viewer_tenant: str = "",
@@ -106,6 +110,7 @@ async def read_console_rows(session: AsyncSession, *, viewer_tenant: str = "",
         # A tenant's viewer sees its own customer's usage, not that of its id's customer before.
         usage=await _customer_usage(session, viewer_tenant, now) if viewer_tenant
         else await metering.usage_to_date(session, ("tenant",), now=now),
+        nominated={node: stored_key(nom.solver_id) for node, nom in (await nominated_nodes(session)).items()},
     )
 
 
@@ -142,10 +147,15 @@ def console_document(read: ConsoleRows) -> dict[str, Any]:
     nodes_by_rack: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for node_id, rack_id, health, cordoned, model, accelerators, failed_column in read.nodes:
         failed = {f.index: f.reason for f in repo.stored_faults(failed_column)}
-        nodes_by_rack[rack_id].append({
+        node = {
             "id": node_id, "state": m.operator_state(health, cordoned), "model": model,
             "accelerators": [_accelerator(i, held.get((node_id, i)), failed) for i in range(accelerators)],
-        })
+        }
+        if node_id in read.nominated:  # kept at the head of the line; another tenant's only as "other"
+            key = read.nominated[node_id]
+            node["nominated_for"] = key if _visible(split_deployment_key(key)[0], viewer_tenant) != OTHER_TENANT \
+                else OTHER_TENANT
+        nodes_by_rack[rack_id].append(node)
     racks_by_row: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for rack_id, row_id, budget in read.racks:
         racks_by_row[row_id].append({

@@ -9,9 +9,10 @@ import json
 import logging
 import threading
 import time
+from datetime import datetime, timezone
 
 import aiohttp
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from controller.console import server as console_server
 from controller.console import state as console_doc
@@ -23,6 +24,7 @@ from controller.tokenstreams import TokenStreams
 from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store.db import Database
+from controller.store.nominations import StoredNomination, write_nominations
 from controller.usecases.watch import DeploymentEventBus, deleted_elsewhere
 from uc_builders import add_tenant, deployment, no_publish, submit
 
@@ -330,3 +332,24 @@ async def test_a_failed_accelerator_is_marked_on_the_map(cluster: Database) -> N
     nodes = {n["id"]: n for z in doc["zones"] for row in z["rows"] for r in row["racks"] for n in r["nodes"]}
     assert [a.get("failed") for a in nodes["rack-a-n0"]["accelerators"]] == [None, None, None, "link down"]
     assert all("failed" not in a for a in nodes["rack-a-n1"]["accelerators"])
+
+
+async def test_a_nominated_node_says_for_whom_and_a_tenant_sees_another_tenants_as_other(cluster: Database) -> None:
+    await _two_tenants_placed(cluster)
+    async with cluster.unit_of_work() as uow:
+        ids = {d.name: d.id for d in (await uow.session.scalars(select(m.Deployment))).all()}
+        at = datetime(2026, 12, 6, 21, 0, tzinfo=timezone.utc)
+        await write_nominations(uow.session, [
+            StoredNomination("t1/a-svc", ids["a-svc"], 0, ("rack-a-n0",), at, at, 1),
+            StoredNomination("t2/b-svc", ids["b-svc"], 0, ("rack-a-n1",), at, at, 1)])
+        await uow.commit()
+
+    def nodes(doc: dict) -> dict[str, dict]:
+        return {n["id"]: n for z in doc["zones"] for row in z["rows"] for r in row["racks"] for n in r["nodes"]}
+
+    async with cluster.unit_of_work() as uow:
+        operator = nodes(await console_state(uow.session))
+        tenant = nodes(await console_state(uow.session, viewer_tenant="t2"))
+    assert operator["rack-a-n0"]["nominated_for"] == "t1/a-svc" and operator["rack-a-n1"]["nominated_for"] == "t2/b-svc"
+    assert tenant["rack-a-n0"]["nominated_for"] == OTHER_TENANT and tenant["rack-a-n1"]["nominated_for"] == "t2/b-svc"
+    assert not any("nominated_for" in n for name, n in operator.items() if name not in ("rack-a-n0", "rack-a-n1"))

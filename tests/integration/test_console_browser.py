@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from controller.api.server import ControllerApp
 from controller.config import Config
 from controller.console.state import tenant_colours
 from controller.store import models as m
+from controller.store.models import utcnow
+from controller.store.nominations import StoredNomination, write_nominations
 from grpc_harness import (
     PENDING, RUNNING, SimFleet, Stubs, admin_token_of, eventually, issue_token, spec, topology,
 )
@@ -113,6 +115,10 @@ async def cluster(tmp_path: Path) -> AsyncIterator[tuple[ControllerApp, Stubs]]:
         async with app.db.unit_of_work() as uow:  # as its agent's heartbeats would have it stored
             await uow.session.execute(update(m.Node).where(m.Node.id == "rack-01-n01").values(
                 failed_accelerators=[{"index": 3, "reason": "link down"}]))
+            # As the leader stores a head-of-line nomination (its own are made after 30 s of waiting).
+            big = await uow.session.scalar(select(m.Deployment.id).where(m.Deployment.name == "big"))
+            await write_nominations(uow.session, [StoredNomination("acme/big", big, 0, ("rack-00-n00",), utcnow(),
+                                                                   utcnow(), 1)])
             await uow.commit()
         yield app, stubs
     finally:
@@ -158,6 +164,10 @@ async def test_the_console_shows_racks_tenants_and_why_work_is_pending(cluster) 
             acme_titles = await page.locator(".acc[title*='acme']").evaluate_all("els => els.map(e => e.title)")
             assert sum(int(m) for t in acme_titles for m in re.findall(r"acme (\d+)m", t)) == 500
             assert await page.locator('.node.cordoned[data-node="rack-01-n01"]').count() == 1
+            kept = page.locator('.node.nominated[data-node="rack-00-n00"]')
+            assert await kept.count() == 1 and await page.locator(".node.nominated").count() == 1
+            assert (await kept.get_attribute("title")).endswith(": kept for acme/big at the head of the line")
+            assert "dashed" in await kept.evaluate("e => getComputedStyle(e).outlineStyle")
             failed = page.locator('[data-node="rack-01-n01"] .acc.failed')
             assert await failed.count() == 1
             assert await failed.get_attribute("title") == "accelerator 3: failed (link down)"

@@ -59,9 +59,11 @@ function drawMap(state, colours) {
       el("div", { class: "racks" }, ...row.racks.map((rack) => el("div", { class: "rack", "data-rack": rack.id },
         el("div", { class: "rack-title" }, rack.id),
         el("div", { class: "nodes" }, ...rack.nodes.map((node) => {
-          const cell = el("div", { class: "node " + node.state, "data-node": node.id },
+          const kept = node.nominated_for ? " nominated" : "";
+          const cell = el("div", { class: "node " + node.state + kept, "data-node": node.id },
             ...node.accelerators.map((acc) => drawAccelerator(acc, colours)));
-          cell.title = `${node.id} (${node.model}, ${node.state})`;
+          cell.title = `${node.id} (${node.model}, ${node.state})` +
+            (kept ? `: kept for ${node.nominated_for} at the head of the line` : "");
           return cell;
         })))))))));
   $("map").replaceChildren(...zones);
