@@ -11,7 +11,7 @@ import ipaddress
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,28 +157,24 @@ def _positive_float(text: str) -> float:
 
 
 EVENT_TTL_MIN_S = 3600.0              # an hour: less would cut what rollouts and operators read back
-EVENT_TTL_MAX_S = 3650 * 24 * 3600.0  # ten years
+AUDIT_TTL_MIN_S = 24 * 3600.0         # a day: less would leave an incident nothing to read back
+TTL_MAX_S = 3650 * 24 * 3600.0        # ten years
 
 
-def _event_ttl(text: str) -> float:
-    value = _number(text)
-    if value != 0 and not EVENT_TTL_MIN_S <= value <= EVENT_TTL_MAX_S:
-        raise argparse.ArgumentTypeError(
-            f"0 (keep every event) or {EVENT_TTL_MIN_S:.0f} to {EVENT_TTL_MAX_S:.0f} seconds (an hour to ten "
-            f"years), got {text}")
-    return value
+def _ttl(kept: str, minimum_s: float, minimum_words: str) -> Callable[[str], float]:
+    """A time-to-live flag's parser: 0 (keep every one of `kept`) or `minimum_s` to ten years."""
+    def parse(text: str) -> float:
+        value = _number(text)
+        if value != 0 and not minimum_s <= value <= TTL_MAX_S:
+            raise argparse.ArgumentTypeError(
+                f"0 (keep every {kept}) or {minimum_s:.0f} to {TTL_MAX_S:.0f} seconds ({minimum_words} to ten "
+                f"years), got {text}")
+        return value
+    return parse
 
 
-AUDIT_TTL_MIN_S = 24 * 3600.0  # a day: less would leave an incident nothing to read back
-
-
-def _audit_ttl(text: str) -> float:
-    value = _number(text)
-    if value != 0 and not AUDIT_TTL_MIN_S <= value <= EVENT_TTL_MAX_S:
-        raise argparse.ArgumentTypeError(
-            f"0 (keep every audit entry) or {AUDIT_TTL_MIN_S:.0f} to {EVENT_TTL_MAX_S:.0f} seconds (a day to ten "
-            f"years), got {text}")
-    return value
+_event_ttl = _ttl("event", EVENT_TTL_MIN_S, "an hour")
+_audit_ttl = _ttl("audit entry", AUDIT_TTL_MIN_S, "a day")
 
 
 def _non_negative_float(text: str) -> float:
