@@ -39,6 +39,18 @@ class FastPath(PathCollaborators):
         self.passes = 0        # passes that decided on the warm session
         self.delta_passes = 0  # passes that only applied others' changes to the cache (nothing to decide)
 
+    async def _bring_nominations(self) -> bool | None:
+        """`Nominations.bring` on the warm cluster: whether nodes were let go; None: the warm
+        session is lost (the full path runs instead)."""
+        try:
+            if self._warm.cache is None:
+                return False
+            return await self._state.nominations.bring(self._warm.cache, self._clock())
+        except DeciderFailed:  # the session in the decide process is lost
+            log.exception("the warm session is lost; solving the whole cluster")
+            self._warm.drop()
+            return None
+
     async def decide_and_commit(self, uow: UnitOfWork, generation: int, arrivals: int) -> ReconcileOutcome | None:
         """Follow others' changes (up to `generation`, read first in `uow`), then decide the
         arrivals (and, after a change that could help them, what is still short of replicas) on
@@ -46,13 +58,11 @@ class FastPath(PathCollaborators):
         controller/scheduling/cache/); None: the full path must run instead."""
         started = time.perf_counter()
         helped, self._state.redecide = self._state.redecide, False
-        try:  # the nominations in force (`scheduling/nominations.py`), before the changes' repairs decide
-            if self._warm.cache is not None:
-                helped |= await self._state.nominations.bring(self._warm.cache, self._clock())
-        except DeciderFailed:  # the session in the decide process is lost
-            log.exception("the warm session is lost; solving the whole cluster")
-            self._warm.drop()
+        # The nominations in force (`scheduling/nominations.py`), before the changes' repairs decide.
+        brought = await self._bring_nominations()
+        if brought is None:
             return None
+        helped |= brought
         if generation != self._warm.own_generation:  # others' changes to follow
             caught_up = await self._warm.catch_up(uow.session, generation=generation)
             self._state.laps.lap("catch_up")
@@ -60,6 +70,11 @@ class FastPath(PathCollaborators):
                 return None
             helped |= caught_up
             self._state.last_generation = self._warm.own_generation
+            if self._state.nominations.held:  # an update followed may end one (and it is made again at once)
+                brought = await self._bring_nominations()
+                if brought is None:
+                    return None
+                helped |= brought
         read = await self._warm.arrivals(uow.session, arrivals) if self._may_have_arrivals(arrivals) else ArrivalDocs([])
         self._state.laps.lap("arrivals")
         cache = self._warm.cache

@@ -247,7 +247,8 @@ class Nominations:
         docs = {d["id"]: d for d in snapshot.index.deployments_of(
             snapshot.problem, {stored_key(name) for name in self.held})}
         for name, held in list(self.held.items()):
-            if stored_key(name) not in live:
+            key = stored_key(name)
+            if key not in live or held.deployment_id not in (None, live[key]):  # gone, or deleted and made anew
                 self._waiting.pop(name, None)
                 self._end(name, "deployment gone")
             elif self._overdue(held, now):

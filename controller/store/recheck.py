@@ -315,7 +315,9 @@ def _neighbourhood(doc: Mapping[str, Any], touched: set[str], committed: Mapping
         present = {d["tenant"] for d in deployments}
         tenants = [t for t in tenants if t["id"] in present]
     part = {
-        **{k: v for k, v in doc.items() if k not in ("placements", "options")},
+        # Nominations are where new work is placed, not a rule a commit is judged by (they may
+        # name nodes outside the part, which a problem may not).
+        **{k: v for k, v in doc.items() if k not in ("placements", "options", "nominations")},
         "rows": [{k: v for k, v in r.items() if k != "power_budget_w"} for r in doc.get("rows", ()) if r["id"] in rows],
         "racks": racks,
         "nodes": nodes,

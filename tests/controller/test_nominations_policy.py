@@ -298,7 +298,7 @@ async def test_with_nominations_off_a_new_leadership_takes_up_none_and_clears_th
 
 async def test_a_new_leadership_takes_up_the_stored_nominations_at_their_times():
     noms = Nominations(after_s=30, max_s=600)
-    stored = StoredNomination("t/gang", 4, 2, ("n1", "n2"), WALL - timedelta(seconds=500),
+    stored = StoredNomination("t/gang", 0, 2, ("n1", "n2"), WALL - timedelta(seconds=500),
                               WALL - timedelta(seconds=560), 1)
     noms.adopt([stored], 1000.0, WALL)
     assert not noms.adopting
@@ -312,6 +312,13 @@ async def test_a_new_leadership_takes_up_the_stored_nominations_at_their_times()
     noms.saw(plan(unplaced("t/gang", "CAPACITY")), 1100.0, whole=True)
     noms.expire(1100.0, cache([{"id": "t/gang"}], Session({})).snapshot)
     assert not noms.held and [e.kind for e in noms.take_events()] == ["deployment.nomination_ended"]
+
+
+async def test_a_nomination_of_a_deployment_deleted_and_made_anew_under_its_name_ends():
+    noms = Nominations(after_s=30, max_s=600)
+    noms.adopt([StoredNomination("t/gang", 0, 0, ("n1",), WALL, WALL, 1)], 1000.0, WALL)
+    noms.expire(1000.0, cache([{"id": "t/other"}, {"id": "t/gang"}], Session({})).snapshot)  # t/gang's key is 1 now
+    assert not noms.held and "deployment gone" in noms.take_events()[0].message
 
 
 async def test_work_of_one_accelerator_a_replica_is_never_nominated():

@@ -13,7 +13,8 @@ from controller.store.db import Database
 from controller.store.nominations import read_nominations
 from controller.domain.values import RackSpec, RowSpec, TopologySpec, ZoneSpec
 from controller.store.snapshot import load_snapshot
-from controller.usecases import deployments, topology
+from controller.scheduling.nominations import shape_of
+from controller.usecases import deployments, topology, updates
 from controller.usecases import nodes as node_cases
 from controller.usecases.ports import RecordingSignals
 from uc_builders import WHO, add_nodes, add_tenant, deployment, no_publish, submit
@@ -157,6 +158,60 @@ async def test_a_new_leader_takes_up_the_stored_nomination_and_the_gang_is_place
         assert await read_nominations(uow.session) == []
     assert [e.kind for e in events if "nominat" in e.kind] == ["deployment.nominated", "deployment.nomination_ended"]
     assert [e for e in events if e.kind == "deployment.nomination_ended"][0].message.endswith("placed")
+
+
+async def update_gang(db: Database, **spec) -> None:
+    async with db.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", "gang")
+        await updates.update_deployment(uow, WHO, deployment("gang", shards=8, accelerators=1, locality="rack", **spec),
+                                        row.resource_version, RecordingSignals())
+
+
+async def test_an_update_in_a_quiet_cluster_ends_the_nomination_and_it_is_made_again_for_what_it_asks_now(
+        cluster, decider):
+    """The pass after the update follows it into the warm cache and ends the nomination there,
+    not `--nomination-max` later; the gang keeps its place (nominated again in that pass)."""
+    clock = Clock()
+    loop = reconciler(cluster, clock, after_s=30.0, decider=decider)
+    await full_cluster_and_a_waiting_gang(cluster, loop)
+    clock.now += 31.0
+    await churn(cluster, loop, ["f0"], 0)
+    [nomination] = loop.nominations
+    for _ in range(2):  # quiet: nothing ends it
+        await loop.reconcile_once()
+    assert loop.nominations == (nomination,)
+    await update_gang(cluster, priority=5)
+    await loop.reconcile_once()
+    [again] = loop.nominations
+    assert (again.deployment, again.priority) == ("t1/gang", 5)
+    async with cluster.unit_of_work() as uow:
+        [stored] = await read_nominations(uow.session)
+        events = await repo.list_events(uow.session, object_kind="deployment", object_id="t1/gang")
+    assert stored.priority == 5 and stored.shape == shape_of({**next(
+        d for d in (await _docs(cluster)) if d["id"] == "t1/gang")})
+    ended = [e.message for e in events if e.kind == "deployment.nomination_ended"]
+    assert len(ended) == 1 and "was updated" in ended[0]
+
+
+async def test_a_new_leader_ends_a_stored_nomination_its_deployment_was_updated_since(cluster, decider):
+    clock = Clock()
+    loop = reconciler(cluster, clock, after_s=30.0, decider=decider)
+    await full_cluster_and_a_waiting_gang(cluster, loop)
+    clock.now += 31.0
+    await churn(cluster, loop, ["f0"], 0)
+    [nomination] = loop.nominations
+    await update_gang(cluster, priority=5)  # the leader dies before it follows the update
+    successor = reconciler(cluster, Clock(), after_s=30.0)
+    await successor.reconcile_once()
+    assert all(n.priority == 5 for n in successor.nominations)  # the stale one ended; made again, or not yet
+    async with cluster.unit_of_work() as uow:
+        events = await repo.list_events(uow.session, object_kind="deployment", object_id="t1/gang")
+    assert any(e.kind == "deployment.nomination_ended" and "was updated" in e.message for e in events)
+
+
+async def _docs(db: Database) -> list[dict]:
+    async with db.unit_of_work() as uow:
+        return (await load_snapshot(uow.session)).problem["deployments"]
 
 
 async def test_without_nominations_each_freed_accelerator_is_taken_again(cluster):

@@ -33,7 +33,7 @@ async def _seeded(database: Database) -> dict[str, int]:
 
 def _nomination(key: str, dep_id: int, nodes: tuple[str, ...], minutes_ago: int = 5) -> StoredNomination:
     return StoredNomination(key, dep_id, 3, nodes, AT - timedelta(minutes=minutes_ago),
-                            AT - timedelta(minutes=minutes_ago + 2), 1)
+                            AT - timedelta(minutes=minutes_ago + 2), 1, shape=f"shape-of-{key}")
 
 
 async def _write(database: Database, *nominations: StoredNomination) -> None:

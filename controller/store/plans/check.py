@@ -104,7 +104,8 @@ def _spec_doc(snapshot: Snapshot, keys: Collection[str] | None = None,
         ref = snapshot.solver_refs.get(doc["id"])
         spec_id = outgoing_id(ref.key, ref.revision) if ref is not None else doc["id"]
         specs.setdefault(spec_id, dict(doc, id=spec_id))
-    judged = {**problem, "deployments": list(specs.values()), "placements": []}
+    judged = {**{k: v for k, v in problem.items() if k != "nominations"},  # a policy, not a rule judged (recheck.py)
+              "deployments": list(specs.values()), "placements": []}
     if rows is not None:
         racks = index.racks_in(problem, rows)
         within = {r["id"] for r in racks}
