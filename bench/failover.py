@@ -95,7 +95,11 @@ class ControllerProcess:
                 self.proc.wait(5)
 
     def log_tail(self) -> str:
-        return self._log_path.read_text(errors="replace")[-4000:]
+        return self.log_text()[-4000:]
+
+    def log_text(self) -> str:
+        """Everything it logged, across its restarts."""
+        return self._log_path.read_text(errors="replace")
 
 
 async def lease_holder(db: Any) -> tuple[str, int, bool]:

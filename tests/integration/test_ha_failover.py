@@ -181,6 +181,100 @@ async def test_leader_killed_during_bursts(cluster: Cluster, db_url: str, tmp_pa
         await db.dispose()
 
 
+@pytest.fixture
+def nominating(db_url: str, tmp_path: Path) -> Iterator[Cluster]:
+    """Two controllers that nominate nodes for a deployment waiting 3 s for room."""
+    asyncio.run(_migrate(db_url))
+    token_file = tmp_path / "admin.token"
+    controllers = [ControllerProcess(db_url, tmp_path, token_file, *CONTROLLER_FLAGS, "--nominate-after", "3")
+                   for _ in range(2)]
+    try:
+        with ThreadPoolExecutor(len(controllers)) as pool:
+            list(pool.map(ControllerProcess.start, controllers))
+        yield Cluster(controllers)
+    finally:
+        for controller in controllers:
+            controller.stop()
+
+
+async def test_the_next_leader_keeps_the_nodes_nominated_for_a_waiting_gang(nominating: Cluster, db_url: str,
+                                                                            tmp_path: Path) -> None:
+    """A full cluster, a rack-local gang waiting behind single-accelerator work, nodes nominated
+    for it; the leader is killed. The next leader takes the nomination up from the database (its
+    log says so, the nodes still say whom they are kept for) and keeps new work off those nodes
+    as their work leaves, well before its own `--nominate-after` could have nominated anything."""
+    db = Database(db_url)
+    token = (tmp_path / "admin.token").read_text().strip()
+    fleet = SimFleet(nominating.addresses, racks=2, nodes_per_rack=2, token=await issue_token(db, "node-bootstrap"),
+                     log_dir=tmp_path)
+    try:
+        async with aio_channel(channel_target(nominating.addresses), token,
+                               options=(*limits.GRPC_CLIENT_OPTIONS, *limits.GRPC_FAILOVER_OPTIONS)) as channel:
+            stubs = Stubs.on(channel)
+            await stubs.admin.ApplyTopology(topology({"rack-00": "row-a", "rack-01": "row-a"}))
+            await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+            leader, lease = await wait_for_leader(db, after_token=0, timeout=10)
+            await _agents_on(leader, token, fleet)
+            fillers = [f"f{i}" for i in range(16)]  # every accelerator of the 4 nodes
+            for name in fillers:
+                await _submit(stubs, name, set(), time.monotonic() + 30)
+            await eventually(lambda: _placed(db), lambda got: len(got[1]) == 16, what="16 fillers placed")
+            gang = spec("gang", shards=8, accelerators=1)  # one rack's 8 accelerators: it waits, the cluster is full
+            await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=gang))
+            step = 0
+
+            async def churn() -> None:  # a filler leaves, a new one arrives: a pass
+                nonlocal step
+                problem, _ = await _placed(db)
+                on = {p["deployment"].rpartition("/")[2]: p["node"] for p in problem["placements"]}
+                leaving = next(name for name in sorted(on) if name.startswith("f"))
+                await stubs.deployments.DeleteDeployment(deployments_pb2.DeleteDeploymentRequest(name=leaving))
+                await _submit(stubs, f"n{step}", set(), time.monotonic() + 30)
+                step += 1
+
+            async def kept() -> dict[str, str]:
+                nodes = await stubs.admin.ListNodes(admin_pb2.ListNodesRequest())
+                return {n.id: n.nominated_for for n in nodes.nodes if n.nominated_for}
+
+            await asyncio.sleep(3.5)  # the gang has waited --nominate-after
+            nominated: dict[str, str] = {}
+            deadline = time.monotonic() + 30
+            while len(nominated) != 2:
+                assert time.monotonic() < deadline, f"no nomination\n{nominating.logs()}"
+                await churn()
+                await asyncio.sleep(0.5)
+                nominated = await kept()
+            assert set(nominated.values()) == {"lab/gang"}
+            victim = nominating.by_address(leader)
+            victim.kill()
+            leader, lease = await wait_for_leader(db, after_token=lease, timeout=FAILOVER_LIMIT_S)
+            successor = nominating.by_address(leader)
+
+            async def successor_log() -> str:
+                return successor.log_text()
+
+            await eventually(successor_log, lambda log: "took up a stored nomination deployment=lab/gang" in log,
+                             timeout=FAILOVER_LIMIT_S, what="the next leader took the nomination up")
+            assert await kept() == nominated
+            # What runs on the nominated nodes leaves; what arrives instead waits (the cluster
+            # is otherwise full), and the gang is placed there once they are empty.
+            problem, _ = await _placed(db)
+            there = sorted({p["deployment"].rpartition("/")[2] for p in problem["placements"]
+                            if p["node"] in nominated and not p["deployment"].endswith("/gang")})
+            for name in there:
+                await stubs.deployments.DeleteDeployment(deployments_pb2.DeleteDeploymentRequest(name=name))
+                await _submit(stubs, f"after-{name}", set(), time.monotonic() + 30)
+            problem, _ = await eventually(lambda: _placed(db), lambda got: got[1].get("gang") == 1,
+                                          timeout=30, what="the gang placed on the nodes let go")
+            assert {p["node"] for p in problem["placements"] if p["deployment"] == "lab/gang"} == set(nominated)
+            assert not any(p["node"] in nominated for p in problem["placements"]
+                           if p["deployment"].rpartition("/")[2].startswith("after-"))
+            assert check_state(problem, problem.get("placements", [])) == []
+    finally:
+        await fleet.stop()
+        await db.dispose()
+
+
 def test_a_first_start_on_a_port_taken_meanwhile_moves_to_a_free_one(db_url: str, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The port a controller found free can be taken before it binds (another process's
