@@ -14,6 +14,7 @@ from controller.store.nominations import read_nominations
 from controller.domain.values import RackSpec, RowSpec, TopologySpec, ZoneSpec
 from controller.store.snapshot import load_snapshot
 from controller.scheduling.nominations import shape_of
+from scheduler.model import Nomination
 from controller.usecases import deployments, topology, updates
 from controller.usecases import nodes as node_cases
 from controller.usecases.ports import RecordingSignals
@@ -160,6 +161,18 @@ async def test_a_new_leader_takes_up_the_stored_nomination_and_the_gang_is_place
     assert [e for e in events if e.kind == "deployment.nomination_ended"][0].message.endswith("placed")
 
 
+async def gang_nominated(db: Database, decider: DecideProcess | None) -> tuple[Reconciler, Nomination]:
+    """`full_cluster_and_a_waiting_gang`, then the first departure after `--nominate-after`:
+    the reconciler and the nomination it made for the gang."""
+    clock = Clock()
+    loop = reconciler(db, clock, after_s=30.0, decider=decider)
+    await full_cluster_and_a_waiting_gang(db, loop)
+    clock.now += 31.0
+    await churn(db, loop, ["f0"], 0)
+    [nomination] = loop.nominations
+    return loop, nomination
+
+
 async def update_gang(db: Database, **spec) -> None:
     async with db.unit_of_work() as uow:
         row = await repo.get_deployment(uow.session, "t1", "gang")
@@ -171,12 +184,7 @@ async def test_an_update_in_a_quiet_cluster_ends_the_nomination_and_it_is_made_a
         cluster, decider):
     """The pass after the update follows it into the warm cache and ends the nomination there,
     not `--nomination-max` later; the gang keeps its place (nominated again in that pass)."""
-    clock = Clock()
-    loop = reconciler(cluster, clock, after_s=30.0, decider=decider)
-    await full_cluster_and_a_waiting_gang(cluster, loop)
-    clock.now += 31.0
-    await churn(cluster, loop, ["f0"], 0)
-    [nomination] = loop.nominations
+    loop, nomination = await gang_nominated(cluster, decider)
     for _ in range(2):  # quiet: nothing ends it
         await loop.reconcile_once()
     assert loop.nominations == (nomination,)
@@ -194,12 +202,7 @@ async def test_an_update_in_a_quiet_cluster_ends_the_nomination_and_it_is_made_a
 
 
 async def test_a_new_leader_ends_a_stored_nomination_its_deployment_was_updated_since(cluster, decider):
-    clock = Clock()
-    loop = reconciler(cluster, clock, after_s=30.0, decider=decider)
-    await full_cluster_and_a_waiting_gang(cluster, loop)
-    clock.now += 31.0
-    await churn(cluster, loop, ["f0"], 0)
-    [nomination] = loop.nominations
+    await gang_nominated(cluster, decider)
     await update_gang(cluster, priority=5)  # the leader dies before it follows the update
     successor = reconciler(cluster, Clock(), after_s=30.0)
     await successor.reconcile_once()

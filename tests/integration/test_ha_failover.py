@@ -99,10 +99,15 @@ async def _agents_on(leader: str, token: str, fleet: SimFleet) -> None:
 
 @pytest.fixture
 def cluster(request: pytest.FixtureRequest, db_url: str, tmp_path: Path) -> Iterator[Cluster]:
+    yield from _controllers(db_url, tmp_path, request.param)
+
+
+def _controllers(db_url: str, tmp_path: Path, count: int, *flags: str) -> Iterator[Cluster]:
+    """`count` controller processes on the migrated database, `flags` beside CONTROLLER_FLAGS;
+    stopped after."""
     asyncio.run(_migrate(db_url))
-    count = request.param
     token_file = tmp_path / "admin.token"
-    controllers = [ControllerProcess(db_url, tmp_path, token_file, *CONTROLLER_FLAGS) for _ in range(count)]
+    controllers = [ControllerProcess(db_url, tmp_path, token_file, *CONTROLLER_FLAGS, *flags) for _ in range(count)]
     try:
         with ThreadPoolExecutor(len(controllers)) as pool:
             list(pool.map(ControllerProcess.start, controllers))
@@ -184,17 +189,7 @@ async def test_leader_killed_during_bursts(cluster: Cluster, db_url: str, tmp_pa
 @pytest.fixture
 def nominating(db_url: str, tmp_path: Path) -> Iterator[Cluster]:
     """Two controllers that nominate nodes for a deployment waiting 3 s for room."""
-    asyncio.run(_migrate(db_url))
-    token_file = tmp_path / "admin.token"
-    controllers = [ControllerProcess(db_url, tmp_path, token_file, *CONTROLLER_FLAGS, "--nominate-after", "3")
-                   for _ in range(2)]
-    try:
-        with ThreadPoolExecutor(len(controllers)) as pool:
-            list(pool.map(ControllerProcess.start, controllers))
-        yield Cluster(controllers)
-    finally:
-        for controller in controllers:
-            controller.stop()
+    yield from _controllers(db_url, tmp_path, 2, "--nominate-after", "3")
 
 
 async def test_the_next_leader_keeps_the_nodes_nominated_for_a_waiting_gang(nominating: Cluster, db_url: str,
