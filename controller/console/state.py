@@ -153,8 +153,8 @@ def console_document(read: ConsoleRows) -> dict[str, Any]:
         }
         if node_id in read.nominated:  # kept at the head of the line; another tenant's only as "other"
             key = read.nominated[node_id]
-            node["nominated_for"] = key if _visible(split_deployment_key(key)[0], viewer_tenant) != OTHER_TENANT \
-                else OTHER_TENANT
+            tenant = split_deployment_key(key)[0]
+            node["nominated_for"] = key if _visible(tenant, viewer_tenant) == tenant else OTHER_TENANT
         nodes_by_rack[rack_id].append(node)
     racks_by_row: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for rack_id, row_id, budget in read.racks:
