@@ -36,10 +36,11 @@ parked is let go when it changes). Events say when one is made and ended.
 
 The set in force is stored with the pass's plan commit whenever it changes, or in a commit of
 its own at the end of a pass when that committed nothing or changed it after (`take_stored`,
-`PassState.store_nominations`; controller/store/nominations.py), so a new leader, or this one restarted, takes it up on its
-first full pass (`adopt`): the nodes drained for a gang so far stay kept, its place in the line
-and its `max_s` run on from when it was made, and snapshots (`maiactl snapshot`, dry runs) show
-it. What the rest of the line had waited is not stored: the plans of the new leader say it again.
+`PassState.store_nominations`; controller/store/nominations.py), so a new leader, or this one
+restarted, takes it up on its first full pass (`adopt`): the nodes drained for a gang so far stay
+kept, its place in the line and its `max_s` run on from when it was made, and snapshots (`maiactl
+snapshot`, dry runs) show it. What the rest of the line had waited is not stored: the plans of
+the new leader say it again.
 """
 
 from __future__ import annotations
@@ -225,15 +226,15 @@ class Nominations:
     def into(self, problem: dict[str, Any]) -> dict[str, Any]:
         """The full solve's problem with the nominations in force (their nodes the problem has),
         in place of those it was read with (the stored set, which may be older)."""
+        rest = problem if "nominations" not in problem else {k: v for k, v in problem.items() if k != "nominations"}
         if not self.held:
-            return {k: v for k, v in problem.items() if k != "nominations"} if "nominations" in problem else problem
+            return rest
         known = {n["id"] for n in problem.get("nodes", ())}
         out = []
         for nom in self.nominations:
             nodes = [n for n in nom.nodes if n in known]
             if nodes:
                 out.append({"deployment": nom.deployment, "priority": nom.priority, "nodes": nodes})
-        rest = {k: v for k, v in problem.items() if k != "nominations"}
         return {**rest, "nominations": out} if out else rest
 
     def expire(self, now: float, snapshot: Snapshot) -> None:

@@ -358,8 +358,8 @@ class Placement(Base):
 
 class NominationRow(Base):
     """A head-of-line nomination in force (controller/scheduling/nominations.py): nodes kept for
-    a deployment waiting for room others hold. The leader writes the set with its plan commit
-    whenever it changes; a new leader (or the same one restarted) takes them up, and every
+    a deployment waiting for room others hold. The leader writes the set whenever it changes
+    (with a plan commit, or at the pass's end); a new leader (or the same one restarted) takes them up, and every
     snapshot carries them (`maiactl snapshot`, dry runs: controller/store/nominations.py)."""
 
     __tablename__ = "nominations"

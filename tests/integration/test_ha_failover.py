@@ -13,7 +13,8 @@ import asyncio
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,20 @@ async def _agents_on(leader: str, token: str, fleet: SimFleet) -> None:
             raise AssertionError(f"{exc}\n{fleet.log_tail()}") from None
 
 
+@asynccontextmanager
+async def _lab_on(cluster: Cluster, db: Database, token: str, fleet: SimFleet) -> AsyncIterator[tuple[Stubs, str, int]]:
+    """One channel over every controller, racks rack-00 and rack-01 and tenant lab applied: its
+    stubs, and the leader's address and lease token once every agent of `fleet` is on it."""
+    async with aio_channel(channel_target(cluster.addresses), token,
+                           options=(*limits.GRPC_CLIENT_OPTIONS, *limits.GRPC_FAILOVER_OPTIONS)) as channel:
+        stubs = Stubs.on(channel)
+        await stubs.admin.ApplyTopology(topology({"rack-00": "row-a", "rack-01": "row-a"}))
+        await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+        leader, lease = await wait_for_leader(db, after_token=0, timeout=10)
+        await _agents_on(leader, token, fleet)
+        yield stubs, leader, lease
+
+
 @pytest.fixture
 def cluster(request: pytest.FixtureRequest, db_url: str, tmp_path: Path) -> Iterator[Cluster]:
     yield from _controllers(db_url, tmp_path, request.param)
@@ -135,13 +150,8 @@ async def test_leader_killed_during_bursts(cluster: Cluster, db_url: str, tmp_pa
     accepted: set[str] = set()
     restarts: list[asyncio.Task] = []
     try:
-        async with aio_channel(channel_target(cluster.addresses), token,
-                               options=(*limits.GRPC_CLIENT_OPTIONS, *limits.GRPC_FAILOVER_OPTIONS)) as channel:
-            stubs = Stubs.on(channel)
-            await stubs.admin.ApplyTopology(topology({"rack-00": "row-a", "rack-01": "row-a"}))
-            await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
-            leader, token_now = await wait_for_leader(db, after_token=0, timeout=10)
-            await _agents_on(leader, token, fleet)  # a running cluster, then the kills
+        # A running cluster, then the kills.
+        async with _lab_on(cluster, db, token, fleet) as (stubs, leader, token_now):
             for round_ in range(rounds):
                 burst = [f"r{round_}-d{i}" for i in range(5)]
                 deadline = time.monotonic() + 30
@@ -203,13 +213,7 @@ async def test_the_next_leader_keeps_the_nodes_nominated_for_a_waiting_gang(nomi
     fleet = SimFleet(nominating.addresses, racks=2, nodes_per_rack=2, token=await issue_token(db, "node-bootstrap"),
                      log_dir=tmp_path)
     try:
-        async with aio_channel(channel_target(nominating.addresses), token,
-                               options=(*limits.GRPC_CLIENT_OPTIONS, *limits.GRPC_FAILOVER_OPTIONS)) as channel:
-            stubs = Stubs.on(channel)
-            await stubs.admin.ApplyTopology(topology({"rack-00": "row-a", "rack-01": "row-a"}))
-            await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
-            leader, lease = await wait_for_leader(db, after_token=0, timeout=10)
-            await _agents_on(leader, token, fleet)
+        async with _lab_on(nominating, db, token, fleet) as (stubs, leader, lease):
             fillers = [f"f{i}" for i in range(16)]  # every accelerator of the 4 nodes
             for name in fillers:
                 await _submit(stubs, name, set(), time.monotonic() + 30)
