@@ -53,6 +53,7 @@ def _as_is(message: Any) -> Any:
 
 
 ASSIGNMENT_READ_BATCH_MAX = 2048  # nodes whose sets one batched read fetches
+EXPIRE_SLICE = 2048  # streams one step of the silence check looks at (`AgentHub._expire`)
 
 
 NODE_DELETED = "the node was deleted by an administrator"  # why its stream ended (the log's)
@@ -433,30 +434,43 @@ class AgentHub:
         the event loop stalled past the timeout (a long collection, a starved process), a check
         that runs before the readers finds every stream silent though their heartbeats are
         waiting to be read (a 2.5 s stall under a 2 s timeout ended 200 of 200 beating streams);
-        by the next check the readers had their turn. A silent stream so ends a check later."""
-        now = time.monotonic()
-        silent = {session for session in self._sessions.values() if now - session.last_seen > session.timeout_s}
-        for session in silent & self._silent:
-            _silenced(session, f"no heartbeat for {now - session.last_seen:.1f}s (timeout {session.timeout_s:g}s)")
-        self._silent = silent - self._silent
-        if self._ack_timeout_s:
-            self._fail_unacknowledged(now)
+        by the next check the readers had their turn. A silent stream so ends a check later.
 
-    def _fail_unacknowledged(self, now: float) -> None:
+        The streams are looked at `EXPIRE_SLICE` at a time, the event loop's other work let in
+        between: one pass over 16,384 of them was one ~3 ms step of the loop a second, which every
+        call arriving then waited for. A stream heard from while a check is under way is not silent
+        at that check; one that ended meanwhile is skipped."""
+        now = time.monotonic()
+        sessions = list(self._sessions.values())
+        silent: set[AgentSession] = set()
+        for start in range(0, len(sessions), EXPIRE_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            for session in sessions[start:start + EXPIRE_SLICE]:
+                if session.closed:
+                    continue
+                if now - session.last_seen > session.timeout_s:
+                    silent.add(session)
+                if self._ack_timeout_s and session.unacknowledged:
+                    self._fail_unacknowledged(session, now)
+        for session in silent & self._silent:
+            if not session.closed and now - session.last_seen > session.timeout_s:
+                _silenced(session, f"no heartbeat for {now - session.last_seen:.1f}s (timeout {session.timeout_s:g}s)")
+        self._silent = silent - self._silent
+
+    def _fail_unacknowledged(self, session: AgentSession, now: float) -> None:
         """Shards a live stream's agent was given and has said nothing of for the ack timeout: a
         buggy or hung agent (its heartbeats still flowing) that would leave them ASSIGNED forever.
         Each is written FAILED (the restart back-off then places it again, elsewhere first). An
         agent may answer in its next heartbeat: where the stream's silence timeout (three of its
         intervals, 131 s at 65,536 nodes) is longer than the ack timeout, that is its timeout."""
-        for session in self._sessions.values():
-            if session.unacknowledged and not session.closed:
-                timeout_s = max(self._ack_timeout_s, session.timeout_s)
-                late = session.overdue(now, timeout_s)
-                if late:
-                    log.warning("agent did not take up shards node=%s shards=%d timeout=%gs first=%s/%s/%d/%d",
-                                session.node_id, len(late), timeout_s, late[0].tenant,
-                                late[0].deployment, late[0].replica, late[0].shard)
-                    self._buffer.not_acknowledged(session.node_id, late)
+        timeout_s = max(self._ack_timeout_s, session.timeout_s)
+        late = session.overdue(now, timeout_s)
+        if late:
+            log.warning("agent did not take up shards node=%s shards=%d timeout=%gs first=%s/%s/%d/%d",
+                        session.node_id, len(late), timeout_s, late[0].tenant,
+                        late[0].deployment, late[0].replica, late[0].shard)
+            self._buffer.not_acknowledged(session.node_id, late)
 
     def _refuse_when_stopping(self, node_id: str) -> None:
         if self._stopping:

@@ -6,12 +6,15 @@ controller's own event loop ends no stream whose heartbeats wait to be read."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import pytest
 
 from controller.agents import AgentHub, AgentInbound
+from controller.agents import hub as hub_module
+from controller.agents.session import AgentSession
 from controller.domain.values import HeartbeatReport
 from controller.errors import Unauthenticated, Unavailable
 from controller.store import repositories as repo
@@ -96,6 +99,28 @@ async def test_a_stall_of_the_event_loop_past_the_timeout_ends_no_stream_whose_h
     assert sessions[quiet_node].closed and sessions[quiet_node].close_reason.startswith("no heartbeat for")
     for stream in (live, quiet):
         await stream.aclose()
+
+
+async def test_the_silence_check_looks_at_a_slice_of_the_streams_a_step_letting_the_loop_in_between(
+        cluster, monkeypatch):
+    """One pass over 16,384 streams was one ~3 ms step of the event loop a second, which every call
+    arriving then waited for. The check looks at `EXPIRE_SLICE` streams a step: a heartbeat read
+    between two slices (its reader's turn) keeps its stream, which a check in one step ended; a
+    stream that ended meanwhile for another reason keeps that reason."""
+    monkeypatch.setattr(hub_module, "EXPIRE_SLICE", 2)
+    hub = _hub(cluster)
+    sessions = [AgentSession(f"n{i}", f"s{i}", interval_ms=1000, timeout_s=3.0, last_seen=time.monotonic() - 10)
+                for i in range(6)]
+    hub._sessions.update((session.node_id, session) for session in sessions)
+    await hub._expire()  # silent at one check: nothing ends
+    assert not any(session.closed for session in sessions)
+    loop = asyncio.get_running_loop()
+    loop.call_soon(setattr, sessions[5], "last_seen", time.monotonic())  # its reader takes a heartbeat
+    loop.call_soon(sessions[4].close, "agent went away")
+    await hub._expire()
+    assert [session.close_reason.split(" for ")[0] for session in sessions] == ["no heartbeat"] * 4 + [
+        "agent went away", ""]
+    assert not sessions[5].closed
 
 
 async def test_a_stream_whose_credential_was_revoked_after_its_authentication_ends_as_it_opens(cluster):
