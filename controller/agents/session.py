@@ -186,6 +186,8 @@ class AgentSession:
             self.unacknowledged = {key: due for key, due in self.unacknowledged.items() if key in named}
         for key, generation in named.items():
             if self.named.get(key) != generation:
+                # Owed again (another generation): to the end, so that the first is the oldest (`overdue`).
+                self.unacknowledged.pop(key, None)
                 self.unacknowledged[key] = (now, generation)
         self.named = named
         for a in fresh:
@@ -203,7 +205,11 @@ class AgentSession:
 
     def overdue(self, now: float, timeout_s: float) -> list[ShardReport]:
         """The shards named by a set sent more than `timeout_s` ago that the agent has said
-        nothing of, forgotten here, each as the FAILED report the controller writes for it."""
+        nothing of, forgotten here, each as the FAILED report the controller writes for it. The
+        first owed is the oldest (`sent` keeps them in the order they were sent): when it is not
+        late, none is, which the hub's silence check finds for most streams every second."""
+        if not self.unacknowledged or now - next(iter(self.unacknowledged.values()))[0] <= timeout_s:
+            return []
         late = [(key, generation) for key, (sent_at, generation) in self.unacknowledged.items()
                 if now - sent_at > timeout_s]
         for key, _ in late:

@@ -64,6 +64,18 @@ def test_only_a_set_that_names_a_shard_first_starts_its_clock() -> None:
     assert [r.deployment for r in s.overdue(now=111.0, timeout_s=60.0)] == ["api"]
 
 
+def test_a_shard_owed_again_under_a_new_generation_is_timed_from_then_behind_the_older_ones() -> None:
+    """The first shard owed is the oldest (`overdue` looks at it first): one owed again under a
+    new generation goes behind those owed since before, and its clock starts again."""
+    s = session()
+    s.sent(given(assignment("web"), assignment("api")), now=0.0)
+    s.sent(given(assignment("web", generation=2), assignment("api"), generation=2), now=30.0)  # web placed anew
+    assert list(s.unacknowledged) == [("lab", "api", 0, 0), ("lab", "web", 0, 0)]
+    assert [r.deployment for r in s.overdue(now=61.0, timeout_s=60.0)] == ["api"]
+    assert s.overdue(now=90.0, timeout_s=60.0) == []
+    assert [(r.deployment, r.generation) for r in s.overdue(now=91.0, timeout_s=60.0)] == [("web", 2)]
+
+
 def test_the_tenant_counts_two_tenants_deployments_of_one_name_are_two_shards() -> None:
     s = session()
     s.sent(given(assignment("web", tenant="lab"), assignment("web", tenant="other")), now=0.0)
