@@ -223,7 +223,7 @@ def _deployment_spec_fields(spec: d.DeploymentSpec) -> dict[str, object]:
 
 
 def _deployment_fields(view: d.DeploymentView) -> dict[str, object]:
-    return {
+    fields = {
         "spec": _deployment_spec_fields(view.spec), "phase": _DEPLOYMENT_PHASE[view.phase],
         "generation": view.generation, "placed_replicas": view.placed_replicas,
         "running_replicas": view.running_replicas,
@@ -239,6 +239,12 @@ def _deployment_fields(view: d.DeploymentView) -> dict[str, object]:
         "resource_version": view.resource_version, "revision": view.revision,
         "updated_replicas": view.updated_replicas, "outgoing_replicas": view.outgoing_replicas,
     }
+    if view.nomination is not None:
+        n = view.nomination
+        fields["nomination"] = {"nodes": n.nodes, "nominated_at": _timestamp_fields(n.nominated_at),
+                                "waiting_since": _timestamp_fields(n.waiting_since),
+                                "missing_replicas": n.missing_replicas}
+    return fields
 
 
 def deployment_msg(view: d.DeploymentView) -> deployments_pb2.Deployment:

@@ -226,6 +226,17 @@ class ShardPlacementView:
 
 
 @dataclass(frozen=True, slots=True)
+class NominationView:
+    """The nodes kept for a deployment at the head of the waiting line, as the leader stored them
+    (controller/store/nominations.py): when, its place in the line, the replicas it lacked then."""
+
+    nodes: tuple[str, ...]
+    nominated_at: datetime
+    waiting_since: datetime
+    missing_replicas: int
+
+
+@dataclass(frozen=True, slots=True)
 class DeploymentView:
     spec: DeploymentSpec
     phase: str
@@ -240,6 +251,7 @@ class DeploymentView:
     revision: int = 1
     updated_replicas: int = 0   # current revision, every shard running
     outgoing_replicas: int = 0  # being replaced, stopped once their replacements run
+    nomination: NominationView | None = None  # read by GetDeployment alone
 
 
 @dataclass(frozen=True, slots=True)

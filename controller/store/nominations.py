@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from controller.domain.values import NominationView
 from controller.store.models import Deployment, NominationRow, as_utc
 from controller.store.rollout import stored_key
 
@@ -53,6 +54,20 @@ async def read_nominations(session: AsyncSession) -> list[StoredNomination]:
     ).order_by(NominationRow.nominated_at, NominationRow.solver_id))
     return [StoredNomination(r.solver_id, r.deployment_id, r.priority, tuple(r.nodes), as_utc(r.nominated_at),
                              as_utc(r.waiting_since), r.missing, r.shape) for r in rows]
+
+
+async def nomination_view(session: AsyncSession, deployment_id: int) -> NominationView | None:
+    """The nomination stored for one deployment, as `GetDeployment` shows it: its current
+    revision's (a rollout's outgoing revision, `NAME~REV`, may hold one of its own), else the
+    oldest; None when it holds none."""
+    rows = (await session.execute(select(
+        NominationRow.solver_id, NominationRow.nodes, NominationRow.nominated_at, NominationRow.waiting_since,
+        NominationRow.missing,
+    ).where(NominationRow.deployment_id == deployment_id).order_by(NominationRow.nominated_at))).all()
+    if not rows:
+        return None
+    row = next((r for r in rows if r.solver_id == stored_key(r.solver_id)), rows[0])
+    return NominationView(tuple(row.nodes), as_utc(row.nominated_at), as_utc(row.waiting_since), row.missing)
 
 
 async def nominated_nodes(session: AsyncSession) -> dict[str, StoredNomination]:

@@ -23,6 +23,7 @@ from controller.ratelimit import SubmitLimits
 from controller.store import audit
 from controller.store import models as m
 from controller.store import repositories as repo
+from controller.store.nominations import nomination_view
 from controller.store.db import Database, UnitOfWork
 from controller.store.rollout import stored_key
 from controller.usecases import planning, policy, requests
@@ -413,8 +414,11 @@ def _would_be_view(spec: DeploymentSpec, plan: Any, racks: dict[str, str]) -> De
 
 
 async def get_deployment(uow: UnitOfWork, who: Principal, name: str, tenant: str = "") -> DeploymentView:
-    return await as_seen_by(uow, who, repo.deployment_view(await visible_row(uow, who, tenant, name,
-                                                                             "reading deployments")))
+    """The deployment as stored, with the nodes kept for it at the head of the line, if any."""
+    row = await visible_row(uow, who, tenant, name, "reading deployments")
+    view = await as_seen_by(uow, who, repo.deployment_view(row))
+    nomination = await nomination_view(uow.session, row.id)
+    return view if nomination is None else replace(view, nomination=nomination)
 
 
 async def list_deployments(uow: UnitOfWork, who: Principal, tenant: str = "",

@@ -80,7 +80,7 @@ class ShardPlacement(_message.Message):
     def __init__(self, replica: _Optional[int] = ..., shard: _Optional[int] = ..., node: _Optional[str] = ..., rack: _Optional[str] = ..., accelerator_indices: _Optional[_Iterable[int]] = ..., accelerator_milli: _Optional[int] = ..., phase: _Optional[_Union[_common_pb2.ShardPhase, str]] = ..., message: _Optional[str] = ..., revision: _Optional[int] = ..., outgoing: _Optional[bool] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("spec", "phase", "generation", "placed_replicas", "running_replicas", "placements", "reasons", "created_at", "updated_at", "resource_version", "revision", "updated_replicas", "outgoing_replicas")
+    __slots__ = ("spec", "phase", "generation", "placed_replicas", "running_replicas", "placements", "reasons", "created_at", "updated_at", "resource_version", "revision", "updated_replicas", "outgoing_replicas", "nomination")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class Deployment(_message.Message):
     REVISION_FIELD_NUMBER: _ClassVar[int]
     UPDATED_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     OUTGOING_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    NOMINATION_FIELD_NUMBER: _ClassVar[int]
     spec: DeploymentSpec
     phase: DeploymentPhase
     generation: int
@@ -107,7 +108,20 @@ class Deployment(_message.Message):
     revision: int
     updated_replicas: int
     outgoing_replicas: int
-    def __init__(self, spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., phase: _Optional[_Union[DeploymentPhase, str]] = ..., generation: _Optional[int] = ..., placed_replicas: _Optional[int] = ..., running_replicas: _Optional[int] = ..., placements: _Optional[_Iterable[_Union[ShardPlacement, _Mapping]]] = ..., reasons: _Optional[_Iterable[_Union[_common_pb2.Reason, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resource_version: _Optional[int] = ..., revision: _Optional[int] = ..., updated_replicas: _Optional[int] = ..., outgoing_replicas: _Optional[int] = ...) -> None: ...
+    nomination: Nomination
+    def __init__(self, spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., phase: _Optional[_Union[DeploymentPhase, str]] = ..., generation: _Optional[int] = ..., placed_replicas: _Optional[int] = ..., running_replicas: _Optional[int] = ..., placements: _Optional[_Iterable[_Union[ShardPlacement, _Mapping]]] = ..., reasons: _Optional[_Iterable[_Union[_common_pb2.Reason, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resource_version: _Optional[int] = ..., revision: _Optional[int] = ..., updated_replicas: _Optional[int] = ..., outgoing_replicas: _Optional[int] = ..., nomination: _Optional[_Union[Nomination, _Mapping]] = ...) -> None: ...
+
+class Nomination(_message.Message):
+    __slots__ = ("nodes", "nominated_at", "waiting_since", "missing_replicas")
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    NOMINATED_AT_FIELD_NUMBER: _ClassVar[int]
+    WAITING_SINCE_FIELD_NUMBER: _ClassVar[int]
+    MISSING_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedScalarFieldContainer[str]
+    nominated_at: _timestamp_pb2.Timestamp
+    waiting_since: _timestamp_pb2.Timestamp
+    missing_replicas: int
+    def __init__(self, nodes: _Optional[_Iterable[str]] = ..., nominated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., waiting_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., missing_replicas: _Optional[int] = ...) -> None: ...
 
 class SubmitDeploymentRequest(_message.Message):
     __slots__ = ("spec", "dry_run", "replace_existing", "client_request_id")
