@@ -146,8 +146,16 @@ def deployment_document(dep: deployments_pb2.Deployment) -> Document:
         status["created_at"] = dep.created_at.ToJsonString()
     if dep.HasField("updated_at"):
         status["updated_at"] = dep.updated_at.ToJsonString()
+    if dep.HasField("nomination"):
+        status["nomination"] = nomination_document(dep.nomination)
     doc["status"] = status
     return doc
+
+
+def nomination_document(n: deployments_pb2.Nomination) -> Document:
+    """The nodes kept for a deployment at the head of the line (`Deployment.nomination`)."""
+    return {"nodes": list(n.nodes), "nominated_at": n.nominated_at.ToJsonString(),
+            "waiting_since": n.waiting_since.ToJsonString(), "missing_replicas": n.missing_replicas}
 
 
 def _optional(message: Any, key: str) -> int | float | None:

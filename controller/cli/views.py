@@ -118,6 +118,9 @@ def deployment_detail(dep: deployments_pb2.Deployment) -> str:
     if dep.outgoing_replicas:
         pairs.append(("Rollout", f"{dep.updated_replicas}/{s.replicas} replicas of revision {dep.revision} running, "
                                  f"{dep.outgoing_replicas} being replaced (maiactl rollout status {s.name})"))
+    if dep.HasField("nomination"):
+        pairs.append(("Nominated", f"{fmt_list(dep.nomination.nodes)} kept for it since "
+                                   f"{dep.nomination.nominated_at.ToJsonString()} (maiactl explain deployment {s.name})"))
     if dep.HasField("created_at"):
         pairs.append(("Created", dep.created_at.ToJsonString()))
     text = render_kv(pairs)  # type: ignore[arg-type]

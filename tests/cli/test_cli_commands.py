@@ -586,6 +586,32 @@ def test_explain_shows_the_last_nomination_of_a_deployment_at_the_head_of_the_li
     assert nomination["event"] == "deployment.nomination_ended"
 
 
+def test_explain_shows_the_nomination_stored_with_the_deployment_before_any_event(fake, capsys) -> None:
+    """The nodes kept for it come with the deployment (`Deployment.nomination`, as the leader
+    stored them): shown without the events (a tenant may not read them; these may be pruned)."""
+    address, admin, deployments, _ = fake
+    dep = _pending_copilot_chat(address, deployments, capsys)
+    dep.nomination.nodes.extend(["n1", "n2"])
+    dep.nomination.nominated_at.FromSeconds(1_765_000_042)
+    dep.nomination.waiting_since.FromSeconds(1_765_000_011)
+    dep.nomination.missing_replicas = 2
+    admin.events = []
+    code, out, err = run(capsys, "--controller", address, "explain", "deployment", "copilot-chat")
+    assert code == 0, err
+    assert ("\nHead of the line (nominated at 2025-12-06 05:47:22): nodes n1, n2 kept for it, waiting since "
+            "2025-12-06 05:46:51, 2 replica(s) short when they were chosen\n") in out
+    code, out, err = run(capsys, "--controller", address, "explain", "deployment", "copilot-chat", "-o", "json")
+    assert code == 0, err
+    assert json.loads(out)["nomination"] == {"held": True, "nodes": ["n1", "n2"], "nominated_at": "2025-12-06T05:47:22Z",
+                                             "waiting_since": "2025-12-06T05:46:51Z", "missing_replicas": 2}
+    code, out, err = run(capsys, "--controller", address, "describe", "deployment", "copilot-chat")
+    assert code == 0, err
+    assert "Nominated:" in out and "n1,n2 kept for it since 2025-12-06T05:47:22Z" in out
+    code, out, err = run(capsys, "--controller", address, "get", "deployment", "copilot-chat", "-o", "json")
+    assert code == 0, err
+    assert json.loads(out)["status"]["nomination"]["nodes"] == ["n1", "n2"]
+
+
 def test_every_change_explain_can_suggest_says_how_to_make_it_in_place() -> None:
     spec = D.DeploymentSpec(name="web", tenant="lab", replicas=4, shards_per_replica=8,
                             locality=common_pb2.DOMAIN_ZONE)

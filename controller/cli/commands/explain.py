@@ -8,9 +8,10 @@ The first variant that places everything asked is the suggestion, with how to ma
 field tried changes in place (a replica count at once with `maiactl scale`, the others replica
 by replica through `apply` of the changed manifest), never by deleting the deployment. Reasons
 such as a tenant's quota are named as they are (the fix is the tenant's contract, not the
-deployment). A deployment waiting at the head of the line also shows its last nomination (nodes
-kept for it, or why they no longer are), from its events (docs/operations.md, "Head-of-line
-nominations").
+deployment). A deployment waiting at the head of the line also shows its nomination: the nodes
+kept for it, as the leader stored them (with the deployment: `Deployment.nomination`), else the
+last nomination among its events (why the nodes are no longer kept) (docs/operations.md,
+"Head-of-line nominations").
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import grpc
 from controller.cli.client import Exit, rpc_error_text, status_code
 from controller.cli.commands.get import fetch_events
 from controller.cli.context import Context
-from controller.cli.documents import event_document
+from controller.cli.documents import event_document, nomination_document
 from controller.cli.refs import DEPLOYMENT_WORDS, add_tenant_flag, deployment_ref, kind_and_name
 from controller.cli.views import phase_text, reasons_text
 from controller.cli.vocab import DOMAIN_BY_WORD, domain_word
@@ -113,6 +114,28 @@ def last_nomination(ctx: Context, spec: deployments_pb2.DeploymentSpec) -> admin
     return next((e for e in reversed(events) if e.kind in (NOMINATED, NOMINATION_ENDED)), None)
 
 
+def _nomination_document(dep: deployments_pb2.Deployment, event: admin_pb2.EventRecord | None) -> dict[str, Any] | None:
+    """What -o json says of the deployment's nomination: the one stored (held), else its last event."""
+    if dep.HasField("nomination"):
+        return {"held": True, **nomination_document(dep.nomination)}
+    return None if event is None else {"held": event.kind == NOMINATED, **event_document(event)}
+
+
+def _nomination_text(dep: deployments_pb2.Deployment, event: admin_pb2.EventRecord | None) -> str | None:
+    """The 'Head of the line' paragraph: the nomination stored, else the deployment's last event of one."""
+    def when(stamp: Any) -> str:
+        return stamp.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+
+    if dep.HasField("nomination"):
+        n = dep.nomination
+        return (f"Head of the line (nominated at {when(n.nominated_at)}): nodes {', '.join(n.nodes)} kept for it, "
+                f"waiting since {when(n.waiting_since)}, {n.missing_replicas} replica(s) short when they were chosen")
+    if event is None:
+        return None
+    what = "nominated" if event.kind == NOMINATED else "nomination ended"
+    return f"Head of the line ({what} at {when(event.at)}): {event.message}"
+
+
 def run(args: argparse.Namespace, ctx: Context) -> int:
     _, name = kind_and_name("explain", [args.resource, *([] if args.name is None else [args.name])],
                             DEPLOYMENT_WORDS, default="deployment")  # it explains deployments only
@@ -123,7 +146,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     s = dep.spec
     settled = dep.placed_replicas >= s.replicas and not dep.reasons
     tried: list[Variant] = []
-    nomination = None if settled else last_nomination(ctx, s)
+    # The nomination stored comes with the deployment; else its last event says how one ended.
+    nomination = None if settled or dep.HasField("nomination") else last_nomination(ctx, s)
     if not settled:
         for variant in candidates(s, dep.placed_replicas):
             tried.append(_try(variant, ctx))
@@ -138,8 +162,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
                                  for v in tried],
                        "suggestion": suggestion.change if suggestion else None,
                        "how": suggestion.how if suggestion else None,
-                       "nomination": None if nomination is None else {
-                           "held": nomination.kind == NOMINATED, **event_document(nomination)}})
+                       "nomination": None if settled else _nomination_document(dep, nomination)})
         return Exit.OK
     ctx.out(f"deployment/{s.name}: {phase_text(dep)}, {dep.placed_replicas}/{s.replicas} replicas placed, "
             f"{dep.running_replicas} running")
@@ -148,10 +171,9 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         return Exit.OK
     if dep.reasons:
         ctx.out("\nWhy (the solver's reasons at the last reconcile pass):\n" + reasons_text(dep.reasons, indent="  "))
-    if nomination is not None:
-        at = nomination.at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
-        what = "nominated" if nomination.kind == NOMINATED else "nomination ended"
-        ctx.out(f"\nHead of the line ({what} at {at}): {nomination.message}")
+    head = _nomination_text(dep, nomination)
+    if head is not None:
+        ctx.out("\n" + head)
     ctx.out("\nWhat would fit now (dry runs, nothing written):")
     for v in tried:
         outcome = v.error if v.error else f"would place {v.placed}/{v.spec.replicas} replicas"
