@@ -14,7 +14,7 @@ show a rack that went dark as running until the eviction grace ends. The agent's
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -32,7 +32,7 @@ from controller.store.db import UnitOfWork
 _MAY_RUN = (m.ShardPhase.LOADING, m.ShardPhase.RUNNING)
 
 
-async def read_liveness(uow: UnitOfWork, connected: Set[str], *, silent_before: datetime | None = None,
+async def read_liveness(uow: UnitOfWork, connected: Iterable[str], *, silent_before: datetime | None = None,
                         heard: Mapping[str, datetime] | None = None, recent: Iterable[str] = ()) -> list[NodeLiveness]:
     """Every node's liveness; with `silent_before` (now less how stale a live stream's stored last
     contact may be), only of the nodes a rule could change: suspect; down and not evicted yet, or
@@ -45,14 +45,17 @@ async def read_liveness(uow: UnitOfWork, connected: Set[str], *, silent_before: 
     A node's last contact is the later of the stored one and what `heard` says (the leader's own
     observation of the nodes whose stream it held: stored at most every
     `LivenessPolicy.contact_write_every_for` the longest silence timeout told, `silent_before`
-    counting that timeout in). `connected`: the nodes whose agent holds a stream, looked up as the
-    rows come back (the hub's live view, never copied: a copy of 16,384 ids every second for the
-    few rows, most seconds none, that a rule could change)."""
-    rows = await repo.node_liveness_rows(uow.session, silent_before=silent_before, also=recent)
+    counting that timeout in)."""
+    # Copied here, in the event loop's step that the caller read `heard` in: a stream ending during
+    # the read puts its node in the hub's `released` as it leaves the connected, so taken at once
+    # the node is in one or the other. Looked up after the read instead, a node whose stream ended
+    # meanwhile was in neither, judged by its stored contact alone (tens of seconds old while the
+    # stream lived) and marked down the moment its agent went.
+    live = set(connected)
     heard = heard or {}
-    return [NodeLiveness(node_id, zone, health.value, later_contact(last, heard.get(node_id)), evicted,
-                         node_id in connected)
-            for node_id, zone, health, last, evicted in rows]
+    return [NodeLiveness(node_id, zone, health.value, later_contact(last, heard.get(node_id)), evicted, node_id in live)
+            for node_id, zone, health, last, evicted
+            in await repo.node_liveness_rows(uow.session, silent_before=silent_before, also=recent)]
 
 
 async def zone_health(uow: UnitOfWork) -> tuple[dict[str, int], dict[str, int]]:
