@@ -451,6 +451,8 @@ class AgentHub:
                     continue
                 if now - session.last_seen > session.timeout_s:
                     silent.add(session)
+                    if session in self._silent:
+                        continue  # ended below: its shards go with its node (suspect, then down), not failed
                 if self._ack_timeout_s and session.unacknowledged:
                     self._fail_unacknowledged(session, now)
         for session in silent & self._silent:
