@@ -56,17 +56,19 @@ async def read_nominations(session: AsyncSession) -> list[StoredNomination]:
                              as_utc(r.waiting_since), r.missing, r.shape) for r in rows]
 
 
-async def nomination_view(session: AsyncSession, deployment_id: int) -> NominationView | None:
+async def nomination_view(session: AsyncSession, deployment_id: int, *, rolling: bool) -> NominationView | None:
     """The nomination stored for one deployment, as `GetDeployment` shows it: its current
-    revision's (a rollout's outgoing revision, `NAME~REV`, may hold one of its own), else the
-    oldest; None when it holds none."""
+    revision's; else, while it has replicas being replaced (`rolling`), the oldest of its outgoing
+    revisions' (`NAME~REV`: such a row can outlive its rollout a while, until the leader's
+    nominations next change); None when it holds none."""
     rows = (await session.execute(select(
         NominationRow.solver_id, NominationRow.nodes, NominationRow.nominated_at, NominationRow.waiting_since,
         NominationRow.missing,
-    ).where(NominationRow.deployment_id == deployment_id).order_by(NominationRow.nominated_at))).all()
-    if not rows:
+    ).where(NominationRow.deployment_id == deployment_id)
+        .order_by(NominationRow.nominated_at, NominationRow.solver_id))).all()
+    row = next((r for r in rows if r.solver_id == stored_key(r.solver_id)), rows[0] if rows and rolling else None)
+    if row is None:
         return None
-    row = next((r for r in rows if r.solver_id == stored_key(r.solver_id)), rows[0])
     return NominationView(tuple(row.nodes), as_utc(row.nominated_at), as_utc(row.waiting_since), row.missing)
 
 

@@ -417,7 +417,7 @@ async def get_deployment(uow: UnitOfWork, who: Principal, name: str, tenant: str
     """The deployment as stored, with the nodes kept for it at the head of the line, if any."""
     row = await visible_row(uow, who, tenant, name, "reading deployments")
     view = await as_seen_by(uow, who, repo.deployment_view(row))
-    nomination = await nomination_view(uow.session, row.id)
+    nomination = await nomination_view(uow.session, row.id, rolling=view.outgoing_replicas > 0)
     return view if nomination is None else replace(view, nomination=nomination)
 
 

@@ -583,6 +583,7 @@ def test_explain_shows_the_last_nomination_of_a_deployment_at_the_head_of_the_li
     assert code == 0, err
     nomination = json.loads(out)["nomination"]
     assert nomination["held"] is False and nomination["message"].endswith("held 600 s without fitting")
+    assert nomination["source"] == "event"
     assert nomination["event"] == "deployment.nomination_ended"
 
 
@@ -602,7 +603,8 @@ def test_explain_shows_the_nomination_stored_with_the_deployment_before_any_even
             "2025-12-06 05:46:51, 2 replica(s) short when they were chosen\n") in out
     code, out, err = run(capsys, "--controller", address, "explain", "deployment", "copilot-chat", "-o", "json")
     assert code == 0, err
-    assert json.loads(out)["nomination"] == {"held": True, "nodes": ["n1", "n2"], "nominated_at": "2025-12-06T05:47:22Z",
+    assert json.loads(out)["nomination"] == {"held": True, "source": "stored", "nodes": ["n1", "n2"],
+                                             "nominated_at": "2025-12-06T05:47:22Z",
                                              "waiting_since": "2025-12-06T05:46:51Z", "missing_replicas": 2}
     code, out, err = run(capsys, "--controller", address, "describe", "deployment", "copilot-chat")
     assert code == 0, err

@@ -12,7 +12,7 @@ from controller.api import convert
 from controller.identity import Principal, Role
 from controller.store import models as m
 from controller.store.db import Database
-from controller.store.nominations import StoredNomination, write_nominations
+from controller.store.nominations import StoredNomination, nomination_view, write_nominations
 from controller.usecases.deployments import get_deployment
 from uc_builders import WHO, add_tenant, deployment, submit
 
@@ -45,12 +45,16 @@ async def test_get_deployment_carries_the_stored_nomination_of_its_current_revis
     assert plain.nomination is None and not convert.deployment_msg(plain).HasField("nomination")
 
 
-async def test_an_outgoing_revisions_nomination_alone_is_shown(cluster: Database) -> None:
+async def test_an_outgoing_revisions_nomination_alone_is_shown_while_replicas_are_being_replaced(
+        cluster: Database) -> None:
+    """Once no replica is being replaced, the rollout is over: its outgoing revision's row (which
+    can outlive it a while) is not the deployment's nomination."""
     await submit(cluster, deployment("gang", "t1", accelerators=2))
     async with cluster.unit_of_work() as uow:
         dep_id = (await uow.session.scalars(select(m.Deployment.id))).one()
         await write_nominations(uow.session, [StoredNomination("t1/gang~1", dep_id, 5, ("rack-a-n1",), AT, AT, 1)])
         await uow.commit()
     async with cluster.unit_of_work() as uow:
-        view = await get_deployment(uow, WHO, "gang", tenant="t1")
-    assert view.nomination is not None and view.nomination.nodes == ("rack-a-n1",)
+        assert (await get_deployment(uow, WHO, "gang", tenant="t1")).nomination is None
+        rolling = await nomination_view(uow.session, dep_id, rolling=True)
+    assert rolling is not None and rolling.nodes == ("rack-a-n1",)

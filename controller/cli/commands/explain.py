@@ -115,10 +115,11 @@ def last_nomination(ctx: Context, spec: deployments_pb2.DeploymentSpec) -> admin
 
 
 def _nomination_document(dep: deployments_pb2.Deployment, event: admin_pb2.EventRecord | None) -> dict[str, Any] | None:
-    """What -o json says of the deployment's nomination: the one stored (held), else its last event."""
+    """What -o json says of the deployment's nomination: the one stored (held; `source` "stored"),
+    else its last event (`source` "event", with the event's fields)."""
     if dep.HasField("nomination"):
-        return {"held": True, **nomination_document(dep.nomination)}
-    return None if event is None else {"held": event.kind == NOMINATED, **event_document(event)}
+        return {"held": True, "source": "stored", **nomination_document(dep.nomination)}
+    return None if event is None else {"held": event.kind == NOMINATED, "source": "event", **event_document(event)}
 
 
 def _nomination_text(dep: deployments_pb2.Deployment, event: admin_pb2.EventRecord | None) -> str | None:
