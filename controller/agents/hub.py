@@ -320,6 +320,7 @@ class AgentHub:
         with self._greeted(node_id):  # left on the event loop's same turn as the session is held below
             changed = await self._hello(agent_cases.Hello(who, node_id, session_id, damped))
         self._refuse_when_stopping(node_id)
+        self._refuse_when_following(node_id)
         session = self._judge(node_id, session_id, heartbeat_interval_ms, who.token_id)
         previous = self._sessions.get(node_id)
         if previous is not None:
@@ -380,8 +381,8 @@ class AgentHub:
                 del self._sessions[node_id]
                 self._streams_changed += 1
                 self._buffer.stream_ended(node_id)  # its last heartbeat held back is written at the next flush
-                if not self._stopping and self._leading():
-                    self._released[node_id] = _wall(session.last_seen)
+                if not self._stopping and self._leading() and session.close_reason != NODE_DELETED:
+                    self._released[node_id] = _wall(session.last_seen)  # a deleted node is judged no more
             if not session.close_reason:
                 session.close("stream cancelled")
             log.info("agent disconnected node=%s reason=%s", node_id, session.close_reason)
@@ -399,7 +400,11 @@ class AgentHub:
     async def _mark_suspect(self, node_id: str, session_id: str | None, why: str) -> None:
         try:
             async with self._db.unit_of_work() as uow:
-                changed = await agent_cases.mark_suspect(uow, node_id, session_id=session_id, why=why)
+                # Not once the node's agent is back: its Hello (being written, or written: the same
+                # session's reconnect) owns the node's health, and the mark may have waited for the
+                # writer behind it.
+                changed = await agent_cases.mark_suspect(uow, node_id, session_id=session_id, why=why,
+                                                         unless=partial(self._back, node_id))
         except LeaseLost:  # another controller leads now and judges this node
             return
         except Exception:
@@ -407,7 +412,12 @@ class AgentHub:
             return
         if changed:
             log.warning("node suspect node=%s why=%s", node_id, why)
+            self._streams_changed += 1  # the node lifecycle reads the nodes again (`streams_changed`)
             self._on_liveness_change()
+
+    def _back(self, node_id: str) -> bool:
+        """The node's agent holds a stream here again, or its Hello is being written."""
+        return node_id in self._sessions or node_id in self._greeting
 
     # --- background work ---------------------------------------------------------------------
     async def run(self) -> None:
@@ -473,6 +483,14 @@ class AgentHub:
                         session.node_id, len(late), timeout_s, late[0].tenant,
                         late[0].deployment, late[0].replica, late[0].shard)
             self._buffer.not_acknowledged(session.node_id, late)
+
+    def _refuse_when_following(self, node_id: str) -> None:
+        """The lead was lost while the node's Hello was written (it committed under the lease):
+        `follow` ended the streams held then, and a session opened now would be a follower's, its
+        silence never checked and its reports never written, its node judged silent by the leader."""
+        if not self._leading():
+            raise Unavailable(f"this controller no longer leads: no stream opened for node {node_id}; connect to "
+                              f"the leader")
 
     def _refuse_when_stopping(self, node_id: str) -> None:
         if self._stopping:

@@ -316,8 +316,11 @@ class ReportBuffer:
             return views
 
     def _forget_states(self, nodes: list[str]) -> None:
-        """What these nodes reported was not written: their next heartbeats write every shard's state again."""
+        """What these nodes reported was not written: their next heartbeats write every shard's state
+        again, and the heartbeat itself (its power draw and time: one that changed nothing since
+        the beat not written would else be held back as written, for a contact write's cadence)."""
         for node_id in nodes:
+            self._written_beats.pop(node_id, None)
             session = self._sessions.get(node_id)
             if session is not None:
                 session.forget_state()

@@ -463,17 +463,25 @@ def _accept_hello(uow: UnitOfWork, h: Hello, row: m.Node | None, now: datetime) 
     return True
 
 
-async def mark_suspect(uow: UnitOfWork, node_id: str, *, session_id: str | None, why: str) -> bool:
+async def mark_suspect(uow: UnitOfWork, node_id: str, *, session_id: str | None, why: str,
+                       unless: Callable[[], bool] = lambda: False) -> bool:
     """The node's stream ended: suspect (keeps its shards, takes no new ones) if it is up and
-    `session_id` (None: any) is still its session; True if it changed.
+    `session_id` (None: any) is still its session, and `unless` is false once the row is written
+    (its lock held); True if it changed.
 
     One conditional UPDATE, not a read and then a write: another unit of work may change the node
     in between (the node lifecycle marking it suspect itself, or a newer session's Hello: that
-    session owns the node's liveness), and what it wrote is never overwritten."""
+    session owns the node's liveness), and what it wrote is never overwritten. A Hello of the
+    same session (the agent reconnecting) leaves the row as the old stream's was, so the UPDATE
+    cannot tell it: `unless` does (the hub: the agent is back, its Hello being written or
+    written), asked holding the row, so that a Hello committed before is seen and one not
+    committed yet commits after. Then nothing is committed."""
     await repo.will_move_generation(uow.session)  # before the node's row (lock order: store/changes.py)
     if not await repo.set_node_health(uow.session, node_id, m.NodeHealth.SUSPECT, was=m.NodeHealth.UP,
                                       session_id=session_id):
         return False
+    if unless():
+        return False  # rolled back with the unit of work
     await repo.bump_cluster_generation(uow.session, ClusterChange.node(node_id))
     repo.record_event(uow.session, actor="controller", kind="node.suspect", object_kind="node", object_id=node_id,
                       message=why)
