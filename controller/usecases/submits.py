@@ -69,6 +69,7 @@ caller's task to run again) goes to a `SubmitObserver` (the controller's metrics
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import Counter
@@ -222,6 +223,11 @@ class SubmitBatcher:
         self._observer = observer
         self._submitted = submitted
         self.written_again = 0  # batches written again reading back (`commit_batch`)
+        # One tenant's submits decided alone (`submit`), one after another: a batch that did not
+        # commit hands every member back at once, and each checks then writes (the tenant's
+        # deployment cap, the name free) with nothing between them to keep another from doing the
+        # same meanwhile: four at a cap of two all wrote, twins got an IntegrityError.
+        self._alone: dict[str, asyncio.Lock] = {}
         self._group: GroupCommit[Queued, DeploymentView] = GroupCommit(
             "submit-batches",
             # callers wait for the commit: before reports and passes (a lambda: tests replace commit_batch)
@@ -251,7 +257,9 @@ class SubmitBatcher:
             if self._observer is not None and queued.batch is not None:
                 self._observer.submit_staged(self._stages(queued.batch, began, enqueued))
             return view
-        async with self._db.unit_of_work() as uow:
+        # A lock a tenant that ever had a submit decided alone (tenants are few; kept, never a
+        # second lock for one tenant while the first has waiters).
+        async with self._alone.setdefault(spec.tenant, asyncio.Lock()), self._db.unit_of_work() as uow:
             if queued.wrote is not None and (landed := await self._landed(uow, who, spec, queued.wrote)) is not None:
                 return landed
             return await submit_deployment(uow, who, spec, self._signals, None if queued.charged else throttle,

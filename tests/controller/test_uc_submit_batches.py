@@ -105,6 +105,40 @@ async def test_a_batch_that_cannot_commit_writes_nothing_and_each_goes_alone(clu
     assert [r.spec.name for r in results] == ["good", "good2"]
 
 
+def _failing_once(batcher: SubmitBatcher) -> None:
+    """The batcher's first batch does not commit (a transient failure): every member goes alone."""
+    commit = batcher.commit_batch
+    failed: list[bool] = []
+
+    async def fail_once(batch):  # noqa: ANN001, ANN202
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("the batch's commit failed")
+        return await commit(batch)
+
+    batcher.commit_batch = fail_once  # type: ignore[method-assign]
+
+
+async def test_members_of_a_failed_batch_go_alone_one_after_another(cluster, monkeypatch):
+    """Handed back at once, each checked the tenant's deployment cap and the name, then wrote,
+    with nothing to keep the others from doing the same meanwhile: four at a cap of two all
+    wrote, and twins got an IntegrityError (INTERNAL) instead of ALREADY_EXISTS. As if they had
+    come one after the other: two of the four are refused, one twin is written."""
+    monkeypatch.setattr(limits, "DEPLOYMENTS_PER_TENANT_MAX", 2)
+    batcher = SubmitBatcher(cluster, RecordingSignals())
+    await batcher.submit(WHO, deployment("first"))
+    _failing_once(batcher)
+    results = await asyncio.gather(*(batcher.submit(WHO, deployment(f"x{i}")) for i in range(4)),
+                                   return_exceptions=True)
+    assert sorted(type(r).__name__ for r in results) == ["DeploymentView", "ResourceExhausted", "ResourceExhausted",
+                                                          "ResourceExhausted"]
+    assert await _count(cluster, m.Deployment) == 2
+    _failing_once(batcher)
+    monkeypatch.setattr(limits, "DEPLOYMENTS_PER_TENANT_MAX", 10)
+    twins = await asyncio.gather(*(batcher.submit(WHO, deployment("twin")) for _ in range(4)), return_exceptions=True)
+    assert sorted(type(r).__name__ for r in twins) == ["AlreadyExists"] * 3 + ["DeploymentView"]
+
+
 def _throttle(per_minute: float) -> SubmitLimits:
     return SubmitLimits(submits=KeyedRateLimiter(per_minute, "submits"), dry_runs=KeyedRateLimiter(0, "dry runs"))
 
