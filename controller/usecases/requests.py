@@ -65,6 +65,8 @@ async def replayed(uow: UnitOfWork, tenant: str, request_id: str, spec: Deployme
     verb = _VERB.get(seen.action, seen.action)
     used_to = f"client_request_id {request_id!r} was already used by tenant {tenant} to {verb}"
     if row is None:
+        if m.utcnow() - m.as_utc(seen.created_at) >= timedelta(seconds=limits.REQUEST_ID_RETENTION_S):
+            return None  # forgotten: this write's `remember` deletes the old record before it records the id
         raise FailedPrecondition(f"{used_to} deployment {seen.deployment_name}, which has been deleted since; use a "
                                  f"new id for a new request")
     # A restart carries no spec of its own (the deployment's as it stood): its retry is the same

@@ -250,7 +250,7 @@ async def test_a_request_id_outlives_its_deleted_deployment_for_the_retention(cl
             await deployments.submit_deployment(uow, WHO, GOOD, RecordingSignals(), request_id="r1")
     async with cluster.unit_of_work() as uow:
         assert (await uow.session.scalars(select(m.Deployment.name))).all() == []
-        # A day later it is forgotten, when the tenant's next request id is recorded.
+        # Past the retention it is forgotten: the tenant's next request id recorded drops it...
         await uow.session.execute(update(m.ClientRequest).values(created_at=m.utcnow() - timedelta(days=2)))
         await uow.commit()
     async with cluster.unit_of_work() as uow:
@@ -258,6 +258,18 @@ async def test_a_request_id_outlives_its_deleted_deployment_for_the_retention(cl
     async with cluster.unit_of_work() as uow:
         assert (await uow.session.scalars(select(m.ClientRequest.request_id))).all() == ["r2"]
         await deployments.submit_deployment(uow, WHO, GOOD, RecordingSignals(), request_id="r1")
+    # ... and the id itself, sent again, is a new request (it was refused until another id was recorded).
+    async with cluster.unit_of_work() as uow:
+        await deployments.delete_deployment(uow, WHO, "svc", RecordingSignals())
+        await uow.session.execute(delete(m.Deployment).where(m.Deployment.name == "svc"))
+        await uow.session.execute(update(m.ClientRequest).where(m.ClientRequest.request_id == "r1")
+                                  .values(created_at=m.utcnow() - timedelta(days=2)))
+        await uow.commit()
+    async with cluster.unit_of_work() as uow:
+        view = await deployments.submit_deployment(uow, WHO, GOOD, RecordingSignals(), request_id="r1")
+    async with cluster.unit_of_work() as uow:
+        seen = await uow.session.get(m.ClientRequest, ("t1", "r1"))
+        assert seen is not None and seen.deployment_id is not None and view.spec.name == "svc"
 
 
 async def test_the_capacity_index_is_built_off_the_event_loop(cluster, monkeypatch):
