@@ -46,14 +46,16 @@ class StoredNomination:
     shape: str = ""  # what the nodes were chosen for (`scheduling.nominations.shape_of`)
 
 
-async def read_nominations(session: AsyncSession) -> list[StoredNomination]:
-    """Every stored nomination, oldest first."""
-    rows = await session.execute(select(
+async def read_nominations(session: AsyncSession, *, deployment_id: int | None = None) -> list[StoredNomination]:
+    """Every stored nomination (of one stored deployment, with `deployment_id`), oldest first."""
+    query = select(
         NominationRow.solver_id, NominationRow.deployment_id, NominationRow.priority, NominationRow.nodes,
         NominationRow.nominated_at, NominationRow.waiting_since, NominationRow.missing, NominationRow.shape,
-    ).order_by(NominationRow.nominated_at, NominationRow.solver_id))
+    ).order_by(NominationRow.nominated_at, NominationRow.solver_id)
+    if deployment_id is not None:
+        query = query.where(NominationRow.deployment_id == deployment_id)
     return [StoredNomination(r.solver_id, r.deployment_id, r.priority, tuple(r.nodes), as_utc(r.nominated_at),
-                             as_utc(r.waiting_since), r.missing, r.shape) for r in rows]
+                             as_utc(r.waiting_since), r.missing, r.shape) for r in await session.execute(query)]
 
 
 async def nomination_view(session: AsyncSession, deployment_id: int, *, rolling: bool) -> NominationView | None:
@@ -61,15 +63,11 @@ async def nomination_view(session: AsyncSession, deployment_id: int, *, rolling:
     revision's; else, while it has replicas being replaced (`rolling`), the oldest of its outgoing
     revisions' (`NAME~REV`: such a row can outlive its rollout a while, until the leader's
     nominations next change); None when it holds none."""
-    rows = (await session.execute(select(
-        NominationRow.solver_id, NominationRow.nodes, NominationRow.nominated_at, NominationRow.waiting_since,
-        NominationRow.missing,
-    ).where(NominationRow.deployment_id == deployment_id)
-        .order_by(NominationRow.nominated_at, NominationRow.solver_id))).all()
-    row = next((r for r in rows if r.solver_id == stored_key(r.solver_id)), rows[0] if rows and rolling else None)
-    if row is None:
+    stored = await read_nominations(session, deployment_id=deployment_id)
+    nom = next((n for n in stored if n.solver_id == stored_key(n.solver_id)), stored[0] if stored and rolling else None)
+    if nom is None:
         return None
-    return NominationView(tuple(row.nodes), as_utc(row.nominated_at), as_utc(row.waiting_since), row.missing)
+    return NominationView(nom.nodes, nom.nominated_at, nom.waiting_since, nom.missing)
 
 
 async def nominated_nodes(session: AsyncSession) -> dict[str, StoredNomination]:
