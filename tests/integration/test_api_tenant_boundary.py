@@ -77,11 +77,12 @@ async def test_a_tenants_call_naming_another_tenant_is_filed_in_its_own_log(cont
     bravo = Stubs.connect(controller_app.address, await issue_token(controller_app.db, "tenant", tenant="bravo",
                                                                      name="tok-bravo"))
     try:
-        for call in (bravo.deployments.DeleteDeployment(deployments_pb2.DeleteDeploymentRequest(name="x",
-                                                                                                tenant="alpha")),
-                     bravo.admin.DeleteTenant(admin_pb2.DeleteTenantRequest(id="alpha"))):
+        # One after the other (a call starts when made): their entries' order is the calls'.
+        for call in (lambda: bravo.deployments.DeleteDeployment(deployments_pb2.DeleteDeploymentRequest(
+                         name="x", tenant="alpha")),
+                     lambda: bravo.admin.DeleteTenant(admin_pb2.DeleteTenantRequest(id="alpha"))):
             with pytest.raises(grpc.aio.AioRpcError):
-                await call
+                await call()
     finally:
         await bravo.channel.close()
     async with controller_app.db.unit_of_work() as uow:
@@ -101,11 +102,12 @@ async def test_a_tenants_own_log_does_not_tell_which_tenant_ids_exist(controller
                                                                      name="tok-bravo"))
     try:
         for named in ("alpha", "zzz"):
-            for call in (bravo.deployments.DeleteDeployment(deployments_pb2.DeleteDeploymentRequest(name="x",
-                                                                                                    tenant=named)),
-                         bravo.admin.UpdateTenant(admin_pb2.Tenant(id=named))):
+            # One after the other (a call starts when made): alpha's two entries compare with zzz's in order.
+            for call in (lambda: bravo.deployments.DeleteDeployment(deployments_pb2.DeleteDeploymentRequest(
+                             name="x", tenant=named)),
+                         lambda: bravo.admin.UpdateTenant(admin_pb2.Tenant(id=named))):
                 with pytest.raises(grpc.aio.AioRpcError):
-                    await call
+                    await call()
         listed = await bravo.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest())
     finally:
         await bravo.channel.close()
