@@ -17,7 +17,10 @@ every member would meet alone too (the database or the lease failed): then each 
 rather than a batch's worth of lone transactions piling onto whatever failed. Items with the same `key` never share a batch:
 the later one waits for the next (its outcome may depend on the earlier one's, as if they had
 come one after the other). A caller that went away (cancelled) before its batch was formed is
-left out. The writer runs in a context of its own: it is nobody's call.
+left out; one that went away once its item was taken leaves it to be written with its batch,
+and `left` is told (the item, and a future settled as that batch ends, committed or not: whoever
+speaks for the gone caller, its audit entry, waits for what the batch did). The writer runs in a context of its
+own: it is nobody's call.
 
 Deadlines: a caller that says how long it has (`submit(item, time_left_s)`) is answered before
 that, with a reserve for the answer to reach it. Its item is taken into a batch only while the
@@ -117,6 +120,7 @@ class _Member(Generic[Item, Outcome]):
     future: asyncio.Future[Outcome | None]
     latest_start: float = math.inf  # taken into a batch after this (clock), it could not be answered in time
     taken: bool = False             # in a batch: written with it or not at all
+    ended: asyncio.Future[None] | None = None  # its caller left once it was taken: settled as its batch ends
 
 
 # Pacing of refused callers (`RetryPacer`).
@@ -190,7 +194,8 @@ class GroupCommit(Generic[Item, Outcome]):
                  shared_failure: Callable[[Exception], bool] = lambda exc: False, writers: int = 1,
                  answer_reserve: Callable[[float], float] = answer_reserve_s,
                  clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
-                 pacer: RetryPacer | None = None, spacing: BatchSpacing | None = None) -> None:
+                 pacer: RetryPacer | None = None, spacing: BatchSpacing | None = None,
+                 left: Callable[[Item, asyncio.Future[Any]], None] | None = None) -> None:
         if batch_max < 1 or writers < 1:
             raise ValueError(f"{name}: batch_max and writers must be >= 1")
         self.name = name
@@ -198,6 +203,7 @@ class GroupCommit(Generic[Item, Outcome]):
         self._batch_max = batch_max
         self._key = key
         self._shared_failure = shared_failure
+        self._left = left  # told of an item whose caller went away once it was taken (module docstring)
         self._writers_max = writers
         self._answer_reserve = answer_reserve  # what a caller's time left keeps for its answer to arrive
         self._clock = clock
@@ -249,6 +255,9 @@ class GroupCommit(Generic[Item, Outcome]):
         except asyncio.CancelledError:
             if not member.taken:  # its caller went away before its batch was formed: left out
                 member.future.cancel()
+            elif self._left is not None:  # written with its batch or not at all: `ended` says when
+                member.ended = asyncio.get_running_loop().create_future()
+                self._left(member.item, member.ended)
             raise
         return member.future.result()
 
@@ -380,6 +389,9 @@ class GroupCommit(Generic[Item, Outcome]):
                     self._in_flight -= 1
                     self._measured_at = self._clock()
                     self._release_keys(batch)
+                    for member in batch:  # committed or not: its gone caller's audit is decided
+                        if member.ended is not None:
+                            _settle(member.ended)
                 self.stats.batches += 1
                 self.stats.items += len(batch)
                 self.stats.largest = max(self.stats.largest, len(batch))

@@ -52,7 +52,8 @@ class Joins:
             "agent-registers", self._write_registers, batch_max=limits.REGISTER_BATCH_MAX,
             key=lambda r: r.info.node_id, shared_failure=shared_failure,
             writers=1 if db.is_sqlite else limits.REGISTER_WRITERS_POSTGRES,
-            answer_reserve=self.admission.answer_reserve_s, pacer=self.pacer)
+            answer_reserve=self.admission.answer_reserve_s, pacer=self.pacer,
+            left=lambda register, batch: audit.carried_by(register.call, batch))
 
     def shed_register(self, time_left_s: float | None) -> MaiaError | None:
         """The refusal of a Register arriving now with `time_left_s` until its deadline, if the

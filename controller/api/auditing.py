@@ -14,7 +14,9 @@ requests of one SubmitDeployments call are one transaction, not one each); if th
 the controller logs it at ERROR and the caller still gets its answer. A call whose entry
 went with a commit whose answer was lost (PostgreSQL: `CommitOutcomeUnknown`; a group commit's
 batch, its members then going alone) gets no second entry when that one landed
-(`controller.store.audit.landed`, by the entry's seq and hash).
+(`controller.store.audit.landed`, by the entry's seq and hash). A call whose caller went away
+(cancelled) once a group commit's batch took it is audited when that batch ends, in a task of
+its own: by the batch's entry when it committed, CANCELLED when it did not (`_after_batch`).
 
 A SubmitDeployments call is itemized (`ITEMIZED_METHODS`): its servicer audits each of its
 requests as that request's own SubmitDeployment call would be audited (`AuditInterceptor.run`, in
@@ -113,6 +115,7 @@ class AuditInterceptor(aio.ServerInterceptor):
         self._failures = db.failures  # the pause a caller the database failed is told grows with it
         self._entries = audit.EntryWriter(db)  # the entries of calls that failed or wrote nothing
         self._retry_later = Sampler(limits.RETRY_LATER_AUDITS_PER_MINUTE, limits.RETRY_LATER_AUDITS_BURST, clock)
+        self._settling: set[asyncio.Task[None]] = set()  # calls left while a batch held them (`_after_batch`)
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
@@ -148,7 +151,25 @@ class AuditInterceptor(aio.ServerInterceptor):
         finally:
             committed = close_call(call)
             if failed is not None or (not itemized and (committed is None or not committed.written)):
-                await self._record(self._ended(entry, context, failed), sent=committed)
+                ended = self._ended(entry, context, failed)
+                if committed is not None and committed.carrier is not None and not committed.carrier.done():
+                    self._after_batch(ended, committed)  # the caller went away once a batch took the call
+                else:
+                    await self._record(ended, sent=committed)
+
+    def _after_batch(self, entry: AuditRecord, call: CallEntry) -> None:
+        """Audit a call its caller left while a batch held it (`CallEntry.carrier`) once that batch
+        ends, in a task of its own (the caller's cancellation is not held up): nothing when the
+        batch wrote the call's entry (its outcome, OK), `entry` (CANCELLED) when it did not. Written
+        at once, the call had both."""
+        async def when_settled(carrier: asyncio.Future[Any]) -> None:
+            await asyncio.wait([carrier])
+            if not call.written:
+                await self._record(entry, sent=call)
+
+        task = asyncio.create_task(when_settled(call.carrier), name="audit-after-batch")  # type: ignore[arg-type]
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     @staticmethod
     def entry(method: str, request: Message, **detail: Any) -> AuditRecord:

@@ -389,6 +389,16 @@ class CallEntry:
     # `CommitOutcomeUnknown`) committed. Whoever writes the entry next (the call's lone retry after
     # a batch, the audit interceptor) first asks whether it landed (`landed`): one entry per call.
     sent: tuple[int, str] | None = None
+    # The batch that took the entry (`carried_by`) when the call's task went away before it ended:
+    # done once the batch committed (`written`) or did not. Whoever then audits the gone call
+    # waits for it: the entry is written with the batch, or not at all.
+    carrier: asyncio.Future[Any] | None = None
+
+
+def carried_by(call: CallEntry | None, batch: asyncio.Future[Any]) -> None:
+    """`call`'s entry was taken into a batch that settles `batch` (a group commit's `left`)."""
+    if call is not None:
+        call.carrier = batch
 
 
 _call: ContextVar[CallEntry | None] = ContextVar("maia_audit_call", default=None)

@@ -91,7 +91,7 @@ class DeleteBatcher:
             "delete-batches",
             # callers wait for the commit: before reports and passes (a lambda: tests replace commit_batch)
             by_member(lambda batch: self.commit_batch(batch), within=answering), batch_max=batch_max,
-            key=lambda q: q.name)
+            key=lambda q: q.name, left=lambda q, batch: audit.carried_by(q.call, batch))
 
     @property
     def stats(self) -> GroupStats:

@@ -232,7 +232,7 @@ class SubmitBatcher:
             "submit-batches",
             # callers wait for the commit: before reports and passes (a lambda: tests replace commit_batch)
             by_member(lambda batch: self.commit_batch(batch), within=answering), batch_max=batch_max,
-            spacing=spacing)
+            spacing=spacing, left=lambda queued, batch: audit.carried_by(queued.call, batch))
 
     @property
     def stats(self) -> GroupStats:

@@ -412,6 +412,30 @@ async def test_a_caller_that_goes_away_once_its_item_is_taken_still_has_it_writt
     assert store.batches == [["a"], ["b"]] and group.stats.items == 2  # "a" was written with its batch
 
 
+@pytest.mark.parametrize("time_left_s", [None, 30.0])
+@pytest.mark.parametrize("fail_with", [None, RuntimeError("the batch did not commit")])
+async def test_left_is_told_of_a_caller_gone_once_taken_with_a_future_settled_as_its_batch_ends(
+        time_left_s: float | None, fail_with: Exception | None):
+    """Whoever speaks for a gone caller (its audit entry) learns when its batch ended, committed
+    or not; a caller gone before its batch was formed is not told (its item is not written)."""
+    store = Store(fail_with=fail_with)
+    told: list[tuple[str, asyncio.Future]] = []
+    group: GroupCommit[str, str] = GroupCommit("test", store.commit, batch_max=10,
+                                               left=lambda item, ended: told.append((item, ended)))
+    taken = asyncio.create_task(outcome_or_alone(group, "a", time_left_s))
+    await _settle()
+    queued = asyncio.create_task(outcome_or_alone(group, "b", time_left_s))
+    await _settle()
+    for caller in (taken, queued):
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+    assert [item for item, _ in told] == ["a"] and not told[0][1].done()  # its batch is being written
+    store.release.set()
+    await _settle()
+    assert told[0][1].done() and store.batches == [["a"]]  # "b" left unwritten
+
+
 async def test_a_caller_whose_writer_is_stopped_decides_alone():
     store = Store()
     group: GroupCommit[str, str] = GroupCommit("test", store.commit, batch_max=10)

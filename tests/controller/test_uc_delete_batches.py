@@ -27,6 +27,8 @@ from controller.store.turns import WritePriority
 from controller.usecases import deletes, deployments
 from controller.usecases.deletes import DeleteBatcher, QueuedDelete
 from controller.usecases.ports import RecordingSignals
+from maia.v1 import deployments_pb2
+from tests.store.audited import through_the_audit_interceptor
 from uc_builders import WHO, add_tenant, appended_elsewhere, batch_priorities, deployment, no_publish, submit
 
 T1 = Principal("t1-token", Role.TENANT, tenant="t1")
@@ -492,3 +494,45 @@ async def test_only_a_mark_refused_as_raced_is_told_apart_from_other_integrity_e
     )}
     assert list(told.values()) == [True, False, False, False, True, False], told
     assert not repo.changed_since_read(RuntimeError("phase"))
+
+
+async def _a_delete_left_while_its_batch_commits(db, monkeypatch: pytest.MonkeyPatch, *, commits: bool) -> list[str]:
+    """A tenant's DeleteDeployment, served through the audit interceptor, whose caller goes away
+    (cancelled) once a batch holds it; the batch then commits or fails. The outcomes of the
+    call's audit entries, once everything written for it was."""
+    await _submit(db, ("t1", "a"))
+    batcher = DeleteBatcher(db, RecordingSignals())
+    taken, release = asyncio.Event(), asyncio.Event()
+    commit_batch = batcher.commit_batch
+
+    async def held(batch):
+        taken.set()
+        await release.wait()
+        if not commits:
+            raise RuntimeError("this batch could not commit")
+        return await commit_batch(batch)
+
+    monkeypatch.setattr(batcher, "commit_batch", held)
+    call = asyncio.create_task(through_the_audit_interceptor(
+        db, "/maia.v1.DeploymentService/DeleteDeployment", deployments_pb2.DeleteDeploymentRequest(name="a"), T1,
+        lambda: batcher.delete(T1, "a")))
+    await taken.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    release.set()
+    while any(t.get_name() in ("delete-batches", "audit-after-batch") for t in asyncio.all_tasks()):
+        await asyncio.sleep(0.01)
+    async with db.unit_of_work() as uow:
+        return [e.outcome for e in await audit.list_entries(uow.session, limit=100)
+                if e.action.endswith("/DeleteDeployment")]
+
+
+async def test_a_delete_its_caller_left_while_its_batch_committed_has_the_batchs_entry_alone(cluster, monkeypatch):
+    """A caller cancelled once its delete was taken into a batch had two entries: CANCELLED,
+    written as it went, and OK, written by the batch that deleted all the same."""
+    assert await _a_delete_left_while_its_batch_commits(cluster, monkeypatch, commits=True) == ["OK"]
+
+
+async def test_a_delete_its_caller_left_while_its_batch_failed_is_audited_cancelled(cluster, monkeypatch):
+    assert await _a_delete_left_while_its_batch_commits(cluster, monkeypatch, commits=False) == ["CANCELLED"]
