@@ -9,7 +9,7 @@ answers each call with what the controller sends back, ending it with the contro
 trailing metadata. It exits when the link ends: with status 0 when its controller ended it (its
 stop: every call's status came before the link's end, `LINK_CALL`), with `EXIT_LINK_LOST` when the
 link was lost (the controller died), ending every agent call still open UNAVAILABLE first; it
-exits too when the link does not come up (`LINK_READY_TIMEOUT_S`), and on SIGTERM/SIGINT. Prints
+exits too when the link does not come up (`--link-ready-timeout`, `LINK_READY_TIMEOUT_S`), and on SIGTERM/SIGINT. Prints
 "maia-gateway listening on HOST:PORT" once serving.
 """
 
@@ -204,6 +204,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--linger-ms", type=float, default=5.0, help="how long a frame waits for more events")
     parser.add_argument("--tls-cert", type=Path, help="serve TLS to agents with this certificate (chain)")
     parser.add_argument("--tls-key", type=Path, help="the private key of --tls-cert")
+    parser.add_argument("--link-ready-timeout", type=float, default=LINK_READY_TIMEOUT_S, metavar="SECONDS",
+                        help="exit when the controller's relay socket is not served within this long")
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
@@ -212,11 +214,11 @@ async def serve(args: argparse.Namespace) -> int:
     gateway = Gateway(args.name, args.linger_ms / 1000)
     channel = aio.insecure_channel(args.link, options=LINK_OPTIONS)
     try:
-        async with asyncio.timeout(LINK_READY_TIMEOUT_S):
+        async with asyncio.timeout(args.link_ready_timeout):
             await channel.channel_ready()
     except TimeoutError:
-        log.error("gateway %s: no controller on %s within %.0fs (it stopped or died); exiting", args.name,
-                  args.link, LINK_READY_TIMEOUT_S)
+        log.error("gateway %s: no controller on %s within %.3gs (it stopped or died); exiting", args.name,
+                  args.link, args.link_ready_timeout)
         await channel.close()
         return EXIT_LINK_LOST
     server = aio.server(options=[*limits.GRPC_MESSAGE_OPTIONS, ("grpc.so_reuseport", 1),

@@ -138,7 +138,7 @@ def test_a_gateway_whose_controller_died_before_it_linked_exits_on_its_own(tmp_p
     with socket.socket(socket.AF_UNIX) as left_behind:
         left_behind.bind(str(link))  # the file stays; connecting to it is refused
     gateway = subprocess.Popen([sys.executable, "-m", "controller.gateway", "--listen", "127.0.0.1:0",
-                                "--link", f"unix:{link}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                "--link", f"unix:{link}", "--link-ready-timeout", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert gateway.wait(60) == 4  # EXIT_LINK_LOST
         assert gateway.stdout is not None and gateway.stdout.read() == ""  # it never served agents

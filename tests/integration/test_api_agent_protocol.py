@@ -158,7 +158,7 @@ async def test_a_stream_opened_with_an_expiring_token_ends_unauthenticated_at_it
     # The hand agent never heartbeats: a long timeout, so only the expiry can end its stream.
     async with running_controller(db_url, tmp_path, heartbeat_timeout_s=60) as app:
         stubs = Stubs.connect(app.address, admin_token_of(app))
-        expiring = await issue_token(app.db, "admin", name="short", ttl_s=6.0)
+        expiring = await issue_token(app.db, "admin", name="short", ttl_s=4.0)
         token_id = expiring.split(".")[0].removeprefix("maia_")
         async with app.db.unit_of_work() as uow:
             expires_at = as_utc((await get_token(uow.session, token_id)).expires_at)

@@ -103,9 +103,9 @@ async def test_a_tenants_watch_ends_unauthenticated_at_once_when_its_token_is_re
 @pytest.mark.parametrize("rpc", WATCHES)
 async def test_a_watch_opened_with_an_expiring_token_ends_unauthenticated_at_its_expiry_not_before(
         seeded: Stubs, controller_app: ControllerApp, rpc: str) -> None:
-    """`maiactl token create --tenant lab --ttl 6s`: the watch it opens ends UNAUTHENTICATED "token X
+    """`maiactl token create --tenant lab --ttl 4s`: the watch it opens ends UNAUTHENTICATED "token X
     expired at T" once T has passed (a timer per watch: nothing else happens meanwhile), never before."""
-    expiring = await issue_token(controller_app.db, "tenant", tenant="lab", name="short", ttl_s=6.0)
+    expiring = await issue_token(controller_app.db, "tenant", tenant="lab", name="short", ttl_s=4.0)
     async with controller_app.db.unit_of_work() as uow:
         expires_at = as_utc((await get_token(uow.session, _id(expiring))).expires_at)
     async with Stubs.connect(controller_app.address, expiring).channel as channel:

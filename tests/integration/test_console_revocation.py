@@ -123,7 +123,7 @@ async def test_the_event_stream_closes_at_once_when_its_token_is_revoked_and_ano
 async def test_the_event_stream_of_an_expiring_token_closes_at_its_expiry_not_before(
         console: tuple[ControllerApp, Stubs]) -> None:
     app, _ = console
-    expiring = await issue_token(app.db, "tenant", tenant="lab", name="short", ttl_s=6.0)
+    expiring = await issue_token(app.db, "tenant", tenant="lab", name="short", ttl_s=4.0)
     async with app.db.unit_of_work() as uow:
         expires_at = as_utc((await get_token(uow.session, _id(expiring))).expires_at)
     async with aiohttp.ClientSession() as http:
