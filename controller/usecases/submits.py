@@ -74,6 +74,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, fields
 from typing import Protocol
 
@@ -223,11 +224,13 @@ class SubmitBatcher:
         self._observer = observer
         self._submitted = submitted
         self.written_again = 0  # batches written again reading back (`commit_batch`)
-        # One tenant's submits decided alone (`submit`), one after another: a batch that did not
-        # commit hands every member back at once, and each checks then writes (the tenant's
-        # deployment cap, the name free) with nothing between them to keep another from doing the
-        # same meanwhile: four at a cap of two all wrote, twins got an IntegrityError.
-        self._alone: dict[str, asyncio.Lock] = {}
+        # A tenant's turn to check then write (its deployment cap, the name free): its submits
+        # decided alone (`submit`) take it one after another, and a batch takes its members'
+        # tenants' (`commit_batch`). A batch that did not commit hands every member back at once,
+        # and with nothing between them each checked then wrote: four at a cap of two all wrote,
+        # twins got an IntegrityError; and the next batch, written meanwhile, counted the tenant's
+        # deployments before a lone submit's was written (both wrote, past the cap).
+        self._turns: dict[str, asyncio.Lock] = {}
         self._group: GroupCommit[Queued, DeploymentView] = GroupCommit(
             "submit-batches",
             # callers wait for the commit: before reports and passes (a lambda: tests replace commit_batch)
@@ -257,9 +260,7 @@ class SubmitBatcher:
             if self._observer is not None and queued.batch is not None:
                 self._observer.submit_staged(self._stages(queued.batch, began, enqueued))
             return view
-        # A lock a tenant that ever had a submit decided alone (tenants are few; kept, never a
-        # second lock for one tenant while the first has waiters).
-        async with self._alone.setdefault(spec.tenant, asyncio.Lock()), self._db.unit_of_work() as uow:
+        async with self._turn(spec.tenant), self._db.unit_of_work() as uow:
             if queued.wrote is not None and (landed := await self._landed(uow, who, spec, queued.wrote)) is not None:
                 return landed
             return await submit_deployment(uow, who, spec, self._signals, None if queued.charged else throttle,
@@ -290,12 +291,22 @@ class SubmitBatcher:
         their views, or the error that refused them. The others are left out (they go alone).
         The batch's writes read nothing back (module docstring); when one of its ids was taken or
         (SQLite) the audit head moved before it committed (nothing of it was written), it is read,
-        checked and written once more reading back, its ids given by the database, the head read."""
-        try:
-            return await self._write_batch(batch, unread=True)
-        except _ReadBackNeeded:
-            self.written_again += 1
-            return await self._write_batch(batch, unread=False)
+        checked and written once more reading back, its ids given by the database, the head read.
+        It holds its tenants' turns (`_turn`, in a fixed order) while it checks and writes: a
+        submit decided alone meanwhile counts what it wrote, or is counted by it."""
+        async with AsyncExitStack() as turns:
+            for tenant in sorted({queued.spec.tenant for queued in batch}):
+                await turns.enter_async_context(self._turn(tenant))
+            try:
+                return await self._write_batch(batch, unread=True)
+            except _ReadBackNeeded:
+                self.written_again += 1
+                return await self._write_batch(batch, unread=False)
+
+    def _turn(self, tenant: str) -> asyncio.Lock:
+        """The tenant's turn to check then write (a lock a tenant that ever submitted: tenants are
+        few; kept, never a second lock for one tenant while the first has waiters)."""
+        return self._turns.setdefault(tenant, asyncio.Lock())
 
     async def _write_batch(self, batch: list[Queued], *, unread: bool) -> dict[int, DeploymentView | MaiaError]:
         """`commit_batch`'s one transaction; with `unread`, the deployments' ids as read

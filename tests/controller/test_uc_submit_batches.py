@@ -21,7 +21,7 @@ from controller.store import models as m
 from controller.store import pg_driver, sqlite_driver
 from controller.store.audit import AuditRecord, CallEntry
 from controller.store.turns import WritePriority
-from controller.usecases import submits
+from controller.usecases import deployments, submits
 from controller.usecases.capacity import CapacityCache
 from controller.usecases.deployments import views_of
 from controller.usecases.ports import RecordingSignals
@@ -137,6 +137,36 @@ async def test_members_of_a_failed_batch_go_alone_one_after_another(cluster, mon
     monkeypatch.setattr(limits, "DEPLOYMENTS_PER_TENANT_MAX", 10)
     twins = await asyncio.gather(*(batcher.submit(WHO, deployment("twin")) for _ in range(4)), return_exceptions=True)
     assert sorted(type(r).__name__ for r in twins) == ["AlreadyExists"] * 3 + ["DeploymentView"]
+
+
+async def test_a_batch_written_while_a_submit_is_decided_alone_waits_for_it(cluster, monkeypatch):
+    """A member of a batch that did not commit checked the tenant's cap alone, then the next
+    batch counted the tenant's deployments and wrote before the lone submit wrote: at a cap of
+    two with one stored, both were written. The batch waits for the tenant's lone submit now."""
+    monkeypatch.setattr(limits, "DEPLOYMENTS_PER_TENANT_MAX", 2)
+    batcher = SubmitBatcher(cluster, RecordingSignals())
+    await batcher.submit(WHO, deployment("first"))
+    checked, go = asyncio.Event(), asyncio.Event()
+    admit = deployments.admit
+
+    async def checked_then_held(*args, **kwargs):  # the lone submit's checks, then a pause before its write
+        admitted = await admit(*args, **kwargs)
+        if not checked.is_set():
+            checked.set()
+            await go.wait()
+        return admitted
+
+    monkeypatch.setattr(deployments, "admit", checked_then_held)
+    _failing_once(batcher)
+    alone = asyncio.create_task(batcher.submit(WHO, deployment("alone")))
+    await checked.wait()
+    batched = asyncio.create_task(batcher.submit(WHO, deployment("batched")))
+    for _ in range(20):  # the next batch's writer runs as far as it may
+        await asyncio.sleep(0.01)
+    go.set()
+    results = await asyncio.gather(alone, batched, return_exceptions=True)
+    assert [type(r).__name__ for r in results] == ["DeploymentView", "ResourceExhausted"]
+    assert await _count(cluster, m.Deployment) == 2
 
 
 def _throttle(per_minute: float) -> SubmitLimits:
