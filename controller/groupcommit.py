@@ -18,9 +18,9 @@ rather than a batch's worth of lone transactions piling onto whatever failed. It
 the later one waits for the next (its outcome may depend on the earlier one's, as if they had
 come one after the other). A caller that went away (cancelled) before its batch was formed is
 left out; one that went away once its item was taken leaves it to be written with its batch,
-and `left` is told (the item, and a future settled as that batch ends, committed or not: whoever
-speaks for the gone caller, its audit entry, waits for what the batch did). The writer runs in a context of its
-own: it is nobody's call.
+and `left` is told (the item, and a future settled as that batch ends, committed or not:
+whoever speaks for the gone caller, its audit entry, waits for what the batch did). The writer
+runs in a context of its own: it is nobody's call.
 
 Deadlines: a caller that says how long it has (`submit(item, time_left_s)`) is answered before
 that, with a reserve for the answer to reach it. Its item is taken into a batch only while the

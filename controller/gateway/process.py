@@ -9,8 +9,8 @@ answers each call with what the controller sends back, ending it with the contro
 trailing metadata. It exits when the link ends: with status 0 when its controller ended it (its
 stop: every call's status came before the link's end, `LINK_CALL`), with `EXIT_LINK_LOST` when the
 link was lost (the controller died), ending every agent call still open UNAVAILABLE first; it
-exits too when the link does not come up (`--link-ready-timeout`, `LINK_READY_TIMEOUT_S`), and on SIGTERM/SIGINT. Prints
-"maia-gateway listening on HOST:PORT" once serving.
+exits too when the link does not come up (`--link-ready-timeout`, `LINK_READY_TIMEOUT_S`), and
+on SIGTERM/SIGINT. Prints "maia-gateway listening on HOST:PORT" once serving.
 """
 
 from __future__ import annotations
