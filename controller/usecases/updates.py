@@ -34,7 +34,8 @@ from controller.store.db import UnitOfWork
 from controller.usecases import planning, requests
 from controller.usecases.redaction import as_seen_by
 from controller.usecases.reservations import check_owed_capacity, demand
-from controller.usecases.deployments import as_caller, visible_row, check_could_ever_fit, validate_spec
+from controller.usecases.deployments import (as_caller, check_could_ever_fit, seen_or_not_found, validate_spec,
+                                             visible_row)
 from controller.domain.changes import ClusterChange
 from controller.domain.values import TEMPLATE_FIELDS, DeploymentEvent, DeploymentSpec, DeploymentUpdate, Usage
 from controller.usecases.ports import Signals
@@ -271,15 +272,20 @@ async def update_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
             # Its own first call, landed meanwhile (a retry sent while the first still ran).
             await uow.session.refresh(row, repo.DEPLOYMENT_COLUMN_ATTRIBUTES)  # as that call left it
             return DeploymentUpdate(await as_seen_by(uow, who, repo.deployment_view(row)))
+        if not await repo.deployment_exists(uow.session, row.id):  # deleted and removed meanwhile
+            seen_or_not_found(who, spec.tenant, spec.name, None)
         raise Conflict(f"deployment {spec.name} changed since resource version {resource_version} (another "
                        f"update landed meanwhile): read it again and re-apply the change")
-    # What plan commits, report flushes and failures wrote since the row was read leaves its
-    # resource version as it was: read again now that this transaction holds the row (PostgreSQL's
-    # lock, SQLite's writer), or the update wrote the older copy back (a revision placed meanwhile
-    # lost its spec, and its running replicas were stopped before any replacement; a FAILED
-    # deployment stayed FAILED under its new spec).
+    # What plan commits, report flushes, failures and deletions wrote since the row was read
+    # leaves its resource version as it was: read again now that this transaction holds the row
+    # (PostgreSQL's lock, SQLite's writer), or the update wrote the older copy back (a revision
+    # placed meanwhile lost its spec, and its running replicas were stopped before any
+    # replacement; a FAILED deployment stayed FAILED under its new spec), changed a deployment
+    # being deleted, and answered (and told watchers) the placements as they were before.
     await uow.session.refresh(row, list(repo.UNVERSIONED_COLUMNS))
-    running_old = await repo.placed_revisions(uow.session, row.id)
+    check_changeable(row)  # marked DELETING (or quarantined) meanwhile: nothing written
+    await repo.reload_placements(uow.session, row)
+    running_old = {p.revision for p in row.placements}
     # Adopted only as locked: one retired meanwhile is gone, and another's placements are not held.
     adopted = adoptable if adoptable is not None and adoptable == _adoptable(
         row, spec, rolling, running_old, restarted) else None

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 from sqlalchemy import text
 
-from controller.errors import AlreadyExists, InvalidArgument, NotFound
+from controller.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store import repositories as repo
@@ -353,24 +353,33 @@ async def test_two_updates_from_one_resource_version_land_one_and_refuse_the_oth
     assert "another update landed meanwhile" in next(o for o in outcomes if o is not None).message
 
 
+def _meanwhile(monkeypatch: pytest.MonkeyPatch, between) -> None:  # noqa: ANN001
+    """`between()` runs once, after the update read the deployment and before it writes."""
+    contract = updates.check_contract
+    ran: list[bool] = []
+
+    async def then_check(*args, **kw):  # noqa: ANN002, ANN003
+        if not ran:
+            ran.append(True)
+            await between()
+        return await contract(*args, **kw)
+
+    monkeypatch.setattr(updates, "check_contract", then_check)
+
+
 async def test_an_update_writes_over_what_landed_since_its_read_only_its_own_change(cluster, monkeypatch):
     """Between the update's read and its write a pass placed the replicas (revision 1) and a
     failure count was stored: the update wrote its older copy back (revision 1's spec dropped,
     so the next pass stopped both running replicas before any replacement; the failures kept)."""
     await submit(cluster, deployment("svc", replicas=2, accelerators=2, spread=None))
-    contract = updates.check_contract
-    meanwhile: list[int] = []
 
-    async def placed_and_failing_meanwhile(*args, **kw):  # noqa: ANN002, ANN003
-        if not meanwhile:
-            meanwhile.append(1)
-            await Reconciler(cluster, push=lambda ids: None, publish=no_publish).reconcile_once()
-            async with cluster.unit_of_work() as uow:
-                await uow.session.execute(text("UPDATE deployments SET failures = 3 WHERE name = 'svc'"))
-                await uow.commit()
-        return await contract(*args, **kw)
+    async def placed_and_failing() -> None:
+        await Reconciler(cluster, push=lambda ids: None, publish=no_publish).reconcile_once()
+        async with cluster.unit_of_work() as uow:
+            await uow.session.execute(text("UPDATE deployments SET failures = 3 WHERE name = 'svc'"))
+            await uow.commit()
 
-    monkeypatch.setattr(updates, "check_contract", placed_and_failing_meanwhile)
+    _meanwhile(monkeypatch, placed_and_failing)
     async with cluster.unit_of_work() as uow:  # a rolling change: one accelerator a shard
         await updates.update_deployment(uow, WHO, deployment("svc", replicas=2, accelerators=1, spread=None), 1,
                                         RecordingSignals())
@@ -378,6 +387,60 @@ async def test_an_update_writes_over_what_landed_since_its_read_only_its_own_cha
         row = await repo.get_deployment(uow.session, "t1", "svc")
         assert {p.revision for p in row.placements} == {1} and len(row.placements) == 2
         assert (row.template_revision, sorted(row.revision_specs), row.failures) == (2, ["1"], 0)
+
+
+@pytest.mark.parametrize("rolling", [False, True])
+async def test_an_update_of_a_deployment_marked_for_deletion_meanwhile_is_refused(cluster, monkeypatch, rolling):
+    """A deletion landing between the update's read and its write leaves the resource version
+    as it was: the update was answered OK on a deployment being deleted, its event after the
+    deletion's, where one landing after the deletion is FAILED_PRECONDITION."""
+    v1 = deployment("svc", replicas=2, accelerators=1, spread=None)
+    await submit(cluster, v1)
+    _meanwhile(monkeypatch, lambda: deployments.delete_deployment_alone(cluster, WHO, "svc", RecordingSignals(),
+                                                                        tenant="t1"))
+    changed = with_shard(v1, accelerators=2) if rolling else replace(v1, replicas=3)
+    with pytest.raises(FailedPrecondition, match="deployment svc is being deleted"):
+        async with cluster.unit_of_work() as uow:
+            await updates.update_deployment(uow, WHO, changed, 1, RecordingSignals())
+    async with cluster.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", "svc")
+        assert (row.phase, row.replicas, row.template_revision, row.resource_version) == \
+            (m.DeploymentPhase.DELETING, 2, 1, 1)
+
+
+async def test_an_update_of_a_deployment_removed_meanwhile_is_not_found(cluster, monkeypatch):
+    """Not ABORTED 'another update landed meanwhile', which sends a client to read it again."""
+    await submit(cluster, deployment("svc", replicas=2, accelerators=1, spread=None))
+
+    async def deleted_and_removed() -> None:
+        await deployments.delete_deployment_alone(cluster, WHO, "svc", RecordingSignals(), tenant="t1")
+        await Reconciler(cluster, push=lambda ids: None, publish=no_publish).reconcile_once()
+
+    _meanwhile(monkeypatch, deleted_and_removed)
+    with pytest.raises(NotFound, match="deployment svc not found"):
+        async with cluster.unit_of_work() as uow:
+            await updates.update_deployment(uow, WHO, deployment("svc", replicas=3, accelerators=1, spread=None), 1,
+                                            RecordingSignals())
+
+
+async def test_an_update_answers_and_publishes_the_placements_committed_meanwhile(cluster, monkeypatch):
+    """The view answered and published was built from the placements as first read: none, for
+    replicas placed and running meanwhile, and no pass published anything after a change that
+    moves nothing (a priority), so a watcher waiting for its rollout waited for good."""
+    v1 = deployment("svc", replicas=2, accelerators=1, spread=None)
+    await submit(cluster, v1)
+
+    async def placed_and_running() -> None:
+        await Reconciler(cluster, push=lambda ids: None, publish=no_publish).reconcile_once()
+        await run_all(cluster)
+
+    _meanwhile(monkeypatch, placed_and_running)
+    signals = RecordingSignals()
+    async with cluster.unit_of_work() as uow:
+        done = await updates.update_deployment(uow, WHO, replace(v1, priority=5), 1, signals)
+    [event] = signals.events
+    assert (done.deployment.running_replicas, len(done.deployment.placements)) == (2, 2)
+    assert event.deployment == done.deployment
 
 
 async def test_a_retry_sent_while_its_first_call_runs_is_answered_as_the_first(cluster, monkeypatch):

@@ -49,7 +49,7 @@ from controller.store.repositories.deployments import (
     deployment_view, deployments_named, deployments_with_ids, get_deployment, implied_phase, insert_deployments,
     list_deployment_rows, lock_revision_placements, new_deployment_columns, new_deployment_row, new_deployment_view,
     deleting_events, set_deleting, spec_columns, submit_facts, take_resource_version, tenants_with_deployment,
-    write_deployment_spec, placed_revisions, DEPLOYMENT_COLUMN_ATTRIBUTES, UNVERSIONED_COLUMNS)
+    write_deployment_spec, reload_placements, deployment_exists, DEPLOYMENT_COLUMN_ATTRIBUTES, UNVERSIONED_COLUMNS)
 from controller.store.repositories.revisions import StoredRevision, keep_revisions, made_at, stored_revisions
 from controller.store.repositories.placements import (
     ASSIGNED_SPECS_KEPT, ASSIGNMENT_READ_CHUNK, ShardState, assignment_sets, bump_node_assignment_generations,

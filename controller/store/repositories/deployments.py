@@ -218,10 +218,19 @@ async def take_resource_version(session: AsyncSession, deployment_id: int, expec
     return bool(result.rowcount)
 
 
-async def placed_revisions(session: AsyncSession, deployment_id: int) -> set[int]:
-    """The template revisions the deployment's placements run, as stored now."""
-    return set(await session.scalars(select(_PLACEMENTS.c.revision).where(
-        _PLACEMENTS.c.deployment_id == deployment_id).distinct()))
+async def reload_placements(session: AsyncSession, row: m.Deployment) -> None:
+    """The deployment's placements (with their nodes) read again into `row`, as stored now: what
+    plan commits and report flushes wrote since `row` was read (an update holding the row)."""
+    placements = (await session.scalars(
+        select(m.Placement).options(joinedload(m.Placement.node)).where(m.Placement.deployment_id == row.id)
+        .execution_options(populate_existing=True))).unique().all()
+    set_committed_value(row, "placements", list(placements))
+
+
+async def deployment_exists(session: AsyncSession, deployment_id: int) -> bool:
+    """Whether the deployment's row is still there (not removed since it was read)."""
+    return (await session.execute(select(_DEPLOYMENTS.c.id).where(_DEPLOYMENTS.c.id == deployment_id))).first() \
+        is not None
 
 
 async def lock_revision_placements(session: AsyncSession, deployment_id: int, revision: int) -> None:
