@@ -18,9 +18,10 @@ rather than a batch's worth of lone transactions piling onto whatever failed. It
 the later one waits for the next (its outcome may depend on the earlier one's, as if they had
 come one after the other). A caller that went away (cancelled) before its batch was formed is
 left out; one that went away once its item was taken leaves it to be written with its batch,
-and `left` is told (the item, and a future settled as that batch ends, committed or not:
-whoever speaks for the gone caller, its audit entry, waits for what the batch did). The writer
-runs in a context of its own: it is nobody's call.
+and `left` is told while that batch is still writing (the item, and a future settled as the
+batch ends, committed or not: whoever speaks for the gone caller, its audit entry, waits for
+what the batch did); so is one answered that its batch had not committed in time (below). The
+writer runs in a context of its own: it is nobody's call.
 
 Deadlines: a caller that says how long it has (`submit(item, time_left_s)`) is answered before
 that, with a reserve for the answer to reach it. Its item is taken into a batch only while the
@@ -121,6 +122,7 @@ class _Member(Generic[Item, Outcome]):
     latest_start: float = math.inf  # taken into a batch after this (clock), it could not be answered in time
     taken: bool = False             # in a batch: written with it or not at all
     ended: asyncio.Future[None] | None = None  # its caller left once it was taken: settled as its batch ends
+    batch_ended: bool = False       # its batch ended, committed or not
 
 
 # Pacing of refused callers (`RetryPacer`).
@@ -250,16 +252,25 @@ class GroupCommit(Generic[Item, Outcome]):
                 raise self._refuse()
             if not await self._answered_by(member, answer_by):
                 self.stats.late += 1
+                self._leave(member)
                 raise self._busy("the batch writing this call had not committed when its deadline neared; it is "
                                  "written with that batch or not at all (a retry finds out)", may_have_landed=True)
         except asyncio.CancelledError:
             if not member.taken:  # its caller went away before its batch was formed: left out
                 member.future.cancel()
-            elif self._left is not None:  # written with its batch or not at all: `ended` says when
-                member.ended = asyncio.get_running_loop().create_future()
-                self._left(member.item, member.ended)
+            else:
+                self._leave(member)
             raise
         return member.future.result()
+
+    def _leave(self, member: _Member[Item, Outcome]) -> None:
+        """Its caller goes (cancelled, or answered that its batch had not committed in time) while
+        its batch may still be writing it: `left` is told, with a future settled as that batch
+        ends. Not once the batch ended (it answered the member, or its writer was stopped: what
+        becomes of the item is known now)."""
+        if self._left is not None and not member.batch_ended and member.ended is None:
+            member.ended = asyncio.get_running_loop().create_future()
+            self._left(member.item, member.ended)
 
     async def _answered_by(self, member: _Member[Item, Outcome], until: float) -> bool:
         """Wait for the member's outcome until `until` (clock); whether it came. The caller waits
@@ -390,6 +401,7 @@ class GroupCommit(Generic[Item, Outcome]):
                     self._measured_at = self._clock()
                     self._release_keys(batch)
                     for member in batch:  # committed or not: its gone caller's audit is decided
+                        member.batch_ended = True
                         if member.ended is not None:
                             _settle(member.ended)
                 self.stats.batches += 1

@@ -15,8 +15,9 @@ the controller logs it at ERROR and the caller still gets its answer. A call who
 went with a commit whose answer was lost (PostgreSQL: `CommitOutcomeUnknown`; a group commit's
 batch, its members then going alone) gets no second entry when that one landed
 (`controller.store.audit.landed`, by the entry's seq and hash). A call whose caller went away
-(cancelled) once a group commit's batch took it is audited when that batch ends, in a task of
-its own: by the batch's entry when it committed, CANCELLED when it did not (`_after_batch`).
+(cancelled), or was answered UNAVAILABLE as the group commit's batch that took it had not
+committed in time, is audited when that batch ends, in a task of its own: by the batch's entry
+when it committed, with what the caller was told when it did not (`_after_batch`).
 
 A SubmitDeployments call is itemized (`ITEMIZED_METHODS`): its servicer audits each of its
 requests as that request's own SubmitDeployment call would be audited (`AuditInterceptor.run`, in
@@ -150,18 +151,21 @@ class AuditInterceptor(aio.ServerInterceptor):
             raise
         finally:
             committed = close_call(call)
-            if failed is not None or (not itemized and (committed is None or not committed.written)):
+            if committed is not None and committed.written:
+                pass  # its entry was written with its change (a failure after it changes nothing written)
+            elif failed is not None or not itemized:
                 ended = self._ended(entry, context, failed)
                 if committed is not None and committed.carrier is not None and not committed.carrier.done():
-                    self._after_batch(ended, committed)  # the caller went away once a batch took the call
+                    self._after_batch(ended, committed)  # its caller was answered while a batch held the call
                 else:
                     await self._record(ended, sent=committed)
 
     def _after_batch(self, entry: AuditRecord, call: CallEntry) -> None:
-        """Audit a call its caller left while a batch held it (`CallEntry.carrier`) once that batch
-        ends, in a task of its own (the caller's cancellation is not held up): nothing when the
-        batch wrote the call's entry (its outcome, OK), `entry` (CANCELLED) when it did not. Written
-        at once, the call had both."""
+        """Audit a call whose caller went, or was answered, while a batch held it
+        (`CallEntry.carrier`: cancelled, or UNAVAILABLE as its batch had not committed in time)
+        once that batch ends, in a task of its own (the caller is not held up): nothing when the
+        batch wrote the call's entry (its outcome, OK), `entry` (CANCELLED, UNAVAILABLE) when it
+        did not. Written at once, the call had both."""
         async def when_settled(carrier: asyncio.Future[Any]) -> None:
             await asyncio.wait([carrier])
             if not call.written:

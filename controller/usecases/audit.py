@@ -85,6 +85,9 @@ BATCH_MAX = 256  # entries a transaction of `EntryWriter` appends at most
 class _Pending:
     entry: AuditRecord
     unless_landed: CallEntry | None
+    # The entry as its batch appended it (`CallEntry.sent`): a batch whose COMMIT's answer was
+    # lost may have landed, and the member going alone then asks first (`store.landed`).
+    appended: CallEntry
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,20 +113,25 @@ class EntryWriter:
 
     async def record(self, entry: AuditRecord, *, unless_landed: CallEntry | None = None) -> int | None:
         """What `record(db, entry, unless_landed=)` does, committed in a batch."""
-        appended = await outcome_or_alone(self._group, _Pending(entry, unless_landed))
-        if appended is ALONE:
-            return await record(self._db, entry, unless_landed=unless_landed)
-        return appended.seq
+        pending = _Pending(entry, unless_landed, CallEntry(entry, None))
+        appended = await outcome_or_alone(self._group, pending)
+        if appended is not ALONE:
+            return appended.seq
+        if pending.appended.sent is not None:  # its batch's COMMIT did not answer: it may have landed
+            async with self._db.unit_of_work() as uow:
+                if await store.landed(uow.session, pending.appended):
+                    return pending.appended.sent[0]
+        return await record(self._db, entry, unless_landed=unless_landed)
 
     async def _commit_batch(self, batch: list[_Pending]) -> list[_Appended]:
         with answering():  # their callers wait for the commit: before reports and passes
             async with self._db.unit_of_work() as uow:
                 kept = [p for p in batch
                         if p.unless_landed is None or not await store.landed(uow.session, p.unless_landed)]
-                seqs = await store.append(uow.session, [p.entry for p in kept]) if kept else []
+                if kept:
+                    await store.append_calls(uow.session, [p.appended for p in kept])
                 await uow.commit()
-        appended = {id(p): seq for p, seq in zip(kept, seqs, strict=True)}
-        return [_Appended(appended.get(id(p))) for p in batch]
+        return [_Appended(p.appended.sent[0] if p in kept and p.appended.sent else None) for p in batch]
 
 
 async def list_events(uow: UnitOfWork, principal: Principal, *, tenant: str = "", since: datetime | None = None,

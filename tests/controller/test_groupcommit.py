@@ -436,6 +436,51 @@ async def test_left_is_told_of_a_caller_gone_once_taken_with_a_future_settled_as
     assert told[0][1].done() and store.batches == [["a"]]  # "b" left unwritten
 
 
+@pytest.mark.parametrize("time_left_s", [None, 30.0])
+async def test_left_is_not_told_of_a_caller_cancelled_once_its_batch_ended(time_left_s: float | None):
+    """Cancelled after its batch answered it but before it ran again: the batch is over, so what
+    became of the item is known; a future told then was never settled (its audit waited for good)."""
+    told: list[str] = []
+    caller: asyncio.Task | None = None
+
+    async def commit(batch: list[str]) -> list[str]:
+        asyncio.get_running_loop().call_soon(caller.cancel)  # before the caller's wakeup
+        return [item.upper() for item in batch]
+
+    group: GroupCommit[str, str] = GroupCommit("test", commit, batch_max=10,
+                                               left=lambda item, ended: told.append(item))
+    caller = asyncio.create_task(outcome_or_alone(group, "a", time_left_s))
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert told == [] and group.stats.items == 1
+
+
+async def test_left_is_not_told_of_a_caller_whose_writer_was_stopped():
+    told: list[str] = []
+    store = Store()
+    group: GroupCommit[str, str] = GroupCommit("test", store.commit, batch_max=10,
+                                               left=lambda item, ended: told.append(item))
+    inflight = asyncio.create_task(outcome_or_alone(group, "a"))
+    await _settle()
+    for writer in list(group._writers):
+        writer.cancel()
+    assert await inflight is ALONE and told == []  # it goes on alone: nobody else speaks for it
+
+
+async def test_left_is_told_of_a_caller_answered_late_while_its_batch_writes():
+    """Answered UNAVAILABLE (its batch may still land it): its audit waits for the batch too."""
+    told: list[tuple[str, asyncio.Future]] = []
+    store = Store()
+    group: GroupCommit[str, str] = GroupCommit("test", store.commit, batch_max=10, answer_reserve=lambda t: 0.0,
+                                               left=lambda item, ended: told.append((item, ended)))
+    with pytest.raises(Unavailable, match="had not committed"):
+        await outcome_or_alone(group, "a", 0.05)
+    assert [item for item, _ in told] == ["a"] and not told[0][1].done()
+    store.release.set()
+    await _settle()
+    assert told[0][1].done() and store.batches == [["a"]]
+
+
 async def test_a_caller_whose_writer_is_stopped_decides_alone():
     store = Store()
     group: GroupCommit[str, str] = GroupCommit("test", store.commit, batch_max=10)

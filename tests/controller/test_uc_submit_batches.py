@@ -14,7 +14,7 @@ from sqlalchemy import func, select, update
 
 from controller import limits
 from controller.domain.values import Spread
-from controller.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from controller.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from controller.ratelimit import KeyedRateLimiter, SubmitLimits
 from controller.store import audit
 from controller.store import models as m
@@ -26,6 +26,8 @@ from controller.usecases.capacity import CapacityCache
 from controller.usecases.deployments import views_of
 from controller.usecases.ports import RecordingSignals
 from controller.usecases.submits import Queued, SubmitBatcher
+from maia.v1 import deployments_pb2
+from tests.store.audited import through_the_audit_interceptor
 from uc_builders import WHO, add_tenant, appended_elsewhere, batch_priorities, deployment
 
 
@@ -167,6 +169,33 @@ async def test_a_batch_written_while_a_submit_is_decided_alone_waits_for_it(clus
     results = await asyncio.gather(alone, batched, return_exceptions=True)
     assert [type(r).__name__ for r in results] == ["DeploymentView", "ResourceExhausted"]
     assert await _count(cluster, m.Deployment) == 2
+
+
+@pytest.mark.parametrize("commits", [True, False])
+async def test_a_submit_answered_late_is_audited_once_its_batch_ended(cluster, monkeypatch, commits):
+    """Answered UNAVAILABLE (its batch had not committed in time, and may still land it), the call
+    was audited UNAVAILABLE at once, and then OK by the batch that wrote it: two entries."""
+    batcher = SubmitBatcher(cluster, RecordingSignals(), spacing=None)
+    release, commit_batch = asyncio.Event(), batcher.commit_batch
+
+    async def held(batch):
+        await release.wait()
+        if not commits:
+            raise RuntimeError("this batch could not commit")
+        return await commit_batch(batch)
+
+    monkeypatch.setattr(batcher, "commit_batch", held)
+    with pytest.raises(Unavailable, match="had not committed"):
+        await through_the_audit_interceptor(
+            cluster, "/maia.v1.DeploymentService/SubmitDeployment", deployments_pb2.SubmitDeploymentRequest(), WHO,
+            lambda: batcher.submit(WHO, deployment("late"), time_left_s=0.5))
+    release.set()
+    while any(t.get_name() in ("submit-batches", "audit-after-batch") for t in asyncio.all_tasks()):
+        await asyncio.sleep(0.01)
+    async with cluster.unit_of_work() as uow:
+        outcomes = [e.outcome for e in await audit.list_entries(uow.session, limit=100)
+                    if e.action.endswith("/SubmitDeployment")]
+    assert outcomes == (["OK"] if commits else ["UNAVAILABLE"])
 
 
 def _throttle(per_minute: float) -> SubmitLimits:

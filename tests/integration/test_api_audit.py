@@ -13,10 +13,11 @@ from sqlalchemy import text
 
 from controller import limits
 from controller.api.auditing import AuditInterceptor, UnauthenticatedAuditor
+from controller.ratelimit import Sampler
 from controller.api.server import ControllerApp
 from controller.store import audit
 from controller.store.audit import AuditRecord
-from controller.store.db import Database
+from controller.store.db import Database, UnitOfWork
 from controller.usecases import audit as usecase_audit
 from controller.usecases import paging
 from grpc_harness import Stubs, issue_token, spec, topology
@@ -255,6 +256,34 @@ async def test_calls_their_callers_gave_up_on_are_audited_at_a_bounded_rate(data
     assert len(entries) == limits.RETRY_LATER_AUDITS_BURST + 1 and entries[-1].outcome == "FAILED_PRECONDITION"
 
 
+async def test_a_call_cancelled_after_its_entry_was_written_does_not_spend_the_sample(database: Database) -> None:
+    """A call whose commit wrote its entry and which was cancelled after took the sample's next
+    token for a CANCELLED entry that was then not written (its own had landed): the count of
+    the calls left out before it went with it, said by no entry."""
+    now = [0.0]
+    auditor = AuditInterceptor(database, clock=lambda: now[0])
+    auditor._retry_later = Sampler(1.0, 1.0, lambda: now[0])
+    gave_up = AuditRecord(actor="agent", action="/maia.v1.NodeAgentService/Register", object_kind="node",
+                          object_id="n1", outcome="CANCELLED")
+    for _ in range(2):  # one written, one left out
+        await auditor._record(gave_up)
+
+    async def commits_then_is_cancelled() -> None:
+        async with database.unit_of_work() as uow:
+            await uow.commit()  # the call's entry, OK
+        raise asyncio.CancelledError()
+
+    now[0] = 61.0
+    with pytest.raises(asyncio.CancelledError):
+        await auditor.run(replace(gave_up, actor="committed", outcome="OK"), commits_then_is_cancelled())
+    now[0] = 122.0
+    await auditor._record(gave_up)
+    async with database.unit_of_work() as uow:
+        entries = await audit.list_entries(uow.session, limit=1000)
+    assert [(e.actor, e.outcome, e.detail.get("unaudited_before")) for e in entries] == [
+        ("agent", "CANCELLED", None), ("committed", "OK", None), ("agent", "CANCELLED", 1)]
+
+
 async def test_entries_of_calls_that_end_together_are_appended_in_one_transaction(database: Database) -> None:
     """A burst of failed calls' entries (the refused requests of one SubmitDeployments call) costs
     the single writer a transaction a batch, not one an entry: each entry still comes back with its
@@ -296,15 +325,15 @@ async def test_a_batch_that_fails_to_commit_leaves_each_entry_to_be_written_alon
     """Nothing of a failed batch is written; each of its callers then appends its entry alone."""
     writer = usecase_audit.EntryWriter(database)
     failing = [True]
-    real_append = audit.append
+    real_append = audit.append_calls
 
-    async def append_once_failing(session, records, **kwargs):  # type: ignore[no-untyped-def]
-        if failing[0] and len(records) > 1:
+    async def append_once_failing(session, calls, **kwargs):  # type: ignore[no-untyped-def]
+        if failing[0] and len(calls) > 1:
             failing[0] = False
             raise RuntimeError("the batch's append failed")
-        return await real_append(session, records, **kwargs)
+        return await real_append(session, calls, **kwargs)
 
-    monkeypatch.setattr(audit, "append", append_once_failing)
+    monkeypatch.setattr(audit, "append_calls", append_once_failing)
     refused = [AuditRecord(actor="alice", action=f"{DEPLOYMENTS}SubmitDeployment", object_id=f"lab/d{i}",
                            outcome="INVALID_ARGUMENT") for i in range(6)]
     seqs = await asyncio.gather(*(writer.record(entry) for entry in refused))  # all queued before one batch
@@ -313,3 +342,28 @@ async def test_a_batch_that_fails_to_commit_leaves_each_entry_to_be_written_alon
         assert (await audit.verify_chain(uow.session)).intact
     assert not failing[0] and writer.stats.batches == 1 and writer.stats.alone == 6  # each written alone after
     assert sorted(seqs) == [e.seq for e in entries] and len(entries) == 6
+
+
+async def test_a_batch_whose_commit_landed_unanswered_has_each_entry_once(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch's COMMIT landed and its answer was lost (a connection lost with it in flight):
+    each member went alone and appended its entry again."""
+    writer = usecase_audit.EntryWriter(database)
+    real_commit = UnitOfWork.commit
+    lost = [True]
+
+    async def commit_answer_lost(self: UnitOfWork) -> None:
+        await real_commit(self)
+        if lost[0]:
+            lost[0] = False
+            raise ConnectionError("the connection was lost with the COMMIT's answer in flight")
+
+    monkeypatch.setattr(UnitOfWork, "commit", commit_answer_lost)
+    refused = [AuditRecord(actor="alice", action=f"{DEPLOYMENTS}DeleteDeployment", object_id=f"lab/d{i}",
+                           outcome="NOT_FOUND") for i in range(3)]
+    seqs = await asyncio.gather(*(writer.record(entry) for entry in refused))
+    async with database.unit_of_work() as uow:
+        entries = await audit.list_entries(uow.session, limit=1000)
+        assert (await audit.verify_chain(uow.session)).intact
+    assert not lost[0] and writer.stats.alone == 3
+    assert [e.object_id for e in entries] == [f"lab/d{i}" for i in range(3)] and sorted(seqs) == [e.seq for e in entries]
