@@ -14,7 +14,10 @@ lease to anyone else: a lease renewed by a statement sent at local time t is our
 t + ttl on the database's clock at the earliest, so the leader stops scheduling at
 t + ttl - margin unless a renewal succeeded meanwhile. That is a courtesy; safety comes from
 the fencing token, checked as every leader transaction commits (`LeaderElection.commit`, the
-`Fence` of `Database.fenced`): a deposed leader's late plan is refused and rolled back.
+`Fence` of `Database.fenced`): a deposed leader's late plan is refused and rolled back. So is
+a transaction opened in an earlier term of this controller (it was deposed, another led, and it
+was elected again before that transaction committed): its token is the lease's again, but what
+it decided was decided under a lead it lost (`LeaderElection.opened`).
 
 On SQLite one controller holds the file (`controller.store.exclusive`), so its election
 takes the lease at once (`force`), even from a predecessor killed before it could release it,
@@ -102,6 +105,9 @@ def new_holder_id() -> str:
     return f"{socket.gethostname()[:80]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+_OPENED_IN = "maia_opened_in_term"  # session.info: (term in office, token) as its unit of work opened (`opened`)
+
+
 @dataclass(frozen=True, slots=True)
 class _Term:
     """The lease as this controller holds it, replaced whole (read without a lock from any thread)."""
@@ -178,9 +184,20 @@ class LeaderElection:
         leader = self.leader
         return NotLeader(leader.for_agents if leader.api != self.address else "", stepped_down=stepped_down)
 
-    async def commit(self, session: AsyncSession, commit: Callable[[], Awaitable[None]]) -> None:
-        """The fence: commit a leader transaction (`commit`) only if the lease is still ours."""
+    def opened(self, session: AsyncSession) -> None:
+        """A fenced unit of work opens `session`: the term in office now is the one it works in."""
         term = self._term
+        session.info[_OPENED_IN] = (self.acquisitions if term.leading else None, term.token)
+
+    async def commit(self, session: AsyncSession, commit: Callable[[], Awaitable[None]]) -> None:
+        """The fence: commit a leader transaction (`commit`) only if the lease is still ours, in
+        the term its unit of work opened in (`opened`): one opened before this controller was
+        deposed and elected again, or while it followed, is refused (it does not step down: the
+        term in office stands)."""
+        term = self._term
+        opened_in, opened_token = session.info.get(_OPENED_IN, (self.acquisitions, term.token))
+        if term.leading and opened_in != self.acquisitions:
+            raise LeaseLost(self.holder, opened_token)
         try:
             await lease.commit_fenced(session, self.holder, term.token if term.leading else None, commit,
                                       live=not self._exclusive)

@@ -342,7 +342,10 @@ def transaction_aborted(exc: BaseException) -> str | None:
 
 class Fence(Protocol):
     """Commits a transaction only while its writer may; refuses (raises) otherwise, and then
-    nothing is committed."""
+    nothing is committed. Told of each unit of work as it opens (`opened`): what a transaction
+    decided is its writer's only in the term it was decided in."""
+
+    def opened(self, session: AsyncSession) -> None: ...
 
     async def commit(self, session: AsyncSession, commit: Callable[[], Awaitable[None]]) -> None: ...
 
@@ -406,6 +409,8 @@ class Database:
     @asynccontextmanager
     async def unit_of_work(self) -> AsyncIterator[UnitOfWork]:
         session = self._sessions()
+        if self.fence is not None:
+            self.fence.opened(session)
         try:
             yield UnitOfWork(session, self.fence, self.failures)
         except BaseException as exc:

@@ -507,3 +507,33 @@ async def test_the_commit_fence_quotes_any_holder(database: Database, holder: st
             with pytest.raises(LeaseLost):
                 await lease.commit_fenced(uow.session, other, 1, uow.session.commit)
     assert await _zones(database) == ["theirs"]
+
+
+@POSTGRES_ONLY
+async def test_a_transaction_opened_in_a_term_this_controller_lost_is_refused_in_its_next(database: Database) -> None:
+    """Deposed, then elected again (another led between, and stopped) while a transaction it had
+    opened as leader was still open: its token is the lease's again, and the fence, which
+    checked only the token of now, committed what was decided under the lead it had lost. The
+    term in office stands (it does not step down for it), and its own new work commits."""
+    a = LeaderElection(database, address="a:1", holder="a")
+    b = LeaderElection(database, address="b:1", holder="b")
+    await a.step()
+    async with database.fenced(a).unit_of_work() as uow:
+        await uow.session.execute(select(m.Zone.id))  # decided as the leader of term 1 ...
+        async with database.unit_of_work() as expire:
+            await expire.session.execute(m.LeaderLease.__table__.update().values(expires_at=0.0))
+            await expire.session.commit()
+        await b.step()
+        await a.step()
+        assert b.token == 2 and not a.should_run()
+        await b.release()
+        await a.step()
+        assert a.should_run() and a.token == 3
+        await uow.session.execute(m.Zone.__table__.insert().values(id="decided-in-term-1"))
+        with pytest.raises(LeaseLost, match="fencing token 1"):
+            await uow.commit()
+    assert a.should_run()
+    async with database.fenced(a).unit_of_work() as uow:
+        await uow.session.execute(m.Zone.__table__.insert().values(id="decided-in-term-3"))
+        await uow.commit()
+    assert await _zones(database) == ["decided-in-term-3"]
