@@ -113,13 +113,17 @@ class Nominations:
     def reset(self) -> None:
         """A new leadership: forget what this controller held (the stored set, which the last
         leader kept, is taken up by the next full pass: `adopt`) and what waited. No event: a
-        nomination stored goes on under the new leader."""
+        nomination stored goes on under the new leader. The events not recorded yet go too: of
+        nominations made or ended under a lead since lost (their commit refused), they would be
+        recorded by the new term's first commit, a nomination never stored shown as made."""
         if self.held:
             log.info("nominations left to the store for the next full pass: %s", ",".join(self.held))
         self.held.clear()
         self._waiting.clear()
         self._blocked.clear()
+        self._events.clear()
         self._changed = False
+        self.let_go = False
         self.adopting = True
 
     def adopt(self, stored: Sequence[StoredNomination], now: float, wall_now: datetime) -> None:

@@ -6,10 +6,13 @@ without nominations each freed accelerator is taken again and the gang never fit
 
 from __future__ import annotations
 
+import pytest
+
 from controller.reconcile import Reconciler
 from controller.scheduling.decider import DecideProcess
 from controller.store import repositories as repo
 from controller.store.db import Database
+from controller.store.lease import LeaseLost
 from controller.store.nominations import read_nominations
 from controller.domain.values import RackSpec, RowSpec, TopologySpec, ZoneSpec
 from controller.store.snapshot import load_snapshot
@@ -310,3 +313,38 @@ async def test_gangs_waiting_in_two_zones_are_nominated_at_once_one_a_zone_and_b
     assert sorted(n.deployment for n in noms) == sorted(f"t1/{g}" for g in gangs if g != left)
     assert {frozenset(now[n.deployment.split("/")[1]]) for n in noms} == {frozenset(n.nodes) for n in noms}
     assert (await view(database, left)).phase == "pending"
+
+
+class _Fence:
+    """A leader lease that refuses commits while `lost`."""
+
+    lost = False
+
+    def opened(self, session) -> None:  # noqa: ANN001
+        pass
+
+    async def commit(self, session, commit) -> None:  # noqa: ANN001
+        if self.lost:
+            raise LeaseLost("a", 1)
+        await commit()
+
+
+async def test_a_nomination_whose_commit_a_lost_lead_refused_is_not_recorded_in_the_next_term(cluster):
+    """The pass that nominated was refused (the lead lost); its events were put back for the next
+    commit, and the next term's first commit recorded a `deployment.nominated` for nodes never
+    stored nor held, which no `nomination_ended` ever followed."""
+    clock, fence = Clock(), _Fence()
+    loop = reconciler(cluster.fenced(fence), clock, after_s=30.0)
+    await full_cluster_and_a_waiting_gang(cluster, loop)
+    clock.now += 31.0
+    fence.lost = True
+    with pytest.raises(LeaseLost):
+        await churn(cluster, loop, ["f0"], 0)
+    fence.lost = False
+    loop.resync()  # elected again
+    await loop.reconcile_once()
+    async with cluster.unit_of_work() as uow:
+        stored = await read_nominations(uow.session)
+        events = await repo.list_events(uow.session, object_kind="deployment", object_id="t1/gang")
+    assert loop.nominations == () and stored == []
+    assert not [e.kind for e in events if "nominat" in e.kind]
