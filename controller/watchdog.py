@@ -329,6 +329,12 @@ class IsolationWatchdog:
             await uow.commit()
         self._unstored = []
 
+    def lead(self) -> None:
+        """A new term of this controller's (`on_elected`): the next round forgets what it saw, as
+        `leads` does when it sees the lead come back, though the lead was lost and regained
+        between two of its rounds (another leader may have alarmed and cleared meanwhile)."""
+        self._leading = False
+
     def leads(self) -> bool:
         """Whether this controller checks now; one that starts leading again forgets what it saw
         (another leader may have alarmed and cleared since): its next check reads it all and takes

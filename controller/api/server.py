@@ -259,6 +259,7 @@ class ControllerApp:
 
     def _elected(self, token: int) -> None:
         self.lifecycle.lead()
+        self.watchdog.lead()
         self.reconciler.resync()
 
     def _deposed(self, why: str) -> None:

@@ -589,3 +589,26 @@ async def test_a_rollouts_outgoing_shards_are_judged_by_the_spec_they_were_place
         await conn.execute(text("UPDATE placements SET revision = 2 WHERE replica = 1 AND deployment_id = "
                                 "(SELECT id FROM deployments WHERE name = 'lab-half')"))
     assert [a.violation.rule for a in await IsolationWatchdog(database).check_once()] == ["ACCELERATOR"]
+
+
+async def test_a_lead_lost_and_regained_between_two_rounds_alarms_a_violation_that_came_back(
+        database: Database) -> None:
+    """Its lead lost and regained between two of its rounds, the watchdog never saw itself
+    follow: it took its last term's alarm as standing, though another leader had cleared it
+    since, and the violation come back was never alarmed. A new term (`lead`) forgets it."""
+    await _seeded(database)
+    await _place_by_hand(database, "lab-web", "n1", "[1]")
+    leading = [True]
+    a = IsolationWatchdog(database, should_run=lambda: leading[0])
+    assert a.leads() and len(await a.check_if_changed() or []) == 1
+    leading[0] = False  # lost, between two of its rounds
+    b = IsolationWatchdog(database)  # the next leader: the alarm stands, then it clears
+    assert await b.check_once() == []
+    async with database.engine.begin() as conn:
+        await conn.execute(text("DELETE FROM placements WHERE replica = 1"))
+    assert await b.check_once() == []
+    await _place_by_hand(database, "lab-web", "n1", "[1]")  # back
+    leading[0] = True
+    a.lead()  # elected again
+    assert a.leads() and len(await a.check_if_changed() or []) == 1
+    assert await _stored(database) == [(EVENT_KIND, "n1"), (CLEARED_KIND, "n1"), (EVENT_KIND, "n1")]
