@@ -54,13 +54,16 @@ async def record_faults(uow: UnitOfWork, node_id: str, session_id: str,
     if row is None or row.session_id != session_id:
         return None
     ignored = tuple(sorted(f.index for f in faults if not 0 <= f.index < row.accelerators))
-    before = {f.index: f.reason for f in repo.stored_faults(row.failed_accelerators)}
+    stored = repo.stored_faults(row.failed_accelerators)
+    # Of the accelerators it has: one registered since with fewer lost the others, which are
+    # neither repaired (no event) nor to come back failed were it to register larger again.
+    before = {f.index: f.reason for f in stored if f.index < row.accelerators}
     now = {f.index: f.reason for f in faults if 0 <= f.index < row.accelerators}
-    if now == before:
+    if now == before and len(stored) == len(before):
         return FaultsRecorded((), (), ignored=ignored) if ignored else None
     failed = tuple(sorted(set(now) - set(before)))
     recovered = tuple(sorted(set(before) - set(now)))
-    if not failed and not recovered:  # the reasons alone: no one's view of the node changes
+    if not failed and not recovered:  # the reasons alone, or what it no longer has: no one's view changes
         repo.set_failed_accelerators(row, [AcceleratorFault(i, now[i]) for i in sorted(now)])
         await uow.commit()
         return FaultsRecorded((), (), ignored=ignored)

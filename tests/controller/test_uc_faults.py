@@ -90,6 +90,25 @@ async def test_a_new_reason_alone_moves_nothing_and_a_repair_stores_sql_null(clu
                                         .where(m.Node.failed_accelerators.is_not(None))) == 0
 
 
+async def test_a_failed_accelerator_the_node_no_longer_has_is_dropped_not_repaired(cluster: Database) -> None:
+    """Registered again with fewer accelerators, its next heartbeat told accelerator 3 repaired
+    (an event, a generation moved) though it no longer has one; stored still, it would come back
+    failed were the node to register with four again."""
+    await _record(cluster, AcceleratorFault(3, "ECC errors"))
+    async with cluster.unit_of_work() as uow:  # what a Register with two accelerators leaves
+        (await uow.session.get(m.Node, NODE)).accelerators = 2
+        await uow.commit()
+        generation = (await uow.session.get(m.ClusterState, 1)).generation
+    events = await _events(cluster)
+    done = await _record(cluster)
+    assert done is not None and (done.failed, done.recovered, done.changed) == ((), (), False)
+    assert await _events(cluster) == events
+    async with cluster.unit_of_work() as uow:
+        assert (await uow.session.get(m.ClusterState, 1)).generation == generation
+        assert (await uow.session.get(m.Node, NODE)).failed_accelerators is None
+    assert await _record(cluster) is None  # nothing more to say
+
+
 async def _events(db: Database) -> list[str]:
     async with db.unit_of_work() as uow:
         return list(await uow.session.scalars(select(m.Event.kind).where(m.Event.object_id == NODE)))
