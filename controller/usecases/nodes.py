@@ -24,6 +24,8 @@ from collections.abc import Iterable, Mapping, Set
 from dataclasses import replace
 from datetime import datetime
 
+from sqlalchemy.exc import InvalidRequestError
+
 from controller.errors import NotFound
 from controller.identity import Principal
 from controller.usecases import policy
@@ -88,9 +90,22 @@ async def _set_cordon(uow: UnitOfWork, who: Principal, node_id: str, cordoned: b
     row = await repo.get_node(uow.session, node_id)
     if row is None:
         raise NotFound(f"node {node_id} not found")
-    draining = drain or (row.draining and cordoned)
-    if row.cordoned != cordoned or row.draining != draining:
-        row.cordoned, row.draining = cordoned, draining
+    await repo.will_move_generation(uow.session)
+    while True:
+        draining = drain or (row.draining and cordoned)
+        if (row.cordoned, row.draining) == (cordoned, draining):
+            changed = False
+            break
+        # Both flags, only if they are still as read: a drain and an uncordon that read the node
+        # at once each wrote its own flag, and left it uncordoned yet draining (new shards placed
+        # on it, its drain never done), a state neither asked for. The later is decided again.
+        if changed := await repo.move_node_flags(uow.session, row, cordoned, draining):
+            break
+        try:
+            await uow.session.refresh(row, ["cordoned", "draining"])
+        except InvalidRequestError:  # deleted meanwhile
+            raise NotFound(f"node {node_id} not found") from None
+    if changed:
         await repo.bump_cluster_generation(uow.session, ClusterChange.node(node_id))
         kind = DRAIN_EVENT if drain else ("node.cordoned" if cordoned else "node.uncordoned")
         data = {"placed_replicas": await drain_baseline(uow.session, node_id)} if drain else None

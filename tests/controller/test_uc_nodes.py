@@ -3,6 +3,7 @@ agent hub knows, whether its agent is connected and when it was last heard from.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta, timezone
 
@@ -100,3 +101,36 @@ async def test_a_cordon_a_drain_and_an_eviction_show_whatever_the_nodes_health(c
     async with cluster.unit_of_work() as uow:
         up = await nodes.drain_node(uow, WHO, HEARD, RecordingSignals(), frozenset(), {})
     assert up.state == "cordoned" and node_flags(node_msg(up)) == ["draining"]  # the word says cordoned already
+
+
+async def test_a_drain_and_an_uncordon_at_once_leave_a_state_one_of_them_asked_for(cluster: Database,
+                                                                                  monkeypatch) -> None:
+    """Both read the cordoned node before either wrote, and each wrote its own flag: the node was
+    left uncordoned yet draining, a state neither asked for (new shards placed on it, its drain
+    never done). Now the later one is decided again on what the earlier wrote."""
+    node = "rack-a-n0"
+    async with cluster.unit_of_work() as uow:
+        await nodes.cordon_node(uow, WHO, node, RecordingSignals(), None, {})
+    read, both_read = [], asyncio.Event()
+    get_node = nodes.repo.get_node
+
+    async def read_by_both(session, node_id):  # noqa: ANN001
+        row = await get_node(session, node_id)
+        read.append(node_id)
+        if len(read) == 2:
+            both_read.set()
+        await asyncio.wait_for(both_read.wait(), 10)
+        return row
+
+    monkeypatch.setattr(nodes.repo, "get_node", read_by_both)
+
+    async def call(use_case) -> NodeView:  # noqa: ANN001
+        async with cluster.unit_of_work() as uow:
+            return await use_case(uow, WHO, node, RecordingSignals(), None, {})
+
+    answers = await asyncio.gather(call(nodes.drain_node), call(nodes.uncordon_node))
+    async with cluster.unit_of_work() as uow:
+        row = await uow.session.get(m.Node, node)
+        stored = (row.cordoned, row.draining)
+    assert stored in ((True, True), (False, False))  # drained then uncordoned, or uncordoned then drained
+    assert stored in {(a.cordoned, a.draining) for a in answers}

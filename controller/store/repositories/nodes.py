@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import Row, and_, bindparam, null, or_, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from controller.store import models as m
 from controller.store.inlist import any_of
@@ -185,6 +186,21 @@ def node_view(row: m.Node, usage: ClusterUsage, connected: bool) -> d.NodeView:
 
 async def set_node_cordoned(session: AsyncSession, node_id: str, cordoned: bool) -> None:
     await session.execute(update(m.Node).where(m.Node.id == node_id).values(cordoned=cordoned))
+
+
+async def move_node_flags(session: AsyncSession, row: m.Node, cordoned: bool, draining: bool) -> bool:
+    """Set the node's cordoned and draining flags, both, from those `row` holds as read (a compare
+    and set: PostgreSQL judges it on the row a concurrent writer committed, SQLite under its
+    writer); False when another writer changed them since, and nothing is written. `row` holds
+    what was written."""
+    result = await session.execute(update(m.Node).where(
+        m.Node.id == row.id, m.Node.cordoned == row.cordoned, m.Node.draining == row.draining)
+        .values(cordoned=cordoned, draining=draining).execution_options(synchronize_session=False))
+    if not result.rowcount:
+        return False
+    set_committed_value(row, "cordoned", cordoned)
+    set_committed_value(row, "draining", draining)
+    return True
 
 
 def set_failed_accelerators(row: m.Node, faults: Sequence[d.AcceleratorFault]) -> None:
