@@ -24,8 +24,6 @@ from collections.abc import Iterable, Mapping, Set
 from dataclasses import replace
 from datetime import datetime
 
-from sqlalchemy.exc import InvalidRequestError
-
 from controller.errors import NotFound
 from controller.identity import Principal
 from controller.usecases import policy
@@ -101,10 +99,8 @@ async def _set_cordon(uow: UnitOfWork, who: Principal, node_id: str, cordoned: b
         # on it, its drain never done), a state neither asked for. The later is decided again.
         if changed := await repo.move_node_flags(uow.session, row, cordoned, draining):
             break
-        try:
-            await uow.session.refresh(row, ["cordoned", "draining"])
-        except InvalidRequestError:  # deleted meanwhile
-            raise NotFound(f"node {node_id} not found") from None
+        if not await repo.reread_node_flags(uow.session, row):  # deleted meanwhile
+            raise NotFound(f"node {node_id} not found")
     if changed:
         await repo.bump_cluster_generation(uow.session, ClusterChange.node(node_id))
         kind = DRAIN_EVENT if drain else ("node.cordoned" if cordoned else "node.uncordoned")

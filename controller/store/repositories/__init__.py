@@ -40,7 +40,7 @@ from controller.store.repositories.usage import (
 from controller.store.repositories.nodes import (
     count_nodes_by_rack, count_placements_on_nodes, get_node, list_node_rows, node_capacities, node_health_by_zone,
     failed_accelerators, move_node_flags, node_info, node_liveness_rows, node_rows_by_id, node_state_counts, node_view,
-    set_node_cordoned,
+    reread_node_flags, set_node_cordoned,
     set_failed_accelerators, set_node_health, stored_faults,
     write_heartbeats)
 from controller.store.repositories.deployments import (

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Row, and_, bindparam, null, or_, func, select, update
+from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 from sqlalchemy.orm.attributes import set_committed_value
@@ -200,6 +201,16 @@ async def move_node_flags(session: AsyncSession, row: m.Node, cordoned: bool, dr
         return False
     set_committed_value(row, "cordoned", cordoned)
     set_committed_value(row, "draining", draining)
+    return True
+
+
+async def reread_node_flags(session: AsyncSession, row: m.Node) -> bool:
+    """`row`'s cordoned and draining flags read again (after `move_node_flags` found them changed);
+    False when the node was deleted since."""
+    try:
+        await session.refresh(row, ["cordoned", "draining"])
+    except InvalidRequestError:  # ObjectDeletedError: its row is gone
+        return False
     return True
 
 
