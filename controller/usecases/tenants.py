@@ -59,10 +59,19 @@ async def _validate(uow: UnitOfWork, spec: TenantSpec, *, writing: bool) -> None
     check_unique(f"tenant {spec.id}: zone", spec.zones)
     if spec.id in spec.excludes:
         raise InvalidArgument(f"tenant {spec.id} cannot exclude itself")
-    missing = sorted(set(spec.excludes) - await repo.existing_tenant_ids(uow.session, spec.excludes))
+    await _check_excludes(uow, spec, key_share=writing)
+    await _check_zones(uow, spec, key_share=writing)
+
+
+async def _check_excludes(uow: UnitOfWork, spec: TenantSpec, *, key_share: bool = True) -> None:
+    """The tenants `spec` excludes exist (NOT_FOUND naming those that do not), and cannot be
+    deleted before this transaction ends, as its zones (`_check_zones`; the deletion locks the
+    tenant `FOR UPDATE` before it reads the exclusions): an exclusion of a tenant deleted
+    meanwhile was stored, and the solver refused every full pass's problem for it."""
+    missing = sorted(set(spec.excludes) - await repo.existing_ids(uow.session, m.Tenant, spec.excludes,
+                                                                  key_share=key_share))
     if missing:
         raise NotFound(f"tenant {spec.id} excludes unknown tenant(s): {', '.join(missing)}")
-    await _check_zones(uow, spec, key_share=writing)
 
 
 async def _check_zones(uow: UnitOfWork, spec: TenantSpec, *, key_share: bool = True) -> None:
@@ -77,8 +86,11 @@ async def _check_zones(uow: UnitOfWork, spec: TenantSpec, *, key_share: bool = T
         raise NotFound(f"tenant {spec.id} names unknown zone(s): {', '.join(missing)}; apply the topology first")
 
 
-async def _zones_still_there(uow: UnitOfWork, spec: TenantSpec) -> None:
-    """`_check_zones` again, after the tenant's first write (the generation's: on SQLite it holds the writer)."""
+async def _still_there(uow: UnitOfWork, spec: TenantSpec) -> None:
+    """`_check_excludes` and `_check_zones` again, after the tenant's first write (the
+    generation's: on SQLite it holds the writer)."""
+    if spec.excludes:
+        await _check_excludes(uow, spec)
     if spec.zones:
         await _check_zones(uow, spec)
 
@@ -173,7 +185,7 @@ async def create_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
     row.usage_before_energy_j = before.energy_j if before is not None else 0.0
     uow.session.add(row)
     await repo.bump_cluster_generation(uow.session, ClusterChange.tenant(spec.id))
-    await _zones_still_there(uow, spec)
+    await _still_there(uow, spec)
     repo.record_event(uow.session, actor=who.name, kind="tenant.created", object_kind="tenant", object_id=spec.id)
     await uow.commit()
     signals.wake_reconciler()
@@ -206,7 +218,7 @@ async def update_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
     changed = changed_fields(was, spec)
     _write(row, spec)
     await repo.bump_cluster_generation(uow.session, ClusterChange.tenant(spec.id))
-    await _zones_still_there(uow, spec)
+    await _still_there(uow, spec)
     said = ", ".join(f"{name} {before} -> {after}" for name, (before, after) in changed.items())
     repo.record_event(uow.session, actor=who.name, kind="tenant.updated", object_kind="tenant", object_id=spec.id,
                       message=said or "no change", data={"changed": changed})
@@ -262,12 +274,18 @@ async def tenant_views(uow: UnitOfWork, rows: Sequence[m.Tenant]) -> list[Tenant
 async def delete_tenant(uow: UnitOfWork, who: Principal, tenant_id: str, signals: Signals) -> None:
     check_id("tenant", tenant_id)
     policy.require_admin(who, "deleting tenants")
-    row = await repo.get_tenant(uow.session, tenant_id)
-    if row is None:
+    await repo.will_move_generation(uow.session)  # before any row lock (the lock order: store/changes.py)
+    # Locked first (PostgreSQL): a deployment submitted, a token made or an exclusion written for
+    # it meanwhile is seen below, or waits and then finds it gone. On SQLite the DELETE holds the
+    # writer, and what refers to it is read after it.
+    if await repo.lock_tenant(uow.session, tenant_id) is None:
         raise NotFound(f"tenant {tenant_id} not found")
     count = await repo.count_tenant_deployments(uow.session, tenant_id)
     if count:
         raise FailedPrecondition(f"tenant {tenant_id} has {count} deployment(s); delete them first")
+    await repo.list_tenant_rows(uow.session, lock=True)  # the exclusions it may rewrite, before its DELETE
+    if not await repo.delete_tenant_row(uow.session, tenant_id):  # SQLite: one submitted since the count
+        raise FailedPrecondition(f"tenant {tenant_id} has deployments; delete them first")
     # Other tenants' exclusions of this one no longer mean anything: drop them with it, each said
     # in an event of that tenant and in the deletion's (a tenant created later with this id is a
     # new customer, not excluded: whoever wants it excluded says so again).
@@ -280,7 +298,6 @@ async def delete_tenant(uow: UnitOfWork, who: Principal, tenant_id: str, signals
                               object_id=other.id, message=f"excludes no longer lists {tenant_id}: it was deleted",
                               data={"excludes_dropped": [tenant_id]})
     revoked = await tokens.revoke_tenant_tokens(uow, who, tenant_id)
-    await uow.session.delete(row)
     await repo.bump_cluster_generation(uow.session, ClusterChange.tenant(tenant_id))
     data = {**({"revoked_tokens": revoked} if revoked else {}), **({"excluded_by": excluded_by} if excluded_by else {})}
     repo.record_event(uow.session, actor=who.name, kind="tenant.deleted", object_kind="tenant", object_id=tenant_id,

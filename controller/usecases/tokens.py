@@ -38,6 +38,15 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+async def _tenant_there(uow: UnitOfWork, tenant: str) -> None:
+    """NOT_FOUND unless the tenant exists, its row then kept from deletion until this transaction
+    ends (PostgreSQL `FOR KEY SHARE`; the deletion locks it first, then revokes its tokens): a
+    token made while its tenant was deleted was left unrevoked, and served the next customer
+    given the id."""
+    if not await repo.existing_ids(uow.session, m.Tenant, [tenant], key_share=True):
+        raise NotFound(f"tenant {tenant} not found")
+
+
 async def _validate(uow: UnitOfWork, request: TokenRequest) -> Role:
     try:
         role = Role.parse(request.role)
@@ -54,8 +63,7 @@ async def _validate(uow: UnitOfWork, request: TokenRequest) -> Role:
         if not request.tenant:
             raise InvalidArgument("token: role tenant needs a tenant")
         check_id("tenant", request.tenant)
-        if await repo.get_tenant(uow.session, request.tenant) is None:
-            raise NotFound(f"tenant {request.tenant} not found")
+        await _tenant_there(uow, request.tenant)
     elif request.tenant:
         raise InvalidArgument(f"token: only role tenant takes a tenant (role is {role.value})")
     if request.node:  # a node yet to register too: no check that it exists
@@ -90,6 +98,9 @@ async def create_token(uow: UnitOfWork, who: Principal, request: TokenRequest) -
     role = await _validate(uow, request)
     issued = add_token(uow, who, role=role, name=request.name, tenant=request.tenant, node=request.node,
                        ttl_s=request.ttl_s)
+    if request.tenant:  # again once its row is written: on SQLite that holds the writer (a deletion since is seen)
+        await uow.session.flush()
+        await _tenant_there(uow, request.tenant)
     view = issued.view  # the entry names the token made (its id: what a later RevokeToken names)
     audit.note(created_token=view.id, created_role=view.role, created_tenant=view.tenant, created_node=view.node,
                expires_at=view.expires_at.isoformat() if view.expires_at else None)

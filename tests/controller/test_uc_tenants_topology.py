@@ -12,8 +12,9 @@ from controller.identity import Principal, Role
 from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store import repositories as repo
-from controller.usecases import deployments, tenants, topology
-from controller.domain.values import RackSpec, RowSpec, TenantSpec, TopologySpec, ZoneSpec
+from controller.store import tokens as token_store
+from controller.usecases import deployments, tenants, tokens, topology
+from controller.domain.values import RackSpec, RowSpec, TenantSpec, TokenRequest, TopologySpec, ZoneSpec
 from controller.usecases.ports import RecordingSignals
 from uc_builders import (
     WHO, add_tenant, apply_topology, assert_refused_writing_nothing, deployment, no_publish, statements, submit,
@@ -305,3 +306,100 @@ async def test_a_zone_deleted_while_a_tenant_is_created_naming_it_never_leaves_t
         zones = await repo.existing_ids(uow.session, m.Zone, ["z2"])
         named = await repo.tenants_naming_zone(uow.session, "z2")
     assert (zones, named) in (({"z2"}, ["lab-z"]), (set(), []))
+
+
+def _meanwhile(monkeypatch: pytest.MonkeyPatch, module, name: str, other) -> list:  # noqa: ANN001
+    """`other()` started in a task of its own once `module.name` ran (its first call), given a
+    moment to run as far as it can before the caller goes on; the task's outcome in the list."""
+    real, started = getattr(module, name), []
+
+    async def then_other(*args, **kwargs):  # noqa: ANN002, ANN003
+        result = await real(*args, **kwargs)
+        if not started:
+            started.append(asyncio.create_task(other()))
+            await asyncio.sleep(0.3)
+        return result
+
+    monkeypatch.setattr(module, name, then_other)
+    return started
+
+
+async def _outcome(call) -> object:  # noqa: ANN001
+    try:
+        return await call
+    except Exception as exc:  # noqa: BLE001
+        return exc
+
+
+async def _delete_tenant(db, tenant: str) -> None:  # noqa: ANN001
+    async with db.unit_of_work() as uow:
+        await tenants.delete_tenant(uow, WHO, tenant, RecordingSignals())
+
+
+async def test_an_exclusion_written_while_its_tenant_is_deleted_never_outlives_it(database, monkeypatch):
+    """The exclusion was checked, the excluded tenant deleted, then the exclusion written: a
+    contract naming a tenant that is gone, and the solver refused every full pass's problem."""
+    await apply_topology(database)
+    await add_tenant(database, "t1")
+    await add_tenant(database, "t2")
+    deleting = _meanwhile(monkeypatch, tenants, "_check_zones", lambda: _delete_tenant(database, "t2"))
+
+    async def exclude() -> None:
+        async with database.unit_of_work() as uow:
+            await tenants.update_tenant(uow, WHO, TenantSpec(id="t1", excludes=("t2",)), RecordingSignals())
+
+    updated = await _outcome(exclude())
+    deleted = await _outcome(deleting[0])
+    async with database.unit_of_work() as uow:
+        ids = {row.id: list(row.excludes or ()) for row in await repo.list_tenant_rows(uow.session)}
+    assert deleted is None and ids == {"t1": []}  # either the deletion dropped the exclusion, or ...
+    assert updated is None or isinstance(updated, NotFound)  # ... the exclusion was refused: t2 is gone
+
+
+async def test_a_token_made_while_its_tenant_is_deleted_does_not_serve_the_next_customer(database, monkeypatch):
+    await apply_topology(database)
+    await add_tenant(database, "t2")
+    deleting = _meanwhile(monkeypatch, tokens, "_tenant_there", lambda: _delete_tenant(database, "t2"))
+
+    async def make() -> object:
+        async with database.unit_of_work() as uow:
+            return await tokens.create_token(uow, WHO, TokenRequest(role="tenant", tenant="t2"))
+
+    made = await _outcome(make())
+    assert await _outcome(deleting[0]) is None
+    await add_tenant(database, "t2")  # a new customer given the id
+    async with database.unit_of_work() as uow:
+        assert await token_store.active_tokens(uow.session, m.utcnow(), tenant="t2") == []
+    assert isinstance(made, NotFound) or made.view.id  # refused, or made and then revoked with its tenant
+
+
+async def test_a_tenant_id_given_again_starts_with_none_of_the_request_ids_of_its_last_customer(database):
+    await apply_topology(database)
+    await add_tenant(database, "t2")
+    async def submit_as(name: str) -> object:
+        async with database.unit_of_work() as uow:
+            return await deployments.submit_deployment(uow, WHO, deployment(name, "t2"), RecordingSignals(),
+                                                       request_id="deploy-1")
+
+    await submit_as("secret-model")
+    async with database.unit_of_work() as uow:
+        await deployments.delete_deployment(uow, WHO, "secret-model", RecordingSignals(), tenant="t2")
+    await Reconciler(database, push=lambda ids: None, publish=no_publish).reconcile_once()
+    await _delete_tenant(database, "t2")
+    await add_tenant(database, "t2")
+    assert (await submit_as("mine")).spec.name == "mine"  # not "already used by tenant t2 ... secret-model"
+
+
+async def test_a_deployment_submitted_while_its_tenant_is_deleted_refuses_the_deletion_not_internal(
+        database, monkeypatch):
+    await apply_topology(database)
+    await add_tenant(database, "t2")
+    submitting = _meanwhile(monkeypatch, repo, "count_tenant_deployments",
+                            lambda: submit(database, deployment("late", "t2")))
+    deleted = await _outcome(_delete_tenant(database, "t2"))
+    await _outcome(submitting[0])
+    async with database.unit_of_work() as uow:
+        left = await repo.get_tenant(uow.session, "t2"), await repo.count_tenant_deployments(uow.session, "t2")
+    # Refused as a tenant with deployments (the deployment written first), or deleted (the submit refused after).
+    assert (isinstance(deleted, FailedPrecondition) and left[0] is not None and left[1] == 1) or \
+        (deleted is None and left == (None, 0)), (deleted, left)

@@ -32,8 +32,8 @@ from controller.store.repositories.topology import (
     tenants_naming_zone)
 from controller.store.repositories.tenants import (
     Customer, ForgetRequestIds, PlacedBeside, SubmitBatchReads, TenantSubmitFacts, count_tenant_deployments,
-    customer_of, existing_tenant_ids, get_tenant, known_tenant_ids, list_tenant_rows, placed_beside,
-    submit_batch_reads, tenant_created_at, tenant_deployments, tenant_spec)
+    customer_of, delete_tenant_row, existing_tenant_ids, get_tenant, known_tenant_ids, list_tenant_rows, lock_tenant,
+    placed_beside, submit_batch_reads, tenant_created_at, tenant_deployments, tenant_spec)
 from controller.store.repositories.usage import (
     ClusterUsage, PLACEMENT_MILLI, cluster_usage, free_on_ready_nodes, node_usage, placed_milli, placement_milli,
     placement_power_w, power_usage, rack_power, reserved_usage, tenant_usage)

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import Select, Text, bindparam, cast, delete, func, literal_column, select
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -199,8 +200,33 @@ async def known_tenant_ids(session: AsyncSession) -> list[str]:
     return list(await session.scalars(select(m.KnownTenant.id)))
 
 
-async def list_tenant_rows(session: AsyncSession, page: PageBounds | None = None) -> list[m.Tenant]:
-    return list(await session.scalars(_paged(select(m.Tenant).order_by(m.Tenant.id), page, m.Tenant.id)))
+async def list_tenant_rows(session: AsyncSession, page: PageBounds | None = None, *,
+                           lock: bool = False) -> list[m.Tenant]:
+    """`lock`: every tenant's row locked `FOR NO KEY UPDATE` (PostgreSQL), in ascending id, as a
+    tenant's deletion locks those whose exclusions it may rewrite before its DELETE's trigger
+    takes isolation_state (store/changes.py's order: a tenant's update takes its row, then that)."""
+    query = _paged(select(m.Tenant).order_by(m.Tenant.id), page, m.Tenant.id)
+    return list(await session.scalars(query.with_for_update(key_share=True) if lock else query))
+
+
+async def lock_tenant(session: AsyncSession, tenant_id: str) -> m.Tenant | None:
+    """The tenant's row locked for its deletion (PostgreSQL `FOR UPDATE`: what refers to it, a
+    deployment inserted, a token or an exclusion naming it (their key share: `existing_ids`),
+    waits for the deletion, then finds it gone; one under way is waited for, then seen)."""
+    return (await session.scalars(select(m.Tenant).where(m.Tenant.id == tenant_id).with_for_update())).one_or_none()
+
+
+async def delete_tenant_row(session: AsyncSession, tenant_id: str) -> bool:
+    """Delete the tenant's row (on SQLite its first write: the writer is held from here) and its
+    client request ids (a new customer given the id later starts with none of them); False when
+    deployments refer to it (their foreign key refused the DELETE: the transaction is done for)."""
+    try:
+        await session.execute(delete(m.Tenant).where(m.Tenant.id == tenant_id).execution_options(
+            synchronize_session=False))
+    except IntegrityError:
+        return False
+    await session.execute(delete(m.ClientRequest).where(m.ClientRequest.tenant_id == tenant_id))
+    return True
 
 
 async def existing_tenant_ids(session: AsyncSession, ids: Iterable[str]) -> set[str]:
