@@ -115,6 +115,7 @@ class _Term:
     token: int | None = None   # the token held or last held (kept after stepping down)
     leading: bool = False      # in office: its term was announced on the controller's loop
     valid_until: float = 0.0   # local clock: stop scheduling at this instant (0: stepped down)
+    number: int = 0            # this controller's terms in office so far, this one's included once announced
 
 
 class LeaderElection:
@@ -186,8 +187,8 @@ class LeaderElection:
 
     def opened(self, session: AsyncSession) -> None:
         """A fenced unit of work opens `session`: the term in office now is the one it works in."""
-        term = self._term
-        session.info[_OPENED_IN] = (self.acquisitions if term.leading else None, term.token)
+        term = self._term  # one read: its fields are of one moment, whatever thread changes it
+        session.info[_OPENED_IN] = (term.number if term.leading else None, term.token)
 
     async def commit(self, session: AsyncSession, commit: Callable[[], Awaitable[None]]) -> None:
         """The fence: commit a leader transaction (`commit`) only if the lease is still ours, in
@@ -195,8 +196,8 @@ class LeaderElection:
         deposed and elected again, or while it followed, is refused (it does not step down: the
         term in office stands)."""
         term = self._term
-        opened_in, opened_token = session.info.get(_OPENED_IN, (self.acquisitions, term.token))
-        if term.leading and opened_in != self.acquisitions:
+        opened_in, opened_token = session.info.get(_OPENED_IN, (term.number, term.token))
+        if term.leading and opened_in != term.number:
             raise LeaseLost(self.holder, opened_token)
         try:
             await lease.commit_fenced(session, self.holder, term.token if term.leading else None, commit,
@@ -317,10 +318,10 @@ class LeaderElection:
             self.leader = LeaderAddress(self.address, self.agent_address)
             now = self._term
             if now.token == held and now.valid_until:  # a renewal of the term held (announced or not yet)
-                self._term = _Term(held, now.leading, max(now.valid_until, valid_until))
+                self._term = _Term(held, now.leading, max(now.valid_until, valid_until), now.number)
                 self.renewals += 1
                 return
-            self._term = _Term(held, False, valid_until)  # a new term: it counts once announced
+            self._term = _Term(held, False, valid_until, now.number)  # a new term: it counts once announced
         self._on_loop(self._take_office, held)
 
     def _take_office(self, token: int) -> None:
@@ -329,7 +330,7 @@ class LeaderElection:
             term = self._term
             if term.token != token or term.leading or not term.valid_until:
                 return
-            self._term = _Term(token, True, term.valid_until)
+            self._term = _Term(token, True, term.valid_until, term.number + 1)
             self.acquisitions += 1
         log.warning("leader lease acquired: this controller leads holder=%s token=%d address=%s",
                     self.holder, token, self.address)
@@ -387,7 +388,7 @@ class LeaderElection:
             term = self._term
             if term.token != token or not term.valid_until:
                 return
-            self._term = _Term(term.token, False, 0.0)
+            self._term = _Term(term.token, False, 0.0, term.number)
             if self.leader.api == self.address:
                 self.leader = LeaderAddress()
         if term.leading:

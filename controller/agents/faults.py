@@ -86,6 +86,9 @@ class FaultWriter:
                 async with self._db.unit_of_work() as uow:
                     done = await record_faults(uow, node_id, session.session_id, faults)
             except LeaseLost:
+                if self._leading():  # refused as opened in a term since lost (`LeaderElection.opened`): again
+                    session.faults, self._stored = None, None
+                    continue
                 self.forget()
                 return
             except Exception as exc:  # the database: the stream's next heartbeat hands its list over again

@@ -131,7 +131,8 @@ class EntryWriter:
                 if kept:
                     await store.append_calls(uow.session, [p.appended for p in kept])
                 await uow.commit()
-        return [_Appended(p.appended.sent[0] if p in kept and p.appended.sent else None) for p in batch]
+        appended = {id(p) for p in kept}
+        return [_Appended(p.appended.sent[0] if id(p) in appended and p.appended.sent else None) for p in batch]
 
 
 async def list_events(uow: UnitOfWork, principal: Principal, *, tenant: str = "", since: datetime | None = None,

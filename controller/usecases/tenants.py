@@ -275,22 +275,26 @@ async def delete_tenant(uow: UnitOfWork, who: Principal, tenant_id: str, signals
     check_id("tenant", tenant_id)
     policy.require_admin(who, "deleting tenants")
     await repo.will_move_generation(uow.session)  # before any row lock (the lock order: store/changes.py)
-    # Locked first (PostgreSQL): a deployment submitted, a token made or an exclusion written for
-    # it meanwhile is seen below, or waits and then finds it gone. On SQLite the DELETE holds the
-    # writer, and what refers to it is read after it.
+    # Its own row locked first (PostgreSQL): a token made or an exclusion written for it meanwhile
+    # (their key share) is seen below, or waits and then finds it gone; a deployment submitted
+    # meanwhile is counted, or waits and then fails on its foreign key. Then the rows whose
+    # exclusions it rewrites, before its DELETE (an exclusion added since waits on its own row).
+    # On SQLite the DELETE holds the writer, and what refers to it is read after it.
     if await repo.lock_tenant(uow.session, tenant_id) is None:
         raise NotFound(f"tenant {tenant_id} not found")
     count = await repo.count_tenant_deployments(uow.session, tenant_id)
     if count:
         raise FailedPrecondition(f"tenant {tenant_id} has {count} deployment(s); delete them first")
-    await repo.list_tenant_rows(uow.session, lock=True)  # the exclusions it may rewrite, before its DELETE
+    excluding = [t.id for t in await repo.list_tenant_rows(uow.session) if tenant_id in (t.excludes or ())]
+    if excluding:
+        await repo.list_tenant_rows(uow.session, ids=excluding, lock=True)
     if not await repo.delete_tenant_row(uow.session, tenant_id):  # SQLite: one submitted since the count
         raise FailedPrecondition(f"tenant {tenant_id} has deployments; delete them first")
     # Other tenants' exclusions of this one no longer mean anything: drop them with it, each said
     # in an event of that tenant and in the deletion's (a tenant created later with this id is a
     # new customer, not excluded: whoever wants it excluded says so again).
     excluded_by = []
-    for other in await repo.list_tenant_rows(uow.session):
+    for other in await repo.list_tenant_rows(uow.session, fresh=True):  # as they are now (SQLite: the writer held)
         if tenant_id in (other.excludes or ()):
             other.excludes = [t for t in other.excludes if t != tenant_id]
             excluded_by.append(other.id)

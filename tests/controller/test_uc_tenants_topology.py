@@ -403,3 +403,21 @@ async def test_a_deployment_submitted_while_its_tenant_is_deleted_refuses_the_de
     # Refused as a tenant with deployments (the deployment written first), or deleted (the submit refused after).
     assert (isinstance(deleted, FailedPrecondition) and left[0] is not None and left[1] == 1) or \
         (deleted is None and left == (None, 0)), (deleted, left)
+
+
+async def test_two_tenants_deleted_at_once_are_both_deleted(database, monkeypatch):
+    """Each locked its own row, then every row in ascending id: on PostgreSQL one held tb and
+    waited for ta, the other held ta and waited for tb, and one was aborted as a deadlock's victim."""
+    await apply_topology(database)
+    for tenant in ("ta", "tb"):
+        await add_tenant(database, tenant)
+    count = repo.count_tenant_deployments
+
+    async def slowly(session, tenant_id):  # noqa: ANN001
+        await asyncio.sleep(0.3)  # each holds what it locked before the count while the other locks
+        return await count(session, tenant_id)
+
+    monkeypatch.setattr(repo, "count_tenant_deployments", slowly)
+    assert await asyncio.gather(_delete_tenant(database, "tb"), _delete_tenant(database, "ta")) == [None, None]
+    async with database.unit_of_work() as uow:
+        assert await repo.list_tenant_rows(uow.session) == []

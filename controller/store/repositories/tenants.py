@@ -201,12 +201,19 @@ async def known_tenant_ids(session: AsyncSession) -> list[str]:
 
 
 async def list_tenant_rows(session: AsyncSession, page: PageBounds | None = None, *,
-                           lock: bool = False) -> list[m.Tenant]:
-    """`lock`: every tenant's row locked `FOR NO KEY UPDATE` (PostgreSQL), in ascending id, as a
-    tenant's deletion locks those whose exclusions it may rewrite before its DELETE's trigger
-    takes isolation_state (store/changes.py's order: a tenant's update takes its row, then that)."""
+                           ids: Iterable[str] | None = None, lock: bool = False, fresh: bool = False) -> list[m.Tenant]:
+    """The tenants (of `ids` only, when given), in ascending id. `lock`: their rows locked `FOR NO
+    KEY UPDATE` (PostgreSQL), as a tenant's deletion locks those whose exclusions it rewrites
+    before its DELETE's trigger takes isolation_state (store/changes.py's order: a tenant's update
+    takes its row, then that). `fresh`: rows the session holds already are read again."""
     query = _paged(select(m.Tenant).order_by(m.Tenant.id), page, m.Tenant.id)
-    return list(await session.scalars(query.with_for_update(key_share=True) if lock else query))
+    if ids is not None:
+        query = query.where(any_of(session, m.Tenant.id, set(ids)))
+    if lock:
+        query = query.with_for_update(key_share=True)
+    if fresh:
+        query = query.execution_options(populate_existing=True)
+    return list(await session.scalars(query))
 
 
 async def lock_tenant(session: AsyncSession, tenant_id: str) -> m.Tenant | None:
