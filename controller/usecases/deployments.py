@@ -335,7 +335,12 @@ async def submit_deployment(uow: UnitOfWork, who: Principal, spec: DeploymentSpe
     # No cluster generation bump: a plan solved without this deployment is still valid (it only
     # leaves it pending), and bumping made every plan solved under a stream of submissions
     # conflict. The reconciler sees new arrivals by `repo.count_schedulable_deployments`.
-    await uow.session.flush()
+    try:
+        await uow.session.flush()
+    except Exception as exc:
+        if repo.tenant_gone(exc):  # deleted since it was read (its deletion locked it: store/tenants)
+            raise NotFound(f"tenant {spec.tenant} not found") from None
+        raise
     await requests.remember(uow, spec.tenant, request_id, row.id, spec, "submit")
     await repo.record_events(uow.session, [submitted_event(who.name, spec, released=replaced is not None)])
     await uow.commit()

@@ -46,7 +46,7 @@ from controller.store.repositories.nodes import (
 from controller.store.repositories.deployments import (
     DeploymentColumns, DeploymentSummary, NamedDeployment, PlacedNode, PlacementColumns, SubmitFacts, SummaryRows,
     adopt_revision, changed_since_read, clear_failures, count_deployments_by_phase, count_schedulable_deployments,
-    deleting_view, deployment_id_taken, deployment_page_keys, deployment_spec, deployment_summary_rows,
+    deleting_view, deployment_id_taken, tenant_gone, deployment_page_keys, deployment_spec, deployment_summary_rows,
     deployment_view, deployments_named, deployments_with_ids, get_deployment, implied_phase, insert_deployments,
     list_deployment_rows, lock_revision_placements, new_deployment_columns, new_deployment_row, new_deployment_view,
     deleting_events, set_deleting, spec_columns, submit_facts, take_resource_version, tenants_with_deployment,

@@ -23,6 +23,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from controller.store import models as m
 from controller.store.inlist import POSTGRESQL, any_of, any_of_named, any_of_named_in_order, dialect_of, listed
 from controller.store.marks import refused_by_null, rowcount_unread, sqlite_refusal
+from controller.store.pg_driver import sqlstate
 from controller.store.unnest import InsertRows
 from controller.store.changes import schedulable_count
 from controller.domain import values as d
@@ -563,6 +564,19 @@ def deployment_id_taken(exc: BaseException) -> bool:
     return (isinstance(exc, IntegrityError) and isinstance(exc.orig, sqlite3.IntegrityError)
             and sqlite_refusal(exc.orig, sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY,
                                {f"UNIQUE constraint failed: {_DEPLOYMENTS_TABLE.name}.{_DEPLOYMENTS_TABLE.c.id.name}"}))
+
+
+FOREIGN_KEY_VIOLATION = "23503"  # PostgreSQL's SQLSTATE
+
+
+def tenant_gone(exc: BaseException) -> bool:
+    """`exc` is the refusal of a deployment's row whose tenant is no longer there (its foreign key,
+    the only one a deployment's row has): the tenant deleted after the submit read it."""
+    if not isinstance(exc, IntegrityError):
+        return False
+    if isinstance(exc.orig, sqlite3.IntegrityError):
+        return sqlite_refusal(exc.orig, sqlite3.SQLITE_CONSTRAINT_FOREIGNKEY, {"FOREIGN KEY constraint failed"})
+    return sqlstate(exc) == FOREIGN_KEY_VIOLATION
 
 
 def write_deployment_spec(row: m.Deployment, spec: d.DeploymentSpec) -> None:
