@@ -53,7 +53,7 @@ def parse(text: str) -> PresentedToken | None:
     """The id and secret of a well-formed token, or None."""
     if len(text) > MAX_TOKEN_CHARS:
         return None
-    match = _TOKEN_RE.match(text)
+    match = _TOKEN_RE.fullmatch(text)
     return PresentedToken(match.group(1), match.group(2)) if match else None
 
 

@@ -471,7 +471,7 @@ def _parse_deployment(f: Fields) -> deployments_pb2.DeploymentSpec:
     spec = deployments_pb2.DeploymentSpec()
     name = f.string("name", required=True)
     if name is not None:
-        if len(name) > NAME_MAX or not NAME_PATTERN.match(name):
+        if len(name) > NAME_MAX or not NAME_PATTERN.fullmatch(name):
             f.error("name", f"'{name}' is not a valid name (lowercase letters, digits and '-', "
                             f"starting and ending with a letter or digit, at most {NAME_MAX})")
         spec.name = name

@@ -38,7 +38,7 @@ def check_name(kind: str, name: str) -> None:
         raise InvalidArgument(f"{kind} name is required")
     if len(name) > NAME_MAX:
         raise InvalidArgument(f"{kind} name {quoted(name)} is {len(name)} characters long; at most {NAME_MAX}")
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):  # fullmatch: `$` matches before a final newline too
         raise InvalidArgument(
             f"{kind} name {quoted(name)} is invalid: use lowercase letters, digits and '-', "
             "starting and ending with a letter or digit"
@@ -51,7 +51,7 @@ def check_id(kind: str, value: str) -> None:
         raise InvalidArgument(f"{kind} id is required")
     if len(value) > ID_MAX:
         raise InvalidArgument(f"{kind} id {quoted(value, 20)} is {len(value)} characters long; at most {ID_MAX}")
-    if not ID_RE.match(value):
+    if not ID_RE.fullmatch(value):
         raise InvalidArgument(
             f"{kind} id {quoted(value)} is invalid: use letters, digits, '-', '_' and '.', "
             "starting and ending with a letter or digit"
@@ -122,7 +122,7 @@ def check_labels(field_name: str, labels: Mapping[str, str]) -> None:
         if len(key) > limits.LABEL_KEY_MAX:
             raise InvalidArgument(
                 f"{field_name}: key {quoted(key, 20)} is {len(key)} characters long; at most {limits.LABEL_KEY_MAX}")
-        if not LABEL_KEY_RE.match(key):
+        if not LABEL_KEY_RE.fullmatch(key):
             raise InvalidArgument(
                 f"{field_name}: key {quoted(key)} is invalid: use letters, digits, '-', '_', '.' and '/', "
                 "starting and ending with a letter or digit")

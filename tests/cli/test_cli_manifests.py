@@ -92,6 +92,8 @@ def errors_of(text: str, source: str = "deploy/x.yaml") -> list[str]:
      "deploy/x.yaml document 1 (Deployment 'foo'): replicas: must be at least 1, got 0"),
     (DEPLOYMENT.replace("name: foo", "name: Foo_Bar"),
      "deploy/x.yaml document 1 (Deployment 'Foo_Bar'): name: 'Foo_Bar' is not a valid name"),
+    (DEPLOYMENT.replace("name: foo", 'name: "foo\\n"'),  # `$` matched before the newline: it passed
+     "deploy/x.yaml document 1 (Deployment 'foo\n'): name: 'foo\n' is not a valid name"),
     (DEPLOYMENT.replace("accelerators: 1,", "accelerators: 2, accelerator_milli: 500,"),
      "deploy/x.yaml document 1 (Deployment 'foo'): shard.accelerator_milli: a fraction (500) needs accelerators: 1, got 2"),
     (DEPLOYMENT.replace("accelerators: 1,", "accelerators: 1, accelerator_milli: 1500,"),

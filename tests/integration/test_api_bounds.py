@@ -64,6 +64,11 @@ HOSTILE = [
      "deployment svc: priority must be between -1000000 and 1000000, got 2147483647"),
     ("NUL in tenant", _submit(tenant="lab\x00"),
      "tenant id 'lab\\x00' is invalid: use letters, digits, '-', '_' and '.', starting and ending with a letter or digit"),
+    # `$` matches before a final newline: a name or id ending in one passed (a tenant was created so).
+    ("newline-ended name", _submit(name="svc\n"),
+     "deployment name 'svc\\n' is invalid: use lowercase letters, digits and '-', starting and ending with a letter or digit"),
+    ("newline-ended tenant", _submit(tenant="lab\n"),
+     "tenant id 'lab\\n' is invalid: use letters, digits, '-', '_' and '.', starting and ending with a letter or digit"),
     ("1 MB name", _submit(name=MB),
      f"deployment name {repr(MB)[:40]}... (1048576 characters) is 1048576 characters long; at most 63"),
     ("100k models", lambda s: s.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(
