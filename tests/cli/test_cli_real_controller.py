@@ -444,3 +444,27 @@ def test_rollout_history_lists_each_revision_and_undo_rolls_the_template_back(ru
     newest = json.loads(running.ctl("rollout", "history", "hist", "-o", "json").stdout)["items"][0]
     assert (newest["revision"], newest["changes"], newest["spec"]["shard"]["hbm_gib"]) == (
         4, ["restart: every replica replaced by a new one, one at a time"], 48)
+
+
+def test_delete_of_a_file_with_a_tenant_and_its_deployments_deletes_both(running: RunningController, tmp_path: Path):
+    """The tenant was deleted right after its deployments, which stay DELETING a while: refused,
+    'tenant temp-t has 1 deployment(s)', exit 1. It waits for them now."""
+    f = write(tmp_path / "td.yaml", "kind: Tenant\nid: temp-t\n---\n"
+              + DEPLOYMENT.format(name="tdep", tenant="temp-t", replicas=1))
+    assert running.ctl("apply", "-f", f).returncode == 0
+    gone = running.ctl("delete", "-f", f)
+    assert gone.returncode == 0, gone.stderr
+    assert gone.stdout.splitlines()[1:] == ["tenant/temp-t deleted"], gone.stdout
+
+
+def test_get_of_one_object_named_twice_prints_it_once(running: RunningController, tmp_path: Path):
+    """`x` and `TENANT/x` are one deployment: printed twice, the List was refused by apply ('given twice')."""
+    assert running.ctl("apply", "-f", write(tmp_path / "once.yaml", DEPLOYMENT.format(
+        name="once", tenant="openlab", replicas=1))).returncode == 0
+    for words in (["deployment", "once", "openlab/once"], ["tenant", "openlab", "openlab"]):
+        shown = running.ctl("get", *words, "-o", "yaml")
+        assert shown.returncode == 0, shown.stderr
+        shown_doc = yaml.safe_load(shown.stdout)
+        assert shown_doc["kind"] != "List", shown_doc  # the one object, as when named once
+        assert running.ctl("apply", "-f", "-", stdin=shown.stdout).returncode == 0
+    assert running.ctl("delete", "once").returncode == 0

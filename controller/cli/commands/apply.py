@@ -43,7 +43,7 @@ from controller import limits
 from controller.cli.client import CliError, Exit, StatusError, exit_code_of, rpc_error_text, status_code
 from controller.cli.commands import apply_plan
 from controller.cli.commands.apply_plan import Step, _contract, _get_or_none, ordered_objects, plan
-from controller.cli.commands.wait import wait_deployments
+from controller.cli.commands.wait import wait_gone
 from controller.cli.retry import RetryPolicy
 from controller.cli.context import Context
 from controller.cli.documents import deployment_document, list_document
@@ -198,7 +198,7 @@ def _undo(done: list[Step], ctx: Context, unknown: list[Step] | None = None) -> 
                 ctx.controller.admin.UpdateTenant(_contract(step.previous), timeout=ctx.rpc_timeout)
                 lines.append(f"{step.ref} restored")
             elif step.obj.kind == "Tenant" and step.action == "created":
-                _wait_gone(deleted.pop(step.obj.name, []), ctx)
+                wait_gone(deleted.pop(step.obj.name, []), ctx)
                 ctx.controller.admin.DeleteTenant(admin_pb2.DeleteTenantRequest(id=step.obj.name),
                                                   timeout=ctx.rpc_timeout)
                 lines.append(f"{step.ref} deleted again")
@@ -209,19 +209,6 @@ def _undo(done: list[Step], ctx: Context, unknown: list[Step] | None = None) -> 
                 continue  # it was not written
             lines.append(f"{step.ref}: could not be undone: {rpc_error_text(exc, ctx.address).removeprefix('error: ')}")
     return lines
-
-
-def _wait_gone(deployments: list[str], ctx: Context) -> None:
-    """Until the deployments this rollback deleted (TENANT/NAME) are gone, at most --rpc-timeout:
-    a deleted deployment stays, DELETING, until the controller has released its shards, and its
-    tenant cannot be deleted before (FAILED_PRECONDITION). Past the bound, DeleteTenant is tried
-    all the same and its refusal reported as what could not be undone."""
-    if not deployments:
-        return
-    try:
-        wait_deployments(deployments, "deleted", ctx.rpc_timeout, ctx, fail_fast=False, quiet=True, progress=False)
-    except CliError:  # timed out
-        pass
 
 
 def _step_line(step: Step) -> str:

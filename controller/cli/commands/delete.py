@@ -5,8 +5,9 @@ non-zero when any failed: the code of their failure when all failed alike (3 NOT
 INVALID_ARGUMENT), else 1. Without a kind, NAMEs are deployments (`maiactl delete big-dep`),
 unless a NAME says its kind as `-o name` prints it (`deployment/TENANT/NAME`, `tenant/ID`,
 `node/ID`, `rack/ID`, `row/ID`, `zone/ID`), so `maiactl get ... -o name | xargs maiactl delete`
-deletes what get listed. With -f, the file's deployments go first, then its tenants, then its
-Topology's racks, rows and zones. Racks, rows and zones go last, each kind after the one it holds
+deletes what get listed. With -f, the file's deployments go first, then its tenants (each once
+its deployments deleted here are gone: at most --rpc-timeout), then its Topology's racks, rows
+and zones. Racks, rows and zones go last, each kind after the one it holds
 (racks, then rows, then zones): a row whose racks are deleted in the same call is empty by then. The
 controller refuses one that still holds something (FAILED_PRECONDITION naming it). A deleted
 deployment is reported as `deployment/TENANT/NAME`, its tenant resolved.
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 
 from controller.cli.client import CliError, Exit, exit_code_of, rpc_error_text, status_code
+from controller.cli.commands.wait import wait_gone
 from controller.cli.context import Context
 from controller.cli.manifests import ManifestObject, load_manifest_sources
 from controller.cli.refs import add_tenant_flag, deployment_name, deployment_ref, split_kind
@@ -139,7 +141,16 @@ def _delete(kind: str, name: str, ctx: Context) -> Outcome:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
-    outcomes = [_delete(kind, name, ctx) for kind, name in targets(args)]
+    outcomes: list[Outcome] = []
+    deleted: dict[str, list[str]] = {}  # tenant -> its deployments deleted here (TENANT/NAME)
+    for kind, name in targets(args):
+        if kind == "tenant":  # its deployments deleted here stay DELETING a while: the tenant waits for them
+            wait_gone(deleted.pop(name, []), ctx)
+        outcome = _delete(kind, name, ctx)
+        if kind == "deployment" and outcome.action == "deleted":
+            ref = outcome.ref.removeprefix("deployment/")
+            deleted.setdefault(ref.partition("/")[0], []).append(ref)
+        outcomes.append(outcome)
     if ctx.json:
         ctx.emit_json({"results": [{"object": o.ref, "action": o.action, **({"detail": o.detail} if o.detail else {})}
                                    for o in outcomes]})

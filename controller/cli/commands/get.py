@@ -115,19 +115,23 @@ def _get_one(ctx: Context, kind: str, name: str, tenant: str = "") -> Any:
     return ctx.controller.admin.GetTenant(admin_pb2.GetTenantRequest(id=name), timeout=ctx.rpc_timeout)
 
 
-def _each(names: Sequence[str], get: Callable[[str], T]) -> tuple[list[T], list[grpc.RpcError]]:
-    """`get` of every name: what was found, and the NOT_FOUND of each that was not (any other
-    failure ends the command)."""
-    found: list[T] = []
+def _each(names: Sequence[str], get: Callable[[str], T],
+          key: Callable[[T], object]) -> tuple[list[T], list[grpc.RpcError]]:
+    """`get` of every name: what was found, each object once (by `key`: two names of one object,
+    `x` and `TENANT/x`, printed it twice, a List that apply refuses), and the NOT_FOUND of each
+    that was not (any other failure ends the command)."""
+    found: dict[object, T] = {}
     missing: list[grpc.RpcError] = []
     for name in names:
         try:
-            found.append(get(name))
+            got = get(name)
         except grpc.RpcError as exc:
             if status_code(exc) != grpc.StatusCode.NOT_FOUND:
                 raise
             missing.append(exc)
-    return found, missing
+            continue
+        found.setdefault(key(got), got)
+    return list(found.values()), missing
 
 
 def _named(resource: str, words: Sequence[str]) -> tuple[str, list[str]]:
@@ -204,8 +208,9 @@ def _deployments(args: argparse.Namespace, ctx: Context) -> Listing:
     missing: list[grpc.RpcError] = []
     if args.names:
         refs = [deployment_ref(n, args.tenant) for n in args.names]  # every NAME checked before a call
-        deps, missing = _each(refs, lambda r: _get_one(ctx, "deployment", r.name, r.tenant))
-        if len(refs) == 1 and not ctx.wide:
+        deps, missing = _each(refs, lambda r: _get_one(ctx, "deployment", r.name, r.tenant),
+                              key=lambda d: (d.spec.tenant, d.spec.name))
+        if len(deps) == 1 and not missing and not ctx.wide:
             return Listing(lambda: deployment_document(deps[0]), lambda: deployment_detail(deps[0]),
                            lambda: [deployment_name(deps[0].spec.tenant, deps[0].spec.name)], is_table=False,
                            missing=missing)
@@ -224,8 +229,8 @@ def _nodes(args: argparse.Namespace, ctx: Context) -> Listing:
     admin = ctx.controller.admin
     missing: list[grpc.RpcError] = []
     if args.names:
-        nodes, missing = _each(args.names, lambda n: _get_one(ctx, "node", n))
-        if len(args.names) == 1 and not ctx.wide:
+        nodes, missing = _each(args.names, lambda n: _get_one(ctx, "node", n), key=lambda n: n.id)
+        if len(nodes) == 1 and not missing and not ctx.wide:
             return Listing(lambda: node_document(nodes[0]), lambda: node_detail(nodes[0]),
                            lambda: [f"node/{nodes[0].id}"], is_table=False, missing=missing)
     else:
@@ -246,8 +251,8 @@ def _tenants(args: argparse.Namespace, ctx: Context) -> Listing:
     missing: list[grpc.RpcError] = []
     tenants: Sequence[admin_pb2.Tenant]
     if args.names:
-        tenants, missing = _each(args.names, lambda n: _get_one(ctx, "tenant", n))
-        if len(args.names) == 1:
+        tenants, missing = _each(args.names, lambda n: _get_one(ctx, "tenant", n), key=lambda t: t.id)
+        if len(tenants) == 1 and not missing:
             return Listing(lambda: tenant_document(tenants[0]), lambda: tenants_table(tenants),
                            lambda: [f"tenant/{tenants[0].id}"], missing=missing)
     else:

@@ -418,3 +418,16 @@ def _wait_nodes(wanted: int, timeout: float, ctx: Context) -> int:
             response = polls.poll(lambda: _polled(nodes, deadline))
         except _WaitOver:
             response = None
+
+
+def wait_gone(deployments: Sequence[str], ctx: Context) -> None:
+    """Until the deployments just deleted (TENANT/NAME) are gone, at most --rpc-timeout: a deleted
+    deployment stays, DELETING, until the controller has released its shards, and its tenant
+    cannot be deleted before (FAILED_PRECONDITION). Past the bound the caller goes on all the
+    same (DeleteTenant is tried, and its refusal reported)."""
+    if not deployments:
+        return
+    try:
+        wait_deployments(deployments, "deleted", ctx.rpc_timeout, ctx, fail_fast=False, quiet=True, progress=False)
+    except CliError:  # timed out
+        pass
