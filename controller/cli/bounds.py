@@ -52,10 +52,10 @@ def seconds(minimum: float | None = None) -> Callable[[str], float]:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-        if not math.isfinite(value) or value <= 0 or (minimum is not None and value < minimum):
+        if math.isnan(value) or value <= 0 or (minimum is not None and value < minimum):
             floor = f"at least {minimum:g}" if minimum is not None else "more than 0"
             raise argparse.ArgumentTypeError(f"must be {floor} seconds, got {text!r}")
-        if value > SECONDS_MAX:
+        if value > SECONDS_MAX:  # infinity too ('1e400'): it was told "must be more than 0"
             raise argparse.ArgumentTypeError(f"must be at most {SECONDS_MAX:.0f} seconds, got {text!r}")
         return value
 

@@ -243,5 +243,8 @@ def check_address(address: str, source: str) -> None:
         host, sep, port = one.strip().rpartition(":")
         if not sep or not host.strip("[]") or not port.isdigit():
             raise ConfigError(f"{source} {one.strip() or address!r}: expected HOST:PORT, e.g. 127.0.0.1:50051")
+        if host.strip().startswith("[") != host.endswith("]"):  # '[::1' was an UNAVAILABLE "Unparsable name", exit 5
+            raise ConfigError(f"{source} {one.strip()!r}: expected HOST:PORT, an IPv6 host in brackets, "
+                              f"e.g. [::1]:50051")
         if not 1 <= int(port) <= 65535:
             raise ConfigError(f"{source} {one.strip()!r}: port {int(port)} is out of range 1..65535")

@@ -99,7 +99,8 @@ def load_manifest_sources(sources: Iterable[str | Path]) -> list[ManifestObject]
         raise ManifestError([f"{', '.join(map(str, sources))}: no manifest files (*.yaml, *.yml, *.json)"])
     objects = load_manifests(paths)
     if not objects:
-        raise ManifestError([f"{', '.join(paths)}: no objects found (empty file or only comments)"])
+        raise ManifestError([f"{', '.join(paths)}: no objects found (empty file, only comments, or a List without "
+                             f"items)"])
     duplicates = given_twice(objects)
     if duplicates:
         raise ManifestError(duplicates)

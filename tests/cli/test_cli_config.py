@@ -139,6 +139,8 @@ def test_a_token_files_byte_order_mark_is_dropped(tmp_path: Path) -> None:
     ({"controller": ":50051"}, {}, "--controller ':50051': expected HOST:PORT, e.g. 127.0.0.1:50051"),
     ({"controller": "ctl.example.net"}, {}, "--controller 'ctl.example.net': expected HOST:PORT"),
     ({"controller": "[::1]:x"}, {}, "--controller '[::1]:x': expected HOST:PORT"),
+    ({"controller": "[::1"}, {}, "--controller '[::1': expected HOST:PORT, an IPv6 host in brackets"),
+    ({"controller": "::1]:50051"}, {}, "--controller '::1]:50051': expected HOST:PORT, an IPv6 host in brackets"),
 ])
 def test_a_token_or_address_grpc_cannot_use_is_a_config_error(tmp_path: Path, flags: dict, env: dict,
                                                               says: str) -> None:

@@ -158,6 +158,15 @@ def test_unreadable_file_is_reported(tmp_path: Path) -> None:
     assert "missing.yaml: cannot read" in info.value.problems[0]
 
 
+def test_an_empty_list_is_said_to_be_one(tmp_path: Path) -> None:
+    """`get nodes -o yaml` of no nodes prints a List without items: it was called an empty file."""
+    (tmp_path / "none.yaml").write_text("kind: List\nitems: []\n")
+    with pytest.raises(ManifestError) as info:
+        load_manifest_sources([tmp_path / "none.yaml"])
+    assert info.value.problems == [f"{tmp_path / 'none.yaml'}: no objects found (empty file, only comments, or a "
+                                   f"List without items)"]
+
+
 def test_a_file_that_is_not_utf8_is_reported(tmp_path: Path) -> None:
     (tmp_path / "bin.json").write_bytes(b"\xff\xfe")
     with pytest.raises(ManifestError) as info:

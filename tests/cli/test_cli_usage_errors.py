@@ -39,7 +39,10 @@ def refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     (["drain", "n1", "--wait", "--timeout", "0"], "argument --timeout: must be more than 0 seconds, got '0'"),
     (["--rpc-timeout", "-1", "get", "nodes"], "argument --rpc-timeout: must be more than 0 seconds, got '-1'"),
     (["get", "nodes", "--rpc-timeout", "0"], "argument --rpc-timeout: must be more than 0 seconds, got '0'"),
-    (["get", "nodes", "--rpc-timeout", "inf"], "argument --rpc-timeout: must be more than 0 seconds, got 'inf'"),
+    # infinity (inf, 1e400) was told "must be more than 0"
+    (["get", "nodes", "--rpc-timeout", "inf"], "argument --rpc-timeout: must be at most 9223372036 seconds, got 'inf'"),
+    (["get", "nodes", "--rpc-timeout", "1e400"],
+     "argument --rpc-timeout: must be at most 9223372036 seconds, got '1e400'"),
     # --limit 0 printed the whole audit log; get events refuses it the same way
     (["audit", "list", "--limit", "0"], "argument --limit: must be at least 1, got 0"),
     (["audit", "list", "--limit", "-1"], "argument --limit: must be at least 1, got -1"),
