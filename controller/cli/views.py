@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from controller.cli.tables import (
     fmt_indices, fmt_list, fmt_number, fmt_used_of, render_kv, render_table,
 )
@@ -66,8 +68,13 @@ def deployments_table(deployments: Sequence[deployments_pb2.Deployment], wide: b
                         empty="No deployments found.")
 
 
+def time_text(stamp: Timestamp) -> str:
+    """A time as the tables and `explain` show it: UTC, to the second."""
+    return stamp.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+
+
 def _made_text(r: deployments_pb2.DeploymentRevision) -> str | None:
-    return r.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if r.HasField("created_at") else None
+    return time_text(r.created_at) if r.HasField("created_at") else None
 
 
 def revisions_table(revisions: Sequence[deployments_pb2.DeploymentRevision]) -> str:
@@ -259,7 +266,7 @@ def events_table(events: Sequence[admin_pb2.EventRecord], with_object: bool = Tr
     """Oldest first: time (UTC), what happened, to what, by whom, and the message."""
     rows = []
     for e in events:
-        at = e.at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if e.HasField("at") else None
+        at = time_text(e.at) if e.HasField("at") else None
         row: list[object] = [at, e.kind]
         if with_object:
             row.append(f"{e.object_kind}/{e.object_id}")

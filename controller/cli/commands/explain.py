@@ -26,7 +26,7 @@ from controller.cli.commands.get import fetch_events
 from controller.cli.context import Context
 from controller.cli.documents import event_document, nomination_document
 from controller.cli.refs import DEPLOYMENT_WORDS, add_tenant_flag, deployment_ref, kind_and_name
-from controller.cli.views import phase_text, reasons_text
+from controller.cli.views import phase_text, reasons_text, time_text
 from controller.cli.vocab import DOMAIN_BY_WORD, domain_word
 from maia.v1 import admin_pb2, deployments_pb2
 
@@ -124,17 +124,15 @@ def _nomination_document(dep: deployments_pb2.Deployment, event: admin_pb2.Event
 
 def _nomination_text(dep: deployments_pb2.Deployment, event: admin_pb2.EventRecord | None) -> str | None:
     """The 'Head of the line' paragraph: the nomination stored, else the deployment's last event of one."""
-    def when(stamp: Any) -> str:
-        return stamp.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
-
     if dep.HasField("nomination"):
         n = dep.nomination
-        return (f"Head of the line (nominated at {when(n.nominated_at)}): nodes {', '.join(n.nodes)} kept for it, "
-                f"waiting since {when(n.waiting_since)}, {n.missing_replicas} replica(s) short when they were chosen")
+        return (f"Head of the line (nominated at {time_text(n.nominated_at)}): nodes {', '.join(n.nodes)} kept for "
+                f"it, waiting since {time_text(n.waiting_since)}, {n.missing_replicas} replica(s) short when they "
+                f"were chosen")
     if event is None:
         return None
     what = "nominated" if event.kind == NOMINATED else "nomination ended"
-    return f"Head of the line ({what} at {when(event.at)}): {event.message}"
+    return f"Head of the line ({what} at {time_text(event.at)}): {event.message}"
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:

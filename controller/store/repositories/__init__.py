@@ -32,7 +32,7 @@ from controller.store.repositories.topology import (
     tenants_naming_zone)
 from controller.store.repositories.tenants import (
     Customer, ForgetRequestIds, PlacedBeside, SubmitBatchReads, TenantSubmitFacts, count_tenant_deployments,
-    customer_of, delete_tenant_row, existing_tenant_ids, get_tenant, known_tenant_ids, list_tenant_rows, lock_tenant,
+    customer_of, delete_tenant_row, get_tenant, known_tenant_ids, list_tenant_rows, lock_tenant,
     placed_beside, submit_batch_reads, tenant_created_at, tenant_deployments, tenant_spec)
 from controller.store.repositories.usage import (
     ClusterUsage, PLACEMENT_MILLI, cluster_usage, free_on_ready_nodes, node_usage, placed_milli, placement_milli,

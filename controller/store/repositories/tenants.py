@@ -236,13 +236,6 @@ async def delete_tenant_row(session: AsyncSession, tenant_id: str) -> bool:
     return True
 
 
-async def existing_tenant_ids(session: AsyncSession, ids: Iterable[str]) -> set[str]:
-    wanted = set(ids)
-    if not wanted:
-        return set()
-    return set(await session.scalars(select(m.Tenant.id).where(any_of(session, m.Tenant.id, wanted))))
-
-
 async def count_tenant_deployments(session: AsyncSession, tenant_id: str) -> int:
     return int(await session.scalar(select(tenant_deployments(tenant_id))) or 0)
 
