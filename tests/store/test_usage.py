@@ -14,6 +14,7 @@ from controller.identity import CONTROLLER, Principal, Role
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import Database
+from controller.domain.values import AcceleratorFault
 from controller.usecases import updates
 
 from .seed import TWO_RACKS, seed_problem
@@ -275,6 +276,22 @@ async def test_free_on_ready_nodes_is_the_ready_nodes_less_their_cluster_usage(d
     # n1: 2 + 0.25 + 0.333 held of 4; n2: 0.25 + 2 * 0.333 + 1 + 1 (deleting) of 8; n6: none of 2.
     assert free == exact == pytest.approx(per_node, abs=1e-9)
     assert free == 8.501
+
+
+async def test_free_on_ready_nodes_leaves_out_failed_accelerators(database: Database) -> None:
+    """A failed accelerator of a ready node is not free (no shard is placed on it); one of a
+    cordoned node was not counted anyway, and an index the node no longer has is no accelerator."""
+    await _seed_reserved(database)
+    faults = {"n6": [0], "n1": [3, 9], "n3": [2]}  # n1 has 4: its index 9 is gone; n3 is cordoned
+    async with database.unit_of_work() as uow:
+        for node_id, indices in faults.items():
+            row = await repo.get_node(uow.session, node_id)
+            assert row is not None
+            repo.set_failed_accelerators(row, [AcceleratorFault(i, "uncorrectable memory error") for i in indices])
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        free = await repo.free_on_ready_nodes(uow.session)
+    assert free == 6.501  # 8.501 (the test above) less n6's 0 and n1's 3
 
 
 async def test_node_state_counts_agree_with_each_nodes_state(database: Database) -> None:

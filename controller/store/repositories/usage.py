@@ -16,6 +16,7 @@ from controller.store import models as m
 from controller.store.inlist import any_of
 from controller.store.metering import shard_milli
 from controller.store.partitions import partitions
+from controller.store.repositories.nodes import stored_faults
 from controller.domain import values as d
 
 
@@ -171,15 +172,21 @@ _READY = and_(m.Node.health == m.NodeHealth.UP, m.Node.cordoned.is_(False))
 
 
 async def free_on_ready_nodes(session: AsyncSession) -> float:
-    """The accelerators of the ready nodes less what every shard placed on them holds (milli/1000),
-    summed by the database in one statement: what an update's reservation check calls free (it
-    loaded every node as a row and `cluster_usage`'s row per (node, tenant) of the cluster). The
-    sums are integers, divided once: the float nearest the exact figure (a sum of per-node floats
-    was off by ~1e-10 at 4,096 nodes, enough to print 6694.405 as 6694.41 rather than 6694.4)."""
+    """The accelerators of the ready nodes less their failed ones and what every shard placed on
+    them holds (milli/1000), summed by the database in one statement, and the few nodes with
+    failed accelerators read as rows: what an update's reservation check calls free (it loaded
+    every node as a row and `cluster_usage`'s row per (node, tenant) of the cluster). A failed
+    accelerator holds no shard (`usecases/faults.py` releases them) and takes none, so it is not
+    free. The sums are integers, divided once: the float nearest the exact figure (a sum of
+    per-node floats was off by ~1e-10 at 4,096 nodes, enough to print 6694.405 as 6694.41 rather
+    than 6694.4)."""
     nodes = select(func.sum(m.Node.accelerators)).where(_READY).scalar_subquery()
     placed = _PLACED_MILLI.join(m.Node).where(_READY).scalar_subquery()
     accelerators, milli = (await session.execute(select(nodes, placed))).one()
-    return (1000 * int(accelerators or 0) - int(milli or 0)) / 1000.0
+    failing = await session.execute(select(m.Node.failed_accelerators, m.Node.accelerators)
+                                    .where(_READY, m.Node.failed_accelerators.is_not(None)))
+    failed = sum(len(stored_faults(value, count)) for value, count in failing)
+    return (1000 * (int(accelerators or 0) - failed) - int(milli or 0)) / 1000.0
 
 
 # Every placed shard summed by the database per (node, tenant): a row per node and tenant on it.
