@@ -104,7 +104,7 @@ def test_watches_and_a_wait_go_on_where_they_were_once_a_restarted_controller_an
             assert second.ctl("apply", "-f", _tenant(tmp_path, "after")).returncode == 0
             events.out.until("tenant/after")
             tenants.out.until("after")
-            assert "showing the events after" in events.err.until(f"the controller at {address} answers again")
+            assert "showing the events not shown yet" in events.err.until(f"the controller at {address} answers again")
             tenants.err.until(f"the controller at {address} answers again")
             wait.err.until(f"(wait: the controller at {address} answers again")
             assert second.ctl("delete", "web", "-n", "before").returncode == 0

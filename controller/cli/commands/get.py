@@ -6,7 +6,7 @@ shard there, nodes, placements), `-l key=value` (node labels; the other kinds ca
 NAMEs that do not exist are said on stderr, one `error: NOT_FOUND: ...` each, after what the
 others print (exit 3), as kubectl does; so is the object of `get events --for KIND/NAME` when it
 has no events and does not exist. `--watch` prints the list again whenever it changes (polling
-every --interval seconds); `get events --watch` prints the events after the last one shown. A
+every --interval seconds); `get events --watch` prints the events not shown yet (`cli.follow`). A
 watch outlives a controller that goes away for a while (a restart, a failover, a network that
 drops packets): a poll it does not serve (UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED) is said once
 on stderr and polled again at the interval, and the watch goes on where it was (the events after
@@ -26,6 +26,7 @@ import grpc
 from controller.cli.bounds import count, int_max, seconds
 from controller.cli.client import CliError, Exit, list_all, rpc_error_text, status_code
 from controller.cli.context import Context
+from controller.cli.follow import PAGE, EventFollower, read_after
 from controller.cli.outage import Polls
 from controller.cli.refs import deployment_name, deployment_ref, kind_and_names, placement_name
 from controller.cli.documents import (
@@ -332,15 +333,17 @@ def _events(args: argparse.Namespace, ctx: Context) -> int:
         _must_exist(ctx, kind, name, args.tenant or "")
     ctx.emit(lambda: list_document(event_document(e) for e in events), lambda: events_table(events),
              names=lambda: [f"event/{e.id}" for e in events], is_table=True)
-    last = events[-1].id if events else 0
+    follower = EventFollower(events)
     polls = _watch_polls(ctx, args.interval)
     while args.watch:
         time.sleep(args.interval)
-        new = polls.poll(lambda: fetch_events(ctx, kind, name, after_id=last, limit=1000, tenant=args.tenant or ""),
-                         back=f"; showing the events after {last}")
+        after = follower.after_id()
+        read = polls.poll(lambda: read_after(
+            lambda a: fetch_events(ctx, kind, name, after_id=a, limit=PAGE, tenant=args.tenant or ""), after),
+            back="; showing the events not shown yet")
+        new = follower.fresh(read or [])
         if not new:
             continue
-        last = new[-1].id
         if ctx.json:
             for e in new:  # one compact document per line while following
                 ctx.stdout.write(json.dumps(event_document(e)) + "\n")
