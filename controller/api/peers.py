@@ -62,6 +62,9 @@ class PeerMessages:
         self._streams = streams
         self._election = election
         self._handling: set[asyncio.Task] = set()
+        # DEPLOYMENTS items heard and not read yet, and whether a task reads them (one at a time).
+        self._to_republish: list[str] = []
+        self._republishing = False
 
     def notified(self, kind: str, data: str) -> None:
         """A message from another controller on the same database."""
@@ -77,7 +80,10 @@ class PeerMessages:
         elif kind == LEASE_RELEASED:
             self._election.wake()
         elif kind == DEPLOYMENTS:
-            self._handle(self._republish(items))
+            self._to_republish.extend(items)
+            if not self._republishing:
+                self._republishing = True
+                self._handle(self._republish_heard())
         elif kind == RESYNC:
             self._resync()
 
@@ -184,6 +190,17 @@ class PeerMessages:
         if revoked:
             await self._end_streams(revoked)
 
+    async def _republish_heard(self) -> None:
+        """The DEPLOYMENTS items heard, read and handed on in the order heard: those heard during a
+        read are read together after it. A task a message, as before, could hand on a `deleted`
+        and then a `modified` read earlier and ended later: the watchers kept a deployment gone."""
+        try:
+            while self._to_republish:
+                items, self._to_republish = self._to_republish, []
+                await self._republish(items)
+        finally:
+            self._republishing = False
+
     async def _republish(self, items: list[str]) -> None:
         """Deployments another controller changed (`TYPE:TENANT/NAME`), for this controller's watchers.
 
@@ -191,7 +208,9 @@ class PeerMessages:
         heard was submitted again since (through any controller): the message is late (held
         across its sender's reconnection: `store/notify.py`, or racing the submit's own message)
         and is not handed on; the watchers were or will be told that newer deployment ("added"),
-        and a `deleted` after it would tell them a live deployment is gone."""
+        and a `deleted` after it would tell them a live deployment is gone. If the read fails,
+        every watch ends (UNAVAILABLE, as on a resync: its client watches again from the current
+        state): the changes could not be told, and a `deleted` could not be told from a late one."""
         by_type: dict[str, set[str]] = {}
         gone: list[str] = []
         stored_again: set[str] = set()
@@ -209,7 +228,10 @@ class PeerMessages:
                     if gone:
                         stored_again = {view.spec.key for view in await views_of(uow, set(gone))}
         except Exception:
-            log.exception("could not read deployments another controller changed")
+            log.exception("could not read deployments another controller changed: ending %d watch(es)",
+                          self._bus.subscriber_count)
+            self._bus.close()
+            return
         for kind, kind_views in views.items():
             for view in kind_views:
                 self._bus.publish(DeploymentEvent(kind, view))
