@@ -84,11 +84,16 @@ class Arrivals:
 class Outbox:
     """Events to send on a link, sent as frames: the first event of a frame waits at most
     `linger_s` for others to join it (0: those added in the same turn of the event loop), and a
-    frame past `FRAME_EVENTS_MAX` events or `FRAME_BYTES_MAX` bytes goes at once."""
+    frame of `FRAME_EVENTS_MAX` events or `FRAME_BYTES_MAX` bytes goes at once. A frame holds no
+    more (or a single event past the bytes): the events added while the link was busy go as as
+    many frames as they fill. One frame of all of them could pass the link's message limit, and
+    the link failed: every agent on the gateway lost its stream (agents without a token sending
+    4 MiB messages at once did it; the gateway reads no message)."""
 
     def __init__(self, linger_s: float) -> None:
         self._linger_s = linger_s
         self._events: list[relay_pb2.RelayEvent] = []
+        self._sizes: list[int] = []  # of each event's message, as added
         self._bytes = 0
         self._ready = Wakeup()
         self._timer: asyncio.TimerHandle | None = None
@@ -100,6 +105,7 @@ class Outbox:
         if self._closed:
             return
         self._events.append(event)
+        self._sizes.append(size)
         self._bytes += size
         if len(self._events) >= FRAME_EVENTS_MAX or self._bytes >= FRAME_BYTES_MAX:
             self._send_now()
@@ -122,11 +128,29 @@ class Outbox:
             self._timer = None
         self._ready.set()
 
+    def _take_frame(self) -> list[relay_pb2.RelayEvent]:
+        """The oldest events that fit a frame (at least one), taken."""
+        count = size = 0
+        for event_size in self._sizes:
+            if count == FRAME_EVENTS_MAX or (count and size + event_size > FRAME_BYTES_MAX):
+                break
+            count += 1
+            size += event_size
+        if count == len(self._events):
+            events, self._events, self._sizes, self._bytes = self._events, [], [], 0
+            return events
+        events, self._events = self._events[:count], self._events[count:]
+        self._sizes = self._sizes[count:]
+        self._bytes -= size
+        return events
+
     async def frames(self) -> AsyncIterator[relay_pb2.RelayFrame]:
         while True:
             await self._ready.wait()
             self._ready.clear()
-            events, self._events, self._bytes = self._events, [], 0
+            events = self._take_frame()
+            if self._events:  # more than a frame was waiting: the next goes at once
+                self._ready.set()
             if events:
                 self.frames_sent += 1
                 self.events_sent += len(events)
