@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -26,16 +27,46 @@ from controller.simnode.transport import REGISTER_TIMEOUT_S, SimulatedNode
 log = logging.getLogger("simnode")
 
 
+# The longest heartbeat interval: a day (Hello carries it in int32 milliseconds, ~24.8 days at most).
+HEARTBEAT_INTERVAL_MAX_S = 86_400.0
+# The longest of the other durations: a day too (a stagger or a load delay of more is a typo).
+SECONDS_MAX = 86_400.0
+
+
+def _number(text: str, *, least: float, inclusive: bool, most: float = math.inf) -> float:
+    """A finite number from `least` (excluded unless `inclusive`) to `most`: `float` reads "nan",
+    "inf" and "1e400", and every node died of the first (an interval of infinity or NaN cannot be
+    sent as milliseconds; NaN passed the `< 0` checks, comparing false with everything)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    if value < least or (value == least and not inclusive):
+        raise argparse.ArgumentTypeError(f"must be {'at least' if inclusive else 'more than'} {least:g}, got {text}")
+    if value > most:
+        raise argparse.ArgumentTypeError(f"must be at most {most:g}, got {text}")
+    return value
+
+
+def _seconds(*, zero: bool) -> Callable[[str], float]:
+    """A duration flag: more than 0 (or 0 too, `zero`), at most `SECONDS_MAX`."""
+    return lambda text: _number(text, least=0.0, inclusive=zero, most=SECONDS_MAX)
+
+
+def _quantity(text: str) -> float:
+    """A finite amount of at least 0 (GiB, watts)."""
+    return _number(text, least=0.0, inclusive=True)
+
+
 def _interval(text: str) -> float | None:
     if text == "auto":
         return None
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or seconds, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
+        return _number(text, least=0.0, inclusive=False, most=HEARTBEAT_INTERVAL_MAX_S)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or seconds: {exc}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -61,19 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--racks", type=_positive_int, required=True)
     p.add_argument("--nodes-per-rack", type=_positive_int, required=True)
     p.add_argument("--rack-prefix", default="rack-")
-    p.add_argument("--load-delay", type=float, default=1.0, metavar="SECONDS",
+    p.add_argument("--load-delay", type=_seconds(zero=True), default=1.0, metavar="SECONDS",
                    help="time from LOADING to RUNNING for a new shard")
     p.add_argument("--accelerators", type=_positive_int, default=4)
     p.add_argument("--model", default="maia-100")
-    p.add_argument("--hbm-gib", type=float, default=64.0)
-    p.add_argument("--idle-power-w", type=float, default=600.0)
+    p.add_argument("--hbm-gib", type=_quantity, default=64.0)
+    p.add_argument("--idle-power-w", type=_quantity, default=600.0)
     p.add_argument("--heartbeat-interval", type=_interval, default=None, metavar="auto|SECONDS",
                    help="default: what the controller asks for at registration, and later on the stream "
                         "(HeartbeatPolicy: the cluster grew); a number here ignores both")
-    p.add_argument("--register-timeout", type=float, default=REGISTER_TIMEOUT_S, metavar="SECONDS",
+    p.add_argument("--register-timeout", type=_seconds(zero=False), default=REGISTER_TIMEOUT_S, metavar="SECONDS",
                    help="each Register's deadline (a controller busy with a join storm refuses at once, with a "
                         "retry time, a Register that would not be served within it)")
-    p.add_argument("--stagger", type=float, default=0.01, metavar="SECONDS",
+    p.add_argument("--stagger", type=_seconds(zero=True), default=0.01, metavar="SECONDS",
                    help="pause between starting one node and the next (0: the whole fleet at once, a join storm)")
     p.add_argument("--shared-channel", action="store_true",
                    help="one gRPC channel (connection) per controller for the whole fleet, every node's calls "
@@ -159,12 +190,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     logging.getLogger("grpc").setLevel(logging.WARNING)
-    if args.load_delay < 0 or args.stagger < 0:
-        log.error("--load-delay and --stagger must not be negative")
-        return 2
-    if args.register_timeout <= 0:
-        log.error("--register-timeout must be positive")
-        return 2
     if (args.cert is None) != (args.key is None) or (args.cert is not None and args.cert_dir is not None):
         log.error("--cert and --key go together, and exclude --cert-dir")
         return 2

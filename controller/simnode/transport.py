@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from controller import limits
-from controller.aio import wait_event
+from controller.aio import cancel_and_wait, wait_event
 from controller.ratelimit import RETRY_AFTER_METADATA_KEY
 from controller.retryinfo import controller_answered
 from controller.bearer import aio_channel, bearer_metadata
@@ -76,7 +76,8 @@ class Backoff:
 
     def next_delay(self) -> float:
         ceiling = min(self.maximum_s, self.initial_s * self.factor ** self.attempt)
-        self.attempt += 1
+        if ceiling < self.maximum_s:  # past the cap it grows no more: factor ** 1024 overflowed (~3 h
+            self.attempt += 1         # without a controller), and every node ended with OverflowError
         return self.rng.uniform(ceiling / 2, ceiling)
 
     def reset(self) -> None:
@@ -398,13 +399,28 @@ class SimulatedNode:
                 self.node_credentials.put(self.spec.node_id, self._pending_proposal)
         return self._pending_proposal
 
+    async def _before_stop(self, call: asyncio.Future) -> bool:
+        """Whether `call` ended before a stop; else it is cancelled (and waited for)."""
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({call, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if call.done():
+            return True
+        await cancel_and_wait([call])
+        return False
+
     async def _session(self, stub: agent_pb2_grpc.NodeAgentServiceStub) -> None:
         proposal = "" if self.node_credential else self._proposal()
         asked = self.clock()
+        register = asyncio.ensure_future(stub.Register(
+            agent_pb2.RegisterRequest(node=self.spec.to_proto(), credential_proposal=proposal),
+            timeout=self.register_timeout_s, metadata=self._auth()))
+        if not await self._before_stop(register):  # a stop waited out --register-timeout of a hung controller
+            raise _Crashed()
         try:
-            registration = await stub.Register(agent_pb2.RegisterRequest(node=self.spec.to_proto(),
-                                                                         credential_proposal=proposal),
-                                               timeout=self.register_timeout_s, metadata=self._auth())
+            registration = register.result()
         except grpc.aio.AioRpcError as exc:
             self.register_failures[exc.code().name] += 1
             raise

@@ -126,6 +126,18 @@ def test_backoff_grows_with_jitter_up_to_the_maximum_and_resets() -> None:
     assert b.next_delay() <= 0.5
 
 
+def test_backoff_at_its_maximum_for_hours_stays_there() -> None:
+    """Past the maximum the exponent grows no more: its 1,024th delay (~3 h without a controller
+    at 15 s) raised OverflowError, and every node of the fleet ended with it."""
+    import random
+
+    b = Backoff(initial_s=0.5, maximum_s=15.0, rng=random.Random(2))
+    delays = [b.next_delay() for _ in range(5000)]
+    assert all(7.5 <= d <= 15.0 for d in delays[10:])
+    b.reset()
+    assert b.next_delay() <= 0.5
+
+
 def test_a_failed_shard_reports_its_message_until_assigned_anew() -> None:
     a = agent(load_delay=0.0)
     a.apply(DesiredState(1, (shard(A0, (0,)), shard(A1, (1,)))), now=0.0)

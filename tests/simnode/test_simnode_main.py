@@ -90,3 +90,45 @@ def test_a_fleet_given_another_controller_list_keeps_its_nodes_credentials(tmp_p
     assert shrunk.get("rack-00-n00") == "cred-a"
     for unrelated in (("10.0.0.1:5005", "rack"), ("10.0.0.9:50051", "rack"), ("10.0.0.1:50051", "rack-0")):
         assert CredentialFile.for_fleet(tmp_path, *unrelated).get("rack-00-n00") is None, unrelated
+
+
+async def test_a_stop_during_the_staggered_start_starts_no_more_nodes() -> None:
+    """The stagger's pauses end with the stop, and the nodes not started yet never start (the
+    fleet slept out each one's stagger: 100 s for 10,000 nodes at the default 0.01 s)."""
+    started: list[str] = []
+
+    class Waiting:
+        def __init__(self, node_id: str) -> None:
+            self.spec = SimpleNamespace(node_id=node_id)
+            self._stopped = asyncio.Event()
+
+        async def run(self) -> None:
+            started.append(self.spec.node_id)
+            await self._stopped.wait()
+
+        def stop(self) -> None:
+            self._stopped.set()
+
+    fleet = Fleet([Waiting(f"n{i}") for i in range(100)], stagger_s=60.0)  # type: ignore[misc]
+    run = asyncio.create_task(fleet.run())
+    while not started:
+        await asyncio.sleep(0.01)
+    fleet.stop()
+    assert await asyncio.wait_for(run, timeout=5) == 0
+    assert started == ["n0"]
+
+
+def test_durations_and_amounts_that_are_not_finite_numbers_are_usage_errors(tmp_path: Path) -> None:
+    """inf, nan and 1e400 are refused (exit 2, the flag named): an infinite or NaN heartbeat
+    interval ended every node with a traceback (it cannot be sent as milliseconds), and NaN
+    passed the other flags' `< 0` checks."""
+    base = ["--controller", "127.0.0.1:1", "--racks", "1", "--nodes-per-rack", "1",
+            "--state-dir", str(tmp_path / "state")]
+    for flag, value in [("--heartbeat-interval", "inf"), ("--heartbeat-interval", "nan"),
+                        ("--heartbeat-interval", "1e7"), ("--stagger", "nan"), ("--load-delay", "-1"),
+                        ("--register-timeout", "0"), ("--register-timeout", "1e400"), ("--idle-power-w", "nan"),
+                        ("--hbm-gib", "-inf")]:
+        done = subprocess.run([sys.executable, "-m", "controller.simnode.main", *base, flag, value],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, (flag, value, done.stderr)
+        assert f"argument {flag}:" in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -420,6 +420,24 @@ class StartingController(FakeController):
                             trailing_metadata=(("retry-after-ms", "500"), ("maia-controller-state", "starting")))
 
 
+async def test_a_stop_ends_a_register_a_hung_controller_holds() -> None:
+    """A stop cancels the Register under way: it waited out --register-timeout (10 s) against a
+    hung controller, past a supervisor's patience, and then connected only to close."""
+    hung = HungController()
+    server, address = await started(hung)
+    node = SimulatedNode(NodeSpec("rack-00-n00", "rack-00"), address, register_timeout_s=60.0)
+    task = asyncio.create_task(node.run())
+    try:
+        await wait_until(lambda: hung.registrations, timeout=20)
+        node.stop()
+        await asyncio.wait_for(task, timeout=5)
+        assert node.sessions == 0 and node.register_failures == {}
+    finally:
+        node.stop()
+        await asyncio.wait_for(task, timeout=5)
+        await server.stop(grace=None)
+
+
 @pytest.mark.parametrize("others", [True, False], ids=["with-others", "alone"])
 async def test_an_agent_told_starting_tries_the_next_controller_if_it_has_one(
         fake: tuple[FakeController, str], others: bool, monkeypatch) -> None:
