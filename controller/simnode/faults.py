@@ -25,10 +25,12 @@ Timed faults (`for_s`) undo themselves. A request naming an unknown node or rack
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
 import socket
+import stat
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -67,6 +69,22 @@ class ShardPattern:
         return f"{self.deployment}{where}"
 
 
+@dataclass(frozen=True)
+class _FailingRule:
+    """A `keep_failing` rule: the later loads of `pattern`'s shards fail, on `nodes` (None: any)."""
+
+    pattern: ShardPattern
+    nodes: frozenset[str] | None = None
+
+    def fails(self, node_id: str, key: ShardKey) -> bool:
+        return (self.nodes is None or node_id in self.nodes) and self.pattern.matches(key)
+
+    def describe(self) -> str:
+        if self.nodes is None:
+            return self.pattern.describe()
+        return f"{self.pattern.describe()} on {', '.join(sorted(self.nodes))}"
+
+
 @dataclass
 class _NodeFaults:
     """The timers and flapping task of one node's faults (to cancel on revive)."""
@@ -91,9 +109,9 @@ class FaultInjector:
     def __init__(self, nodes: Iterable[SimulatedNode]) -> None:
         self._nodes = {n.spec.node_id: n for n in nodes}
         self._faults = {node_id: _NodeFaults() for node_id in self._nodes}
-        self._failing: list[ShardPattern] = []
-        for node in self._nodes.values():
-            node.agent.load_failure = self._load_failure
+        self._failing: list[_FailingRule] = []
+        for node_id, node in self._nodes.items():
+            node.agent.load_failure = functools.partial(self._load_failure, node_id)
 
     # --- requests -------------------------------------------------------------------------------
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -163,8 +181,9 @@ class FaultInjector:
         failed = [f"{node.spec.node_id}:{key}" for node in nodes for key in node.agent.held()
                   if pattern.matches(key) and node.fail_shard(key, pattern.message)]
         keep = bool(request.get("keep_failing", False))
-        if keep:
-            self._failing.append(pattern)
+        if keep:  # on the nodes named only (it failed the loads of every node)
+            self._failing.append(_FailingRule(pattern, frozenset(n.spec.node_id for n in nodes)
+                                              if _names_nodes(request) else None))
         elif not failed:
             raise FaultError(f"no node{' of those named' if _names_nodes(request) else ''} holds a shard of "
                              f"{pattern.describe()} (keep_failing would fail its next loads)")
@@ -201,7 +220,7 @@ class FaultInjector:
 
     def _stop_failing(self, request: dict[str, Any]) -> dict[str, Any]:
         deployment = request.get("deployment")
-        kept = [p for p in self._failing if deployment is not None and p.deployment != deployment]
+        kept = [r for r in self._failing if deployment is not None and r.pattern.deployment != deployment]
         stopped = len(self._failing) - len(kept)
         self._failing = kept
         return {"ok": True, "stopped": stopped, "message": f"{stopped} shard failure rules removed"}
@@ -219,7 +238,7 @@ class FaultInjector:
         connected = sum(1 for n in self._nodes.values() if n.connected and not n.muted)
         failures: Counter[str] = sum((n.register_failures for n in self._nodes.values()), Counter())
         return {"ok": True, "nodes": len(self._nodes), "connected": connected, "faults": faulty,
-                "failing": [p.describe() for p in self._failing],
+                "failing": [r.describe() for r in self._failing],
                 "register_ms": [round(s * 1000, 1) for n in self._nodes.values() for s in n.register_latencies_s],
                 "register_failures": dict(failures),
                 "heartbeats_sent": sum(n.heartbeats_sent for n in self._nodes.values()),
@@ -273,10 +292,10 @@ class FaultInjector:
             await asyncio.sleep(period_s)
         self._faults[node.spec.node_id].replace("flap", None)
 
-    def _load_failure(self, key: ShardKey) -> str | None:
-        for pattern in self._failing:
-            if pattern.matches(key):
-                return pattern.message
+    def _load_failure(self, node_id: str, key: ShardKey) -> str | None:
+        for rule in self._failing:
+            if rule.fails(node_id, key):
+                return rule.pattern.message
         return None
 
     @staticmethod
@@ -346,6 +365,9 @@ class ControlServer:
 
     async def start(self) -> None:
         if self.path.exists() or self.path.is_symlink():
+            if not stat.S_ISSOCK(self.path.lstat().st_mode):  # a typo must not delete a file
+                raise FaultError(f"--control-socket {self.path}: there is a file there, not a socket; "
+                                 "give another path")
             if _answers(self.path):
                 raise FaultError(f"another fleet serves the control socket {self.path}")
             self.path.unlink()  # left behind by a fleet that died

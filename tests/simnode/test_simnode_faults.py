@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from controller.simnode import faultcli
-from controller.simnode.faults import ControlServer, FaultInjector
+from controller.simnode.agent import ShardKey
+from controller.simnode.faults import ControlServer, FaultError, FaultInjector
 from controller.simnode.protocol import NodeSpec
 from controller.simnode.transport import Backoff, SimulatedNode
 from maia.v1 import common_pb2
@@ -149,3 +150,35 @@ def test_the_cli_parses_durations_and_exits_5_when_no_fleet_answers(tmp_path: Pa
     before = faultcli.build_parser().parse_args(["-o", "json", "--control-socket", "/s", "kill", "--node", "n1"])
     after = faultcli.build_parser().parse_args(["kill", "--node", "n1", "-o", "json", "--control-socket", "/s"])
     assert (before.output, str(before.control_socket)) == (after.output, str(after.control_socket)) == ("json", "/s")
+
+
+def test_keep_failing_on_named_nodes_fails_later_loads_on_those_nodes_only() -> None:
+    """`fail-shard --node X --keep-failing` fails the later loads of X only (it failed every
+    node's); without nodes named, every node's."""
+    specs = [NodeSpec("rack-00-n00", "rack-00"), NodeSpec("rack-00-n01", "rack-00")]
+    nodes = {s.node_id: SimulatedNode(s, "127.0.0.1:1") for s in specs}
+    injector = FaultInjector(nodes.values())
+    key = ShardKey("anthropic/claude", 0, 3)
+    answer = injector.handle({"op": "fail-shard", "deployment": "claude", "nodes": ["rack-00-n00"],
+                              "keep_failing": True, "message": "bad weights"})
+    assert answer["ok"] and answer["failed"] == []
+    failure = {node_id: node.agent.load_failure(key) for node_id, node in nodes.items()}  # type: ignore[misc]
+    assert failure == {"rack-00-n00": "bad weights", "rack-00-n01": None}
+    assert injector.handle({"op": "status"})["failing"] == ["claude on rack-00-n00"]
+    assert injector.handle({"op": "stop-failing"})["stopped"] == 1
+    injector.handle({"op": "fail-shard", "deployment": "claude", "keep_failing": True})
+    assert all(node.agent.load_failure(key) == "injected fault" for node in nodes.values())  # type: ignore[misc]
+
+
+async def test_a_control_socket_path_holding_a_file_is_refused_and_the_file_kept(tmp_path: Path) -> None:
+    """A --control-socket naming a file (a typo) is refused; the file was deleted to bind there."""
+    path = tmp_path / "notes.txt"
+    path.write_text("precious")
+    server = ControlServer(FaultInjector([]), path)
+    with pytest.raises(FaultError, match="not a socket"):
+        await server.start()
+    assert path.read_text() == "precious"
+    folder = tmp_path / "a-dir"
+    folder.mkdir()
+    with pytest.raises(FaultError, match="not a socket"):
+        await ControlServer(FaultInjector([]), folder).start()
