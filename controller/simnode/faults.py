@@ -12,7 +12,7 @@ all of them:
 - `flap`: the stream drops every `period` and comes back after `down` (shards kept);
 - `delay-heartbeats`: `by` seconds more between heartbeats;
 - `fail-shard`: the agent holding a shard reports it FAILED with a message; `keep_failing`
-  fails every later load of a matching shard too, until `stop-failing`;
+  fails every later load of a matching shard too (on the nodes named, if any), until `stop-failing`;
 - `fail-accelerator`: accelerator `index` of the nodes failed (their heartbeats list it, with a
   reason), until `repair-accelerator` (one index, or all) or the timed fault ends;
 - `revive`: undoes kill, partition, flap, heartbeat delay and failed accelerators, and brings back a node whose stream
