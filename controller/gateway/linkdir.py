@@ -12,7 +12,9 @@ removed: its owner's pid is alive, and its socket answers (the socket check also
 directory whose owner's pid this process cannot see, another pid namespace sharing /tmp, once
 that owner has bound its socket: in the moment before, such a directory looks killed early). A
 directory made before owners were recorded is removed once its socket exists and refuses
-connections; one with neither owner nor socket (being made this instant) is left alone.
+connections; one with neither owner nor socket (being made this instant) is left alone. One whose
+owner is this very pid is judged by its socket alone: in a container the controller is pid 1 on
+every restart, and its killed predecessor's directory was kept as a live one's, for good.
 """
 
 from __future__ import annotations
@@ -87,11 +89,14 @@ def remove_stale(parent: Path) -> list[Path]:
 
 def _stale(directory: Path) -> bool:
     owner = _owner(directory)
-    if owner is not None and _alive(owner):
+    # This process's pid: another controller of this process (tests run several), or one before it
+    # with the same pid (pid 1 of a container restarted after the OOM killer): judged by its socket.
+    mine = owner == os.getpid()
+    if owner is not None and not mine and _alive(owner):
         return False
     link = directory / SOCKET_FILE
-    if owner is None and not link.exists():
-        return False  # no owner recorded yet: being made now (or by an older controller before it bound)
+    if (owner is None or mine) and not link.exists():
+        return False  # no owner recorded, or this pid's, and no socket yet: being made now
     return not _served(link)
 
 

@@ -62,9 +62,13 @@ def test_a_dead_controllers_directory_is_removed_and_a_live_ones_kept(
     live_not_bound_yet = made("live-early", os.getpid(), None)
     being_made = made("being-made", None, None)
     other_namespace = made("unseen-owner", gone_pid, True)  # its pid is not ours to see, its socket answers
+    # A controller killed before this one, of the same pid (pid 1 of a restarted container).
+    same_pid_killed = made("same-pid-killed", os.getpid(), False)
 
-    assert sorted(remove_stale(socket_tmp)) == sorted([killed, killed_before_binding, older_controllers])
+    assert sorted(remove_stale(socket_tmp)) == sorted([killed, killed_before_binding, older_controllers,
+                                                       same_pid_killed])
     assert not killed.exists() and not killed_before_binding.exists() and not older_controllers.exists()
+    assert not same_pid_killed.exists()
     for kept in (live, live_not_bound_yet, being_made, other_namespace):
         assert kept.is_dir()
 
