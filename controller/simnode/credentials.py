@@ -7,9 +7,15 @@ one JSON file per controller list and rack prefix (a list that shares an address
 starts from its file: a controller added for HA), mode 0600, under a state directory
 (default `$XDG_STATE_HOME/maia-simnode`, else `~/.local/state/maia-simnode`), rewritten
 atomically on every change; a restarted `maia-simnode` reconnects with what it finds there.
+
+The running fleet's nodes change it through `keep` and `drop`, which return once the file holds
+the change: the file is written in a worker thread, and the changes made while one write runs
+go together in the next (the whole file rewritten a change, on the event loop, took 8.5 ms at
+10,000 nodes, twice each node's first join: ~85 s of a 10,000-node fleet's loop).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -45,6 +51,9 @@ class CredentialFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._credentials: dict[str, str] = {}
+        self._changed = 0   # changes made (`keep`, `drop`), and the count the file holds
+        self._saved = 0
+        self._writing: asyncio.Future[None] | None = None
         if path.exists():
             loaded = json.loads(path.read_text() or "{}")
             self._credentials = {str(k): str(v) for k, v in loaded.items()}
@@ -80,13 +89,43 @@ class CredentialFile:
         if self._credentials.pop(node_id, None) is not None:
             self._write()
 
+    async def keep(self, node_id: str, credential: str) -> None:
+        """`put`, from the running fleet: returns once the file holds it (written off the loop)."""
+        self._credentials[node_id] = credential
+        await self._written()
+
+    async def drop(self, node_id: str) -> None:
+        """`forget`, from the running fleet: returns once the file no longer holds it."""
+        if self._credentials.pop(node_id, None) is not None:
+            await self._written()
+
+    async def _written(self) -> None:
+        """Wait until a write that began after this change has ended (its error raised here)."""
+        self._changed += 1
+        wanted = self._changed
+        while self._saved < wanted:
+            if self._writing is None:
+                self._writing = asyncio.ensure_future(self._write_latest())
+            await asyncio.shield(self._writing)
+
+    async def _write_latest(self) -> None:
+        try:
+            changed, credentials = self._changed, dict(self._credentials)
+            await asyncio.to_thread(self._write_file, credentials)
+            self._saved = changed
+        finally:
+            self._writing = None
+
     def _write(self) -> None:
+        self._write_file(self._credentials)
+
+    def _write_file(self, credentials: dict[str, str]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         try:
             os.fchmod(fd, 0o600)
             with os.fdopen(fd, "w") as f:
-                json.dump(self._credentials, f, indent=1, sort_keys=True)
+                f.write(json.dumps(credentials, sort_keys=True))
             os.replace(tmp, self.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -309,7 +309,7 @@ class SimulatedNode:
                         continue
                     deleted = was_connected and exc.code() == grpc.StatusCode.NOT_FOUND
                     if (exc.code() == grpc.StatusCode.UNAUTHENTICATED or deleted) and self.node_credential:
-                        self._forget_credential()  # revoked (an admin reset it, or deleted the node): register afresh
+                        await self._forget_credential()  # revoked (an admin reset it, or deleted the node): register afresh
                     # A controller busy with a join storm says when to come back; one starting, too,
                     # but with others to try the agent goes on to them (it leads no one yet).
                     told = retry_after_s(exc)
@@ -378,17 +378,17 @@ class SimulatedNode:
         token = self.node_credential or self.token
         return bearer_metadata(token) if token else ()
 
-    def _keep_credential(self, credential: str) -> None:
+    async def _keep_credential(self, credential: str) -> None:
         self.node_credential = credential
         if self.node_credentials is not None:
-            self.node_credentials.put(self.spec.node_id, credential)
+            await self.node_credentials.keep(self.spec.node_id, credential)
 
-    def _forget_credential(self) -> None:
+    async def _forget_credential(self) -> None:
         self.node_credential = None
         if self.node_credentials is not None:
-            self.node_credentials.forget(self.spec.node_id)
+            await self.node_credentials.drop(self.spec.node_id)
 
-    def _proposal(self) -> str:
+    async def _proposal(self) -> str:
         """The node credential this agent proposes while it has none. Minted once and kept until a
         Register succeeds, so a retry after a lost reply proves it is the same agent; written to the
         credential file before it is sent, so a restart in between recovers it too (a proposal the
@@ -396,7 +396,7 @@ class SimulatedNode:
         if self._pending_proposal is None:
             self._pending_proposal = mint_token().text
             if self.node_credentials is not None:
-                self.node_credentials.put(self.spec.node_id, self._pending_proposal)
+                await self.node_credentials.keep(self.spec.node_id, self._pending_proposal)
         return self._pending_proposal
 
     async def _before_stop(self, call: asyncio.Future) -> bool:
@@ -412,7 +412,7 @@ class SimulatedNode:
         return False
 
     async def _session(self, stub: agent_pb2_grpc.NodeAgentServiceStub) -> None:
-        proposal = "" if self.node_credential else self._proposal()
+        proposal = "" if self.node_credential else await self._proposal()
         asked = self.clock()
         register = asyncio.ensure_future(stub.Register(
             agent_pb2.RegisterRequest(node=self.spec.to_proto(), credential_proposal=proposal),
@@ -426,7 +426,7 @@ class SimulatedNode:
             raise
         self.register_latencies_s.append(self.clock() - asked)
         if registration.node_credential or proposal:  # a controller that minted one itself says it
-            self._keep_credential(registration.node_credential or proposal)
+            await self._keep_credential(registration.node_credential or proposal)
             self._pending_proposal = None
         if not self._online.is_set():  # killed or partitioned while registering
             raise _Crashed()
