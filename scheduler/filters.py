@@ -509,9 +509,16 @@ def local_slots(state: ClusterState, d: int, nodes: np.ndarray | None = None) ->
     return table.arrays["slots"] if nodes is None else table.arrays["slots"][nodes]  # type: ignore[index,return-value]
 
 
+# What a power budget or cap may be passed by, in watts: float noise in a headroom summed from
+# draws (0.3 W of room for 0.1 W shards divides to 2.999...), far below what a plan's checkers
+# allow (`violations.EPSILON`, 1e-6 W). The slack was 1e-9 of a shard, in watts 1e-9 of its draw:
+# a 15 kW shard passed a budget by 1.5e-5 W, a plan the commit's re-check refused.
+POWER_SLACK_W = 1e-7
+
+
 def power_slots(headroom: np.ndarray, power: float) -> np.ndarray:
-    """Shards of `power` W each domain's headroom still feeds (`within`)."""
-    return within(headroom, power, 1e-9)
+    """Shards of `power` W each domain's headroom still feeds (`within`), `POWER_SLACK_W` kept."""
+    return within(headroom + POWER_SLACK_W, power)
 
 
 def within(room: np.ndarray, need: float, slack: float = 0.0) -> np.ndarray:
@@ -524,8 +531,9 @@ def within(room: np.ndarray, need: float, slack: float = 0.0) -> np.ndarray:
 
 
 def fits_within(room: float, need: float) -> int:
-    """`power_slots` for one domain or cap (a Python int)."""
-    return int(np.floor(min(max(room, 0), BIG * need) / need + 1e-9))
+    """`power_slots` for one domain or cap (a Python int): also of whole milli-accelerators,
+    which the slack does not change."""
+    return int(np.floor((min(max(room, 0), BIG * need) + POWER_SLACK_W) / need))
 
 
 def tenant_masks(state: ClusterState, t: int) -> tuple[np.ndarray, np.ndarray]:

@@ -227,6 +227,26 @@ def test_rack_power_budget_includes_idle_power() -> None:
         "4000 W" in messages(plan, "d")
 
 
+@pytest.mark.parametrize("mode", ["batch", "online"])
+@pytest.mark.parametrize("limit", ["rack", "row", "tenant"])
+def test_a_power_budget_or_cap_short_by_a_few_microwatts_is_not_passed(mode: str, limit: str) -> None:
+    """60 kW of 15 kW shards over a budget (or max_power_w) of 60 kW less 10 uW: not placed (the
+    slack was 1e-9 of a shard, 15 uW of this one, and the checker allows 1 uW); over 60 kW exactly:
+    placed."""
+    def doc(watts: float) -> dict:
+        budget = {"power_budget_w": watts}
+        return problem([node("n1", acc=8)], [dep("d", shards=4, power_w=15000, locality="node")],
+                       racks=[{"id": "r1", "row": "w1", **(budget if limit == "rack" else {})}],
+                       rows=[{"id": "w1", "zone": "z1", **(budget if limit == "row" else {})}],
+                       tenants=[{"id": "t1", **({"max_power_w": watts} if limit == "tenant" else {})}],
+                       mode=mode)
+
+    short = solve_doc(doc(4 * 15000 - 1e-5))  # solve_doc: the checker finds no violation
+    assert placed_count(short, "d") == 0
+    assert codes(short, "d") & {"POWER_RACK", "POWER_ROW", "QUOTA_POWER"}
+    assert placed_count(solve_doc(doc(4 * 15000)), "d") == 1  # its one replica, four shards
+
+
 def test_down_nodes_draw_no_idle_power() -> None:
     doc = problem([node("n1", idle_power_w=600), node("n2", idle_power_w=600, state="down")],
                   [dep("d", acc=4, power_w=500)],
