@@ -271,10 +271,6 @@ def check_references(problem: Problem) -> None:
         if dep.min_replicas > dep.replicas:
             raise ProblemError(f"deployments[{i}].min_replicas", dep.min_replicas,
                                f"min_replicas {dep.min_replicas} > replicas {dep.replicas}")
-        if dep.shard.accelerator_milli < 1000 and dep.shard.accelerators != 1:
-            raise ProblemError(f"deployments[{i}].shard.accelerator_milli",
-                               dep.shard.accelerator_milli,
-                               "a fraction below 1000 needs accelerators: 1")
         if dep.spread is not None and dep.spread.domain not in SPREAD_DOMAINS:
             # The schema shares its domain list with `locality`, where "none" means anywhere; a
             # spread over domain "none" is read as no spread at all (`_deployment`: a spread over
@@ -525,7 +521,7 @@ def _check_placement(problem: Problem, i: int, p: Placement, deployments: dict[s
             raise ProblemError(f"{where}.accelerator_milli", p.accelerator_milli,
                                f"{milli} milli where deployment {dep.id!r} asks for "
                                f"{dep.shard.accelerator_milli} of an accelerator")
-    elif milli < 1000:
+    elif milli < 1000:  # only from a Problem built without problem_from_dict, which leaves it out
         raise ProblemError(f"{where}.accelerator_milli", milli,
                            f"deployment {dep.id!r} asks for whole accelerators")
     return dep
@@ -609,8 +605,11 @@ def shard_spec_from_dict(s: dict[str, Any]) -> ShardSpec:
     are floats whatever number the JSON holds (16 and 16.0 are one spec); `accelerator_models`
     absent means any model."""
     models = s.get("accelerator_models")
-    return ShardSpec(accelerators=_int(s["accelerators"]),
-                     accelerator_milli=_int(s.get("accelerator_milli", 1000)),
+    accelerators = _int(s["accelerators"])
+    # The spec gives accelerator_milli a meaning with `accelerators: 1` only: else it is 1000
+    # (the checker reads it so; the parser refused such a shard, which the schema accepts).
+    return ShardSpec(accelerators=accelerators,
+                     accelerator_milli=_int(s.get("accelerator_milli", 1000)) if accelerators == 1 else 1000,
                      hbm_gib=_real(s.get("hbm_gib", 0)), cpu_milli=_int(s.get("cpu_milli", 0)),
                      memory_mib=_int(s.get("memory_mib", 0)), power_w=_real(s.get("power_w", 0)),
                      accelerator_models=tuple(models) if models is not None else None)
@@ -653,7 +652,8 @@ def placement_from_dict(p: dict[str, Any]) -> Placement:
 
 def _placement(p: dict[str, Any], fractions: dict[str, int] | None = None) -> Placement:
     """`fractions`: the milli of each fractional deployment's shard, which a placement of it
-    that leaves `accelerator_milli` out holds."""
+    that leaves `accelerator_milli` out holds; a placement of any other deployment has none
+    (the spec gives it no meaning there)."""
     replica, shard, milli = p["replica"], p["shard"], p.get("accelerator_milli")
     indices = tuple(p["accelerator_indices"])
     # Integer-valued floats (`_int`) are rare and a cluster has many placements, so they are
@@ -662,8 +662,8 @@ def _placement(p: dict[str, Any], fractions: dict[str, int] | None = None) -> Pl
             not (milli is None or milli.__class__ is int):
         replica, shard, milli = _int(replica), _int(shard), _int(milli)
         indices = tuple(map(_int, indices))
-    if milli is None and fractions:
-        milli = fractions.get(p["deployment"])
+    if fractions is not None:  # a whole or host-only shard's milli means nothing: left out
+        milli = fractions.get(p["deployment"]) if milli is None or p["deployment"] not in fractions else milli
     return Placement(deployment=p["deployment"], replica=replica, shard=shard, node=p["node"],
                      accelerator_indices=indices, accelerator_milli=milli)
 

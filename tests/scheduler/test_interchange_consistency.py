@@ -140,6 +140,25 @@ def test_an_omitted_milli_of_a_fraction_is_its_shards() -> None:
                   for p in plan.placements) == [(0, (0,), 500), (1, (0,), 500)]
 
 
+def test_a_milli_where_the_spec_gives_it_no_meaning_is_read_as_a_whole_accelerator() -> None:
+    """`accelerator_milli` means a fraction with `accelerators: 1` only (the spec; the checker
+    reads it so): on a shard of 2 or of none it is 1000, and a placement of such a shard carries
+    none (the parser refused both, which the schema accepts). The two whole accelerators of n1
+    are held: the new replica goes to n2 whole."""
+    pair = dict(WHOLE, id="t/p", replicas=2, shard={"accelerators": 2, "accelerator_milli": 500})
+    host = {"id": "t/h", "tenant": "t", "replicas": 1, "shards_per_replica": 1, "locality": "node",
+            "shard": {"accelerators": 0, "accelerator_milli": 250}}
+    problem = doc(deployments=[pair, host], placements=[
+        at("t/p", "n1", [0, 1], accelerator_milli=500), at("t/h", "n1", [], accelerator_milli=250)])
+    parsed = problem_from_dict(copy.deepcopy(problem))
+    assert [d.shard.accelerator_milli for d in parsed.deployments] == [1000, 1000]
+    assert [p.accelerator_milli for p in parsed.placements] == [None, None]
+    plan = solve_doc(problem)  # the checker agrees
+    assert sorted((p.deployment, p.replica, p.node, p.accelerator_indices, p.accelerator_milli)
+                  for p in plan.placements) == [("t/h", 0, "n1", (), None), ("t/p", 0, "n1", (0, 1), None),
+                                                ("t/p", 1, "n2", (0, 1), None)]
+
+
 def test_an_omitted_milli_counts_as_the_shards_in_the_occupancy() -> None:
     problem = doc(deployments=[HALF], placements=[
         at("t/f", "n1", [0]), at("t/f", "n1", [0], replica=1), at("t/f", "n1", [0], replica=2)])
