@@ -39,6 +39,14 @@ class FastPath(PathCollaborators):
         self.passes = 0        # passes that decided on the warm session
         self.delta_passes = 0  # passes that only applied others' changes to the cache (nothing to decide)
 
+    def _helps(self, helped: bool) -> bool:
+        """`helped`; when True, everything unschedulable is active again (`SchedulingQueue.helped`):
+        decided by this pass on the session, or by the full solve a pass that ends early hands
+        over to (it was let go only once the pass got that far, and parked work stayed parked)."""
+        if helped:
+            self._state.queue.helped()
+        return helped
+
     async def _bring_nominations(self) -> bool | None:
         """`Nominations.bring` on the warm cluster: whether nodes were let go; None: the warm
         session is lost (the full path runs instead)."""
@@ -57,24 +65,26 @@ class FastPath(PathCollaborators):
         the warm cluster and commit them, all in the pass's unit of work `uow` (module doc of
         controller/scheduling/cache/); None: the full path must run instead."""
         started = time.perf_counter()
-        helped, self._state.redecide = self._state.redecide, False
+        # What could help unschedulable work lets it go at once (`_helps`): a full pass this
+        # one hands over to would otherwise leave it parked.
+        helped, self._state.redecide = self._helps(self._state.redecide), False
         # The nominations in force (`scheduling/nominations.py`), before the changes' repairs decide.
         brought = await self._bring_nominations()
         if brought is None:
             return None
-        helped |= brought
+        helped |= self._helps(brought)
         if generation != self._warm.own_generation:  # others' changes to follow
             caught_up = await self._warm.catch_up(uow.session, generation=generation)
             self._state.laps.lap("catch_up")
             if caught_up is None:
                 return None
-            helped |= caught_up
+            helped |= self._helps(caught_up)
             self._state.last_generation = self._warm.own_generation
             if self._state.nominations.held:  # an update followed may end one (and it is made again at once)
                 brought = await self._bring_nominations()
                 if brought is None:
                     return None
-                helped |= brought
+                helped |= self._helps(brought)
         read = await self._warm.arrivals(uow.session, arrivals) if self._may_have_arrivals(arrivals) else ArrivalDocs([])
         self._state.laps.lap("arrivals")
         cache = self._warm.cache
@@ -82,8 +92,6 @@ class FastPath(PathCollaborators):
             self._warm.drop()  # a deployment beyond the limits is quarantined by the full path
             return None
         docs, late = read.docs, read.late
-        if helped:  # everything unschedulable is active again: decided now, on the session
-            self._state.queue.helped()
         # Arrivals committed out of order go first, followed as the commit lists them.
         try:
             await self._state.nominations.hand(cache)  # a cache this pass built holds none yet
@@ -138,6 +146,7 @@ class FastPath(PathCollaborators):
         else:  # only this commit moved the generation: no FAILED shard or replacement to look for
             self._checks.only_own_commit(base, result.generation)
         self._state.committed(cache.snapshot, fast.plan, result, fast.scope)
+        self._state.queue.placed(fast.plan)
         self._quarantined.good.update(d["id"] for d in docs + late)
         await self._warm.after_fast(cache, fast, result)
         self._state.laps.lap("after")

@@ -56,9 +56,12 @@ class FullPath(PathCollaborators):
         first, `WarmCluster.catch_up`), else a fresh read."""
         if self._warm.cache is not None and self._warm.own_generation == self._state.last_generation:
             async with self._state.db.unit_of_work() as uow:
-                if await repo.read_cluster_generation(uow.session) != self._state.last_generation \
-                        and await self._warm.catch_up(uow.session) is not None:
-                    self._state.last_generation = self._warm.own_generation
+                if await repo.read_cluster_generation(uow.session) != self._state.last_generation:
+                    helped = await self._warm.catch_up(uow.session)
+                    if helped is not None:
+                        self._state.last_generation = self._warm.own_generation
+                    if helped:  # a change that could help unschedulable work (it stayed parked)
+                        self._state.queue.helped()
         warm = await self._warm.snapshot()
         if warm is not None:
             async with self._state.db.unit_of_work() as uow:

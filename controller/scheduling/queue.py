@@ -49,19 +49,23 @@ class _Seen:
     """The parts of a problem whose change could help unschedulable work."""
 
     parts: tuple[Any, ...]
-    placements: frozenset[tuple[str, int, int]]
+    # Every placement committed since: the full solve's plan, and what fast passes placed after it
+    # (`placed`). One of them gone (deleted, moved, preempted) could help.
+    placements: set[tuple[str, int, int]]
     # (priority, preemptible) of each placed deployment: a lower priority or a newly
     # preemptible deployment may now be preempted.
     victims: dict[str, tuple[int, bool]]
 
     @classmethod
-    def of(cls, problem: dict[str, Any]) -> _Seen:
-        placements = problem.get("placements", ())
-        placed = {p["deployment"] for p in placements}
+    def of(cls, problem: dict[str, Any], plan: Plan | None = None) -> _Seen:
+        """The problem's parts and placements, and with `plan` those it committed too."""
+        keys = {(p["deployment"], p["replica"], p["shard"]) for p in problem.get("placements", ())}
+        if plan is not None:
+            keys.update((p.deployment, p.replica, p.shard) for p in plan.placements)
+        placed = {deployment for deployment, _, _ in keys}
         # A node's condition (why it is not ready, in words) helps no one: its state says what it takes.
         nodes = [dict(node_shape(n), state=n.get("state", "ready")) for n in problem.get("nodes", ())]
-        return cls(tuple(nodes if k == "nodes" else problem.get(k) for k in _HELPING),
-                   frozenset((p["deployment"], p["replica"], p["shard"]) for p in placements),
+        return cls(tuple(nodes if k == "nodes" else problem.get(k) for k in _HELPING), keys,
                    {d["id"]: (d.get("priority", 0), d.get("preemptible", False))
                     for d in problem.get("deployments", ()) if d["id"] in placed})
 
@@ -100,6 +104,9 @@ class SchedulingQueue:
         full solve tries them at `now + backoff_s`."""
         for name in names:
             self._backoff.setdefault(name, now + self.backoff_s)
+            # Tried anew: not unschedulable (a deployment deleted while parked and submitted
+            # again as it was matched its parked entry, and the full solve left it out).
+            self._parked.pop(name, None)
 
     def backoff_due(self, now: float) -> bool:
         return any(now >= at for at in self._backoff.values())
@@ -125,6 +132,13 @@ class SchedulingQueue:
             return problem, ()
         return {**problem, "deployments": kept}, tuple(waiting)
 
+    def placed(self, plan: Plan) -> None:
+        """A fast pass committed `plan`: its placements count among those whose departure could
+        help (the last full solve's were all it knew: one placed after it, deleted, and read by a
+        full pass, let nothing go, and parked work waited beside a free node)."""
+        if self._seen is not None:
+            self._seen.placements.update((p.deployment, p.replica, p.shard) for p in plan.placements)
+
     def helped(self) -> None:
         """A change that could help them was applied to the warm cluster: everything
         unschedulable is active again (the fast path decides it on the session; the next full
@@ -140,7 +154,7 @@ class SchedulingQueue:
     def after_commit(self, problem: dict[str, Any], plan: Plan, *, time_limited: bool) -> None:
         """After a full solve of the whole `problem` was committed: the back-off is over for
         what it solved; what it placed nothing of is unschedulable."""
-        self._seen = _Seen.of(problem)
+        self._seen = _Seen.of(problem, plan)
         self._parked.clear()
         self._active = 0
         docs = {d["id"]: d for d in problem.get("deployments", ())}

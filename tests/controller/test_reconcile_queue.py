@@ -135,3 +135,75 @@ async def test_work_a_full_solve_left_unplaced_is_placed_by_the_fast_pass_a_depa
     full = len(solve.asked)
     assert [(await view(cluster, n)).phase for n in ("early", "late")] == ["scheduled", "scheduled"]
     assert len(solve.asked) == full and loop.fast_passes == 3  # placed on the warm cluster
+
+
+async def _delete(db, name: str) -> None:
+    async with db.unit_of_work() as uow:
+        await deployments.delete_deployment(uow, WHO, name, RecordingSignals())
+
+
+async def _big_parked_beside_late(cluster, loop: Reconciler) -> None:
+    """Three of the four 4-accelerator nodes full; "big" (a whole node) parked by a full solve
+    that placed "late" on the fourth (with "blocker", placed there by a fast pass, deleted)."""
+    for k in range(3):
+        await submit(cluster, deployment(f"fill{k}", accelerators=4, locality="node"))
+    assert (await loop.reconcile_once()).solved
+    await submit(cluster, deployment("blocker", accelerators=1, locality="node"))
+    assert (await loop.reconcile_once()).solved  # a fast pass: on the free node
+    await submit(cluster, deployment("big", accelerators=4, locality="node"))
+    assert (await loop.reconcile_once()).solved  # a fast pass: no room, backs off
+    await _delete(cluster, "blocker")
+    await submit(cluster, deployment("late", accelerators=1, locality="node", priority=10))
+    assert (await loop.reconcile_once()).solved  # the back-off's full solve: late placed, big parked
+    assert (await view(cluster, "late")).phase == "scheduled"
+    assert (await view(cluster, "big")).phase == "pending"
+
+
+async def test_a_departure_a_full_pass_catches_up_with_lets_parked_work_go(cluster):
+    """The departure that frees a parked deployment's node is read by a full pass (another
+    arrival's back-off fell due): it lets the parked work go. The full pass caught up and threw
+    away whether that could help, and the parked work waited beside a free node for good."""
+    solve = SolveRecorder()
+    loop = reconciler(cluster, solve)
+    await _big_parked_beside_late(cluster, loop)
+    await submit(cluster, deployment("wide", shards=2, accelerators=4, locality="rack"))  # never fits
+    assert (await loop.reconcile_once()).solved  # a fast pass: backs off, so the next pass is full
+    await _delete(cluster, "late")
+    for _ in range(3):
+        await loop.reconcile_once()
+    big = await view(cluster, "big")
+    assert big.phase == "scheduled", big.reasons
+
+
+async def test_a_departure_of_work_placed_after_the_full_solve_lets_parked_work_go_on_a_fresh_read(cluster):
+    """The full solve's own placements (and a fast pass's after it) count among those whose
+    departure could help: read from the database afresh (the warm cache dropped), the deletion
+    of "late", placed by that solve, lets "big" go (only the placements before it were known)."""
+    solve = SolveRecorder()
+    loop = reconciler(cluster, solve)
+    await _big_parked_beside_late(cluster, loop)
+    loop._warm.drop()  # a change it cannot follow, a lost decide process, ...
+    await _delete(cluster, "late")
+    for _ in range(3):
+        await loop.reconcile_once()
+    assert (await view(cluster, "big")).phase == "scheduled"
+
+
+async def test_a_parked_deployment_deleted_and_submitted_again_as_it_was_gets_its_full_solve(cluster):
+    """Deleted while parked (it held nothing) and submitted again unchanged, a deployment backs
+    off anew and the full solve tries it: its parked entry matched it, and it was left out."""
+    solve = SolveRecorder()
+    loop = reconciler(cluster, solve)
+    await submit(cluster, deployment("filler", accelerators=4, locality="node"))
+    assert (await loop.reconcile_once()).solved
+    await submit(cluster, deployment("big", shards=4, accelerators=4, locality="row"))
+    assert (await loop.reconcile_once()).solved  # a fast pass: backs off
+    assert (await loop.reconcile_once()).solved  # the full solve: parked
+    assert loop._state.queue.depths().unschedulable == 1
+    await _delete(cluster, "big")
+    assert (await loop.reconcile_once()).deleted == ("t1/big",)
+    asked = len(solve.asked)
+    await submit(cluster, deployment("big", shards=4, accelerators=4, locality="row"))
+    for _ in range(3):
+        await loop.reconcile_once()
+    assert any("big" in names for names in solve.asked[asked:])  # the full solve was asked to place it

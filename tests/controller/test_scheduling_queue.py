@@ -85,3 +85,23 @@ def test_a_time_limited_solve_parks_nothing():
     queue = SchedulingQueue()
     queue.after_commit(problem(), Plan(status="feasible", placements=(), unplaced=(WHY,)), time_limited=True)
     assert len(queue) == 0
+
+
+def test_a_departure_of_what_a_plan_placed_helps():
+    """What the full solve's plan placed, and a fast pass after it (`placed`), count among the
+    placements whose departure could help (only the problem's, from before the solve, did)."""
+    from scheduler import Placement
+
+    new = Placement("t/new", 0, 0, "n1", (0,))
+    queue = SchedulingQueue(backoff_s=1.0)
+    queue.after_commit(problem(), Plan(status="feasible", placements=(new,), unplaced=(WHY,)), time_limited=False)
+    later = problem()
+    later["placements"] = [*later["placements"], {"deployment": "t/new", "replica": 0, "shard": 0, "node": "n1",
+                                                  "accelerator_indices": [0]}]
+    assert queue.admit(later)[1] == (WHY,)
+    assert queue.admit(problem())[1] == ()  # t/new gone: big is let go
+
+    queue = parked(problem())
+    queue.placed(Plan(status="feasible", placements=(new,)))  # a fast pass placed it
+    assert queue.admit(later)[1] == (WHY,)
+    assert queue.admit(problem())[1] == ()
