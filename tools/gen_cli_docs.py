@@ -91,7 +91,7 @@ command does meanwhile:
 
 and once more when the controller answers again (`(watch: the controller at ctl:50051 answers
 again, 12s after 14:02:11; ...)`). The command then goes on where it was (`get events --watch`
-with the events after the last one shown; `wait` until its condition or `--timeout`, exit codes
+with the events not shown yet; `wait` until its condition or `--timeout`, exit codes
 as without the outage). `wait deployment` follows a stream of the deployments' changes; when the
 stream breaks (`(watch broke: UNAVAILABLE; polling, then watching again once the controller
 answers)`) it polls, and once a poll is served (`...; watching again)`) it follows a new stream,

@@ -157,7 +157,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         async with self._deps.db.unit_of_work() as uow:
             views = await events.list_events(uow, current_principal(), object_kind=request.object_kind,
                                              object_id=request.object_id, tenant=request.tenant,
-                                             after_id=request.after_id, limit=request.limit)
+                                             after_id=request.after_id, limit=request.limit,
+                                             oldest_first=request.oldest_first)
         return admin_pb2.ListEventsResponse(events=[convert.event_msg(v) for v in views])
 
     # --- version -----------------------------------------------------------------------------

@@ -18,7 +18,8 @@ MAX_LIMIT = 1000
 
 
 async def list_events(uow: UnitOfWork, who: Principal, *, object_kind: str = "", object_id: str = "",
-                      tenant: str = "", after_id: int = 0, limit: int = 0) -> list[EventView]:
+                      tenant: str = "", after_id: int = 0, limit: int = 0,
+                      oldest_first: bool = False) -> list[EventView]:
     if object_kind and object_kind not in OBJECT_KINDS:
         raise InvalidArgument(f"object_kind {object_kind!r}: expected one of {', '.join(OBJECT_KINDS)}")
     if object_id and not object_kind:
@@ -32,7 +33,8 @@ async def list_events(uow: UnitOfWork, who: Principal, *, object_kind: str = "",
     owner = object_id.partition("/")[0] if object_kind == "deployment" else object_id
     since = await customers.reads_since(uow, who, owner, None)
     events = await repo.list_events(uow.session, object_kind=object_kind, object_id=object_id, after_id=after_id,
-                                    limit=min(limit or DEFAULT_LIMIT, MAX_LIMIT), since=since)
+                                    limit=min(limit or DEFAULT_LIMIT, MAX_LIMIT), since=since,
+                                    oldest_first=oldest_first)
     redactor = await redactor_of(uow, who)  # an unplaceable deployment's event quotes the solver's reasons
     return [redactor.event(e) for e in events]
 

@@ -107,3 +107,21 @@ async def test_read_after_asks_again_while_a_reply_is_full(database: Database) -
     got = read_after(fetch, first)
     assert [e.object_id for e in got] == [f"e{i}" for i in range(2500)]
     assert len(asks) == 3
+
+
+async def test_a_follower_that_has_seen_none_reads_a_burst_from_the_start(database: Database) -> None:
+    """Started with nothing shown (an empty history, or `--for` an object not there yet), the
+    follower asks from the start oldest first: after_id 0 alone gave the newest 1,000, and the
+    first 500 of a burst of 1,500 were never shown."""
+    follower = EventFollower([], clock=lambda: 0.0)
+    await _record(database, *(f"e{i:04}" for i in range(1500)))
+    replies: dict[int, list[EventView]] = {}
+    after = follower.after_id()
+    while True:  # the replies read first: read_after's fetch is synchronous, as the CLI's
+        async with database.unit_of_work() as uow:
+            replies[after] = await repo.list_events(uow.session, after_id=after, limit=1000, oldest_first=True)
+        if len(replies[after]) < 1000:
+            break
+        after = replies[after][-1].id
+    shown = follower.fresh(read_after(lambda a: replies[a], follower.after_id()))
+    assert [e.object_id for e in shown] == [f"e{i:04}" for i in range(1500)]

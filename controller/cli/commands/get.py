@@ -9,8 +9,8 @@ has no events and does not exist. `--watch` prints the list again whenever it ch
 every --interval seconds); `get events --watch` prints the events not shown yet (`cli.follow`). A
 watch outlives a controller that goes away for a while (a restart, a failover, a network that
 drops packets): a poll it does not serve (UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED) is said once
-on stderr and polled again at the interval, and the watch goes on where it was (the events after
-the last one shown) once the controller answers (`cli.outage`). Any other failure ends it.
+on stderr and polled again at the interval, and the watch goes on where it was (the events not
+shown yet) once the controller answers (`cli.outage`). Any other failure ends it.
 """
 from __future__ import annotations
 
@@ -295,7 +295,7 @@ def parse_object(text: str) -> tuple[str, str]:
 
 
 def fetch_events(ctx: Context, kind: str = "", name: str = "", after_id: int = 0,
-                 limit: int = 50, tenant: str = "") -> list[admin_pb2.EventRecord]:
+                 limit: int = 50, tenant: str = "", oldest_first: bool = False) -> list[admin_pb2.EventRecord]:
     """Events, of one object when `kind` and `name` are given (a deployment: NAME in `tenant`, or TENANT/NAME)."""
     if kind == "deployment" and name:
         ref = deployment_ref(name, tenant)
@@ -303,7 +303,8 @@ def fetch_events(ctx: Context, kind: str = "", name: str = "", after_id: int = 0
     elif tenant:
         raise CliError("-n/--tenant with events goes with --for deployment/NAME", Exit.USAGE)
     response = ctx.controller.admin.ListEvents(
-        admin_pb2.ListEventsRequest(object_kind=kind, object_id=name, tenant=tenant, after_id=after_id, limit=limit),
+        admin_pb2.ListEventsRequest(object_kind=kind, object_id=name, tenant=tenant, after_id=after_id, limit=limit,
+                                    oldest_first=oldest_first),
         timeout=ctx.rpc_timeout)
     return list(response.events)
 
@@ -339,7 +340,8 @@ def _events(args: argparse.Namespace, ctx: Context) -> int:
         time.sleep(args.interval)
         after = follower.after_id()
         read = polls.poll(lambda: read_after(
-            lambda a: fetch_events(ctx, kind, name, after_id=a, limit=PAGE, tenant=args.tenant or ""), after),
+            lambda a: fetch_events(ctx, kind, name, after_id=a, limit=PAGE, tenant=args.tenant or "",
+                                   oldest_first=True), after),
             back="; showing the events not shown yet")
         new = follower.fresh(read or [])
         if not new:

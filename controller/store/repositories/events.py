@@ -61,11 +61,12 @@ async def events_of_kinds(session: AsyncSession, kinds: Collection[str]) -> list
 
 
 async def list_events(session: AsyncSession, *, object_kind: str = "", object_id: str = "", after_id: int = 0,
-                      limit: int = 100, since: datetime | None = None) -> list[d.EventView]:
+                      limit: int = 100, since: datetime | None = None,
+                      oldest_first: bool = False) -> list[d.EventView]:
     """The newest `limit` events matching (at `since` or later), returned oldest first; after an
-    id (`after_id` > 0, a follower's next ask), the oldest `limit` after it: a follower that asks
-    again from the last id it got misses none however many came between its asks (the newest
-    `limit` after it skipped all but the last `limit`)."""
+    id (`after_id` > 0, a follower's next ask) or `oldest_first`, the oldest `limit` after it: a
+    follower that asks again from the last id it got misses none however many came between its
+    asks (the newest `limit` after it skipped all but the last `limit`)."""
     query = select(m.Event).where(m.Event.id > after_id)
     if since is not None:
         query = query.where(m.Event.at >= since)
@@ -73,7 +74,7 @@ async def list_events(session: AsyncSession, *, object_kind: str = "", object_id
         query = query.where(m.Event.object_kind == object_kind)
     if object_id:
         query = query.where(m.Event.object_id == object_id)
-    if after_id > 0:
+    if after_id > 0 or oldest_first:
         rows = list(await session.scalars(query.order_by(m.Event.id).limit(limit)))
     else:
         rows = list(reversed(list(await session.scalars(query.order_by(m.Event.id.desc()).limit(limit)))))

@@ -357,18 +357,20 @@ class VersionInfo(_message.Message):
     def __init__(self, version: _Optional[str] = ..., schema_revision: _Optional[str] = ..., address: _Optional[str] = ..., leader: _Optional[bool] = ..., leader_address: _Optional[str] = ..., database_revision: _Optional[str] = ...) -> None: ...
 
 class ListEventsRequest(_message.Message):
-    __slots__ = ("object_kind", "object_id", "after_id", "limit", "tenant")
+    __slots__ = ("object_kind", "object_id", "after_id", "limit", "tenant", "oldest_first")
     OBJECT_KIND_FIELD_NUMBER: _ClassVar[int]
     OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     AFTER_ID_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_FIRST_FIELD_NUMBER: _ClassVar[int]
     object_kind: str
     object_id: str
     after_id: int
     limit: int
     tenant: str
-    def __init__(self, object_kind: _Optional[str] = ..., object_id: _Optional[str] = ..., after_id: _Optional[int] = ..., limit: _Optional[int] = ..., tenant: _Optional[str] = ...) -> None: ...
+    oldest_first: bool
+    def __init__(self, object_kind: _Optional[str] = ..., object_id: _Optional[str] = ..., after_id: _Optional[int] = ..., limit: _Optional[int] = ..., tenant: _Optional[str] = ..., oldest_first: _Optional[bool] = ...) -> None: ...
 
 class EventRecord(_message.Message):
     __slots__ = ("id", "at", "actor", "kind", "object_kind", "object_id", "message")

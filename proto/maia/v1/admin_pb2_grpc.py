@@ -320,8 +320,8 @@ class AdminServiceServicer:
 
     def ListEvents(self, request, context):
         """What happened to deployments, nodes and tenants (submitted, placed, cordoned, ...), oldest
-        first. Follow new ones by asking again with after_id = the last id seen, again at once while
-        a reply is full. An id is taken as its event is written, not as it commits: on PostgreSQL
+        first. Follow new ones by asking again with after_id = the last id seen (oldest_first while
+        none was seen), again at once while a reply is full. An id is taken as its event is written, not as it commits: on PostgreSQL
         an event may appear after one with a larger id, so a follower asks again from a little
         behind the last id (maiactl get events -w: what it saw 10 s ago) and drops the ids it has.
         """
