@@ -92,8 +92,7 @@ class Outbox:
 
     def __init__(self, linger_s: float) -> None:
         self._linger_s = linger_s
-        self._events: list[relay_pb2.RelayEvent] = []
-        self._sizes: list[int] = []  # of each event's message, as added
+        self._events: deque[tuple[relay_pb2.RelayEvent, int]] = deque()  # with its message's size
         self._bytes = 0
         self._ready = Wakeup()
         self._timer: asyncio.TimerHandle | None = None
@@ -104,8 +103,7 @@ class Outbox:
     def add(self, event: relay_pb2.RelayEvent, size: int = 0) -> None:
         if self._closed:
             return
-        self._events.append(event)
-        self._sizes.append(size)
+        self._events.append((event, size))
         self._bytes += size
         if len(self._events) >= FRAME_EVENTS_MAX or self._bytes >= FRAME_BYTES_MAX:
             self._send_now()
@@ -129,18 +127,15 @@ class Outbox:
         self._ready.set()
 
     def _take_frame(self) -> list[relay_pb2.RelayEvent]:
-        """The oldest events that fit a frame (at least one), taken."""
-        count = size = 0
-        for event_size in self._sizes:
-            if count == FRAME_EVENTS_MAX or (count and size + event_size > FRAME_BYTES_MAX):
-                break
-            count += 1
+        """The oldest events that fit a frame (at least one), taken (from the left of a deque: a
+        backlog of many frames drains in time linear in its events)."""
+        events: list[relay_pb2.RelayEvent] = []
+        size = 0
+        queued = self._events
+        while queued and len(events) < FRAME_EVENTS_MAX and (not events or size + queued[0][1] <= FRAME_BYTES_MAX):
+            event, event_size = queued.popleft()
+            events.append(event)
             size += event_size
-        if count == len(self._events):
-            events, self._events, self._sizes, self._bytes = self._events, [], [], 0
-            return events
-        events, self._events = self._events[:count], self._events[count:]
-        self._sizes = self._sizes[count:]
         self._bytes -= size
         return events
 

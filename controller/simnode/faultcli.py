@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     fail.add_argument("--shard", type=int, default=None, help="only this shard (default: every one)")
     fail.add_argument("--message", default="injected fault", help="the FAILED report's message")
     fail.add_argument("--keep-failing", action="store_true",
-                      help="every later load of a matching shard fails too, until `fault stop-failing`")
+                      help="every later load of a matching shard fails too (on the nodes named, if any), "
+                           "until `fault stop-failing`")
     acc = verbs.add_parser("fail-accelerator", parents=[common, targets, timed],
                            help="an accelerator of the nodes fails: their heartbeats list it until repaired")
     acc.add_argument("--index", type=int, required=True, help="which accelerator (0..accelerators-1)")

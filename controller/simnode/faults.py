@@ -181,17 +181,18 @@ class FaultInjector:
         failed = [f"{node.spec.node_id}:{key}" for node in nodes for key in node.agent.held()
                   if pattern.matches(key) and node.fail_shard(key, pattern.message)]
         keep = bool(request.get("keep_failing", False))
+        scoped = _names_nodes(request) and not request.get("all")
         if keep:  # on the nodes named only (it failed the loads of every node)
-            self._failing.append(_FailingRule(pattern, frozenset(n.spec.node_id for n in nodes)
-                                              if _names_nodes(request) else None))
+            self._failing.append(_FailingRule(pattern, frozenset(n.spec.node_id for n in nodes) if scoped else None))
         elif not failed:
             raise FaultError(f"no node{' of those named' if _names_nodes(request) else ''} holds a shard of "
                              f"{pattern.describe()} (keep_failing would fail its next loads)")
+        where = f" on the {len(nodes)} nodes named" if scoped else ""
         log.warning("fault: failed %d shards of %s (%s)%s", len(failed), pattern.describe(), pattern.message,
-                    "; its later loads fail too" if keep else "")
+                    f"; its later loads{where} fail too" if keep else "")
         return {"ok": True, "failed": failed, "keep_failing": keep,
                 "message": f"failed {len(failed)} shards of {pattern.describe()}"
-                           + ("; every later load of one fails too" if keep else "")}
+                           + (f"; every later load of one{where} fails too" if keep else "")}
 
     def _fail_accelerator(self, request: dict[str, Any]) -> dict[str, Any]:
         nodes = self._select(request)
@@ -365,7 +366,8 @@ class ControlServer:
 
     async def start(self) -> None:
         if self.path.exists() or self.path.is_symlink():
-            if not stat.S_ISSOCK(self.path.lstat().st_mode):  # a typo must not delete a file
+            mode = self.path.lstat().st_mode
+            if not (stat.S_ISSOCK(mode) or stat.S_ISLNK(mode)):  # a typo must not delete a file
                 raise FaultError(f"--control-socket {self.path}: there is a file there, not a socket; "
                                  "give another path")
             if _answers(self.path):

@@ -404,6 +404,9 @@ class SimulatedNode:
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
             await asyncio.wait({call, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # this task cancelled: the call too (`asyncio.wait` leaves it running)
+            call.cancel()
+            raise
         finally:
             stopping.cancel()
         if call.done():

@@ -165,9 +165,12 @@ def test_keep_failing_on_named_nodes_fails_later_loads_on_those_nodes_only() -> 
     failure = {node_id: node.agent.load_failure(key) for node_id, node in nodes.items()}  # type: ignore[misc]
     assert failure == {"rack-00-n00": "bad weights", "rack-00-n01": None}
     assert injector.handle({"op": "status"})["failing"] == ["claude on rack-00-n00"]
+    assert answer["message"].endswith("every later load of one on the 1 nodes named fails too")
     assert injector.handle({"op": "stop-failing"})["stopped"] == 1
-    injector.handle({"op": "fail-shard", "deployment": "claude", "keep_failing": True})
-    assert all(node.agent.load_failure(key) == "injected fault" for node in nodes.values())  # type: ignore[misc]
+    for every in ({}, {"all": True}):  # --all: every node's, not a rule naming each
+        injector.handle({"op": "fail-shard", "deployment": "claude", "keep_failing": True, **every})
+        assert all(node.agent.load_failure(key) == "injected fault" for node in nodes.values())  # type: ignore[misc]
+    assert injector.handle({"op": "status"})["failing"] == ["claude", "claude"]
 
 
 async def test_a_control_socket_path_holding_a_file_is_refused_and_the_file_kept(tmp_path: Path) -> None:
@@ -182,3 +185,11 @@ async def test_a_control_socket_path_holding_a_file_is_refused_and_the_file_kept
     folder.mkdir()
     with pytest.raises(FaultError, match="not a socket"):
         await ControlServer(FaultInjector([]), folder).start()
+    dangling = tmp_path / "left.sock"  # a symlink a fleet left (to a socket gone): replaced
+    dangling.symlink_to(tmp_path / "gone.sock")
+    server = ControlServer(FaultInjector([]), dangling)
+    await server.start()
+    try:
+        assert dangling.is_socket() and not dangling.is_symlink()
+    finally:
+        await server.close()

@@ -420,6 +420,38 @@ class StartingController(FakeController):
                             trailing_metadata=(("retry-after-ms", "500"), ("maia-controller-state", "starting")))
 
 
+async def test_a_cancelled_node_cancels_the_register_under_way() -> None:
+    """The node's task cancelled (an embedder's, a test's) cancels its Register on the wire too:
+    waited for beside the stop, it ran on to its deadline and its error was never retrieved."""
+    cancelled = asyncio.Event()
+
+    class Noting(HungController):
+        async def Register(self, request, context):  # noqa: N802 (gRPC naming)
+            try:
+                await super().Register(request, context)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+    hung = Noting()
+    server, address = await started(hung)
+    channels: dict = {}
+    node = SimulatedNode(NodeSpec("rack-00-n00", "rack-00"), address, register_timeout_s=60.0,
+                         shared_channels=channels)  # the channel outlives the node: nothing else cancels the call
+    task = asyncio.create_task(node.run())
+    try:
+        await wait_until(lambda: hung.registrations, timeout=20)
+        task.cancel()
+        await asyncio.wait_for(cancelled.wait(), timeout=5)
+    finally:
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        for channel in channels.values():
+            await channel.close()
+        await server.stop(grace=None)
+
+
 async def test_a_stop_ends_a_register_a_hung_controller_holds() -> None:
     """A stop cancels the Register under way: it waited out --register-timeout (10 s) against a
     hung controller, past a supervisor's patience, and then connected only to close."""
