@@ -297,6 +297,7 @@ class ControllerMetrics:
         self._usage_reader: UsageReader | None = None
         self._last_gauges = _LastRead[ClusterGauges]()
         self._last_usage = _LastRead[UsageCounters]()
+        self._usage_shown = _UsageHighWater()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -423,7 +424,7 @@ class ControllerMetrics:
             _waited(gauges, SCRAPE_READ_TIMEOUT_S, self.cluster_read_errors, "the cluster state"))
         read_usage = None if usage is None else self._last_usage.kept(_waited(
             usage, USAGE_READ_TIMEOUT_S - (time.monotonic() - started), self.usage_read_errors, "the usage counters"))
-        return read_gauges, read_usage
+        return read_gauges, None if read_usage is None else self._usage_shown.of(read_usage)
 
     # --- the endpoint ---------------------------------------------------------------------------
     def serve(self, listen: str) -> str:
@@ -494,6 +495,25 @@ def _waited(future: concurrent.futures.Future[T], timeout_s: float, errors: Coun
         else:
             log.exception("metrics: reading %s failed", what)
         return None
+
+
+class _UsageHighWater:
+    """The usage counters as `/metrics` shows them: each never less than it showed before. A read
+    can be lower than the one before it: an interval the earlier read counted as open, to its own
+    `now`, was closed meanwhile at a time stamped before its transaction committed (or by a
+    controller whose clock is behind). A counter that goes back is a reset to Prometheus, and
+    `increase()` over it counted the tenant's whole usage again."""
+
+    def __init__(self) -> None:
+        self._shown: UsageCounters = {}
+        self._lock = threading.Lock()  # scrapes may run at once, each in a thread of the server's
+
+    def of(self, usage: UsageCounters) -> UsageCounters:
+        with self._lock:
+            shown = self._shown
+            self._shown = {key: (max(seconds, shown.get(key, (0.0, 0.0))[0]), max(joules, shown.get(key, (0.0, 0.0))[1]))
+                           for key, (seconds, joules) in usage.items()}
+            return self._shown
 
 
 class _LastRead(Generic[T]):

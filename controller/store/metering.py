@@ -310,7 +310,10 @@ async def usage_to_date(session: AsyncSession, group: Sequence[str], *, now: dat
     closing meanwhile is counted once, open or closed). Its cost does not grow with history:
     a row per (tenant, model, zone) and one per open interval (read by the ended_s index). It
     equals `usage_by` over all time but for a closed interval that ends after `now` (another
-    controller's clock ahead): counted whole here, so the counters never go back."""
+    controller's clock ahead): counted whole here. It can still read less than a read before it:
+    an interval open then (counted to that read's `now`) may since have been closed at an earlier
+    time, stamped before its transaction committed; `/metrics` shows the most each counter read
+    (`observability.metrics`), a counter that went back being read by Prometheus as a reset."""
     if not set(group) <= set(_TO_DATE_GROUPS):
         raise ValueError(f"usage to date groups by {', '.join(_TO_DATE_GROUPS)}, not {', '.join(group)}")
     iv, closed, deltas = m.UsageInterval, m.ClosedUsage, m.ClosedUsageDelta

@@ -249,3 +249,24 @@ async def test_a_failed_cluster_read_is_answered_with_the_last_one_for_a_minute(
     monkeypatch.setattr(metrics_module, "LAST_READ_KEPT_S", 0.0)  # older than kept: dropped
     samples = await asyncio.to_thread(_scraped, metrics)
     assert "maia_nodes{state=ready}" not in samples and samples["maia_metrics_cluster_read_errors_total{}"] == 2
+
+
+async def test_a_usage_counter_that_reads_lower_than_it_showed_is_shown_as_it_was(cluster: Database) -> None:
+    """A read may be lower than the one before (an interval counted open to the first read's
+    clock, then closed at a time stamped before its commit): `/metrics` shows the most it showed,
+    as a counter must; a series the reads no longer have goes, and a new one starts as read."""
+    key = ("t1", "maia-100", "z1")
+    reads = iter([{key: (100.5, 2000.0)}, {key: (100.0, 2100.0)},
+                  {key: (101.0, 1900.0), ("t2", "maia-100", "z1"): (5.0, 50.0)}])
+
+    async def going_back() -> cluster_read.UsageCounters:
+        return next(reads)
+
+    metrics = _watching(cluster, going_back)
+    shown = []
+    for _ in range(3):
+        samples = await asyncio.to_thread(_scraped, metrics)
+        shown.append((samples["maia_usage_accelerator_seconds_total{model=maia-100,tenant=t1,zone=z1}"],
+                      samples["maia_usage_energy_joules_total{model=maia-100,tenant=t1,zone=z1}"]))
+    assert shown == [(100.5, 2000.0), (100.5, 2100.0), (101.0, 2100.0)]
+    assert samples["maia_usage_accelerator_seconds_total{model=maia-100,tenant=t2,zone=z1}"] == 5.0
