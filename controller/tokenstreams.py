@@ -179,3 +179,7 @@ class TokenStreams:
     def held(self) -> int:
         """How many streams are held (not `__len__`: an empty registry must not be falsy)."""
         return sum(map(len, self._by_token.values()))
+
+    def held_by(self, token_id: str) -> int:
+        """How many streams opened with this token are held."""
+        return len(self._by_token.get(token_id, ()))

@@ -17,12 +17,17 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+// Why the fragment's token was not taken ("" when it was, or there was none).
 function tokenFromFragment() {
   const match = /(?:^#|&)token=([^&]+)/.exec(window.location.hash);
-  if (match) {
+  if (!match) return "";
+  history.replaceState(null, "", window.location.pathname + window.location.search);
+  try {
     sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(match[1]));
-    history.replaceState(null, "", window.location.pathname + window.location.search);
+  } catch (err) {  // a malformed %-escape: it threw before anything was shown, and the page stayed blank
+    return "the token in the link is malformed; paste it here";
   }
+  return "";
 }
 
 function headers() {
@@ -164,12 +169,29 @@ function refreshSoon() {
   pending = setTimeout(() => { pending = null; refresh().catch(console.error); }, 200);
 }
 
+// The event stream open now: the token it was opened with, and how to end it. A sign-out or a
+// sign-in ends it (`reconnect`), and the next one opens with the token then stored: one left
+// open with the old token held that token's stream on the server, told the new one about the old
+// one's tenant, and blamed the new one for the old one's revocation.
+let stream = null;
+let wakeListen = () => {};
+let signedOut = false;  // by the button: no stream tried until a sign-in
+
+function reconnect() {
+  if (stream) stream.abort.abort();
+  wakeListen();
+}
+
 // Server-sent events over fetch (EventSource cannot send an Authorization header).
 async function listen() {
   const live = $("live");
   for (;;) {
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    const abort = new AbortController();
+    stream = { token, abort };
     try {
-      const reply = await fetch("/api/events", { headers: headers(), cache: "no-store" });
+      const reply = await fetch("/api/events", {
+        headers: token ? { Authorization: "Bearer " + token } : {}, cache: "no-store", signal: abort.signal });
       if (!reply.ok) throw new Error(`events: HTTP ${reply.status}`);
       live.textContent = "live"; live.className = "live on";
       const reader = reply.body.getReader();
@@ -189,16 +211,22 @@ async function listen() {
             const data = lines.find((line) => line.startsWith("data: "));
             let reason = "your session ended";
             try { reason = JSON.parse(data.slice(6)).reason || reason; } catch (err) { /* keep the default */ }
-            Object.assign(ended, { token: sessionStorage.getItem(TOKEN_KEY), reason });
-            signIn(reason);
+            Object.assign(ended, { token, reason });  // the stream's token, whatever is stored now
+            if (token === sessionStorage.getItem(TOKEN_KEY)) signIn(reason);
           }
         }
       }
     } catch (err) {
-      console.warn(err);
+      if (!abort.signal.aborted) console.warn(err);
     }
     live.textContent = "offline"; live.className = "live off";
-    await new Promise((resolve) => setTimeout(resolve, 2000));
+    if (abort.signal.aborted) continue;  // signed out or in: the next stream, with the token now stored
+    // Signed out: no stream until a sign-in; else another try in 2 s.
+    await new Promise((resolve) => {
+      wakeListen = resolve;
+      if (!signedOut) setTimeout(resolve, 2000);
+    });
+    wakeListen = () => {};
     refreshSoon();
   }
 }
@@ -215,12 +243,20 @@ $("sign-in").addEventListener("submit", (event) => {
   event.preventDefault();
   sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
   $("token").value = "";
+  signedOut = false;
+  reconnect();
   refresh().then((ok) => { if (ok) refreshSoon(); }).catch(console.error);
 });
-$("sign-out").addEventListener("click", () => { sessionStorage.removeItem(TOKEN_KEY); signIn(""); });
+$("sign-out").addEventListener("click", () => {
+  sessionStorage.removeItem(TOKEN_KEY);
+  signedOut = true;
+  reconnect();
+  signIn("");
+});
 
-tokenFromFragment();
-refresh().catch(console.error);
+const malformed = tokenFromFragment();
+if (malformed) signIn(malformed);
+else refresh().catch(console.error);
 listen();
 setInterval(refreshSoon, 10000);  // node and power changes are not on the deployment bus
 setInterval(showAge, 1000);
