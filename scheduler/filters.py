@@ -114,6 +114,11 @@ def first(items: np.ndarray, render: Callable[[int], str]) -> list[str]:
     return shown + [""] * max(len(items) - MAX_NAMED, 0)
 
 
+def _and(*parts: str) -> str:
+    """The parts that say something, joined by "; "."""
+    return "; ".join(part for part in parts if part)
+
+
 def watts(value: float) -> str:
     return f"{value / 1000:.1f} kW" if value >= 10000 else f"{value:.0f} W"
 
@@ -310,16 +315,25 @@ class Capacity(SlotFilter):
             k = int(topo.node_accelerators[n] - topo.node_healthy[n])
             return f" ({k} failed)" if k else ""
 
+        # A node without accelerators (a host-only server) is not full: it has none.
+        bare = topo.node_accelerators[nodes] == 0
+        none = ""
+        if bare.any():
+            verb = "has" if bare.sum() == 1 else "have"
+            none = f"{names(first(nodes[bare], lambda n: ids[n]))} {verb} no accelerators"
+            nodes = nodes[~bare]
         if spec.fractional:
-            return (f"need {spec.accelerator_milli} milli of an accelerator: "
-                    f"{names(first(nodes, lambda n: ids[n] + failed(n)))} full")
+            what = f"need {spec.accelerator_milli} milli of an accelerator: "
+            return what + _and(f"{names(first(nodes, lambda n: ids[n] + failed(n)))} full" if len(nodes) else "", none)
         need = f"{spec.accelerators} free accelerator(s)"
         free = (state.acc_free[nodes[:MAX_NAMED]] >= 1000).sum(axis=1)
         if not free.any():
-            return f"need {need}: {names(first(nodes, lambda n: ids[n] + failed(n)))} full"
+            full = f"{names(first(nodes, lambda n: ids[n] + failed(n)))} full" if len(nodes) else ""
+            return f"need {need}: " + _and(full, none)
         # "n4 full" read as wrong where n4 had 3 of the 4 needed free.
         have = dict(zip(nodes[:MAX_NAMED].tolist(), free.tolist()))
-        return f"need {need} on one node: {names(first(nodes, lambda n: f'{ids[n]} has {have[n]}{failed(n)}'))}"
+        return f"need {need} on one node: " + _and(
+            names(first(nodes, lambda n: f'{ids[n]} has {have[n]}{failed(n)}')), none)
 
 
 class Hbm(SlotFilter):

@@ -153,3 +153,15 @@ def test_a_capacity_reason_says_what_the_nodes_it_names_have_free() -> None:
                    [dep("small", acc=1, locality="node"), dep("more", acc=1, locality="node")],
                    placements=[placed("small", "n1", [0])])
     assert "need 1 free accelerator(s): n1 full" in messages(solve_doc(full), "more")
+
+
+def test_a_node_without_accelerators_is_said_to_have_none_not_to_be_full() -> None:
+    nodes = [node("host", acc=0), node("n1", acc=1)]
+    doc = problem(nodes, [dep("run", locality="node"), dep("more", locality="node"),
+                          dep("half", accelerator_milli=500, tenant="t2", locality="node")],
+                  placements=[placed("run", "n1", [0])])
+    plan = solve_doc(doc)
+    assert "need 1 free accelerator(s): n1 full; host has no accelerators" in messages(plan, "more")
+    assert "need 500 milli of an accelerator: n1 full; host has no accelerators" in messages(plan, "half")
+    alone = solve_doc(problem([node("host", acc=0)], [dep("more", locality="node")]))
+    assert "need 1 free accelerator(s): host has no accelerators" in messages(alone, "more")
