@@ -9,6 +9,7 @@ path (the warm cluster, the queue, the last commit's bookkeeping) is the `PassSt
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -104,7 +105,10 @@ class FullPath(PathCollaborators):
             self._state.nominations.expire(self._state.clock(), snapshot)
             nominated = self._state.nominations.into(snapshot.problem)
             self._state.nominations.let_go = False  # this solve decides everything with them let go
-            admitted, waiting = self._state.queue.admit(nominated)
+            # In a worker thread: comparing the problem with the last one's parts and placements
+            # took ~0.2 s of the event loop at 16,384 nodes and 60,000 placements (only this pass
+            # touches the queue meanwhile).
+            admitted, waiting = await asyncio.to_thread(self._state.queue.admit, nominated)
             problem = planning.with_options(admitted, time_limit_ms=self._time_limit_ms,
                                             allow_preemption=self._allow_preemption)
             avoided = self._checks.avoid  # nodes replicas just failed on: other nodes first, for this pass
@@ -150,7 +154,8 @@ class FullPath(PathCollaborators):
                 self._state.queue.after_retry()
                 retry_in_s = self._retry.schedule(plan, requeued=bool(result.requeued or plan.unplaced))
             else:
-                self._state.queue.after_commit(nominated, plan, time_limited=time_limited(plan))
+                await asyncio.to_thread(self._state.queue.after_commit, nominated, plan,
+                                        time_limited=time_limited(plan))
                 retry_in_s = self._retry.schedule(plan, requeued=bool(result.requeued) and not result.stale)
             if not result.stale:
                 await self._warm.after_full(snapshot, result)
