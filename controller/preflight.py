@@ -51,8 +51,10 @@ def check_db_url(text: str) -> URL:
                            f"supported: {', '.join(SUPPORTED_DRIVERS)} (e.g. {_EXAMPLES})")
     if backend == "sqlite":
         _check_sqlite_file(url)
-    elif not url.host:
-        raise StartupError(f"--db {_shown(url)} names no host", "use postgresql+asyncpg://user@host:5432/maia")
+    elif not url.host and not url.query.get("host"):  # ?host=/run/postgresql: a unix socket's directory
+        raise StartupError(f"--db {_shown(url)} names no host",
+                           "use postgresql+asyncpg://user@host:5432/maia, or for a unix socket "
+                           "postgresql+asyncpg://user@/maia?host=/var/run/postgresql")
     return url
 
 
