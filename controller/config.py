@@ -184,6 +184,21 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    """A duration of more than 0, at most ten years (`TTL_MAX_S`): a time that far ahead of now
+    overflows a datetime (--restart-backoff 1e12 failed every reconcile pass with OverflowError
+    from the first failed shard on)."""
+    value = _positive_float(text)
+    if value > TTL_MAX_S:
+        raise argparse.ArgumentTypeError(f"must be at most {TTL_MAX_S:.0f} seconds (ten years), got {text}")
+    return value
+
+
+def _seconds_or_zero(text: str) -> float:
+    """`_seconds`, or 0."""
+    return 0.0 if _non_negative_float(text) == 0 else _seconds(text)
+
+
 HEARTBEAT_TIMEOUT_MAX_S = 86_400.0  # a day: the interval agents are told (a third) fits int32 milliseconds
 
 
@@ -372,7 +387,7 @@ def _database_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> 
         help="apply pending migrations on start; --no-migrate refuses to start on an old schema",
     )
     group.add_argument(
-        "--db-wait", type=_non_negative_float, default=Config.db_wait_s, metavar="SECONDS",
+        "--db-wait", type=_seconds_or_zero, default=Config.db_wait_s, metavar="SECONDS",
         help="on start, keep trying a PostgreSQL server that cannot be reached yet (refused, starting up, "
              "its name not resolved yet) for this long, every call answered 'starting' meanwhile, before "
              "exiting 2; 0: exit at once. A wrong password or database name exits at once",
@@ -381,7 +396,7 @@ def _database_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> 
 
 def _reconcile_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("reconcile and solver")
-    group.add_argument("--reconcile-interval", type=_positive_float, default=Config.reconcile_interval_s,
+    group.add_argument("--reconcile-interval", type=_seconds, default=Config.reconcile_interval_s,
                        metavar="SECONDS", help="seconds between reconcile passes when nothing wakes the loop")
     group.add_argument("--solve-time-limit-ms", type=_positive_int, default=Config.solve_time_limit_ms,
                        metavar="MS", help="milliseconds the solver may spend on one reconcile pass")
@@ -395,18 +410,18 @@ def _reconcile_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-surge", type=_positive_int, default=Config.max_surge, metavar="REPLICAS",
                        help="replicas a rolling update or a drain may place beyond the replicas asked "
                             "(make-before-break): more rolls faster but holds more capacity meanwhile")
-    group.add_argument("--nominate-after", type=_non_negative_float, default=Config.nominate_after_s,
+    group.add_argument("--nominate-after", type=_seconds_or_zero, default=Config.nominate_after_s,
                        metavar="SECONDS",
                        help="keep nodes for the deployments that have waited this long for room others hold (the "
                             "highest priority, then the longest wait, one a zone), so that what frees there goes to "
                             "them and not to newer work of their priority or lower; 0: never (docs/operations.md)")
-    group.add_argument("--nomination-max", type=_positive_float, default=Config.nomination_max_s,
+    group.add_argument("--nomination-max", type=_seconds, default=Config.nomination_max_s,
                        metavar="SECONDS",
                        help="the longest nodes stay nominated for one deployment that does not fit there; then it "
                             "goes to the back of the line")
     group.add_argument("--quarantine-after-failures", type=_positive_int, default=Config.quarantine_after_failures,
                        help="solver failures of one deployment before it is quarantined")
-    group.add_argument("--watchdog-interval", type=_positive_float, default=Config.watchdog_interval_s,
+    group.add_argument("--watchdog-interval", type=_seconds, default=Config.watchdog_interval_s,
                        metavar="SECONDS", help="how often committed placements are re-checked for isolation")
 
 
@@ -425,13 +440,13 @@ def _node_lifecycle_flags(parser: argparse.ArgumentParser) -> None:
                             "connected earlier are told the longer interval on their stream once it grew 1.5x, "
                             "so the cluster sends at most 1.5 x RATE; it shrinks again only when they register "
                             "again). 0: no cap (every agent beats 3 times per timeout)")
-    group.add_argument("--node-down-grace", type=_positive_float, default=Config.node_down_grace_s,
+    group.add_argument("--node-down-grace", type=_seconds, default=Config.node_down_grace_s,
                        metavar="SECONDS", help="seconds of silence before a suspect node is down (it still keeps "
                                                "its shards)")
-    group.add_argument("--node-eviction-grace", type=_positive_float, default=Config.node_eviction_grace_s,
+    group.add_argument("--node-eviction-grace", type=_seconds, default=Config.node_eviction_grace_s,
                        metavar="SECONDS", help="seconds of silence before a down node's work is evicted (placed "
                                                "again elsewhere); longer than --node-down-grace")
-    group.add_argument("--restart-grace", type=_non_negative_float, default=Config.restart_grace_s,
+    group.add_argument("--restart-grace", type=_seconds_or_zero, default=Config.restart_grace_s,
                        metavar="SECONDS", help="after a start, seconds the nodes get to reconnect before any is "
                                                "suspected (silence counts from the start at the earliest)")
     group.add_argument("--eviction-rate", type=_non_negative_float, default=Config.eviction_rate,
@@ -447,16 +462,16 @@ def _node_lifecycle_flags(parser: argparse.ArgumentParser) -> None:
 
 def _restart_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("restarts of failed replicas")
-    group.add_argument("--restart-backoff", type=_non_negative_float, default=Config.restart_backoff_s,
+    group.add_argument("--restart-backoff", type=_seconds_or_zero, default=Config.restart_backoff_s,
                        metavar="SECONDS", help="a replica whose shard FAILED is placed again (other nodes first) "
                                                "after this long, doubling with each failure in a row of its "
                                                "deployment (reset after 10 min without one)")
-    group.add_argument("--restart-backoff-max", type=_non_negative_float, default=Config.restart_backoff_max_s,
+    group.add_argument("--restart-backoff-max", type=_seconds_or_zero, default=Config.restart_backoff_max_s,
                        metavar="SECONDS", help="the longest back-off before a failed replica is placed again")
     group.add_argument("--restart-limit", type=_positive_int, default=Config.restart_limit, metavar="FAILURES",
                        help="times in a row failed replicas are placed again; the next failure makes the deployment "
                             "Failed: not placed again until updated")
-    group.add_argument("--assignment-ack-timeout", type=_non_negative_float,
+    group.add_argument("--assignment-ack-timeout", type=_seconds_or_zero,
                        default=Config.assignment_ack_timeout_s, metavar="SECONDS",
                        help="a shard a connected node's agent says nothing of (no LOADING, RUNNING or FAILED "
                             "report) this long after the assignment set that named it reached its stream fails "
@@ -469,9 +484,9 @@ def _leadership_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -
     group.add_argument("--advertise-address", default=env.get("MAIA_ADVERTISE_ADDRESS", ""), metavar="HOST:PORT",
                        help="where agents and clients reach this controller (followers send agents to the "
                             "leader's); default: the bound --listen address (env MAIA_ADVERTISE_ADDRESS)")
-    group.add_argument("--lease-ttl", type=_positive_float, default=Config.lease_ttl_s, metavar="SECONDS",
+    group.add_argument("--lease-ttl", type=_seconds, default=Config.lease_ttl_s, metavar="SECONDS",
                        help="leader lease time: a leader not renewing for this long is replaced")
-    group.add_argument("--lease-renew-interval", type=_positive_float, default=Config.lease_renew_s,
+    group.add_argument("--lease-renew-interval", type=_seconds, default=Config.lease_renew_s,
                        metavar="SECONDS", help="how often the leader renews its lease (and followers try to "
                                                "take it); must be below --lease-ttl minus 1.5 s")
 

@@ -18,6 +18,10 @@ from controller.config import HEARTBEAT_TIMEOUT_MAX_S, parse_args
     (["--db-wait", "soon"], {}, "--db-wait: expected a number, got 'soon'"),
     (["--heartbeat-timeout", "10000000"], {}, "must be at most 86400 s"),  # every Register failed INTERNAL
     (["--max-rss-mib", "-5"], {}, "--max-rss-mib: must be >= 0"),  # silently meant no ceiling
+    # Now plus that overflowed a datetime: every reconcile pass failed from the first failed shard on.
+    (["--restart-backoff", "1e12"], {}, "--restart-backoff: must be at most 315360000 seconds (ten years)"),
+    (["--node-eviction-grace", "1e300"], {}, "--node-eviction-grace: must be at most 315360000 seconds"),
+    (["--db-wait", "-1"], {}, "--db-wait: must be >= 0"),
     ([], {"MAIA_LOG_LEVEL": "verbose"}, "MAIA_LOG_LEVEL) 'VERBOSE' is not one of DEBUG, INFO, WARNING, ERROR"),
     (["--advertise-address", "foo"], {}, "--advertise-address 'foo' is not HOST:PORT"),
     ([], {"MAIA_ADVERTISE_ADDRESS": "ctl.example:99999"}, "--advertise-address 'ctl.example:99999' is not HOST:PORT"),
@@ -30,6 +34,11 @@ def test_values_no_setting_means_are_usage_errors(argv: list[str], env: dict[str
         parse_args(argv, env=env)
     err = capsys.readouterr().err
     assert caught.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_ten_years_is_a_duration_and_0_where_it_was_one() -> None:
+    config = parse_args(["--restart-backoff", "0", "--restart-backoff-max", "315360000", "--db-wait", "0"], env={})
+    assert (config.restart_backoff_s, config.restart_backoff_max_s, config.db_wait_s) == (0.0, 315360000.0, 0.0)
 
 
 def test_the_largest_heartbeat_timeout_tells_agents_an_interval_the_wire_carries() -> None:
