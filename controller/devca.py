@@ -72,6 +72,10 @@ def load_or_create_ca(directory: Path, *, days: int = 365) -> tuple[x509.Certifi
     """The CA in `directory` (ca.pem, ca-key.pem), created first if it is not there."""
     directory.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = directory / CA_CERT, directory / CA_KEY
+    if cert_path.exists() != key_path.exists():  # a new CA would overwrite the half that is there
+        there, missing = (cert_path, key_path) if cert_path.exists() else (key_path, cert_path)
+        raise ValueError(f"{there} is there but {missing} is not: put it back, or move {there} away "
+                         "to make a new CA (whatever the old one signed is then no longer trusted)")
     if cert_path.exists() and key_path.exists():
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)

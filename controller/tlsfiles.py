@@ -20,6 +20,10 @@ class UnreadableFile(Exception):
     """One of the files cannot be read: the message names its flag and path."""
 
 
+class MismatchedFiles(Exception):
+    """The files were read but are no certificate chain and its key: the message names the flags."""
+
+
 class CertificateFiles:
     """The server's TLS files, read again when they change, so a rotated certificate or CA needs
     no restart. gRPC calls `fetch` at each new connection's handshake, from its own threads
@@ -39,8 +43,16 @@ class CertificateFiles:
 
     def server_credentials(self) -> grpc.ServerCredentials:
         """For `add_secure_port`: the files as they are now (`UnreadableFile` if one cannot be
-        read), then as `fetch` finds them; client certificates required with a client CA."""
-        return grpc.dynamic_ssl_server_credentials(_configuration(*self.read()), self.fetch,
+        read, `MismatchedFiles` if they do not load or the key is not the certificate's: grpcio's
+        own refusal came out of `add_secure_port` as a failure to bind the address), then as
+        `fetch` finds them; client certificates required with a client CA."""
+        cert, key, client_ca = self.read()
+        try:
+            _check_pair(cert, key, client_ca)
+        except ValueError as exc:
+            raise MismatchedFiles(f"--tls-cert {self.cert} and --tls-key {self.key}"
+                                  f"{f' (--tls-client-ca {self.client_ca})' if self.client_ca else ''}: {exc}") from None
+        return grpc.dynamic_ssl_server_credentials(_configuration(cert, key, client_ca), self.fetch,
                                                    require_client_authentication=self.client_ca is not None)
 
     def read(self) -> tuple[bytes, bytes, bytes | None]:

@@ -21,7 +21,7 @@ from grpc import aio
 
 from controller.errors import MaiaError, PermissionDenied, Unauthenticated
 from controller.preflight import StartupError
-from controller.tlsfiles import CertificateFiles, UnreadableFile
+from controller.tlsfiles import CertificateFiles, MismatchedFiles, UnreadableFile
 
 AGENT_SERVICE = "/maia.v1.NodeAgentService/"
 _COMMON_NAME = "x509_common_name"
@@ -41,6 +41,8 @@ class TlsSettings:
             return CertificateFiles(self.cert, self.key, self.client_ca).server_credentials()
         except UnreadableFile as exc:
             raise StartupError(str(exc), "check the path and that this user may read the file") from exc
+        except MismatchedFiles as exc:
+            raise StartupError(str(exc), "give the certificate (chain) in PEM and its own unencrypted key") from exc
 
 
 def certificate_name(context: aio.ServicerContext) -> str | None:

@@ -38,3 +38,20 @@ def test_the_library_refuses_such_a_name_too(tmp_path: Path) -> None:
         devca.issue_node(tmp_path, "x/../../y")
     assert list(tmp_path.iterdir()) == []
     assert devca.issue_node(tmp_path, "rack-00-n01").cert == tmp_path / "node-rack-00-n01.pem"
+
+
+def test_half_a_ca_is_refused_and_its_key_kept(tmp_path: Path, capsys) -> None:
+    """With ca.pem moved away, a new CA was made and ca-key.pem silently overwritten."""
+    pki = tmp_path / "pki"
+    assert main(["dev-ca", "--dir", str(pki)]) == 0
+    key = (pki / devca.CA_KEY).read_bytes()
+    (pki / devca.CA_CERT).rename(tmp_path / "ca.pem")
+    capsys.readouterr()
+    assert main(["dev-ca", "--dir", str(pki), "--node", "n1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{pki / devca.CA_KEY} is there but {pki / devca.CA_CERT} is not" in err
+    assert (pki / devca.CA_KEY).read_bytes() == key and not (pki / "node-n1.pem").exists()
+    (tmp_path / "ca.pem").rename(pki / devca.CA_CERT)  # put back: the same CA again
+    assert main(["dev-ca", "--dir", str(pki), "--node", "n1"]) == 0
+    assert (pki / devca.CA_KEY).read_bytes() == key
+
