@@ -49,16 +49,22 @@ def upgrade() -> None:
         sa.Column("id", sa.String(length=128), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_known_tenants")),
     )
-    op.execute(f"INSERT INTO {TABLE} (id) SELECT id FROM ({_NAMED}) named "
-               f"WHERE id IS NOT NULL AND length(id) BETWEEN 1 AND 128")
-    if op.get_bind().dialect.name == "postgresql":
+    # The trigger first, then the fill (as 0016 and 0028 do): on PostgreSQL a tenant an older
+    # controller inserts while this runs is either committed before CREATE TRIGGER takes its lock
+    # (and the fill, a statement after it, sees the row) or written with the trigger in place.
+    # Filled first, such a tenant was in neither, and never known: its id was never redacted.
+    postgres = op.get_bind().dialect.name == "postgresql"
+    if postgres:
         op.execute(f"CREATE FUNCTION {PG_FUNCTION}() RETURNS trigger LANGUAGE plpgsql AS "
                    f"$$ BEGIN INSERT INTO {TABLE} (id) VALUES (NEW.id) ON CONFLICT DO NOTHING; RETURN NULL; END $$")
         op.execute(f"CREATE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OF id ON tenants "
                    f"FOR EACH ROW EXECUTE FUNCTION {PG_FUNCTION}()")
-        return
-    op.execute(f"CREATE TRIGGER {TRIGGER}_insert AFTER INSERT ON tenants BEGIN {_SQLITE_ADD}; END")
-    op.execute(f"CREATE TRIGGER {TRIGGER}_update AFTER UPDATE OF id ON tenants BEGIN {_SQLITE_ADD}; END")
+    else:
+        op.execute(f"CREATE TRIGGER {TRIGGER}_insert AFTER INSERT ON tenants BEGIN {_SQLITE_ADD}; END")
+        op.execute(f"CREATE TRIGGER {TRIGGER}_update AFTER UPDATE OF id ON tenants BEGIN {_SQLITE_ADD}; END")
+    op.execute(f"INSERT INTO {TABLE} (id) SELECT id FROM ({_NAMED}) named "
+               f"WHERE id IS NOT NULL AND length(id) BETWEEN 1 AND 128"
+               f"{' ON CONFLICT DO NOTHING' if postgres else ''}")
 
 
 def downgrade() -> None:

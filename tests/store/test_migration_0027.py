@@ -8,10 +8,16 @@ created again under its old id is no conflict. A downgrade removes the table and
 
 from __future__ import annotations
 
-from sqlalchemy import inspect
+import asyncio
+
+import pytest
+from alembic import command
+from sqlalchemy import inspect, text
 
 from controller.store.db import Database
+from controller.store.migrate import alembic_config
 
+from .migrating import upgrade_past
 from .test_migration_0010 import NOW, _add_tenant, _downgrade, _run, _upgrade
 
 BEFORE, REVISION = "0026_lease_fence_function", "0027_known_tenants"
@@ -65,5 +71,23 @@ async def test_every_tenant_ever_named_is_known_and_stays_known(db_url: str) -> 
         async with db.engine.connect() as conn:
             assert "known_tenants" not in await conn.run_sync(lambda c: inspect(c).get_table_names())
         await _add_tenant(db, "lab-c")  # no trigger left behind
+    finally:
+        await db.dispose()
+
+
+@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_a_tenant_created_while_the_migration_runs_is_known(db_url: str) -> None:
+    """PostgreSQL, migrated by a Job while an older controller serves: a tenant inserted as the
+    migration starts, committed while it waits for its lock on `tenants`, is known (filled before
+    the trigger was made, it was in neither, and its id was never redacted)."""
+    await asyncio.to_thread(command.upgrade, alembic_config(db_url), BEFORE)
+    db = Database(db_url)
+    try:
+        async with db.unit_of_work() as writer:  # an older controller's CreateTenant, not committed yet
+            await writer.session.execute(text(
+                "INSERT INTO tenants (id, isolation, excludes, zones, created_at, updated_at) "
+                "VALUES ('delta-labs', 'shared', '[]', '[]', :now, :now)"), {"now": NOW})
+            await upgrade_past(writer, db_url, db, "tenants")
+        assert await _known(db) == {"delta-labs"}
     finally:
         await db.dispose()
