@@ -152,6 +152,7 @@ class FullPath(PathCollaborators):
             self._checks.avoid = frozenset()
             if avoided:  # what found no other node is placed anywhere by the retry: nothing parked
                 self._state.queue.after_retry()
+                self._state.queue.placed(plan)
                 retry_in_s = self._retry.schedule(plan, requeued=bool(result.requeued or plan.unplaced))
             else:
                 await asyncio.to_thread(self._state.queue.after_commit, nominated, plan,

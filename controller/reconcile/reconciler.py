@@ -332,6 +332,7 @@ class Reconciler:
                     outcome = await self._full.solve_and_commit()
                 if outcome.solved:
                     self._state.queue.arrived(0)
+                self._state.queue.forget(outcome.deleted)
                 self._observer.queue_depths(self._state.queue.depths())
                 await self._state.store_nominations()
                 self._observer.nominated(self._state.nominations.nominated_nodes)

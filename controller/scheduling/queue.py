@@ -132,6 +132,14 @@ class SchedulingQueue:
             return problem, ()
         return {**problem, "deployments": kept}, tuple(waiting)
 
+    def forget(self, names: Iterable[str]) -> None:
+        """These deployments were deleted: neither waiting nor unschedulable (a parked entry
+        outlived its deployment, counted in the gauge, and matched one submitted again as it was,
+        which a full solve then left out)."""
+        for name in names:
+            self._parked.pop(name, None)
+            self._backoff.pop(name, None)
+
     def placed(self, plan: Plan) -> None:
         """A fast pass committed `plan`: its placements count among those whose departure could
         help (the last full solve's were all it knew: one placed after it, deleted, and read by a

@@ -356,6 +356,17 @@ def _answers(path: Path) -> bool:
     return True
 
 
+def _left_socket(path: Path) -> bool:
+    """Whether `path` is a socket, or a symlink to one or to nothing (left by a fleet): what
+    may be removed to bind the control socket there."""
+    if not path.is_symlink():
+        return stat.S_ISSOCK(path.lstat().st_mode)
+    try:
+        return stat.S_ISSOCK(path.stat().st_mode)
+    except FileNotFoundError:  # dangling
+        return True
+
+
 class ControlServer:
     """The fleet's control socket: one JSON request line in, one JSON answer line out."""
 
@@ -366,8 +377,7 @@ class ControlServer:
 
     async def start(self) -> None:
         if self.path.exists() or self.path.is_symlink():
-            mode = self.path.lstat().st_mode
-            if not (stat.S_ISSOCK(mode) or stat.S_ISLNK(mode)):  # a typo must not delete a file
+            if not _left_socket(self.path):  # a typo must not delete a file (or a link to one)
                 raise FaultError(f"--control-socket {self.path}: there is a file there, not a socket; "
                                  "give another path")
             if _answers(self.path):

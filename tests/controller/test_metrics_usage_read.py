@@ -257,7 +257,8 @@ async def test_a_usage_counter_that_reads_lower_than_it_showed_is_shown_as_it_wa
     as a counter must; a series the reads no longer have goes, and a new one starts as read."""
     key = ("t1", "maia-100", "z1")
     reads = iter([{key: (100.5, 2000.0)}, {key: (100.0, 2100.0)},
-                  {key: (101.0, 1900.0), ("t2", "maia-100", "z1"): (5.0, 50.0)}])
+                  {key: (101.0, 1900.0), ("t2", "maia-100", "z1"): (5.0, 50.0)},
+                  {("t2", "maia-100", "z1"): (4.0, 60.0)}, {key: (3.0, 30.0)}])
 
     async def going_back() -> cluster_read.UsageCounters:
         return next(reads)
@@ -269,4 +270,8 @@ async def test_a_usage_counter_that_reads_lower_than_it_showed_is_shown_as_it_wa
         shown.append((samples["maia_usage_accelerator_seconds_total{model=maia-100,tenant=t1,zone=z1}"],
                       samples["maia_usage_energy_joules_total{model=maia-100,tenant=t1,zone=z1}"]))
     assert shown == [(100.5, 2000.0), (100.5, 2100.0), (101.0, 2100.0)]
+    samples = await asyncio.to_thread(_scraped, metrics)  # t1 no longer read: its series goes
+    assert not any("tenant=t1" in name for name in samples)
     assert samples["maia_usage_accelerator_seconds_total{model=maia-100,tenant=t2,zone=z1}"] == 5.0
+    samples = await asyncio.to_thread(_scraped, metrics)  # back again: a new series, as read
+    assert samples["maia_usage_accelerator_seconds_total{model=maia-100,tenant=t1,zone=z1}"] == 3.0

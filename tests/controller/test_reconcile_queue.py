@@ -207,3 +207,24 @@ async def test_a_parked_deployment_deleted_and_submitted_again_as_it_was_gets_it
     for _ in range(3):
         await loop.reconcile_once()
     assert any("big" in names for names in solve.asked[asked:])  # the full solve was asked to place it
+
+
+async def test_a_parked_deployment_deleted_and_submitted_again_is_solved_by_a_full_pass_too(cluster):
+    """As above, the new deployment read by a full pass (another's back-off falls due as it
+    arrives): the deletion forgot the parked entry, so the solve is asked to place it."""
+    solve = SolveRecorder()
+    loop = reconciler(cluster, solve)
+    await submit(cluster, deployment("filler", accelerators=4, locality="node"))
+    assert (await loop.reconcile_once()).solved
+    await submit(cluster, deployment("big", shards=4, accelerators=4, locality="row"))
+    assert (await loop.reconcile_once()).solved  # a fast pass: backs off
+    assert (await loop.reconcile_once()).solved  # the full solve: parked
+    await _delete(cluster, "big")
+    await submit(cluster, deployment("nofit", shards=4, accelerators=4, locality="row"))  # no room beside filler
+    assert (await loop.reconcile_once()).deleted == ("t1/big",)  # and nofit backs off
+    assert loop._state.queue.depths().unschedulable == 0
+    asked = len(solve.asked)
+    await submit(cluster, deployment("big", shards=4, accelerators=4, locality="row"))
+    loop._warm.drop()  # the next pass is a full one
+    await loop.reconcile_once()
+    assert "big" in solve.asked[asked]

@@ -84,16 +84,25 @@ async def test_signing_out_and_in_ends_the_old_tokens_stream(console: tuple[str,
 async def test_a_malformed_token_in_the_link_shows_the_sign_in_form(console: tuple[str, TokenStreams]) -> None:
     from playwright.async_api import async_playwright
 
-    address, _ = console
+    address, streams = console
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=chromium(), args=FLAGS)
         try:
             page = await browser.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda error: errors.append(str(error)))
-            await page.goto(f"http://{address}/#token=maia_abc.x%zz")
+            await page.goto(f"http://{address}/#token=tok-a")  # signed in with A earlier in the tab
+            await page.wait_for_selector("#console:not([hidden])")
+            await page.goto(f"http://{address}/?again#token=maia_abc.x%zz")  # a load, not a hash change
             await page.wait_for_selector("#sign-in:not([hidden])")
             assert "malformed" in (await page.text_content("#sign-in-error") or "")
             assert errors == [] and "#" not in page.url  # the fragment is gone from the address bar
+            # Neither A (stored before: the link meant another token) nor a refusal takes its place
+            # (the 2 s retry wiped the message; the 10 s refresh showed A's console).
+            await page.evaluate("refreshSoon()")
+            await asyncio.sleep(3.0)
+            assert await page.get_attribute("#console", "hidden") is not None
+            assert "malformed" in (await page.text_content("#sign-in-error") or "")
+            assert streams.held_by("A") == 0
         finally:
             await browser.close()

@@ -185,6 +185,11 @@ async def test_a_control_socket_path_holding_a_file_is_refused_and_the_file_kept
     folder.mkdir()
     with pytest.raises(FaultError, match="not a socket"):
         await ControlServer(FaultInjector([]), folder).start()
+    linked = tmp_path / "notes-link"  # a symlink to a file is no socket either: kept
+    linked.symlink_to(path)
+    with pytest.raises(FaultError, match="not a socket"):
+        await ControlServer(FaultInjector([]), linked).start()
+    assert linked.is_symlink() and path.read_text() == "precious"
     dangling = tmp_path / "left.sock"  # a symlink a fleet left (to a socket gone): replaced
     dangling.symlink_to(tmp_path / "gone.sock")
     server = ControlServer(FaultInjector([]), dangling)

@@ -25,6 +25,9 @@ function tokenFromFragment() {
   try {
     sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(match[1]));
   } catch (err) {  // a malformed %-escape: it threw before anything was shown, and the page stayed blank
+    // The link meant another token than one stored before: none is used until a sign-in.
+    sessionStorage.removeItem(TOKEN_KEY);
+    signedOut = true;
     return "the token in the link is malformed; paste it here";
   }
   return "";
@@ -165,7 +168,7 @@ async function refresh() {
 
 let pending = null;
 function refreshSoon() {
-  if (pending) return;
+  if (pending || signedOut) return;  // signed out: nothing to read until a sign-in (its message kept)
   pending = setTimeout(() => { pending = null; refresh().catch(console.error); }, 200);
 }
 
