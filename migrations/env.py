@@ -18,10 +18,11 @@ import os
 from logging.config import fileConfig
 
 from alembic import context
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from controller.store.db import DEFAULT_DB_URL, create_engine
-from controller.store.migrate import begin_sqlite_migration
+from controller.store.migrate import PG_MIGRATION_LOCK_KEY, begin_sqlite_migration
 from controller.store.models import Base
 
 config = context.config
@@ -58,9 +59,11 @@ def run_migrations_offline() -> None:
 
 def do_run_migrations(connection: Connection) -> None:
     is_sqlite = connection.dialect.name == "sqlite"
-    if is_sqlite and not connection.in_transaction():
-        # The command line's own connection; ensure_schema's comes in its transaction already.
-        begin_sqlite_migration(connection)
+    if not connection.in_transaction():  # the command line's own connection; ensure_schema's is in
+        if is_sqlite:                     # its transaction already, under the lock below
+            begin_sqlite_migration(connection)
+        else:  # as a starting controller takes it: a Job's upgrade and a controller's never run at once
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_MIGRATION_LOCK_KEY})
     context.configure(
         connection=connection,
         target_metadata=target_metadata,

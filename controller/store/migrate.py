@@ -49,7 +49,8 @@ VERSION_TABLE = "alembic_version"
 _TABLES_NAMED = 3
 
 # Serialises concurrent `ensure_schema(migrate=True)` calls of several controllers on PostgreSQL.
-_PG_MIGRATION_LOCK_KEY = 0x6D616961  # "maia"
+# `alembic upgrade` from the command line takes it too (migrations/env.py).
+PG_MIGRATION_LOCK_KEY = 0x6D616961  # "maia"
 
 
 class SchemaError(RuntimeError):
@@ -265,7 +266,7 @@ async def ensure_schema(db: Database, *, migrate: bool) -> str:
             await conn.rollback()
             await conn.run_sync(begin_sqlite_migration)
         else:
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK_KEY})
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_MIGRATION_LOCK_KEY})
         try:
             before = await conn.run_sync(_current_revision)  # under the lock: another start may have migrated
             await conn.run_sync(_upgrade, alembic_config(db.url), url)

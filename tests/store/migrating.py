@@ -30,3 +30,24 @@ async def upgrade_past(writer: UnitOfWork, db_url: str, database: Database, tabl
         pytest.fail(f"the migration never waited for the writer's lock on {table}")
     await writer.commit()
     await asyncio.wait_for(migrating, 60)
+
+
+async def holding_the_migration_lock(db_url: str, database: Database) -> None:
+    """PostgreSQL: `alembic upgrade head` from the command line, in a thread, while another
+    session holds the controllers' migration lock: it waits for the lock (and migrates nothing
+    meanwhile), then migrates once the lock is let go."""
+    from controller.store.migrate import PG_MIGRATION_LOCK_KEY
+
+    async with database.unit_of_work() as holder:  # a starting controller migrating
+        await holder.session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_MIGRATION_LOCK_KEY})
+        migrating = asyncio.create_task(asyncio.to_thread(command.upgrade, alembic_config(db_url), "head"))
+        for _ in range(600):
+            if await _lock_waited_for(database):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            migrating.cancel()
+            pytest.fail("the command line's upgrade never waited for the migration lock")
+        assert not migrating.done()
+        await holder.commit()
+    await asyncio.wait_for(migrating, 60)

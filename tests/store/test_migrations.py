@@ -193,3 +193,18 @@ async def test_a_lease_row_written_before_agent_addresses_still_names_the_leader
         assert refused.value.metadata == (("maia-leader", "old:50051"),)
     finally:
         await db.dispose()
+
+
+@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_the_command_lines_upgrade_takes_the_controllers_migration_lock(db_url: str) -> None:
+    """`alembic upgrade head` (a Kubernetes Job) and a controller starting with --migrate never
+    migrate at once: the one second failed "already exists", with a misleading hint."""
+    from .migrating import holding_the_migration_lock
+
+    db = Database(db_url)
+    try:
+        await holding_the_migration_lock(db_url, db)
+        async with db.unit_of_work() as uow:
+            assert await uow.session.scalar(text("SELECT count(*) FROM alembic_version")) == 1
+    finally:
+        await db.dispose()
