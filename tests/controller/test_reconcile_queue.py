@@ -189,16 +189,22 @@ async def test_a_departure_of_work_placed_after_the_full_solve_lets_parked_work_
     assert (await view(cluster, "big")).phase == "scheduled"
 
 
-async def test_a_parked_deployment_deleted_and_submitted_again_as_it_was_gets_its_full_solve(cluster):
-    """Deleted while parked (it held nothing) and submitted again unchanged, a deployment backs
-    off anew and the full solve tries it: its parked entry matched it, and it was left out."""
-    solve = SolveRecorder()
+async def _big_parked_beside_filler(cluster, solve: SolveRecorder) -> Reconciler:
+    """A reconciler whose full solve parked "big" (the whole row) beside "filler" (a node)."""
     loop = reconciler(cluster, solve)
     await submit(cluster, deployment("filler", accelerators=4, locality="node"))
     assert (await loop.reconcile_once()).solved
     await submit(cluster, deployment("big", shards=4, accelerators=4, locality="row"))
     assert (await loop.reconcile_once()).solved  # a fast pass: backs off
     assert (await loop.reconcile_once()).solved  # the full solve: parked
+    return loop
+
+
+async def test_a_parked_deployment_deleted_and_submitted_again_as_it_was_gets_its_full_solve(cluster):
+    """Deleted while parked (it held nothing) and submitted again unchanged, a deployment backs
+    off anew and the full solve tries it: its parked entry matched it, and it was left out."""
+    solve = SolveRecorder()
+    loop = await _big_parked_beside_filler(cluster, solve)
     assert loop._state.queue.depths().unschedulable == 1
     await _delete(cluster, "big")
     assert (await loop.reconcile_once()).deleted == ("t1/big",)
@@ -213,12 +219,7 @@ async def test_a_parked_deployment_deleted_and_submitted_again_is_solved_by_a_fu
     """As above, the new deployment read by a full pass (another's back-off falls due as it
     arrives): the deletion forgot the parked entry, so the solve is asked to place it."""
     solve = SolveRecorder()
-    loop = reconciler(cluster, solve)
-    await submit(cluster, deployment("filler", accelerators=4, locality="node"))
-    assert (await loop.reconcile_once()).solved
-    await submit(cluster, deployment("big", shards=4, accelerators=4, locality="row"))
-    assert (await loop.reconcile_once()).solved  # a fast pass: backs off
-    assert (await loop.reconcile_once()).solved  # the full solve: parked
+    loop = await _big_parked_beside_filler(cluster, solve)
     await _delete(cluster, "big")
     await submit(cluster, deployment("nofit", shards=4, accelerators=4, locality="row"))  # no room beside filler
     assert (await loop.reconcile_once()).deleted == ("t1/big",)  # and nofit backs off

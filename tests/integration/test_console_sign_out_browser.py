@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 
@@ -51,11 +53,11 @@ async def console(database: Database, monkeypatch: pytest.MonkeyPatch) -> AsyncI
         await server.stop()
 
 
-@pytest.mark.parametrize("db_backend", ["sqlite"])  # the page, not the database, is under test
-async def test_signing_out_and_in_ends_the_old_tokens_stream(console: tuple[str, TokenStreams]) -> None:
+@asynccontextmanager
+async def _signed_in_with_a(address: str, streams: TokenStreams) -> AsyncIterator[Any]:
+    """A page of a headless Chromium, signed in with token A through the link (its stream held)."""
     from playwright.async_api import async_playwright
 
-    address, streams = console
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=chromium(), args=FLAGS)
         try:
@@ -63,46 +65,44 @@ async def test_signing_out_and_in_ends_the_old_tokens_stream(console: tuple[str,
             await page.goto(f"http://{address}/#token=tok-a")
             await page.wait_for_selector("#console:not([hidden])")
             await _until(lambda: streams.held_by("A") == 1, "A's stream held")
-            await page.click("#sign-out")
-            await _until(lambda: streams.held_by("A") == 0, "A's stream ended by the sign-out")
-            await page.fill("#token", "tok-b")
-            await page.click("#sign-in button[type=submit]")
-            await page.wait_for_selector("#console:not([hidden])")
-            await _until(lambda: streams.held_by("B") == 1, "B's stream held")
-            assert streams.held_by("A") == 0 and await page.text_content("#viewer") == "tenant t2"
-            assert streams.revoke(["A"]) == 0  # A revoked long after: nothing of B's page ends
-            await asyncio.sleep(0.5)
-            assert await page.get_attribute("#console", "hidden") is None
-            assert streams.revoke(["B"]) == 1  # B revoked: its page says so
-            await page.wait_for_selector("#sign-in:not([hidden])")
-            assert "revoked" in (await page.text_content("#sign-in-error") or "")
+            yield page
         finally:
             await browser.close()
+
+
+@pytest.mark.parametrize("db_backend", ["sqlite"])  # the page, not the database, is under test
+async def test_signing_out_and_in_ends_the_old_tokens_stream(console: tuple[str, TokenStreams]) -> None:
+    address, streams = console
+    async with _signed_in_with_a(address, streams) as page:
+        await page.click("#sign-out")
+        await _until(lambda: streams.held_by("A") == 0, "A's stream ended by the sign-out")
+        await page.fill("#token", "tok-b")
+        await page.click("#sign-in button[type=submit]")
+        await page.wait_for_selector("#console:not([hidden])")
+        await _until(lambda: streams.held_by("B") == 1, "B's stream held")
+        assert streams.held_by("A") == 0 and await page.text_content("#viewer") == "tenant t2"
+        assert streams.revoke(["A"]) == 0  # A revoked long after: nothing of B's page ends
+        await asyncio.sleep(0.5)
+        assert await page.get_attribute("#console", "hidden") is None
+        assert streams.revoke(["B"]) == 1  # B revoked: its page says so
+        await page.wait_for_selector("#sign-in:not([hidden])")
+        assert "revoked" in (await page.text_content("#sign-in-error") or "")
 
 
 @pytest.mark.parametrize("db_backend", ["sqlite"])
 async def test_a_malformed_token_in_the_link_shows_the_sign_in_form(console: tuple[str, TokenStreams]) -> None:
-    from playwright.async_api import async_playwright
-
     address, streams = console
-    async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=chromium(), args=FLAGS)
-        try:
-            page = await browser.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            await page.goto(f"http://{address}/#token=tok-a")  # signed in with A earlier in the tab
-            await page.wait_for_selector("#console:not([hidden])")
-            await page.goto(f"http://{address}/?again#token=maia_abc.x%zz")  # a load, not a hash change
-            await page.wait_for_selector("#sign-in:not([hidden])")
-            assert "malformed" in (await page.text_content("#sign-in-error") or "")
-            assert errors == [] and "#" not in page.url  # the fragment is gone from the address bar
-            # Neither A (stored before: the link meant another token) nor a refusal takes its place
-            # (the 2 s retry wiped the message; the 10 s refresh showed A's console).
-            await page.evaluate("refreshSoon()")
-            await asyncio.sleep(3.0)
-            assert await page.get_attribute("#console", "hidden") is not None
-            assert "malformed" in (await page.text_content("#sign-in-error") or "")
-            assert streams.held_by("A") == 0
-        finally:
-            await browser.close()
+    async with _signed_in_with_a(address, streams) as page:  # signed in with A earlier in the tab
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        await page.goto(f"http://{address}/?again#token=maia_abc.x%zz")  # a load, not a hash change
+        await page.wait_for_selector("#sign-in:not([hidden])")
+        assert "malformed" in (await page.text_content("#sign-in-error") or "")
+        assert errors == [] and "#" not in page.url  # the fragment is gone from the address bar
+        # Neither A (stored before: the link meant another token) nor a refusal takes its place
+        # (the 2 s retry wiped the message; the 10 s refresh showed A's console).
+        await page.evaluate("refreshSoon()")
+        await asyncio.sleep(3.0)
+        assert await page.get_attribute("#console", "hidden") is not None
+        assert "malformed" in (await page.text_content("#sign-in-error") or "")
+        assert streams.held_by("A") == 0
