@@ -1,9 +1,9 @@
 """Following the events history (`maiactl get events --watch`): every event shown once, none missed.
 
-`ListEvents(after_id=N, oldest_first=true)` gives the oldest events after N (0 too). An event's id is taken as it is written,
-not as its transaction commits, so on PostgreSQL two writers can commit out of id order: a
-follower that asked from the last id it saw would pass an event still being committed, and never
-see it. `EventFollower` asks from a little behind instead: from the highest id it had seen
+`ListEvents(after_id=N, oldest_first=true)` gives the oldest events after N (0 too). An event's
+id is taken as it is written, not as its transaction commits, so on PostgreSQL two writers can
+commit out of id order: a follower that asked from the last id it saw would pass an event still
+being committed, and never see it. `EventFollower` asks from a little behind instead: from the highest id it had seen
 `settle_s` seconds ago, and drops the ids it has shown already. An event whose transaction takes
 longer than that to commit after a larger id was seen is still missed; the controller's
 transactions take milliseconds. The price: each poll reads the last `settle_s` of events again

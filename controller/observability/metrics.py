@@ -511,8 +511,10 @@ class _UsageHighWater:
     def of(self, usage: UsageCounters) -> UsageCounters:
         with self._lock:
             shown = self._shown
-            self._shown = {key: (max(seconds, shown.get(key, (0.0, 0.0))[0]), max(joules, shown.get(key, (0.0, 0.0))[1]))
-                           for key, (seconds, joules) in usage.items()}
+            self._shown = {}
+            for key, (seconds, joules) in usage.items():
+                was_seconds, was_joules = shown.get(key, (0.0, 0.0))
+                self._shown[key] = (max(seconds, was_seconds), max(joules, was_joules))
             return self._shown
 
 

@@ -13,10 +13,12 @@ from controller.preflight import StartupError, check_db_url
 from controller.store.db import Database
 
 
-@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])  # a unix socket is PostgreSQL's
+# A unix socket is PostgreSQL's.
+@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
 async def test_a_unix_socket_url_is_accepted_and_connects(database: Database) -> None:
     url = make_url(str(database.url))
-    sockets = list(Path("/tmp").rglob(f".s.PGSQL.{url.port}")) + list(Path("/var/run/postgresql").glob(f".s.PGSQL.{url.port}"))
+    name = f".s.PGSQL.{url.port}"
+    sockets = [*Path("/tmp").rglob(name), *Path("/var/run/postgresql").glob(name)]
     if not sockets:
         pytest.skip(f"no unix socket of the test server (port {url.port})")
     over_socket = URL.create(url.drivername, username=url.username, password=url.password, database=url.database,
