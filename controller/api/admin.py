@@ -128,7 +128,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def GetClusterSnapshot(self, request: admin_pb2.GetClusterSnapshotRequest,
                                  context: aio.ServicerContext) -> admin_pb2.ClusterSnapshot:
-        async with self._deps.db.unit_of_work() as uow:
+        async with self._deps.db.read_unit() as uow:  # every table as of one moment
             return convert.cluster_snapshot_msg(await nodes.cluster_snapshot(uow, current_principal()))
 
     # --- tokens ------------------------------------------------------------------------------

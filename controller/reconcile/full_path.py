@@ -67,7 +67,7 @@ class FullPath(PathCollaborators):
         if warm is not None:
             async with self._state.db.unit_of_work() as uow:
                 return warm, await _deleting_views(uow.session, warm.deleting)
-        async with self._state.db.unit_of_work() as uow:
+        async with self._state.db.read_unit() as uow:  # every table as of one moment (`Database.read_unit`)
             snapshot = await planning.load_snapshot(uow.session, surge=self._max_surge)
             return snapshot, await _deleting_views(uow.session, snapshot.deleting)
 

@@ -219,10 +219,20 @@ class DecideProcess:
     def _send(self, token: int, method: str, args: tuple[Any, ...], *, reply: bool) -> None:
         if self._conn is None:
             raise DeciderFailed("the decide process is not running (stopped, or failed earlier)")
+        # A child that takes nothing (hung, its pipe full) is killed after `timeout_s`, which
+        # ends the send with a broken pipe: a call larger than the pipe holds blocked for good.
+        proc = self._proc
+        watchdog = threading.Timer(self.timeout_s, proc.kill) if proc is not None else None
+        if watchdog is not None:
+            watchdog.daemon = True
+            watchdog.start()
         try:
             self._conn.send((token, method, args, reply))
         except (OSError, EOFError) as exc:
             self._fail(f"the decide process is gone ({exc})")
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
 
     def _receive(self, conn: Connection, what: str) -> Any:
         try:
@@ -249,7 +259,8 @@ class DecideProcess:
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
         finally:
             theirs.close()  # the child has its copy: a dead child is EOF on ours
-        self._conn, self._ready, self._token = ours, False, 0
+        # Tokens go on from the last child's: a proxy of a session it held is no token of this one's.
+        self._conn, self._ready = ours, False
         self.starts += 1
         log.info("decide process started (pid %d)", self._proc.pid)
 

@@ -458,6 +458,15 @@ class Database:
         finally:
             await asyncio.shield(_discard(session))
 
+    @asynccontextmanager
+    async def read_unit(self) -> AsyncIterator[UnitOfWork]:
+        """`read_snapshot` as a unit of work, for the use cases that read the whole cluster
+        (a snapshot, a dry run, a full pass's fresh read): a tenant and its first deployment
+        committed between the tenants' SELECT and the deployments' made a problem naming an
+        unknown tenant, and the full pass quarantined that valid deployment. Never committed."""
+        async with self.read_snapshot() as session:
+            yield UnitOfWork(session)
+
     async def check_writable(self) -> None:
         """Raise `DatabaseReadOnly` when this SQLite database takes no write (a read-only or
         immutable file, a read-only mount): the controller would start, say SERVING and fail

@@ -377,8 +377,9 @@ async def _dry_run(db: Database, who: Principal, spec: DeploymentSpec, time_limi
     """The would-be view; a tenant reads the solver's reasons without other tenants in them."""
     async with db.unit_of_work() as uow:
         await _validate_against_store(uow, who, spec, replacing=replace_existing)
-        snapshot = await planning.load_snapshot(uow.session)
         redactor = await redactor_of(uow, who)
+    async with db.read_unit() as uow:  # every table as of one moment (`Database.read_unit`)
+        snapshot = await planning.load_snapshot(uow.session)
     # Each node's rack from the snapshot's own nodes (the plan places on no other), not every node's row.
     racks = {n["id"]: n["rack"] for n in snapshot.problem["nodes"]}
     problem = planning.with_options(planning.with_deployment(snapshot.problem, spec, replace=replace_existing),

@@ -219,6 +219,47 @@ def test_a_child_that_hangs_is_killed_and_the_call_fails() -> None:
         decider.close()
 
 
+def test_a_child_that_hangs_is_killed_when_a_call_larger_than_the_pipe_cannot_be_sent() -> None:
+    """A call of a few MB to a hung child blocked in send() for good: the timeout covered only
+    waiting for the answer, and the reconcile pass never ended."""
+    doc, _ = _tiny()
+    decider = DecideProcess(timeout_s=120.0)
+    try:
+        session = decider.open(doc, time_limit_ms=2000)
+        pid = decider.pid
+        assert pid is not None
+        decider.timeout_s = 1.0
+        os.kill(pid, signal.SIGSTOP)
+        docs = [{"id": f"t/d{i}", "tenant": "t", "replicas": 1, "shards_per_replica": 1,
+                 "shard": {"accelerators": 1}, "locality": "node", "padding": "x" * 200} for i in range(20000)]
+        with pytest.raises(DeciderFailed, match="gone"):
+            session.place_documents(docs)
+        assert wait_gone(pid, 10) and decider.pid is None
+    finally:
+        decider.close()
+
+
+def test_a_proxy_of_a_dead_childs_session_cannot_drive_the_next_childs() -> None:
+    """Tokens go on across children: the new child's first session had token 1 again, and a
+    proxy left from the dead child's passed its check."""
+    doc, _ = _tiny()
+    decider = DecideProcess(timeout_s=120.0)
+    try:
+        old = decider.open(doc, time_limit_ms=2000)
+        pid = decider.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        assert wait_gone(pid, 10)
+        with pytest.raises(DeciderFailed):
+            old.pending()
+        new = decider.open(doc, time_limit_ms=2000)
+        assert new.pending() == []
+        with pytest.raises(DeciderFailed):
+            old.pending()
+    finally:
+        decider.close()
+
+
 def test_the_child_exits_when_its_parent_dies(tmp_path: Path) -> None:
     # A parent that opens a session, says its child's pid, and is killed without closing anything.
     script = textwrap.dedent("""
