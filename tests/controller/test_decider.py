@@ -203,8 +203,18 @@ def test_a_child_that_dies_fails_the_call_and_the_next_open_starts_another(proce
     assert place_documents(again, arrivals) == place_documents(here, arrivals)
 
 
-def test_a_child_that_hangs_is_killed_and_the_call_fails() -> None:
-    doc, arrivals = _tiny()
+# A call of a few MB (more than the pipe holds) to a hung child blocked in send() for good: the
+# timeout covered only waiting for the answer, and the reconcile pass never ended.
+_BIG = [{"id": f"t/d{i}", "tenant": "t", "replicas": 1, "shards_per_replica": 1, "shard": {"accelerators": 1},
+         "locality": "node", "padding": "x" * 200} for i in range(20000)]
+
+
+@pytest.mark.parametrize("call, says", [
+    (lambda session: session.pending(), "did not answer"),  # a small call: waiting for the answer
+    (lambda session: session.place_documents(_BIG), "gone"),  # a large one: sending it
+], ids=["answer", "send"])
+def test_a_child_that_hangs_is_killed_and_the_call_fails(call: Any, says: str) -> None:
+    doc, _ = _tiny()
     decider = DecideProcess(timeout_s=120.0)  # room to start an interpreter on a busy machine
     try:
         session = decider.open(doc, time_limit_ms=2000)
@@ -212,28 +222,8 @@ def test_a_child_that_hangs_is_killed_and_the_call_fails() -> None:
         assert pid is not None
         decider.timeout_s = 1.0
         os.kill(pid, signal.SIGSTOP)
-        with pytest.raises(DeciderFailed, match="did not answer"):
-            session.pending()
-        assert wait_gone(pid, 10) and decider.pid is None
-    finally:
-        decider.close()
-
-
-def test_a_child_that_hangs_is_killed_when_a_call_larger_than_the_pipe_cannot_be_sent() -> None:
-    """A call of a few MB to a hung child blocked in send() for good: the timeout covered only
-    waiting for the answer, and the reconcile pass never ended."""
-    doc, _ = _tiny()
-    decider = DecideProcess(timeout_s=120.0)
-    try:
-        session = decider.open(doc, time_limit_ms=2000)
-        pid = decider.pid
-        assert pid is not None
-        decider.timeout_s = 1.0
-        os.kill(pid, signal.SIGSTOP)
-        docs = [{"id": f"t/d{i}", "tenant": "t", "replicas": 1, "shards_per_replica": 1,
-                 "shard": {"accelerators": 1}, "locality": "node", "padding": "x" * 200} for i in range(20000)]
-        with pytest.raises(DeciderFailed, match="gone"):
-            session.place_documents(docs)
+        with pytest.raises(DeciderFailed, match=says):
+            call(session)
         assert wait_gone(pid, 10) and decider.pid is None
     finally:
         decider.close()
