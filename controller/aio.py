@@ -131,11 +131,36 @@ def pushed(stream: object) -> PushedStream | None:
     return stream if callable(getattr(stream, "push_to", None)) else None
 
 
+def on_stop_signals(loop: asyncio.AbstractEventLoop, callback: Callable[[signal.Signals], object]) -> None:
+    """`callback(the signal)` on `loop` at each SIGINT or SIGTERM (a later call replaces it).
+
+    SIGINT goes through the loop's handlers; SIGTERM through a Python handler of the process that
+    hands it to the loop, so that `stopped_ignoring_sigterm` swaps it for SIG_IGN in one step. The
+    loop's own removal passes through the default action first (`remove_signal_handler` sets
+    SIG_DFL): a parent's SIGTERM that arrived in that instant killed a gateway that was stopping
+    cleanly (exit -15, once in CI). The handler runs on the main thread, woken by the loop's wakeup
+    fd (set for SIGINT) whichever thread the signal reached."""
+    def handed_to_loop(signum: int, frame: object) -> None:
+        _call_soon_threadsafe(loop, callback, signal.SIGTERM)
+
+    loop.add_signal_handler(signal.SIGINT, callback, signal.SIGINT)
+    signal.signal(signal.SIGTERM, handed_to_loop)
+
+
+def _call_soon_threadsafe(loop: asyncio.AbstractEventLoop, callback: Callable[..., object], *args: object) -> None:
+    """`callback(*args)` on `loop`; nothing once the loop is closed (a signal on the way out)."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        pass
+
+
 def stopped_ignoring_sigterm(loop: asyncio.AbstractEventLoop) -> None:
     """A process's stop is over, or under way on its own: a SIGTERM from now on (a supervisor's
     second, a parent's racing a stop the process began itself) has nothing left to hurry, and once
     the loop closes and gives its handlers back, the default action would kill the process on its
-    way out (exit -15). The loop's SIGINT and SIGTERM handlers go; SIGTERM is ignored."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.remove_signal_handler(sig)
+    way out (exit -15). SIGTERM is ignored from now on, its handler (`on_stop_signals`) replaced in
+    one step, never through the default action; the loop's SIGINT handler goes."""
+    loop.remove_signal_handler(signal.SIGTERM)  # one the loop held (none with `on_stop_signals`): a no-op
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    loop.remove_signal_handler(signal.SIGINT)

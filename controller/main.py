@@ -20,7 +20,6 @@ import asyncio
 import faulthandler
 import logging
 import os
-import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from controller.config import Config, parse_args
 from controller.logs import configure_logging
-from controller.aio import stopped_ignoring_sigterm
+from controller.aio import on_stop_signals, stopped_ignoring_sigterm
 from controller.gcpolicy import configure_gc
 from controller.threads import name_threads
 from controller.preflight import StartupError, check_db_url, check_listen, check_listens_apart
@@ -94,8 +93,7 @@ async def serve(config: Config) -> int:
     # must stop the controller cleanly, not kill it with the default action.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    on_stop_signals(loop, lambda _: stop.set())
     try:
         address = await app.start(stop)
     except StartAbandoned:  # stopped while waiting for the database: nothing else was started
@@ -128,8 +126,7 @@ async def serve(config: Config) -> int:
 
     await stop.wait()
     fire = exit_if_stuck(SHUTDOWN_DEADLINE_S)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, fire)
+    on_stop_signals(loop, lambda _: fire())
     await app.stop()
     # A SIGTERM from now on has nothing left to hurry; one before the loop closed would report the
     # clean stop as stuck (EXIT_STUCK, the stacks).

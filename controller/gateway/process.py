@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import itertools
 import logging
-import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -29,7 +28,7 @@ import grpc
 from grpc import aio
 
 from controller import limits
-from controller.aio import stopped_ignoring_sigterm
+from controller.aio import on_stop_signals, stopped_ignoring_sigterm
 from controller.gateway.frames import (
     GATEWAY_METADATA_KEY, LINK_CALL, LINK_OPTIONS, Arrivals, Outbox, from_relayed, status_code, to_relayed)
 from controller.logs import configure_logging
@@ -233,8 +232,7 @@ async def serve(args: argparse.Namespace) -> int:
     # Handlers before the line that says it serves: a SIGTERM as soon as it is read stops it cleanly.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    on_stop_signals(loop, lambda _: stop.set())
     host, _, _ = args.listen.rpartition(":")
     print(f"maia-gateway listening on {host}:{port}", flush=True)
     stopping = asyncio.create_task(stop.wait())

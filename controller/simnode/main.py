@@ -11,11 +11,12 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import grpc
 
-from controller.aio import stopped_ignoring_sigterm
+from controller.aio import on_stop_signals, stopped_ignoring_sigterm
 from controller.gcpolicy import configure_gc
 from controller.bearer import CONTROLLER_ENV, TOKEN_ENV
 from controller.simnode import faultcli
@@ -163,8 +164,7 @@ def build_fleet(args: argparse.Namespace) -> Fleet:
 
 async def _run(fleet: Fleet, control_socket: Path | None) -> int:
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, _on_signal, fleet, sig)
+    on_stop_signals(loop, partial(_on_signal, fleet))
     control = ControlServer(FaultInjector(fleet.nodes), control_socket) if control_socket else None
     if control is not None:
         await control.start()

@@ -1,13 +1,18 @@
 """controller.aio: bounded waits that never swallow a cancellation (Python 3.11's wait_for does,
-CPython gh-86296), a shutdown that never waits forever on a task, and a leader's periodic passes."""
+CPython gh-86296), a shutdown that never waits forever on a task, a leader's periodic passes, and
+the stop signals' handlers."""
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator
 
 import pytest
 
-from controller.aio import cancel_and_wait, leader_passes, wait_event, within
+from controller.aio import cancel_and_wait, leader_passes, on_stop_signals, stopped_ignoring_sigterm, wait_event, within
 
 
 async def _waiter(event: asyncio.Event) -> None:
@@ -106,3 +111,63 @@ async def test_leader_passes_run_while_leading_and_go_on_after_a_failure(caplog)
     assert ran[:3] == ["RuntimeError", "Deposed", "NoneType"]  # each failure, then the next on time
     failures = [r for r in caplog.records if "a test pass failed" in r.getMessage()]
     assert len(failures) == 1 and "the database went away" in (failures[0].exc_text or str(failures[0].exc_info))
+
+
+@pytest.fixture
+def signals_restored() -> Iterator[None]:
+    """The test process's SIGINT and SIGTERM dispositions, put back after the test."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
+async def test_stop_signals_reach_the_loop_until_sigterm_is_ignored_from_any_thread(signals_restored: None) -> None:
+    """SIGINT and SIGTERM call the callback on the loop with the signal, SIGTERM also when another
+    thread took it (the loop is woken, not left asleep until its next timer); once the stop is
+    under way a SIGTERM is ignored (the process lives, nothing is called)."""
+    loop = asyncio.get_running_loop()
+    heard: asyncio.Queue[signal.Signals] = asyncio.Queue()
+    on_stop_signals(loop, heard.put_nowait)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert await asyncio.wait_for(heard.get(), 5.0) == signal.SIGINT
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert await asyncio.wait_for(heard.get(), 5.0) == signal.SIGTERM
+    parked, release = threading.Event(), threading.Event()
+    other = threading.Thread(target=lambda: (parked.set(), release.wait(10.0)))
+    other.start()
+    parked.wait(5.0)
+    try:
+        assert other.ident is not None
+        signal.pthread_kill(other.ident, signal.SIGTERM)  # its C handler runs there, the Python one on main
+        assert await asyncio.wait_for(heard.get(), 5.0) == signal.SIGTERM
+    finally:
+        release.set()
+        other.join()
+    stopped_ignoring_sigterm(loop)
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.sleep(0.2)
+    assert heard.empty() and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+
+
+async def test_sigterm_goes_from_its_handler_to_ignored_never_through_the_default_action(
+        signals_restored: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default action for SIGTERM kills the process: a SIGTERM racing a clean stop (a parent's,
+    as the process ended itself) in an instant when it was set killed a gateway (exit -15). From
+    the handler to SIG_IGN, no disposition set on the way is SIG_DFL (the loop's own removal of a
+    handler sets it)."""
+    set_for_sigterm: list[object] = []
+    real = signal.signal
+
+    def recorded(sig: int, handler: object) -> object:
+        if sig == signal.SIGTERM:
+            set_for_sigterm.append(handler)
+        return real(sig, handler)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(signal, "signal", recorded)
+    loop = asyncio.get_running_loop()
+    on_stop_signals(loop, lambda _: None)
+    on_stop_signals(loop, lambda _: None)  # the controller's second handler (its stop deadline's)
+    stopped_ignoring_sigterm(loop)
+    assert set_for_sigterm and set_for_sigterm[-1] is signal.SIG_IGN
+    assert signal.SIG_DFL not in set_for_sigterm
