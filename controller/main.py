@@ -97,7 +97,7 @@ async def serve(config: Config) -> int:
     try:
         address = await app.start(stop)
     except StartAbandoned:  # stopped while waiting for the database: nothing else was started
-        log.info("stopped before the database could be reached")
+        log.info("stopped before the database was ready (unreachable, or another controller migrating it)")
         await app.db.dispose()
         return 0
     except (SchemaError, ListenError, StartupError, DatabaseReadOnly) as exc:

@@ -20,8 +20,9 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -82,6 +83,7 @@ from maia.v1 import (
 )
 
 log = logging.getLogger("maia.server")
+T = TypeVar("T")
 CONSOLE_VIEWERS = (Role.ADMIN, Role.TENANT)
 DB_WAIT_FIRST_PAUSE_S = 0.5  # between tries at a database that cannot be reached yet, doubling
 DB_WAIT_MAX_PAUSE_S = 5.0
@@ -100,7 +102,22 @@ class ListenError(OSError):
 
 
 class StartAbandoned(Exception):
-    """The controller was told to stop while it waited for its database to be reachable (--db-wait)."""
+    """The controller was told to stop while it waited for its database: to be reachable (--db-wait),
+    or for the migration lock another controller held."""
+
+
+async def _unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T:
+    """`await work`, unless `stop` is set first: then `work` is cancelled and `StartAbandoned` raised."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([task, stopping], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if not task.done():
+        await cancel_and_wait([task])
+        raise StartAbandoned()
+    return task.result()
 
 
 class AppSignals:
@@ -439,14 +456,17 @@ class ControllerApp:
         """`ensure_schema`, tried again while the database server cannot be reached yet
         (`db.unreachable`: refused, starting up, its name not resolved) for at most --db-wait,
         pausing 0.5 s doubling to 5 s, each try logged; on PostgreSQL only (a SQLite file is there
-        or not). Past the wait, the last failure is raised; `StartAbandoned` once `stop` is set."""
+        or not). Past the wait, the last failure is raised; `StartAbandoned` once `stop` is set,
+        also during a try: one can wait for long (another controller's migration holds the
+        migration lock; a connect to an address that drops packets), and an operator's ^C must
+        not wait with it (the try is cancelled: its transaction rolls back, nothing half-done)."""
         from controller.store.migrate import ensure_schema
 
         give_up = time.monotonic() + (0.0 if self.db.is_sqlite else self.config.db_wait_s)
         pause = DB_WAIT_FIRST_PAUSE_S
         while True:
             try:
-                return await ensure_schema(self.db, migrate=self.config.migrate)
+                return await _unless_stopped(ensure_schema(self.db, migrate=self.config.migrate), stop)
             except Exception as exc:
                 left = give_up - time.monotonic()
                 if not unreachable(exc) or left <= 0:

@@ -135,6 +135,41 @@ async def test_a_stop_while_waiting_for_the_database_exits_0_at_once() -> None:
             await proc.wait()
 
 
+async def test_a_stop_while_another_controller_migrates_exits_0_at_once_and_migrates_nothing(
+        request: pytest.FixtureRequest) -> None:
+    """A controller starting on a database that another one is migrating waits for the migration
+    lock; a SIGTERM (an operator's ^C) meanwhile stopped nothing until that migration ended. It
+    now exits 0 at once, having said it listens nowhere and migrated nothing."""
+    import asyncpg
+
+    from bench.pgserver import asyncpg_dsn
+    from controller.store.migrate import PG_MIGRATION_LOCK_KEY
+
+    maker = request.getfixturevalue("_postgres_empty_databases")
+    url = await maker.take()
+    holder = await asyncpg.connect(asyncpg_dsn(url))
+    proc = None
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", PG_MIGRATION_LOCK_KEY)  # another start migrating
+        proc = await _controller("--db", url)
+        async with asyncio.timeout(30):
+            while not await holder.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                            "AND NOT granted"):
+                assert proc.returncode is None, await proc.stderr.read()  # type: ignore[union-attr]
+                await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):  # not until the lock is let go
+            assert await proc.wait() == 0, await proc.stderr.read()  # type: ignore[union-attr]
+        assert await proc.stdout.read() == b""  # type: ignore[union-attr]  # never said it listens
+        assert await holder.fetchval("SELECT to_regclass('alembic_version')") is None
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await holder.close()
+        maker.drop(url)
+
+
 def test_a_database_that_does_not_exist_is_not_waited_for(tmp_path: Path, postgres_url: str) -> None:
     """What waiting cannot cure (a database name that does not exist here) exits at once."""
     url = make_url(postgres_url).set(database="no_such_database_here")
