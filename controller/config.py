@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from controller import limits
 from controller.domain.liveness import HeartbeatPacing, LivenessPolicy
+from controller.flagtypes import finite_number
 from controller.domain.restarts import RestartPolicy
 from controller.store.rollout import DEFAULT_SURGE
 from controller.store.db import DEFAULT_DB_URL
@@ -137,20 +137,8 @@ class Config:
         return HeartbeatPacing(timeout_s=self.heartbeat_timeout_s, max_per_second=self.max_heartbeats_per_second)
 
 
-def _number(text: str) -> float:
-    """A finite number: `float` reads "nan" and "inf" too, which no setting means (a NaN interval
-    compares false with everything: `max(0.0, nan)` made --reconcile-interval nan a busy loop)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
 def _positive_float(text: str) -> float:
-    value = _number(text)
+    value = finite_number(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
@@ -164,7 +152,7 @@ TTL_MAX_S = 3650 * 24 * 3600.0        # ten years
 def _ttl(kept: str, minimum_s: float, minimum_words: str) -> Callable[[str], float]:
     """A time-to-live flag's parser: 0 (keep every one of `kept`) or `minimum_s` to ten years."""
     def parse(text: str) -> float:
-        value = _number(text)
+        value = finite_number(text)
         if value != 0 and not minimum_s <= value <= TTL_MAX_S:
             raise argparse.ArgumentTypeError(
                 f"0 (keep every {kept}) or {minimum_s:.0f} to {TTL_MAX_S:.0f} seconds ({minimum_words} to ten "
@@ -178,7 +166,7 @@ _audit_ttl = _ttl("audit entry", AUDIT_TTL_MIN_S, "a day")
 
 
 def _non_negative_float(text: str) -> float:
-    value = _number(text)
+    value = finite_number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
@@ -228,7 +216,7 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _whole_number(text: str, *, least: int) -> int:
+def _wholefinite_number(text: str, *, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -239,11 +227,11 @@ def _whole_number(text: str, *, least: int) -> int:
 
 
 def _positive_int(text: str) -> int:
-    return _whole_number(text, least=1)
+    return _wholefinite_number(text, least=1)
 
 
 def _non_negative_int(text: str) -> int:
-    return _whole_number(text, least=0)
+    return _wholefinite_number(text, least=0)
 
 
 def _advertise_agent_address(parser: argparse.ArgumentParser, flag: str | None, gateways: int,

@@ -19,6 +19,7 @@ import grpc
 from controller.aio import on_stop_signals, stopped_ignoring_sigterm
 from controller.gcpolicy import configure_gc
 from controller.bearer import CONTROLLER_ENV, TOKEN_ENV
+from controller.flagtypes import finite_number
 from controller.simnode import faultcli
 from controller.simnode.credentials import CredentialFile, default_state_dir, unwritable
 from controller.simnode.faults import ControlServer, FaultError, FaultInjector
@@ -35,15 +36,8 @@ SECONDS_MAX = 86_400.0
 
 
 def _number(text: str, *, least: float, inclusive: bool, most: float = math.inf) -> float:
-    """A finite number from `least` (excluded unless `inclusive`) to `most`: `float` reads "nan",
-    "inf" and "1e400", and every node died of the first (an interval of infinity or NaN cannot be
-    sent as milliseconds; NaN passed the `< 0` checks, comparing false with everything)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    """A finite number (`finite_number`) from `least` (excluded unless `inclusive`) to `most`."""
+    value = finite_number(text)
     if value < least or (value == least and not inclusive):
         raise argparse.ArgumentTypeError(f"must be {'at least' if inclusive else 'more than'} {least:g}, got {text}")
     if value > most:
