@@ -143,9 +143,15 @@ class SchedulingQueue:
     def placed(self, plan: Plan) -> None:
         """A fast pass committed `plan`: its placements count among those whose departure could
         help (the last full solve's were all it knew: one placed after it, deleted, and read by a
-        full pass, let nothing go, and parked work waited beside a free node)."""
-        if self._seen is not None:
-            self._seen.placements.update((p.deployment, p.replica, p.shard) for p in plan.placements)
+        full pass, let nothing go, and parked work waited beside a free node). With nothing
+        parked they are not kept (nothing to help; the next full solve's commit starts afresh):
+        the set grew by every placement of every fast pass between two full solves."""
+        if self._seen is None:
+            return
+        if not self._parked:
+            self._seen = None
+            return
+        self._seen.placements.update((p.deployment, p.replica, p.shard) for p in plan.placements)
 
     def helped(self) -> None:
         """A change that could help them was applied to the warm cluster: everything

@@ -105,3 +105,18 @@ def test_a_departure_of_what_a_plan_placed_helps():
     queue.placed(Plan(status="feasible", placements=(new,)))  # a fast pass placed it
     assert queue.admit(later)[1] == (WHY,)
     assert queue.admit(problem())[1] == ()
+
+
+def test_with_nothing_parked_the_placements_of_fast_passes_are_not_kept():
+    """The placements kept for parked work grow with every fast pass until the next full solve;
+    with nothing parked there is nothing they could help, so they are let go, and what is parked
+    later (by a full solve's commit) starts from that solve's own."""
+    from scheduler import Placement
+
+    queue = parked(problem())
+    queue.forget(["t/big"])  # deleted: nothing is parked
+    for i in range(50):
+        queue.placed(Plan(status="feasible", placements=(Placement(f"t/f{i}", 0, 0, "n1", (0,)),)))
+    assert queue._seen is None
+    queue.after_commit(problem(), Plan(status="feasible", placements=(), unplaced=(WHY,)), time_limited=False)
+    assert queue.admit(problem())[1] == (WHY,)
