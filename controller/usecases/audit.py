@@ -34,6 +34,7 @@ from controller.store.turns import answering
 from controller.usecases import customers, paging, policy
 from controller.usecases.paging import Page, PageRequest
 from controller.usecases.policy import require_admin, require_role
+from controller.usecases.validation import check_optional_id
 from controller.usecases.redaction import Redactor, redactor_of
 
 log = logging.getLogger("maia.audit")
@@ -139,6 +140,7 @@ async def list_events(uow: UnitOfWork, principal: Principal, *, tenant: str = ""
                       page: PageRequest = PageRequest()) -> Page[AuditEventView]:
     """One page of entries in seq order; a tenant principal sees its own tenant's only."""
     require_role(principal, "listing audit entries", Role.TENANT)
+    check_optional_id("tenant", tenant)  # as GetUsage's (a NUL reached PostgreSQL: INTERNAL)
     window = paging.bounds(page, (int,))
     # A tenant token reads its own entries only: another tenant asked for is NOT_FOUND, as everywhere
     # (it was answered with the caller's own entries, as if they were that tenant's).

@@ -49,6 +49,8 @@ async def _check_visible(uow: UnitOfWork, who: Principal, object_kind: str, obje
     """
     if object_kind == "deployment" and object_id:
         return await _deployment_key(uow, who, deployment_key(tenant, object_id) if tenant else object_id)
+    if object_id:  # as each kind's own calls check it (a NUL reached PostgreSQL: INTERNAL)
+        check_id(object_kind, object_id)
     if who.is_admin:
         return object_id
     policy.require_role(who, "listing events", Role.TENANT)

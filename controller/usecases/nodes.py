@@ -60,10 +60,10 @@ def _view(row: m.Node, usage: repo.ClusterUsage, connected: Set[str] | None,
 
 async def list_nodes(uow: UnitOfWork, who: Principal, connected: Set[str] | None, heard: Mapping[str, datetime],
                      rack: str = "", page: PageRequest = PageRequest()) -> Page[NodeView]:
+    policy.require_admin(who, "listing nodes")  # first: another role is told that, not how its page_token fared
     check_optional_id("rack", rack)
     bounds = paging.bounds(page)
     rows = await repo.list_node_rows(uow.session, rack, bounds)
-    policy.require_admin(who, "listing nodes")
     page = paging.page_of(rows, bounds, key=lambda n: (n.id,))
     usage = await repo.node_usage(uow.session, [n.id for n in page.items])
     nominated = await nominated_nodes(uow.session)

@@ -42,8 +42,9 @@ def encode_token(key: Key) -> str:
     return base64.urlsafe_b64encode(json.dumps(list(key), separators=(",", ":")).encode()).decode()
 
 
-# What a key's parts may be: a text, or an integer a BIGINT column holds (a forged token's
-# 2**63 reached the database driver: OverflowError, INTERNAL).
+# What a key's parts may be: a printable text, or an integer a BIGINT column holds (a forged
+# token's 2**63 reached the database driver: OverflowError, INTERNAL; its NUL or lone surrogate,
+# PostgreSQL's encoding: INTERNAL, a traceback logged for every such call of any token).
 KeyKind = type[str] | type[int]
 _BIGINT = range(-(2**63), 2**63)
 
@@ -58,7 +59,8 @@ def decode_token(token: str, kinds: tuple[KeyKind, ...]) -> Key:
     except (ValueError, UnicodeError, binascii.Error):
         key = None
     if (not isinstance(key, list) or len(key) != len(kinds)
-            or not all(type(k) is kind and (kind is str or k in _BIGINT) for k, kind in zip(key, kinds))):
+            or not all(type(k) is kind and (k.isprintable() if kind is str else k in _BIGINT)
+                       for k, kind in zip(key, kinds))):
         raise InvalidArgument("page_token is not a token this list returned; start again without one")
     return tuple(key)
 

@@ -112,13 +112,19 @@ async def list_tokens(uow: UnitOfWork, who: Principal, *, role: str = "", tenant
                       page: PageRequest = PageRequest()) -> Page[TokenView]:
     """Tokens oldest first, a page at a time (`usecases.paging`), never their secrets."""
     policy.require_admin(who, "listing tokens")
-    check_optional_id("role", role)
+    if role:  # a role no token has listed none, as if there were none of it
+        try:
+            Role.parse(role)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
     check_optional_id("tenant", tenant)
     bounds = paging.bounds(page, (str, str))
     if bounds.after is not None:
-        try:
-            datetime.fromisoformat(str(bounds.after[0]))
-        except ValueError:
+        try:  # a time PostgreSQL holds: one that leaves years 1-9999 once in UTC failed INTERNAL
+            after = datetime.fromisoformat(str(bounds.after[0]))
+            if after.tzinfo is not None:
+                after.astimezone(timezone.utc)
+        except (ValueError, OverflowError):
             raise InvalidArgument("page_token is not a token this list returned; start again without one") from None
     rows = await store.list_token_rows(uow.session, role=role, tenant=tenant, page=bounds)
     return paging.page_of(rows, bounds, key=store.token_page_key).map(store.token_view)

@@ -120,6 +120,54 @@ async def test_a_forged_page_token_of_the_right_length_is_invalid_argument(popul
             grpc.StatusCode.INVALID_ARGUMENT, "page_token is not a token this list returned; start again without one")
 
 
+_FORGED = "page_token is not a token this list returned; start again without one"
+
+
+@pytest.mark.parametrize("text", ["\x00", "svc\x00", "\ud800", "a\nb"])
+async def test_a_forged_page_token_with_a_text_no_list_returns_is_invalid_argument(populated: Stubs, text: str):
+    """A NUL (or a lone surrogate) in a token's text reached PostgreSQL's encoding: INTERNAL, a
+    traceback logged for each such call of any token (SQLite answered a page after it)."""
+    calls = [(populated.deployments.ListDeployments, deployments_pb2.ListDeploymentsRequest(page_token=_token(text, 1))),
+             (populated.admin.ListNodes, admin_pb2.ListNodesRequest(page_token=_token(text))),
+             (populated.admin.ListTenants, admin_pb2.ListTenantsRequest(page_token=_token(text))),
+             (populated.admin.ListTokens, admin_pb2.ListTokensRequest(page_token=_token("2020-01-01", text)))]
+    for call, request in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(request)
+        assert (info.value.code(), info.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, _FORGED)
+
+
+@pytest.mark.parametrize("created", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00", "2020-13-01"])
+async def test_a_list_tokens_page_token_of_a_time_out_of_range_is_invalid_argument(populated: Stubs, created: str):
+    """A time that leaves years 1-9999 once in UTC failed INTERNAL on PostgreSQL."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await populated.admin.ListTokens(admin_pb2.ListTokensRequest(page_token=_token(created, "x")))
+    assert (info.value.code(), info.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, _FORGED)
+
+
+async def test_list_tokens_of_a_role_that_does_not_exist_is_invalid_argument(populated: Stubs):
+    """It listed none, as if no token of that role existed (a typo looked like an empty answer)."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await populated.admin.ListTokens(admin_pb2.ListTokensRequest(role="tennant"))
+    assert (info.value.code(), info.value.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "role 'tennant' is not one of admin, tenant, node-bootstrap, node")
+
+
+async def test_list_nodes_refuses_another_role_before_it_reads_a_page_token(populated: Stubs, controller_app):
+    """A tenant's or a node's token is told it may not list nodes, not how its page token fared
+    (it was INVALID_ARGUMENT, and INTERNAL on PostgreSQL for a forged one, before the role check)."""
+    for role, tenant in (("tenant", "lab-0"), ("node-bootstrap", "")):
+        token = await issue_token(controller_app.db, role, tenant=tenant)
+        other = Stubs.connect(controller_app.address, token)
+        try:
+            for page_token in ("!!", _token("\x00")):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await other.admin.ListNodes(admin_pb2.ListNodesRequest(page_token=page_token))
+                assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, (role, info.value.details())
+        finally:
+            await other.channel.close()
+
+
 async def test_maiactl_follows_every_page(populated: Stubs, controller_app):
     def fetch() -> list[str]:
         channel = grpc.insecure_channel(controller_app.address)
