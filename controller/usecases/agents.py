@@ -314,19 +314,25 @@ async def register_nodes(uow: UnitOfWork, batch: Sequence[Register], *, heartbea
     return [written[id(o)][0] if isinstance(o, _Plan) else o for o in outcomes]
 
 
-def _no_longer_holds(row: m.Node, info: NodeInfo) -> tuple[int, str] | None:
+def _no_longer_holds(row: m.Node, info: NodeInfo) -> tuple[int | None, str] | None:
     """How many of its accelerators a node registering as `info` still holds shards on (its
-    placements on the others are released), and why; None: all it holds stays. A node in
-    another rack, with another accelerator model or less HBM an accelerator is another machine
-    as far as its shards go (placed for that rack's isolation and power, that model, that
-    memory): all of them go. One with fewer accelerators loses those on the ones it lost."""
+    placements on the others are released; None: on none, and those that use no accelerator go
+    too), and why; None: all it holds stays. A node in another rack, with another accelerator
+    model, less HBM an accelerator, fewer CPUs or less memory is another machine as far as its
+    shards go (placed for that rack's isolation and power, that model, that memory, those CPUs;
+    which of them still fit is the solver's to say, and it places them again, here when they
+    do): all of them go. One with fewer accelerators loses those on the ones it lost."""
     if info.rack != row.rack_id:
-        return 0, f"registered in rack {info.rack} (was {row.rack_id})"
+        return None, f"registered in rack {info.rack} (was {row.rack_id})"
     if info.accelerator_model != row.accelerator_model:
-        return 0, f"registered with accelerator model {info.accelerator_model} (was {row.accelerator_model})"
+        return None, f"registered with accelerator model {info.accelerator_model} (was {row.accelerator_model})"
     if info.hbm_gib is not None and (row.hbm_gib is None or info.hbm_gib < row.hbm_gib):  # None: not limited
         was = "not limited" if row.hbm_gib is None else f"{row.hbm_gib:g}"
-        return 0, f"registered with {info.hbm_gib:g} GiB of HBM an accelerator (was {was})"
+        return None, f"registered with {info.hbm_gib:g} GiB of HBM an accelerator (was {was})"
+    for what, now, was in (("millicores of CPU", info.cpu_milli, row.cpu_milli),
+                           ("MiB of memory", info.memory_mib, row.memory_mib)):
+        if now is not None and (was is None or now < was):  # None: not limited
+            return None, f"registered with {now} {what} (was {'not limited' if was is None else was})"
     if info.accelerators < row.accelerators:
         return info.accelerators, f"registered with {info.accelerators} accelerators (was {row.accelerators})"
     return None

@@ -414,19 +414,24 @@ async def test_a_node_registering_with_fewer_accelerators_releases_only_its_own_
     assert outcome.solved and high in await placements(cluster)
 
 
-@pytest.mark.parametrize("change", [dict(rack="rack-b"), dict(accelerator_model="maia-200"), dict(hbm_gib=32.0)],
-                         ids=["rack", "model", "hbm"])
+@pytest.mark.parametrize("change", [dict(rack="rack-b"), dict(accelerator_model="maia-200"), dict(hbm_gib=32.0),
+                                    dict(cpu_milli=1000), dict(memory_mib=1024)],
+                         ids=["rack", "model", "hbm", "cpu", "memory"])
 async def test_a_node_registering_as_another_machine_releases_every_shard_on_it(cluster, change):
-    """A node re-registered in another rack (or with another model, or less HBM) kept its shards:
-    a tenant's shards stood in another tenant's dedicated rack, or shards needing 56 GiB on a
-    32 GiB node, until the node went (found by exploratory tests). Its shards are released and
-    placed again; the others' stay."""
+    """A node re-registered in another rack (or with another model, less HBM, fewer CPUs or less
+    memory) kept its shards: a tenant's shards stood in another tenant's dedicated rack, or shards
+    needing 56 GiB on a 32 GiB node, or 3 CPUs on a 1-CPU node, until the node went (found by
+    exploratory tests). Its shards are released and placed again, those that use no accelerator
+    too (a gang of CPU shards stood split across two racks); the others' stay."""
     loop = Reconciler(cluster, push=lambda nodes: None, publish=no_publish)
-    await submit(cluster, deployment("wide", replicas=4, accelerators=2, spread=None, shard_hbm_gib=48.0))
+    await submit(cluster, deployment("wide", replicas=4, accelerators=2, spread=None, shard_hbm_gib=48.0,
+                                     shard_cpu_milli=3000, shard_memory_mib=4096))
+    await submit(cluster, deployment("cpus", replicas=8, accelerators=0, spread=None, shard_cpu_milli=10))
     await loop.reconcile_once()
     before = await placements(cluster)
     node = "rack-a-n0"
     assert node in {n for n, _ in before.values()}
+    assert any(n == node and not indices for n, indices in before.values())  # a shard of no accelerator there
     info = NodeInfo(node, "rack-a", 4, accelerator_model="maia-100", hbm_gib=64.0, idle_power_w=500.0)
     async with cluster.unit_of_work() as uow:  # its agent registers it again, as another machine
         await agents.register_node(uow, WHO, replace(info, **change), heartbeat_interval_ms=1000)

@@ -190,16 +190,22 @@ async def _lock_placements(session: AsyncSession, where: ColumnElement[bool]) ->
         await session.execute(locked_in_order(where, m.Placement.id, deletes=True))
 
 
-async def release_placements_beyond(session: AsyncSession, accelerators: Mapping[str, int]) -> dict[str, list[list[object]]]:
+async def release_placements_beyond(session: AsyncSession,
+                                    accelerators: Mapping[str, int | None]) -> dict[str, list[list[object]]]:
     """Delete the placements of nodes that registered with fewer accelerators (`accelerators`: how
-    many each has now) on the indices they no longer have (`release_placements_off`)."""
-    return await release_placements_off(session, {node_id: range(n) for node_id, n in accelerators.items()})
+    many each has now) on the indices they no longer have, or (None) every one of the node's
+    (`release_placements_off`)."""
+    return await release_placements_off(
+        session, {node_id: None if n is None else range(n) for node_id, n in accelerators.items()})
 
 
-async def release_placements_off(session: AsyncSession, usable: Mapping[str, Container[int]]) -> dict[str, list[list[object]]]:
+async def release_placements_off(session: AsyncSession,
+                                 usable: Mapping[str, Container[int] | None]) -> dict[str, list[list[object]]]:
     """Delete the placements of these nodes that use an accelerator index not in the node's
-    `usable` ones (it has fewer now, or some failed), stopping their usage meters; returns them by
-    node as [TENANT/NAME, replica, shard] (a node that lost none left out).
+    `usable` ones (it has fewer now, or some failed), or every placement of a node whose `usable`
+    is None (another machine as far as its shards go: those that use no accelerator go too),
+    stopping their usage meters; returns them by node as [TENANT/NAME, replica, shard] (a node
+    that lost none left out).
 
     In a report flush's table order (PostgreSQL's lock order: store/changes.py): every placement
     of those nodes locked first, in ascending id, then read (one a plan commit moved or removed
@@ -217,7 +223,8 @@ async def release_placements_off(session: AsyncSession, usable: Mapping[str, Con
                m.Placement.accelerator_indices, m.Deployment.tenant_id, m.Deployment.name)
         .join(m.Deployment).where(on_nodes)
         .order_by(m.Placement.node_id, m.Deployment.name, m.Placement.replica, m.Placement.shard))
-    gone = [row for row in rows if any(i not in usable[row.node_id] for i in row.accelerator_indices or ())]
+    gone = [row for row in rows if (kept := usable[row.node_id]) is None
+            or any(i not in kept for i in row.accelerator_indices or ())]
     if not gone:
         return {}
     ids = sorted(row.id for row in gone)  # locked above, in this order
