@@ -112,6 +112,13 @@ class SolverView:
     refs: dict[str, SolverRef] = field(default_factory=dict)
 
 
+# What a deployment says that is not its template (`TEMPLATE_FIELDS`): it applies at once to the
+# replicas of every revision. An outgoing revision kept its own: a rollout that raised the
+# priority of a preemptible deployment had its new replicas preempt their own old ones, which
+# ran no more while their replacements never started.
+_NOW_FOR_EVERY_REVISION = ("priority", "preemptible")
+
+
 def solver_view(current_doc: dict[str, Any], template_revision: int, revision_specs: Mapping[str, Any],
                 replicas: Iterable[StoredReplica], *, evicted: set[str], draining: set[str],
                 surge: int = DEFAULT_SURGE) -> SolverView:
@@ -157,6 +164,11 @@ def solver_view(current_doc: dict[str, Any], template_revision: int, revision_sp
         spec = current_doc if revision == template_revision else revision_specs[str(revision)]
         solver_id = outgoing_id(key, revision)
         doc = dict(copy.deepcopy(spec), id=solver_id, replicas=len(reps), min_replicas=1, **group)
+        for field in _NOW_FOR_EVERY_REVISION:
+            if field in current_doc:
+                doc[field] = current_doc[field]
+            else:
+                doc.pop(field, None)
         view.deployments.append(doc)
         view.refs[solver_id] = _add(view, key, revision, True, doc, reps)
     return view

@@ -57,3 +57,25 @@ def test_old_replicas_on_an_evicted_node_are_placed_again_while_the_deployment_i
     view = solver_view(DOC, 2, {"1": DOC}, [*drained, *old, *new], evicted={"n0", "n1", "d0"}, draining={"d0"})
     assert sorted(view.refs["svc~1"].replicas.values()) == sorted([*kept, 2, 3])
     assert not {20, 30} & {i for ref in view.refs.values() for i in ref.replicas.values()}
+
+
+def test_a_rollout_that_raises_the_priority_never_preempts_its_own_old_replicas() -> None:
+    """Priority and preemptibility are not the template: they apply at once to the replicas of
+    every revision. The outgoing revision kept its own, so a rolling change that also raised a
+    preemptible deployment's priority had its new replicas preempt their own old ones on a full
+    cluster (running 2 -> 0, the replacements never started). They stall on capacity instead."""
+    from scheduler import problem_from_dict, solve
+
+    old = dict(DOC, replicas=2, min_replicas=2, preemptible=True, shard={"accelerators": 4, "hbm_gib": 16.0})
+    new = dict(old, priority=10, shard={"accelerators": 4, "hbm_gib": 24.0})
+    replicas = [StoredReplica(i, 1, ({"deployment": "svc", "replica": i, "shard": 0, "node": f"n{i}",
+                                      "accelerator_indices": [0, 1, 2, 3]},), frozenset({f"n{i}"})) for i in range(2)]
+    view = solver_view(new, 2, {"1": old}, replicas, evicted=set(), draining=set(), surge=1)
+    current, outgoing = view.deployments
+    assert (outgoing["priority"], outgoing["preemptible"]) == (current["priority"], current["preemptible"]) == (10, True)
+    problem = {"version": 1, "options": {"mode": "online", "allow_preemption": True}, "tenants": [{"id": "lab"}],
+               "nodes": [{"id": f"n{i}", "rack": "r", "accelerators": 4, "hbm_gib": 32.0} for i in range(2)],
+               "deployments": view.deployments, "placements": view.placements}
+    plan = solve(problem_from_dict(problem))
+    assert plan.preempted == ()
+    assert sorted((p.deployment, p.node) for p in plan.placements) == [("svc~1", "n0"), ("svc~1", "n1")]
