@@ -101,6 +101,7 @@ class StoredReplica:
     revision: int
     placements: tuple[dict[str, Any], ...]  # interchange placements, stored replica index
     nodes: frozenset[str]
+    running: bool = False  # every shard of it runs
 
 
 @dataclass
@@ -159,19 +160,28 @@ def solver_view(current_doc: dict[str, Any], template_revision: int, revision_sp
         if n_out:  # during a rollout each replacement counts alone
             doc["min_replicas"] = 1
         view.deployments.append(doc)
-        view.refs[key] = _add(view, key, template_revision, False, doc, current[:target])
+        view.refs[key] = _add(view, key, template_revision, False, doc, _kept(current, target))
     for revision, reps in sorted(outgoing.items()):
         spec = current_doc if revision == template_revision else revision_specs[str(revision)]
         solver_id = outgoing_id(key, revision)
         doc = dict(copy.deepcopy(spec), id=solver_id, replicas=len(reps), min_replicas=1, **group)
-        for field in _NOW_FOR_EVERY_REVISION:
-            if field in current_doc:
-                doc[field] = current_doc[field]
+        for name in _NOW_FOR_EVERY_REVISION:
+            if name in current_doc:
+                doc[name] = current_doc[name]
             else:
-                doc.pop(field, None)
+                doc.pop(name, None)
         view.deployments.append(doc)
         view.refs[solver_id] = _add(view, key, revision, True, doc, reps)
     return view
+
+
+def _kept(replicas: list[StoredReplica], count: int) -> list[StoredReplica]:
+    """The `count` of these replicas a smaller count keeps, in index order: those that run first,
+    then the lowest indices (the lowest alone stopped a running replica for one still loading: a
+    scale-down, a drained node uncordoned before its replacement ran)."""
+    if len(replicas) <= count:
+        return replicas
+    return sorted(sorted(replicas, key=lambda r: (not r.running, r.index))[:count], key=lambda r: r.index)
 
 
 def _add(view: SolverView, key: str, revision: int, outgoing: bool, doc: dict[str, Any],

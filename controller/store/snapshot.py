@@ -50,6 +50,7 @@ from controller.store.models import (
     NodeHealth,
     Placement,
     Rack,
+    ShardPhase,
     Row,
     Tenant,
     Zone,
@@ -353,6 +354,7 @@ class DeploymentRead:
 def _stored_replicas(key: str, rows: Iterable[Any]) -> dict[int, StoredReplica]:
     """Placement rows of one deployment (key TENANT/NAME; in replica, shard order) as its stored replicas."""
     shards: dict[int, tuple[int, list[dict[str, Any]], set[str]]] = {}
+    stopped: set[int] = set()  # replicas with a shard that does not run
     for p in rows:
         placement: dict[str, Any] = {"deployment": key, "replica": p.replica, "shard": p.shard, "node": p.node_id,
                                      "accelerator_indices": list(p.accelerator_indices)}
@@ -360,7 +362,9 @@ def _stored_replicas(key: str, rows: Iterable[Any]) -> dict[int, StoredReplica]:
         _, placed, on_nodes = shards.setdefault(p.replica, (p.revision, [], set()))
         placed.append(placement)
         on_nodes.add(p.node_id)
-    return {index: StoredReplica(index, revision, tuple(placed), frozenset(on_nodes))
+        if not p.running:
+            stopped.add(p.replica)
+    return {index: StoredReplica(index, revision, tuple(placed), frozenset(on_nodes), index not in stopped)
             for index, (revision, placed, on_nodes) in shards.items()}
 
 
@@ -397,7 +401,7 @@ async def load_deployments(session: AsyncSession, keys: Collection[str], *,
     for start in range(0, len(ids), _CHUNK):
         for p in await session.execute(
                 select(Placement.deployment_id, Placement.replica, Placement.shard, Placement.node_id,
-                       Placement.accelerator_indices, Placement.accelerator_milli, Placement.revision)
+                       Placement.accelerator_indices, Placement.accelerator_milli, Placement.revision, _RUNNING)
                 .where(any_of(session, Placement.deployment_id, ids[start:start + _CHUNK]))
                 .order_by(Placement.deployment_id, Placement.replica, Placement.shard)):
             rows[p.deployment_id].append(p)
@@ -521,6 +525,9 @@ _PLACEMENT_COLUMNS = (
     Placement.deployment_id, Placement.replica, Placement.shard, Placement.node_id,
     Placement.accelerator_indices, Placement.accelerator_milli, Placement.revision,
 )
+# Whether a placement's shard runs, by the database (a boolean, not the phase's enum to convert
+# in Python for every row): which replicas a smaller count keeps (`StoredReplica.running`).
+_RUNNING = (Placement.__table__.c.phase == ShardPhase.RUNNING).label("running")
 
 
 @dataclass(frozen=True)
@@ -565,7 +572,7 @@ def _core(columns: Iterable[Any]) -> Select[Any]:
 _SNAPSHOT_NODES = _core(_NODE_COLUMNS).order_by(Node.__table__.c.id)
 _SNAPSHOT_DEPLOYMENTS = (_core(_DEPLOYMENT_COLUMNS).where(Deployment.__table__.c.phase != DeploymentPhase.QUARANTINED)
                          .order_by(Deployment.__table__.c.id))
-_SNAPSHOT_PLACEMENTS = _core(_PLACEMENT_COLUMNS).order_by(
+_SNAPSHOT_PLACEMENTS = _core(_PLACEMENT_COLUMNS).add_columns(_RUNNING).order_by(
     Placement.__table__.c.deployment_id, Placement.__table__.c.replica, Placement.__table__.c.shard)
 
 

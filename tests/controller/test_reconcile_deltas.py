@@ -838,6 +838,32 @@ async def test_a_scale_down_releases_on_the_warm_cluster(cluster) -> None:
     assert not (await loop.reconcile_once()).solved and loop.full_passes == full
 
 
+async def test_a_scale_down_keeps_the_replicas_that_run(cluster) -> None:
+    # Three replicas, the lowest (0) still loading (a replacement), 1 and 2 running: scaled down to
+    # two, the one that does not run goes. The lowest indices were kept whatever ran: running
+    # replica 2 stopped for one still loading (2 -> 1 running, nothing replacing it). On the warm
+    # cluster as on a fresh read.
+    loop = reconciler(cluster)
+    await submit(cluster, deployment("svc", replicas=3, accelerators=4, locality="node"))
+    await loop.reconcile_once()
+    await run_all(cluster)
+    async with cluster.unit_of_work() as uow:  # replica 0 loads again (its agent restarted it)
+        await agents.flush_reports(uow, {}, [(node, ShardReport("svc", 0, 0, 10**9, "loading", tenant="t1"))
+                                             for replica, node in await _stored(cluster, "svc") if replica == 0])
+    await loop.reconcile_once()
+    async with cluster.unit_of_work() as uow:
+        row = await repo.get_deployment(uow.session, "t1", "svc")
+        await updates.update_deployment(uow, WHO, deployment("svc", replicas=2, accelerators=4, locality="node"),
+                                        row.resource_version, RecordingSignals())
+    assert (await loop.reconcile_once()).solved
+    assert {replica for replica, _ in await _stored(cluster, "svc")} == {1, 2}
+    assert_same(loop.warm_snapshot, await fresh(cluster))
+    async with cluster.unit_of_work() as uow:  # the history says which stopped (it said "replicas: 3 -> 2")
+        removed = (await uow.session.execute(select(Event.message, Event.data).where(
+            Event.kind == "deployment.replicas_removed", Event.object_id == "t1/svc"))).all()
+    assert [data["replicas"] for _, data in removed] == [[0]] and "scaled down" in removed[0][0]
+
+
 async def _phase_and_reasons(db: Database, name: str) -> tuple[str, list[dict[str, str]]]:
     async with db.unit_of_work() as uow:
         row = await repo.get_deployment(uow.session, "t1", name)
