@@ -279,7 +279,7 @@ def _tenant_caps(m: ClassModel) -> None:
         milli_room = topo.tenant_max_milli[t] - base.tenant_milli[t]
         if milli_room < 1e14:
             model.add(sum(deps[d].shard.milli * deps[d].shards_per_replica * m.z[d] for d in ds)
-                      <= int(np.floor(milli_room + 1e-6)))
+                      <= int(np.floor(max(milli_room, 0) + 1e-6)))  # over its cap (lowered): no more, not infeasible
         power_room = topo.tenant_max_power[t] - base.tenant_power[t]
         if power_room < 1e14:
             model.add(sum(int(round(deps[d].shard.shard_power_w * 1000)) *

@@ -6,6 +6,8 @@ import pytest
 
 from builders import codes, dep, messages, node, placed, placed_count, problem, solve_doc
 
+from scheduler import problem_from_dict, solve
+
 
 def test_whole_accelerators_are_not_oversubscribed() -> None:
     doc = problem([node("n1", acc=4), node("n2", acc=4)], [dep("d", acc=4, replicas=3,
@@ -203,6 +205,20 @@ def test_max_accelerators_counts_fractions() -> None:
                   placements=[placed("a", "n1", [0], milli=500)])
     plan = solve_doc(doc)
     assert placed_count(plan, "b") == 0 and codes(plan, "b") == {"QUOTA_ACCELERATORS"}
+
+
+def test_a_tenant_over_its_lowered_cap_keeps_the_search_for_everyone() -> None:
+    """A cap lowered below what the tenant holds (accepted: what runs keeps running) made the
+    search's model ask that tenant's new work for less than nothing: CP-SAT found it infeasible
+    and every tenant got the greedy answer. It now asks for nothing more of that tenant."""
+    nodes = [node(f"n{i}", rack=f"r{i // 2}") for i in range(4)]
+    doc = problem(nodes, [dep("run", replicas=2, locality="node"), dep("new", locality="node"),
+                          dep("x", tenant="t2", replicas=6, shards=2)],
+                  tenants=[{"id": "t1", "max_accelerators": 1}, {"id": "t2"}],
+                  placements=[placed("run", "n0", [0]), placed("run", "n0", [1], replica=1)])
+    plan = solve(problem_from_dict(doc))  # not `solve_doc`: the checker counts the 2 held over the cap of 1
+    assert plan.stats["cpsat"] in ("optimal", "feasible")
+    assert codes(plan, "new") >= {"QUOTA_ACCELERATORS"} and placed_count(plan, "x") == 6
 
 
 def test_max_power_counts_shard_power_only() -> None:
