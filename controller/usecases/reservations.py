@@ -6,7 +6,9 @@ Checked on a submit (the whole ask: a batch of submits reads the figures once fo
 members, `usecases/submits.py`; only where another tenant reserves, and not for host-only
 shards), an update that grows the ask (its growth: what waited before was asked before) and one
 that makes a preemptible deployment non-preemptible (what it holds is asked afresh: owed tenants
-could preempt it before, not after). Only free capacity can
+could preempt it before, not after). Free capacity is what the ready nodes have free less what
+the non-preemptible asks accepted before and not placed yet will take (each ask was judged as if
+nothing else waited: two asks of 4 took what one of 8 was refused). Only free capacity can
 be taken: with none, the ask is taken and waits, as any other. A tenant below its own
 reservation is owed too: up to what it is owed, it takes nothing owed to others (reservations
 the cluster cannot hold all at once refused every owed tenant's growth, each for the others').
@@ -16,7 +18,7 @@ A tenant token reads the total owed to "other tenants", never who is owed how mu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from controller.errors import FailedPrecondition, ReasonDetail
 from controller.identity import Principal
@@ -36,54 +38,79 @@ def demand(spec: DeploymentSpec) -> tuple[float, float]:
     return shards * per_shard, shards * per_shard * spec.shard.power_w
 
 
-@dataclass(frozen=True)
+@dataclass
 class OwedCapacity:
-    """What the check compares: per reserving tenant (accelerators reserved, held), and the
-    accelerators free on ready nodes (0 when no one is owed: not read)."""
+    """What the check compares: per reserving tenant (accelerators reserved, held), the
+    accelerators free on ready nodes, and per tenant the non-preemptible asks accepted and not
+    placed yet, which take free capacity once placed (the last two 0 and empty when no one is
+    owed: not read). A batch that reads them once adds each ask it lets through (`took`)."""
 
     reservations: dict[str, tuple[float, float]]
     free: float
+    waiting: dict[str, float] = field(default_factory=dict)
+
+    def owed(self, tenant: str) -> float:
+        reserved, used = self.reservations.get(tenant, (0.0, 0.0))
+        return max(0.0, reserved - used)
 
     def owed_to_others(self, tenant: str) -> dict[str, float]:
         return {t: reserved - used for t, (reserved, used) in self.reservations.items()
                 if t != tenant and reserved > used}
 
+    def taken_by_waiting(self) -> float:
+        """The free capacity the waiting asks take once placed, beyond what their own tenants
+        are owed (that part is counted as owed already)."""
+        return sum(max(0.0, waits - self.owed(t)) for t, waits in self.waiting.items())
+
+    def took(self, tenant: str, asked: float) -> None:
+        self.waiting[tenant] = self.waiting.get(tenant, 0.0) + asked
+
 
 async def owed_capacity(uow: UnitOfWork) -> OwedCapacity:
-    """The reservations and, when any tenant is owed, the free accelerators: two aggregates of
-    the placements (a batch of submits reads them once for all its members)."""
+    """The reservations and, when any tenant is owed, the free accelerators and the waiting
+    non-preemptible asks: three aggregates of the placements and deployments (a batch of
+    submits reads them once for all its members)."""
     reservations = await repo.reserved_usage(uow.session)
-    owed = any(reserved > used for reserved, used in reservations.values())
-    return OwedCapacity(reservations, await repo.free_on_ready_nodes(uow.session) if owed else 0.0)
+    if not any(reserved > used for reserved, used in reservations.values()):
+        return OwedCapacity(reservations, 0.0)
+    return OwedCapacity(reservations, await repo.free_on_ready_nodes(uow.session),
+                        await repo.waiting_unpreemptible(uow.session))
 
 
 async def check_owed_capacity(uow: UnitOfWork, who: Principal, tenant: str, *, asked: float,
-                              returned: float = 0.0, asks: str, owed: OwedCapacity | None = None) -> None:
+                              returned: float = 0.0, own_waiting: float = 0.0, asks: str,
+                              owed: OwedCapacity | None = None) -> None:
     """Refuse (FAILED_PRECONDITION, a RESERVATION reason) `tenant`'s non-preemptible ask of `asked`
-    accelerators not placed yet, `returned` of them held now and asked afresh, when it is more
-    than the free capacity (and `returned`) less what other tenants are owed, and more than
-    `tenant` is owed itself. `asks` says what is asked, for the message ("deployment x: ...");
-    `owed`: the figures as read already (else read now)."""
+    accelerators not placed yet, `returned` of them held now and `own_waiting` of them among the
+    tenant's waiting asks (an update's), asked afresh, when it is more than the free capacity (and
+    `returned`) less what the waiting asks take and other tenants are owed, and more than `tenant`
+    is owed itself. `asks` says what is asked, for the message ("deployment x: ..."); `owed`: the
+    figures as read already (else read now)."""
     if asked <= _EPS:
         return
     if owed is None:
         owed = await owed_capacity(uow)
+    owed.took(tenant, -own_waiting)  # asked afresh: judged with `asked`, not among the waiting
     others = owed.owed_to_others(tenant)
     if not others:
+        owed.took(tenant, asked)
         return
-    room = owed.free + returned
-    own = 0.0
-    if tenant in owed.reservations:
-        reserved, used = owed.reservations[tenant]
-        own = reserved - used + returned
+    # What is free once the asks accepted before this one are placed; of its own reservation, what
+    # its waiting asks do not claim already.
+    room = owed.free - owed.taken_by_waiting() + returned
+    own = max(0.0, owed.owed(tenant) - owed.waiting.get(tenant, 0.0)) + (returned if tenant in owed.reservations
+                                                                        else 0.0)
     total = sum(others.values())
-    if room <= _EPS or asked <= max(room - total, own) + _EPS:
+    if owed.free + returned <= _EPS or asked <= max(room - total, own) + _EPS:
+        owed.took(tenant, asked)
         return
     redactor = await redactor_of(uow, who)
     names = ", ".join(f"{t} {v:g}" for t, v in sorted(others.items()))
     owed_text, owed_to = (f"({names})", names) if who.is_admin else ("to them", "other tenants")
+    taken = owed.free + returned - room
+    waiting = f" ({taken:g} of it asked already by work accepted, not placed yet)" if taken > _EPS else ""
     raise FailedPrecondition(
-        redactor.text(f"{asks}: {owed.free:g} free on ready nodes, {total:g} still owed {owed_text}"),
+        redactor.text(f"{asks}: {owed.free:g} free on ready nodes{waiting}, {total:g} still owed {owed_text}"),
         reasons=(ReasonDetail("RESERVATION", redactor.text(f"{total:g} accelerators owed to {owed_to}"), ""),))
 
 

@@ -21,8 +21,8 @@ from controller.usecases.ports import RecordingSignals
 from controller.usecases import capacity as capacity_module
 from controller.usecases.capacity import CapacityCache, CapacityRefresher
 from uc_builders import (
-    WHO, add_nodes, apply_topology, assert_refused_writing_nothing, deployment, no_publish, row_counts, run_all,
-    submit, with_shard,
+    WHO, add_nodes, add_tenant, apply_topology, assert_refused_writing_nothing, deployment, no_publish, row_counts,
+    run_all, submit, with_shard,
 )
 
 GOOD = deployment("svc", "t1", replicas=2, shards=2, accelerators=1)
@@ -594,3 +594,25 @@ async def test_a_pass_whose_retirements_all_gave_way_to_an_update_ends_their_loc
         await loop.reconcile_once(force=True)
         await run_all(cluster)
     assert sorted(revision for _, _, revision in (await _shards(cluster)).values()) == [3, 3]
+
+
+async def test_asks_accepted_and_not_placed_yet_count_against_free_capacity_others_are_owed(cluster):
+    """16 accelerators free, t2 owed 12 of them: one non-preemptible ask of 8 is refused, and so
+    was it split in two asks of 4 each submitted before a pass (each was judged as if nothing else
+    waited; both were placed, and t2 could never claim its 12: non-preemptible work yields to no
+    reservation). The second is refused now; a preemptible one is not (it yields)."""
+    await add_tenant(cluster, "t2", reserved_accelerators=12.0)
+    with pytest.raises(FailedPrecondition):
+        await submit(cluster, deployment("ab", "t1", replicas=8, accelerators=1, locality="node"))
+    await submit(cluster, deployment("a", "t1", replicas=4, accelerators=1, locality="node"))  # 4 <= 16 - 12
+    with pytest.raises(FailedPrecondition) as refused:
+        await submit(cluster, deployment("b", "t1", replicas=4, accelerators=1, locality="node"))
+    assert refused.value.message == (
+        "deployment b: 4 accelerators, not preemptible, would take capacity reserved for other tenants: 16 free "
+        "on ready nodes (4 of it asked already by work accepted, not placed yet), 12 still owed (t2 12)")
+    await submit(cluster, deployment("b", "t1", replicas=4, accelerators=1, locality="node", preemptible=True))
+    await Reconciler(cluster, push=lambda nodes: None, publish=no_publish).reconcile_once()
+    async with cluster.unit_of_work() as uow:  # once placed, what waited is held: the same refusal
+        assert await repo.waiting_unpreemptible(uow.session) == {}
+    with pytest.raises(FailedPrecondition):
+        await submit(cluster, deployment("c", "t1", replicas=1, accelerators=1, locality="node"))

@@ -506,7 +506,7 @@ async def test_a_batch_checks_its_members_against_others_reservations_itself(clu
     """Where another tenant reserves, non-preemptible members went alone, each with its own
     transaction and two reads of the placements (found in review: reservations are a
     multi-tenant cluster's normal state). The batch reads the figures once and refuses what
-    would take owed capacity, as the lone submit does."""
+    would take owed capacity, as the lone submit does, counting what its members before took."""
     from controller.errors import FailedPrecondition
 
     await add_tenant(cluster, "t2", reserved_accelerators=4.0)  # owed 4 of the 16 free
@@ -526,5 +526,5 @@ async def test_a_batch_checks_its_members_against_others_reservations_itself(clu
     refused = outcomes[id(batch[2])]
     assert isinstance(refused, FailedPrecondition) and refused.message == (
         "deployment big: 13 accelerators, not preemptible, would take capacity reserved for other tenants: "
-        "16 free on ready nodes, 4 still owed (t2 4)")
+        "16 free on ready nodes (2 of it asked already by work accepted, not placed yet), 4 still owed (t2 4)")
     assert reads == [1]

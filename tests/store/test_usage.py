@@ -345,17 +345,25 @@ async def _contract(database: Database, tenant: str, name: str, who: Principal =
 
 async def test_an_updates_contract_check_reads_these_sums(database: Database) -> None:
     """An update's caps and reservation check on the mixed cluster: the free accelerators of the
-    ready nodes only (a deleting deployment's shard still held), what the other reserving tenants
-    are still owed (not the updating tenant, not one holding its reservation), the tenant's own."""
+    ready nodes only (a deleting deployment's shard still held), less what accepted asks not
+    placed yet take beyond their tenants' own reservations (f's 4 waiting: 2 of its own 2 owed
+    and 2 more), what the other reserving tenants are still owed (not the updating tenant, not
+    one holding its reservation), the tenant's own."""
     await _seed_reserved(database)
     owed = ("FailedPrecondition: deployment {} would take capacity reserved for other tenants: "
-            "8.501 free on ready nodes, {} still owed ({})")
-    assert await _contract(database, "c", "one", replicas=4) == ""  # 2 more: 8.501 - 5.75 free for it
-    assert await _contract(database, "c", "one", replicas=5) == owed.format(
-        "one: growing by 3 accelerators", "5.75", "b 0.75, d 3, f 2")
+            "8.501 free on ready nodes{}, {} still owed ({})")
+    waiting = " (2 of it asked already by work accepted, not placed yet)"
+    assert await _contract(database, "c", "one", replicas=4) == owed.format(  # 2 more: 8.501 - 2 - 5.75 free
+        "one: growing by 2 accelerators", waiting, "5.75", "b 0.75, d 3, f 2")
     assert await _contract(database, "c", "one", replicas=5, preemptible=True) == ""
     assert await _contract(database, "b", "quarter", replicas=20) == owed.format(
-        "quarter: growing by 4.25 accelerators", "5", "d 3, f 2")
+        "quarter: growing by 4.25 accelerators", waiting, "5", "d 3, f 2")
+    async with database.unit_of_work() as uow:  # f's ask yields to reservations: it takes nothing from them
+        await uow.session.execute(update(m.Deployment).where(m.Deployment.name == "waits").values(preemptible=True))
+        await uow.commit()
+    assert await _contract(database, "c", "one", replicas=4) == ""  # 2 more: 8.501 - 5.75 free for it
+    assert await _contract(database, "c", "one", replicas=5) == owed.format(
+        "one: growing by 3 accelerators", "", "5.75", "b 0.75, d 3, f 2")
     async with database.unit_of_work() as uow:
         await uow.session.execute(update(m.Tenant).where(m.Tenant.id == "c").values(max_accelerators=4.5))
         await uow.session.execute(update(m.Tenant).where(m.Tenant.id == "b").values(max_power_w=100.0))
@@ -385,13 +393,14 @@ async def test_an_updates_reservation_check_counts_what_its_ask_grows_not_what_a
         "FailedPrecondition: deployment waits: growing by 4 accelerators (12 not placed yet) would take capacity "
         "reserved for other tenants: 8.501 free on ready nodes, 3.75 still owed (b 0.75, d 3)")
     # What waits counts with the growth: 1 more for c's `one` (placed) fits the 2.751 not owed; with
-    # 2 of the 3 already waiting it does not.
+    # 2 of the 3 already waiting it does not (nor with the 6 f's `waits` asks beyond its 2 owed).
     async with database.unit_of_work() as uow:
         await uow.session.execute(update(m.Deployment).where(m.Deployment.name == "one").values(replicas=4))
         await uow.commit()
     assert await _contract(database, "c", "one", replicas=5) == (
         "FailedPrecondition: deployment one: growing by 1 accelerators (3 not placed yet) would take capacity "
-        "reserved for other tenants: 8.501 free on ready nodes, 5.75 still owed (b 0.75, d 3, f 2)")
+        "reserved for other tenants: 8.501 free on ready nodes (6 of it asked already by work accepted, not "
+        "placed yet), 5.75 still owed (b 0.75, d 3, f 2)")
 
 
 async def test_an_updates_reservation_refusal_names_no_other_tenant_to_a_tenant_token(database: Database) -> None:
@@ -405,7 +414,8 @@ async def test_an_updates_reservation_refusal_names_no_other_tenant_to_a_tenant_
     assert [(r.code, r.message, r.scope) for r in admin.reasons] == [
         ("RESERVATION", "5.75 accelerators owed to b 0.75, d 3, f 2", "")]
     assert str(mine) == ("deployment one: growing by 3 accelerators would take capacity reserved for other "
-                         "tenants: 8.501 free on ready nodes, 5.75 still owed to them")
+                         "tenants: 8.501 free on ready nodes (2 of it asked already by work accepted, not placed "
+                         "yet), 5.75 still owed to them")
     assert [(r.code, r.message, r.scope) for r in mine.reasons] == [
         ("RESERVATION", "5.75 accelerators owed to other tenants", "")]
 

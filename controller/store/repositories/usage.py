@@ -167,6 +167,32 @@ async def reserved_usage(session: AsyncSession) -> dict[str, tuple[float, float]
     return {tenant: (float(reserved), int(milli or 0) / 1000.0) for tenant, reserved, milli in rows}
 
 
+# The milli-units one shard of a deployment's current spec holds (`metering.shard_milli`), in SQL.
+_SPEC_SHARD_MILLI = case(
+    (and_(m.Deployment.shard_accelerators == 1, m.Deployment.shard_accelerator_milli != 0,
+          m.Deployment.shard_accelerator_milli < 1000), m.Deployment.shard_accelerator_milli),
+    else_=1000 * m.Deployment.shard_accelerators)
+_UNPREEMPTIBLE = and_(m.Deployment.preemptible.is_(False),
+                      m.Deployment.phase.not_in((m.DeploymentPhase.DELETING, m.DeploymentPhase.QUARANTINED)))
+
+
+async def waiting_unpreemptible(session: AsyncSession) -> dict[str, float]:
+    """Per tenant with any, the accelerators its non-preemptible deployments ask and do not hold
+    yet (each deployment's asked shards less what its placed ones hold, never below 0), in one
+    statement: accepted work that takes free capacity once placed (the reservation check at
+    admission judged each ask against free capacity as if nothing else waited: two asks of 4
+    went where one of 8 was refused)."""
+    placed = (select(m.Placement.deployment_id, func.sum(PLACEMENT_MILLI).label("milli"))
+              .join(m.Deployment).where(_UNPREEMPTIBLE).group_by(m.Placement.deployment_id).subquery())
+    asked = m.Deployment.replicas * m.Deployment.shards_per_replica * _SPEC_SHARD_MILLI
+    held = func.coalesce(placed.c.milli, 0)
+    short = case((asked > held, asked - held), else_=0)
+    rows = await session.execute(
+        select(m.Deployment.tenant_id, func.sum(short)).outerjoin(placed, placed.c.deployment_id == m.Deployment.id)
+        .where(_UNPREEMPTIBLE).group_by(m.Deployment.tenant_id))
+    return {tenant: int(milli) / 1000.0 for tenant, milli in rows if milli}
+
+
 # A node operators see as ready (`Node.state == "ready"`: `models.operator_state`), in SQL.
 _READY = and_(m.Node.health == m.NodeHealth.UP, m.Node.cordoned.is_(False))
 
