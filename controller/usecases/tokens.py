@@ -260,7 +260,10 @@ async def bootstrap_admin_token(db: Database, path: Path, who: Principal) -> Boo
         except BaseException:
             if not await _committed_anyway(db, issued.view.id):
                 path.unlink(missing_ok=True)
-            raise
+                raise
+            # The row is there: this commit landed as its connection was lost, or another controller
+            # sharing the file (two started together on a new database) adopted it between the write
+            # and this commit, and its commit came first (this one's failed on the same key).
     return BootstrapToken(issued.view, adopted=False)
 
 

@@ -70,10 +70,31 @@ async def test_a_commit_that_landed_but_raised_keeps_the_file(database: Database
 
     monkeypatch.setattr(UnitOfWork, "commit", landed_then_lost)
     path = tmp_path / "admin.token"
-    with pytest.raises(OperationalError):
-        await tokens.bootstrap_admin_token(database, path, CONTROLLER)
+    made = await tokens.bootstrap_admin_token(database, path, CONTROLLER)
     monkeypatch.undo()
+    assert made is not None and not made.adopted
     assert await _holds_the_admin_token(database, path)
+
+
+async def test_a_controller_whose_file_another_adopted_before_its_commit_starts_all_the_same(
+        database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two controllers started together on a new database with one token file: one wrote the file;
+    the other read it, found no such token yet, adopted it and committed first. The first's commit
+    failed on the same key and it refused to start, though the token in its file was there."""
+    committed = UnitOfWork.commit
+    others: list[tokens.BootstrapToken | None] = []
+
+    async def the_other_adopts_first(uow: UnitOfWork) -> None:
+        monkeypatch.setattr(UnitOfWork, "commit", committed)
+        others.append(await tokens.bootstrap_admin_token(database, tmp_path / "admin.token", CONTROLLER))
+        await committed(uow)
+
+    monkeypatch.setattr(UnitOfWork, "commit", the_other_adopts_first)
+    mine = await tokens.bootstrap_admin_token(database, tmp_path / "admin.token", CONTROLLER)
+    [other] = others
+    assert other is not None and other.adopted
+    assert mine is not None and not mine.adopted and mine.view.id == other.view.id
+    assert await _holds_the_admin_token(database, tmp_path / "admin.token")
 
 
 async def test_a_token_the_operator_put_in_the_file_is_adopted(database: Database, tmp_path: Path) -> None:
