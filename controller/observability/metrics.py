@@ -352,6 +352,9 @@ class ControllerMetrics:
     def leadership_changed(self, leading: bool) -> None:
         self.leader.set(1 if leading else 0)
         (self.lease_acquisitions if leading else self.lease_losses).inc()
+        if not leading:  # what only the leader's passes set: a follower's last word stood beside the leader's
+            self.queue_depths(QueueDepths())
+            self.nominated(0)
 
     def admission_admitted(self, waited_s: float) -> None:
         self.agents_admitted.inc()

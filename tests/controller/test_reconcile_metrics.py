@@ -90,3 +90,20 @@ async def test_the_scheduling_queue_depths_are_exported(cluster):
     await loop.reconcile_once()  # the full solve tries it once more: unschedulable
     assert [sample("maia_scheduling_queue_deployments", {"queue": q}) for q in ("active", "backoff", "unschedulable")] \
         == [0, 0, 1]
+
+
+def test_a_deposed_leader_stops_reporting_its_scheduling_queue() -> None:
+    """The queue's depths and the nominated nodes are set by the leader's passes only: a deposed
+    leader kept its last ones (an unschedulable deployment deleted through the new leader stood
+    at 1 on it for good, and the dashboard's max across controllers showed it)."""
+    from controller.scheduling.queue import QueueDepths
+
+    metrics = ControllerMetrics()
+    metrics.leadership_changed(True)
+    metrics.queue_depths(QueueDepths(active=2, backoff=1, unschedulable=1))
+    metrics.nominated(3)
+    metrics.leadership_changed(False)
+    sample = metrics.registry.get_sample_value
+    assert [sample("maia_scheduling_queue_deployments", {"queue": q}) for q in ("active", "backoff", "unschedulable")] \
+        == [0.0, 0.0, 0.0]
+    assert sample("maia_scheduling_nominated_nodes") == 0.0
