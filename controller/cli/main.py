@@ -101,13 +101,44 @@ def _quiet_stdout() -> None:
         pass
 
 
+# The positionals a command takes its names in, a list each (`get deployment a b`, `drain n1 n2`):
+# names given after an option go there too.
+_NAME_LISTS = ("names", "words", "nodes", "deployment", "ids")
+
+
+def _take_late_names(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> None:
+    """Names given after an option (`get deployment -n lab svc`, kubectl's habit): argparse matched
+    the names' positional, empty, before the option, and left the names over ("unrecognized
+    arguments: svc", exit 2, for every KIND NAME command). They go where the names go; anything
+    else left over is the usage error `parse_args` makes of it."""
+    words = [w for w in extra if not w.startswith("-") or w == "-"]
+    if len(words) == len(extra):
+        for dest in _NAME_LISTS:
+            value = getattr(args, dest, None)
+            if isinstance(value, list):
+                value.extend(words)
+                return
+        if getattr(args, "name", "") is None and len(words) == 1:
+            args.name = words[0]
+            return
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """maiactl's command line as its command reads it (exit 2 with the usage for a bad one)."""
+    parser = build_parser(command_of(argv))
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _take_late_names(parser, args, extra)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     for stream in (sys.stdout, sys.stderr):  # a lone surrogate JSON let into an id prints escaped
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
-    parser = build_parser(command_of(argv))
-    args = parser.parse_args(argv)
+    args = parse(argv)
     if args.output == "csv" and not getattr(args, "csv_output", False):
         print(f"error: -o csv is not supported by {args.command}; it is for usage", file=sys.stderr)
         return Exit.USAGE

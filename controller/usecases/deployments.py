@@ -263,7 +263,7 @@ def only_owner(name: str, owners: Sequence[str]) -> str:
     if len(owners) > 1:
         more = ", ..." if len(owners) > 2 else ""
         raise FailedPrecondition(f"deployment {name} exists in several tenants ({', '.join(owners[:2])}{more}); "
-                                 "name the tenant (maiactl --tenant T)")
+                                 "name the tenant (maiactl ... -n TENANT NAME, or TENANT/NAME)")
     return owners[0]
 
 

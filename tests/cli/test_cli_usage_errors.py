@@ -169,3 +169,28 @@ def test_commands_of_one_deployment_show_one_in_their_usage(capsys: pytest.Captu
         main([*argv, "--help"])
     usage = capsys.readouterr().out.split("\n\n")[0]
     assert usage.split()[-2:] == ["[deployment]", "NAME"] and "..." not in usage
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["get", "deployment", "-o", "yaml", "svc"], ("names", ["svc"])),
+    (["get", "deploy", "-n", "lab", "dup", "other"], ("names", ["dup", "other"])),
+    (["describe", "deployment", "-n", "lab", "svc"], ("name", "svc")),
+    (["explain", "deployment", "-n", "lab", "svc"], ("name", "svc")),
+    (["wait", "deployment", "-n", "lab", "svc"], ("names", ["svc"])),
+    (["rollout", "status", "deployment", "-n", "lab", "svc"], ("deployment", ["deployment", "svc"])),
+    (["get", "nodes", "-o", "wide", "n1"], ("names", ["n1"])),
+    (["drain", "node", "--wait", "n1"], ("nodes", ["node", "n1"])),
+    (["delete", "deployment", "-n", "lab", "svc"], ("words", ["deployment", "svc"])),
+])
+def test_names_given_after_an_option_are_the_commands_names(argv: list[str], names: tuple[str, object]) -> None:
+    """kubectl's habit, `get deployment -n lab svc`: argparse matched the names' positional, empty,
+    before the option, and every KIND NAME command ended "unrecognized arguments: svc" (exit 2)."""
+    from controller.cli.main import parse
+
+    dest, value = names
+    assert getattr(parse(argv), dest) == value
+
+
+def test_an_unknown_flag_after_the_names_is_still_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert refused(capsys, "get", "deployment", "svc", "--bogus") == "maiactl: error: unrecognized arguments: --bogus"
+    assert refused(capsys, "describe", "deployment", "svc", "more") == "maiactl: error: unrecognized arguments: more"

@@ -211,7 +211,7 @@ async def test_an_admin_naming_no_tenant_is_answered_in_the_batch_as_alone(clust
     answers = [_answer(outcomes[id(q)]) for q in batch]
     assert answers[0].spec.tenant == "t2" and answers[0].phase == "deleting"
     assert answers[1:] == [("FailedPrecondition", "deployment shared exists in several tenants (t1, t2); name the "
-                                                  "tenant (maiactl --tenant T)"),
+                                                  "tenant (maiactl ... -n TENANT NAME, or TENANT/NAME)"),
                            ("NotFound", "deployment ghost not found")]
     assert [_answer(await _alone(cluster, WHO, q.name)) for q in batch] == answers
     assert await _logged(cluster, before + 1) == [("deployment_deleted", "t2/solo")]
