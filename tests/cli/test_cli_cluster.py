@@ -150,6 +150,19 @@ def test_a_token_named_as_token_list_prints_it_is_revoked(cluster: RunningContro
     assert revoked.stdout.strip() == f"token/{token_id} revoked"
 
 
+def test_token_revoke_revokes_every_id_it_can_and_says_which_it_could_not(cluster: RunningController) -> None:
+    """A typo among the IDs of leaked tokens stopped the revocation there: the tokens named after
+    it stayed live, with no word of them (exit 3 as for one missing token)."""
+    ids = [json.loads(cluster.ctl("token", "create", "--role", "admin", "--name", f"leaked-{i}", "-o", "json").stdout)
+           ["id"] for i in range(2)]
+    revoked = cluster.ctl("token", "revoke", ids[0], "typo0000", ids[1])
+    assert revoked.returncode == 3
+    assert revoked.stdout.split("\n")[:2] == [f"token/{ids[0]} revoked", f"token/{ids[1]} revoked"]
+    assert revoked.stderr.strip() == "token/typo0000 failed: NOT_FOUND: token typo0000 not found"
+    listed = json.loads(cluster.ctl("token", "list", "-o", "json").stdout)["tokens"]
+    assert all(t.get("revoked_at") for t in listed if t["id"] in ids)
+
+
 def test_token_create_node_makes_a_bootstrap_token_bound_to_that_node(cluster: RunningController) -> None:
     made = cluster.ctl("token", "create", "--node", "rack-07-n03", "-o", "json")
     assert made.returncode == 0, made.stderr

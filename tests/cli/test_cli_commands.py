@@ -265,7 +265,7 @@ def test_grpc_errors_print_code_and_details(fake, capsys) -> None:
     assert (code, out) == (3, "")
     assert err.strip() == "error: NOT_FOUND: deployment nope not found"
     code, _, err = run(capsys, "--controller", address, "cordon", "rack-09-n00")
-    assert code == 3 and err.strip() == "error: NOT_FOUND: node rack-09-n00 not found"
+    assert code == 3 and err.strip() == "node/rack-09-n00 failed: NOT_FOUND: node rack-09-n00 not found"
 
 
 def test_unreachable_controller_says_so(capsys, monkeypatch) -> None:
@@ -724,7 +724,7 @@ def test_every_command_naming_one_kind_reads_kind_slash_name_as_o_name_prints_it
         assert code == 1 and "timed out after 0.5s waiting for rolled-out:\n  msft-internal/phi-row: Running" in err, err
     for words in (["node/rack-09-n00"], ["node", "rack-09-n00"], ["rack-09-n00"]):
         code, _, err = run(capsys, "--controller", address, "cordon", *words)
-        assert (code, err) == (3, "error: NOT_FOUND: node rack-09-n00 not found\n")
+        assert (code, err) == (3, "node/rack-09-n00 failed: NOT_FOUND: node rack-09-n00 not found\n")
 
 
 @pytest.mark.parametrize("argv, says", [

@@ -22,6 +22,7 @@ import grpc
 from controller.cli.client import CliError, Exit, exit_code_of, rpc_error_text, status_code
 from controller.cli.commands.wait import wait_gone
 from controller.cli.context import Context
+from controller.cli.each import combined_exit
 from controller.cli.manifests import ManifestObject, load_manifest_sources
 from controller.cli.refs import add_tenant_flag, deployment_name, deployment_ref, split_kind
 from controller.cli.views import phase_text
@@ -162,8 +163,4 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
                 ctx.out(o.ref)
             else:
                 ctx.out(f"{o.ref} {o.action}" + (f" ({o.detail})" if o.detail else ""))
-    failures = {o.exit_code for o in outcomes if o.action == "failed"}
-    if not failures:
-        return Exit.OK
-    # All failed alike: their code, as one failing call exits (INVALID_ARGUMENT 2, NOT_FOUND 3).
-    return failures.pop() if len(failures) == 1 else Exit.FAILED
+    return combined_exit(o.exit_code for o in outcomes if o.action == "failed")

@@ -13,6 +13,7 @@ import argparse
 from controller.cli.bounds import seconds
 from controller.cli.client import CliError, Exit, list_all
 from controller.cli.context import Context
+from controller.cli.each import try_each
 from controller.cli.documents import node_document
 from controller.cli.refs import NODE_WORDS, deployment_ref, kind_and_names
 from controller.cli.vocab import node_state_word
@@ -56,16 +57,17 @@ def _node_ids(args: argparse.Namespace) -> list[str]:
 
 
 def run_reset_credential(args: argparse.Namespace, ctx: Context) -> int:
-    replies = []
-    for node_id in _node_ids(args):
+    def reset(node_id: str) -> admin_pb2.ResetNodeCredentialResponse:
         reply = ctx.controller.admin.ResetNodeCredential(admin_pb2.NodeRequest(id=node_id), timeout=ctx.rpc_timeout)
-        replies.append(reply)
         if not ctx.json:
             ctx.out(f"node/{node_id} credential reset ({len(reply.revoked_token_ids)} revoked); "
                     "its agent may register again with a node-bootstrap token")
+        return reply
+
+    replies, code = try_each(_node_ids(args), reset, ctx, lambda node_id: f"node/{node_id}")
     if ctx.json:
         ctx.emit_json({"nodes": replies})
-    return 0
+    return code
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
@@ -79,16 +81,17 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         # By TENANT/NAME: two tenants' deployments of one name may both have shards there.
         before = {f"{d.spec.tenant}/{d.spec.name}": list(d.placements)
                   for d in listed if any(p.node in args.nodes for p in d.placements)}
-    nodes = []
-    for node_id in args.nodes:
+    def act(node_id: str) -> admin_pb2.Node:
         node = call(admin_pb2.NodeRequest(id=node_id), timeout=ctx.rpc_timeout)
-        nodes.append(node)
         if not ctx.json:
             ctx.out(f"node/{node_id} {past} (state {node_state_word(node.state)}, {node.shards} shards)")
-    if not before:
+        return node
+
+    nodes, code = try_each(args.nodes, act, ctx, lambda node_id: f"node/{node_id}")
+    if code or not before:
         if ctx.json:
             ctx.emit_json({"nodes": [node_document(n) for n in nodes]})
-        return 0
+        return code
     wait_deployments(sorted(before), "replaced", args.timeout, ctx, fail_fast=False, quiet=True)
     moves = [move for key in sorted(before) for move in drain_moves(key, before[key], _placements(ctx, key), set(args.nodes))]
     if ctx.json:

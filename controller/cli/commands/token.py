@@ -13,6 +13,7 @@ from datetime import datetime
 from controller.cli.bounds import int_max
 from controller.cli.client import CliError, Exit, list_all
 from controller.cli.context import Context
+from controller.cli.each import try_each
 from controller.cli.refs import split_kind
 from controller.cli.tables import render_table
 from maia.v1 import admin_pb2
@@ -101,17 +102,20 @@ def run_list(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def run_revoke(args: argparse.Namespace, ctx: Context) -> int:
-    revoked = []
+    """Every ID is tried (`each`): one that fails leaves the others revoked all the same, and said."""
     # An ID, or the token/ID word `token list -o name` prints.
     ids = [named[1] if (named := split_kind(word, {"token": "token"})) else word for word in args.ids]
-    for token_id in ids:
+
+    def revoke(token_id: str) -> admin_pb2.Token:
         token = ctx.controller.admin.RevokeToken(admin_pb2.RevokeTokenRequest(id=token_id), timeout=ctx.rpc_timeout)
-        revoked.append(token)
         if not ctx.json:
             ctx.out(f"token/{token.id} revoked")
+        return token
+
+    revoked, code = try_each(ids, revoke, ctx, lambda token_id: f"token/{token_id}")
     if ctx.json:
         ctx.emit_json({"tokens": [_token_dict(t) for t in revoked]})
-    return 0
+    return code
 
 
 def _when(token: admin_pb2.Token, field: str) -> str:
