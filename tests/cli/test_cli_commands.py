@@ -381,6 +381,22 @@ def test_excluded_tenants_are_created_first_even_in_a_cycle(fake, capsys, tmp_pa
     assert out.splitlines()[-1] in ("tenant/x configured", "tenant/y configured")
 
 
+def test_a_cycle_of_tenants_that_exist_already_is_applied_again_unchanged(fake, capsys, tmp_path) -> None:
+    """The same file applied again: one of the cycle was written without its exclusion, then with
+    it (an isolation rule off for a moment, "tenant/y configured" twice), and `diff` showed that
+    removal as drift on every run. Now nothing is written and nothing differs."""
+    address, admin, _, _ = fake
+    f = tmp_path / "t.yaml"
+    f.write_text("kind: Tenant\nid: x\nexcludes: [y]\n---\nkind: Tenant\nid: y\nexcludes: [x]\n")
+    assert run(capsys, "--controller", address, "apply", "-f", str(f))[0] == 0
+    admin.calls.clear()
+    code, out, err = run(capsys, "--controller", address, "apply", "-f", str(f))
+    assert code == 0, err
+    assert sorted(out.splitlines()) == ["tenant/x unchanged", "tenant/y unchanged"]
+    assert "UpdateTenant" not in admin.calls
+    assert run(capsys, "--controller", address, "diff", "-f", str(f))[0] == 0
+
+
 def no_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No config file and no MAIA_* settings of the environment: only the flags given count."""
     monkeypatch.setenv("MAIA_CONFIG", str(tmp_path / "none.yaml"))

@@ -254,7 +254,7 @@ def _conflict_exit(steps: list[Step]) -> int:
 
 
 def run_apply(args: argparse.Namespace, ctx: Context) -> int:
-    objects = ordered_objects(load_manifest_sources(args.filename))
+    objects = ordered_objects(load_manifest_sources(args.filename), ctx)
     steps = plan(objects, ctx, judge=True, solve=not args.no_solve)
     if args.dry_run:
         return _show_plan(steps, ctx)
@@ -414,7 +414,7 @@ def where_it_lands(dep: deployments_pb2.Deployment) -> str:
 
 
 def run_diff(args: argparse.Namespace, ctx: Context) -> int:
-    steps = plan(ordered_objects(load_manifest_sources(args.filename)), ctx, judge=False)
+    steps = plan(ordered_objects(load_manifest_sources(args.filename), ctx), ctx, judge=False)
     changed = [s for s in steps if s.action != "unchanged"]
     if ctx.json:
         ctx.emit_json({"results": [_result(s) for s in steps]})

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Set
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -67,17 +68,33 @@ class Step:
 
 # --- the order objects are planned and written in ------------------------------------------
 
-def ordered_objects(objects: list[ManifestObject]) -> list[ManifestObject]:
+def ordered_objects(objects: list[ManifestObject], ctx: Context | None = None) -> list[ManifestObject]:
+    """The objects in the order they are planned and written in; with `ctx`, the tenants of an
+    exclusion cycle that the controller has already are asked of it (`existing_tenants`)."""
     objects = sorted(objects, key=lambda o: _ORDER[o.kind])
-    tenants = order_tenants([o for o in objects if o.kind == "Tenant"])
-    return [o for o in objects if o.kind == "Topology"] + tenants + [o for o in objects if o.kind == "Deployment"]
+    tenants = [o for o in objects if o.kind == "Tenant"]
+    existing = existing_tenants(tenants, ctx) if ctx is not None else frozenset()
+    return [o for o in objects if o.kind == "Topology"] + order_tenants(tenants, existing) + \
+        [o for o in objects if o.kind == "Deployment"]
 
 
-def order_tenants(tenants: list[ManifestObject]) -> list[ManifestObject]:
+def existing_tenants(tenants: list[ManifestObject], ctx: Context) -> frozenset[str]:
+    """Of the file's tenants that another of them excludes (only those can be in a cycle), the
+    ones the controller has already: a GetTenant each (none for a file without exclusions)."""
+    names = {o.name for o in tenants}
+    excluded = sorted({t for o in tenants for t in o.message.excludes if t in names})  # type: ignore[attr-defined]
+    return frozenset(name for name in excluded
+                     if _get_or_none(ctx.controller.admin.GetTenant, admin_pb2.GetTenantRequest(id=name), ctx))
+
+
+def order_tenants(tenants: list[ManifestObject], existing: Set[str] = frozenset()) -> list[ManifestObject]:
     """Tenants another one excludes go first (the controller wants excluded tenants to exist).
 
     In a cycle (a excludes b, b excludes a) the first of the cycle is created without the
-    exclusions of tenants not created yet, and applied again in full at the end.
+    exclusions of tenants not created yet (not `existing`), and applied again in full at the
+    end. One of tenants that exist already is applied once, in full: stripped, an unchanged file
+    applied again wrote the tenant twice, its exclusion gone in between (an isolation rule off
+    for a moment), and `diff` showed that removal as drift on every run.
     """
     by_id = {o.name: o for o in tenants}
     ordered: list[ManifestObject] = []
@@ -93,7 +110,8 @@ def order_tenants(tenants: list[ManifestObject]) -> list[ManifestObject]:
             if other in by_id:
                 visit(other)
         state[name] = "done"
-        pending = [t for t in obj.message.excludes if state.get(t) == "visiting"]  # type: ignore[attr-defined]
+        pending = [t for t in obj.message.excludes  # type: ignore[attr-defined]
+                   if state.get(t) == "visiting" and t not in existing]
         if pending:
             stripped = admin_pb2.Tenant()
             stripped.CopyFrom(obj.message)
