@@ -75,6 +75,20 @@ def test_config_verbs_edit_the_file(tmp_path: Path, capsys, monkeypatch) -> None
     assert ConfigFile.load(path).current_context is None
 
 
+def test_a_token_given_to_a_context_replaces_the_other_kind(tmp_path: Path, monkeypatch) -> None:
+    """`set-context p --token-file F` on a context with a `token` kept both, and the stale token
+    won: the file was never read (UNAUTHENTICATED). The token given last is the context's."""
+    path = tmp_path / "config.yaml"
+    monkeypatch.setenv("MAIA_CONFIG", str(path))
+    (tmp_path / "admin.token").write_text("from-the-file\n")
+    assert main(["config", "set-context", "p", "--controller", "h:1", "--token", "stale"]) == 0
+    assert main(["config", "set-context", "p", "--token-file", str(tmp_path / "admin.token")]) == 0
+    assert ConfigFile.load(path).contexts["p"] == ContextEntry(controller="h:1",
+                                                               token_file=str(tmp_path / "admin.token"))
+    assert main(["config", "set-context", "p", "--token", "given"]) == 0
+    assert ConfigFile.load(path).contexts["p"] == ContextEntry(controller="h:1", token="given")
+
+
 class _Recorder(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self) -> None:
         self.metadata: list[tuple[str, str]] = []

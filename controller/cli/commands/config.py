@@ -83,6 +83,12 @@ def set_context(args: argparse.Namespace, ctx: Context) -> int:
     for key in _FILES:  # stored absolute: the file is read from wherever maiactl runs later
         if key in given:
             given[key] = str(Path(given[key]).expanduser().resolve())
+    # A context holds one token: the one given now replaces the other kind (a token kept beside a
+    # new --token-file won, and the file was never read: UNAUTHENTICATED with the stale token).
+    if "token" in given:
+        given.setdefault("token_file", None)
+    elif "token_file" in given:
+        given["token"] = None
     existed = args.name in config.contexts
     config.contexts[args.name] = replace(config.contexts.get(args.name, ContextEntry()), **given)
     if args.use or not config.current_context:
