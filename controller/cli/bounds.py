@@ -38,9 +38,10 @@ def int_max(field: FieldDescriptor) -> int:
     return limits[1]
 
 
-# The longest duration a flag may give: the longest wait Python's locks and queues take (~292
-# years); `time.sleep` of a longer one overflows.
-SECONDS_MAX = threading.TIMEOUT_MAX
+# The longest duration a flag may give: ten years. Python's locks and queues take ~292 years
+# (`time.sleep` of a longer one overflows), but a call's gRPC deadline overflowed from ~5e9 s:
+# every call of `--rpc-timeout 9000000000` failed at once as "cannot reach the controller".
+SECONDS_MAX = min(threading.TIMEOUT_MAX, 10 * 365.25 * 86_400)
 
 
 def seconds(minimum: float | None = None) -> Callable[[str], float]:

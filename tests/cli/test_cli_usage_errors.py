@@ -30,8 +30,11 @@ def refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     (["get", "deployments", "-w", "--interval", "-1"], "argument --interval: must be at least 0.1 seconds, got '-1'"),
     (["get", "deployments", "-w", "--interval", "0"], "argument --interval: must be at least 0.1 seconds, got '0'"),
     (["get", "events", "--watch", "--interval", "nan"], "argument --interval: must be at least 0.1 seconds, got 'nan'"),
-    (["get", "events", "-w", "--interval", "1e308"], "argument --interval: must be at most 9223372036 seconds, "
+    (["get", "events", "-w", "--interval", "1e308"], "argument --interval: must be at most 315576000 seconds, "
                                                      "got '1e308'"),  # time.sleep's OverflowError
+    # gRPC's deadline overflowed: every call failed at once as "cannot reach the controller"
+    (["--rpc-timeout", "9000000000", "get", "nodes"], "argument --rpc-timeout: must be at most 315576000 "
+                                                      "seconds, got '9000000000'"),
     # a timeout of 0 or less said DEADLINE_EXCEEDED (or UNAVAILABLE "within -1s") of a controller that is fine
     (["wait", "deployment", "x", "--timeout", "0"], "argument --timeout: must be more than 0 seconds, got '0'"),
     (["wait", "deployment", "x", "--timeout", "-1"], "argument --timeout: must be more than 0 seconds, got '-1'"),
@@ -40,9 +43,9 @@ def refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     (["--rpc-timeout", "-1", "get", "nodes"], "argument --rpc-timeout: must be more than 0 seconds, got '-1'"),
     (["get", "nodes", "--rpc-timeout", "0"], "argument --rpc-timeout: must be more than 0 seconds, got '0'"),
     # infinity (inf, 1e400) was told "must be more than 0"
-    (["get", "nodes", "--rpc-timeout", "inf"], "argument --rpc-timeout: must be at most 9223372036 seconds, got 'inf'"),
+    (["get", "nodes", "--rpc-timeout", "inf"], "argument --rpc-timeout: must be at most 315576000 seconds, got 'inf'"),
     (["get", "nodes", "--rpc-timeout", "1e400"],
-     "argument --rpc-timeout: must be at most 9223372036 seconds, got '1e400'"),
+     "argument --rpc-timeout: must be at most 315576000 seconds, got '1e400'"),
     # --limit 0 printed the whole audit log; get events refuses it the same way
     (["audit", "list", "--limit", "0"], "argument --limit: must be at least 1, got 0"),
     (["audit", "list", "--limit", "-1"], "argument --limit: must be at least 1, got -1"),
