@@ -85,6 +85,15 @@ def test_problem_error_exits_2(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_a_time_limit_flag_does_not_hide_a_problems_bad_options(tmp_path: Path) -> None:
+    """`options: "fast"` is refused; with --time-limit-ms it was replaced silently and solved."""
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"version": 1, "nodes": [], "deployments": [], "options": "fast"}))
+    for flags in ((), ("--time-limit-ms", "100")):
+        result = maiactl("solve", str(bad), *flags)
+        assert result.returncode == 2 and "options: 'fast' is not of type 'object'" in result.stderr, result.stderr
+
+
 def test_invalid_json_exits_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{nope")

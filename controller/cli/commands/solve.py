@@ -52,8 +52,9 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     if args.time_limit_ms is not None:
         if args.time_limit_ms < 1:
             raise CliError("--time-limit-ms must be at least 1", 2)
-        options = doc.get("options")
-        doc["options"] = {**(options if isinstance(options, dict) else {}), "time_limit_ms": args.time_limit_ms}
+        options = doc.get("options", {})
+        if isinstance(options, dict):  # anything else is the problem's mistake, said as it is below
+            doc["options"] = {**options, "time_limit_ms": args.time_limit_ms}
     try:
         problem = problem_from_dict(doc)
     except ProblemError as exc:
