@@ -120,3 +120,29 @@ def test_watches_and_a_wait_go_on_where_they_were_once_a_restarted_controller_an
             if watch.proc.poll() is None:
                 watch.proc.terminate()
             watch.proc.wait(timeout=30)
+
+
+def test_an_event_watch_keeps_the_output_it_was_asked_for(tmp_path: Path) -> None:
+    """After the first print, `get events -w -o yaml` printed JSON lines and `-o name` table rows.
+    Each goes on as it began: a YAML stream of one document an event, and event/ID lines."""
+    watches: list[Watch] = []
+    try:
+        with controller_process(tmp_path) as running:
+            assert running.ctl("apply", "-f", _tenant(tmp_path, "before")).returncode == 0
+            watches += [Watch.of(running.address, running.token, "get", "events", "-w", "--interval", "0.2",
+                                 "-o", output) for output in ("yaml", "name")]
+            as_yaml, as_names = watches
+            as_yaml.out.until("event: tenant.created")
+            as_names.out.until("event/")
+            newest = max(int(line.removeprefix("event/"))
+                         for line in running.ctl("get", "events", "-o", "name").stdout.split())
+            assert running.ctl("apply", "-f", _tenant(tmp_path, "after")).returncode == 0
+            as_yaml.out.until("object: tenant/after")
+            as_names.out.until(f"event/{newest + 1}")
+        assert "---" in as_yaml.out.seen and not any(line.startswith("{") for line in as_yaml.out.seen)
+        assert all(line.startswith("event/") for line in as_names.out.seen), as_names.out.seen
+    finally:
+        for watch in watches:
+            if watch.proc.poll() is None:
+                watch.proc.terminate()
+            watch.proc.wait(timeout=30)

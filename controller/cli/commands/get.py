@@ -25,7 +25,7 @@ import grpc
 
 from controller.cli.bounds import count, int_max, seconds
 from controller.cli.client import CliError, Exit, list_all, rpc_error_text, status_code
-from controller.cli.context import Context
+from controller.cli.context import Context, yaml_text
 from controller.cli.follow import PAGE, EventFollower, read_after
 from controller.cli.outage import Polls
 from controller.cli.refs import deployment_name, deployment_ref, kind_and_names, placement_name
@@ -346,10 +346,15 @@ def _events(args: argparse.Namespace, ctx: Context) -> int:
         new = follower.fresh(read or [])
         if not new:
             continue
-        if ctx.json:
+        if ctx.output == "json":
             for e in new:  # one compact document per line while following
                 ctx.stdout.write(json.dumps(event_document(e)) + "\n")
             ctx.stdout.flush()
+        elif ctx.output == "yaml":  # a YAML stream: each event a document of its own
+            ctx.stdout.write("".join("---\n" + yaml_text(event_document(e)) for e in new))
+            ctx.stdout.flush()
+        elif ctx.output == "name":
+            ctx.out("\n".join(f"event/{e.id}" for e in new))
         else:
             ctx.out("\n".join(events_table(new).splitlines()[1:]))
     return Exit.OK
