@@ -85,7 +85,7 @@ class PeerMessages:
                 self._republishing = True
                 self._handle(self._republish_heard())
         elif kind == RESYNC:
-            self._resync()
+            self.resync()
 
     def forget_tokens(self, token_ids: Collection[str]) -> None:
         """Tokens revoked: their cached verifications are forgotten (else each was let through
@@ -97,7 +97,7 @@ class PeerMessages:
         """Tokens another controller revoked (TOKENS_REVOKED): forgotten here, and the streams they
         opened here end: deployment watches and console event streams at once (`TokenStreams`),
         agent streams after a read (`_end_streams`). A controller that may have missed some
-        resyncs, forgetting every verification and ending every watch (`_resync`). The revoking
+        resyncs, forgetting every verification and ending every watch (`resync`). The revoking
         controller did all this as it committed (`AppSignals.tokens_revoked`)."""
         self.forget_tokens(token_ids)
         self._streams.revoke(token_ids)
@@ -156,7 +156,7 @@ class PeerMessages:
         for node_id in node_ids:
             self._hub.disconnect(node_id, NODE_DELETED, registered=registered.get(node_id))
 
-    def _resync(self) -> None:
+    def resync(self) -> None:
         """Messages this controller was owed may be lost (another controller dropped some, or this
         one listens again after its connection dropped: `store/notify.py`): what they would have
         said is taken again from the database. Every watch ends (UNAVAILABLE, as one that fell

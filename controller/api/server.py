@@ -66,7 +66,7 @@ from controller.scheduling.decider import DecideProcess
 from controller.store.db import Database, unreachable
 from controller.store.checkpoints import WalCheckpointer
 from controller.store.exclusive import DatabaseInUse, SqliteLock, sqlite_path
-from controller.store.notify import ClusterChannel, LocalChannel, PgChannel
+from controller.store.notify import RESYNC, ClusterChannel, LocalChannel, PgChannel
 from controller.tokenstreams import TokenStreams
 from controller.usecases import tokens
 from controller.usecases.capacity import CapacityCache, CapacityRefresher
@@ -278,6 +278,13 @@ class ControllerApp:
         self.lifecycle.lead()
         self.watchdog.lead()
         self.reconciler.resync()
+        # The leader before may have died between a commit and its NOTIFY (killed, its host
+        # lost): the watches here and on the other controllers never heard of those changes
+        # (one showed a deployment Pending for good, stored Running). They watch again from the
+        # stored state, as when notifications were dropped (RESYNC).
+        if self.bus.subscriber_count:
+            self.peers.resync()
+        self.channel.send(RESYNC)  # held, and dropped, while no other controller listens
 
     def _deposed(self, why: str) -> None:
         self.hub.follow(why, self.election.not_leader(stepped_down=why))

@@ -24,7 +24,7 @@ until then, or until the next look). Held messages are bounded (`HELD_MAX` items
 dropped beyond, logged). A message so dropped may have been owed to a controller that listened
 unseen: unless a look that began after it saw nobody, the held messages go out after a RESYNC,
 on which each listener resyncs what it kept from the messages (its watchers watch again from the
-current state, its agents are sent their sets: `PeerMessages._resync`). A RESYNC whose NOTIFY
+current state, its agents are sent their sets: `PeerMessages.resync`). A RESYNC whose NOTIFY
 failed stays owed until one gets through: it goes before the next message sent, or with the next
 look that sees another controller (the keepalive's every `RECONNECT_S`, the reconnection's).
 

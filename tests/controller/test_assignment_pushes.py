@@ -162,7 +162,7 @@ async def test_a_streams_pusher_wakes_for_a_set_made_before_or_while_it_waits_an
 async def test_a_push_to_a_node_deleted_elsewhere_ends_its_stream(database):
     """A node deleted by another controller whose NODE_REMOVED this one never heard (dropped past
     `notify.HELD_MAX`): the resync that follows pushes every connected agent its set
-    (`PeerMessages._resync`), and the deleted node has none, so its stream ends as a delete's
+    (`PeerMessages.resync`), and the deleted node has none, so its stream ends as a delete's
     would; the other streams stay."""
     from controller.usecases.nodes import delete_node
     from controller.usecases.ports import RecordingSignals

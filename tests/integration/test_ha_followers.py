@@ -243,6 +243,33 @@ async def test_a_follower_told_to_resync_ends_its_watches_which_watch_again_from
         again.cancel()
 
 
+async def test_a_new_leader_ends_the_watches_here_and_on_the_others_which_watch_again(
+        db_url: str, tmp_path: Path) -> None:
+    """The leader before may have died between a commit and its NOTIFY: a follower's watch showed
+    a deployment Pending for good while it was stored Running (found in review). Elected, a
+    controller ends its own watches and tells the others to resync (RESYNC): each watch ends as
+    fallen behind (UNAVAILABLE) and starts again from the stored state."""
+    async with _leader_and_follower(db_url, tmp_path) as (leader, follower, stubs):
+        await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=spec("svc")))
+        async with Stubs.connect(leader.address, admin_token_of(leader)).channel as on_leader:
+            watches = [s.deployments.WatchDeployments(deployments_pb2.WatchDeploymentsRequest(name="svc"))
+                       for s in (stubs, Stubs.on(on_leader))]
+            for watch in watches:
+                assert (await asyncio.wait_for(_first(watch, lambda d: True), timeout=20)).spec.name == "svc"
+            await _until(lambda: follower.channel.others_listening, "the follower knows the leader listens")
+            follower.election._force = True  # takes the lease: the leader is gone, as far as it goes
+            await follower.election.step()
+            assert follower.election.should_run()
+            for watch in watches:
+                with pytest.raises(grpc.aio.AioRpcError) as ended:
+                    await asyncio.wait_for(_first(watch, lambda d: False), timeout=20)
+                assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        again = stubs.deployments.WatchDeployments(deployments_pb2.WatchDeploymentsRequest(name="svc"))
+        first = await asyncio.wait_for(anext(aiter(again)), timeout=20)
+        assert first.type == deployments_pb2.DeploymentEvent.TYPE_ADDED and first.deployment.spec.name == "svc"
+        again.cancel()
+
+
 @asynccontextmanager
 async def _leader_and_follower(db_url: str, tmp_path: Path, **overrides: Any,
                                ) -> AsyncIterator[tuple[ControllerApp, ControllerApp, Stubs]]:
