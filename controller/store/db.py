@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import socket
 import sqlite3
 import threading
 import time
@@ -66,6 +67,15 @@ PING_IDLE_S = 5.0
 PG_IDLE_IN_TRANSACTION_TIMEOUT_S = 5.0
 # What the controller's sessions are called in `pg_stat_activity` (an operator's first look at locks).
 PG_APPLICATION_NAME = "maia-controller"
+# How long a PostgreSQL connection whose server went silent (a partition, a NAT or conntrack entry
+# dropped, a database host gone without a reset) lasts: TCP gives up on data not acknowledged for
+# `PG_TCP_USER_TIMEOUT_MS` and probes an idle connection after `PG_TCP_KEEPALIVE` (idle, interval,
+# count) seconds. Without them a statement waited for its answer for ever: a leader cut off and
+# healed took the lease again (its lease thread opens new connections) with its reconciler, its
+# report flushes and its watchdog stuck on the old ones, and never scheduled again (found in
+# review). A connection given up fails its statement; the pool replaces it.
+PG_TCP_USER_TIMEOUT_MS = 30_000
+PG_TCP_KEEPALIVE = (10, 5, 3)
 _WRITE_VERBS = ("INSERT", "UPDATE", "DELETE", "REPLACE", "CREATE", "DROP", "ALTER")
 # Transactions that take SQLite's write lock as they begin (a migration's: `migrate.begin_sqlite_migration`).
 _WRITING_BEGINS = ("BEGIN IMMEDIATE", "BEGIN EXCLUSIVE")
@@ -126,7 +136,25 @@ def create_engine(url: str) -> AsyncEngine:
                                                "server_settings": server_settings}
                                  if module else {})
     _ping_when_idle(engine)
+    if module:
+        event.listen(engine.sync_engine, "connect", _tcp_gives_up)
     return engine
+
+
+def _tcp_gives_up(dbapi_conn: Any, _record: Any) -> None:
+    """A new asyncpg connection over TCP: keepalive probes and a user timeout (`PG_TCP_USER_TIMEOUT_MS`),
+    so that a server gone silent fails its statements instead of hanging them for ever (one over a
+    Unix socket has no silent network in between)."""
+    transport = getattr(getattr(dbapi_conn, "_connection", None), "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    idle, interval, count = PG_TCP_KEEPALIVE
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count),
+                          ("TCP_USER_TIMEOUT", PG_TCP_USER_TIMEOUT_MS)):
+        if hasattr(socket, option):  # Linux has them all; elsewhere what the platform has
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 def _ping_when_idle(engine: AsyncEngine) -> None:

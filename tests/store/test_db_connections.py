@@ -55,6 +55,25 @@ async def test_a_connection_used_lately_is_not_pinged_and_a_drop_fails_one_unit_
     assert await _pooled_backend_pid(database) != pid  # the pool replaced it
 
 
+@POSTGRES_ONLY
+async def test_a_tcp_connection_gives_up_on_a_server_gone_silent(database: Database) -> None:
+    """Keepalive probes and a user timeout on every TCP connection of the pool: a server gone
+    silent (a partition, a dropped NAT entry) fails the statement waiting on it within about 30 s
+    rather than never (a healed leader took the lease again with its passes stuck for good). The
+    kernel does the giving up; what is checked here is that it is told to."""
+    import socket
+
+    if "/" in (database.engine.url.host or "") or not database.engine.url.host:
+        pytest.skip("the test server is reached over a Unix socket: no TCP to set")
+    async with database.engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        sock = raw.driver_connection._transport.get_extra_info("socket")  # type: ignore[union-attr]
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == dbmod.PG_TCP_USER_TIMEOUT_MS
+        assert [sock.getsockopt(socket.IPPROTO_TCP, option) for option in (
+            socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT)] == list(dbmod.PG_TCP_KEEPALIVE)
+
+
 async def test_a_sqlite_writer_waits_its_turn_and_fails_as_sqlite_would_past_the_timeout(tmp_path: Path) -> None:
     engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'w.db'}")
     SqliteWriters(timeout_s=0.2).attach(engine)
