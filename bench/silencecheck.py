@@ -47,7 +47,7 @@ def _hub(streams: int, unacknowledged: int) -> AgentHub:
     now = time.monotonic()
     for i in range(streams):
         session = AgentSession(f"n{i}", f"s{i}", interval_ms=32_768, timeout_s=TIMEOUT_S, last_seen=now)
-        session.unacknowledged = {("t", f"d{i}", 0, shard): (now, 1) for shard in range(unacknowledged)}
+        session.unacknowledged = {("t", f"d{i}", 0, shard): (now, 1, 0) for shard in range(unacknowledged)}
         hub._sessions[session.node_id] = session
     return hub
 

@@ -123,13 +123,14 @@ class AgentSession:
     starting: dict[ShardKey, float] = field(default_factory=dict)
     # The shards a set on this stream named first (or under a new generation) whose agent has
     # said nothing of them under it yet (no LOADING, RUNNING, FAILED or STOPPED), with when that
-    # set was sent and the assignment's generation: an agent that never takes one up fails it
-    # (`overdue`; the hub's `--assignment-ack-timeout`). Only shards still named by the set last
-    # sent (so at most one set's worth).
-    unacknowledged: dict[SaidKey, tuple[float, int]] = field(default_factory=dict)
-    # Each shard the set last sent named, with its assignment's generation: a shard a set names
-    # anew, or under another generation (placed again in the same slot), is owed a word again.
-    named: dict[SaidKey, int] = field(default_factory=dict)
+    # set was sent and the assignment's (generation, deployment uid): an agent that never takes one
+    # up fails it (`overdue`; the hub's `--assignment-ack-timeout`). Only shards still named by the
+    # set last sent (so at most one set's worth).
+    unacknowledged: dict[SaidKey, tuple[float, int, int]] = field(default_factory=dict)
+    # Each shard the set last sent named, with its assignment's (generation, deployment uid): a
+    # shard a set names anew, or under another generation (placed again in the same slot) or
+    # deployment (one deleted, another submitted under its name), is owed a word again.
+    named: dict[SaidKey, tuple[int, int]] = field(default_factory=dict)
 
     def close(self, reason: str, *, mark_down: bool = True, told: MaiaError | None = None) -> None:
         """End the stream (once: a later close changes nothing). `reason`: the log's, and the
@@ -181,14 +182,15 @@ class AgentSession:
             self.given = {}
         if len(self.starting) + len(fresh) > 2 * limits.SHARDS_PER_NODE_MAX:
             self.starting = {}
-        named = {(a.tenant, a.deployment, a.replica, a.shard): a.generation for a in assignment_set.assignments}
+        named = {(a.tenant, a.deployment, a.replica, a.shard): (a.generation, a.deployment_uid)
+                 for a in assignment_set.assignments}
         if self.unacknowledged:  # a shard taken away before its agent said anything is not owed any more
             self.unacknowledged = {key: due for key, due in self.unacknowledged.items() if key in named}
-        for key, generation in named.items():
-            if self.named.get(key) != generation:
+        for key, (generation, uid) in named.items():
+            if self.named.get(key) != (generation, uid):
                 # Owed again (another generation): to the end, so that the first is the oldest (`overdue`).
                 self.unacknowledged.pop(key, None)
-                self.unacknowledged[key] = (now, generation)
+                self.unacknowledged[key] = (now, generation, uid)
         self.named = named
         for a in fresh:
             self.starting[(a.deployment, a.replica, a.shard)] = now
@@ -197,10 +199,12 @@ class AgentSession:
 
     def acknowledged(self, tenant: str, report: ShardReport) -> None:
         """The agent said something of the shard (of `tenant`'s deployment) under the generation
-        it is owed or a later one: it took it up (an older one's word is of the last placement)."""
+        it is owed or a later one, of the deployment it is owed of (when it says which): it took it
+        up (an older one's word is of the last placement, another deployment's of one deleted)."""
         key = (tenant, report.deployment, report.replica, report.shard)
         owed = self.unacknowledged.get(key)
-        if owed is not None and report.generation >= owed[1]:
+        if owed is not None and report.generation >= owed[1] and (
+                not report.deployment_uid or report.deployment_uid == owed[2]):
             del self.unacknowledged[key]
 
     def overdue(self, now: float, timeout_s: float) -> list[ShardReport]:
@@ -210,13 +214,14 @@ class AgentSession:
         late, none is, which the hub's silence check finds for most streams every second."""
         if not self.unacknowledged or now - next(iter(self.unacknowledged.values()))[0] <= timeout_s:
             return []
-        late = [(key, generation) for key, (sent_at, generation) in self.unacknowledged.items()
+        late = [(key, generation, uid) for key, (sent_at, generation, uid) in self.unacknowledged.items()
                 if now - sent_at > timeout_s]
-        for key, _ in late:
+        for key, _, _ in late:
             del self.unacknowledged[key]
         message = NOT_ACKNOWLEDGED.format(timeout_s=timeout_s)
-        return [ShardReport(deployment, replica, shard, generation, "failed", message, tenant=tenant)
-                for (tenant, deployment, replica, shard), generation in late]
+        return [ShardReport(deployment, replica, shard, generation, "failed", message, tenant=tenant,
+                            deployment_uid=uid)
+                for (tenant, deployment, replica, shard), generation, uid in late]
 
     def started(self, report: ShardReport, now: float) -> float | None:
         """Seconds from the set that first named the shard to this report saying RUNNING (None: not

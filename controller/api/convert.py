@@ -295,7 +295,7 @@ def shard_report(msg: agent_pb2.ShardStatus) -> d.ShardReport:
         deployment=msg.deployment, replica=msg.replica, shard=msg.shard, generation=msg.generation,
         phase=_SHARD_PHASE_TO_WORD.get(msg.phase) or ("" if msg.phase == common_pb2.SHARD_PHASE_UNSPECIFIED
                                                       else str(msg.phase)),
-        message=msg.message, power_draw_w=msg.power_draw_w, tenant=msg.tenant,
+        message=msg.message, power_draw_w=msg.power_draw_w, tenant=msg.tenant, deployment_uid=msg.deployment_uid,
     )
 
 
@@ -317,7 +317,8 @@ def assignment_set_msg(view: d.AssignmentSet) -> agent_pb2.ControllerMessage:
         "assignments": [
             {"deployment": a.deployment, "tenant": a.tenant, "replica": a.replica, "shard": a.shard,
              "shards_per_replica": a.shards_per_replica, "accelerator_indices": a.accelerator_indices,
-             "accelerator_milli": a.accelerator_milli, "spec": _shard_spec_fields(a.spec), "generation": a.generation}
+             "accelerator_milli": a.accelerator_milli, "spec": _shard_spec_fields(a.spec), "generation": a.generation,
+             "deployment_uid": a.deployment_uid}
             for a in view.assignments
         ],
     })

@@ -310,6 +310,7 @@ class Assignment:
     accelerator_milli: int  # 0: whole accelerators
     spec: ShardSpec
     generation: int
+    deployment_uid: int = 0  # its deployment's row id: never another's (a deployment deleted and submitted again)
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +332,7 @@ class ShardReport:
     message: str = ""
     power_draw_w: float = 0.0
     tenant: str = ""  # empty: the agent did not say (the controller looks it up in what it gave the node)
+    deployment_uid: int = 0  # the assignment's it answers; 0: the agent did not say (not checked)
 
 
 @dataclass(frozen=True, slots=True)

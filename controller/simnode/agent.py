@@ -47,6 +47,7 @@ class DesiredShard:
     accelerators: int = 1
     power_w: float = 0.0        # per whole accelerator under load
     generation: int = 0         # the deployment generation it belongs to
+    deployment_uid: int = 0     # the deployment's identity (another after a delete and submit again)
 
     @property
     def load_power_w(self) -> float:
@@ -57,8 +58,10 @@ class DesiredShard:
         return self.power_w * whole
 
     def same_slot(self, other: DesiredShard) -> bool:
-        """Same accelerators and size: a running shard can stay as it is."""
-        return (self.accelerator_indices == other.accelerator_indices
+        """Same deployment, accelerators and size: a running shard can stay as it is (a deployment
+        deleted and submitted again under its name is another model server: started anew)."""
+        return (self.deployment_uid == other.deployment_uid
+                and self.accelerator_indices == other.accelerator_indices
                 and self.accelerator_milli == other.accelerator_milli
                 and self.accelerators == other.accelerators)
 
@@ -80,6 +83,7 @@ class ShardReport:
     phase: Phase
     power_draw_w: float = 0.0
     message: str = ""
+    deployment_uid: int = 0  # the assignment's it answers
 
 
 @dataclass
@@ -122,7 +126,8 @@ class NodeAgent:
         reports: list[ShardReport] = []
         for key in sorted(set(self._held) - set(wanted)):
             held = self._held.pop(key)
-            reports.append(ShardReport(key, held.desired.generation, Phase.STOPPED, 0.0, "stopped"))
+            reports.append(ShardReport(key, held.desired.generation, Phase.STOPPED, 0.0, "stopped",
+                                       held.desired.deployment_uid))
         for key in sorted(wanted):
             shard = wanted[key]
             held = self._held.get(key)
@@ -206,4 +211,4 @@ class NodeAgent:
 
     def _report(self, held: _Held, message: str = "") -> ShardReport:
         return ShardReport(held.desired.key, held.desired.generation, held.phase,
-                           self._shard_power(held), message or held.message)
+                           self._shard_power(held), message or held.message, held.desired.deployment_uid)

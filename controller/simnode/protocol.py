@@ -44,7 +44,7 @@ def desired_from_proto(message: agent_pb2.AssignmentSet) -> DesiredState:
             key=ShardKey(a.deployment, a.replica, a.shard, a.tenant), tenant=a.tenant,
             accelerator_indices=tuple(a.accelerator_indices), accelerator_milli=a.accelerator_milli,
             accelerators=a.spec.accelerators or len(a.accelerator_indices),
-            power_w=a.spec.power_w, generation=a.generation)
+            power_w=a.spec.power_w, generation=a.generation, deployment_uid=a.deployment_uid)
         for a in message.assignments)
     return DesiredState(generation=message.generation, shards=shards)
 
@@ -54,7 +54,7 @@ def status_to_proto(report: ShardReport) -> agent_pb2.ShardStatus:
         deployment=report.key.deployment, tenant=report.key.tenant, replica=report.key.replica,
         shard=report.key.shard,
         generation=report.generation, phase=_PHASES[report.phase], message=report.message,
-        power_draw_w=report.power_draw_w)
+        power_draw_w=report.power_draw_w, deployment_uid=report.deployment_uid)
 
 
 def hello(node_id: str, session_id: str, heartbeat_interval_s: float) -> agent_pb2.AgentMessage:

@@ -560,16 +560,24 @@ def _judged(placed: m.ShardPhase, report: ShardReport) -> ShardReport | None:
 def _changes(said: ShardReport | None, state: repo.ShardState, *,
              taken_up: bool = False) -> ShardReport | None:
     """What the report `said` by the placement's node changes of the placement `state` (None:
-    nothing): it answers the placement's generation or a newer one (older reports are stale), and
-    says something else of it (`_judged`). `taken_up`: the node said LOADING or RUNNING of this
-    placement in the same batch, before `said` (so it is not ASSIGNED any more to it)."""
-    if said is None or said.generation < state.generation:
+    nothing): it answers the placement's generation or a newer one (older reports are stale) of
+    the placement's deployment (`deployment_uid`, when the agent says it: a deployment deleted and
+    submitted again under its name counts its generations from 0 again, and the old one's FAILED
+    failed the new one's shard with the old crash), and says something else of it (`_judged`).
+    `taken_up`: the node said LOADING or RUNNING of this placement in the same batch, before
+    `said` (so it is not ASSIGNED any more to it)."""
+    if said is None or said.generation < state.generation or not _of_deployment(said, state.deployment_id):
         return None
     placed = m.ShardPhase.LOADING if taken_up and state.phase is m.ShardPhase.ASSIGNED else state.phase
     report = _judged(placed, said)
     if report is None or (state.phase is m.ShardPhase(report.phase) and state.message == report.message):
         return None
     return report
+
+
+def _of_deployment(report: ShardReport, deployment_id: int) -> bool:
+    """Whether a report answers an assignment of this deployment (an agent that says no uid: yes)."""
+    return not report.deployment_uid or report.deployment_uid == deployment_id
 
 
 async def flush_reports(
@@ -599,20 +607,22 @@ async def flush_reports(
     # reported by both (STOPPED by the node it left, LOADING by the one it went to) and only the
     # placement's node's word counts; kept per shard alone, the other node's report read last hid it.
     latest: dict[tuple[str, tuple[str, int, int]], ShardReport] = {}
-    # The newest generation each node said LOADING or RUNNING of each shard in this batch: a
-    # placement still ASSIGNED as stored was taken up by that node if it answers it.
-    taken_up: dict[tuple[str, tuple[str, int, int]], int] = {}
+    # The newest generation each node said LOADING or RUNNING of each shard in this batch, by the
+    # deployment uid it said (0: none): a placement still ASSIGNED as stored was taken up by that
+    # node if it answers it.
+    taken_up: dict[tuple[str, tuple[str, int, int], int], int] = {}
     for node_id, report in reports:
         if report.phase in _SHARD_PHASES:
             key = (deployment_key(report.tenant, report.deployment), report.replica, report.shard)
             latest[(node_id, key)] = report
             if report.phase in (m.ShardPhase.LOADING.value, m.ShardPhase.RUNNING.value):
-                taken_up[(node_id, key)] = max(report.generation, taken_up.get((node_id, key), report.generation))
+                said = (node_id, key, report.deployment_uid)
+                taken_up[said] = max(report.generation, taken_up.get(said, report.generation))
     hits: dict[tuple[str, int, int], tuple[repo.ShardState, ShardReport]] = {}  # the reports that change their shard
     for state in await repo.shard_states(s, {key[0] for _, key in latest}) if latest else ():
         place = (state.key, state.replica, state.shard)
-        report = _changes(latest.get((state.node_id, place)), state,
-                          taken_up=taken_up.get((state.node_id, place), -1) >= state.generation)
+        answered = max(taken_up.get((state.node_id, place, uid), -1) for uid in (0, state.deployment_id))
+        report = _changes(latest.get((state.node_id, place)), state, taken_up=answered >= state.generation)
         if report is not None:
             hits[place] = (state, report)
     at = m.utcnow()

@@ -105,7 +105,7 @@ def test_a_heartbeat_that_repeats_a_shard_unchanged_acknowledges_it() -> None:
     running = report("web", "running")
     buffer.accept(s, running)
     s.sent(given(assignment("web"), assignment("api"), generation=2), now=1.0)
-    s.unacknowledged[("lab", "web", 0, 0)] = (1.0, 1)  # owed again (as after a reset of `given`)
+    s.unacknowledged[("lab", "web", 0, 0)] = (1.0, 1, 0)  # owed again (as after a reset of `given`)
     buffer.accept(s, d.HeartbeatReport(seq=1, power_draw_w=100.0, shards=(running,)))
     assert [r.deployment for r in s.overdue(now=100.0, timeout_s=60.0)] == ["api"]
 

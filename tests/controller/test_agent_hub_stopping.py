@@ -116,7 +116,7 @@ async def test_the_silence_check_looks_at_a_slice_of_the_streams_a_step_letting_
     hub._sessions.update((session.node_id, session) for session in sessions)
     await hub._expire()  # silent at one check: nothing ends
     assert not any(session.closed for session in sessions)
-    sessions[1].unacknowledged[("t1", "web", 0, 0)] = (time.monotonic() - 30, 1)  # late, and its stream silent
+    sessions[1].unacknowledged[("t1", "web", 0, 0)] = (time.monotonic() - 30, 1, 0)  # late, and its stream silent
     loop = asyncio.get_running_loop()
     loop.call_soon(setattr, sessions[0], "last_seen", time.monotonic())  # heard after its slice was looked at
     loop.call_soon(setattr, sessions[5], "last_seen", time.monotonic())  # ... before

@@ -345,3 +345,42 @@ async def test_a_shard_taken_up_and_stopped_within_one_flush_fails(cluster: Data
                                              for phase in ("loading", "stopped")])
     assert (await placed(cluster, "svc"))[0] == (node, "failed")
     assert (await state(cluster, "svc")).reasons[0]["code"] == SHARD_FAILED
+
+
+async def test_a_report_of_a_deleted_deployment_never_applies_to_one_submitted_again_under_its_name(
+        cluster: Database) -> None:
+    """A deployment deleted and submitted again under its name counts its generations from 0
+    again: the old one's FAILED (an agent's heartbeat repeating it, or one late) named the same
+    shard and generation, and failed the new one's shard with the old crash (its back-off and
+    restart count too). Reports say which deployment they answer (`deployment_uid`, its row
+    id): another's is dropped; one that says none is judged as before."""
+    from sqlalchemy import select
+
+    loop = Reconciler(cluster, push=lambda nodes: None, publish=no_publish)
+    spec = deployment("svc", accelerators=4, locality="node")
+
+    async def placed() -> tuple[int, str, int, m.ShardPhase]:
+        async with cluster.unit_of_work() as uow:
+            [(dep_id, node, generation, phase)] = (await uow.session.execute(select(
+                m.Placement.deployment_id, m.Placement.node_id, m.Placement.generation, m.Placement.phase))).all()
+        return dep_id, node, generation, phase
+
+    await submit(cluster, spec)
+    await loop.reconcile_once()
+    old_id, node, generation, _ = await placed()
+    crashed = ShardReport("svc", 0, 0, generation, "failed", "OOM in the old build", tenant="t1",
+                          deployment_uid=old_id)
+    async with cluster.unit_of_work() as uow:
+        await deployments.delete_deployment(uow, WHO, "svc", RecordingSignals(), tenant="t1")
+    await loop.reconcile_once()
+    await submit(cluster, spec)
+    await loop.reconcile_once()
+    new_id, new_node, new_generation, _ = await placed()
+    assert (new_id, new_generation) != (old_id, generation) and new_generation == generation  # the same numbers
+    async with cluster.unit_of_work() as uow:
+        await agents.flush_reports(uow, {}, [(new_node, crashed)])
+    assert (await placed())[3] is m.ShardPhase.ASSIGNED
+    running = ShardReport("svc", 0, 0, new_generation, "running", tenant="t1", deployment_uid=new_id)
+    async with cluster.unit_of_work() as uow:
+        await agents.flush_reports(uow, {}, [(new_node, running)])
+    assert (await placed())[3] is m.ShardPhase.RUNNING

@@ -84,6 +84,21 @@ def test_moved_shard_reloads_and_same_slot_new_generation_keeps_running() -> Non
     assert [(r.phase, r.generation) for r in moved] == [(Phase.LOADING, 3)]
 
 
+def test_the_same_shard_of_another_deployment_is_started_anew_and_reported_as_its() -> None:
+    """A deployment deleted and submitted again under its name is another (its uid): its shard in
+    the same slot, with the same generation, is another model server, loaded anew (the old one's
+    FAILED or RUNNING stood for it), and every report names the uid it answers."""
+    from dataclasses import replace
+
+    a = agent(load_delay=0.0)
+    old = replace(shard(A0, (0,)), deployment_uid=7)
+    a.apply(DesiredState(1, (old,)), now=0.0)
+    assert [(r.phase, r.deployment_uid) for r in a.tick(0.0)] == [(Phase.RUNNING, 7)]
+    reports = a.apply(DesiredState(2, (replace(old, deployment_uid=9),)), now=1.0)
+    assert [(r.key, r.phase, r.generation, r.deployment_uid) for r in reports] == [(A0, Phase.LOADING, 1, 9)]
+    assert [(r.phase, r.deployment_uid) for r in a.tick(1.0)] == [(Phase.RUNNING, 9)]
+
+
 def test_power_draw_is_idle_plus_running_shards_with_fractions_pro_rata() -> None:
     a = agent(load_delay=1.0)
     a.apply(DesiredState(1, (

@@ -55,19 +55,20 @@ class ShardState:
     phase: m.ShardPhase
     message: str
     placement_id: int  # the row's id
+    deployment_id: int = 0  # its deployment's row id (what an agent says as the deployment's uid)
 
 
 # A placement's `ShardState` columns, its deployment's tenant and name first (`_shard_states`).
 _SHARD_STATES = (select(m.Deployment.tenant_id, m.Deployment.name, m.Placement.replica, m.Placement.shard,
                         m.Placement.node_id, m.Placement.generation, m.Placement.phase, m.Placement.message,
-                        m.Placement.id)
+                        m.Placement.id, m.Placement.deployment_id)
                  .select_from(m.Placement).join(m.Deployment))
 
 
 def _shard_states(rows: Iterable[Any]) -> Iterator[ShardState]:
-    for tenant, name, replica, shard, node_id, generation, phase, message, placement_id in rows:
+    for tenant, name, replica, shard, node_id, generation, phase, message, placement_id, deployment_id in rows:
         yield ShardState(d.deployment_key(tenant, name), replica, shard, node_id, generation or 0, phase,
-                         message or "", placement_id)
+                         message or "", placement_id, deployment_id)
 
 
 async def shard_states(session: AsyncSession, keys: Iterable[str]) -> list[ShardState]:
@@ -278,8 +279,8 @@ def _assignment_queries(dialect: str) -> tuple[Select, Select]:
     p, dep, node = _PLACEMENTS.c, _DEPLOYMENTS.c, _NODES.c
     generations = select(node.id, node.assignment_generation).where(any_of_named(dialect, node.id, "nodes"))
     placements = (
-        select(p.node_id, dep.name, dep.tenant_id, p.replica, p.shard, cast(p.accelerator_indices, Text),
-               p.accelerator_milli, p.generation, dep.generation, p.revision,
+        select(p.node_id, dep.name, dep.tenant_id, p.deployment_id, p.replica, p.shard,
+               cast(p.accelerator_indices, Text), p.accelerator_milli, p.generation, dep.generation, p.revision,
                case((p.revision != dep.template_revision, cast(dep.revision_specs, Text)), else_=None),
                dep.shard_accelerators, dep.shard_accelerator_milli, dep.shard_hbm_gib, dep.shard_cpu_milli,
                dep.shard_memory_mib, dep.shard_power_w, cast(dep.shard_accelerator_models, Text),
@@ -305,15 +306,15 @@ async def assignment_sets(session: AsyncSession, node_ids: Iterable[str]) -> dic
         chunk = {"nodes": ids[start:start + ASSIGNMENT_READ_CHUNK]}
         generations = {node_id: generation for node_id, generation in await session.execute(generations_query, chunk)}
         assignments: dict[str, list[d.Assignment]] = defaultdict(list)
-        for (node_id, name, tenant, replica, shard, indices, placed_milli, generation, dep_generation, revision,
-             older, accelerators, *spec_columns) in await session.execute(placements_query, chunk):
+        for (node_id, name, tenant, deployment_id, replica, shard, indices, placed_milli, generation, dep_generation,
+             revision, older, accelerators, *spec_columns) in await session.execute(placements_query, chunk):
             spec, shards_per_replica = _assigned_spec(revision if older is not None else 0, older, accelerators,
                                                       *spec_columns)
             milli = shard_milli(accelerators, placed_milli)
             assignments[node_id].append(d.Assignment(
                 deployment=name, tenant=tenant, replica=replica, shard=shard, shards_per_replica=shards_per_replica,
                 accelerator_indices=_indices(indices), accelerator_milli=milli if milli < 1000 else 0, spec=spec,
-                generation=generation or dep_generation,
+                generation=generation or dep_generation, deployment_uid=deployment_id,
             ))
         for node_id, node_generation in generations.items():
             sets[node_id] = d.AssignmentSet(node_id=node_id, generation=node_generation,

@@ -97,7 +97,7 @@ class Heartbeat(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., power_draw_w: _Optional[float] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., shard_state_version: _Optional[int] = ..., shards_omitted: _Optional[bool] = ..., failed_accelerators: _Optional[_Iterable[_Union[_common_pb2.AcceleratorFault, _Mapping]]] = ...) -> None: ...
 
 class ShardStatus(_message.Message):
-    __slots__ = ("deployment", "replica", "shard", "generation", "phase", "message", "power_draw_w", "tenant")
+    __slots__ = ("deployment", "replica", "shard", "generation", "phase", "message", "power_draw_w", "tenant", "deployment_uid")
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,7 @@ class ShardStatus(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     POWER_DRAW_W_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_UID_FIELD_NUMBER: _ClassVar[int]
     deployment: str
     replica: int
     shard: int
@@ -114,7 +115,8 @@ class ShardStatus(_message.Message):
     message: str
     power_draw_w: float
     tenant: str
-    def __init__(self, deployment: _Optional[str] = ..., replica: _Optional[int] = ..., shard: _Optional[int] = ..., generation: _Optional[int] = ..., phase: _Optional[_Union[_common_pb2.ShardPhase, str]] = ..., message: _Optional[str] = ..., power_draw_w: _Optional[float] = ..., tenant: _Optional[str] = ...) -> None: ...
+    deployment_uid: int
+    def __init__(self, deployment: _Optional[str] = ..., replica: _Optional[int] = ..., shard: _Optional[int] = ..., generation: _Optional[int] = ..., phase: _Optional[_Union[_common_pb2.ShardPhase, str]] = ..., message: _Optional[str] = ..., power_draw_w: _Optional[float] = ..., tenant: _Optional[str] = ..., deployment_uid: _Optional[int] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
     __slots__ = ("assignments", "shard_state_request", "heartbeat_policy")
@@ -145,7 +147,7 @@ class AssignmentSet(_message.Message):
     def __init__(self, generation: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("deployment", "tenant", "replica", "shard", "shards_per_replica", "accelerator_indices", "accelerator_milli", "spec", "generation")
+    __slots__ = ("deployment", "tenant", "replica", "shard", "shards_per_replica", "accelerator_indices", "accelerator_milli", "spec", "generation", "deployment_uid")
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +157,7 @@ class Assignment(_message.Message):
     ACCELERATOR_MILLI_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_UID_FIELD_NUMBER: _ClassVar[int]
     deployment: str
     tenant: str
     replica: int
@@ -164,4 +167,5 @@ class Assignment(_message.Message):
     accelerator_milli: int
     spec: _common_pb2.ShardSpec
     generation: int
-    def __init__(self, deployment: _Optional[str] = ..., tenant: _Optional[str] = ..., replica: _Optional[int] = ..., shard: _Optional[int] = ..., shards_per_replica: _Optional[int] = ..., accelerator_indices: _Optional[_Iterable[int]] = ..., accelerator_milli: _Optional[int] = ..., spec: _Optional[_Union[_common_pb2.ShardSpec, _Mapping]] = ..., generation: _Optional[int] = ...) -> None: ...
+    deployment_uid: int
+    def __init__(self, deployment: _Optional[str] = ..., tenant: _Optional[str] = ..., replica: _Optional[int] = ..., shard: _Optional[int] = ..., shards_per_replica: _Optional[int] = ..., accelerator_indices: _Optional[_Iterable[int]] = ..., accelerator_milli: _Optional[int] = ..., spec: _Optional[_Union[_common_pb2.ShardSpec, _Mapping]] = ..., generation: _Optional[int] = ..., deployment_uid: _Optional[int] = ...) -> None: ...
