@@ -44,6 +44,7 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         self.topology = admin_pb2.Topology()
         self.knows_dry_runs = True  # off: as a controller older than dry runs by metadata (writes)
         self.refuse_writes: set[str] = set()  # tenants whose CreateTenant is refused, its dry run not
+        self.answer_late: set[str] = set()  # tenants whose next UpdateTenant is written, then answered late
         self.events: list[admin_pb2.EventRecord] | None = None  # None: ListEvents unimplemented, as before
 
     def ListEvents(self, request, context):  # noqa: N802
@@ -80,6 +81,9 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
             return request
         self.calls.append("UpdateTenant")
         self.tenants[request.id] = request
+        if request.id in self.answer_late:  # written; the answer comes after the caller's deadline
+            self.answer_late.discard(request.id)
+            time.sleep(1.5)
         return request
 
     def ListTenants(self, request, context):  # noqa: N802
@@ -126,6 +130,7 @@ class FakeDeployments(deployments_pb2_grpc.DeploymentServiceServicer):
         self.run_after_s: float | None = 0.3  # a submitted deployment turns Running after this
         self.fit_replicas = 0  # a dry run places this many replicas at most
         self.invalid: set[str] = set()  # deployments refused INVALID_ARGUMENT (dry runs too)
+        self.answer_late: set[str] = set()  # deployments whose next update is written, then answered late
         self.lock = threading.Lock()
 
     def _dry_run(self, request, context) -> D.SubmitDeploymentResponse:
@@ -173,6 +178,27 @@ class FakeDeployments(deployments_pb2_grpc.DeploymentServiceServicer):
         with self.lock:
             return D.ListDeploymentsResponse(deployments=[d for d in self.deployments.values()
                                                           if not request.tenant or d.spec.tenant == request.tenant])
+
+    def UpdateDeployment(self, request, context):  # noqa: N802
+        """As the controller, without dry runs: written at the resource version asked; those
+        named in `answer_late` answered after their caller's deadline."""
+        dry = ("maia-dry-run", "all") in tuple(context.invocation_metadata())
+        self.calls.append("UpdateDeployment" + " (dry run)" * dry)
+        with self.lock:
+            dep = self.deployments.get(request.spec.name)
+            if dep is None or dep.resource_version != request.resource_version:
+                context.abort(grpc.StatusCode.ABORTED, f"deployment {request.spec.name}: another version")
+            if dry:
+                context.set_trailing_metadata((("maia-dry-run", "all"),))
+                return D.UpdateDeploymentResponse(deployment=D.Deployment(spec=request.spec,
+                                                                          resource_version=dep.resource_version))
+            dep.spec.CopyFrom(request.spec)
+            dep.resource_version += 1
+            answer = D.UpdateDeploymentResponse(deployment=dep)
+        if request.spec.name in self.answer_late:
+            self.answer_late.discard(request.spec.name)
+            time.sleep(1.5)
+        return answer
 
     def WatchDeployments(self, request, context):  # noqa: N802
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "no watch here: clients poll")
@@ -455,6 +481,41 @@ def test_a_rollback_leaves_the_unchanged_tenants_alone(fake, capsys, tmp_path) -
     assert err.splitlines() == ["error: tenant/newcomer failed: FAILED_PRECONDITION: tenant newcomer: "
                                 "refused at its write", "nothing else had been written"]
     assert calls == ["CreateTenant (dry run)", "CreateTenant"]
+
+
+def test_a_write_answered_too_late_is_undone_with_the_rest_for_it_may_have_landed(fake, capsys, tmp_path) -> None:
+    """A tenant's UpdateTenant was written, its answer came after --rpc-timeout: apply said it
+    failed and rolled back the rest, leaving its change in place (not all or nothing; "nothing
+    else had been written" here). It is undone too now."""
+    address, admin, _, _ = fake
+    assert run(capsys, "--controller", address, "apply", "-f", str(EXAMPLES / "tenants.yaml"))[0] == 0
+    before = admin_pb2.Tenant()
+    before.CopyFrom(admin.tenants["openlab"])
+    f = tmp_path / "t.yaml"
+    f.write_text(EXAMPLES.joinpath("tenants.yaml").read_text().replace("max_power_w: 40000", "max_power_w: 99999"))
+    admin.answer_late.add("openlab")
+    code, out, err = run(capsys, "--controller", address, "--rpc-timeout", "0.5", "apply", "-f", str(f))
+    assert code != 0 and out == ""
+    assert err.splitlines()[0].startswith("error: tenant/openlab failed: DEADLINE_EXCEEDED"), err
+    assert err.splitlines()[1:] == ["rolled back:", "  tenant/openlab restored"], err
+    assert admin.tenants["openlab"] == before
+
+
+def test_a_deployment_update_answered_too_late_is_restored_with_the_rest(fake, capsys, tmp_path) -> None:
+    """The same for a deployment's update: its change, written, is restored at the version it is
+    at now (it was left in place, `embeddings-small` at 5 replicas after "failed ... rolled back")."""
+    address, _, deployments, _ = fake
+    f = tmp_path / "d.yaml"
+    f.write_text("kind: Tenant\nid: lab\n---\nkind: Deployment\nname: svc\ntenant: lab\nreplicas: 1\n"
+                 "shards_per_replica: 1\nshard: {accelerators: 1}\n")
+    code, _, err = run(capsys, "--controller", address, "apply", "-f", str(f), "--no-solve")
+    assert code == 0, err
+    deployments.answer_late.add("svc")
+    f.write_text(f.read_text().replace("replicas: 1", "replicas: 5"))
+    code, _, err = run(capsys, "--controller", address, "--rpc-timeout", "0.5", "apply", "-f", str(f), "--no-solve")
+    assert code != 0 and "deployment/svc failed: DEADLINE_EXCEEDED" in err, err
+    assert err.splitlines()[1:] == ["rolled back:", "  deployment/svc spec restored"], err
+    assert deployments.deployments["svc"].spec.replicas == 1
 
 
 def test_what_the_controller_would_refuse_is_a_conflict_before_any_write(fake, capsys, tmp_path) -> None:

@@ -194,6 +194,14 @@ def _undo(done: list[Step], ctx: Context, unknown: list[Step] | None = None) -> 
                 ctx.controller.deployments.UpdateDeployment(deployments_pb2.UpdateDeploymentRequest(
                     spec=step.previous.spec, resource_version=step.updated.resource_version), timeout=ctx.rpc_timeout)
                 lines.append(f"{step.ref} spec restored")
+            elif step.obj.kind == "Deployment" and step.action == "configured" and id(step) in maybe:
+                spec = step.previous.spec  # its update went unanswered: restored if it landed
+                now = ctx.controller.deployments.GetDeployment(deployments_pb2.GetDeploymentRequest(
+                    name=spec.name, tenant=spec.tenant), timeout=ctx.rpc_timeout)
+                if now.resource_version != step.previous.resource_version:
+                    ctx.controller.deployments.UpdateDeployment(deployments_pb2.UpdateDeploymentRequest(
+                        spec=spec, resource_version=now.resource_version), timeout=ctx.rpc_timeout)
+                    lines.append(f"{step.ref} spec restored")
             elif step.obj.kind == "Tenant" and step.previous is not None:
                 ctx.controller.admin.UpdateTenant(_contract(step.previous), timeout=ctx.rpc_timeout)
                 lines.append(f"{step.ref} restored")
@@ -276,6 +284,10 @@ def run_apply(args: argparse.Namespace, ctx: Context) -> int:
     return Exit.OK
 
 
+# A call that ended so may have been written all the same (the controller's answer was not heard).
+_OUTCOME_UNKNOWN = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN})
+
+
 @dataclass
 class _Writer:
     """Step 3: each step written in order; new deployments gathered (`created`) and sent together
@@ -297,7 +309,9 @@ class _Writer:
         try:
             _write(step, self.ctx, self.request_id)
         except grpc.RpcError as exc:
-            self.fail([(step, exc)])
+            # No answer in time (or none at all): the write may have landed, so it is undone too
+            # where it was (it was said failed while its change stood, the rest rolled back).
+            self.fail([(step, exc)], unknown=[step] if status_code(exc) in _OUTCOME_UNKNOWN else None)
         self.done.append(step)
 
     def flush(self) -> None:
