@@ -700,6 +700,20 @@ def test_every_change_explain_can_suggest_says_how_to_make_it_in_place() -> None
         assert "in place" in change.how and "delete" not in change.how, change
 
 
+def test_fewer_shards_explain_suggests_keep_the_replicas_accelerators() -> None:
+    """16 shards of 4 accelerators blocked: "shards_per_replica: 4 (each shard then holds more of
+    the model)" kept 4 accelerators a shard, a quarter of the replica's hardware, and "fitted" so.
+    The shards it suggests are fewer and bigger: the same 64 a replica."""
+    spec = D.DeploymentSpec(name="big", tenant="lab", replicas=1, shards_per_replica=16,
+                            shard=common_pb2.ShardSpec(accelerators=4), locality=common_pb2.DOMAIN_ZONE)
+    fewer = [c for c in explain.candidates(spec, placed_now=0) if c.change.startswith("shards_per_replica")]
+    assert [(c.spec.shards_per_replica, c.spec.shard.accelerators) for c in fewer] == [
+        (8, 8), (4, 16), (2, 32), (1, 64)]
+    assert fewer[0].change == "shards_per_replica: 8 of 8 accelerators each (the same 64 a replica, in fewer, " \
+                              "bigger shards)"
+    assert spec.shards_per_replica == 16 and spec.shard.accelerators == 4  # the spec asked about is left alone
+
+
 @pytest.mark.parametrize("dry_run", [False, True], ids=["apply", "apply --dry-run"])
 def test_a_refusal_at_the_plan_exits_as_its_code(fake, capsys, dry_run: bool) -> None:
     """INVALID_ARGUMENT from the plan's dry run exits 2, as it does at the write step and anywhere."""

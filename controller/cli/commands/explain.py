@@ -83,10 +83,18 @@ def candidates(spec: deployments_pb2.DeploymentSpec, placed_now: int) -> list[Va
     if current in WIDER:
         for word in WIDER[WIDER.index(current) + 1:]:
             out.append(_variant(spec, f"locality: {word}", how=_ROLLS, locality=DOMAIN_BY_WORD[word]))
-    shards = spec.shards_per_replica // 2
-    while shards >= 1 and len(out) < MAX_TRIES:
-        out.append(_variant(spec, f"shards_per_replica: {shards} (each shard then holds more of the model)",
-                            how=_ROLLS, shards_per_replica=shards))
+    # Fewer, bigger shards: the replica keeps its accelerators (a shard then holds more of the
+    # model). Fewer shards of the same size asked a quarter of the hardware and "fitted" so,
+    # told as if each shard held more. Not for fractions of one accelerator.
+    shards, total = spec.shards_per_replica // 2, spec.shards_per_replica * spec.shard.accelerators
+    while shards >= 1 and len(out) < MAX_TRIES and not spec.shard.accelerator_milli:
+        each = total // shards
+        if each * shards != total:
+            break
+        variant = _variant(spec, f"shards_per_replica: {shards} of {each} accelerators each (the same {total} a "
+                                 f"replica, in fewer, bigger shards)", how=_ROLLS, shards_per_replica=shards)
+        variant.spec.shard.accelerators = each
+        out.append(variant)
         shards //= 2
     return out[:MAX_TRIES]
 
