@@ -238,8 +238,16 @@ def test_events_and_describe(running: RunningController, tmp_path: Path):
     assert described.returncode == 0, described.stderr
     assert "Name:" in described.stdout and "Placements:" in described.stdout
     assert "Events:" in described.stdout and "deployment.submitted" in described.stdout
-    tenant = yaml.safe_load(running.ctl("describe", "tenant", "openlab", "-o", "yaml").stdout)
-    assert "evented" in [d["name"] for d in tenant["deployments"]] and tenant["events"]
+    described_yaml = running.ctl("describe", "tenant", "openlab", "-o", "yaml").stdout
+    tenant = yaml.safe_load(described_yaml)
+    assert "evented" in [d["name"] for d in tenant["status"]["deployments"]] and tenant["status"]["events"]
+    # What describe says is a manifest too (its extras under status): it applied nothing, and failed
+    # "events: unknown field" (exit 2).
+    for kind, name in (("tenant", "openlab"), ("deployment", "openlab/evented")):
+        again = tmp_path / f"{kind}.yaml"
+        again.write_text(running.ctl("describe", kind, name, "-o", "yaml").stdout)
+        reapplied = running.ctl("apply", "-f", str(again))
+        assert reapplied.returncode == 0 and "unchanged" in reapplied.stdout, reapplied.stderr
     # Names are per tenant: TENANT/NAME or -n TENANT NAME say whose.
     assert running.ctl("get", "deployment", "openlab/evented", "-o", "name").stdout.split() == [
         "deployment/openlab/evented"]

@@ -55,7 +55,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     else:
         events = fetch_events(ctx, kind, args.name, limit=RECENT_EVENTS)
         document, text = _tenant(args.name, ctx)
-    document["events"] = [event_document(e) for e in events]
+    # Under `status` (the server's, which `apply -f` ignores): the document applies again as it is.
+    document.setdefault("status", {})["events"] = [event_document(e) for e in events]
     ctx.emit(lambda: document, lambda: f"{text}\n\nEvents:\n{events_table(events, with_object=False)}",
              names=lambda: [deployment_name(dep.spec.tenant, dep.spec.name) if kind == "deployment"
                             else f"{kind}/{args.name}"])
@@ -69,8 +70,8 @@ def _node(node_id: str, ctx: Context) -> tuple[dict, str]:
     shards = sorted(((d, p) for d in deps for p in d.placements if p.node == node_id),
                     key=lambda dp: (dp[0].spec.name, dp[1].replica, dp[1].shard))
     document = node_document(node)
-    document["shards"] = [{"deployment": d.spec.name, "tenant": d.spec.tenant, **placement_document(p)}
-                          for d, p in shards]
+    document.setdefault("status", {})["shards"] = [
+        {"deployment": d.spec.name, "tenant": d.spec.tenant, **placement_document(p)} for d, p in shards]
     table = render_table(["deployment", "tenant", "replica", "shard", "accelerators", "phase"],
                          [[d.spec.name, d.spec.tenant, p.replica, p.shard,
                            fmt_indices(p.accelerator_indices, p.accelerator_milli), title(shard_phase_word(p.phase))]
@@ -85,8 +86,9 @@ def _tenant(tenant_id: str, ctx: Context) -> tuple[dict, str]:
                            timeout=ctx.rpc_timeout).deployments,
         key=lambda d: d.spec.name)
     document = tenant_document(tenant)
-    document["deployments"] = [{"name": d.spec.name, "phase": phase_text(d).lower(),
-                                "placed_replicas": d.placed_replicas, "replicas": d.spec.replicas} for d in deps]
+    document.setdefault("status", {})["deployments"] = [
+        {"name": d.spec.name, "phase": phase_text(d).lower(), "placed_replicas": d.placed_replicas,
+         "replicas": d.spec.replicas} for d in deps]
     head = render_kv([("Tenant", tenant.id), ("Isolation", isolation_word(tenant.isolation))])
     text = f"{head}\n\n{tenants_table([tenant])}\n\nDeployments:\n{deployments_table(deps)}"
     return document, text
