@@ -513,7 +513,7 @@ class ControllerApp:
     async def read_cluster(self) -> ClusterGauges:
         """The cluster's state for the metrics, read in this loop (the heartbeat lag on the leader only)."""
         async with self.db.unit_of_work() as uow:
-            return await read_cluster_gauges(uow.session, heard=self.hub.last_heard(), lag=self.election.leading)
+            return await read_cluster_gauges(uow.session, heard=self.hub.last_heard(), lag=self.election.should_run())
 
     async def read_usage(self) -> UsageCounters:
         """The usage meter's counters for the metrics, read in this loop beside `read_cluster`."""
