@@ -38,7 +38,8 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
 
     async def VerifyAuditLog(self, request: audit_pb2.VerifyAuditLogRequest,
                              context: aio.ServicerContext) -> audit_pb2.VerifyAuditLogResponse:
-        expected = (request.expected_head_seq, request.expected_head_hash) if request.expected_head_seq else None
+        expected = (request.expected_head_seq, request.expected_head_hash) \
+            if request.expected_head_seq or request.expected_head_hash else None
         report = await cases.verify(self._deps.db, current_principal(), expected_head=expected)
         return audit_pb2.VerifyAuditLogResponse(
             intact=report.intact, entries=report.entries, head_seq=report.head_seq, head_hash=report.head_hash,

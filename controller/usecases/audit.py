@@ -20,6 +20,7 @@ what is read: the stored entries, hashed, stay as they were written.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -34,9 +35,11 @@ from controller.store.turns import answering
 from controller.usecases import customers, paging, policy
 from controller.usecases.paging import Page, PageRequest
 from controller.usecases.policy import require_admin, require_role
-from controller.usecases.validation import check_optional_id
+from controller.usecases.validation import check_optional_id, quoted
 from controller.usecases.redaction import Redactor, redactor_of
 
+# A SHA-256 as the chain stores it (`store.audit`): what an expected head's hash can be.
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 log = logging.getLogger("maia.audit")
 
 
@@ -194,6 +197,13 @@ async def verify(db: Database, principal: Principal, *,
     require_admin(principal, "verifying the audit log")
     if expected_head is not None and expected_head[0] < 0:
         raise InvalidArgument(f"expected_head_seq must be >= 0, got {expected_head[0]}")
+    if expected_head is not None and expected_head[1] and not expected_head[0]:  # it was ignored: "intact"
+        raise InvalidArgument("expected_head_hash needs expected_head_seq (the entry it is the hash of)")
+    if expected_head is not None and expected_head[1] and not _SHA256_HEX.fullmatch(expected_head[1]):
+        # Not a hash this log could hold: a typo, not a rewritten log (it was told as one, a tamper
+        # alarm logged at ERROR).
+        raise InvalidArgument(f"expected_head_hash must be 64 lowercase hex digits (a SHA-256, as maiactl audit "
+                              f"verify prints it), got {quoted(expected_head[1], 20)}")
     async with db.read_snapshot() as session:
         report = await store.verify_chain(session, expected_head=expected_head)
     if not report.intact:

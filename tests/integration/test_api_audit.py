@@ -382,3 +382,21 @@ async def test_a_batch_whose_commit_landed_unanswered_has_each_entry_once(
         assert (await audit.verify_chain(uow.session)).intact
     assert not lost[0] and writer.stats.alone == 3
     assert [e.object_id for e in entries] == [f"lab/d{i}" for i in range(3)] and sorted(seqs) == [e.seq for e in entries]
+
+
+@pytest.mark.parametrize(("seq", "hash_", "says"), [
+    (0, "ab" * 32, "expected_head_hash needs expected_head_seq"),  # it was ignored: answered intact, unchecked
+    (1, "\x00", "expected_head_hash must be 64 lowercase hex digits"),  # it was a tamper alarm
+    (1, "AB" * 32, "expected_head_hash must be 64 lowercase hex digits"),
+])
+async def test_an_expected_head_no_log_could_have_is_invalid_argument(stubs: Stubs, seq: int, hash_: str,
+                                                                       says: str) -> None:
+    """A hash without its seq was ignored (the log told intact, nothing checked); one that is no
+    SHA-256 was told as a rewritten log and logged at ERROR as a tamper alarm. Both are the
+    caller's mistake."""
+    await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))  # an entry to check against
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stubs.audit.VerifyAuditLog(audit_pb2.VerifyAuditLogRequest(expected_head_seq=seq,
+                                                                        expected_head_hash=hash_))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (refused.value.details() or "").startswith(says), refused.value.details()
