@@ -96,18 +96,21 @@ async def check_owed_capacity(uow: UnitOfWork, who: Principal, tenant: str, *, a
         owed.took(tenant, asked)
         return
     # What is free once the asks accepted before this one are placed; of its own reservation, what
-    # its waiting asks do not claim already.
+    # its waiting asks do not claim already. Its waiting asks within its own reservation take free
+    # capacity too, and are not among what others are owed: taken from what it may take beyond
+    # it (two asks of 4 of a tenant owed 4 took the 4 owed to another).
     room = owed.free - owed.taken_by_waiting() + returned
-    own = max(0.0, owed.owed(tenant) - owed.waiting.get(tenant, 0.0)) + (returned if tenant in owed.reservations
-                                                                        else 0.0)
+    mine = owed.waiting.get(tenant, 0.0)
+    own = max(0.0, owed.owed(tenant) - mine) + (returned if tenant in owed.reservations else 0.0)
     total = sum(others.values())
-    if owed.free + returned <= _EPS or asked <= max(room - total, own) + _EPS:
+    beyond = room - total - min(mine, owed.owed(tenant))
+    if owed.free + returned <= _EPS or asked <= max(beyond, own) + _EPS:
         owed.took(tenant, asked)
         return
     redactor = await redactor_of(uow, who)
     names = ", ".join(f"{t} {v:g}" for t, v in sorted(others.items()))
     owed_text, owed_to = (f"({names})", names) if who.is_admin else ("to them", "other tenants")
-    taken = owed.free + returned - room
+    taken = owed.free + returned - room + min(mine, owed.owed(tenant))
     waiting = f" ({taken:g} of it asked already by work accepted, not placed yet)" if taken > _EPS else ""
     raise FailedPrecondition(
         redactor.text(f"{asks}: {owed.free:g} free on ready nodes{waiting}, {total:g} still owed {owed_text}"),

@@ -169,6 +169,9 @@ class _BatchFacts:
     deployment_ids: Sequence[int] = ()  # the ids the batch's rows take, in order (as read)
     others_reserve: frozenset[str] = frozenset()  # tenants another tenant's reservation concerns
     owed: OwedCapacity | None = None  # read at the first member that needs it (`reservations`)
+    # Non-preemptible asks of members accepted unchecked (their tenant alone reserves), by tenant:
+    # among the waiting asks of the members checked after them (`owed`, once read).
+    unchecked: Counter[str] = field(default_factory=Counter)
 
 
 class _ReadBackNeeded(Exception):
@@ -401,7 +404,15 @@ class SubmitBatcher:
             asked, asks = new_ask(spec)
             if asked > 0 and facts.owed is None:  # read once a batch, for every member
                 facts.owed = await owed_capacity(uow)
+                for earlier, waits in facts.unchecked.items():
+                    facts.owed.took(earlier, waits)
             await check_owed_capacity(uow, queued.who, tenant, asked=asked, asks=asks, owed=facts.owed)
+        elif not spec.preemptible and facts.others_reserve:  # unchecked, but others' checks count it
+            asked, _ = new_ask(spec)
+            if facts.owed is not None:
+                facts.owed.took(tenant, asked)
+            else:
+                facts.unchecked[tenant] += asked
         facts.taken.add(key)
         facts.used.add(request_key)
         facts.counts[tenant] += 1

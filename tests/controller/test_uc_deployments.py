@@ -616,3 +616,14 @@ async def test_asks_accepted_and_not_placed_yet_count_against_free_capacity_othe
         assert await repo.waiting_unpreemptible(uow.session) == {}
     with pytest.raises(FailedPrecondition):
         await submit(cluster, deployment("c", "t1", replicas=1, accelerators=1, locality="node"))
+
+
+async def test_a_tenant_owed_capacity_itself_takes_no_more_of_others_by_splitting_its_ask(cluster):
+    """t3 owed 4, t2 owed 12 of the 16 free: t3's first ask of 4 is its own; a second was taken
+    too (its waiting ask within its own reservation was counted as neither free nor owed), and t2
+    could never claim its 12."""
+    await add_tenant(cluster, "t3", reserved_accelerators=4.0)
+    await add_tenant(cluster, "t2", reserved_accelerators=12.0)
+    await submit(cluster, deployment("a", "t3", replicas=4, accelerators=1, locality="node"))
+    with pytest.raises(FailedPrecondition):
+        await submit(cluster, deployment("b", "t3", replicas=4, accelerators=1, locality="node"))

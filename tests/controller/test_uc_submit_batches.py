@@ -528,3 +528,18 @@ async def test_a_batch_checks_its_members_against_others_reservations_itself(clu
         "deployment big: 13 accelerators, not preemptible, would take capacity reserved for other tenants: "
         "16 free on ready nodes (2 of it asked already by work accepted, not placed yet), 4 still owed (t2 4)")
     assert reads == [1]
+
+
+async def test_a_batch_counts_what_its_unchecked_members_ask_against_others_reservations(cluster):
+    """The only tenant that reserves is checked against no one, and its members went uncounted:
+    one asking 13 (9 beyond its own 4) and another tenant's 4 after it in the same batch were both
+    taken, where submitted one after the other the second was refused."""
+    from controller.errors import FailedPrecondition
+
+    await add_tenant(cluster, "t2", reserved_accelerators=4.0)
+    batcher = SubmitBatcher(cluster, RecordingSignals())
+    batch = [replace(_queued("big", "t2", replicas=13), who=WHO), replace(_queued("small", replicas=4), who=WHO)]
+    outcomes = await batcher.commit_batch(batch)
+    assert not isinstance(outcomes.get(id(batch[0])), Exception)
+    assert isinstance(outcomes[id(batch[1])], FailedPrecondition)
+
