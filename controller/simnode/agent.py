@@ -59,8 +59,11 @@ class DesiredShard:
 
     def same_slot(self, other: DesiredShard) -> bool:
         """Same deployment, accelerators and size: a running shard can stay as it is (a deployment
-        deleted and submitted again under its name is another model server: started anew)."""
-        return (self.deployment_uid == other.deployment_uid
+        deleted and submitted again under its name is another model server: started anew). A uid
+        of 0 (a controller that sends none) is not known: the shard is adopted under the other
+        (every shard restarted at an upgrade or a failover between controllers of two versions)."""
+        known = self.deployment_uid and other.deployment_uid
+        return ((not known or self.deployment_uid == other.deployment_uid)
                 and self.accelerator_indices == other.accelerator_indices
                 and self.accelerator_milli == other.accelerator_milli
                 and self.accelerators == other.accelerators)

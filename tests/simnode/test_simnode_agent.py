@@ -99,6 +99,19 @@ def test_the_same_shard_of_another_deployment_is_started_anew_and_reported_as_it
     assert [(r.phase, r.deployment_uid) for r in a.tick(1.0)] == [(Phase.RUNNING, 9)]
 
 
+def test_a_shard_held_or_assigned_without_a_uid_is_adopted_not_restarted() -> None:
+    """A uid of 0 is not known (a controller that sends none): the running shard is kept, under
+    the uid now given, at an upgrade, and at a failover to a controller of the version before."""
+    from dataclasses import replace
+
+    a = agent(load_delay=0.0)
+    a.apply(DesiredState(1, (shard(A0, (0,)),)), now=0.0)
+    a.tick(0.0)
+    for generation, uid in ((2, 42), (3, 0)):
+        reports = a.apply(DesiredState(generation, (replace(shard(A0, (0,)), deployment_uid=uid),)), now=1.0)
+        assert [(r.phase, r.deployment_uid) for r in reports] == [(Phase.RUNNING, uid)]
+
+
 def test_power_draw_is_idle_plus_running_shards_with_fractions_pro_rata() -> None:
     a = agent(load_delay=1.0)
     a.apply(DesiredState(1, (
