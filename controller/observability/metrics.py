@@ -174,6 +174,7 @@ class ControllerMetrics:
         # that fails is counted in the very scrape it is missing from.
         r.register(_ClusterCollector(self))
         self._children: dict[tuple[object, tuple[str, ...]], Any] = {}  # `_labelled`'s
+        self._deposed = False  # this controller lost its lead: its passes' gauges say no more (`queue_depths`)
         self.solve_duration = _Histogram("maia_solve_duration_seconds", "Time one solve took, by plan status.",
                                          ["status"], registry=r, buckets=SOLVE_BUCKETS_S)
         self.solves = Counter("maia_solves", "Solves, by plan status.", ["status"], registry=r)
@@ -320,11 +321,16 @@ class ControllerMetrics:
         for latency in latencies_s:
             self.submit_to_placed.observe(latency)
 
-    def queue_depths(self, depths: QueueDepths) -> None:
+    def queue_depths(self, depths: QueueDepths, *, deposed: bool = False) -> None:
+        """The leader's passes' word (a pass in flight when the lease went says nothing more)."""
+        if self._deposed and not deposed:
+            return
         for queue in ("active", "backoff", "unschedulable"):
             self.scheduling_queue.labels(queue).set(getattr(depths, queue))
 
-    def nominated(self, nodes: int) -> None:
+    def nominated(self, nodes: int, *, deposed: bool = False) -> None:
+        if self._deposed and not deposed:
+            return
         self.nominated_nodes.set(nodes)
 
     def shard_start_stage(self, stage: str, seconds: Iterable[float]) -> None:
@@ -352,9 +358,10 @@ class ControllerMetrics:
     def leadership_changed(self, leading: bool) -> None:
         self.leader.set(1 if leading else 0)
         (self.lease_acquisitions if leading else self.lease_losses).inc()
+        self._deposed = not leading
         if not leading:  # what only the leader's passes set: a follower's last word stood beside the leader's
-            self.queue_depths(QueueDepths())
-            self.nominated(0)
+            self.queue_depths(QueueDepths(), deposed=True)
+            self.nominated(0, deposed=True)
 
     def admission_admitted(self, waited_s: float) -> None:
         self.agents_admitted.inc()

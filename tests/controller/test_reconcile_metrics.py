@@ -107,3 +107,10 @@ def test_a_deposed_leader_stops_reporting_its_scheduling_queue() -> None:
     assert [sample("maia_scheduling_queue_deployments", {"queue": q}) for q in ("active", "backoff", "unschedulable")] \
         == [0.0, 0.0, 0.0]
     assert sample("maia_scheduling_nominated_nodes") == 0.0
+    metrics.queue_depths(QueueDepths(unschedulable=4))  # a pass in flight as the lease went
+    metrics.nominated(2)
+    assert sample("maia_scheduling_queue_deployments", {"queue": "unschedulable"}) == 0.0
+    assert sample("maia_scheduling_nominated_nodes") == 0.0
+    metrics.leadership_changed(True)  # leading again: its passes' word counts
+    metrics.queue_depths(QueueDepths(unschedulable=4))
+    assert sample("maia_scheduling_queue_deployments", {"queue": "unschedulable"}) == 4.0
