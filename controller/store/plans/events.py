@@ -81,15 +81,22 @@ def _events(
     reasons_told: set[str],
     deleted_deployments: set[str],
     requeued: dict[ReplicaKey, tuple[str, ...]],
+    released: Iterable[_Row] = (),
 ) -> list[dict[str, Any]]:
     """The history of this commit: placed/removed replicas, moved shards, shards placed again
-    into a running replica, new 'why not's, replicas the applier turned away."""
+    into a running replica, new 'why not's, replicas the applier turned away. `released`: shards
+    the view left out (`current` holds none of them); a replica none of whose shards is left is
+    removed (one placed again under its number is a placement, as it was before)."""
     before: dict[str, set[int]] = defaultdict(set)
     for name, replica, _ in current:
         before[name].add(replica)
     after: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
     for (name, replica, _), node in final.items():
         after[name][replica].add(node)
+    for row in released:
+        name, replica, _ = row.key
+        if replica not in after.get(name, {}):
+            before[name].add(replica)
     events: list[dict[str, Any]] = []
 
     def add(kind: str, name: str, message: str, data: dict[str, Any]) -> None:

@@ -211,11 +211,10 @@ async def _land(session: AsyncSession, snapshot: Snapshot, plan: Plan, checked: 
         generation = await _move_to(session, generation, bumped, moved)
         if change is not None:
             await log_change(session, generation, change)
-    # From the shards as read, those the view released among them: a replica stopped because the
-    # count went down (a scale-down, a drain's replacement that ran) is removed too, and said so
-    # (the history only said "replicas: 3 -> 2", never which stopped, nor where).
-    events = _events(checked.read.current, final, deletes, updates, preempted, unplaced, reasons_told,
-                     deleted_deployments, changes.requeued)
+    # With the replicas the view released whole (a scale-down's, a drain's whose replacement ran):
+    # removed, and said so (the history only said "replicas: 3 -> 2", never which, nor where).
+    events = _events(current, final, deletes, updates, preempted, unplaced, reasons_told, deleted_deployments,
+                     changes.requeued, released)
     tenants = {name: d.tenant_id for name, d in deployments.items()}
     result = CommitResult(
         changed_nodes=changed_nodes,
