@@ -102,8 +102,10 @@ def _quiet_stdout() -> None:
 
 
 # The positionals a command takes its names in, a list each (`get deployment a b`, `drain n1 n2`):
-# names given after an option go there too.
+# names given after an option go there too; and the commands whose one NAME is a positional
+# (elsewhere `name` is an option's: `token create --name`, which a stray word must not set).
 _NAME_LISTS = ("names", "words", "nodes", "deployment", "ids")
+_ONE_NAME = frozenset({"describe", "explain"})
 
 
 def _take_late_names(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> None:
@@ -118,7 +120,7 @@ def _take_late_names(parser: argparse.ArgumentParser, args: argparse.Namespace, 
             if isinstance(value, list):
                 value.extend(words)
                 return
-        if getattr(args, "name", "") is None and len(words) == 1:
+        if getattr(args, "command", None) in _ONE_NAME and getattr(args, "name", "") is None and len(words) == 1:
             args.name = words[0]
             return
     parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -197,3 +197,6 @@ def test_names_given_after_an_option_are_the_commands_names(argv: list[str], nam
 def test_an_unknown_flag_after_the_names_is_still_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert refused(capsys, "get", "deployment", "svc", "--bogus") == "maiactl: error: unrecognized arguments: --bogus"
     assert refused(capsys, "describe", "deployment", "svc", "more") == "maiactl: error: unrecognized arguments: more"
+    # `--name` is an option of token create: a stray word is not its value
+    assert refused(capsys, "token", "create", "--role", "admin", "stray") == \
+        "maiactl: error: unrecognized arguments: stray"
