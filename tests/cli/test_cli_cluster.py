@@ -107,8 +107,11 @@ def test_filters_on_placed_work(cluster: RunningController) -> None:
 
 def test_drain_wait_blocks_until_the_work_runs_elsewhere(cluster: RunningController) -> None:
     before = json.loads(cluster.ctl("get", "placements", "-o", "json").stdout)["items"][0]["node"]
-    proc = cluster.ctl("drain", before, "--wait", "--timeout", "60")
-    assert proc.returncode == 0, proc.stderr
+    # A typo among the nodes: the one drained is waited for all the same (it was not), and the
+    # exit code says the typo (NOT_FOUND).
+    proc = cluster.ctl("drain", before, "no-such-node", "--wait", "--timeout", "60")
+    assert proc.returncode == 3, proc.stderr
+    assert "node/no-such-node failed: NOT_FOUND" in proc.stderr
     after = json.loads(cluster.ctl("get", "placements", "-o", "json").stdout)["items"][0]["node"]
     assert after != before
     # Make-before-break: the replacement ran beside the old replica before that one stopped.

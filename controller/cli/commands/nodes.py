@@ -88,20 +88,22 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         return node
 
     nodes, code = try_each(args.nodes, act, ctx, lambda node_id: f"node/{node_id}")
-    if code or not before:
+    drained = {n.id for n in nodes}  # one that failed (a typo among them) leaves the others waited for
+    before = {key: placements for key, placements in before.items() if any(p.node in drained for p in placements)}
+    if not before:
         if ctx.json:
             ctx.emit_json({"nodes": [node_document(n) for n in nodes]})
         return code
     wait_deployments(sorted(before), "replaced", args.timeout, ctx, fail_fast=False, quiet=True)
-    moves = [move for key in sorted(before) for move in drain_moves(key, before[key], _placements(ctx, key), set(args.nodes))]
+    moves = [move for key in sorted(before) for move in drain_moves(key, before[key], _placements(ctx, key), drained)]
     if ctx.json:
         ctx.emit_json({"nodes": [node_document(n) for n in nodes], "moved": moves})
-        return 0
-    ctx.out(f"drained {', '.join(args.nodes)}: {len(moves)} shard(s) moved")
+        return code
+    ctx.out(f"drained {', '.join(n for n in args.nodes if n in drained)}: {len(moves)} shard(s) moved")
     for m in moves:
         ctx.out(f"  {m['deployment']} replica {m['from_replica']} shard {m['shard']}: {m['from']} -> {m['to']}"
                 f" (now replica {m['to_replica']})")
-    return 0
+    return code
 
 
 def _placements(ctx: Context, key: str) -> list[deployments_pb2.ShardPlacement]:
