@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol, TypeVar
@@ -141,18 +142,15 @@ def on_stop_signals(loop: asyncio.AbstractEventLoop, callback: Callable[[signal.
     cleanly (exit -15, once in CI). The handler runs on the main thread, woken by the loop's wakeup
     fd (set for SIGINT) whichever thread the signal reached."""
     def handed_to_loop(signum: int, frame: object) -> None:
-        _call_soon_threadsafe(loop, callback, signal.SIGTERM)
+        try:
+            loop.call_soon_threadsafe(callback, signal.SIGTERM)
+        except RuntimeError:  # the loop is closed (a start or stop that ended without its handlers'
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # hand-over): what a closed loop's would do
+            os.kill(os.getpid(), signal.SIGTERM)
 
     loop.add_signal_handler(signal.SIGINT, callback, signal.SIGINT)
     signal.signal(signal.SIGTERM, handed_to_loop)
-
-
-def _call_soon_threadsafe(loop: asyncio.AbstractEventLoop, callback: Callable[..., object], *args: object) -> None:
-    """`callback(*args)` on `loop`; nothing once the loop is closed (a signal on the way out)."""
-    try:
-        loop.call_soon_threadsafe(callback, *args)
-    except RuntimeError:
-        pass
+    signal.siginterrupt(signal.SIGTERM, False)  # system calls resume after it, as with the loop's handlers
 
 
 def stopped_ignoring_sigterm(loop: asyncio.AbstractEventLoop) -> None:

@@ -171,3 +171,23 @@ async def test_sigterm_goes_from_its_handler_to_ignored_never_through_the_defaul
     stopped_ignoring_sigterm(loop)
     assert set_for_sigterm and set_for_sigterm[-1] is signal.SIG_IGN
     assert signal.SIG_DFL not in set_for_sigterm
+
+
+def test_a_sigterm_once_the_loop_is_closed_without_the_hand_over_kills_as_the_default_would(tmp_path) -> None:
+    """A start or a stop that ended without `stopped_ignoring_sigterm` (an exception): a SIGTERM
+    then was swallowed (the loop it was handed to was closed), where the loop's own handlers,
+    given back at its close, let it kill the process. It kills it (exit -15)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import asyncio, os, signal, time\n"
+        "from controller.aio import on_stop_signals\n"
+        "async def main():\n"
+        "    on_stop_signals(asyncio.get_running_loop(), lambda _: None)\n"
+        "asyncio.run(main())\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(5)\n"
+        "print('survived')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGTERM and "survived" not in done.stdout, (done.returncode, done.stderr)
