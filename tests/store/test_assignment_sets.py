@@ -111,7 +111,7 @@ async def _as_the_orm_reads_them(database: Database, node_ids: list[str]) -> dic
             held.setdefault(p.node_id, []).append(d.Assignment(
                 deployment=dep.name, tenant=dep.tenant_id, replica=p.replica, shard=p.shard, shards_per_replica=shards,
                 accelerator_indices=tuple(p.accelerator_indices), accelerator_milli=milli if milli < 1000 else 0,
-                spec=spec, generation=p.generation or dep.generation))
+                spec=spec, generation=p.generation or dep.generation, deployment_uid=dep.id))
     return {n: d.AssignmentSet(n, g, tuple(held.get(n, ()))) for n, g in generations.items()}
 
 
