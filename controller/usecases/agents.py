@@ -318,10 +318,9 @@ def _no_longer_holds(row: m.Node, info: NodeInfo) -> tuple[int | None, str] | No
     """How many of its accelerators a node registering as `info` still holds shards on (its
     placements on the others are released; None: on none, and those that use no accelerator go
     too), and why; None: all it holds stays. A node in another rack, with another accelerator
-    model, less HBM an accelerator, fewer CPUs or less memory is another machine as far as its
-    shards go (placed for that rack's isolation and power, that model, that memory, those CPUs;
-    which of them still fit is the solver's to say, and it places them again, here when they
-    do): all of them go. One with fewer accelerators loses those on the ones it lost."""
+    model or less HBM an accelerator is another machine as far as its shards go (placed for that
+    rack's isolation and power, that model, that memory): all of them go. One with fewer
+    accelerators loses those on the ones it lost. (Fewer CPUs or less memory: `_over_host`.)"""
     if info.rack != row.rack_id:
         return None, f"registered in rack {info.rack} (was {row.rack_id})"
     if info.accelerator_model != row.accelerator_model:
@@ -329,13 +328,38 @@ def _no_longer_holds(row: m.Node, info: NodeInfo) -> tuple[int | None, str] | No
     if info.hbm_gib is not None and (row.hbm_gib is None or info.hbm_gib < row.hbm_gib):  # None: not limited
         was = "not limited" if row.hbm_gib is None else f"{row.hbm_gib:g}"
         return None, f"registered with {info.hbm_gib:g} GiB of HBM an accelerator (was {was})"
-    for what, now, was in (("millicores of CPU", info.cpu_milli, row.cpu_milli),
-                           ("MiB of memory", info.memory_mib, row.memory_mib)):
-        if now is not None and (was is None or now < was):  # None: not limited
-            return None, f"registered with {now} {what} (was {'not limited' if was is None else was})"
     if info.accelerators < row.accelerators:
         return info.accelerators, f"registered with {info.accelerators} accelerators (was {row.accelerators})"
     return None
+
+
+def _shrank(row: m.Node, info: NodeInfo) -> bool:
+    """Whether a node registers with fewer CPUs or less memory than it had (None: not limited)."""
+    return any(now is not None and (was is None or now < was)
+               for now, was in ((info.cpu_milli, row.cpu_milli), (info.memory_mib, row.memory_mib)))
+
+
+async def _over_host(uow: UnitOfWork, plans: Sequence[_Plan]) -> dict[str, tuple[str, tuple[int | None, str]]]:
+    """Of nodes registering with fewer CPUs or less memory, those whose placed shards ask more than
+    they have now: all their shards go (which of them still fit is the solver's to say; it places
+    them again, here where they do), as `_no_longer_holds` says (by node: who, (None, why)). A
+    node whose figures went down but still hold its shards keeps them: an agent registers again
+    at every connect, and one whose memory reads a little lower (a kernel's, a cgroup's) would
+    have its shards restarted each time."""
+    if not plans:
+        return {}
+    placed = await repo.placed_host_use(uow.session, [plan.ask.info.node_id for plan in plans])
+    over: dict[str, tuple[str, tuple[int | None, str]]] = {}
+    for plan in plans:
+        info = plan.ask.info
+        cpu, memory = placed.get(info.node_id, (0, 0))
+        short = [f"{asked} {what} placed > {has}" for what, asked, has in (
+            ("millicores of CPU", cpu, info.cpu_milli), ("MiB of memory", memory, info.memory_mib))
+            if has is not None and asked > has]
+        if short:
+            over[info.node_id] = (plan.ask.who.name, (None, f"registered with fewer CPUs or less memory "
+                                                            f"({', '.join(short)})"))
+    return over
 
 
 async def _release_invalidated(uow: UnitOfWork, plans: Sequence[_Plan]) -> None:
@@ -347,6 +371,8 @@ async def _release_invalidated(uow: UnitOfWork, plans: Sequence[_Plan]) -> None:
     (the isolation watchdog's alarm meanwhile)."""
     changed = {plan.ask.info.node_id: (plan.ask.who.name, why) for plan in plans if plan.row is not None
                and (why := _no_longer_holds(plan.row, plan.ask.info)) is not None}
+    changed.update(await _over_host(uow, [plan for plan in plans if plan.row is not None and plan.ask.info.node_id
+                                          not in changed and _shrank(plan.row, plan.ask.info)]))
     if not changed:
         return
     released = await repo.release_placements_beyond(

@@ -446,6 +446,25 @@ async def test_a_node_registering_as_another_machine_releases_every_shard_on_it(
     assert await placements(cluster) == after
 
 
+async def test_a_node_registering_with_fewer_cpus_keeps_its_shards_while_they_fit(cluster):
+    """An agent registers again at every connect: one whose memory or CPUs read a little lower (a
+    kernel's, a cgroup's figure) keeps its shards while what they ask fits what it has now; past
+    that, all of them go (the test above)."""
+    loop = Reconciler(cluster, push=lambda nodes: None, publish=no_publish)
+    await submit(cluster, deployment("small", replicas=4, accelerators=1, spread=None, shard_cpu_milli=100,
+                                     shard_memory_mib=64))
+    await loop.reconcile_once()
+    before = await placements(cluster)
+    node = next(n for n, _ in before.values())
+    held = sum(n == node for n, _ in before.values())
+    info = NodeInfo(node, node.rsplit("-", 1)[0], 4, accelerator_model="maia-100", hbm_gib=64.0, idle_power_w=500.0)
+    for cpu, memory in ((64_000, 512_000), (63_999, 511_999), (100 * held, 64 * held)):  # down, down, just fits
+        async with cluster.unit_of_work() as uow:
+            await agents.register_node(uow, WHO, replace(info, cpu_milli=cpu, memory_mib=memory),
+                                       heartbeat_interval_ms=1000)
+        assert await placements(cluster) == before, (cpu, memory)
+
+
 async def test_a_second_agent_for_a_node_held_by_a_live_stream_is_refused(cluster):
     info = NodeInfo("rack-a-n0", "rack-a", 4, hbm_gib=64.0, idle_power_w=500.0)
     async with cluster.unit_of_work() as uow:  # its credential was reset: a bootstrap token may register it

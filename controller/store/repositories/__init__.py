@@ -55,6 +55,6 @@ from controller.store.repositories.revisions import StoredRevision, keep_revisio
 from controller.store.repositories.placements import (
     ASSIGNED_SPECS_KEPT, ASSIGNMENT_READ_CHUNK, ShardState, assignment_sets, bump_node_assignment_generations,
     release_placements_off,
-    placements_of_deployments, quarantine_deployment, release_placements_beyond, release_quarantined,
+    placements_of_deployments, quarantine_deployment, placed_host_use, release_placements_beyond, release_quarantined,
     remove_placements_on_node, shard_states, shard_states_on_nodes, view_as_written, write_deployment_phases,
     write_reported_shards)

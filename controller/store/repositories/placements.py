@@ -11,7 +11,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, Text, bindparam, case, cast, delete, select, update
+from sqlalchemy import ColumnElement, Select, Text, bindparam, case, cast, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import audit
@@ -189,6 +189,18 @@ async def _lock_placements(session: AsyncSession, where: ColumnElement[bool]) ->
     commit's and a report flush's (the lock order: store/changes.py)."""
     if dialect_of(session) == POSTGRESQL:
         await session.execute(locked_in_order(where, m.Placement.id, deletes=True))
+
+
+async def placed_host_use(session: AsyncSession, node_ids: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """The CPUs (milli) and memory (MiB) the shards placed on these nodes ask, by node (one with
+    none left out), summed by the database from their deployments' current shard specs."""
+    ids = sorted(set(node_ids))
+    if not ids:
+        return {}
+    rows = await session.execute(
+        select(m.Placement.node_id, func.sum(m.Deployment.shard_cpu_milli), func.sum(m.Deployment.shard_memory_mib))
+        .join(m.Deployment).where(any_of(session, m.Placement.node_id, ids)).group_by(m.Placement.node_id))
+    return {node_id: (int(cpu or 0), int(memory or 0)) for node_id, cpu, memory in rows}
 
 
 async def release_placements_beyond(session: AsyncSession,
