@@ -147,12 +147,45 @@ _COMPOUND = {"place_documents": _place_documents, "held_placements": _held_place
              "release_held": _release_held}
 
 
+class _SendWatchdog:
+    """Kills the child a send has waited on past its deadline (`arm`): one thread for all the
+    sends, looking every `period_s` (a `threading.Timer` started a thread for every send, a few
+    for each fast pass), started at the first send and ended by `close`."""
+
+    def __init__(self, period_s: float) -> None:
+        self._period_s = period_s
+        self._armed: tuple[float, subprocess.Popen[bytes]] | None = None  # (deadline, the child)
+        self._stop: threading.Event | None = None  # the watching thread's, while one runs
+
+    def arm(self, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+        self._armed = (time.monotonic() + timeout_s, proc)
+        if self._stop is None:
+            self._stop = threading.Event()
+            threading.Thread(target=self._watch, args=(self._stop,), name="decide-send-watchdog", daemon=True).start()
+
+    def disarm(self) -> None:
+        self._armed = None
+
+    def close(self) -> None:
+        stop, self._stop, self._armed = self._stop, None, None
+        if stop is not None:
+            stop.set()
+
+    def _watch(self, stop: threading.Event) -> None:
+        while not stop.wait(self._period_s):
+            armed = self._armed
+            if armed is not None and time.monotonic() >= armed[0]:
+                self._armed = None
+                armed[1].kill()
+
+
 class DecideProcess:
     """The long-lived child holding the warm session (one per controller). Sessions are built
     in it by `open`; a new one replaces the last (whose proxies then fail)."""
 
     def __init__(self, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.timeout_s = timeout_s
+        self._watchdog = _SendWatchdog(min(1.0, timeout_s / 4))
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._ready = False
@@ -186,6 +219,7 @@ class DecideProcess:
         seconds). Safe to call twice, and from another thread than the calls'."""
         conn, proc = self._conn, self._proc
         self._conn, self._proc, self._ready = None, None, False
+        self._watchdog.close()
         if conn is not None:
             conn.close()
         if proc is not None:
@@ -221,18 +255,14 @@ class DecideProcess:
             raise DeciderFailed("the decide process is not running (stopped, or failed earlier)")
         # A child that takes nothing (hung, its pipe full) is killed after `timeout_s`, which
         # ends the send with a broken pipe: a call larger than the pipe holds blocked for good.
-        proc = self._proc
-        watchdog = threading.Timer(self.timeout_s, proc.kill) if proc is not None else None
-        if watchdog is not None:
-            watchdog.daemon = True
-            watchdog.start()
+        if self._proc is not None:
+            self._watchdog.arm(self._proc, self.timeout_s)
         try:
             self._conn.send((token, method, args, reply))
         except (OSError, EOFError) as exc:
             self._fail(f"the decide process is gone ({exc})")
         finally:
-            if watchdog is not None:
-                watchdog.cancel()
+            self._watchdog.disarm()
 
     def _receive(self, conn: Connection, what: str) -> Any:
         try:
