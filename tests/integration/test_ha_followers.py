@@ -234,13 +234,8 @@ async def test_a_follower_told_to_resync_ends_its_watches_which_watch_again_from
         assert (await asyncio.wait_for(_first(watch, lambda d: True), timeout=20)).spec.name == "svc"
         await _until(lambda: leader.channel.others_listening, "the leader knows the follower listens")
         leader.channel.send(RESYNC)
-        with pytest.raises(grpc.aio.AioRpcError) as ended:
-            await asyncio.wait_for(_first(watch, lambda d: False), timeout=20)
-        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
-        again = stubs.deployments.WatchDeployments(deployments_pb2.WatchDeploymentsRequest(name="svc"))
-        first = await asyncio.wait_for(anext(aiter(again)), timeout=20)
-        assert first.type == deployments_pb2.DeploymentEvent.TYPE_ADDED and first.deployment.spec.name == "svc"
-        again.cancel()
+        await _ended_as_fallen_behind(watch)
+        await _watches_again_from_the_stored_state(stubs, "svc")
 
 
 async def test_a_new_leader_ends_the_watches_here_and_on_the_others_which_watch_again(
@@ -261,13 +256,23 @@ async def test_a_new_leader_ends_the_watches_here_and_on_the_others_which_watch_
             await follower.election.step()
             assert follower.election.should_run()
             for watch in watches:
-                with pytest.raises(grpc.aio.AioRpcError) as ended:
-                    await asyncio.wait_for(_first(watch, lambda d: False), timeout=20)
-                assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
-        again = stubs.deployments.WatchDeployments(deployments_pb2.WatchDeploymentsRequest(name="svc"))
-        first = await asyncio.wait_for(anext(aiter(again)), timeout=20)
-        assert first.type == deployments_pb2.DeploymentEvent.TYPE_ADDED and first.deployment.spec.name == "svc"
-        again.cancel()
+                await _ended_as_fallen_behind(watch)
+        await _watches_again_from_the_stored_state(stubs, "svc")
+
+
+async def _ended_as_fallen_behind(watch) -> None:  # type: ignore[no-untyped-def]
+    """The watch ends UNAVAILABLE, as one that fell behind (its client watches again)."""
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await asyncio.wait_for(_first(watch, lambda d: False), timeout=20)
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def _watches_again_from_the_stored_state(stubs: Stubs, name: str) -> None:
+    """A watch started again begins with the deployment as stored (ADDED)."""
+    again = stubs.deployments.WatchDeployments(deployments_pb2.WatchDeploymentsRequest(name=name))
+    first = await asyncio.wait_for(anext(aiter(again)), timeout=20)
+    assert first.type == deployments_pb2.DeploymentEvent.TYPE_ADDED and first.deployment.spec.name == name
+    again.cancel()
 
 
 @asynccontextmanager
