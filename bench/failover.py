@@ -20,7 +20,9 @@ import asyncio
 import json
 import os
 import platform
+import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +39,33 @@ BIN = Path(sys.executable).parent / "maia-controller"
 # A first start on a port found free may find it taken by then (another process's connection
 # took it as its ephemeral port): it is started on another free port, this many times at most.
 FIRST_START_TRIES = 5
+# The ports a controller started again on its address is given: below the kernel's ephemeral
+# range, so that no connection takes its port as a source port while it is down (one restarted
+# after a kill in CI found its port "already in use" by a connection made meanwhile).
+STABLE_PORTS = 4_000
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives connections as their source port (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def stable_port() -> int:
+    """A free port below the ephemeral range (`STABLE_PORTS` of them, picked at random), else any
+    free one: what a controller that is killed and started again on its address listens on."""
+    high = _ephemeral_low() - 1
+    for _ in range(50):
+        port = random.randint(max(1024, high - STABLE_PORTS), high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    return free_port()
 
 
 class ControllerProcess:
@@ -46,7 +75,7 @@ class ControllerProcess:
         self._args = ["--db", db_url, "--no-migrate", "--bootstrap-admin-token-file", str(token_file), *extra]
         self._log_dir = log_dir
         self._port_given = port is not None
-        self._listen_on(port or free_port())
+        self._listen_on(port or stable_port())
         self._started = False
         self.proc: subprocess.Popen[str] | None = None
 
@@ -69,7 +98,7 @@ class ControllerProcess:
                 raise RuntimeError(f"controller {self.address} did not start: {line!r}\n{self.log_tail()}")
             assert self.proc is not None
             self.proc.wait(10)
-            self._listen_on(free_port())
+            self._listen_on(stable_port())
 
     def _spawn(self) -> str:
         """Start the process on `address`; the first line it prints (empty: it exited first)."""

@@ -290,8 +290,8 @@ def test_a_first_start_on_a_port_taken_meanwhile_moves_to_a_free_one(db_url: str
         taken.listen()
         port = taken.getsockname()[1]
         found = iter([port])
-        real_free_port = failover.free_port
-        monkeypatch.setattr(failover, "free_port", lambda: next(found, None) or real_free_port())
+        real_stable_port = failover.stable_port
+        monkeypatch.setattr(failover, "stable_port", lambda: next(found, None) or real_stable_port())
         controller = ControllerProcess(db_url, tmp_path, tmp_path / "admin.token", *CONTROLLER_FLAGS)
         assert controller.address == f"127.0.0.1:{port}"
         try:
