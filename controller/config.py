@@ -16,8 +16,8 @@ from pathlib import Path
 
 from controller import limits
 from controller.domain.liveness import HeartbeatPacing, LivenessPolicy
-from controller.flagtypes import finite_number
 from controller.domain.restarts import RestartPolicy
+from controller.flagtypes import finite_number
 from controller.store.rollout import DEFAULT_SURGE
 from controller.store.db import DEFAULT_DB_URL
 from controller.version import version_text
@@ -216,7 +216,7 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _wholefinite_number(text: str, *, least: int) -> int:
+def _whole_number(text: str, *, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -227,11 +227,11 @@ def _wholefinite_number(text: str, *, least: int) -> int:
 
 
 def _positive_int(text: str) -> int:
-    return _wholefinite_number(text, least=1)
+    return _whole_number(text, least=1)
 
 
 def _non_negative_int(text: str) -> int:
-    return _wholefinite_number(text, least=0)
+    return _whole_number(text, least=0)
 
 
 def _advertise_agent_address(parser: argparse.ArgumentParser, flag: str | None, gateways: int,

@@ -203,8 +203,7 @@ class AgentSession:
         up (an older one's word is of the last placement, another deployment's of one deleted)."""
         key = (tenant, report.deployment, report.replica, report.shard)
         owed = self.unacknowledged.get(key)
-        if owed is not None and report.generation >= owed[1] and (
-                not report.deployment_uid or report.deployment_uid == owed[2]):
+        if owed is not None and report.generation >= owed[1] and report.answers(owed[2]):
             del self.unacknowledged[key]
 
     def overdue(self, now: float, timeout_s: float) -> list[ShardReport]:

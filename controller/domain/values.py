@@ -334,6 +334,10 @@ class ShardReport:
     tenant: str = ""  # empty: the agent did not say (the controller looks it up in what it gave the node)
     deployment_uid: int = 0  # the assignment's it answers; 0: the agent did not say (not checked)
 
+    def answers(self, deployment_uid: int) -> bool:
+        """Whether it answers an assignment of the deployment with this uid (one that says none: yes)."""
+        return not self.deployment_uid or self.deployment_uid == deployment_uid
+
 
 @dataclass(frozen=True, slots=True)
 class HeartbeatReport:

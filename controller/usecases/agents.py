@@ -592,18 +592,13 @@ def _changes(said: ShardReport | None, state: repo.ShardState, *,
     failed the new one's shard with the old crash), and says something else of it (`_judged`).
     `taken_up`: the node said LOADING or RUNNING of this placement in the same batch, before
     `said` (so it is not ASSIGNED any more to it)."""
-    if said is None or said.generation < state.generation or not _of_deployment(said, state.deployment_id):
+    if said is None or said.generation < state.generation or not said.answers(state.deployment_id):
         return None
     placed = m.ShardPhase.LOADING if taken_up and state.phase is m.ShardPhase.ASSIGNED else state.phase
     report = _judged(placed, said)
     if report is None or (state.phase is m.ShardPhase(report.phase) and state.message == report.message):
         return None
     return report
-
-
-def _of_deployment(report: ShardReport, deployment_id: int) -> bool:
-    """Whether a report answers an assignment of this deployment (an agent that says no uid: yes)."""
-    return not report.deployment_uid or report.deployment_uid == deployment_id
 
 
 async def flush_reports(

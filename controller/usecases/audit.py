@@ -195,15 +195,17 @@ async def verify(db: Database, principal: Principal, *,
     and the entries as of one moment, so that entries appended while it reads (every audited
     call appends one) are not taken for entries "appended outside the controller"."""
     require_admin(principal, "verifying the audit log")
-    if expected_head is not None and expected_head[0] < 0:
-        raise InvalidArgument(f"expected_head_seq must be >= 0, got {expected_head[0]}")
-    if expected_head is not None and expected_head[1] and not expected_head[0]:  # it was ignored: "intact"
-        raise InvalidArgument("expected_head_hash needs expected_head_seq (the entry it is the hash of)")
-    if expected_head is not None and expected_head[1] and not _SHA256_HEX.fullmatch(expected_head[1]):
-        # Not a hash this log could hold: a typo, not a rewritten log (it was told as one, a tamper
-        # alarm logged at ERROR).
-        raise InvalidArgument(f"expected_head_hash must be 64 lowercase hex digits (a SHA-256, as maiactl audit "
-                              f"verify prints it), got {quoted(expected_head[1], 20)}")
+    if expected_head is not None:
+        seq, head_hash = expected_head
+        if seq < 0:
+            raise InvalidArgument(f"expected_head_seq must be >= 0, got {seq}")
+        if head_hash and not seq:  # it was ignored: "intact", nothing checked
+            raise InvalidArgument("expected_head_hash needs expected_head_seq (the entry it is the hash of)")
+        if head_hash and not _SHA256_HEX.fullmatch(head_hash):
+            # Not a hash this log could hold: a typo, not a rewritten log (it was told as one, a
+            # tamper alarm logged at ERROR).
+            raise InvalidArgument(f"expected_head_hash must be 64 lowercase hex digits (a SHA-256, as maiactl "
+                                  f"audit verify prints it), got {quoted(head_hash, 20)}")
     async with db.read_snapshot() as session:
         report = await store.verify_chain(session, expected_head=expected_head)
     if not report.intact:

@@ -99,18 +99,16 @@ async def check_owed_capacity(uow: UnitOfWork, who: Principal, tenant: str, *, a
     # its waiting asks do not claim already. Its waiting asks within its own reservation take free
     # capacity too, and are not among what others are owed: taken from what it may take beyond
     # it (two asks of 4 of a tenant owed 4 took the 4 owed to another).
-    room = owed.free - owed.taken_by_waiting() + returned
-    mine = owed.waiting.get(tenant, 0.0)
-    own = max(0.0, owed.owed(tenant) - mine) + (returned if tenant in owed.reservations else 0.0)
+    mine, owed_here = owed.waiting.get(tenant, 0.0), owed.owed(tenant)
+    taken = owed.taken_by_waiting() + min(mine, owed_here)
+    own = max(0.0, owed_here - mine) + (returned if tenant in owed.reservations else 0.0)
     total = sum(others.values())
-    beyond = room - total - min(mine, owed.owed(tenant))
-    if owed.free + returned <= _EPS or asked <= max(beyond, own) + _EPS:
+    if owed.free + returned <= _EPS or asked <= max(owed.free + returned - taken - total, own) + _EPS:
         owed.took(tenant, asked)
         return
     redactor = await redactor_of(uow, who)
     names = ", ".join(f"{t} {v:g}" for t, v in sorted(others.items()))
     owed_text, owed_to = (f"({names})", names) if who.is_admin else ("to them", "other tenants")
-    taken = owed.free + returned - room + min(mine, owed.owed(tenant))
     waiting = f" ({taken:g} of it asked already by work accepted, not placed yet)" if taken > _EPS else ""
     raise FailedPrecondition(
         redactor.text(f"{asks}: {owed.free:g} free on ready nodes{waiting}, {total:g} still owed {owed_text}"),

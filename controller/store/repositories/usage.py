@@ -63,10 +63,10 @@ def placement_power_w(dep: m.Deployment, placement: m.Placement) -> float:
     return (dep.shard_power_w or 0.0 if power is None else power) * placement_milli(dep, placement) / 1000.0
 
 
-def _milli(accelerators: Any) -> Any:
-    """`metering.shard_milli` in SQL, of a shard of `accelerators` whole accelerators."""
-    return case((and_(accelerators == 1, m.Placement.accelerator_milli != 0, m.Placement.accelerator_milli < 1000),
-                 m.Placement.accelerator_milli), else_=1000 * accelerators)
+def _milli(accelerators: Any, milli: Any = m.Placement.accelerator_milli) -> Any:
+    """`metering.shard_milli` in SQL, of a shard of `accelerators` whole accelerators, or of
+    `milli` of one (a placement's, by default)."""
+    return case((and_(accelerators == 1, milli != 0, milli < 1000), milli), else_=1000 * accelerators)
 
 
 # `placement_milli` in SQL, for sums over many placements (tests/store/test_usage.py holds them
@@ -168,10 +168,7 @@ async def reserved_usage(session: AsyncSession) -> dict[str, tuple[float, float]
 
 
 # The milli-units one shard of a deployment's current spec holds (`metering.shard_milli`), in SQL.
-_SPEC_SHARD_MILLI = case(
-    (and_(m.Deployment.shard_accelerators == 1, m.Deployment.shard_accelerator_milli != 0,
-          m.Deployment.shard_accelerator_milli < 1000), m.Deployment.shard_accelerator_milli),
-    else_=1000 * m.Deployment.shard_accelerators)
+_SPEC_SHARD_MILLI = _milli(m.Deployment.shard_accelerators, m.Deployment.shard_accelerator_milli)
 _UNPREEMPTIBLE = and_(m.Deployment.preemptible.is_(False),
                       m.Deployment.phase.not_in((m.DeploymentPhase.DELETING, m.DeploymentPhase.QUARANTINED)))
 
