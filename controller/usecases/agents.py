@@ -627,7 +627,9 @@ async def flush_reports(
     # The latest report of each shard from each node: per node, since a shard that moved is
     # reported by both (STOPPED by the node it left, LOADING by the one it went to) and only the
     # placement's node's word counts; kept per shard alone, the other node's report read last hid it.
-    latest: dict[tuple[str, tuple[str, int, int]], ShardReport] = {}
+    # And per deployment uid it says (0: none): a deployment deleted and submitted again under its
+    # name has the same shard keys, and the old one's report read last hid the new one's.
+    latest: dict[tuple[str, tuple[str, int, int], int], ShardReport] = {}
     # The newest generation each node said LOADING or RUNNING of each shard in this batch, by the
     # deployment uid it said (0: none): a placement still ASSIGNED as stored was taken up by that
     # node if it answers it.
@@ -635,15 +637,16 @@ async def flush_reports(
     for node_id, report in reports:
         if report.phase in _SHARD_PHASES:
             key = (deployment_key(report.tenant, report.deployment), report.replica, report.shard)
-            latest[(node_id, key)] = report
+            latest[(node_id, key, report.deployment_uid)] = report
             if report.phase in (m.ShardPhase.LOADING.value, m.ShardPhase.RUNNING.value):
                 said = (node_id, key, report.deployment_uid)
                 taken_up[said] = max(report.generation, taken_up.get(said, report.generation))
     hits: dict[tuple[str, int, int], tuple[repo.ShardState, ShardReport]] = {}  # the reports that change their shard
-    for state in await repo.shard_states(s, {key[0] for _, key in latest}) if latest else ():
+    for state in await repo.shard_states(s, {key[0] for _, key, _ in latest}) if latest else ():
         place = (state.key, state.replica, state.shard)
         answered = max(taken_up.get((state.node_id, place, uid), -1) for uid in (0, state.deployment_id))
-        report = _changes(latest.get((state.node_id, place)), state, taken_up=answered >= state.generation)
+        said = latest.get((state.node_id, place, state.deployment_id)) or latest.get((state.node_id, place, 0))
+        report = _changes(said, state, taken_up=answered >= state.generation)
         if report is not None:
             hits[place] = (state, report)
     at = m.utcnow()

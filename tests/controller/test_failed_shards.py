@@ -384,3 +384,9 @@ async def test_a_report_of_a_deleted_deployment_never_applies_to_one_submitted_a
     async with cluster.unit_of_work() as uow:
         await agents.flush_reports(uow, {}, [(new_node, running)])
     assert (await placed())[3] is m.ShardPhase.RUNNING
+    # Both in one flush, the old one's FAILED last (a node running the new shard while its
+    # heartbeat still repeats the old one's crash): the new one's word is what counts.
+    loading = ShardReport("svc", 0, 0, new_generation, "loading", tenant="t1", deployment_uid=new_id)
+    async with cluster.unit_of_work() as uow:
+        await agents.flush_reports(uow, {}, [(new_node, loading), (new_node, crashed)])
+    assert (await placed())[3] is m.ShardPhase.LOADING
