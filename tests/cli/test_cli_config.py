@@ -89,6 +89,25 @@ def test_a_token_given_to_a_context_replaces_the_other_kind(tmp_path: Path, monk
     assert ConfigFile.load(path).contexts["p"] == ContextEntry(controller="h:1", token="given")
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--controller", "prod"], "--controller 'prod': expected HOST:PORT"),
+    (["--controller", "h:70000"], "port 70000 is out of range"),
+    (["--token", "two words"], "--token: the token holds ' '"),
+])
+def test_set_context_refuses_what_every_later_command_would(tmp_path: Path, capsys, monkeypatch,
+                                                            flags: list[str], message: str) -> None:
+    """A context stored with an address or a token that every later command refuses: refused
+    when set, and the file left as it was."""
+    path = tmp_path / "config.yaml"
+    monkeypatch.setenv("MAIA_CONFIG", str(path))
+    assert main(["config", "set-context", "p", "--controller", "h:1"]) == 0
+    before = path.read_text()
+    capsys.readouterr()
+    assert main(["config", "set-context", "p", *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert path.read_text() == before
+
+
 class _Recorder(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self) -> None:
         self.metadata: list[tuple[str, str]] = []

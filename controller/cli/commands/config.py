@@ -9,7 +9,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from controller.cli.client import CliError, Exit
-from controller.cli.config import ConfigFile, ContextEntry, config_path
+from controller.cli.config import ConfigFile, ContextEntry, check_address, check_token, config_path
 from controller.cli.context import Context
 from controller.cli.tables import render_table
 
@@ -80,6 +80,12 @@ def use_context(args: argparse.Namespace, ctx: Context) -> int:
 def set_context(args: argparse.Namespace, ctx: Context) -> int:
     config = ConfigFile.load(config_path())
     given = {k: getattr(args, k, None) for k in _SETTINGS if getattr(args, k, None) is not None}
+    # Checked as every later command checks them: a context stored with a bad address or token
+    # made each command that used it fail, the file saved as if all was well.
+    if "controller" in given:
+        check_address(given["controller"], "--controller")
+    if "token" in given:
+        check_token(given["token"], "--token")
     for key in _FILES:  # stored absolute: the file is read from wherever maiactl runs later
         if key in given:
             given[key] = str(Path(given[key]).expanduser().resolve())
