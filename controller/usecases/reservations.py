@@ -7,8 +7,8 @@ members, `usecases/submits.py`; only where another tenant reserves, and not for 
 shards), an update that grows the ask (its growth: what waited before was asked before) and one
 that makes a preemptible deployment non-preemptible (what it holds is asked afresh: owed tenants
 could preempt it before, not after). Free capacity is what the ready nodes have free less what
-the non-preemptible asks accepted before and not placed yet will take (each ask was judged as if
-nothing else waited: two asks of 4 took what one of 8 was refused). Only free capacity can
+the non-preemptible asks accepted before and not placed yet will take, within their tenants'
+caps (each ask was judged as if nothing else waited: two asks of 4 took what one of 8 was refused). Only free capacity can
 be taken: with none, the ask is taken and waits, as any other. A tenant below its own
 reservation is owed too: up to what it is owed, it takes nothing owed to others (reservations
 the cluster cannot hold all at once refused every owed tenant's growth, each for the others').

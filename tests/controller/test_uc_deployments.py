@@ -618,6 +618,26 @@ async def test_asks_accepted_and_not_placed_yet_count_against_free_capacity_othe
         await submit(cluster, deployment("c", "t1", replicas=1, accelerators=1, locality="node"))
 
 
+async def test_an_ask_its_own_tenants_cap_holds_back_takes_no_free_capacity_from_others(cluster):
+    """16 accelerators, t2 owed 8 of them; t3, capped at 4, holds 4 and asks 4 more, which wait
+    for its own work to end (its cap), not for free capacity. Counted among the asks that take
+    free capacity, it refused t1's ask of 4 that fitted (16 - 4 held - 8 owed)."""
+    await add_tenant(cluster, "t2", reserved_accelerators=8.0)
+    await add_tenant(cluster, "t3", max_accelerators=4.0)
+    await submit(cluster, deployment("a", "t3", replicas=4, accelerators=1, locality="node"))
+    loop = Reconciler(cluster, push=lambda nodes: None, publish=no_publish)
+    await loop.reconcile_once()
+    await submit(cluster, deployment("b", "t3", replicas=4, accelerators=1, locality="node"))
+    await loop.reconcile_once()
+    async with cluster.unit_of_work() as uow:
+        assert await repo.waiting_unpreemptible(uow.session) == {}  # b waits for t3's cap alone
+    await submit(cluster, deployment("c", "t1", replicas=4, accelerators=1, locality="node"))
+    async with cluster.unit_of_work() as uow:
+        assert await repo.waiting_unpreemptible(uow.session) == {"t1": 4.0}
+    with pytest.raises(FailedPrecondition):  # and what c takes is counted
+        await submit(cluster, deployment("d", "t1", replicas=1, accelerators=1, locality="node"))
+
+
 async def test_a_tenant_owed_capacity_itself_takes_no_more_of_others_by_splitting_its_ask(cluster):
     """t3 owed 4, t2 owed 12 of the 16 free: t3's first ask of 4 is its own; a second was taken
     too (its waiting ask within its own reservation was counted as neither free nor owed), and t2
