@@ -197,6 +197,10 @@ class ConsoleServer:
     async def _state(self, request: web.Request) -> web.Response:
         principal = await self._viewer(request)
         body = await self.documents.get(_viewer_tenant(principal))
+        # The token checked again: the wait for the next build (up to STATE_SPACING_S, behind
+        # other viewers' builds) may outlast it, and a token revoked or expired meanwhile got a
+        # document built after that (its tenant's, perhaps of a customer given the id since).
+        await self._viewer(request)
         return web.Response(body=body, content_type="application/json", headers={"Cache-Control": "no-store"})
 
     async def _document(self, viewer_tenant: str) -> bytes:

@@ -134,3 +134,30 @@ async def test_the_event_stream_of_an_expiring_token_closes_at_its_expiry_not_be
     assert closed, f"the expired token's stream did not close; it sent {blocks}"
     assert _ended(blocks) == [f"token {_id(expiring)} expired at {expires_at.isoformat(timespec='seconds')}"]
     assert closed_at >= expires_at
+
+
+async def test_a_document_read_in_flight_when_its_token_is_revoked_is_refused(
+        console: tuple[ControllerApp, Stubs], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`/api/state` waits for the viewer's next build (up to 2 s, behind other viewers'): a token
+    revoked during that wait got the document built after its revocation."""
+    app, admin = console
+    token = await issue_token(app.db, "tenant", tenant="lab", name="console")
+    building, revoked = asyncio.Event(), asyncio.Event()
+    build = app.console.documents._build
+
+    async def held_until_revoked(key: str) -> bytes:
+        building.set()
+        await revoked.wait()
+        return await build(key)
+
+    monkeypatch.setattr(app.console.documents, "_build", held_until_revoked)
+    async with aiohttp.ClientSession() as http:
+        read = asyncio.create_task(http.get(f"http://{app.console_address}/api/state",
+                                            headers={"Authorization": f"Bearer {token}"}))
+        await asyncio.wait_for(building.wait(), ENDS_WITHIN_S)
+        await admin.admin.RevokeToken(admin_pb2.RevokeTokenRequest(id=_id(token)))
+        revoked.set()
+        response = await asyncio.wait_for(read, ENDS_WITHIN_S)
+        body = await response.read()
+    assert response.status == 401, body
+    assert b"lab" not in body
