@@ -8,8 +8,8 @@ from grpc import aio
 
 from controller.api import convert, dryrun
 from controller.api.deps import ServiceDeps
-from controller.identity import current_principal
-from controller.usecases import agents, events, nodes, tenants, tokens, topology
+from controller.identity import Role, current_principal
+from controller.usecases import agents, events, nodes, policy, tenants, tokens, topology
 from maia.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -167,6 +167,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         from controller.version import version_text
         from controller.store.migrate import database_revision, head_revision
 
+        # Admins and tenants (`maiactl version`); not the nodes' credentials, the fleet's bootstrap
+        # token among them, which may Register and Connect and nothing else (docs/security.md):
+        # the answer names the controllers' addresses and the schema they run.
+        policy.require_role(current_principal(), "reading the controller's version", Role.TENANT)
         return admin_pb2.VersionInfo(version=version_text(), schema_revision=await asyncio.to_thread(head_revision),
                                      address=self._deps.advertised(), leader=self._deps.leads(),
                                      leader_address=self._deps.leader_address(),

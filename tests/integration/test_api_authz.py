@@ -123,6 +123,8 @@ CASES = [
                                                                               object_id=OWNER)), NOT_FOUND),
     Case("ListEvents(all)", lambda s: s.admin.ListEvents(A.ListEventsRequest()), DENIED),
     Case("VerifyAuditLog", lambda s: s.audit.VerifyAuditLog(audit_pb2.VerifyAuditLogRequest()), DENIED),
+    # A tenant reads the release (`maiactl version`); a node's credential may Register and Connect alone.
+    Case("GetVersion", lambda s: s.admin.GetVersion(A.GetVersionRequest()), OK),
     Case("Register(n1)", lambda s: s.agent.Register(agent_pb2.RegisterRequest(node=_node("n1"))), DENIED),
     Case("Connect(n1)", _hello_n1, DENIED),
 ]
