@@ -59,7 +59,9 @@ TENANT_POWER_W_MAX = 1e12
 REPORT_MESSAGE_MAX = 1024           # a shard's status message
 FAULT_REASON_MAX = 256              # why an agent says an accelerator failed
 REPORTS_PER_SECOND = 200.0          # per agent stream (token bucket)
-REPORTS_BURST = SHARDS_PER_NODE_MAX + 100
+# A full node's shards each reported LOADING and then RUNNING at once (an agent reports every phase
+# change: the LOADING burst alone fitted, and its RUNNING reports ended the stream), and heartbeats.
+REPORTS_BURST = 2 * SHARDS_PER_NODE_MAX + 100
 # A Connect stream's first message (its Hello) must arrive this long after the stream opened, else the
 # stream ends INVALID_ARGUMENT: without a bound any caller that may Connect held a stream (a handler,
 # its buffers) open as long as it liked by saying nothing. An agent writes its Hello as the stream's

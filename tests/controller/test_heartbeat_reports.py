@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
+from controller import limits
 from controller.agents import AgentHub, HubObserver, ShardStateRequest
 from controller.errors import ResourceExhausted, Unauthenticated
 from controller.reconcile import Reconciler
@@ -334,7 +335,6 @@ async def test_connected_is_a_live_view_and_last_heard_is_asked_node_by_node(clu
 
 
 async def test_a_heartbeat_with_a_bad_shard_report_ends_the_stream_and_leaves_nothing_behind(cluster):
-    from controller import limits
     from controller.errors import InvalidArgument
     await submit(cluster, deployment("svc", replicas=1, shards=2, accelerators=1, locality="node"))
     await Reconciler(cluster, push=lambda ids: None, publish=no_publish, solve_time_limit_ms=2000).reconcile_once()
@@ -546,6 +546,21 @@ async def test_a_stream_whose_credential_ends_takes_nothing_more_and_drops_its_e
     finally:
         await stream.aclose()
         hub.close_all()
+
+
+async def test_a_full_node_reporting_each_shard_loading_then_running_at_once_is_no_flood(cluster):
+    """An agent reports every phase change: on a node of SHARDS_PER_NODE_MAX shards placed at once,
+    a LOADING report of each and, once loaded, a RUNNING one. The default burst covered the
+    LOADING reports alone, and the RUNNING ones ended the stream RESOURCE_EXHAUSTED."""
+    async with _streaming(cluster, "rack-a-n0") as (hub, stream):
+        for phase in ("loading", "running"):
+            for index in range(limits.SHARDS_PER_NODE_MAX):
+                stream.inbound.put_nowait(ShardReport("svc", index, 0, 1, phase, tenant="t1"))
+        stream.inbound.put_nowait(HeartbeatReport(1, 500.0))
+        while not stream.inbound.empty() and not stream.task.done():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert not stream.task.done(), stream.task.exception()
 
 
 async def test_a_flooding_stream_is_told_to_pause_a_second_at_least(cluster):
