@@ -269,6 +269,10 @@ async def ensure_schema(db: Database, *, migrate: bool) -> str:
             await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_MIGRATION_LOCK_KEY})
         try:
             before = await conn.run_sync(_current_revision)  # under the lock: another start may have migrated
+            if before is not None and before != head and before not in revisions.known:
+                # A newer controller migrated while this one waited (a rolling upgrade): told as
+                # such, not as a migration that did not fit ("restore a backup").
+                raise SchemaAheadError(before, head)
             await conn.run_sync(_upgrade, alembic_config(db.url), url)
             await conn.commit()
             if before != head:  # said once: an automatic migration left no trace but "schema ready"

@@ -115,6 +115,28 @@ async def test_ensure_schema_refuses_an_unknown_revision(database: Database) -> 
         await ensure_schema(database, migrate=True)
 
 
+async def test_ensure_schema_refuses_a_revision_a_newer_controller_migrated_to_while_it_waited(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read before the migration lock, the revision was one this code knows; a newer controller
+    holding the lock then migrated past this code's head. Told as a migration that did not fit
+    ("repair that, or restore a backup"), not as a newer schema to run that version for."""
+    from controller.store import migrate
+
+    async with database.engine.begin() as conn:
+        await conn.exec_driver_sql("UPDATE alembic_version SET version_num = '9999_from_the_future'")
+    read = migrate._current_revision
+    reads: list[str | None] = []
+
+    def before_the_lock_then_as_stored(connection: Connection) -> str | None:
+        reads.append(read(connection))
+        return min(code_revisions().known) if len(reads) == 1 else reads[-1]
+
+    monkeypatch.setattr(migrate, "_current_revision", before_the_lock_then_as_stored)
+    with pytest.raises(SchemaAheadError, match="9999_from_the_future"):
+        await ensure_schema(database, migrate=True)
+    assert len(reads) == 2
+
+
 async def test_sqlite_foreign_keys_stay_on_after_migrating(tmp_path: Path) -> None:
     # Migrations run with foreign keys off (batch table rebuilds); pooled connections must not.
     db = Database(f"sqlite+aiosqlite:///{tmp_path / 'fk.db'}")
