@@ -7,7 +7,8 @@ Create Date: 2026-11-30
 Two tenants may both have a deployment `chat`, like two Kubernetes namespaces. Stored names were
 unique across the cluster, so they stay unique per tenant: no row changes. The events history
 names a deployment by its key `TENANT/NAME` from now on (the interchange format's id for names
-per tenant); the events of deployments that still exist are rewritten to it. Audit entries are
+per tenant); the events of deployments that still exist are rewritten to it (not those of an
+earlier deployment of the name, up to its deletion). Audit entries are
 hash-chained and never rewritten: older ones keep the bare name (with the tenant in their
 `tenant` column).
 
@@ -47,10 +48,16 @@ def upgrade() -> None:
         batch.create_unique_constraint("uq_deployments_tenant_id_name", ["tenant_id", "name"])
     if _is_sqlite():
         _sqlite_triggers()
+    # Only the events after the last deletion of the name: those before it are an earlier
+    # namesake's, perhaps another tenant's (names were unique among the deployments that existed
+    # at once), and keep the bare name with the rest of the deleted deployments' history.
     op.execute(
         "UPDATE events SET object_id = (SELECT d.tenant_id || '/' || d.name FROM deployments d "
         "WHERE d.name = events.object_id) "
-        "WHERE object_kind = 'deployment' AND object_id IN (SELECT name FROM deployments)"
+        "WHERE object_kind = 'deployment' AND object_id IN (SELECT name FROM deployments) "
+        "AND NOT EXISTS (SELECT 1 FROM events deleted WHERE deleted.object_kind = 'deployment' "
+        "AND deleted.object_id = events.object_id AND deleted.kind = 'deployment.deleted' "
+        "AND deleted.id >= events.id)"
     )
 
 

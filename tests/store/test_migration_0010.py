@@ -50,9 +50,9 @@ async def _add_deployment(db: Database, tenant: str, name: str) -> None:
                    "'rack', 0, :no, 'pending', '[]', 0, :now, :now)", name=name, tenant=tenant, no=False, now=NOW)
 
 
-async def _add_event(db: Database, object_id: str) -> None:
+async def _add_event(db: Database, object_id: str, kind: str = "deployment.submitted") -> None:
     await _run(db, "INSERT INTO events (at, actor, kind, object_kind, object_id, message, data) "
-                   "VALUES (:now, 'test', 'deployment.submitted', 'deployment', :id, '', '{}')", now=NOW, id=object_id)
+                   "VALUES (:now, 'test', :kind, 'deployment', :id, '', '{}')", now=NOW, id=object_id, kind=kind)
 
 
 async def _event_ids(db: Database) -> list[str]:
@@ -69,6 +69,9 @@ async def test_names_become_unique_per_tenant_with_data(db_url: str) -> None:
     try:
         for tenant in ("lab-a", "lab-b"):
             await _add_tenant(db, tenant)
+        # An earlier `chat` (lab-b's, say) submitted and deleted: its history is not lab-a's.
+        await _add_event(db, "chat")
+        await _add_event(db, "chat", "deployment.deleted")
         await _add_deployment(db, "lab-a", "chat")
         await _add_event(db, "chat")
         await _add_event(db, "long-gone")  # a deleted deployment's history: its tenant is unknown
@@ -80,7 +83,7 @@ async def test_names_become_unique_per_tenant_with_data(db_url: str) -> None:
                    now=NOW)
 
         await _upgrade(db_url, REVISION)
-        assert await _event_ids(db) == ["lab-a/chat", "long-gone"]
+        assert await _event_ids(db) == ["chat", "chat", "lab-a/chat", "long-gone"]
         # The table rebuild (SQLite) kept the rows that point at deployments (no cascade, no SET NULL).
         assert await _run(db, "SELECT COUNT(*) FROM client_requests WHERE deployment_id IS NOT NULL") == [(1,)]
         version = await _isolation_version(db)
@@ -93,7 +96,7 @@ async def test_names_become_unique_per_tenant_with_data(db_url: str) -> None:
             await _downgrade(db_url, BEFORE)
         await _run(db, "DELETE FROM deployments WHERE tenant_id = 'lab-b'")
         await _downgrade(db_url, BEFORE)
-        assert await _event_ids(db) == ["chat", "long-gone"]
+        assert await _event_ids(db) == ["chat", "chat", "chat", "long-gone"]
         with pytest.raises(IntegrityError):
             await _add_deployment(db, "lab-b", "chat")
     finally:
