@@ -44,8 +44,14 @@ def database_url() -> str:
 
 
 def run_migrations_offline() -> None:
-    """Emit SQL to stdout (`alembic upgrade head --sql`) instead of running it."""
+    """Emit SQL to stdout (`alembic upgrade head --sql`) instead of running it: PostgreSQL only.
+    SQLite's migrations rebuild tables in batch mode, and some read rows (0024), both of which need
+    the live database: refused at once with a message, not failed halfway through the script."""
     url = database_url()
+    if url.startswith("sqlite"):
+        raise SystemExit("alembic --sql (offline SQL) is for PostgreSQL only: SQLite's migrations rebuild "
+                         "tables and read rows from the live database; run them against it instead "
+                         "(alembic upgrade head, or maia-controller --migrate)")
     context.configure(
         url=url,
         target_metadata=target_metadata,

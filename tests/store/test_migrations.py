@@ -137,6 +137,19 @@ async def test_ensure_schema_refuses_a_revision_a_newer_controller_migrated_to_w
     assert len(reads) == 2
 
 
+def test_offline_sql_is_emitted_for_postgresql_and_refused_at_once_for_sqlite(db_url: str, capsys) -> None:
+    """`alembic upgrade head --sql` on SQLite failed at 0009 (a batch table rebuild needs the
+    live database), after printing the SQL of the revisions before it."""
+    if db_url.startswith("sqlite"):
+        with pytest.raises(SystemExit, match="for PostgreSQL only"):
+            command.upgrade(alembic_config(db_url), "head", sql=True)
+        assert "CREATE TABLE" not in capsys.readouterr().out
+    else:
+        command.upgrade(alembic_config(db_url), "head", sql=True)
+        out = capsys.readouterr().out
+        assert "CREATE TABLE deployments" in out and head_revision() in out
+
+
 async def test_sqlite_foreign_keys_stay_on_after_migrating(tmp_path: Path) -> None:
     # Migrations run with foreign keys off (batch table rebuilds); pooled connections must not.
     db = Database(f"sqlite+aiosqlite:///{tmp_path / 'fk.db'}")
