@@ -17,6 +17,7 @@ import numpy as np
 
 from scheduler.filters import (BIG, MAX_NAMED, NODE_FILTERS, DomainPower, NodeFit, gang_capacity, names, node_fit,
                                power_line, quota_room)
+from scheduler.interchange import IMPLIED_ROW, IMPLIED_ZONE
 from scheduler.model import Reason
 from scheduler.state import ClusterState
 from scheduler.topology import UNLIMITED
@@ -139,10 +140,16 @@ def _cut_by(state: ClusterState, d: int, fit: NodeFit, level: str, count: int, c
             needs, shown = f"a replica needs {count} shards", "the cluster"
         else:
             needs = f"a replica needs {count} shards in one {level}"
-            shown = f"the only {level}" if where.startswith("_") else f"{level} {where}"
+            shown = f"the only {level}" if _implied(level, where) else f"{level} {where}"
         room_left = int(cap[target])  # the room the rule leaves the domain named (below `count`)
         reasons.append(Reason(f.code, f"{needs}; {f.code} leaves {shown} room for {room_left}: {detail}", scope))
     return reasons
+
+
+def _implied(level: str, where: str) -> bool:
+    """A row or zone the document left out, implied under an internal id: not a name to show.
+    Any other id is the document's, "_" first or not (`_n1` was told as "the only node")."""
+    return (level, where) in (("row", IMPLIED_ROW), ("zone", IMPLIED_ZONE))
 
 
 def _domain_reasons(state: ClusterState, d: int, fit: NodeFit) -> list[Reason]:
@@ -207,9 +214,9 @@ def _domain_reasons(state: ClusterState, d: int, fit: NodeFit) -> list[Reason]:
                                               f"{total} now"))
         if level != "none" and (total >= count or best < total):  # and one domain's, smaller than the cluster
             where = topo.domain_name(level, int(np.argmax(cap))) if len(cap) else "-"
-            # A row or zone the document left out is implied under an internal id ("_zone"): not a name.
-            shown = f"the only {level} (none declared)" if where.startswith("_") else where
+            implied = _implied(level, where)
+            shown = f"the only {level} (none declared)" if implied else where
             reasons.append(Reason("LOCALITY", f"locality {level}: a replica needs {count} shards "
                                   f"in one {level}; the best, {shown}, has room for {best}",
-                                  None if where.startswith("_") else where))
+                                  None if implied else where))
     return reasons

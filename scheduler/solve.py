@@ -313,8 +313,15 @@ class Solver:
             return
         placed = self.placer.place_deployment(d, todo)
         if len(placed) < len(todo):
+            if not preempt:
+                # Said of the cluster the solve ends with (the batch's last stage, or `emit`):
+                # worked out now, it said the greedy's answer, and CP-SAT's, the pairing's or the
+                # moves' answer adopted since was another (a rack told to hold a tenant the plan
+                # put elsewhere), as were the deployments the greedy placed after this one.
+                self.why.pop(d, None)
+                return
             self.why[d] = explain(self.state, d)
-            if preempt and self.problem.options.allow_preemption:
+            if self.problem.options.allow_preemption:
                 preempt_for(self, d)
 
     def improve_with_cpsat(self, base: ClusterState, wanted: list[int]) -> None:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import json
+from unittest import mock
 
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from builders import SHARED, codes, dep, messages, node, placed, placed_count, problem, solve_doc
+from strategies import problems
+
+from scheduler import emit, problem_from_dict, solve
+from scheduler.explain import explain
 
 
 def test_tiny_unplaceable_gives_the_three_reasons() -> None:
@@ -165,3 +172,48 @@ def test_a_node_without_accelerators_is_said_to_have_none_not_to_be_full() -> No
     assert "need 500 milli of an accelerator: n1 full; host has no accelerators" in messages(plan, "half")
     alone = solve_doc(problem([node("host", acc=0)], [dep("more", locality="node")]))
     assert "need 1 free accelerator(s): host has no accelerators" in messages(alone, "more")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(problems(modes=("batch", "rebalance")))
+def test_batch_reasons_say_the_cluster_the_plan_leaves(doc: dict) -> None:
+    """Without preemption, what a batch solve says of a deployment it leaves short is said of
+    the cluster its plan leaves. The greedy's reasons were kept after CP-SAT's answer (or the
+    moves') was adopted instead: a rack said to hold a tenant the plan put elsewhere, a tenant
+    said to hold 0 accelerators the plan gave 3.5. And those of a deployment the greedy tried
+    before others took more room said a cluster emptier than the plan's."""
+    doc["options"]["allow_preemption"] = False
+    said: dict[str, list[tuple[str, str]]] = {}
+    fresh: dict[str, list[tuple[str, str]]] = {}
+    emitted = emit.unplaced_with_reasons
+
+    def recorded(solver, preempted, only=None):  # noqa: ANN001, ANN202
+        for d in range(len(solver.state.deps)) if only is None else only:
+            if solver.pending(d):
+                fresh[solver.state.deps[d].id] = [(r.code, r.message) for r in explain(solver.state, d)]
+        unplaced, limited = emitted(solver, preempted, only)
+        said.update((u.deployment, [(r.code, r.message) for r in u.reasons]) for u in unplaced)
+        return unplaced, limited
+
+    with mock.patch.object(emit, "unplaced_with_reasons", recorded):
+        solve(problem_from_dict(copy.deepcopy(doc)), time_limit_ms=2000)
+    def same(told: list[tuple[str, str]], now: list[tuple[str, str]]) -> bool:
+        told = [(c, m) for c, m in told if c != "TIME_LIMIT"]  # the clock's, not the cluster's
+        # A message may end with a hint (`emit.preemption_hints`: what preempting would fit).
+        return len(told) == len(now) and all(c == c2 and m.startswith(m2) for (c, m), (c2, m2) in zip(told, now))
+
+    stale = {d: (said[d], fresh[d]) for d in said if not same(said[d], fresh[d])}
+    assert not stale, stale
+
+
+def test_an_id_of_the_documents_starting_with_an_underscore_is_named() -> None:
+    """Ids are any string: `_n1` was told as "the only node (none declared)", scope None, as if
+    it were a row or zone the document left out (implied under an internal id)."""
+    plan = solve_doc(problem([node("_n1", rack="_r1", acc=2), node("_n2", rack="_r2", acc=2),
+                              node("_n3", rack="_r2", acc=1)],
+                             [dep("g", acc=1, shards=3, locality="node"), dep("h", acc=1, shards=4, locality="rack")]))
+    said = {u.deployment: [(r.code, r.message, r.scope) for r in u.reasons] for u in plan.unplaced}
+    assert ("LOCALITY", "locality node: a replica needs 3 shards in one node; the best, _n1, has room for 2",
+            "_n1") in said["g"]
+    assert ("LOCALITY", "locality rack: a replica needs 4 shards in one rack; the best, _r2, has room for 3",
+            "_r2") in said["h"]
