@@ -198,16 +198,21 @@ def problem_from_dict(doc: dict[str, Any], *, validate: bool = True) -> Problem:
                       allow_preemption=bool(opts.get("allow_preemption", False)),
                       batch_size=_int(opts.get("batch_size")))
 
-    # Implied lists: absent means "whatever the references say".
-    if not racks:
-        racks = tuple(Rack(rid, rows[0].id if len(rows) == 1 else IMPLIED_ROW)
+    # Implied lists: absent means "whatever the references say"; present, even empty, it is
+    # checked strictly (an empty `tenants` took a deployment's unknown tenant as implied). Where
+    # the list above is present, its one entry is the implied entries' parent; with more (or
+    # none) the document must say which.
+    if "racks" not in doc:
+        _one_parent("racks", "rows", "row", "rack", rows, "rows" in doc)
+        racks = tuple(Rack(rid, rows[0].id if rows else IMPLIED_ROW)
                       for rid in dict.fromkeys(n.rack for n in nodes))
-    if not rows:
-        rows = tuple(Row(rid, zones[0].id if len(zones) == 1 else IMPLIED_ZONE)
+    if "rows" not in doc:
+        _one_parent("rows", "zones", "zone", "row", zones, "zones" in doc)
+        rows = tuple(Row(rid, zones[0].id if zones else IMPLIED_ZONE)
                      for rid in dict.fromkeys(r.row for r in racks))
-    if not zones:
+    if "zones" not in doc:
         zones = tuple(Zone(zid) for zid in dict.fromkeys(r.zone for r in rows))
-    if not tenants:
+    if "tenants" not in doc:
         tenants = tuple(Tenant(tid) for tid in dict.fromkeys(d.tenant for d in deployments))
 
     problem = Problem(nodes=nodes, deployments=deployments, zones=zones, rows=rows, racks=racks,
@@ -215,6 +220,16 @@ def problem_from_dict(doc: dict[str, Any], *, validate: bool = True) -> Problem:
                       nominations=_nominations(doc.get("nominations")))
     check_references(problem)
     return problem
+
+
+def _one_parent(field: str, parents_field: str, parent: str, child: str, parents: tuple[Any, ...],
+                present: bool) -> None:
+    """`field` is left out and implied; `parents_field`, when present, must list one entry to
+    hold them all (with several, which holds which is not said; it was told as an unknown
+    internal id, `racks[0].row: unknown row '_row'`, of a list the document never had)."""
+    if present and len(parents) != 1:
+        raise ProblemError(field, None, f"left out, and {parents_field} lists {len(parents)} {parent}s: "
+                                        f"give {field} to say which {parent} each {child} is in")
 
 
 def _unique(items: Any, field: str) -> dict[str, int]:

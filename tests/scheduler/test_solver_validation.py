@@ -122,3 +122,46 @@ def test_trusted_callers_skip_the_schema_but_not_the_references() -> None:
     with pytest.raises(ProblemError) as info:
         problem_from_dict(doc, validate=False)
     assert info.value.field == "placements[1].deployment"
+
+
+@pytest.mark.parametrize("left_out, listed, message", [
+    # Several rows, no racks: which row each rack is in is not said (it was told as
+    # "racks[0].row: unknown row '_row'", of a list the document never had).
+    ("racks", {"rows": [{"id": "w1", "zone": "z1"}, {"id": "w2", "zone": "z1"}]},
+     "racks: left out, and rows lists 2 rows: give racks to say which row each rack is in"),
+    ("rows", {"zones": [{"id": "z1"}, {"id": "z2"}]},
+     "rows: left out, and zones lists 2 zones: give rows to say which zone each row is in"),
+])
+def test_a_list_left_out_under_several_parents_is_refused_saying_so(
+        left_out: str, listed: dict[str, Any], message: str) -> None:
+    doc = problem([node("n1")], [dep("d")])
+    del doc[left_out]
+    if left_out == "racks":
+        doc["rows"] = listed["rows"]
+    else:
+        doc["zones"] = listed["zones"]
+        del doc["racks"]
+    with pytest.raises(ProblemError) as info:
+        problem_from_dict(doc)
+    assert str(info.value) == message
+
+
+def test_one_parent_holds_what_is_left_out_and_nothing_listed_implies_everything() -> None:
+    doc = problem([node("n1")], [dep("d")])
+    del doc["racks"]
+    assert [(r.id, r.row) for r in problem_from_dict(copy.deepcopy(doc)).racks] == [("r1", "w1")]
+    for key in ("rows", "zones", "tenants"):
+        del doc[key]
+    implied = problem_from_dict(doc)
+    assert [t.id for t in implied.tenants] == ["t1"] and len(implied.rows) == len(implied.zones) == 1
+
+
+@pytest.mark.parametrize("field, path", [("tenants", "deployments[0].tenant"), ("racks", "nodes[0].rack")])
+def test_a_list_given_empty_is_checked_as_given(field: str, path: str) -> None:
+    """A list that is present is checked strictly, empty too: an empty `tenants` took a
+    deployment's unknown tenant as implied, an empty `racks` a node's unknown rack."""
+    doc = problem([node("n1", rack="typo-rack")], [dep("d", tenant="ghost")])
+    doc[field] = []
+    with pytest.raises(ProblemError) as info:
+        problem_from_dict(doc)
+    assert info.value.field == path
