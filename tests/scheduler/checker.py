@@ -171,6 +171,17 @@ class _Problem:
         self.rows = {r["id"]: r for r in doc.get("rows", [])}
         self.racks = {r["id"]: r for r in doc.get("racks", [])}
         self.nodes = {n["id"]: n for n in doc.get("nodes", [])}
+        # Lists left out are implied from the ids referring to them (the interchange's rule): a
+        # rack left out is in the one row listed (or one implied row), a row in the one zone.
+        # Read as absent, a node of a document without racks was in no row or zone: ZONE was
+        # refused wrongly, and a row's power budget never checked.
+        if "racks" not in doc:
+            row = next(iter(self.rows)) if len(self.rows) == 1 else "(implied row)"
+            self.racks = {n["rack"]: {"id": n["rack"], "row": row} for n in self.nodes.values()}
+        if "rows" not in doc:
+            zones = [z["id"] for z in doc.get("zones", [])]
+            zone = zones[0] if len(zones) == 1 else "(implied zone)"
+            self.rows = {r["row"]: {"id": r["row"], "zone": zone} for r in self.racks.values()}
         self.tenants = {t["id"]: t for t in doc.get("tenants", [])}
         self.deployments = {d["id"]: d for d in doc.get("deployments", [])}
         self.options = doc.get("options", {}) or {}

@@ -571,3 +571,22 @@ def test_placed_accelerators_counts_fractions() -> None:
     p = problem([dep("w", acc=2), dep("f", accelerator_milli=250)])
     doc = plan(p, [pl("w", 0, 0, "n1", [0, 1]), pl("f", 0, 0, "n1", [2], 250)])
     assert C.placed_accelerators(p, doc) == {"w": 2.0, "f": 0.25}
+
+
+def test_lists_left_out_are_implied_as_the_interchange_implies_them() -> None:
+    """A document without racks (or rows) puts its racks in the one row listed and its rows in
+    the one zone: read as absent, the checker refused a tenant's own zone (ZONE: in zone None)
+    and never checked a row's power budget."""
+    zoned = {"zones": [{"id": "z1"}], "nodes": [{"id": "n1", "rack": "r1", "accelerators": 2}],
+             "tenants": [{"id": "t", "zones": ["z1"]}],
+             "deployments": [{"id": "d", "tenant": "t", "replicas": 1, "shards_per_replica": 1,
+                              "shard": {"accelerators": 1}}]}
+    on_n1 = {"deployment": "d", "replica": 0, "shard": 0, "node": "n1", "accelerator_indices": [0]}
+    plan = {"status": "feasible", "placements": [on_n1], "unplaced": [], "preempted": [], "moved": [], "stats": {}}
+    assert check_plan(zoned, plan) == []
+    budgeted = {"rows": [{"id": "w1", "zone": "z1", "power_budget_w": 500}],
+                "nodes": [{"id": f"n{i}", "rack": f"r{i}", "accelerators": 2, "idle_power_w": 100} for i in (1, 2)],
+                "deployments": [{"id": "d", "tenant": "t", "replicas": 2, "shards_per_replica": 1,
+                                 "shard": {"accelerators": 1, "power_w": 200}}]}
+    plan["placements"] = [on_n1, dict(on_n1, replica=1, node="n2")]  # 2 x 100 idle + 2 x 200 > 500
+    assert [v.rule for v in check_plan(budgeted, plan)] == ["POWER_ROW"]
