@@ -101,6 +101,8 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         return self.topology
 
     def CordonNode(self, request, context):  # noqa: N802
+        if request.id.startswith("known-"):
+            return admin_pb2.Node(id=request.id, shards=2)
         context.abort(grpc.StatusCode.NOT_FOUND, f"node {request.id} not found")
 
     def CreateToken(self, request, context):  # noqa: N802
@@ -292,6 +294,15 @@ def test_grpc_errors_print_code_and_details(fake, capsys) -> None:
     assert err.strip() == "error: NOT_FOUND: deployment nope not found"
     code, _, err = run(capsys, "--controller", address, "cordon", "rack-09-n00")
     assert code == 3 and err.strip() == "node/rack-09-n00 failed: NOT_FOUND: node rack-09-n00 not found"
+
+
+def test_cordon_prints_names_with_o_name(fake, capsys) -> None:
+    """`-o name` was ignored: a script reading the names back got the sentences."""
+    address, _, _, _ = fake
+    code, out, _ = run(capsys, "--controller", address, "cordon", "known-a", "known-b", "-o", "name")
+    assert (code, out) == (0, "node/known-a\nnode/known-b\n")
+    code, out, _ = run(capsys, "--controller", address, "cordon", "known-a")
+    assert code == 0 and out.startswith("node/known-a cordoned (state ")
 
 
 def test_unreachable_controller_says_so(capsys, monkeypatch) -> None:

@@ -83,7 +83,9 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
                   for d in listed if any(p.node in args.nodes for p in d.placements)}
     def act(node_id: str) -> admin_pb2.Node:
         node = call(admin_pb2.NodeRequest(id=node_id), timeout=ctx.rpc_timeout)
-        if not ctx.json:
+        if ctx.output == "name":  # as `get nodes -o name` prints them, for a script to read back
+            ctx.out(f"node/{node_id}")
+        elif not ctx.json:
             ctx.out(f"node/{node_id} {past} (state {node_state_word(node.state)}, {node.shards} shards)")
         return node
 
@@ -98,6 +100,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     moves = [move for key in sorted(before) for move in drain_moves(key, before[key], _placements(ctx, key), drained)]
     if ctx.json:
         ctx.emit_json({"nodes": [node_document(n) for n in nodes], "moved": moves})
+        return code
+    if ctx.output == "name":  # the nodes' names were printed: the moves are no names
         return code
     ctx.out(f"drained {', '.join(n for n in args.nodes if n in drained)}: {len(moves)} shard(s) moved")
     for m in moves:
