@@ -18,6 +18,7 @@ A tenant token reads the total owed to "other tenants", never who is owed how mu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from controller.errors import FailedPrecondition, ReasonDetail
@@ -41,13 +42,21 @@ def demand(spec: DeploymentSpec) -> tuple[float, float]:
 @dataclass
 class OwedCapacity:
     """What the check compares: per reserving tenant (accelerators reserved, held), the
-    accelerators free on ready nodes, and per tenant the non-preemptible asks accepted and not
-    placed yet, which take free capacity once placed (the last two 0 and empty when no one is
-    owed: not read). A batch that reads them once adds each ask it lets through (`took`)."""
+    accelerators free on ready nodes, per tenant the non-preemptible asks accepted and not
+    placed yet, which take free capacity once placed, and per capped tenant what its cap leaves
+    it (the last three 0 and empty when no one is owed: not read). A batch that reads them once
+    adds each ask it lets through (`took`)."""
 
     reservations: dict[str, tuple[float, float]]
     free: float
     waiting: dict[str, float] = field(default_factory=dict)
+    room: dict[str, float] = field(default_factory=dict)  # capped tenants: what the cap leaves
+
+    def waits(self, tenant: str) -> float:
+        """What `tenant`'s waiting asks take once placed: no more than its cap leaves it (asks
+        its own cap holds back wait for its own work to end, not for free capacity; counted
+        whole, they refused others' asks that fitted while the capacity stayed free)."""
+        return min(self.waiting.get(tenant, 0.0), self.room.get(tenant, math.inf))
 
     def owed(self, tenant: str) -> float:
         reserved, used = self.reservations.get(tenant, (0.0, 0.0))
@@ -60,7 +69,7 @@ class OwedCapacity:
     def taken_by_waiting(self) -> float:
         """The free capacity the waiting asks take once placed, beyond what their own tenants
         are owed (that part is counted as owed already)."""
-        return sum(max(0.0, waits - self.owed(t)) for t, waits in self.waiting.items())
+        return sum(max(0.0, self.waits(t) - self.owed(t)) for t in self.waiting)
 
     def took(self, tenant: str, asked: float) -> None:
         self.waiting[tenant] = self.waiting.get(tenant, 0.0) + asked
@@ -68,13 +77,13 @@ class OwedCapacity:
 
 async def owed_capacity(uow: UnitOfWork) -> OwedCapacity:
     """The reservations and, when any tenant is owed, the free accelerators and the waiting
-    non-preemptible asks: three aggregates of the placements and deployments (a batch of
-    submits reads them once for all its members)."""
+    non-preemptible asks and what the caps leave: four aggregates of the placements and
+    deployments (a batch of submits reads them once for all its members)."""
     reservations = await repo.reserved_usage(uow.session)
     if not any(reserved > used for reserved, used in reservations.values()):
         return OwedCapacity(reservations, 0.0)
     return OwedCapacity(reservations, await repo.free_on_ready_nodes(uow.session),
-                        await repo.waiting_unpreemptible(uow.session))
+                        await repo.waiting_unpreemptible(uow.session), await repo.cap_room(uow.session))
 
 
 async def check_owed_capacity(uow: UnitOfWork, who: Principal, tenant: str, *, asked: float,
@@ -99,7 +108,7 @@ async def check_owed_capacity(uow: UnitOfWork, who: Principal, tenant: str, *, a
     # its waiting asks do not claim already. Its waiting asks within its own reservation take free
     # capacity too, and are not among what others are owed: taken from what it may take beyond
     # it (two asks of 4 of a tenant owed 4 took the 4 owed to another).
-    mine, owed_here = owed.waiting.get(tenant, 0.0), owed.owed(tenant)
+    mine, owed_here = owed.waits(tenant), owed.owed(tenant)
     taken = owed.taken_by_waiting() + min(mine, owed_here)
     own = max(0.0, owed_here - mine) + (returned if tenant in owed.reservations else 0.0)
     total = sum(others.values())

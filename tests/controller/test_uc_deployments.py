@@ -20,6 +20,7 @@ from controller.domain.values import DeploymentSpec, Spread
 from controller.usecases.ports import RecordingSignals
 from controller.usecases import capacity as capacity_module
 from controller.usecases.capacity import CapacityCache, CapacityRefresher
+from controller.usecases.reservations import owed_capacity
 from uc_builders import (
     WHO, add_nodes, add_tenant, apply_topology, assert_refused_writing_nothing, deployment, no_publish, row_counts,
     run_all, submit, with_shard,
@@ -630,10 +631,11 @@ async def test_an_ask_its_own_tenants_cap_holds_back_takes_no_free_capacity_from
     await submit(cluster, deployment("b", "t3", replicas=4, accelerators=1, locality="node"))
     await loop.reconcile_once()
     async with cluster.unit_of_work() as uow:
-        assert await repo.waiting_unpreemptible(uow.session) == {}  # b waits for t3's cap alone
+        owed = await owed_capacity(uow)
+    assert (owed.waiting, owed.waits("t3")) == ({"t3": 4.0}, 0.0)  # b waits for t3's cap alone
     await submit(cluster, deployment("c", "t1", replicas=4, accelerators=1, locality="node"))
     async with cluster.unit_of_work() as uow:
-        assert await repo.waiting_unpreemptible(uow.session) == {"t1": 4.0}
+        assert (await owed_capacity(uow)).waits("t1") == 4.0
     with pytest.raises(FailedPrecondition):  # and what c takes is counted
         await submit(cluster, deployment("d", "t1", replicas=1, accelerators=1, locality="node"))
 

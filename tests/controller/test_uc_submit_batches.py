@@ -543,3 +543,22 @@ async def test_a_batch_counts_what_its_unchecked_members_ask_against_others_rese
     assert not isinstance(outcomes.get(id(batch[0])), Exception)
     assert isinstance(outcomes[id(batch[1])], FailedPrecondition)
 
+
+
+async def test_a_batch_counts_an_ask_its_own_tenants_cap_holds_back_as_taking_no_free_capacity(cluster):
+    """t2 owed 8 of the 16; t3, capped at 4, holds 4 and asks 4 more, which wait for its own
+    work to end. Submitted alone, t1's 4 after it is taken (16 - 4 held - 8 owed); in one batch
+    the member's whole ask was counted as taking free capacity, and t1's 4 refused."""
+    from controller.errors import FailedPrecondition
+    from controller.reconcile import Reconciler
+    from uc_builders import no_publish, submit
+
+    await add_tenant(cluster, "t2", reserved_accelerators=8.0)
+    await add_tenant(cluster, "t3", max_accelerators=4.0)
+    await submit(cluster, deployment("a", "t3", replicas=4, accelerators=1, locality="node"))
+    await Reconciler(cluster, push=lambda nodes: None, publish=no_publish).reconcile_once()
+    batch = [replace(_queued("b", "t3", replicas=4, accelerators=1, locality="node"), who=WHO),
+             replace(_queued("c", "t1", replicas=4, accelerators=1, locality="node"), who=WHO),
+             replace(_queued("d", "t1", replicas=1, accelerators=1, locality="node"), who=WHO)]
+    outcomes = await SubmitBatcher(cluster, RecordingSignals()).commit_batch(batch)
+    assert [isinstance(outcomes.get(id(q)), FailedPrecondition) for q in batch] == [False, False, True]

@@ -35,7 +35,7 @@ from controller.store.repositories.tenants import (
     customer_of, delete_tenant_row, get_tenant, known_tenant_ids, list_tenant_rows, lock_tenant,
     placed_beside, submit_batch_reads, tenant_created_at, tenant_deployments, tenant_spec)
 from controller.store.repositories.usage import (
-    ClusterUsage, PLACEMENT_MILLI, cluster_usage, free_on_ready_nodes, node_usage, placed_milli, placement_milli,
+    ClusterUsage, PLACEMENT_MILLI, cap_room, cluster_usage, free_on_ready_nodes, node_usage, placed_milli, placement_milli,
     placement_power_w, power_usage, rack_power, reserved_usage, tenant_usage, waiting_unpreemptible)
 from controller.store.repositories.nodes import (
     count_nodes_by_rack, count_placements_on_nodes, get_node, list_node_rows, node_capacities, node_health_by_zone,

@@ -178,10 +178,8 @@ async def waiting_unpreemptible(session: AsyncSession) -> dict[str, float]:
     yet (each deployment's asked shards less what its placed ones hold, never below 0), in one
     statement: accepted work that takes free capacity once placed (the reservation check at
     admission judged each ask against free capacity as if nothing else waited: two asks of 4
-    went where one of 8 was refused). At most what its `max_accelerators` leaves it beyond what
-    it holds (one more statement, when any waiting tenant has a cap): the rest waits for its own
-    tenant's work to end, not for free capacity (counted whole, it refused others' asks that
-    fitted while the capacity stayed free)."""
+    went where one of 8 was refused). A capped tenant's may be more than its cap lets it take
+    (`cap_room`)."""
     placed = (select(m.Placement.deployment_id, func.sum(PLACEMENT_MILLI).label("milli"))
               .join(m.Deployment).where(_UNPREEMPTIBLE).group_by(m.Placement.deployment_id).subquery())
     asked = m.Deployment.replicas * m.Deployment.shards_per_replica * _SPEC_SHARD_MILLI
@@ -190,15 +188,20 @@ async def waiting_unpreemptible(session: AsyncSession) -> dict[str, float]:
     rows = await session.execute(
         select(m.Deployment.tenant_id, func.sum(short)).outerjoin(placed, placed.c.deployment_id == m.Deployment.id)
         .where(_UNPREEMPTIBLE).group_by(m.Deployment.tenant_id))
-    waiting = {tenant: int(milli) / 1000.0 for tenant, milli in rows if milli}
-    if waiting:
-        held = _PLACED_BY_TENANT.subquery()
-        for tenant, cap, milli in await session.execute(
-                select(m.Tenant.id, m.Tenant.max_accelerators, held.c.milli)
-                .outerjoin(held, held.c.tenant_id == m.Tenant.id)
-                .where(m.Tenant.id.in_(sorted(waiting)), m.Tenant.max_accelerators.is_not(None))):
-            waiting[tenant] = min(waiting[tenant], max(0.0, float(cap) - int(milli or 0) / 1000.0))
-    return {tenant: waits for tenant, waits in waiting.items() if waits > 0}
+    return {tenant: int(milli) / 1000.0 for tenant, milli in rows if milli}
+
+
+async def cap_room(session: AsyncSession) -> dict[str, float]:
+    """Per tenant with a `max_accelerators`, what its cap leaves beyond what its placed shards
+    hold (never below 0), in one statement: the most its waiting asks can take once placed; the
+    rest waits for its own work to end, not for free capacity."""
+    held = (select(m.Deployment.tenant_id, func.sum(PLACEMENT_MILLI).label("milli"))
+            .select_from(m.Placement).join(m.Deployment).join(m.Tenant)
+            .where(m.Tenant.max_accelerators.is_not(None)).group_by(m.Deployment.tenant_id).subquery())
+    rows = await session.execute(select(m.Tenant.id, m.Tenant.max_accelerators, held.c.milli)
+                                 .outerjoin(held, held.c.tenant_id == m.Tenant.id)
+                                 .where(m.Tenant.max_accelerators.is_not(None)))
+    return {tenant: max(0.0, float(cap) - int(milli or 0) / 1000.0) for tenant, cap, milli in rows}
 
 
 # A node operators see as ready (`Node.state == "ready"`: `models.operator_state`), in SQL.
