@@ -17,8 +17,7 @@ import numpy as np
 
 from scheduler.filters import (BIG, MAX_NAMED, NODE_FILTERS, DomainPower, NodeFit, gang_capacity, names, node_fit,
                                power_line, quota_room)
-from scheduler.interchange import IMPLIED_ROW, IMPLIED_ZONE
-from scheduler.model import Reason
+from scheduler.model import IMPLIED_ROW, IMPLIED_ZONE, Reason
 from scheduler.state import ClusterState
 from scheduler.topology import UNLIMITED
 

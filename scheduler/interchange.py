@@ -63,11 +63,9 @@ import jsonschema
 
 from scheduler.errors import ProblemError
 from scheduler.schema_check import Check, compile_schema
-from scheduler.model import (Deployment, Node, Nomination, Options, Placement, Plan, Problem, Rack, Row,
-                             ShardSpec, Spread, Tenant, Zone)
+from scheduler.model import (IMPLIED_ROW, IMPLIED_ZONE, Deployment, Node, Nomination, Options, Placement, Plan,
+                             Problem, Rack, Row, ShardSpec, Spread, Tenant, Zone)
 
-IMPLIED_ROW = "_row"
-IMPLIED_ZONE = "_zone"
 CONDITION_MAX = 64  # characters of a node's `condition` (an extension, in the module docstring)
 SPREAD_DOMAINS = ("node", "rack", "row", "zone")  # the spec's "any one node/rack/row/zone"
 # Every quantity (watts, GiB, milli-CPU, MiB, tenant accelerators) stays below this. The solver
@@ -227,6 +225,9 @@ def _one_parent(field: str, parents_field: str, parent: str, child: str, parents
     """`field` is left out and implied; `parents_field`, when present, must list one entry to
     hold them all (with several, which holds which is not said; it was told as an unknown
     internal id, `racks[0].row: unknown row '_row'`, of a list the document never had)."""
+    if present and not parents:
+        raise ProblemError(parents_field, [], f"is empty, and {field} is left out: list the {parent}(s), "
+                                              f"or leave {parents_field} out too")
     if present and len(parents) != 1:
         raise ProblemError(field, None, f"left out, and {parents_field} lists {len(parents)} {parent}s: "
                                         f"give {field} to say which {parent} each {child} is in")

@@ -15,6 +15,10 @@ NodeState = Literal["ready", "cordoned", "down"]
 Isolation = Literal["shared", "dedicated_node", "dedicated_rack"]
 Mode = Literal["batch", "online", "rebalance"]
 Status = Literal["optimal", "feasible", "infeasible"]
+# The internal ids of a row and a zone a document leaves out (`interchange.problem_from_dict`
+# implies them): no names of the document's, never shown as such in a reason.
+IMPLIED_ROW = "_row"
+IMPLIED_ZONE = "_zone"
 
 @dataclass(frozen=True, slots=True)
 class Zone:

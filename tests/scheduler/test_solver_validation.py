@@ -165,3 +165,12 @@ def test_a_list_given_empty_is_checked_as_given(field: str, path: str) -> None:
     with pytest.raises(ProblemError) as info:
         problem_from_dict(doc)
     assert info.value.field == path
+
+
+def test_an_empty_parent_list_under_one_left_out_says_to_list_or_leave_it_out() -> None:
+    doc = problem([node("n1")], [dep("d")])
+    del doc["racks"]
+    doc["rows"] = []
+    with pytest.raises(ProblemError) as info:
+        problem_from_dict(doc)
+    assert str(info.value) == "rows: is empty, and racks is left out: list the row(s), or leave rows out too"
