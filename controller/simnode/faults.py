@@ -53,7 +53,8 @@ class FaultError(ValueError):
 @dataclass(frozen=True)
 class ShardPattern:
     """Which shards a fail-shard fault names: a deployment, optionally one replica and shard.
-    The deployment matches the id the controller assigns, or the name after its last '/'."""
+    The deployment matches its TENANT/NAME (the id the controller assigns), or its name alone
+    (any tenant's)."""
 
     deployment: str
     replica: int | None = None
@@ -61,8 +62,10 @@ class ShardPattern:
     message: str = "injected fault"
 
     def matches(self, key: ShardKey) -> bool:
-        return (self.deployment in (key.deployment, key.deployment.rsplit("/", 1)[-1])
-                and self.replica in (None, key.replica) and self.shard in (None, key.shard))
+        # The agent keeps a shard's name and tenant apart (TENANT/NAME never matched: a name
+        # alone could not tell two tenants' `chat` apart); an older key held both in its name.
+        names = (key.deployment, key.deployment.rsplit("/", 1)[-1], f"{key.tenant}/{key.deployment}")
+        return self.deployment in names and self.replica in (None, key.replica) and self.shard in (None, key.shard)
 
     def describe(self) -> str:
         where = "".join(f"/{part}" for part in (self.replica, self.shard) if part is not None)

@@ -10,7 +10,7 @@ import pytest
 
 from controller.simnode import faultcli
 from controller.simnode.agent import ShardKey
-from controller.simnode.faults import ControlServer, FaultError, FaultInjector
+from controller.simnode.faults import ControlServer, FaultError, FaultInjector, ShardPattern
 from controller.simnode.protocol import NodeSpec
 from controller.simnode.transport import Backoff, SimulatedNode
 from maia.v1 import common_pb2
@@ -152,6 +152,15 @@ def test_the_cli_parses_durations_and_exits_5_when_no_fleet_answers(tmp_path: Pa
     assert (before.output, str(before.control_socket)) == (after.output, str(after.control_socket)) == ("json", "/s")
 
 
+def test_fail_shard_names_a_deployment_by_tenant_and_name_or_by_name_alone() -> None:
+    """`--deployment anthropic/claude` never matched: the agent keeps the tenant apart from the
+    name, and the name alone could not tell two tenants' `claude` apart."""
+    ours, theirs = ShardKey("claude", 0, 3, tenant="anthropic"), ShardKey("claude", 0, 3, tenant="openlab")
+    assert [ShardPattern("anthropic/claude").matches(k) for k in (ours, theirs)] == [True, False]
+    assert [ShardPattern("claude").matches(k) for k in (ours, theirs)] == [True, True]
+    assert not ShardPattern("anthropic/claude", replica=1).matches(ours)
+
+
 def test_keep_failing_on_named_nodes_fails_later_loads_on_those_nodes_only() -> None:
     """`fail-shard --node X --keep-failing` fails the later loads of X only (it failed every
     node's); without nodes named, every node's."""
@@ -198,3 +207,22 @@ async def test_a_control_socket_path_holding_a_file_is_refused_and_the_file_kept
         assert dangling.is_socket() and not dangling.is_symlink()
     finally:
         await server.close()
+
+
+def test_a_reader_gone_ends_the_fault_command_as_sigpipe_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`maia-simnode fault status -o json | head` ended in a traceback once the answer outgrew
+    the pipe (BrokenPipeError); maiactl exits 141 without a word there, and so does this."""
+
+    class Gone:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self) -> int:
+            raise ValueError("not a file")
+
+    monkeypatch.setattr(faultcli, "send", lambda path, request: {"ok": True, "faults": {}})
+    monkeypatch.setattr("sys.stdout", Gone())
+    assert faultcli.main(["--control-socket", "/s", "status", "-o", "json"]) == 141
