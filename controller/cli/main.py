@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 from collections.abc import Sequence
 
@@ -16,6 +15,7 @@ import grpc
 from controller.cli.bounds import non_empty, seconds
 from controller.cli.client import CliError, Exit, exit_code_of, rpc_error_text
 from controller.cli import commands
+from controller.pipes import quiet_stdout
 from controller.cli.config import ConfigError, Connection, resolve_connection
 from controller.cli.context import OUTPUTS, Context
 from controller.cli.manifests import ManifestError
@@ -88,17 +88,6 @@ def _offline(args: argparse.Namespace) -> bool:
     `solve`, `version --client`): its parser's `offline`, True or a test of its arguments."""
     offline = getattr(args, "offline", False)
     return bool(offline(args) if callable(offline) else offline)
-
-
-def _quiet_stdout() -> None:
-    """stdout pointed at /dev/null: its reader is gone, and Python's flush of what is still
-    buffered at exit would fail again ("Exception ignored ... BrokenPipeError" on stderr)."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError, AttributeError):  # not a file (a test's capture): nothing to flush there
-        pass
 
 
 # The positionals a command takes its names in, a list each (`get deployment a b`, `drain n1 n2`):
@@ -174,11 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         ctx.note("interrupted")
         return Exit.INTERRUPTED
-    except BrokenPipeError:
-        # Whoever read stdout stopped (`maiactl get nodes | head -1`): stop as quietly as a
-        # command killed by SIGPIPE (Python ignores that signal), with its status, 128 + 13;
-        # no message: stderr is for errors of the command, and this is none.
-        _quiet_stdout()
+    except BrokenPipeError:  # whoever read stdout stopped (controller/pipes.py)
+        quiet_stdout()
         return Exit.BROKEN_PIPE
     finally:
         ctx.close()

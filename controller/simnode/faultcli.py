@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from controller.pipes import BROKEN_PIPE_EXIT, quiet_stdout
+
 CONTROL_ENV = "MAIA_SIMNODE_CONTROL"
 EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 2, 5
 
@@ -140,6 +142,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FleetUnreachable as exc:
         print(f"maia-simnode fault: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    try:
+        _print(args, answer)
+    except BrokenPipeError:  # whoever read stdout stopped (`... -o json | head`): controller/pipes.py
+        quiet_stdout()
+        return BROKEN_PIPE_EXIT
+    if not answer.get("ok"):
+        print(f"maia-simnode fault: {answer.get('error', 'refused')}", file=sys.stderr)
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
+def _print(args: argparse.Namespace, answer: dict[str, Any]) -> None:
     if args.output == "json":
         print(json.dumps(answer, indent=1, sort_keys=True))
     elif answer.get("ok"):
@@ -148,7 +162,4 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {node_id}: {', '.join(kinds)}")
         for pattern in answer.get("failing", []):
             print(f"  shards of {pattern}: every load fails")
-    if not answer.get("ok"):
-        print(f"maia-simnode fault: {answer.get('error', 'refused')}", file=sys.stderr)
-        return EXIT_REFUSED
-    return EXIT_OK
+    sys.stdout.flush()  # a reader gone fails here, not in the exit's flush
