@@ -25,6 +25,7 @@ from google.rpc import status_pb2
 from grpc import aio
 
 from controller import limits
+from controller.pipes import BROKEN_PIPE_EXIT
 from controller.bearer import aio_interceptors
 from controller.cli.config import Connection
 from controller.cli.retry import AioRetryTold, CallDetails, RetryTold
@@ -44,7 +45,7 @@ class Exit(IntEnum):
     PARTIAL = 4
     UNAVAILABLE = 5
     INTERRUPTED = 130
-    BROKEN_PIPE = 141
+    BROKEN_PIPE = BROKEN_PIPE_EXIT
 
 
 EXIT_MEANING: dict[Exit, str] = {
@@ -407,6 +408,11 @@ def rpc_error_text(error: grpc.RpcError, address: str) -> str:
         return (f"error: UNAVAILABLE: {details}\n"
                 f"hint: the controller at {address} answered but cannot serve the call now; run the command "
                 f"again shortly")
+    if code == grpc.StatusCode.UNAVAILABLE and _closed_by_tls(details):
+        return (f"error: UNAVAILABLE: cannot reach the controller at {address} ({details})\n"
+                f"hint: something answers there and closed the connection: a controller serving TLS does so to "
+                f"a client without it (give --ca), and one asking for client certificates to a client "
+                f"without one (give --cert and --key)")
     if code == grpc.StatusCode.UNAVAILABLE:
         return (f"error: UNAVAILABLE: cannot reach the controller at {address} ({details})\n"
                 f"hint: is maia-controller running there? Point maiactl elsewhere with --controller HOST:PORT, "
@@ -416,6 +422,13 @@ def rpc_error_text(error: grpc.RpcError, address: str) -> str:
     if code == grpc.StatusCode.CANCELLED:  # maiactl cancels no call: a stopping controller cancels those in flight
         return f"error: CANCELLED: the controller at {address} ended the call unanswered; is it stopping? ({details})"
     return f"error: {name}: {details}"
+
+
+def _closed_by_tls(details: str) -> bool:
+    """gRPC's words for a connection the other end closed at or before the TLS handshake (a
+    plaintext client of a TLS server, a client without the certificate a server asks for):
+    told as "is maia-controller running there?", although it was."""
+    return any(word in details for word in ("Socket closed", "handshake", "SSL", "certificate"))
 
 
 class StatusError(grpc.RpcError):

@@ -102,9 +102,12 @@ async def test_tls_serves_clients_that_trust_the_ca_only(tls_app: ControllerApp,
     token = ("--token", admin_token_of(tls_app))
     ok = await asyncio.to_thread(maiactl, ["summary", "--controller", tls_app.address, "--ca", str(pki / "ca.pem"),
                                            *token])
+    capsys.readouterr()
     refused = await asyncio.to_thread(maiactl, ["summary", "--controller", tls_app.address, "--rpc-timeout", "5",
                                                 *token])
     assert (ok, refused) == (0, 5)
+    # Told what to give, not "is maia-controller running there?" of a controller that runs.
+    assert "give --ca" in capsys.readouterr().err
 
 
 async def test_mutual_tls_binds_agent_certificates_to_their_node(mtls_app: ControllerApp, pki: Path,
