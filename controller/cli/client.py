@@ -25,10 +25,10 @@ from google.rpc import status_pb2
 from grpc import aio
 
 from controller import limits
-from controller.pipes import BROKEN_PIPE_EXIT
 from controller.bearer import aio_interceptors
 from controller.cli.config import Connection
 from controller.cli.retry import AioRetryTold, CallDetails, RetryTold
+from controller.pipes import BROKEN_PIPE_EXIT
 from controller.retryinfo import STATUS_DETAILS_METADATA_KEY, controller_answered
 from maia.v1 import admin_pb2_grpc, audit_pb2_grpc, deployments_pb2_grpc
 

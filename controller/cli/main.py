@@ -15,10 +15,10 @@ import grpc
 from controller.cli.bounds import non_empty, seconds
 from controller.cli.client import CliError, Exit, exit_code_of, rpc_error_text
 from controller.cli import commands
-from controller.pipes import quiet_stdout
 from controller.cli.config import ConfigError, Connection, resolve_connection
 from controller.cli.context import OUTPUTS, Context
 from controller.cli.manifests import ManifestError
+from controller.pipes import quiet_stdout
 
 MANIFEST_PROBLEMS_SHOWN = 20  # problems of bad manifests printed, then how many more there are
 

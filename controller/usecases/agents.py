@@ -585,14 +585,12 @@ def _judged(placed: m.ShardPhase, report: ShardReport) -> ShardReport | None:
 
 def _changes(said: ShardReport | None, state: repo.ShardState, *,
              taken_up: bool = False) -> ShardReport | None:
-    """What the report `said` by the placement's node changes of the placement `state` (None:
-    nothing): it answers the placement's generation or a newer one (older reports are stale) of
-    the placement's deployment (`deployment_uid`, when the agent says it: a deployment deleted and
-    submitted again under its name counts its generations from 0 again, and the old one's FAILED
-    failed the new one's shard with the old crash), and says something else of it (`_judged`).
-    `taken_up`: the node said LOADING or RUNNING of this placement in the same batch, before
-    `said` (so it is not ASSIGNED any more to it)."""
-    if said is None or said.generation < state.generation or not said.answers(state.deployment_id):
+    """What the report `said` by the placement's node of the placement's deployment (the caller
+    looks it up by uid) changes of the placement `state` (None: nothing): it answers the
+    placement's generation or a newer one (older reports are stale), and says something else of
+    it (`_judged`). `taken_up`: the node said LOADING or RUNNING of this placement in the same
+    batch, before `said` (so it is not ASSIGNED any more to it)."""
+    if said is None or said.generation < state.generation:
         return None
     placed = m.ShardPhase.LOADING if taken_up and state.phase is m.ShardPhase.ASSIGNED else state.phase
     report = _judged(placed, said)
@@ -628,7 +626,9 @@ async def flush_reports(
     # reported by both (STOPPED by the node it left, LOADING by the one it went to) and only the
     # placement's node's word counts; kept per shard alone, the other node's report read last hid it.
     # And per deployment uid it says (0: none): a deployment deleted and submitted again under its
-    # name has the same shard keys, and the old one's report read last hid the new one's.
+    # name has the same shard keys and counts its generations from 0 again; the old one's FAILED
+    # failed the new one's shard with the old crash, and its report read last hid the new one's.
+    # A placement takes the word of its own deployment's uid, else of a report naming none.
     latest: dict[tuple[str, tuple[str, int, int], int], ShardReport] = {}
     # The newest generation each node said LOADING or RUNNING of each shard in this batch, by the
     # deployment uid it said (0: none): a placement still ASSIGNED as stored was taken up by that
@@ -643,9 +643,9 @@ async def flush_reports(
                 taken_up[said] = max(report.generation, taken_up.get(said, report.generation))
     hits: dict[tuple[str, int, int], tuple[repo.ShardState, ShardReport]] = {}  # the reports that change their shard
     for state in await repo.shard_states(s, {key[0] for _, key, _ in latest}) if latest else ():
-        place = (state.key, state.replica, state.shard)
-        answered = max(taken_up.get((state.node_id, place, uid), -1) for uid in (0, state.deployment_id))
-        said = latest.get((state.node_id, place, state.deployment_id)) or latest.get((state.node_id, place, 0))
+        place, uids = (state.key, state.replica, state.shard), (state.deployment_id, 0)
+        answered = max(taken_up.get((state.node_id, place, uid), -1) for uid in uids)
+        said = next(filter(None, (latest.get((state.node_id, place, uid)) for uid in uids)), None)
         report = _changes(said, state, taken_up=answered >= state.generation)
         if report is not None:
             hits[place] = (state, report)

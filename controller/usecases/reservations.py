@@ -8,10 +8,11 @@ shards), an update that grows the ask (its growth: what waited before was asked 
 that makes a preemptible deployment non-preemptible (what it holds is asked afresh: owed tenants
 could preempt it before, not after). Free capacity is what the ready nodes have free less what
 the non-preemptible asks accepted before and not placed yet will take, within their tenants'
-caps (each ask was judged as if nothing else waited: two asks of 4 took what one of 8 was refused). Only free capacity can
-be taken: with none, the ask is taken and waits, as any other. A tenant below its own
-reservation is owed too: up to what it is owed, it takes nothing owed to others (reservations
-the cluster cannot hold all at once refused every owed tenant's growth, each for the others').
+caps (each ask was judged as if nothing else waited: two asks of 4 took what one of 8 was
+refused). Only free capacity can be taken: with none, the ask is taken and waits, as any
+other. A tenant below its own reservation is owed too: up to what it is owed, it takes nothing
+owed to others (reservations the cluster cannot hold all at once refused every owed tenant's
+growth, each for the others').
 A tenant token reads the total owed to "other tenants", never who is owed how much
 (`redaction`).
 """
