@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -102,7 +103,7 @@ def _postgres_template(postgres_url: str) -> Iterator[str]:
         _run_in_thread(_migrate, url)
         yield make_url(url).database
     finally:
-        _run_in_thread(drop_database, postgres_url, url)
+        _run_in_thread(_drop_or_warn, postgres_url, url)
 
 
 # Taken before any test runs: tests monkeypatch `asyncpg.connect` (tests/store/test_notify.py), and
@@ -134,11 +135,10 @@ class _DatabaseMaker:
         return await asyncio.wrap_future(self._made.popleft())
 
     def drop(self, url: str) -> None:
-        self._dropped.append(self._thread.submit(
-            asyncio.run, drop_database(self._server_url, url, connect=_PG_CONNECT)))
+        self._dropped.append(self._thread.submit(asyncio.run, _drop_or_warn(self._server_url, url)))
 
     def close(self) -> None:
-        """Drop the databases made and not taken; wait for every drop (raising the first failure)."""
+        """Drop the databases made and not taken; wait for every drop."""
         for made in self._made:
             try:
                 self.drop(made.result())
@@ -147,6 +147,18 @@ class _DatabaseMaker:
         self._thread.shutdown(wait=True)
         for dropped in self._dropped:
             dropped.result()
+
+
+async def _drop_or_warn(server_url: str, url: str) -> None:
+    """Drop a test's database; one that cannot be dropped is a warning, not an error: these drops
+    run at the session's end too, and a failure there was reported as an ERROR of whichever test
+    the worker ran last, a test that had passed (a TimeoutError once, on a loaded machine:
+    asyncpg's 60 s connect timeout is the only bounded wait on that path). The local server's files are removed after the session anyway; on an external
+    server (`MAIA_TEST_PG_URL`) the warning names what is left."""
+    try:
+        await drop_database(server_url, url, connect=_PG_CONNECT)
+    except Exception as exc:  # noqa: BLE001 - reported, never a test's failure
+        warnings.warn(f"test database {make_url(url).database} not dropped: {exc!r}", stacklevel=1)
 
 
 @pytest.fixture(scope="session")
