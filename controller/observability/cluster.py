@@ -134,7 +134,9 @@ _NO_REASONS = ("[]", "null")
 async def _unplaced_by_reason(session: AsyncSession) -> tuple[dict[str, int], set[str]]:
     """Deployments with fewer replicas placed than asked, counted once under each reason code they
     carry (only the rows of deployments with reasons read, and a count per placed replica of
-    theirs), and the tenants of those not preemptible (what a reservation is for). A deployment
+    theirs), and the tenants of those not preemptible that wait for capacity (what a reservation
+    is for; not a quarantined or failed one, which waits for its owner: `repo.WAITS_FOR_NO_CAPACITY`,
+    as admission counts them). A deployment
     placed in full may still carry a reason (SHARD_FAILED after its failed replica was placed
     again, PREEMPTED ...): it has no unplaced replica, so it is not counted. A
     replica is placed when every shard of it is, of the revision it was placed for (as a
@@ -152,16 +154,17 @@ async def _unplaced_by_reason(session: AsyncSession) -> tuple[dict[str, int], se
     unplaced: dict[str, int] = defaultdict(int)
     tenants: set[str] = set()
     with_reasons = select(m.Deployment.id, m.Deployment.replicas, m.Deployment.shards_per_replica,
-                          m.Deployment.template_revision, m.Deployment.revision_specs,
-                          m.Deployment.reasons, m.Deployment.tenant_id, m.Deployment.preemptible).where(*waiting)
+                          m.Deployment.template_revision, m.Deployment.revision_specs, m.Deployment.reasons,
+                          m.Deployment.tenant_id, m.Deployment.preemptible, m.Deployment.phase).where(*waiting)
     async for part in partitions(session, with_reasons):
-        for deployment_id, replicas, shards_per_replica, revision, revision_specs, reasons, tenant, preemptible in part:
+        for (deployment_id, replicas, shards_per_replica, revision, revision_specs, reasons, tenant, preemptible,
+             phase) in part:
             if _placed_replicas(shards.get(deployment_id, ()), shards_per_replica, revision,
                                 revision_specs) >= replicas:
                 continue
             for code in {r.get("code", "") for r in reasons or () if r.get("code")}:
                 unplaced[code] += 1
-            if not preemptible:
+            if not preemptible and phase not in repo.WAITS_FOR_NO_CAPACITY:
                 tenants.add(tenant)
     return dict(unplaced), tenants
 

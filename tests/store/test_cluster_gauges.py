@@ -267,3 +267,22 @@ async def test_a_reservation_is_short_while_its_tenant_waits_for_non_preemptible
         await uow.session.execute(update(m.Deployment).where(m.Deployment.name == "d7").values(preemptible=True))
         await uow.commit()
     assert (await _gauges(database)).reservation_short == {"lab": 0.0, "web": 0.0}
+
+
+@pytest.mark.parametrize("phase", [m.DeploymentPhase.QUARANTINED, m.DeploymentPhase.FAILED])
+async def test_a_deployment_set_aside_for_its_owner_makes_no_reservation_short(database: Database,
+                                                                              phase: m.DeploymentPhase) -> None:
+    """A quarantined deployment waits to be submitted again and a failed one to be updated, not for
+    capacity: admission counts neither among the waiting asks, and the gauge (and the alert on it)
+    said lab's reservation was not honoured until someone did (found in review)."""
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, CLUSTER)
+        await uow.session.execute(update(m.Tenant).where(m.Tenant.id == "lab").values(reserved_accelerators=5))
+        await uow.session.execute(update(m.Deployment).where(m.Deployment.name == "d7").values(
+            reasons=[{"code": "CAPACITY"}], preemptible=False, phase=phase))
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        assert "lab" not in await usage.waiting_unpreemptible(uow.session)
+    gauges = await _gauges(database)
+    assert gauges.reservation_short == {"lab": 0.0}
+    assert gauges.unplaced_by_reason["CAPACITY"] == 1  # still unplaced, under its reason

@@ -36,7 +36,8 @@ from controller.store.repositories.tenants import (
     placed_beside, submit_batch_reads, tenant_created_at, tenant_deployments, tenant_spec)
 from controller.store.repositories.usage import (
     ClusterUsage, PLACEMENT_MILLI, cap_room, cluster_usage, free_on_ready_nodes, node_usage, placed_milli, placement_milli,
-    placement_power_w, power_usage, rack_power, reserved_usage, tenant_usage, waiting_unpreemptible)
+    placement_power_w, power_usage, rack_power, reserved_usage, tenant_usage, waiting_unpreemptible,
+    WAITS_FOR_NO_CAPACITY)
 from controller.store.repositories.nodes import (
     count_nodes_by_rack, count_placements_on_nodes, get_node, list_node_rows, node_capacities, node_health_by_zone,
     failed_accelerators, move_node_flags, node_info, node_liveness_rows, node_rows_by_id, node_state_counts, node_view,

@@ -169,8 +169,11 @@ async def reserved_usage(session: AsyncSession) -> dict[str, tuple[float, float]
 
 # The milli-units one shard of a deployment's current spec holds (`metering.shard_milli`), in SQL.
 _SPEC_SHARD_MILLI = _milli(m.Deployment.shard_accelerators, m.Deployment.shard_accelerator_milli)
-_UNPREEMPTIBLE = and_(m.Deployment.preemptible.is_(False),
-                      m.Deployment.phase.not_in((m.DeploymentPhase.DELETING, m.DeploymentPhase.QUARANTINED)))
+# The phases whose unplaced replicas wait for no capacity: a deletion, and a deployment set aside
+# until its owner resubmits (quarantined) or updates it (failed). Neither admission's waiting
+# asks nor the reservation-short gauge count them.
+WAITS_FOR_NO_CAPACITY = (m.DeploymentPhase.DELETING, m.DeploymentPhase.QUARANTINED, m.DeploymentPhase.FAILED)
+_UNPREEMPTIBLE = and_(m.Deployment.preemptible.is_(False), m.Deployment.phase.not_in(WAITS_FOR_NO_CAPACITY))
 
 
 async def waiting_unpreemptible(session: AsyncSession) -> dict[str, float]:
