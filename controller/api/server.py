@@ -589,7 +589,7 @@ class ControllerApp:
         await asyncio.to_thread(self.metrics.stop)
         await self.console.stop()
         if self.decider is not None:
-            await asyncio.to_thread(self.decider.close)
+            await asyncio.to_thread(self.decider.stop)
         if self.election.leading:
             try:  # bounded: if it cannot be released now, it expires after --lease-ttl anyway
                 await within(self.election.release(), RELEASE_TIMEOUT_S)

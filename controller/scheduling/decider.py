@@ -191,6 +191,7 @@ class DecideProcess:
         self._ready = False
         self._token = 0        # the session the child holds now
         self._lock = threading.Lock()
+        self._stopped = False  # `stop` was called: no child is started again
         self.starts = 0        # children started so far
         self.cpu_s = 0.0       # CPU the child spent in the calls answered so far (its own count)
 
@@ -214,9 +215,18 @@ class DecideProcess:
             repaired = self._ask_locked(self._token, "open", (problem, time_limit_ms, _scheduler_environment()))
             return RemoteSession(self, self._token, repaired)
 
+    def stop(self) -> None:
+        """The controller's stop: `close`, and no child is started again. An `open` under way in
+        a worker thread (the stop cancels the reconciler's task, not its thread) fails instead of
+        starting a child after the stop, which outlived it at full CPU. Does not wait for the
+        call under way (a call holds the lock for as long as the child takes)."""
+        self._stopped = True
+        self.close()
+
     def close(self) -> None:
         """Stop the child (its pipe closed: it exits; killed if it does not within a few
-        seconds). Safe to call twice, and from another thread than the calls'."""
+        seconds); the next `open` starts another. Safe to call twice, and from another thread
+        than the calls'."""
         conn, proc = self._conn, self._proc
         self._conn, self._proc, self._ready = None, None, False
         self._watchdog.close()
@@ -240,7 +250,8 @@ class DecideProcess:
     def _ask_locked(self, token: int, method: str, args: tuple[Any, ...]) -> Any:
         self._send(token, method, args, reply=True)
         conn = self._conn
-        assert conn is not None
+        if conn is None:  # closed from another thread meanwhile
+            raise DeciderFailed("the decide process was stopped during the call")
         if not self._ready:
             self._receive(conn, f"start (pid {self._proc.pid if self._proc else '?'})")
             self._ready = True
@@ -251,14 +262,15 @@ class DecideProcess:
         return value
 
     def _send(self, token: int, method: str, args: tuple[Any, ...], *, reply: bool) -> None:
-        if self._conn is None:
+        conn, proc = self._conn, self._proc  # read once: `close` may clear them from another thread
+        if conn is None:
             raise DeciderFailed("the decide process is not running (stopped, or failed earlier)")
         # A child that takes nothing (hung, its pipe full) is killed after `timeout_s`, which
         # ends the send with a broken pipe: a call larger than the pipe holds blocked for good.
-        if self._proc is not None:
-            self._watchdog.arm(self._proc, self.timeout_s)
+        if proc is not None:
+            self._watchdog.arm(proc, self.timeout_s)
         try:
-            self._conn.send((token, method, args, reply))
+            conn.send((token, method, args, reply))
         except (OSError, EOFError) as exc:
             self._fail(f"the decide process is gone ({exc})")
         finally:
@@ -279,6 +291,8 @@ class DecideProcess:
         raise DeciderFailed(why)
 
     def _start(self) -> None:
+        if self._stopped:
+            raise DeciderFailed("the decide process was stopped (the controller is stopping)")
         if self._proc is not None and self._proc.poll() is None and self._conn is not None:
             return
         self.close()  # a child that exited (crashed) is reaped first
@@ -293,6 +307,9 @@ class DecideProcess:
         self._conn, self._ready = ours, False
         self.starts += 1
         log.info("decide process started (pid %d)", self._proc.pid)
+        if self._stopped:  # `stop` ran while it started, and may have read no child to close
+            self.close()
+            raise DeciderFailed("the decide process was stopped (the controller is stopping)")
 
 
 class RemoteSession:
@@ -441,7 +458,7 @@ def serve(conn: Connection, parent_pid: int) -> None:
 def _main(argv: Sequence[str]) -> None:
     fd, parent_pid = int(argv[0]), int(argv[1])
     conn = Connection(fd)
-    # ^C at a terminal reaches the whole process group: the controller stops us (`close`).
+    # ^C at a terminal reaches the whole process group: the controller stops us (`stop`).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if os.getppid() != parent_pid:  # the parent died before we started
         return

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -248,6 +249,38 @@ def test_a_proxy_of_a_dead_childs_session_cannot_drive_the_next_childs() -> None
             old.pending()
     finally:
         decider.close()
+
+
+def test_no_child_starts_after_the_controllers_stop() -> None:
+    """The stop cancels the reconciler's task, not the worker thread under it: an `open` that
+    thread made after the stop started a fresh child, which built its session at full CPU after
+    the controller had stopped the decider and lived on (found in review). An `open` under way
+    when the stop comes fails as a DeciderFailed (not an AttributeError of the connection the
+    stop cleared), and nothing is started again."""
+    doc, _ = _tiny()
+    decider = DecideProcess(timeout_s=120.0)
+    outcome: list[BaseException | RemoteSession] = []
+
+    def opening() -> None:
+        try:
+            outcome.append(decider.open(doc, time_limit_ms=2000))
+        except BaseException as exc:  # noqa: BLE001 - what the worker thread would have seen
+            outcome.append(exc)
+
+    worker = threading.Thread(target=opening)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while decider.starts == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    first = decider.pid
+    assert first is not None
+    decider.stop()
+    worker.join(120)
+    assert len(outcome) == 1 and isinstance(outcome[0], DeciderFailed), outcome
+    assert wait_gone(first, 10)
+    with pytest.raises(DeciderFailed, match="stopped"):
+        decider.open(doc, time_limit_ms=2000)
+    assert decider.pid is None and decider.starts == 1
 
 
 def test_the_child_exits_when_its_parent_dies(tmp_path: Path) -> None:
