@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
@@ -36,6 +37,39 @@ async def within(awaitable: Awaitable[T], timeout_s: float) -> T:
     without losing an outer cancellation)."""
     async with asyncio.timeout(max(0.0, timeout_s)):
         return await awaitable
+
+
+async def in_own_thread(call: Callable[[], T], *, name: str) -> T:
+    """`call()` in a thread of its own, awaited: for a call that blocks for as long as something
+    else lives (a child process's `wait`). In the loop's default executor (`asyncio.to_thread`)
+    each such call held one of its few threads (min(32, cpus + 4): 6 on 2 cores) for good, and
+    6 agent gateways' watchers left none for the solver, the reconciler's reads or GetVersion.
+    Cancelling the await leaves the thread to end with its call (a daemon: never holds the exit)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if done.done():  # the await was cancelled
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        result: T | None = None
+        error: BaseException | None = None
+        try:
+            result = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop closed meanwhile: nobody awaits it
+            pass
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await done
 
 
 async def leader_passes(interval_s: float, leading: Callable[[], bool], one_pass: Callable[[], Awaitable[object]],

@@ -37,8 +37,10 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+from controller.aio import in_own_thread
 from controller.gateway.linkdir import LinkDirectory
 
 log = logging.getLogger("maia.gateway")
@@ -133,7 +135,7 @@ class GatewayProcesses:
         assert process.stdout is not None
         try:
             async with asyncio.timeout(READY_TIMEOUT_S):
-                line = await asyncio.to_thread(process.stdout.readline)
+                line = await in_own_thread(process.stdout.readline, name=f"gateway-{index}-ready")
         except TimeoutError:
             process.kill()
             raise GatewayStartError(f"agent gateway {index} did not start serving within {READY_TIMEOUT_S:.0f}s")
@@ -149,7 +151,7 @@ class GatewayProcesses:
         delay = self.settings.restart_after_s
         while True:
             process = self.processes[index]
-            code = await asyncio.to_thread(process.wait)
+            code = await in_own_thread(process.wait, name=f"gateway-{index}-watch")
             if self._stopping:
                 return
             log.error("agent gateway %d (pid %d) exited with code %s; its agents' streams ended; starting it again "
@@ -189,12 +191,12 @@ class GatewayProcesses:
         for process in self.processes:
             grace = max(kill_at - time.monotonic(), 0.0)
             try:
-                await asyncio.to_thread(process.wait, grace)
+                await in_own_thread(partial(process.wait, grace), name="gateway-stop")
             except subprocess.TimeoutExpired:
                 log.warning("agent gateway pid %d did not stop by its deadline (%.1fs more after the SIGTERMs); "
                             "killed", process.pid, grace)
                 process.kill()
-                await asyncio.to_thread(process.wait)
+                await in_own_thread(process.wait, name="gateway-stop")
         for watcher in self._watchers:
             watcher.cancel()
         self.link_directory.remove()

@@ -7,12 +7,14 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
 import threading
 from collections.abc import Iterator
 
 import pytest
 
-from controller.aio import cancel_and_wait, leader_passes, on_stop_signals, stopped_ignoring_sigterm, wait_event, within
+from controller.aio import (
+    cancel_and_wait, in_own_thread, leader_passes, on_stop_signals, stopped_ignoring_sigterm, wait_event, within)
 
 
 async def _waiter(event: asyncio.Event) -> None:
@@ -191,3 +193,24 @@ def test_a_sigterm_once_the_loop_is_closed_without_the_hand_over_kills_as_the_de
         "print('survived')\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == -signal.SIGTERM and "survived" not in done.stdout, (done.returncode, done.stderr)
+
+
+async def test_in_own_thread_gives_the_result_or_the_exception_and_holds_no_executor_thread() -> None:
+    """A long wait in its own thread leaves the loop's default executor free (one that held a
+    thread of it per agent gateway starved `asyncio.to_thread`); its result and its exception (a
+    `subprocess.TimeoutExpired` the gateways' stop catches) reach the awaiting task."""
+    release = threading.Event()
+    waiting = asyncio.ensure_future(in_own_thread(release.wait, name="test-wait"))
+    await asyncio.sleep(0)
+    workers = min(32, (os.cpu_count() or 1) + 4)
+    every_thread = threading.Barrier(workers, timeout=10)  # passed only with the whole pool at once
+    await asyncio.gather(*(asyncio.to_thread(every_thread.wait) for _ in range(workers)))
+    assert any(t.name == "test-wait" for t in threading.enumerate())
+    release.set()
+    assert await waiting is True
+
+    def refuse() -> None:
+        raise subprocess.TimeoutExpired("gateway", 1.0)
+
+    with pytest.raises(subprocess.TimeoutExpired):
+        await in_own_thread(refuse, name="test-refuse")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import signal
 import socket
@@ -178,6 +179,22 @@ async def test_a_revoked_credential_ends_the_relayed_stream_unauthenticated(tmp_
             assert "revoked" in ended.details() and "register again" in ended.details()
         finally:
             await through_gateway.channel.close()
+
+
+async def test_gateways_as_many_as_the_default_executors_threads_leave_it_free(tmp_path: Path) -> None:
+    """Each gateway's watcher waited for its process in a thread of the loop's default executor,
+    held for as long as the gateway lived: with as many gateways as that pool has threads
+    (min(32, cpus + 4)), nothing else run through `asyncio.to_thread` ran again (no placement, no
+    GetVersion, which reads the schema's head so). Found in review."""
+    workers = min(32, (os.cpu_count() or 1) + 4)
+    async with running_controller(f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}", tmp_path, agent_gateways=workers,
+                                  agent_listen="127.0.0.1:0") as app:
+        stubs = Stubs.connect(app.address, admin_token_of(app))
+        try:
+            version = await stubs.admin.GetVersion(admin_pb2.GetVersionRequest(), timeout=20)
+            assert version.schema_revision
+        finally:
+            await stubs.channel.close()
 
 
 async def test_a_gateway_that_died_is_started_again_and_its_agents_come_back(tmp_path: Path) -> None:
