@@ -62,6 +62,13 @@ REPORTS_PER_SECOND = 200.0          # per agent stream (token bucket)
 # A full node's shards each reported LOADING and then RUNNING at once (an agent reports every phase
 # change: the LOADING burst alone fitted, and its RUNNING reports ended the stream), and heartbeats.
 REPORTS_BURST = 2 * SHARDS_PER_NODE_MAX + 100
+# The bytes of one agent stream's messages a controller holds unread when the stream comes through
+# an agent gateway (before the hub reads the stream: its Hello is being written, its first set read);
+# past them the stream ends RESOURCE_EXHAUSTED. On the port HTTP/2's flow control stops an agent
+# that sends faster than the controller reads after ~4.6 MiB; a relayed stream's requests have no
+# window, and one agent with a node credential queued 67 MiB in the controller in 2 s. An agent's
+# messages before its Hello is answered are a few heartbeats (a full node's: ~0.4 MiB each).
+RELAYED_UNREAD_BYTES_MAX = 16 * 1024 * 1024
 # A Connect stream's first message (its Hello) must arrive this long after the stream opened, else the
 # stream ends INVALID_ARGUMENT: without a bound any caller that may Connect held a stream (a handler,
 # its buffers) open as long as it liked by saying nothing. An agent writes its Hello as the stream's

@@ -42,12 +42,13 @@ class Arrivals:
     (and a pushed one's requests never wait), and an empty deque is ~0.6 KiB, ~10 MiB at 16,384
     streams at each end of the link."""
 
-    __slots__ = ("_messages", "_ended", "_arrived")
+    __slots__ = ("_messages", "_ended", "_arrived", "waiting_bytes")
 
     def __init__(self) -> None:
         self._messages: deque[bytes] | None = None
         self._ended = False
         self._arrived = Wakeup()
+        self.waiting_bytes = 0  # of the messages not taken yet
 
     @property
     def ended(self) -> bool:
@@ -57,6 +58,7 @@ class Arrivals:
         if self._messages is None:
             self._messages = deque()
         self._messages.append(data)
+        self.waiting_bytes += len(data)
         self._arrived.set()
 
     def end(self) -> None:
@@ -66,6 +68,7 @@ class Arrivals:
     def take_waiting(self) -> list[bytes]:
         """The messages not taken yet, all taken now."""
         waiting, self._messages = list(self._messages or ()), None
+        self.waiting_bytes = 0
         return waiting
 
     async def next(self) -> bytes | None:
@@ -76,6 +79,7 @@ class Arrivals:
             self._arrived.clear()
             await self._arrived.wait()
         data = self._messages.popleft()
+        self.waiting_bytes -= len(data)
         if not self._messages:
             self._messages = None
         return data

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import grpc
 from grpc import aio
 
+from controller import limits
 from controller.aio import Wakeup
 from controller.gateway.frames import (
     GATEWAY_METADATA_KEY,
@@ -271,6 +272,8 @@ class _Link:
                 call = calls.get(event.call)
                 if call is not None:
                     call.requests.put(event.message)
+                    if call.requests.arrivals.waiting_bytes > limits.RELAYED_UNREAD_BYTES_MAX:
+                        self._overflowed(event.call, call)
             elif body == "taken":
                 call = calls.get(event.call)
                 if call is not None:
@@ -285,6 +288,22 @@ class _Link:
                     call.task.cancel()
                 else:
                     call.requests.end()
+
+    def _overflowed(self, call_id: int, call: _Call) -> None:
+        """A call whose agent sent more than `limits.RELAYED_UNREAD_BYTES_MAX` that its handler has
+        not read ends RESOURCE_EXHAUSTED (on the port, HTTP/2's flow control holds such an agent
+        back; a relayed call has none for its requests). Its later events are ignored."""
+        log.warning("relayed call %s on %s: its agent sent over %d bytes not read yet; ended", call_id, self.name,
+                    limits.RELAYED_UNREAD_BYTES_MAX)
+        del self._calls[call_id]
+        call.requests.arrivals.take_waiting()
+        call.task.cancel()  # cancelled, it sends no status of its own
+        self._outbox.add(status_event(
+            call_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the agent sent over {limits.RELAYED_UNREAD_BYTES_MAX} bytes before the controller read its stream; "
+            "send the Hello and wait for the first AssignmentSet before more"))
+        if self.ending and not self._calls:
+            self._close()
 
     def _open(self, call_id: int, opened: relay_pb2.RelayOpen) -> None:
         handler = self._handlers.get(opened.method)

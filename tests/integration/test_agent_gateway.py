@@ -19,9 +19,10 @@ from typing import Any
 import grpc
 import pytest
 
+from controller import limits
 from controller.api.server import ControllerApp
 from controller.gateway.frames import GATEWAY_METADATA_KEY, LINK_OPTIONS
-from controller.gateway.relay import RELAY_WINDOW
+from controller.gateway.relay import RELAY_WINDOW, RelayedRequests
 from controller.retryinfo import controller_answered
 from grpc_harness import (
     RUNNING, HandAgent, SimFleet, Stubs, admin_token_of, connect_answer, eventually, issue_token, running_controller,
@@ -124,6 +125,52 @@ async def test_a_relayed_streams_messages_are_taken_as_its_frames_arrive_and_a_b
         finally:
             await agent.close()
             await agent.stubs.channel.close()
+
+
+async def test_a_relayed_stream_whose_agent_sends_faster_than_it_is_read_ends_resource_exhausted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the port HTTP/2's flow control holds back an agent that writes while its Hello waits its
+    turn; a relayed stream's requests have no window, and one agent queued 67 MiB in the
+    controller in 2 s (found in review). Past `limits.RELAYED_UNREAD_BYTES_MAX` unread the stream
+    ends RESOURCE_EXHAUSTED and what it queued is dropped."""
+    monkeypatch.setattr(limits, "RELAYED_UNREAD_BYTES_MAX", 1 << 20)
+    async with gatewayed(tmp_path, heartbeat_timeout_s=60.0) as (app, stubs):
+        registered = await HandAgent(stubs, "n1", "rack-a").register()
+        hello = app.hub._hello
+
+        async def waits_its_turn(*args: Any) -> Any:  # a Hello behind a join storm's
+            await asyncio.sleep(30.0)
+            return await hello(*args)
+
+        monkeypatch.setattr(app.hub, "_hello", waits_its_turn)
+        peak = [0]
+        put = RelayedRequests.put
+
+        def counted(self: RelayedRequests, data: bytes) -> None:
+            put(self, data)
+            peak[0] = max(peak[0], self.arrivals.waiting_bytes)
+
+        monkeypatch.setattr(RelayedRequests, "put", counted)
+        channel = grpc.aio.insecure_channel(app.agent_address)
+        try:
+            call = channel.stream_stream("/maia.v1.NodeAgentService/Connect")(
+                metadata=(("authorization", f"Bearer {registered.node_credential}"),))
+            await call.write(agent_pb2.AgentMessage(hello=agent_pb2.Hello(
+                node_id="n1", session_id=registered.session_id)).SerializeToString())
+            beat = agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(seq=1, shards=[
+                agent_pb2.ShardStatus(deployment="x" * 1000, replica=i) for i in range(16)])).SerializeToString()
+            # Just past the bound, and no write after (one the status overtakes fails in the
+            # client's own gRPC core, whose status is then INTERNAL, not the controller's).
+            for _ in range((1 << 20) // len(beat) + 1):
+                await asyncio.wait_for(call.write(beat), 10)
+            code = await asyncio.wait_for(call.code(), 20)  # the Hello waits 30 s: not its end
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, await call.details()
+            assert "before the controller read its stream" in await call.details()
+            assert peak[0] <= (1 << 20) + len(beat) + 16
+            [link] = app.relay.links.values()
+            await eventually(lambda: _async(link.open_calls()), lambda calls: calls == 0, what="the call forgotten")
+        finally:
+            await channel.close()
 
 
 async def test_a_gateway_that_dies_ends_its_streams_and_the_nodes_are_suspect_at_once(tmp_path: Path) -> None:
