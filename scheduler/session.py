@@ -137,7 +137,7 @@ class Session:
         for r in rs:
             for at in state.remove_replica(d, r).values():
                 touched.add(at.node)
-            s.existing_replicas.discard((d, r))
+        self._not_running(d, rs)
         s.placer.refresh_nodes(np.array(sorted(touched), dtype=np.int64))
         if replicas is None:
             self._forget(d)
@@ -161,7 +161,7 @@ class Session:
                 touched.update(at.node for at in state.remove_replica(d, r).values())
             state.add_replica(d, r, shards)
             s.existing_replicas.add((d, r))
-            s.given[(d, r)] = given[r]
+            s.given[(d, r)], s.loaded[(d, r)] = given[r], shards
             touched.update(at.node for at in shards.values())
         state.static_cache.pop(d, None)
         s.placer.refresh_nodes(np.array(sorted(touched), dtype=np.int64))
@@ -309,16 +309,53 @@ class Session:
         placements = tuple(
             Placement(dep.id, r, sh, ids[at.node], tuple(at.indices), at.milli if frac else None)
             for r in new for sh, at in sorted(state.replicas[(d, r)].items()))
-        s.existing_replicas.update((d, r) for r in new)
+        self._now_running(d, new, placements)
+        released = sorted(set(before) - after)
+        self._not_running(d, released)
         victims = sorted({v for v in s.preempted if v not in state.replicas})
-        s.existing_replicas.difference_update(victims)
+        for vd, vr in victims:
+            self._not_running(vd, (vr,))
         unplaced, _ = unplaced_with_reasons(s, victims, only=[d])
         state.static_cache.pop(d, None)  # per-deployment masks: rebuilt when next needed
         return Decision(
             deployment=dep.id, placements=placements,
             unplaced=unplaced[0] if unplaced else None,
             preempted=tuple(Preemption(state.deps[vd].id, vr) for vd, vr in victims),
-            released=tuple(sorted(set(before) - after)))
+            released=tuple(released))
+
+    def _now_running(self, d: int, replicas: Iterable[int], placements: Iterable[Placement] = ()) -> None:
+        """These replicas of d run where the state has them now (`placements`: theirs, as the
+        decision says them). What the solver knows of running replicas follows: `loaded` (where
+        a replica taken out short of min_replicas is put back: `room.own_running`) and `given`
+        (a replica a batch stage may not move: `defer`, `joint_batch`). Kept only as loaded, a
+        replica this session placed or adopted was put back from scratch, a move without a
+        `moved` entry, and one it released since was put back on a node taken meanwhile, which
+        blocked every preemption trial (found in review). A replica whose shards `placements`
+        does not all say is said from the state."""
+        s = self._solver
+        rs = set(replicas)
+        given: dict[int, dict[int, Placement]] = {r: {} for r in rs}
+        for p in placements:
+            if p.replica in given:
+                given[p.replica][p.shard] = p
+        dep = s.state.deps[d]
+        for r in rs:
+            shards = s.state.replicas[(d, r)]
+            if len(given[r]) != len(shards):
+                given[r] = {sh: Placement(dep.id, r, sh, s.topo.node_ids[at.node], tuple(at.indices),
+                                          at.milli if dep.shard.fractional else None)
+                            for sh, at in shards.items()}
+            s.existing_replicas.add((d, r))
+            s.loaded[(d, r)] = shards
+            s.given[(d, r)] = given[r]
+
+    def _not_running(self, d: int, replicas: Iterable[int]) -> None:
+        """These replicas of d run no more (released, preempted, stopped short of min_replicas)."""
+        s = self._solver
+        for r in replicas:
+            s.existing_replicas.discard((d, r))
+            s.loaded.pop((d, r), None)
+            s.given.pop((d, r), None)
 
     def _forget(self, d: int) -> None:
         """A departed deployment: a tombstone with no replicas; compact when many pile up."""
@@ -416,6 +453,8 @@ class Session:
                 if was.get((d, r, sh)) is not None and was[(d, r, sh)] != p.node:
                     moved.append(Move(dep.id, r, sh, was[(d, r, sh)], p.node))
             released = taken_out - {p.replica for p in decision.placements}
+            self._now_running(d, {p.replica for p in fixed})  # repaired where the state has them
+            self._not_running(d, released)
             decisions.append(dataclasses.replace(
                 decision, placements=tuple(fixed) + decision.placements, moved=tuple(moved),
                 released=tuple(sorted(released | set(decision.released)))))

@@ -431,3 +431,82 @@ def test_a_replica_released_then_placed_again_may_preempt_what_took_its_node() -
     again = s.place("A")
     assert [(p.deployment, p.replica) for p in again.preempted] == [("B", 0)]
     assert [(p.replica, p.node) for p in again.placements] == [(1, "n1")]
+
+
+def _kept_in_step_cases() -> dict[str, Any]:
+    """Sessions whose solver read its running replicas from the first load alone (found in
+    review): replicas the session adopted or placed itself, and ones it stopped since."""
+    def two_of_a(**extra: Any) -> Doc:
+        return problem([node(f"n{i}", acc=2) for i in range(extra.pop("nodes", 3))],
+                       [dep("A", tenant="a", acc=2, replicas=extra.pop("replicas", 2),
+                            min_replicas=extra.pop("min_replicas", 2), priority=5, locality="node"),
+                        *extra.pop("others", [])],
+                       mode="online", allow_preemption=True, **extra)
+
+    def adopted() -> tuple[Session, Problem]:
+        # A runs on n2 and n1, committed elsewhere (adopted); replica 1 stops and B takes n0, n1:
+        # placed again, A preempts B and must keep replica 0 on n2 (it was put back from scratch
+        # on n0, a move without a `moved` entry).
+        doc = two_of_a(others=[dep("B", tenant="b", acc=2, replicas=2, preemptible=True, locality="node")])
+        prob = problem_from_dict(doc)
+        a, b = prob.deployments
+        s = Session(dataclasses.replace(prob, deployments=()))
+        s.adopt(a, problem_from_dict({**doc, "placements": [placed("A", "n2", [0, 1], replica=0),
+                                                            placed("A", "n1", [0, 1], replica=1)]}).placements)
+        s.release("A", [1])
+        s.place(b)
+        return s, s.snapshot()
+
+    def placed_by_the_session() -> tuple[Session, Problem]:
+        doc = two_of_a(nodes=4, replicas=3, min_replicas=3,
+                       others=[dep("B", tenant="b", acc=2, preemptible=True, locality="node"),
+                               dep("B2", tenant="b", acc=2, preemptible=True, locality="node")])
+        prob = problem_from_dict(doc)
+        a, b, b2 = prob.deployments
+        s = Session(dataclasses.replace(prob, deployments=()))
+        s.place(a)
+        s.release("A", [0, 1])
+        s.place(b)
+        s.place("A")
+        s.release("A", [0])
+        s.place(b2)
+        return s, s.snapshot()
+
+    def stopped_since() -> tuple[Session, Problem]:
+        # A's replica 1 fails, C takes its node; A cannot reach min_replicas and stops replica 0
+        # too, whose node D takes. Later B (preemptible) runs on n2 and n1 frees: A must preempt B
+        # (it was held to put replica 0 back on n0, under D, and no trial could succeed).
+        doc = two_of_a(others=[dep("X", tenant="c", acc=2, locality="node")],
+                       placements=[placed("A", "n0", [0, 1], replica=0), placed("A", "n1", [0, 1], replica=1),
+                                   placed("X", "n2", [0, 1])],
+                       tenants=[{"id": "a"}, {"id": "b"}, {"id": "c"}])
+        s = Session(problem_from_dict(doc))
+
+        def other(name: str, tenant: str, **kw: Any) -> Any:
+            return problem_from_dict(problem([node("n0")], [dep(name, tenant=tenant, acc=2, locality="node",
+                                                                **kw)])).deployments[0]
+
+        s.release("A", [1])
+        s.place(other("C", "c"))
+        assert s.place("A").released == (0,)
+        s.place(other("D", "c"))
+        s.release("X")
+        s.place(other("B", "b", preemptible=True))
+        s.release("C")
+        return s, s.snapshot()
+
+    return {"adopted": adopted, "placed by the session": placed_by_the_session, "stopped since": stopped_since}
+
+
+@pytest.mark.parametrize("case", ["adopted", "placed by the session", "stopped since"])
+def test_a_short_deployment_placed_again_keeps_its_running_replicas_and_may_preempt(
+        monkeypatch_bestfit: None, case: str) -> None:
+    s, before = _kept_in_step_cases()[case]()
+    reference = solve(before)
+    decision = s.place("A")
+    after = s.snapshot()
+    assert_valid(before, after, [decision])
+    assert sorted((p.deployment, p.replica, p.node) for p in after.placements) == \
+        sorted((p.deployment, p.replica, p.node) for p in reference.placements)
+    assert [(v.deployment, v.replica) for v in decision.preempted] == \
+        [(v.deployment, v.replica) for v in reference.preempted]
