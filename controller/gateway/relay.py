@@ -228,6 +228,7 @@ class _Call(NamedTuple):
     requests: RelayedRequests
     credit: _Credit
     task: asyncio.Task[None]
+    context: RelayedContext
 
 
 class _Link:
@@ -267,6 +268,8 @@ class _Link:
         self.frames_taken += 1
         self.events_taken += len(frame.events)
         for event in frame.events:
+            if self.closed:  # a call's overflow ended the link (`_overflowed`): nothing after it opens
+                return
             body = event.WhichOneof("body")
             if body == "message":
                 call = calls.get(event.call)
@@ -295,13 +298,14 @@ class _Link:
         back; a relayed call has none for its requests). Its later events are ignored."""
         log.warning("relayed call %s on %s: its agent sent over %d bytes not read yet; ended", call_id, self.name,
                     limits.RELAYED_UNREAD_BYTES_MAX)
+        details = (f"the agent sent over {limits.RELAYED_UNREAD_BYTES_MAX} bytes before the controller read its "
+                   "stream; send the Hello and wait for the first AssignmentSet before more")
         del self._calls[call_id]
         call.requests.arrivals.take_waiting()
+        call.context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)  # what the call's metrics and log record
+        call.context.set_details(details)
         call.task.cancel()  # cancelled, it sends no status of its own
-        self._outbox.add(status_event(
-            call_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"the agent sent over {limits.RELAYED_UNREAD_BYTES_MAX} bytes before the controller read its stream; "
-            "send the Hello and wait for the first AssignmentSet before more"))
+        self._outbox.add(status_event(call_id, grpc.StatusCode.RESOURCE_EXHAUSTED, details))
         if self.ending and not self._calls:
             self._close()
 
@@ -317,7 +321,7 @@ class _Link:
         serve = self._serve_unary if handler.unary_unary is not None else self._serve_stream
         task = asyncio.create_task(serve(call_id, handler, requests, context, credit),
                                    name=f"relayed-{self.name}-{call_id}")
-        self._calls[call_id] = _Call(requests, credit, task)
+        self._calls[call_id] = _Call(requests, credit, task, context)
         task.add_done_callback(lambda _: self._forget(call_id))
 
     async def _serve_unary(self, call_id: int, handler: grpc.RpcMethodHandler, requests: RelayedRequests,

@@ -298,15 +298,19 @@ class DecideProcess:
         self.close()  # a child that exited (crashed) is reaped first
         ours, theirs = Pipe(duplex=True)
         try:
-            self._proc = subprocess.Popen(
+            proc = subprocess.Popen(
                 [sys.executable, "-m", "controller.scheduling.decider", str(theirs.fileno()), str(os.getpid())],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()  # the child has its copy: a dead child is EOF on ours
         # Tokens go on from the last child's: a proxy of a session it held is no token of this one's.
-        self._conn, self._ready = ours, False
+        # Both set at once (`stop` may run on another thread now): then `_stopped` read after them.
+        self._proc, self._conn, self._ready = proc, ours, False
         self.starts += 1
-        log.info("decide process started (pid %d)", self._proc.pid)
+        log.info("decide process started (pid %d)", proc.pid)
         if self._stopped:  # `stop` ran while it started, and may have read no child to close
             self.close()
             raise DeciderFailed("the decide process was stopped (the controller is stopping)")

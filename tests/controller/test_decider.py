@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
+from controller.scheduling import decider as decider_module
 from controller.scheduling.decider import (
     DecideProcess, DeciderFailed, RemoteSession, held_placements, open_in_process, place_documents, readopt)
 from scheduler.model import Node
@@ -281,6 +282,38 @@ def test_no_child_starts_after_the_controllers_stop() -> None:
     with pytest.raises(DeciderFailed, match="stopped"):
         decider.open(doc, time_limit_ms=2000)
     assert decider.pid is None and decider.starts == 1
+
+
+def test_a_stop_that_lands_while_a_child_starts_fails_the_start_and_closes_its_pipe(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`stop` takes no lock (a call holds it as long as the child takes), so it may land inside
+    `_start`, after the child was made: the start read the child `stop` had just cleared and
+    raised an AttributeError, and our end of the pipe stayed open (found in review)."""
+    decider = DecideProcess(timeout_s=30.0)
+    made = decider_module.Pipe
+
+    class Theirs:  # the child's end: closed by `_start` once the child holds its copy
+        def __init__(self, conn: Any) -> None:
+            self.conn = conn
+
+        def fileno(self) -> int:
+            return self.conn.fileno()
+
+        def close(self) -> None:
+            self.conn.close()
+            decider.stop()  # the controller's stop, from its own thread, lands here
+
+    ends: list[Any] = []
+
+    def pipe(duplex: bool = True) -> tuple[Any, Any]:
+        ours, theirs = made(duplex=duplex)
+        ends.append(ours)
+        return ours, Theirs(theirs)
+
+    monkeypatch.setattr(decider_module, "Pipe", pipe)
+    with pytest.raises(DeciderFailed, match="stopped"):
+        decider.start()
+    assert decider.pid is None and ends[0].closed
 
 
 def test_the_child_exits_when_its_parent_dies(tmp_path: Path) -> None:

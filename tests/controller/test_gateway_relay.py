@@ -3,13 +3,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import grpc
 import pytest
 
-from controller import errors
+from controller import errors, limits
 from controller.api.interceptors import MalformedRequest, _parsed_stream
-from controller.gateway.relay import RelayedRequests
+from controller.api.interceptors.completion import code_of
+from controller.gateway.frames import Outbox
+from controller.gateway.relay import RelayedRequests, _Link
+from maia.v1 import relay_pb2
 
 
 class Consumer:
@@ -93,3 +98,56 @@ def test_the_chains_check_refuses_a_malformed_pushed_request_as_a_read_one() -> 
     assert consumer.taken == [b"a"]
     [error] = consumer.endings
     assert isinstance(error, errors.InvalidArgument) and "not a valid protobuf message" in str(error)
+
+
+# --- a call whose agent sends faster than its handler reads (limits.RELAYED_UNREAD_BYTES_MAX) ---
+
+_opened: list[Any] = []
+
+
+async def _connect(requests: Any, context: Any) -> Any:
+    _opened.append(context)
+    await asyncio.sleep(3600)  # a handler that reads nothing: its Hello waits its turn
+    yield b""
+
+
+def _event(call: int, **body: Any) -> relay_pb2.RelayEvent:
+    return relay_pb2.RelayEvent(call=call, **body)
+
+
+def _opening(call: int) -> relay_pb2.RelayEvent:
+    return _event(call, open=relay_pb2.RelayOpen(method="/m/Connect"))
+
+
+def _link() -> _Link:
+    return _Link("g", {"/m/Connect": grpc.stream_stream_rpc_method_handler(_connect)}, Outbox(0.0))
+
+
+async def test_an_overflowed_call_ends_resource_exhausted_and_is_recorded_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent is told RESOURCE_EXHAUSTED, and the call's metrics, access log and audit record it
+    so, not as the CANCELLED of its cancelled handler (found in review)."""
+    monkeypatch.setattr(limits, "RELAYED_UNREAD_BYTES_MAX", 10)
+    _opened.clear()
+    link = _link()
+    link.take(relay_pb2.RelayFrame(events=[_opening(1)]))
+    await asyncio.sleep(0)
+    link.take(relay_pb2.RelayFrame(events=[_event(1, message=b"x" * 6)]))
+    assert link.open_calls() == 1  # 6 bytes unread: within the bound
+    link.take(relay_pb2.RelayFrame(events=[_event(1, message=b"x" * 6)]))
+    await asyncio.sleep(0.01)
+    assert link.open_calls() == 0
+    assert code_of(_opened[0], asyncio.CancelledError()) == "RESOURCE_EXHAUSTED"
+
+
+async def test_an_overflow_that_ends_an_ending_link_opens_nothing_after_its_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The overflow of an ending link's last call ends the link mid-frame: a call the same frame
+    opens after it ran its handler with no status ever to be sent (found in review)."""
+    monkeypatch.setattr(limits, "RELAYED_UNREAD_BYTES_MAX", 10)
+    _opened.clear()
+    link = _link()
+    link.take(relay_pb2.RelayFrame(events=[_opening(1)]))
+    await asyncio.sleep(0)
+    link.end_when_idle()  # the controller stops: call 1 still open
+    link.take(relay_pb2.RelayFrame(events=[_event(1, message=b"x" * 11), _opening(2)]))
+    await asyncio.sleep(0)
+    assert link.closed and link.open_calls() == 0 and len(_opened) == 1
