@@ -39,6 +39,17 @@ async def within(awaitable: Awaitable[T], timeout_s: float) -> T:
         return await awaitable
 
 
+def call_soon_from_thread(loop: asyncio.AbstractEventLoop | None, callback: Callable[..., object],
+                          *args: object) -> None:
+    """`callback(*args)` on `loop`, from any thread; nothing once that loop is closed (or None)."""
+    if loop is None:
+        return
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # closed: it runs nothing any more
+        pass
+
+
 async def in_own_thread(call: Callable[[], T], *, name: str) -> T:
     """`call()` in a thread of its own, awaited: for a call that blocks for as long as something
     else lives (a child process's `wait`). In the loop's default executor (`asyncio.to_thread`)
@@ -63,10 +74,7 @@ async def in_own_thread(call: Callable[[], T], *, name: str) -> T:
             result = call()
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
             error = exc
-        try:
-            loop.call_soon_threadsafe(settle, result, error)
-        except RuntimeError:  # the loop closed meanwhile: nobody awaits it
-            pass
+        call_soon_from_thread(loop, settle, result, error)  # the loop closed meanwhile: nobody awaits it
 
     threading.Thread(target=run, name=name, daemon=True).start()
     return await done

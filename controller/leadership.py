@@ -45,7 +45,7 @@ from typing import Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from controller.aio import wait_event, within
+from controller.aio import call_soon_from_thread, wait_event, within
 from controller.errors import Unavailable
 from controller.store import lease
 from controller.store.db import Database
@@ -238,7 +238,7 @@ class LeaderElection:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
-        self._stop_keeper = lambda: _call_soon(loop, task.cancel)
+        self._stop_keeper = lambda: call_soon_from_thread(loop, task.cancel)
         try:
             if not stopping.is_set():  # checked after `_stop_keeper` is set: one of the two sees the stop
                 await self._keep(db)
@@ -255,7 +255,7 @@ class LeaderElection:
         """Acquire or renew on `db` every interval, on whichever loop runs it, until cancelled."""
         wake = asyncio.Event()
         loop = asyncio.get_running_loop()
-        self._wake = lambda: _call_soon(loop, wake.set)
+        self._wake = lambda: call_soon_from_thread(loop, wake.set)
         while True:
             term = self._term
             if self._exclusive and term.leading:
@@ -349,7 +349,7 @@ class LeaderElection:
         if loop is None or running is loop:
             announce(*args)
             return
-        _call_soon(loop, announce, *args)
+        call_soon_from_thread(loop, announce, *args)
 
     async def release(self) -> None:
         """A clean stop: stop leading and expire the lease now, so a follower takes over at once."""
@@ -404,11 +404,3 @@ class LeaderElection:
 
 def _nothing() -> None:
     pass
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., object], *args: object) -> None:
-    """`callback(*args)` on `loop`, from any thread; nothing once that loop is closed (stopped)."""
-    try:
-        loop.call_soon_threadsafe(callback, *args)
-    except RuntimeError:
-        pass

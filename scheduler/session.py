@@ -338,13 +338,10 @@ class Session:
         for p in placements:
             if p.replica in given:
                 given[p.replica][p.shard] = p
-        dep = s.state.deps[d]
         for r in rs:
             shards = s.state.replicas[(d, r)]
             if len(given[r]) != len(shards):
-                given[r] = {sh: Placement(dep.id, r, sh, s.topo.node_ids[at.node], tuple(at.indices),
-                                          at.milli if dep.shard.fractional else None)
-                            for sh, at in shards.items()}
+                given[r] = {p.shard: p for p in self._placements(d, r, shards)}
             s.existing_replicas.add((d, r))
             s.loaded[(d, r)] = shards
             s.given[(d, r)] = given[r]

@@ -300,14 +300,12 @@ class _Link:
                     limits.RELAYED_UNREAD_BYTES_MAX)
         details = (f"the agent sent over {limits.RELAYED_UNREAD_BYTES_MAX} bytes before the controller read its "
                    "stream; send the Hello and wait for the first AssignmentSet before more")
-        del self._calls[call_id]
         call.requests.arrivals.take_waiting()
         call.context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)  # what the call's metrics and log record
         call.context.set_details(details)
         call.task.cancel()  # cancelled, it sends no status of its own
         self._outbox.add(status_event(call_id, grpc.StatusCode.RESOURCE_EXHAUSTED, details))
-        if self.ending and not self._calls:
-            self._close()
+        self._forget(call_id)  # after its status: an ending link with no call left ends with it
 
     def _open(self, call_id: int, opened: relay_pb2.RelayOpen) -> None:
         handler = self._handlers.get(opened.method)

@@ -65,6 +65,10 @@ _SCHEDULER_VARIABLES = "MAIA_"
 _PARENT_CHECK_S = 2.0
 
 
+# Why an `open` fails once the controller stopped the decider (`DecideProcess.stop`).
+_STOPPED = "the decide process was stopped (the controller is stopping)"
+
+
 class DeciderFailed(RuntimeError):
     """The decide process died, hung, or its session raised: the session is lost."""
 
@@ -292,7 +296,7 @@ class DecideProcess:
 
     def _start(self) -> None:
         if self._stopped:
-            raise DeciderFailed("the decide process was stopped (the controller is stopping)")
+            raise DeciderFailed(_STOPPED)
         if self._proc is not None and self._proc.poll() is None and self._conn is not None:
             return
         self.close()  # a child that exited (crashed) is reaped first
@@ -313,7 +317,7 @@ class DecideProcess:
         log.info("decide process started (pid %d)", proc.pid)
         if self._stopped:  # `stop` ran while it started, and may have read no child to close
             self.close()
-            raise DeciderFailed("the decide process was stopped (the controller is stopping)")
+            raise DeciderFailed(_STOPPED)
 
 
 class RemoteSession:

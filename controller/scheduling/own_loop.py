@@ -24,22 +24,14 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from controller.aio import call_soon_from_thread
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # How long `run` waits for the thread to end once it is cancelled (a pass cut at its next await;
 # a decision or re-check in a worker thread finishes first).
 STOP_WAIT_S = 10.0
-
-
-def _soon(loop: asyncio.AbstractEventLoop | None, callback: Callable[..., object], *args: object) -> None:
-    """`callback(*args)` on `loop` from any thread; nothing once that loop is closed."""
-    if loop is None:
-        return
-    try:
-        loop.call_soon_threadsafe(callback, *args)
-    except RuntimeError:  # closed: it runs nothing any more
-        pass
 
 
 class OwnLoop:
@@ -53,11 +45,11 @@ class OwnLoop:
 
     def call(self, callback: Callable[..., object], *args: object) -> None:
         """`callback(*args)` on the thread's loop, from any thread."""
-        _soon(self.loop, callback, *args)
+        call_soon_from_thread(self.loop, callback, *args)
 
     def to_main(self, callback: Callable[..., object], *args: object) -> None:
         """`callback(*args)` on the controller's loop (the one `run` is awaited on)."""
-        _soon(self._main, callback, *args)
+        call_soon_from_thread(self._main, callback, *args)
 
     async def on_main(self, work: Awaitable[T]) -> T:
         """Await `work` on the controller's loop, from the thread's (cancelled with the caller)."""
@@ -77,7 +69,7 @@ class OwnLoop:
             except BaseException as exc:  # reported by `run`, on the controller's loop
                 failed.append(exc)
             finally:
-                _soon(self._main, ended.set)
+                call_soon_from_thread(self._main, ended.set)
 
         thread = threading.Thread(target=serve, name=self.name, daemon=True)
         thread.start()

@@ -198,12 +198,10 @@ async def cap_room(session: AsyncSession) -> dict[str, float]:
     """Per tenant with a `max_accelerators`, what its cap leaves beyond what its placed shards
     hold (never below 0), in one statement: the most its waiting asks can take once placed; the
     rest waits for its own work to end, not for free capacity."""
-    held = (select(m.Deployment.tenant_id, func.sum(PLACEMENT_MILLI).label("milli"))
-            .select_from(m.Placement).join(m.Deployment).join(m.Tenant)
-            .where(m.Tenant.max_accelerators.is_not(None)).group_by(m.Deployment.tenant_id).subquery())
+    capped = m.Tenant.max_accelerators.is_not(None)
+    held = _PLACED_BY_TENANT.join(m.Tenant).where(capped).subquery()
     rows = await session.execute(select(m.Tenant.id, m.Tenant.max_accelerators, held.c.milli)
-                                 .outerjoin(held, held.c.tenant_id == m.Tenant.id)
-                                 .where(m.Tenant.max_accelerators.is_not(None)))
+                                 .outerjoin(held, held.c.tenant_id == m.Tenant.id).where(capped))
     return {tenant: max(0.0, float(cap) - int(milli or 0) / 1000.0) for tenant, cap, milli in rows}
 
 
