@@ -18,7 +18,8 @@ too, as is parsing the arrivals' documents (`place_documents`). What the cache d
 calls per deployment goes as one message (`place_documents`, `held_placements`, `readopt`: the
 child runs the same loop): each round trip costs the controller's thread a wait for the GIL.
 
-Failures: a call whose child died, or that is not answered within `timeout_s`, raises
+Failures: a call whose child died, or that is not answered within `timeout_s` (plus the time
+limit of each decision it asks for: a batch of arrivals may take them all), raises
 `DeciderFailed` (a hung child is killed); so does an exception the session raised in the child
 (a later call reports one a pipelined call raised, and nothing more is run on that session).
 The reconciler then drops its cache, as for any exception of the session, and the next
@@ -217,7 +218,7 @@ class DecideProcess:
             self._start()
             self._token += 1
             repaired = self._ask_locked(self._token, "open", (problem, time_limit_ms, _scheduler_environment()))
-            return RemoteSession(self, self._token, repaired)
+            return RemoteSession(self, self._token, repaired, time_limit_ms=time_limit_ms)
 
     def stop(self) -> None:
         """The controller's stop: `close`, and no child is started again. An `open` under way in
@@ -241,25 +242,28 @@ class DecideProcess:
 
     # ---- calls ------------------------------------------------------------------------------
 
-    def ask(self, token: int, method: str, args: tuple[Any, ...]) -> Any:
-        """Call a session method in the child and wait for its result."""
+    def ask(self, token: int, method: str, args: tuple[Any, ...], *, work_s: float = 0.0) -> Any:
+        """Call a session method in the child and wait for its result: `timeout_s` plus
+        `work_s`, the time the call may compute (its decisions' time limits), before the child
+        counts as hung. A batch of arrivals that each searched to the limit, waited for
+        `timeout_s` alone, had a working child killed and the session lost."""
         with self._lock:
-            return self._ask_locked(token, method, args)
+            return self._ask_locked(token, method, args, work_s)
 
     def tell(self, token: int, method: str, args: tuple[Any, ...]) -> None:
         """Call a session method in the child without waiting (a later `ask` reports its failure)."""
         with self._lock:
             self._send(token, method, args, reply=False)
 
-    def _ask_locked(self, token: int, method: str, args: tuple[Any, ...]) -> Any:
+    def _ask_locked(self, token: int, method: str, args: tuple[Any, ...], work_s: float = 0.0) -> Any:
         self._send(token, method, args, reply=True)
         conn = self._conn
         if conn is None:  # closed from another thread meanwhile
             raise DeciderFailed("the decide process was stopped during the call")
         if not self._ready:
-            self._receive(conn, f"start (pid {self._proc.pid if self._proc else '?'})")
+            self._receive(conn, f"start (pid {self._proc.pid if self._proc else '?'})", self.timeout_s)
             self._ready = True
-        kind, value, cpu_s = self._receive(conn, method)
+        kind, value, cpu_s = self._receive(conn, method, self.timeout_s + work_s)
         self.cpu_s += cpu_s
         if kind == "error":
             raise DeciderFailed(f"the session in the decide process raised in {method}: {value}")
@@ -280,10 +284,10 @@ class DecideProcess:
         finally:
             self._watchdog.disarm()
 
-    def _receive(self, conn: Connection, what: str) -> Any:
+    def _receive(self, conn: Connection, what: str, timeout_s: float) -> Any:
         try:
-            if not conn.poll(self.timeout_s):
-                self._fail(f"the decide process did not answer {what} within {self.timeout_s:.0f} s: killed")
+            if not conn.poll(timeout_s):
+                self._fail(f"the decide process did not answer {what} within {timeout_s:.0f} s: killed")
             return conn.recv()
         except (OSError, EOFError) as exc:
             code = None if self._proc is None else self._proc.poll()
@@ -324,18 +328,21 @@ class RemoteSession:
     """A session held by the decide process: the `Session` methods `ClusterCache` uses,
     forwarded in order. Blocking calls: run them in a worker thread, never on the event loop."""
 
-    def __init__(self, process: DecideProcess, token: int, repaired_at_load: list[Decision]) -> None:
+    def __init__(self, process: DecideProcess, token: int, repaired_at_load: list[Decision], *,
+                 time_limit_ms: int) -> None:
         self._process = process
         self._token = token
         self.repaired_at_load = repaired_at_load
+        self._decision_s = time_limit_ms / 1000.0  # the most one decision may search for
 
     def place(self, deployment: Deployment | str) -> Decision:
-        result: Decision = self._process.ask(self._token, "place", (deployment,))
+        result: Decision = self._process.ask(self._token, "place", (deployment,), work_s=self._decision_s)
         return result
 
     def place_documents(self, docs: Sequence[dict[str, Any]]) -> tuple[Decision, ...]:
         """`place` of each deployment document in order, parsed in the child: one round trip."""
-        result: tuple[Decision, ...] = self._process.ask(self._token, "place_documents", (list(docs),))
+        result: tuple[Decision, ...] = self._process.ask(self._token, "place_documents", (list(docs),),
+                                                         work_s=self._decision_s * len(docs))
         return result
 
     def held_placements(self, names: list[str]) -> dict[str, tuple[Placement, ...]]:

@@ -231,6 +231,35 @@ def test_a_child_that_hangs_is_killed_and_the_call_fails(call: Any, says: str) -
         decider.close()
 
 
+def test_a_call_may_take_its_decisions_time_limits_before_the_child_counts_as_hung() -> None:
+    """A batch of arrivals may search to the time limit in each decision: the call waits
+    `timeout_s` plus that. It waited `timeout_s` alone, and a child working through a long
+    batch was killed as hung and the session lost. A call that decides nothing still waits
+    `timeout_s` alone."""
+    doc, arrivals = _tiny()
+    decider = DecideProcess(timeout_s=120.0)  # room to start an interpreter on a busy machine
+    try:
+        session = decider.open(doc, time_limit_ms=4000)
+        pid = decider.pid
+        assert pid is not None
+        decider.timeout_s = 1.0
+        os.kill(pid, signal.SIGSTOP)  # the child busy for 3 s: within 1 + 4 x 4 s, not within 1 s
+        resume = threading.Timer(3.0, os.kill, (pid, signal.SIGCONT))
+        resume.start()
+        try:
+            decisions = place_documents(session, arrivals)
+        finally:
+            resume.join()
+        assert [len(d.placements) for d in decisions] == [1, 1, 1, 1]
+        assert decider.pid == pid and decider.starts == 1
+        os.kill(pid, signal.SIGSTOP)
+        with pytest.raises(DeciderFailed, match="did not answer pending within 1 s"):
+            session.pending()
+        assert wait_gone(pid, 10)
+    finally:
+        decider.close()
+
+
 def test_a_proxy_of_a_dead_childs_session_cannot_drive_the_next_childs() -> None:
     """Tokens go on across children: the new child's first session had token 1 again, and a
     proxy left from the dead child's passed its check."""
