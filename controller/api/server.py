@@ -404,6 +404,16 @@ class ControllerApp:
         shed.refuse_all(None)
         self.server = server
         self.address = f"{host}:{port}"
+        try:  # whatever fails from here stops what was started (the server, the SQLite lock, ...)
+            return await self._start_serving(agents, chain, capacity)
+        except BaseException:
+            await self.stop(grace_s=0.0)
+            raise
+
+    async def _start_serving(self, agents: NodeAgentServicer, chain: list[aio.ServerInterceptor],
+                             capacity: CapacityCache) -> str:
+        """What `start` starts once the schema is ready and the API serves: the listeners,
+        the gateways, the election, the background loops; the address served."""
         try:  # free when `preflight` checked them; taken since by another program
             if self.config.metrics_listen:
                 self.metrics.watch_cluster(asyncio.get_running_loop(), self.read_cluster, self.read_usage)
@@ -411,13 +421,11 @@ class ControllerApp:
             if self.config.http_listen:
                 self.console_address = await self.console.start(self.config.http_listen)
         except OSError as exc:
-            await self.stop(grace_s=0.0)
             raise ListenError(str(exc)) from exc
         if self.config.agent_gateways:
             try:
                 await self._start_gateways(agents, chain)
             except GatewayStartError as exc:
-                await self.stop(grace_s=0.0)
                 raise ListenError(str(exc)) from exc
         self.election.address = self.config.advertise_address or reachable(self.address, "--advertise-address")
         self.election.agent_address = self.config.advertise_agent_address or (
@@ -432,7 +440,12 @@ class ControllerApp:
         if not await self.channel.wait_ready(CHANNEL_READY_TIMEOUT_S):
             log.warning("not yet listening to the other controllers; retrying in the background")
         if self.decider is not None:  # its interpreter starts while the agents join
-            await asyncio.to_thread(self.decider.start)
+            try:
+                await asyncio.to_thread(self.decider.start)
+            except OSError as exc:  # not the database's OSError, which `maia-controller` would say it was
+                raise StartupError(f"cannot start the decide process: {exc}",
+                                   "check the limits on processes and open files (ulimit -u, -n), or run it "
+                                   "in the controller's process with --no-decide-process") from exc
         if self.checkpointer is not None:
             self.checkpointer.start()
         self._tasks = [

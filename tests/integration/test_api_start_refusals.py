@@ -50,3 +50,25 @@ async def test_a_metrics_port_taken_after_preflight_is_a_listen_error(database: 
     again = ControllerApp(replace(app.config, metrics_listen=""))  # the SQLite file was let go (its lock)
     await again.start()
     await again.stop(grace_s=0.0)
+
+
+@pytest.mark.parametrize("db_backend", ["sqlite"])
+async def test_a_decide_process_that_cannot_start_stops_what_was_started(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What failed after the API served (the decide process, a gateway's link server, ...) left
+    the server, its port and the SQLite lock held; and the spawn's OSError was said to be the
+    database's ("check that it is running")."""
+    from controller.preflight import StartupError
+    from controller.scheduling.decider import DecideProcess
+
+    def refused(self: DecideProcess) -> None:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(DecideProcess, "start", refused)
+    app = ControllerApp(replace(TEST_CONFIG, db_url=database.url, insecure_no_auth=True, decide_process=True))
+    await _start_refused(app, StartupError, "cannot start the decide process: [Errno 11] Resource temporarily")
+    assert app.server is None and app.address  # stopped after it had served
+    monkeypatch.undo()
+    again = ControllerApp(replace(app.config, decide_process=False))  # the SQLite file was let go (its lock)
+    await again.start()
+    await again.stop(grace_s=0.0)
