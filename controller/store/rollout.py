@@ -269,7 +269,7 @@ class _Replica:
     phases: list[ShardPhase] = field(default_factory=list)
     drained_on: set[str] = field(default_factory=set)  # its nodes that are draining
     down: bool = False
-    away: bool = False  # on a down node whose work is not evicted yet: left as it is
+    away: bool = False  # on a down node whose work is not evicted yet, or not reported since: left as it is
 
     @property
     def draining(self) -> bool:
@@ -467,7 +467,11 @@ async def retire_replaced(session: AsyncSession, *, now: datetime, actor: str = 
         if draining:
             rep.drained_on.add(node_id)
         rep.down |= health is NodeHealth.DOWN
-        rep.away |= health is NodeHealth.DOWN and evicted_at is None
+        # Its node down and not evicted yet, or back (a Hello) with the shard UNKNOWN until its
+        # agent's first heartbeat says how it is: stopped in that window as one that does not run,
+        # a drained replica went with nothing free for it (a drain never takes a deployment below
+        # what it ran before it, docs/rollout.md).
+        rep.away |= evicted_at is None and (health is NodeHealth.DOWN or phase is ShardPhase.UNKNOWN)
     retired_ids: list[int] = []
     nodes: set[str] = set()
     changed: set[str] = set()

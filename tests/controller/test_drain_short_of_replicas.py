@@ -14,13 +14,16 @@ whole node each: `fill` takes one node, `bg` asks 5 replicas and gets the 3 othe
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 from sqlalchemy import select
 
 from bench.checking import check_state
 from controller.store import models as m
 from controller.store.db import Database
+from controller.domain.liveness import Transition
 from controller.domain.values import ShardReport
-from controller.usecases import agents, deployments, nodes
+from controller.usecases import agents, deployments, liveness, nodes
 from controller.usecases.ports import RecordingSignals
 from test_reconcile_fast import assert_same, fresh, reconciler
 from uc_builders import WHO, deployment, run_all, submit
@@ -133,3 +136,28 @@ async def test_a_replica_still_loading_when_the_drain_began_is_no_replacement(cl
     await loop.reconcile_once()
     after = await _bg(cluster)
     assert len(after) == _running(after) == 3 and drained not in {node for node, _ in after.values()}
+
+
+async def test_a_drained_replica_on_a_node_back_from_down_waits_for_its_agents_first_report(cluster) -> None:
+    """A node down (its shards UNKNOWN) comes back: its Hello wakes a pass before its first
+    heartbeat is flushed. The drained replica there, neither away (its node is up) nor running
+    (UNKNOWN), was stopped as an outgoing replica that does not run: bg lost a replica with
+    nothing placed for it (found in review). It waits for the agent's word, as on a down node."""
+    loop, before = await _full_cluster_with_bg_short(cluster)
+    replica, (drained, _) = min(before.items())
+    await _drain(cluster, drained)
+    await loop.reconcile_once()
+    assert await _bg(cluster) == before
+    async with cluster.unit_of_work() as uow:
+        await liveness.apply_transitions(uow, [Transition(drained, "down", "silent")], datetime.now(timezone.utc))
+    await loop.reconcile_once(force=True)
+    assert (await _bg(cluster))[replica] == (drained, "unknown")  # away: left as it is
+    async with cluster.unit_of_work() as uow:
+        session = (await uow.session.get(m.Node, drained)).session_id
+    async with cluster.unit_of_work() as uow:
+        await agents.hello(uow, WHO, drained, session, datetime.now(timezone.utc))
+    await loop.reconcile_once()  # the pass the Hello wakes, before the agent's first heartbeat
+    assert (await _bg(cluster))[replica] == (drained, "unknown")
+    await _report_running(cluster, {replica: (drained, "running")})
+    await loop.reconcile_once()
+    assert await _bg(cluster) == before  # still no room: the drained replica runs on
