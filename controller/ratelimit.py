@@ -38,6 +38,15 @@ class TokenBucket:
             return 0.0
         return (cost - self.tokens) / self.rate if self.rate > 0 else math.inf
 
+    def retune(self, rate: float, burst: float, now: float) -> None:
+        """A new rate and burst from `now` on, keeping what was spent: filled at the old rate up
+        to now, then no more than the new burst (a fresh bucket would hand out a full burst at
+        every change)."""
+        if not math.isnan(self.tokens):
+            self.tokens = min(burst, self.tokens + max(0.0, now - self.updated) * self.rate)
+            self.updated = now
+        self.rate, self.burst = rate, burst
+
 
 class Sampler:
     """Records (an audit entry, a log line) for a flood of like events, at most at a bucket's rate:

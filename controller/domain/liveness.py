@@ -251,8 +251,10 @@ class EvictionLimiter:
         if rate <= 0:
             return False
         bucket = self._buckets.get(zone)
-        if bucket is None or bucket.rate != rate:
+        if bucket is None:
             bucket = self._buckets[zone] = TokenBucket(rate, max(1.0, rate))
+        elif bucket.rate != rate:  # the zone turned (un)healthy: what it spent stays spent
+            bucket.retune(rate, max(1.0, rate), now)
         return bucket.take(now) == 0.0
 
 

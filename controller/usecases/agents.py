@@ -483,7 +483,7 @@ def _accept_hello(uow: UnitOfWork, h: Hello, row: m.Node | None, now: datetime) 
     before = (row.health, row.evicted_at is not None)
     row.health = m.NodeHealth.SUSPECT if h.damped else m.NodeHealth.UP
     row.last_heartbeat_at = now
-    row.evicted_at = None
+    repo.clear_eviction(row)
     if before == (row.health, False):
         return False
     if h.damped:

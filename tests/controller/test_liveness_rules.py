@@ -77,6 +77,21 @@ def test_the_eviction_limiter_spends_one_bucket_per_zone() -> None:
     assert not limiter.allow("z3", 0.0, 100.0)                                         # rate 0: never
 
 
+def test_a_zone_whose_rate_changes_keeps_what_it_spent() -> None:
+    """A zone hovering at the unhealthy threshold (a node flapping) switches between the two
+    rates pass after pass: each switch made a fresh bucket with a full burst, and the zone turning
+    unhealthy, which should slow evictions, granted one at once (20 in 20 s at 0.1 and 0.01 a
+    second; found in review)."""
+    limiter = EvictionLimiter()
+    allowed = sum(limiter.allow("z1", 0.1 if second % 2 == 0 else 0.01, 1000.0 + second) for second in range(20))
+    assert allowed <= 3  # the burst (1) and at most 20 s x 0.1 a second
+    limiter = EvictionLimiter()
+    assert limiter.allow("z1", 0.5, 0.0) and not limiter.allow("z1", 0.25, 0.0)  # the one token spent stays spent
+    assert limiter.allow("z1", 0.25, 4.0)  # 4 s at 0.25 a second: one more
+    assert [limiter.allow("z1", 5.0, 4.0) for _ in range(2)] == [False, False]  # a faster rate holds no more yet
+    assert limiter.allow("z1", 5.0, 4.2) and not limiter.allow("z1", 0.5, 4.2)
+
+
 def test_flapping_is_damped_until_the_penalty_decays() -> None:
     damper = FlapDamper(half_life_s=60, suppress=2.5, reuse=1)
     damper.dropped("a", 0.0)

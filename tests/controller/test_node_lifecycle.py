@@ -833,3 +833,35 @@ async def test_an_old_replica_stuck_starting_since_before_the_rollout_still_make
     for _ in range(3):
         await loop.reconcile_once(force=True)
     assert [(node, revision) for node, revision in (await _revisions(cluster, "svc")).values()] == [(only, 2)]
+
+
+async def test_a_hello_that_races_an_eviction_clears_it(cluster: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lifecycle's eviction commits after a Hello read the node row and before it writes: the
+    Hello's flush wrote only the columns it changed as read, not `evicted_at` (read NULL, set
+    None), and the node was up and evicted at once: its next outage counted as evicted already
+    (its work moved at the down grace) and the lifecycle never evicted it again (found in review)."""
+    node = "rack-a-n0"
+    now = datetime.now(timezone.utc)
+    async with cluster.unit_of_work() as uow:
+        await liveness.apply_transitions(uow, [Transition(node, "down", "silent")], now)
+    read_rows = repo.node_rows_by_id
+    evicted: list[bool] = []
+
+    async def read_then_evicted(session, ids):  # type: ignore[no-untyped-def]
+        rows = await read_rows(session, ids)
+        if not evicted:  # the lifecycle's write, on a connection of its own
+            async with cluster.unit_of_work() as other:
+                written = await liveness.apply_transitions(
+                    other, [Transition(node, "down", "silent past the eviction grace", evict=True, was="down")], now)
+            evicted.append(bool(written) and written[0].evict)
+        return rows
+
+    monkeypatch.setattr(agents.repo, "node_rows_by_id", read_then_evicted)
+    async with cluster.unit_of_work() as uow:
+        session_id = (await uow.session.get(m.Node, node)).session_id
+    async with cluster.unit_of_work() as uow:
+        await agents.hello(uow, WHO, node, session_id, now)
+    assert evicted == [True]
+    async with cluster.unit_of_work() as uow:
+        row = await uow.session.get(m.Node, node)
+        assert (row.health, row.evicted_at) == (m.NodeHealth.UP, None)

@@ -10,7 +10,7 @@ from sqlalchemy import Row, and_, bindparam, null, or_, func, select, update
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.attributes import flag_modified, set_committed_value
 
 from controller.store import models as m
 from controller.store.inlist import any_of
@@ -94,6 +94,15 @@ async def node_health_by_zone(session: AsyncSession) -> tuple[dict[str, int], di
         if health is not m.NodeHealth.UP:
             unhealthy[zone] = unhealthy.get(zone, 0) + count
     return total, unhealthy
+
+
+def clear_eviction(row: m.Node) -> None:
+    """The node's work no longer evicted (its agent is back), written whatever was read: an
+    eviction committed after the row was read (the node lifecycle's own transaction) kept its
+    time where the flush of a column read as NULL wrote nothing, and the node was up and evicted
+    at once: its next outage counted as evicted at the down grace, and it was never evicted again."""
+    row.evicted_at = None
+    flag_modified(row, "evicted_at")
 
 
 async def set_node_health(session: AsyncSession, node_id: str, health: m.NodeHealth, *,
