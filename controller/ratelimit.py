@@ -120,11 +120,13 @@ class SubmitLimits:
             self.changes.check(who.tenant)
 
     def start_dry_run(self, tenant: str) -> None:
-        """Take a dry run's rate token and a solver slot (release with `end_dry_run`)."""
-        self.dry_runs.check(tenant)
+        """Take a solver slot and a dry run's rate token (release with `end_dry_run`). No slot
+        free: refused before the token is taken (a tenant kept out by others' dry runs, trying
+        again when told, spent its whole minute on refusals, then was refused for its rate)."""
         if self._running >= self.dry_run_slots:
             raise rate_limited(f"{self._running} dry run(s) are being solved now (at most {self.dry_run_slots})",
                                self.dry_run_time_limit_ms / 1000)
+        self.dry_runs.check(tenant)
         self._running += 1
 
     def end_dry_run(self) -> None:

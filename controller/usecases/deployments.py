@@ -8,6 +8,7 @@ Deletion marks it DELETING; the reconciler releases its shards and removes the r
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass, replace
 from collections.abc import Sequence
@@ -365,11 +366,20 @@ async def dry_run_deployment(db: Database, who: Principal, spec: DeploymentSpec,
     if throttle is None:
         return await _dry_run(db, who, spec, time_limit_ms, replace_existing, allow_preemption)
     throttle.start_dry_run(spec.tenant)
-    try:
-        return await _dry_run(db, who, spec, min(time_limit_ms, throttle.dry_run_time_limit_ms), replace_existing,
-                              allow_preemption)
-    finally:
-        throttle.end_dry_run()
+    # The slot is held until the solve ends, not the call: a call cancelled (its client gone, its
+    # deadline past) left its solve running in a worker thread with the slot free, and a tenant
+    # with short deadlines ran as many solves at once as it liked, in the loop's default executor
+    # the reconciler's warm cache waits on (found in review).
+    solving = asyncio.ensure_future(_dry_run(db, who, spec, min(time_limit_ms, throttle.dry_run_time_limit_ms),
+                                             replace_existing, allow_preemption))
+    solving.add_done_callback(lambda done: _dry_run_ended(throttle, done))
+    return await asyncio.shield(solving)
+
+
+def _dry_run_ended(throttle: SubmitLimits, done: asyncio.Future[DeploymentView]) -> None:
+    throttle.end_dry_run()
+    if not done.cancelled():
+        done.exception()  # read: a caller gone no longer does
 
 
 async def _dry_run(db: Database, who: Principal, spec: DeploymentSpec, time_limit_ms: int,

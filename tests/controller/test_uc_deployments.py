@@ -9,13 +9,15 @@ from dataclasses import replace
 import pytest
 from sqlalchemy import text
 
-from controller.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from controller.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from controller.identity import Principal, Role
+from controller.ratelimit import KeyedRateLimiter, SubmitLimits
 from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store import rollout
 from controller.store.db import UnitOfWork
-from controller.usecases import deployments, updates
+from controller.usecases import deployments, planning, updates
 from controller.domain.values import DeploymentSpec, Spread
 from controller.usecases.ports import RecordingSignals
 from controller.usecases import capacity as capacity_module
@@ -27,6 +29,7 @@ from uc_builders import (
 )
 
 GOOD = deployment("svc", "t1", replicas=2, shards=2, accelerators=1)
+TENANT = Principal("lab", role=Role.TENANT, tenant="t1")
 
 
 async def test_submit_stores_pending_and_wakes(cluster):
@@ -207,6 +210,56 @@ async def test_a_dry_run_of_a_running_deployment_as_it_is_keeps_what_it_holds(cl
     for spec, placed in ((serve, 2), (replace(serve, replicas=1), 1), (replace(serve, priority=1), 2)):
         view = await deployments.dry_run_deployment(cluster, WHO, spec, time_limit_ms=2000, replace_existing=True)
         assert view.placed_replicas == placed, (spec, view.reasons)
+
+
+async def test_a_cancelled_dry_run_holds_its_slot_until_its_solve_ends(cluster, monkeypatch):
+    """gRPC cancels a call whose client went or whose deadline passed; its solve runs on in a
+    worker thread. The slot was freed at once: a tenant with short deadlines ran as many solves
+    at once as it liked (6 with --dry-run-slots 1; found in review)."""
+    entered, release = threading.Event(), threading.Event()
+    solve = planning._solve_sync
+
+    def held_solve(problem, time_limit_ms):  # type: ignore[no-untyped-def]
+        entered.set()
+        release.wait(30)
+        return solve(problem, time_limit_ms)
+
+    monkeypatch.setattr(planning, "_solve_sync", held_solve)
+    limits = SubmitLimits(KeyedRateLimiter(0, "submits"), KeyedRateLimiter(30, "dry runs"), dry_run_slots=1)
+    call = asyncio.create_task(deployments.dry_run_deployment(cluster, TENANT, GOOD, time_limit_ms=2000,
+                                                              throttle=limits))
+    assert await asyncio.to_thread(entered.wait, 30)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    with pytest.raises(ResourceExhausted, match="1 dry run\\(s\\) are being solved now"):
+        limits.start_dry_run("t1")  # the solve goes on: its slot too
+    release.set()
+    for _ in range(3000):
+        try:
+            limits.start_dry_run("t1")
+            break
+        except ResourceExhausted:
+            await asyncio.sleep(0.01)
+    else:
+        pytest.fail("the slot was never freed after the solve ended")
+    limits.end_dry_run()
+
+
+def test_a_dry_run_refused_for_want_of_a_slot_spends_none_of_the_tenants_rate():
+    """A tenant kept out by others' dry runs, trying again as told, spent its whole minute on
+    refusals and was then refused for its rate (found in review)."""
+    limits = SubmitLimits(KeyedRateLimiter(0, "submits"), KeyedRateLimiter(2, "dry runs"), dry_run_slots=1)
+    limits.start_dry_run("other")
+    for _ in range(5):
+        with pytest.raises(ResourceExhausted, match="being solved now"):
+            limits.start_dry_run("t1")
+    limits.end_dry_run()
+    for _ in range(2):  # its two a minute, untouched
+        limits.start_dry_run("t1")
+        limits.end_dry_run()
+    with pytest.raises(ResourceExhausted, match="tenant t1 exceeded 2 dry runs a minute"):
+        limits.start_dry_run("t1")
 
 
 async def test_dry_run_of_unplaceable_says_why(cluster):
