@@ -540,6 +540,15 @@ async def verify_chain(session: AsyncSession, *, expected_head: tuple[int, str] 
         return ChainReport(False, 0, head.seq, head.hash, base.seq + 1, (
             f"the base record (audit_base id=1) names entry {base.seq} but no time: it was not written by retention"),
             base.seq + 1)
+    # Retention deletes all it moves the base past, in one transaction: an entry at or before the
+    # base still stored (and listed) was left by a base moved by hand, and would go unchecked.
+    first_left, left = (await session.execute(
+        select(func.min(AuditEntry.seq), func.count()).where(AuditEntry.seq <= base.seq))).one()
+    if left:
+        return ChainReport(False, 0, head.seq, head.hash, first_left, (
+            f"{left} entries at or before the base (entry {base.seq}, where the chain begins) are still stored, the "
+            f"first {first_left}: retention deletes what it moves the base past, so the base was moved by hand and "
+            "would leave them unchecked"), base.seq + 1)
     prev_seq, prev_hash, entries = base.seq, base.hash, 0
 
     def broken(seq: int, problem: str) -> ChainReport:

@@ -136,7 +136,24 @@ async def test_a_base_moved_past_entries_kept_breaks_the_link(database: Database
     assert await _prune(database) == 2
     await _sql(database, "UPDATE audit_base SET seq = 3")  # the base claims entry 3 was deleted too
     report = await _verify(database)
+    assert not report.intact and report.first_bad_seq == 3 and "1 entries at or before the base" in report.problem
+    await _sql(database, "DELETE FROM audit_log WHERE seq = 3")
+    report = await _verify(database)
     assert not report.intact and report.first_bad_seq == 4 and "does not link to entry 3" in report.problem
+
+
+async def test_a_base_moved_by_hand_over_entries_kept_leaves_none_of_them_unchecked(database: Database) -> None:
+    """The base pointed at an entry still stored, with its own hash and time, and an entry
+    before it edited: verify began after the base and said intact, an --expect-head saved
+    before too, while ListAuditEvents served the edited entry (found in review)."""
+    await _append(database, 0, 1, 2, 3, 4, 5)
+    head = await _verify(database)
+    await _sql(database, "UPDATE audit_base SET seq = 3, hash = (SELECT hash FROM audit_log WHERE seq = 3), "
+                         "at = (SELECT at FROM audit_log WHERE seq = 3)",
+               "UPDATE audit_log SET actor = 'someone-else' WHERE seq = 2")
+    report = await _verify(database, expected_head=(head.head_seq, head.head_hash))
+    assert not report.intact and report.first_bad_seq == 1
+    assert "3 entries at or before the base (entry 3, where the chain begins) are still stored" in report.problem
 
 
 async def test_an_expected_head_at_the_base_is_checked_and_one_before_it_fails_unchecked(
