@@ -28,6 +28,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 from contextvars import ContextVar, Token
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -39,6 +40,7 @@ from sqlalchemy import Row, TextClause, bindparam, case, delete, event, func, in
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from controller import limits
 from controller.store.inlist import POSTGRESQL, dialect_of, session_dialect
 from controller.store.models import AuditBase, AuditEntry, AuditHead, as_utc, utcnow
 from controller.store.marks import refused_by_null, rowcount_unread
@@ -87,11 +89,27 @@ class ChainReport:
 
 
 def _clean(text: Any, limit: int) -> str:
-    """Printable text within `limit` characters (NUL and control characters never reach the DB)."""
+    """Printable text within `limit` characters (NUL and control characters never reach the DB);
+    a longer one cut, ending "…". A cut never splits what may be an id: a prefix of another
+    tenant's id is no id the tenant redactor knows (a tenant read "northwind-" of one in a long
+    watchdog alarm), so the cut goes before it."""
     text = str(text)
     if not text.isprintable():
         text = "".join(ch if ch.isprintable() else "\ufffd" for ch in text)
-    return text[:limit]
+    if len(text) <= limit:
+        return text
+    kept = text[:limit - 1]
+    cut = _ID_RUN.match(text, limit - 1)  # the cut falls inside a run of id characters
+    if cut is not None:
+        start = _ID_RUN_END.search(kept).start()  # type: ignore[union-attr]  (it matches "" at least)
+        if cut.end() - start <= limits.ID_MAX:  # a longer run is no id
+            kept = kept[:start]
+    return kept + "…"
+
+
+# Runs of what ids are made of (`usecases.validation.ID_RE`): one from a place, one ending a text.
+_ID_RUN = re.compile(r"[-A-Za-z0-9_.]+")
+_ID_RUN_END = re.compile(r"[-A-Za-z0-9_.]*\Z")
 
 
 # Types `_clean_json` keeps as they are, exactly these (checked first: the ABC checks below cost

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import event, select, text
 from sqlalchemy.exc import IntegrityError
 
-from controller.identity import CONTROLLER
+from controller.identity import CONTROLLER, Principal, Role
 from controller.store import audit, pg_driver
 from controller.store import models as m
 from controller.store import repositories as repo
@@ -21,6 +21,7 @@ from controller.store.db import Database
 from controller.store.marks import deferred_writes
 from controller.store.sqlite_driver import counted_trips
 from controller.usecases import audit as cases
+from controller.usecases.redaction import redactor_for
 
 
 def _record(i: int, tenant: str = "a") -> AuditRecord:
@@ -177,6 +178,29 @@ async def test_unprintable_and_overlong_values_are_stored_cleaned(database: Data
     assert (await _verify(database)).intact
 
 
+@pytest.mark.parametrize("db_backend", ["sqlite"])
+async def test_a_long_text_is_never_cut_inside_an_id(database: Database) -> None:
+    """A watchdog alarm names every tenant of a rack and their deployments: past 1,024 characters
+    it was cut wherever the count fell, and a cut inside another tenant's id left a prefix the
+    tenant redactor (whole ids) did not know: a tenant read "northwind-" (found in review)."""
+    secret = "northwind-confidential-genomics"
+    head = "rack rack-07 holds tenant alpha (dedicated_rack) together with "
+    message = head + ("x " * 600)[:1013 - len(head)] + f" {secret}/train-2 on rack-07-node-02"
+    assert message[1014:1023] == secret[:9]  # the 1,024-character cut falls inside the id
+    await _append(database, AuditRecord(actor="isolation-watchdog", action="isolation.violation", tenant="alpha",
+                                        detail={"message": message, "short": "alpha bravo-labs-x y"}),
+                  AuditRecord(actor="y" * 200, action="a" * 127 + " b"))
+    async with database.unit_of_work() as uow:
+        alarm, long_actor = [cases.AuditEventView(**row._asdict()) for row in await audit.list_entries(uow.session)]
+        seen = cases.as_seen_by_tenant(alarm, redactor_for(Principal("alpha-ci", Role.TENANT, tenant="alpha"),
+                                                           ("alpha", secret)))
+    assert alarm.detail["message"] == message[:1014] + "…" and secret[:9] not in seen.detail["message"]
+    assert alarm.detail["short"] == "alpha bravo-labs-x y"  # within the limit: as it was
+    assert long_actor.actor == "y" * 127 + "…"  # a run longer than any id is cut where it falls
+    assert long_actor.action == "a" * 127 + "…"
+    assert (await _verify(database)).intact
+
+
 def _forged_next(seq: int, prev_hash: str) -> str:
     """An INSERT of a well-formed entry an attacker computed with the published algorithm."""
     values = {"seq": seq, "at": audit.utcnow(), "prev_hash": prev_hash, "detail": {}, "request_id": "", "actor": "evil",
@@ -267,8 +291,9 @@ def test_entries_hash_and_clean_as_the_canonical_form_says() -> None:
                                "moved": ["a", 1], "nested": {"ok": True, "none": None, "kind": _Kind.ONE},
                                "when": "2026-12-02 13:00:00.123456+00:00"}
     assert first["hash"] == "005daec3beb9c70f12f4fdceee0a3a3b3211a8f23bc143913e6acd94454ad18a" == entry_hash(first)
-    assert second["hash"] == "3a11a8d20a5f49aed324dea28e33251d78a8d9320beb157b47b1c6721b36bd99" == entry_hash(second)
-    assert second["prev_hash"] == first["hash"] and second["actor"] == "x" * 128
+    # Cut, and said so ("…"; since 2026-12-07: entries stored before hold 128 characters and no mark).
+    assert second["hash"] == "8499de2959a376feae9d22914c8c61050c82f2a5160d28e18e75b39676de012c" == entry_hash(second)
+    assert second["prev_hash"] == first["hash"] and second["actor"] == "x" * 127 + "…"
 
 
 @pytest.mark.parametrize("db_backend", ["sqlite"])
