@@ -254,9 +254,12 @@ UNAUTHENTICATED_LINES_PER_MINUTE = 10.0
 # the console's event streams): each is a queue every deployment event is put on.
 STREAMS_PER_TOKEN = 64
 UNAUTHENTICATED_LINES_BURST = 10.0
-# Calls refused with a retry time (busy, rate limited): audited at most this often, the rest counted.
+# Calls refused with a retry time (busy, rate limited): audited at most this often, the rest counted,
+# a tenant's callers' in a bucket of the tenant's own.
 RETRY_LATER_AUDITS_PER_MINUTE = 60.0
 RETRY_LATER_AUDITS_BURST = 20.0
+# ... a bucket per tenant (and one for admins and agents): samplers kept at most (tenants: <= 1024).
+RETRY_LATER_SAMPLERS_MAX = 4096
 
 # --- the reconciler ----------------------------------------------------------------------------
 QUARANTINE_AFTER_FAILURES = 3       # solver failures of one deployment before it is set aside

@@ -64,7 +64,7 @@ from controller.api.interceptors import as_maia_error, code_of, reads_only, stat
 from controller.api.interceptors.status import DATABASE_FAILED_RETRY_MS
 from controller.api.targets import describe_target
 from controller.domain.values import deployment_key
-from controller.identity import current_principal, new_request_id
+from controller.identity import Role, current_principal, new_request_id
 from controller.ratelimit import Sampler
 from controller.store.audit import AuditRecord, CallEntry, close_call, open_call
 from controller.store.db import Database
@@ -115,7 +115,8 @@ class AuditInterceptor(aio.ServerInterceptor):
     def __init__(self, db: Database, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._failures = db.failures  # the pause a caller the database failed is told grows with it
         self._entries = audit.EntryWriter(db)  # the entries of calls that failed or wrote nothing
-        self._retry_later = Sampler(limits.RETRY_LATER_AUDITS_PER_MINUTE, limits.RETRY_LATER_AUDITS_BURST, clock)
+        self._clock = clock
+        self._retry_later: dict[str, Sampler] = {}  # a tenant's callers' own (`_retry_later_of`)
         self._settling: set[asyncio.Task[None]] = set()  # calls left while a batch held them (`_after_batch`)
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
@@ -206,6 +207,20 @@ class AuditInterceptor(aio.ServerInterceptor):
         return replace(entry, outcome=outcome, detail={**entry.detail, **({"message": message} if message else {}),
                                                        **({"retry_after_ms": retry} if retry is not None else {})})
 
+    def _retry_later_of(self, entry: AuditRecord) -> Sampler:
+        """The sampler of the calls refused with a retry time a call's entry belongs to: a tenant
+        token's its tenant's own, everyone else's (admins, agents) one more. One for all let a
+        tenant's flood leave another tenant's refusals unaudited, and read their count in its own
+        entries' `unaudited_before`."""
+        key = entry.tenant if entry.role == Role.TENANT.value else ""
+        sampler = self._retry_later.get(key)
+        if sampler is None:
+            if len(self._retry_later) >= limits.RETRY_LATER_SAMPLERS_MAX:  # tenants are far fewer
+                self._retry_later.clear()
+            sampler = self._retry_later[key] = Sampler(limits.RETRY_LATER_AUDITS_PER_MINUTE,
+                                                       limits.RETRY_LATER_AUDITS_BURST, self._clock)
+        return sampler
+
     async def _record(self, entry: AuditRecord, sent: CallEntry | None = None) -> None:
         """A failed call's entry (or a call that committed nothing), in its own transaction with
         those of the calls that ended meanwhile (`audit.EntryWriter`); of
@@ -213,7 +228,7 @@ class AuditInterceptor(aio.ServerInterceptor):
         None when the call's entry was `sent` with a commit whose answer was lost and it landed
         (the call went on alone, or failed UNAVAILABLE 'may have landed'): it has its entry."""
         if entry.outcome != "OK" and (entry.detail.get("retry_after_ms") is not None or entry.outcome in ABANDONED):
-            skipped = self._retry_later.sample()
+            skipped = self._retry_later_of(entry).sample()
             if skipped is None:
                 return
             if skipped:

@@ -277,7 +277,7 @@ async def test_a_call_cancelled_after_its_entry_was_written_does_not_spend_the_s
     the calls left out before it went with it, said by no entry."""
     now = [0.0]
     auditor = AuditInterceptor(database, clock=lambda: now[0])
-    auditor._retry_later = Sampler(1.0, 1.0, lambda: now[0])
+    auditor._retry_later = {"": Sampler(1.0, 1.0, lambda: now[0])}  # the bucket of callers with no tenant
     gave_up = AuditRecord(actor="agent", action="/maia.v1.NodeAgentService/Register", object_kind="node",
                           object_id="n1", outcome="CANCELLED")
     for _ in range(2):  # one written, one left out
@@ -297,6 +297,32 @@ async def test_a_call_cancelled_after_its_entry_was_written_does_not_spend_the_s
         entries = await audit.list_entries(uow.session, limit=1000)
     assert [(e.actor, e.outcome, e.detail.get("unaudited_before")) for e in entries] == [
         ("agent", "CANCELLED", None), ("committed", "OK", None), ("agent", "CANCELLED", 1)]
+
+
+async def test_a_tenants_refused_calls_are_sampled_apart_from_other_tenants(database: Database) -> None:
+    """One bucket for the whole controller: a tenant's flood of rate-limited calls left another
+    tenant's refusals without an entry, and the flooder's next entry counted them in
+    `unaudited_before`, which its own token reads (found in review)."""
+    now = [0.0]
+    auditor = AuditInterceptor(database, clock=lambda: now[0])
+
+    def refused(tenant: str) -> AuditRecord:
+        return AuditRecord(actor=f"{tenant}-ci", role="tenant", tenant=tenant, action=f"{DEPLOYMENTS}SubmitDeployment",
+                           object_kind="deployment", object_id=f"{tenant}/x", outcome="RESOURCE_EXHAUSTED",
+                           detail={"retry_after_ms": 500})
+
+    flood = int(limits.RETRY_LATER_AUDITS_BURST)
+    for _ in range(flood + 3):
+        await auditor._record(refused("t1"))
+    for _ in range(2):
+        await auditor._record(refused("t2"))
+    await auditor._record(replace(refused("t1"), role="admin", actor="root"))  # an admin's: a bucket of its own
+    now[0] = 60.0 / limits.RETRY_LATER_AUDITS_PER_MINUTE  # one more token a bucket
+    await auditor._record(refused("t1"))
+    async with database.unit_of_work() as uow:
+        entries = await audit.list_entries(uow.session, limit=1000)
+    seen = [(e.actor, e.detail.get("unaudited_before")) for e in entries]
+    assert seen == [("t1-ci", None)] * flood + [("t2-ci", None)] * 2 + [("root", None), ("t1-ci", 3)]
 
 
 async def test_entries_of_calls_that_end_together_are_appended_in_one_transaction(database: Database) -> None:
