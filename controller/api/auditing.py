@@ -104,7 +104,9 @@ def outcome_of(method: str, context: aio.ServicerContext | None, failed: BaseExc
         return status_for(known).name, known.message, known.retry_after_ms
     if isinstance(failed, aio.AbortError) and context is not None:  # an interceptor further in aborted
         return code_of(context, failed), (context.details() if hasattr(context, "details") else "") or "", None
-    if isinstance(failed, asyncio.CancelledError):
+    if isinstance(failed, asyncio.CancelledError):  # as the log and the metrics count it (`code_of`)
+        if context is not None and code_of(context, failed) == grpc.StatusCode.DEADLINE_EXCEEDED.name:
+            return grpc.StatusCode.DEADLINE_EXCEEDED.name, "the call's deadline passed", None
         return grpc.StatusCode.CANCELLED.name, "the call was cancelled", None
     return grpc.StatusCode.INTERNAL.name, type(failed).__name__, None
 

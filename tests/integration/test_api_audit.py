@@ -426,3 +426,32 @@ async def test_an_expected_head_no_log_could_have_is_invalid_argument(stubs: Stu
                                                                         expected_head_hash=hash_))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (refused.value.details() or "").startswith(says), refused.value.details()
+
+
+@pytest.mark.parametrize("left_s, outcome", [(0.0, "DEADLINE_EXCEEDED"), (5.0, "CANCELLED")])
+async def test_a_call_ended_by_its_deadline_is_audited_as_the_log_counts_it(database: Database, left_s: float,
+                                                                            outcome: str) -> None:
+    """gRPC cancels a handler whose deadline passed: the log and the metrics say DEADLINE_EXCEEDED
+    (`code_of`), and the audit said CANCELLED (found in review)."""
+    from types import SimpleNamespace
+
+    from controller.identity import Principal, Role, reset_principal, set_principal
+
+    async def behaviour(request: object, context: object) -> None:
+        raise asyncio.CancelledError()  # what gRPC does to a handler whose call ended under it
+
+    async def continuation(details: object) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(behaviour)
+
+    handler = await AuditInterceptor(database).intercept_service(
+        continuation, SimpleNamespace(method="/maia.v1.AdminService/CreateTenant"))
+    context = SimpleNamespace(invocation_metadata=lambda: (), time_remaining=lambda: left_s, code=lambda: None)
+    token = set_principal(Principal("alice", Role.ADMIN))
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await handler.unary_unary(admin_pb2.Tenant(id="lab"), context)
+    finally:
+        reset_principal(token)
+    async with database.unit_of_work() as uow:
+        [entry] = await audit.list_entries(uow.session)
+    assert entry.outcome == outcome

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import timezone
 
 import pytest
 from sqlalchemy import text
@@ -48,6 +49,10 @@ async def test_list_filters_by_tenant_and_pages(controller_app: ControllerApp, s
 
     page = await stubs.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest(page_size=3))
     assert [e.seq for e in page.events] == [1, 2, 3] and page.next_page_token
+    # --since to the microsecond: the entries of its second recorded before it were listed too
+    second = page.events[1].at.ToDatetime(tzinfo=timezone.utc)
+    code, out, _ = await _maiactl(controller_app, capsys, "audit", "list", "--since", second.isoformat(), "-o", "name")
+    assert (code, out.split()) == (0, ["audit/2", "audit/3", "audit/4"])
     rest = await stubs.audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest(page_size=3,
                                                                              page_token=page.next_page_token))
     assert [e.seq for e in rest.events] == [4] and not rest.next_page_token

@@ -13,7 +13,6 @@ import argparse
 import re
 from datetime import datetime, timezone
 
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from controller.cli.bounds import back_from, count
 from controller.cli.client import CliError, Exit
@@ -65,7 +64,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 def _events(args: argparse.Namespace, ctx: Context) -> list[audit_pb2.AuditEvent]:
     request = audit_pb2.ListAuditEventsRequest(tenant=args.tenant, page_size=_PAGE_SIZE)
     if args.since is not None:
-        request.since.CopyFrom(Timestamp(seconds=int(args.since.timestamp())))
+        request.since.FromDatetime(args.since)  # to the microsecond (whole seconds listed up to 1 s more)
     events: list[audit_pb2.AuditEvent] = []
     while True:
         page = ctx.controller.audit.ListAuditEvents(request, timeout=ctx.rpc_timeout)
