@@ -312,7 +312,8 @@ async def _append(session: AsyncSession, records: Sequence[AuditRecord], *, at: 
         along = []
     if not records:
         return []
-    at = at or utcnow()
+    # In UTC: SQLite keeps a time's wall clock and drops its zone, and the hash is of the UTC time.
+    at = utcnow() if at is None else as_utc(at).astimezone(timezone.utc)
     rows: list[dict[str, Any]] = []
     inserted = False
     if known is not None and postgres:

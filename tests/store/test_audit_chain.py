@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -199,6 +199,19 @@ async def test_a_long_text_is_never_cut_inside_an_id(database: Database) -> None
     assert long_actor.actor == "y" * 127 + "…"  # a run longer than any id is cut where it falls
     assert long_actor.action == "a" * 127 + "…"
     assert (await _verify(database)).intact
+
+
+async def test_a_time_in_another_zone_is_written_as_it_is_hashed(database: Database) -> None:
+    """SQLite keeps a time's wall clock and drops its zone, the hash is of its UTC time: an
+    `append(at=)` of another zone broke the chain there (no caller passes one yet; found in review)."""
+    at = datetime(2026, 1, 1, 12, 0, tzinfo=timezone(timedelta(hours=2)))
+    async with database.unit_of_work() as uow:
+        await audit.append(uow.session, [AuditRecord(actor="a", action="x")], at=at)
+        await uow.commit()
+    assert (await _verify(database)).intact
+    async with database.unit_of_work() as uow:
+        (entry,) = await audit.list_entries(uow.session)
+    assert m.as_utc(entry.at) == at
 
 
 def _forged_next(seq: int, prev_hash: str) -> str:
