@@ -255,6 +255,9 @@ class Reconciler:
             await self._make_room(last_started)
             self._wake.clear()
             if not self._lease.should_run():
+                # A follower runs no pass: the failures it had as leader say nothing of it now
+                # (kept, health said NOT_SERVING until it led again and a pass went through).
+                self.consecutive_failures = 0
                 continue
             last_started = time.perf_counter()
             try:

@@ -152,3 +152,51 @@ async def test_a_commit_between_failures_ends_their_run(monkeypatch: pytest.Monk
         clock[0] = t
         db.failures.failed(TimeoutError())
     assert db.failures.failing_for_s() == 20.0 and db.failures.retry_after_ms() == 5000
+
+
+async def test_a_leader_deposed_after_failed_passes_serves_again_as_a_follower(cluster: Database) -> None:
+    """Passes fail (the database restarting), the lease lapses meanwhile and another controller
+    leads: the failures were reset only by a pass that went through, which a follower never runs,
+    and it said NOT_SERVING until it led again (Kubernetes took the standby out of its Service;
+    found in review)."""
+    import asyncio
+
+    from controller.reconcile import Reconciler
+    from uc_builders import no_publish
+
+    class Lease:
+        leading = True
+
+        def should_run(self) -> bool:
+            return self.leading
+
+    lease = Lease()
+    loop = Reconciler(cluster, push=lambda nodes: None, publish=no_publish, lease=lease, interval_s=0.02)
+    checked = loop._checks.before_pass
+    outage = [True]
+
+    async def before_pass(uow):  # type: ignore[no-untyped-def]
+        if outage[0]:
+            raise OperationalError("SELECT ...", None, Exception("connection refused"))
+        return await checked(uow)
+
+    loop._checks.before_pass = before_pass  # type: ignore[method-assign]
+    health = _Health()
+    monitor = HealthMonitor(health, [""], db=cluster, reconciler=loop, max_rss_mib=0, stuck_s=60,
+                            failures_unhealthy=3)
+    task = asyncio.create_task(loop.run())
+    try:
+        while loop.consecutive_failures < 3:
+            await asyncio.sleep(0.02)
+        await monitor.check_once()
+        assert health.status[""] == NOT_SERVING  # the leader's passes fail
+        lease.leading, outage[0] = False, False  # deposed; the database is back
+        for _ in range(500):
+            await asyncio.sleep(0.02)
+            await monitor.check_once()
+            if health.status[""] == SERVING:
+                break
+        assert health.status[""] == SERVING, monitor.problems
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
