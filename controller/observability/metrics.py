@@ -131,13 +131,15 @@ def cluster_families(g: ClusterGauges) -> Iterator[Metric]:
     yield _gauge("maia_node_heartbeat_lag_max_seconds",
                  "Longest time since the last heartbeat among a rack's up and suspect nodes (the leader only).",
                  ["rack"], {(rack,): lag for rack, lag in g.heartbeat_lag_max_s.items()})
-    yield _gauge("maia_rack_power_used_watts", "Idle power of up nodes plus placed shards' power, per rack.",
+    yield _gauge("maia_rack_power_used_watts", "Idle power of nodes (not down ones whose work was evicted) plus placed "
+                 "shards' power, per rack: what the budget bounds.",
                  ["rack", "row"], {(r.id, r.parent): r.used_w for r in g.racks})
     yield _gauge("maia_rack_power_budget_watts", "Power budget per rack (racks with a budget).", ["rack", "row"],
                  {(r.id, r.parent): r.budget_w for r in g.racks if r.budget_w is not None})
     yield _gauge("maia_rack_power_draw_watts", "Power the agents of a rack's up nodes last reported.", ["rack", "row"],
                  {(r.id, r.parent): r.draw_w for r in g.racks})
-    yield _gauge("maia_row_power_used_watts", "Idle power of up nodes plus placed shards' power, per row.",
+    yield _gauge("maia_row_power_used_watts", "Idle power of nodes (not down ones whose work was evicted) plus placed "
+                 "shards' power, per row: what the budget bounds.",
                  ["row", "zone"], {(r.id, r.parent): r.used_w for r in g.rows})
     yield _gauge("maia_row_power_budget_watts", "Power budget per row (rows with a budget).", ["row", "zone"],
                  {(r.id, r.parent): r.budget_w for r in g.rows if r.budget_w is not None})

@@ -136,9 +136,10 @@ async def _full_read(database: Database, heard: dict[str, datetime]) -> cluster.
             up = n.health is not m.NodeHealth.DOWN
             state = n.health.value if n.health is not m.NodeHealth.UP else "cordoned" if n.cordoned else "ready"
             states[state] += 1
+            if up or n.evicted_at is None:  # what the solver counts against the budget (`node_state`)
+                used[n.rack_id] += n.idle_power_w
             if not up:
                 continue
-            used[n.rack_id] += n.idle_power_w
             draw[n.rack_id] += n.power_draw_w
             contact = later_contact(n.last_heartbeat_at, heard.get(n.id))
             if contact is not None:
@@ -188,6 +189,7 @@ async def _random_changes(database: Database, rng: random.Random, round_: int) -
         for node_id in rng.sample([n["id"] for n in CLUSTER["nodes"]], 3):
             await s.execute(update(m.Node).where(m.Node.id == node_id).values(
                 health=rng.choice(list(m.NodeHealth)), cordoned=rng.random() < 0.3,
+                evicted_at=rng.choice((None, NOW - timedelta(seconds=30))),
                 power_draw_w=rng.choice((0.0, 120.5, 310.25)), idle_power_w=rng.choice((0.0, 90.0, 100.0)),
                 last_heartbeat_at=rng.choice((None, NOW - timedelta(seconds=rng.randint(0, 90)))),
                 # failed accelerators (an index beyond the node's too: not counted), or none

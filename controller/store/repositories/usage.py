@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Float, Row, and_, case, func, select
+from sqlalchemy import Float, Row, and_, case, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
@@ -122,13 +122,17 @@ _PLACED_BY_TENANT = (
 
 
 async def rack_power(session: AsyncSession) -> tuple[dict[str, float], dict[str, float]]:
-    """Per rack, summed by the database: the power placed on it (the idle power of its nodes that
-    are not down, plus every placed shard's power on its nodes, down ones included: still placed)
-    and the power its up nodes' agents last reported. Two queries, a row per rack each."""
+    """Per rack, summed by the database: the power placed on it, as the solver counts it against
+    the budget (the idle power of its nodes but those down with their work evicted, plus every
+    placed shard's power on its nodes, down ones included: still placed) and the power its nodes
+    not down last reported. Two queries, a row per rack each. A node down, its work not evicted
+    yet, was left out: the gauge showed room the scheduler refused to use (`snapshot.node_state`)."""
     used: dict[str, float] = defaultdict(float)
     draw: dict[str, float] = {}
-    idle = (select(m.Node.rack_id, func.sum(m.Node.idle_power_w), func.sum(m.Node.power_draw_w))
-            .where(m.Node.health != m.NodeHealth.DOWN).group_by(m.Node.rack_id))
+    not_down = m.Node.health != m.NodeHealth.DOWN
+    idle = (select(m.Node.rack_id, func.sum(m.Node.idle_power_w),
+                   func.sum(case((not_down, m.Node.power_draw_w), else_=0.0)))
+            .where(or_(not_down, m.Node.evicted_at.is_(None))).group_by(m.Node.rack_id))
     for rack_id, idle_w, draw_w in await session.execute(idle):
         used[rack_id] += float(idle_w or 0.0)
         draw[rack_id] = float(draw_w or 0.0)
