@@ -195,7 +195,7 @@ class ControllerMetrics:
                                            registry=r, buckets=PLACED_BUCKETS_S)
         self.rpcs = Counter("maia_grpc_server_handled", "gRPC calls completed, by method and status code.",
                             ["service", "method", "code"], registry=r)
-        self.rpc_duration = _Histogram("maia_grpc_server_handling_seconds", "gRPC call duration, by method.",
+        self.rpc_duration = _Histogram("maia_grpc_server_handling_seconds", "gRPC unary call duration, by method (streams: counted only).",
                                        ["service", "method"], registry=r, buckets=RPC_BUCKETS_S)
         self.rpc_queue_wait = _Histogram(
             "maia_grpc_server_queued_seconds",
@@ -387,10 +387,11 @@ class ControllerMetrics:
             child = self._children[(metric, values)] = metric.labels(*values)
         return child
 
-    def rpc_handled(self, full_method: str, code: str, seconds: float) -> None:
+    def rpc_handled(self, full_method: str, code: str, seconds: float | None) -> None:
         service, method = split_method(full_method)
         self._labelled(self.rpcs, service, method, code).inc()
-        self._labelled(self.rpc_duration, service, method).observe(seconds)
+        if seconds is not None:  # None: a stream's (`RpcObserver.rpc_handled`)
+            self._labelled(self.rpc_duration, service, method).observe(seconds)
 
     def rpc_queued(self, full_method: str, seconds: float) -> None:
         self._labelled(self.rpc_queue_wait, *split_method(full_method)).observe(seconds)

@@ -54,7 +54,9 @@ def _who() -> str:
 
 
 class RpcObserver(Protocol):
-    def rpc_handled(self, full_method: str, code: str, seconds: float) -> None: ...
+    def rpc_handled(self, full_method: str, code: str, seconds: float | None) -> None:
+        """A call ended with `code` after `seconds`; None for a stream's, whose life (a watch, an
+        agent's Connect: hours) is no call's duration."""
 
     def rpc_queued(self, full_method: str, seconds: float) -> None: ...
 
@@ -129,7 +131,10 @@ class MetricsInterceptor(_CompletionInterceptor):
 
     def completed(self, method: str, context: aio.ServicerContext, started: float,
                   failed: BaseException | None, request: Any = None) -> None:
-        self._observer.rpc_handled(method, code_of(context, failed), time.perf_counter() - started)
+        # A stream's (no `request`) is counted, not timed: its hours all fell in the histogram's
+        # +Inf, and the dashboard's p99 read the top bucket's bound (10 s) for each streaming method.
+        seconds = None if request is None else time.perf_counter() - started
+        self._observer.rpc_handled(method, code_of(context, failed), seconds)
 
 
 # The level a finished call's line is logged at, by its status code (`LoggingInterceptor`).
