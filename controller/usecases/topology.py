@@ -81,14 +81,14 @@ async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, si
                          dry_run: bool = False) -> TopologyView:
     """`dry_run`: every check, then the topology as it would be (`applied`); nothing written."""
     policy.require_admin(who, "changing the topology")
+    if not dry_run:  # before any row lock (the lock order: store/changes.py)
+        await repo.will_move_generation(uow.session)
     await _validate(uow, spec)
     stored = await get_topology(uow, who)
     after = applied(stored, spec)
-    if spec.rows or spec.racks:  # a budget lowered or a rack moved may overdraw what runs
-        _check_not_overdrawn(stored, after)
-        if _moves(stored, after):
-            _check_moves_keep_work((await load_snapshot(uow.session)).problem, stored, after)
-    if dry_run:
+    if spec.rows or spec.racks:  # a budget lowered or a rack moved may overdraw or break what runs
+        await _check_what_runs(uow, stored, after)
+    if dry_run or not changes(stored, after):  # the same again: nothing written, nothing woken
         return after
     s = uow.session
     for z in spec.zones:
@@ -100,6 +100,15 @@ async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, si
     for k in spec.racks:
         await repo.upsert(s, m.Rack, k.id, row_id=k.row, power_budget_w=k.power_budget_w)
     await repo.bump_cluster_generation(s, ClusterChange.topology())
+    # Again, holding the generation: the checks above hold no lock, and a plan commit that landed
+    # since them was checked against the old topology. Accepted, a tenant's shard stood outside
+    # its zones, a rack over its cut budget, and nothing moved them (found in review). A commit
+    # not landed yet waits for this one and finds the generation moved.
+    if spec.rows or spec.racks:  # against the old topology with what runs now
+        now = await get_topology(uow, who)
+        was = applied(now, TopologySpec(rows=tuple(r.spec for r in stored.rows),
+                                        racks=tuple(k.spec for k in stored.racks)))
+        await _check_what_runs(uow, was, now)
     changed = changes(stored, after)
     kept = dict(list(changed.items())[:CHANGES_KEPT])  # a first topology adds hundreds
     said = "; ".join(f"{item}: " + (", ".join(f"{name} {_said(was)} -> {_said(now)}"
@@ -175,6 +184,14 @@ def changes(stored: TopologyView, after: TopologyView) -> dict[str, dict[str, li
 
 def _said(value: Any) -> str:
     return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+async def _check_what_runs(uow: UnitOfWork, stored: TopologyView, after: TopologyView) -> None:
+    """`after` (a budget lowered, a rack moved) must not overdraw what runs where `stored` did
+    not, nor move it to break a rule it kept (`_check_not_overdrawn`, `_check_moves_keep_work`)."""
+    _check_not_overdrawn(stored, after)
+    if _moves(stored, after):
+        _check_moves_keep_work((await load_snapshot(uow.session)).problem, stored, after)
 
 
 def _overdrawn(view: TopologyView) -> dict[str, tuple[float, float]]:

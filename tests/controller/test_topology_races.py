@@ -1,0 +1,132 @@
+"""ApplyTopology beside the reconciler's plan commits (usecases/topology.py). Its checks of what
+runs (a budget cut, a rack moved) read without a lock, and a plan commit may land before its
+write: it checks again holding the generation, so the commit that landed is judged against the
+new topology. It takes the generation writers' lock before any row (PostgreSQL's lock order,
+store/changes.py). The same topology again writes and wakes nothing. Found in review."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from bench.checking import check_state
+from controller.errors import FailedPrecondition
+from controller.reconcile import Reconciler
+from controller.store import repositories as repo
+from controller.store.db import Database
+from controller.store.snapshot import load_snapshot
+from controller.usecases import topology
+from controller.usecases.ports import RecordingSignals
+from controller.domain.values import RackSpec, RowSpec, TopologySpec, ZoneSpec
+from uc_builders import WHO, add_nodes, add_tenant, apply_topology, deployment, every_row, no_publish, submit
+
+
+def _reconciler(db: Database) -> Reconciler:
+    return Reconciler(db, push=lambda nodes: None, publish=no_publish, solve_time_limit_ms=60_000, backoff_s=0.0)
+
+
+async def _apply(db: Database, spec: TopologySpec, signals: RecordingSignals | None = None) -> Any:
+    async with db.unit_of_work() as uow:
+        return await topology.apply_topology(uow, WHO, spec, signals or RecordingSignals())
+
+
+async def _placements(db: Database) -> list[dict[str, Any]]:
+    async with db.unit_of_work() as uow:
+        problem = (await load_snapshot(uow.session)).problem
+    assert not check_state(problem, problem["placements"])
+    return problem["placements"]
+
+
+TWO_ZONES = TopologySpec(zones=(ZoneSpec("z1"), ZoneSpec("z2")),
+                         rows=(RowSpec("row-a", "z1"), RowSpec("row-b", "z2")),
+                         racks=(RackSpec("rack-a", "row-a"), RackSpec("rack-b", "row-b")))
+
+
+async def test_a_rack_moved_while_a_plan_lands_zoned_work_on_it_is_refused(database: Database,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    await _apply(database, TWO_ZONES)
+    for rack in ("rack-a", "rack-b"):
+        await add_nodes(database, rack, 2)
+    await add_tenant(database, "t2", zones=("z2",))
+    loop = _reconciler(database)
+    await submit(database, deployment("resident", tenant="t2"))  # only rack-b (z2) may take it
+    read = topology.load_snapshot
+
+    async def then_a_plan_lands(session: Any, *args: Any, **kwargs: Any) -> Any:
+        snapshot = await read(session, *args, **kwargs)  # the move's check: nothing on rack-b
+        if not landed:
+            landed.append(await loop.reconcile_once())  # t2's shard committed on rack-b meanwhile
+        return snapshot
+
+    landed: list[Any] = []
+    monkeypatch.setattr(topology, "load_snapshot", then_a_plan_lands)
+    with pytest.raises(FailedPrecondition, match="moves racks or rows under work that runs now: t2/resident"):
+        await _apply(database, TopologySpec(racks=(RackSpec("rack-b", "row-a"),)))  # rack-b into z1
+    assert landed
+    monkeypatch.setattr(topology, "load_snapshot", read)
+    [placed] = await _placements(database)
+    assert placed["node"].startswith("rack-b")  # in z2 still: the move was not written
+
+
+async def test_a_budget_cut_while_a_plan_lands_is_refused(database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    await _apply(database, TopologySpec(zones=(ZoneSpec("z1"),), rows=(RowSpec("row-a", "z1"),),
+                                        racks=(RackSpec("rack-a", "row-a", 10_000.0),)))
+    await add_nodes(database, "rack-a", 2)  # 2 x 500 W idle
+    await add_tenant(database, "t1")
+    loop = _reconciler(database)
+    await submit(database, deployment("hot", accelerators=4, shard_power_w=1000.0, locality="node"))  # 4 kW
+    read = topology.get_topology
+
+    async def then_a_plan_lands(uow: Any, who: Any) -> Any:
+        view = await read(uow, who)
+        if not landed:
+            landed.append(await loop.reconcile_once())  # 4 kW lands after the check read 1 kW
+        return view
+
+    landed: list[Any] = []
+    monkeypatch.setattr(topology, "get_topology", then_a_plan_lands)
+    with pytest.raises(FailedPrecondition, match="rack rack-a uses 5 kW .* over its budget of 2 kW"):
+        await _apply(database, TopologySpec(racks=(RackSpec("rack-a", "row-a", 2_000.0),)))
+    monkeypatch.setattr(topology, "get_topology", read)
+    async with database.unit_of_work() as uow:
+        [rack] = (await topology.get_topology(uow, WHO)).racks
+    assert (rack.power_used_w, rack.spec.power_budget_w) == (5_000.0, 10_000.0)
+    assert len(await _placements(database)) == 1
+
+
+async def test_the_same_topology_again_writes_nothing_and_wakes_nothing(database: Database) -> None:
+    """It moved the generation (every plan in flight then committed stale and was solved again),
+    recorded a "no change" event and woke the reconciler."""
+    await _apply(database, TWO_ZONES)
+    before = await every_row(database)
+    signals = RecordingSignals()
+    view = await _apply(database, TWO_ZONES, signals)
+    assert await every_row(database) == before and signals.wakes == 0
+    assert [k.spec.id for k in view.racks] == ["rack-a", "rack-b"]
+
+
+@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_an_apply_beside_a_plan_commit_that_takes_the_generation_first_does_not_deadlock(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It flushed its rows (isolation_state locked by their trigger) before it took the generation
+    writers' lock: a whole-cluster plan commit holding that lock waited for isolation_state, and
+    the apply for the lock (PostgreSQL: deadlock detected, the pass failed)."""
+    await apply_topology(database, {"rack-a": "row-a"})
+    await add_nodes(database, "rack-a", 2)
+    await add_tenant(database, "t1")
+    await submit(database, deployment("svc"))
+    loop = _reconciler(database)
+    bump = repo.bump_cluster_generation
+    passes: list[asyncio.Task[Any]] = []
+
+    async def pass_meanwhile(session: Any, change: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if change is not None and change.kind.value == "topology" and not passes:
+            passes.append(asyncio.create_task(loop.reconcile_once(force=True)))
+            await asyncio.sleep(2.0)  # the pass commits now, or waits for this apply
+        return await bump(session, change, *args, **kwargs)
+
+    monkeypatch.setattr(repo, "bump_cluster_generation", pass_meanwhile)
+    await _apply(database, TopologySpec(rows=(RowSpec("row-n", "z1"),)))
+    await passes[0]
