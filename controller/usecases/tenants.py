@@ -205,19 +205,16 @@ async def update_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
     await _validate(uow, spec, writing=not dry_run)
     was = repo.tenant_spec(row)
     tight = tightening(was, spec)
-    broken = broken_by(spec.id, tight, await repo.placed_beside(uow.session, spec.id)) if tight else []
-    if broken:
-        shown = "; ".join(r.message for r in broken[:BROKEN_SHOWN])
-        more = f" (and {len(broken) - BROKEN_SHOWN} more)" if len(broken) > BROKEN_SHOWN else ""
-        raise FailedPrecondition(f"tenant {spec.id}: the new contract is broken by what runs now: {shown}{more}; "
-                                 f"move or delete that work first (maiactl drain NODE moves a node's)",
-                                 reasons=tuple(broken))
+    await _check_not_broken(uow, spec, tight)
     if dry_run:
         (view,) = await tenant_views(uow, [_unsaved(spec)])  # with what it uses now, as the update answers
         return view
     changed = changed_fields(was, spec)
     _write(row, spec)
     await repo.bump_cluster_generation(uow.session, ClusterChange.tenant(spec.id))
+    # Again, holding the generation: the check above holds no lock, and a plan commit that landed
+    # since it was checked against the old contract (as `topology.apply_topology` does).
+    await _check_not_broken(uow, spec, tight)
     await _still_there(uow, spec)
     said = ", ".join(f"{name} {before} -> {after}" for name, (before, after) in changed.items())
     repo.record_event(uow.session, actor=who.name, kind="tenant.updated", object_kind="tenant", object_id=spec.id,
@@ -227,6 +224,18 @@ async def update_tenant(uow: UnitOfWork, who: Principal, spec: TenantSpec, signa
     signals.wake_reconciler()
     (view,) = await tenant_views(uow, [row])
     return view
+
+
+async def _check_not_broken(uow: UnitOfWork, spec: TenantSpec, tight: Tightening) -> None:
+    """Refuse (FAILED_PRECONDITION, naming it) a stricter contract that what runs now breaks
+    (`tightening`, `broken_by`): the reconciler never moves placed work for a contract."""
+    broken = broken_by(spec.id, tight, await repo.placed_beside(uow.session, spec.id)) if tight else []
+    if broken:
+        shown = "; ".join(r.message for r in broken[:BROKEN_SHOWN])
+        more = f" (and {len(broken) - BROKEN_SHOWN} more)" if len(broken) > BROKEN_SHOWN else ""
+        raise FailedPrecondition(f"tenant {spec.id}: the new contract is broken by what runs now: {shown}{more}; "
+                                 f"move or delete that work first (maiactl drain NODE moves a node's)",
+                                 reasons=tuple(broken))
 
 
 def changed_fields(was: TenantSpec, now: TenantSpec) -> dict[str, list[Any]]:

@@ -170,6 +170,33 @@ async def test_a_stricter_contract_that_what_runs_breaks_is_refused(cluster):
     assert not [s for s in seen if "rows.zone_id" in s]  # and what runs around it is not read (placed_beside)
 
 
+async def test_a_stricter_contract_is_checked_again_against_a_plan_that_landed_meanwhile(cluster, monkeypatch):
+    """The check of what runs holds no lock: a plan commit that landed between it and the write
+    was checked against the old contract, and the exclusion was accepted with the excluded
+    tenant's shard beside it, for good (found in review, as for the topology)."""
+    await add_tenant(cluster, "t2")
+    loop = Reconciler(cluster, push=lambda nodes: None, publish=no_publish, solve_time_limit_ms=60_000, backoff_s=0.0)
+    await submit(cluster, deployment("wide", replicas=4, accelerators=3, locality="node"))  # 1 free on each node
+    await loop.reconcile_once()
+    await submit(cluster, deployment("small", tenant="t2"))  # pending: it can only go beside t1
+    read = repo.placed_beside
+    landed: list[object] = []
+
+    async def then_a_plan_lands(session, tenant_id):  # noqa: ANN001, ANN202
+        beside = await read(session, tenant_id)
+        if not landed:
+            landed.append(await loop.reconcile_once())  # t2's shard committed beside t1 meanwhile
+        return beside
+
+    monkeypatch.setattr(repo, "placed_beside", then_a_plan_lands)
+    with pytest.raises(FailedPrecondition, match="holds excluded t2"):
+        async with cluster.unit_of_work() as uow:
+            await tenants.update_tenant(uow, WHO, TenantSpec("t1", excludes=("t2",)), RecordingSignals())
+    assert landed
+    async with cluster.unit_of_work() as uow:
+        assert (await repo.get_tenant(uow.session, "t1")).excludes in (None, [])
+
+
 async def test_moving_a_rack_or_a_row_under_work_it_would_break_is_refused(cluster):
     """A rack moved to another row or a row to another zone was accepted under placed work that
     then broke its locality or its tenant's zones, nothing moving it (found by exploratory testing:
