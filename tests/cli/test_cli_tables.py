@@ -172,3 +172,7 @@ def test_a_failed_deployment_shows_why_and_stops_a_wait_for_running() -> None:
     tracker = _Tracker(["chat"], "running", Context(stderr=io.StringIO()))
     tracker.update("chat", failed)
     assert tracker.blocked() == ["chat"] and tracker.finished()
+    # Quarantined (set aside, holding nothing, until submitted again): a wait ran to its timeout
+    tracker = _Tracker(["chat"], "running", Context(stderr=io.StringIO()))
+    tracker.update("chat", D.Deployment(spec=failed.spec, phase=D.DEPLOYMENT_PHASE_QUARANTINED))
+    assert tracker.blocked() == ["chat"] and tracker.finished()

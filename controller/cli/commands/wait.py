@@ -12,7 +12,7 @@ reasons it is not there yet. `wait nodes` polls ListNodes, through an outage as 
 
 A deployment blocked for good — a reason that waiting alone cannot change (the tenant's quota,
 its allowed zones, an accelerator model or HBM size no node has), Failed (until it is updated),
-or deleted since the wait began — ends the wait at once with its reasons and exit code 4,
+Quarantined (until it is submitted again), or deleted since the wait began — ends the wait at once with its reasons and exit code 4,
 unless --keep-waiting (someone may raise the quota meanwhile).
 """
 from __future__ import annotations
@@ -179,9 +179,10 @@ class _Tracker:
     def blocked(self) -> list[str]:
         """Deployments not there yet that waiting cannot bring there: deleted since the wait began
         (each was read at its start), Failed (the controller gave up on them until they are
-        updated), or held by reasons waiting cannot change (`reasons_block`)."""
+        updated) or Quarantined (set aside, holding nothing, until submitted again), or held by
+        reasons waiting cannot change (`reasons_block`)."""
         return [n for n, dep in self.latest.items() if not self.check(dep) and (
-            dep is None or dep.phase == P.DEPLOYMENT_PHASE_FAILED
+            dep is None or dep.phase in (P.DEPLOYMENT_PHASE_FAILED, P.DEPLOYMENT_PHASE_QUARANTINED)
             or (self.reasons_block and any(r.code in BLOCKING_CODES for r in dep.reasons)))]
 
     def finished(self) -> bool:
