@@ -29,7 +29,7 @@ from controller.bearer import aio_interceptors
 from controller.cli.config import Connection
 from controller.cli.retry import AioRetryTold, CallDetails, RetryTold
 from controller.pipes import BROKEN_PIPE_EXIT
-from controller.retryinfo import STATUS_DETAILS_METADATA_KEY, controller_answered
+from controller.retryinfo import STATUS_DETAILS_METADATA_KEY, controller_answered, told_retry_s
 from maia.v1 import admin_pb2_grpc, audit_pb2_grpc, deployments_pb2_grpc
 
 M = TypeVar("M", bound=Any)
@@ -459,3 +459,9 @@ def status_code(error: grpc.RpcError) -> grpc.StatusCode | None:
 
 def _trailer(error: grpc.RpcError) -> Any:
     return error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+
+
+def retry_told_s(error: grpc.RpcError) -> float | None:
+    """The pause a refused call's RetryInfo asks for (a rate, a busy solver: nothing of it was
+    written, make it again then), or None when it carries none."""
+    return told_retry_s(_trailer(error))

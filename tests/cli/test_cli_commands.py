@@ -131,6 +131,8 @@ class FakeDeployments(deployments_pb2_grpc.DeploymentServiceServicer):
         self.deployments: dict[str, D.Deployment] = {}
         self.run_after_s: float | None = 0.3  # a submitted deployment turns Running after this
         self.fit_replicas = 0  # a dry run places this many replicas at most
+        self.all_or_nothing = False  # ... and none when that is fewer than its min_replicas (as the solver)
+        self.refuse_dry_runs: grpc.StatusCode | None = None  # every dry run refused so
         self.invalid: set[str] = set()  # deployments refused INVALID_ARGUMENT (dry runs too)
         self.answer_late: set[str] = set()  # deployments whose next update is written, then answered late
         self.lock = threading.Lock()
@@ -141,8 +143,12 @@ class FakeDeployments(deployments_pb2_grpc.DeploymentServiceServicer):
             context.abort(grpc.StatusCode.ALREADY_EXISTS, f"deployment {request.spec.name} already exists")
         if request.replace_existing and request.spec.name not in self.deployments:
             context.abort(grpc.StatusCode.NOT_FOUND, f"deployment {request.spec.name} not found (nothing to replace)")
-        dep = D.Deployment(spec=request.spec, phase=D.DEPLOYMENT_PHASE_PENDING,
-                           placed_replicas=min(self.fit_replicas, request.spec.replicas))
+        if self.refuse_dry_runs is not None:
+            context.abort(self.refuse_dry_runs, "a token that may not make dry runs")
+        placed = min(self.fit_replicas, request.spec.replicas)
+        if self.all_or_nothing and placed < request.spec.min_replicas:
+            placed = 0
+        dep = D.Deployment(spec=request.spec, phase=D.DEPLOYMENT_PHASE_PENDING, placed_replicas=placed)
         if dep.placed_replicas < request.spec.replicas:
             dep.reasons.add(code="CAPACITY", message="0/64 nodes fit", scope="")
         return D.SubmitDeploymentResponse(deployment=dep, dry_run=True)
@@ -644,6 +650,75 @@ def test_explain_names_the_in_place_way_to_make_the_change(fake, capsys) -> None
     doc = json.loads(out)  # a script gets how to make it too
     assert (doc["suggestion"], doc["how"]) == (
         "replicas: 1", f"it applies in place, at once: maiactl scale {dep.spec.tenant}/copilot-chat --replicas 1")
+
+
+def test_explain_finds_how_many_replicas_a_gang_that_places_none_could_have(fake, capsys) -> None:
+    """With min_replicas a deployment places all or nothing: placed 0, no fewer replicas were
+    tried, and explain said no change fits where fewer replicas (and min_replicas) ran (found in
+    review). `min_replicas: 1` says how many fit; that many, as the gang, is the suggestion."""
+    address, _, deployments, calls = fake
+    dep = _pending_copilot_chat(address, deployments, capsys)  # 3 replicas, min_replicas 2
+    deployments.fit_replicas, deployments.all_or_nothing = 1, True
+    calls.clear()
+    code, out, err = run(capsys, "--controller", address, "explain", "deployment", "copilot-chat", "-o", "json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert [(t["change"], t["would_place"]) for t in doc["tried"]] == [
+        ("as it is", 0), ("min_replicas: 1", 1), ("replicas: 1, min_replicas: 1", 1)]
+    assert doc["suggestion"] == "replicas: 1, min_replicas: 1" and "maiactl apply -f" in doc["how"]
+    assert calls.count("SubmitDeployment") == 3 and dep.spec.min_replicas == 2
+
+
+def test_a_dry_run_the_controller_refuses_ends_explain_with_that_error(fake, capsys) -> None:
+    """The caller's dry runs refused (its rate, a token that may not): every variant was tried
+    and told as refused, then "no single change tried fits", exit 0 (found in review)."""
+    address, _, deployments, calls = fake
+    _pending_copilot_chat(address, deployments, capsys)
+    deployments.refuse_dry_runs = grpc.StatusCode.PERMISSION_DENIED
+    calls.clear()
+    code, out, err = run(capsys, "--controller", address, "explain", "deployment", "copilot-chat")
+    assert code != 0 and "PERMISSION_DENIED" in err and "No single change" not in out
+    assert calls.count("SubmitDeployment") == 1
+
+
+def test_explain_tries_fewer_bigger_shards_of_whole_accelerators_as_the_controller_says_them() -> None:
+    """The controller says a whole accelerator's shard is 1000 milli: fewer, bigger shards were
+    tried only for 0, that is never (found in review). A replica of one shard is on one node
+    whatever its locality: no wider one is tried."""
+    spec = D.DeploymentSpec(name="big", tenant="lab", replicas=1, shards_per_replica=4, locality=common_pb2.DOMAIN_RACK,
+                            shard=common_pb2.ShardSpec(accelerators=2, accelerator_milli=1000))
+    assert [c.change.split(":")[0] for c in explain.candidates(spec, placed_now=0)] == [
+        "as it is", "locality", "locality", "locality", "shards_per_replica", "shards_per_replica"]
+    spec.shard.accelerator_milli = 500
+    assert "shards_per_replica" not in {c.change.split(":")[0] for c in explain.candidates(spec, placed_now=0)}
+    single = D.DeploymentSpec(name="one", tenant="lab", replicas=2, shards_per_replica=1,
+                              locality=common_pb2.DOMAIN_RACK, shard=common_pb2.ShardSpec(accelerators=2))
+    assert [c.change for c in explain.candidates(single, placed_now=1)] == ["as it is", "replicas: 1"]
+
+
+def test_bigger_shards_than_one_refused_as_never_fitting_are_not_tried() -> None:
+    from types import SimpleNamespace
+
+    from google.rpc import status_pb2
+
+    from controller.cli.client import StatusError
+
+    asked: list[int] = []
+
+    def dry_run(request: D.SubmitDeploymentRequest, timeout: float | None = None) -> D.SubmitDeploymentResponse:
+        asked.append(request.spec.shard.accelerators)
+        if request.spec.shard.accelerators > 4:
+            raise StatusError(status_pb2.Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                                                message="one shard needs 8 accelerators on one node; the largest has 4"))
+        return D.SubmitDeploymentResponse(deployment=D.Deployment(placed_replicas=0))
+
+    ctx = SimpleNamespace(controller=SimpleNamespace(deployments=SimpleNamespace(SubmitDeployment=dry_run)),
+                          rpc_timeout=5.0, address="127.0.0.1:1")
+    spec = D.DeploymentSpec(name="big", tenant="lab", replicas=1, shards_per_replica=16, locality=common_pb2.DOMAIN_ZONE,
+                            shard=common_pb2.ShardSpec(accelerators=2, accelerator_milli=1000))
+    tried = explain._tried(spec, 0, ctx)  # type: ignore[arg-type]
+    assert asked == [2, 2, 4, 8]  # as it is, locality: none, 8 shards of 4, 4 of 8 (refused): not 16, 32
+    assert tried[-1].error.startswith("INVALID_ARGUMENT") or "largest has 4" in tried[-1].error
 
 
 def test_explain_shows_the_last_nomination_of_a_deployment_at_the_head_of_the_line(fake, capsys) -> None:

@@ -2,8 +2,11 @@
 
 It shows the solver's reasons from the last reconcile pass, then asks the controller for dry
 runs of variants of the spec, each solved as if it replaced the stored deployment (nothing is
-written): the spec as it is now, fewer replicas (when some fit), a wider locality (rack -> row
--> zone -> none) and fewer shards per replica, and reports how many replicas each would place.
+written): the spec as it is now, fewer replicas (when some fit; a gang that places none, with
+min_replicas, first tells with `min_replicas: 1` how many would), a wider locality (rack -> row
+-> zone -> none; for replicas of more than one shard) and fewer, bigger shards per replica (not
+bigger than one already refused as never fitting), and reports how many replicas each would
+place. A dry run refused for the caller (its rate, its token) ends it with that error.
 The first variant that places everything asked is the suggestion, with how to make it: every
 field tried changes in place (a replica count at once with `maiactl scale`, the others replica
 by replica through `apply` of the changed manifest), never by deleting the deployment. Reasons
@@ -21,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from controller.cli.client import Exit, rpc_error_text, status_code
+from controller.cli.client import Exit, retry_told_s, rpc_error_text, status_code
 from controller.cli.commands.get import fetch_events
 from controller.cli.context import Context
 from controller.cli.documents import event_document, nomination_document
@@ -34,6 +37,12 @@ WIDER = ("node", "rack", "row", "zone", "none")
 MAX_TRIES = 6
 # How a change of what a replica is (locality, shards per replica) is made: in place, rolling.
 _ROLLS = "it applies in place, replica by replica: change it in the manifest and `maiactl apply -f` it"
+# ... and of min_replicas (with the replicas: `maiactl scale` keeps min_replicas, above them).
+_MIN_REPLICAS = "it applies in place: change it in the manifest and `maiactl apply -f` it"
+# Refusals of the dry run itself, not of the variant tried (with RetryInfo: a rate, a busy solver).
+_NOT_THE_VARIANTS = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED,
+                               grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.DEADLINE_EXCEEDED,
+                               grpc.StatusCode.UNAUTHENTICATED})
 NOMINATED, NOMINATION_ENDED = "deployment.nominated", "deployment.nomination_ended"
 RECENT_EVENTS = 100  # of the deployment's, looked through for its last nomination
 
@@ -45,6 +54,7 @@ class Variant:
     placed: int | None = None        # replicas it would place; None when refused
     error: str = ""
     how: str = ""                    # how to make the change on the stored deployment
+    bigger_shards: bool = False      # fewer, bigger shards: refused as never fitting, bigger ones are too
 
     @property
     def fits(self) -> bool:
@@ -79,35 +89,63 @@ def candidates(spec: deployments_pb2.DeploymentSpec, placed_now: int) -> list[Va
         out.append(_variant(spec, f"replicas: {placed_now}", replicas=placed_now,
                             how=f"it applies in place, at once: maiactl scale {spec.tenant}/{spec.name} "
                                 f"--replicas {placed_now}"))
+    elif placed_now == 0 and spec.min_replicas > 1:  # all or nothing: how many would fit, one at least?
+        out.append(_variant(spec, "min_replicas: 1", how=_MIN_REPLICAS, min_replicas=1))
     current = domain_word(spec.locality)
-    if current in WIDER:
+    # A replica of one shard sits on one node whatever its locality: no wider one places more.
+    if current in WIDER and spec.shards_per_replica > 1:
         for word in WIDER[WIDER.index(current) + 1:]:
             out.append(_variant(spec, f"locality: {word}", how=_ROLLS, locality=DOMAIN_BY_WORD[word]))
     # Fewer, bigger shards: the replica keeps its accelerators (a shard then holds more of the
     # model). Fewer shards of the same size asked a quarter of the hardware and "fitted" so,
     # told as if each shard held more. Not for fractions of one accelerator.
     shards, total = spec.shards_per_replica // 2, spec.shards_per_replica * spec.shard.accelerators
-    while shards >= 1 and len(out) < MAX_TRIES and not spec.shard.accelerator_milli:
+    fraction = 0 < spec.shard.accelerator_milli < 1000  # the controller says 1000 of a whole accelerator
+    while shards >= 1 and len(out) < MAX_TRIES and not fraction:
         each = total // shards
         if each * shards != total:
             break
         variant = _variant(spec, f"shards_per_replica: {shards} of {each} accelerators each (the same {total} a "
                                  f"replica, in fewer, bigger shards)", how=_ROLLS, shards_per_replica=shards)
         variant.spec.shard.accelerators = each
-        out.append(variant)
+        out.append(replace(variant, bigger_shards=True))
         shards //= 2
     return out[:MAX_TRIES]
 
 
 def _try(variant: Variant, ctx: Context) -> Variant:
+    """The variant's dry run: how many replicas it would place, or why the controller refused it.
+    A refusal of the call, not of the variant (the controller away, the caller's dry-run rate or
+    the solver's slots spent, its deadline), is raised: the variants after it would meet it too,
+    and were told as "no change fits" (exit 0)."""
     request = deployments_pb2.SubmitDeploymentRequest(spec=variant.spec, dry_run=True, replace_existing=True)
     try:
         dep = ctx.controller.deployments.SubmitDeployment(request, timeout=ctx.rpc_timeout).deployment
     except grpc.RpcError as exc:
-        if status_code(exc) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED):
+        if status_code(exc) in _NOT_THE_VARIANTS or retry_told_s(exc) is not None:
             raise
         return replace(variant, placed=None, error=rpc_error_text(exc, ctx.address).removeprefix("error: "))
     return replace(variant, placed=dep.placed_replicas)
+
+
+def _tried(spec: deployments_pb2.DeploymentSpec, placed_now: int, ctx: Context) -> list[Variant]:
+    """`candidates` tried in order until one fits; fewer, bigger shards stop at the first refused
+    (a bigger one is refused too); a gang that places nothing tries, after `min_replicas: 1` told
+    how many fit, that many replicas."""
+    tried: list[Variant] = []
+    queue = candidates(spec, placed_now)
+    while queue and len(tried) < MAX_TRIES + 1:
+        variant = queue.pop(0)
+        if variant.bigger_shards and any(t.bigger_shards and t.placed is None for t in tried):
+            continue
+        tried.append(_try(variant, ctx))
+        if tried[-1].fits:  # 'as it is' fitting: the last pass saw another state
+            break
+        fit = tried[-1].placed or 0
+        if variant.change == "min_replicas: 1" and 0 < fit < spec.replicas:
+            queue.insert(0, _variant(spec, f"replicas: {fit}, min_replicas: {fit}", how=_MIN_REPLICAS,
+                                     replicas=fit, min_replicas=fit))
+    return tried
 
 
 def last_nomination(ctx: Context, spec: deployments_pb2.DeploymentSpec) -> admin_pb2.EventRecord | None:
@@ -156,10 +194,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     # The nomination stored comes with the deployment; else its last event says how one ended.
     nomination = None if settled or dep.HasField("nomination") else last_nomination(ctx, s)
     if not settled:
-        for variant in candidates(s, dep.placed_replicas):
-            tried.append(_try(variant, ctx))
-            if tried[-1].fits:  # 'as it is' fitting: the last pass saw another state
-                break
+        tried = _tried(s, dep.placed_replicas, ctx)
     suggestion = next((v for v in tried if v.fits), None)
     if ctx.json:
         ctx.emit_json({"deployment": s.name, "phase": phase_text(dep).lower(), "replicas": s.replicas,
