@@ -1,9 +1,9 @@
 """`maiactl map` rendering: rows and racks drawn as text, nodes as cells, one letter per tenant.
 
 Each node is a cell of its accelerators: a tenant's letter for an accelerator in use (a node
-shared by several tenants shows their letters in turn), `·` for a free one, `x` for a node
-that is down and `-` for the free accelerators of one that takes nothing new (cordoned, or
-suspect: its agent silent or flapping). Each rack and row shows its power
+shared by several tenants shows their letters in turn), `·` for a free one, `!` for one its
+agent says failed (it takes no shards), `x` for a node that is down and `-` for the free
+accelerators of one that takes nothing new (cordoned, or suspect: its agent silent or flapping). Each rack and row shows its power
 used against its budget as a bar. Pure: returns text (with rich markup for colour when asked),
 so it is tested without a terminal.
 """
@@ -22,7 +22,7 @@ COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "
            "bright_green", "bright_yellow", "bright_blue", "bright_red")
 BAR_WIDTH = 20
 CELLS_PER_LINE = 8
-FREE, DOWN, CORDONED = "·", "x", "-"
+FREE, DOWN, CORDONED, FAILED = "·", "x", "-", "!"
 
 
 def tenant_letters(nodes: Sequence[admin_pb2.Node]) -> dict[str, str]:
@@ -43,17 +43,25 @@ def node_cell(node: admin_pb2.Node, letters: dict[str, str], colour: dict[str, s
     used = min(node.accelerators, math.ceil(node.accelerators_used - 1e-9)) if node.accelerators_used else 0
     state = node_state_word(node.state)
     owners = [letters[t] for t in node.tenants] or ["?"]
+    failed = failed_indices(node)
     marks = []
     for i in range(node.accelerators):
         if state == "down":
             marks.append(DOWN)
-        elif i < used:
-            letter = owners[i % len(owners)]
+        elif i in failed:  # in use or free, counted so: what is used is on the others
+            marks.append(FAILED)
+        elif (held := len(marks) - sum(m == FAILED for m in marks)) < used:
+            letter = owners[held % len(owners)]
             marks.append(f"[{colour[letter]}]{letter}[/]" if colour else letter)
         else:
             marks.append(CORDONED if state in ("cordoned", "suspect") else FREE)
     bracket = "\\[" if colour else "["  # rich markup reads a bare '[' as a tag
     return f"{node_label(node)}{bracket}{''.join(marks)}]"
+
+
+def failed_indices(node: admin_pb2.Node) -> set[int]:
+    """The node's accelerators its agent says failed (those it has)."""
+    return {f.index for f in node.failed_accelerators if f.index < node.accelerators}
 
 
 def node_label(node: admin_pb2.Node) -> str:
@@ -83,7 +91,8 @@ def render_map(topology: admin_pb2.Topology, nodes: Sequence[admin_pb2.Node], co
         lines.append(esc(f"row {row.id} (zone {row.zone})  power {power_bar(row.power_used_w, budget)}"))
         for rack in racks_of_row.get(row.id, []):
             rack_nodes = by_rack.get(rack.id, [])
-            free = sum(n.accelerators - n.accelerators_used for n in rack_nodes if node_state_word(n.state) == "ready")
+            free = sum(max(0.0, n.accelerators - len(failed_indices(n)) - n.accelerators_used)
+                       for n in rack_nodes if node_state_word(n.state) == "ready")
             budget = rack.power_budget_w if rack.HasField("power_budget_w") else None
             lines.append(esc(f"  rack {rack.id}  {len(rack_nodes)} nodes, {free:g} accelerators free  "
                              f"power {power_bar(rack.power_used_w, budget)}"))
@@ -95,6 +104,6 @@ def render_map(topology: admin_pb2.Topology, nodes: Sequence[admin_pb2.Node], co
         legend = ", ".join(f"[{palette[l]}]{l}[/] {esc(t)}" if palette else f"{l} {t}" for t, l in letters.items())
         lines.append(f"tenants: {legend}")
     lines.append(f"cells: one mark per accelerator: a tenant's letter in use (a node shared by several tenants "
-                 f"shows their letters in turn, not which accelerator is whose), {FREE} free, {CORDONED} takes "
-                 f"nothing new (node cordoned or suspect), {DOWN} node down")
+                 f"shows their letters in turn, not which accelerator is whose), {FREE} free, {FAILED} failed, "
+                 f"{CORDONED} takes nothing new (node cordoned or suspect), {DOWN} node down")
     return "\n".join(lines)

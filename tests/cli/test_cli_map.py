@@ -32,7 +32,20 @@ def test_plain_map_draws_each_accelerator() -> None:
     assert lines[2] == "    n00[BB··] n01[ABA·] n02[----] n03[xxxx]"
     assert "tenants: A alpha, B zeta" in lines
     # A suspect node's free accelerators are drawn as a cordoned one's: the legend said "cordoned".
-    assert lines[-1].endswith("· free, - takes nothing new (node cordoned or suspect), x node down")
+    assert lines[-1].endswith("· free, ! failed, - takes nothing new (node cordoned or suspect), x node down")
+
+
+def test_failed_accelerators_are_marked_and_not_free() -> None:
+    """They take no shards: the map drew them free and counted them in the rack's free (found in review)."""
+    topology, nodes = cluster()
+    nodes[0].failed_accelerators.add(index=0, reason="ECC")  # zeta's 2 are on the others
+    nodes[2].failed_accelerators.add(index=3, reason="")     # cordoned: marked failed too
+    nodes.append(admin_pb2.Node(id="rack-00-n04", rack="rack-00", accelerators=4, state=READY,
+                                failed_accelerators=[common_pb2.AcceleratorFault(index=1), common_pb2.AcceleratorFault(
+                                    index=9)]))  # one it does not have: not counted
+    lines = render_map(topology, nodes).splitlines()
+    assert lines[1].startswith("  rack rack-00  5 nodes, 5.5 accelerators free  ")  # 1 + 1.5 + 3, of ready nodes
+    assert lines[2] == "    n00[!BB·] n01[ABA·] n02[---!] n03[xxxx] n04[·!··]"
 
 
 def test_a_node_named_after_another_rack_shows_its_whole_id() -> None:
