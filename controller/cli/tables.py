@@ -39,7 +39,7 @@ def render_table(headers: Sequence[str], rows: Iterable[Sequence[Cell]], empty: 
     widths = [len(h) for h in headers]
     for r in texts:
         for i, t in enumerate(r):
-            widths[i] = max(widths[i], len(t))
+            widths[i] = max(widths[i], text_width(t))
     numeric = [any(_is_numeric(r[i]) for r in rows) and all(_is_numeric(r[i]) or r[i] is None for r in rows)
                for i in range(len(headers))]
     lines = [_GAP.join(_pad(h.upper(), widths[i], numeric[i]) for i, h in enumerate(headers))]
@@ -49,15 +49,26 @@ def render_table(headers: Sequence[str], rows: Iterable[Sequence[Cell]], empty: 
 
 
 def _pad(text: str, width: int, right: bool) -> str:
-    return text.rjust(width) if right else text.ljust(width)
+    fill = " " * max(0, width - text_width(text))
+    return fill + text if right else text + fill
+
+
+def text_width(text: str) -> int:
+    """The columns `text` takes on a terminal: a wide character (CJK, most emoji) two, a
+    combining one none. `len` put every column after a label of them out of line."""
+    if text.isascii():
+        return len(text)
+    from rich.cells import cell_len  # only for text that needs it (an import of ~10 ms)
+
+    return cell_len(text)
 
 
 def render_kv(pairs: Sequence[tuple[str, Cell]]) -> str:
     """`Key:   value` lines with the values aligned."""
     if not pairs:
         return ""
-    width = max(len(k) for k, _ in pairs) + 1
-    return "\n".join(f"{(k + ':').ljust(width)}  {cell_text(v)}" for k, v in pairs)
+    width = max(text_width(k) for k, _ in pairs) + 1
+    return "\n".join(f"{_pad(k + ':', width, False)}  {cell_text(v)}" for k, v in pairs)
 
 
 def fmt_number(value: float, digits: int = 1) -> str:

@@ -20,6 +20,17 @@ def test_columns_align_and_numbers_right_align() -> None:
     ]
 
 
+def test_columns_align_on_a_terminal_with_wide_characters() -> None:
+    """A wide character takes two columns, a combining one none: `len` put every column after a
+    model or label of them out of line (found in review)."""
+    text = render_table(["model", "count", "labels"], [["加速器-X1", 4, "a=1"], ["cafe\u0301", 12, "b=2"]])
+    assert text.splitlines() == [
+        "MODEL      COUNT  LABELS",
+        "加速器-X1      4  a=1",
+        "cafe\u0301          12  b=2",
+    ]
+
+
 def test_empty_table_and_missing_cells() -> None:
     assert render_table(["a"], [], empty="No nodes found.") == "No nodes found."
     assert render_table(["a", "b"], [["x", None]]).splitlines()[1] == "x  -"
