@@ -212,3 +212,28 @@ def test_wait_nodes_timing_out_says_the_connected_nodes_that_are_cordoned(monkey
     with pytest.raises(CliError, match=r"0/2 nodes ready and connected \(2 more connected but cordoned: "
                                        r"maiactl uncordon NODE\)$"):
         wait.run(argparse.Namespace(resource="nodes", names=[], connected=2, timeout=0.0), ctx)
+
+
+@pytest.mark.parametrize("output, shown", [("table", 1), ("name", 1), ("json", 3)])
+def test_a_watch_prints_again_only_what_changed_in_its_format(monkeypatch: pytest.MonkeyPatch, output: str,
+                                                               shown: int) -> None:
+    """Each heartbeat changes a node's document, not its row in the table: `get nodes -w`
+    compared the documents and printed the same table again every few seconds (found in review).
+    A watch of the documents (-o json) prints each one that changed."""
+    from controller.cli.commands import get
+
+    monkeypatch.setattr(get.time, "sleep", lambda seconds: None)
+    listings = [get.Listing(lambda beat=beat: {"name": "n1", "last_heartbeat": beat}, lambda: "NAME\nn1",
+                            lambda: ["node/n1"]) for beat in range(3)]
+
+    def fetch() -> get.Listing:
+        if not listings:
+            raise KeyboardInterrupt  # the operator's ^C
+        return listings.pop(0)
+
+    ctx = Context(Connection(address=ADDRESS), output=output, stdout=io.StringIO(), stderr=io.StringIO())
+    with pytest.raises(KeyboardInterrupt):
+        get._watch(fetch, 1.0, ctx)
+    printed = ctx.stdout.getvalue()  # type: ignore[attr-defined]
+    assert printed.count("n1") == shown  # a document a change, no separator between (one document a line)
+    assert printed.count("---") == (0 if output == "json" else shown - 1)

@@ -186,6 +186,17 @@ def _emit(listing: Listing, ctx: Context) -> None:
     ctx.emit(listing.document, listing.text, names=listing.names, is_table=listing.is_table)
 
 
+def _printed(listing: Listing, ctx: Context) -> str:
+    """What `_emit` prints of `listing` in the chosen format, to tell a change by: a table of
+    nodes stays the same from one heartbeat to the next, their document does not, and a watch of
+    the document printed the same table again every few seconds."""
+    if ctx.json:
+        return repr(listing.document())
+    if ctx.output == "name":
+        return repr(list(listing.names()))
+    return listing.text()
+
+
 def _watch_polls(ctx: Context, interval: float) -> Polls:
     return Polls(ctx, "watch", f"polling again every {interval:g}s")
 
@@ -195,7 +206,7 @@ def _watch(fetch: Callable[[], Listing], interval: float, ctx: Context) -> int:
     polls = _watch_polls(ctx, interval)
     listing: Listing | None = fetch()  # the first: a controller not there ends the command
     while True:
-        if listing is not None and (snapshot := repr(listing.document())) != shown:
+        if listing is not None and (snapshot := _printed(listing, ctx)) != shown:
             if shown is not None and not ctx.json:
                 ctx.out(f"--- {time.strftime('%H:%M:%S')}")
             _emit(listing, ctx)
