@@ -46,8 +46,11 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         self.refuse_writes: set[str] = set()  # tenants whose CreateTenant is refused, its dry run not
         self.answer_late: set[str] = set()  # tenants whose next UpdateTenant is written, then answered late
         self.events: list[admin_pb2.EventRecord] | None = None  # None: ListEvents unimplemented, as before
+        self.refuse_events = False  # ListEvents refused PERMISSION_DENIED
 
     def ListEvents(self, request, context):  # noqa: N802
+        if self.refuse_events:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "a tenant token may not read events of nodes")
         if self.events is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "no events here")
         self.calls.append(f"ListEvents {request.object_kind}/{request.tenant}/{request.object_id}")
@@ -719,6 +722,15 @@ def test_bigger_shards_than_one_refused_as_never_fitting_are_not_tried() -> None
     tried = explain._tried(spec, 0, ctx)  # type: ignore[arg-type]
     assert asked == [2, 2, 4, 8]  # as it is, locality: none, 8 shards of 4, 4 of 8 (refused): not 16, 32
     assert tried[-1].error.startswith("INVALID_ARGUMENT") or "largest has 4" in tried[-1].error
+
+
+def test_describe_says_what_is_wrong_with_the_object_before_its_events(fake, capsys) -> None:
+    """Its events were read first: a tenant naming a node or tenant it may not read was told it
+    may not read events (found in review)."""
+    address, admin, _, _ = fake
+    admin.refuse_events = True
+    code, out, err = run(capsys, "--controller", address, "describe", "tenant", "nobody")
+    assert code == 3 and "tenant nobody not found" in err and "events" not in err
 
 
 def test_explain_shows_the_last_nomination_of_a_deployment_at_the_head_of_the_line(fake, capsys) -> None:

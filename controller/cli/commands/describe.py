@@ -49,12 +49,9 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         # Its events under its resolved tenant (a bare NAME may have been resolved by the controller).
         events = fetch_events(ctx, kind, dep.spec.name, limit=RECENT_EVENTS, tenant=dep.spec.tenant)
         document, text = deployment_document(dep), deployment_detail(dep)
-    elif kind == "node":
+    else:  # the object first: what may not be read of it is said of it, not of its events
+        document, text = _node(args.name, ctx) if kind == "node" else _tenant(args.name, ctx)
         events = fetch_events(ctx, kind, args.name, limit=RECENT_EVENTS)
-        document, text = _node(args.name, ctx)
-    else:
-        events = fetch_events(ctx, kind, args.name, limit=RECENT_EVENTS)
-        document, text = _tenant(args.name, ctx)
     # Under `status` (the server's, which `apply -f` ignores): the document applies again as it is.
     document.setdefault("status", {})["events"] = [event_document(e) for e in events]
     ctx.emit(lambda: document, lambda: f"{text}\n\nEvents:\n{events_table(events, with_object=False)}",
