@@ -275,3 +275,25 @@ async def test_a_usage_counter_that_reads_lower_than_it_showed_is_shown_as_it_wa
     assert samples["maia_usage_accelerator_seconds_total{model=maia-100,tenant=t2,zone=z1}"] == 5.0
     samples = await asyncio.to_thread(_scraped, metrics)  # back again: a new series, as read
     assert samples["maia_usage_accelerator_seconds_total{model=maia-100,tenant=t1,zone=z1}"] == 3.0
+
+
+async def test_scrapes_that_come_while_one_reads_share_its_read(cluster: Database) -> None:
+    """Each scrape ran its own reads of the whole cluster on the event loop, and the port asks no
+    token: 32 scrapes at once were 32 reads (found in review). Those that come while one reads
+    share it; one that comes after reads again."""
+    reads = [0]
+
+    async def gauges() -> cluster_read.ClusterGauges:
+        reads[0] += 1
+        await asyncio.sleep(0.3)  # a read under way while the others come
+        async with cluster.unit_of_work() as uow:
+            return await cluster_read.read_cluster_gauges(uow.session)
+
+    metrics = ControllerMetrics()
+    metrics.watch_cluster(asyncio.get_running_loop(), gauges, None)
+    first = asyncio.create_task(asyncio.to_thread(metrics.read_cluster))
+    await asyncio.sleep(0.1)
+    together = await asyncio.gather(first, *(asyncio.to_thread(metrics.read_cluster) for _ in range(4)))
+    assert reads[0] == 1 and all(g is not None for g, _ in together)
+    await asyncio.to_thread(metrics.read_cluster)  # after: a read of its own
+    assert reads[0] == 2
