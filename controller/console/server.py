@@ -75,6 +75,11 @@ _NOT_HTTP = _NotHttp()
 # A credential's viewer; raises `Unauthenticated` (`why`: for the log) for one that may not view.
 TokenResolver = Callable[[str], Awaitable[Principal]]
 KEEPALIVE_S = 15.0
+# How long a connection is kept with no request under way: one that sent nothing, or part of its
+# headers, was kept aiohttp's hour, any number of them, in the file descriptors the API and the
+# database share (290 idle sockets under a limit of 300 made every RPC UNAVAILABLE). An event
+# stream is a response under way: not cut.
+IDLE_CONNECTION_S = 20.0
 STATIC = resources.files("controller.console").joinpath("static")
 CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
 # The page has no inline script or style (console.js sets styles through the CSSOM, `node.style`,
@@ -142,7 +147,8 @@ class ConsoleServer:
         """Serve on HOST:PORT (port 0: any free port); returns the bound HOST:PORT."""
         logging.getLogger("aiohttp.server").addFilter(_NOT_HTTP)  # once: a filter is added at most once
         host, _, port = listen.rpartition(":")
-        runner = web.AppRunner(self.application(), access_log=None, handle_signals=False)
+        runner = web.AppRunner(self.application(), access_log=None, handle_signals=False,
+                               keepalive_timeout=IDLE_CONNECTION_S)
         await runner.setup()
         site = web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port))
         try:
