@@ -4,7 +4,9 @@ The rack map (zones > rows > racks > nodes > accelerators, each accelerator with
 holding it and how many milli-units), power used vs budget per rack and row, deployments with
 their phase and the solver's reasons, and the usage meter's totals per tenant. A principal
 bound to a tenant sees its own deployments, usage and accelerators; other tenants' holdings
-show as "other" (the map's shape stays, whose work it is does not).
+show as `OTHER_TENANT` ("*", which no tenant id can be: "other" was one, and a tenant of that id
+counted every other tenant's accelerators as its own) (the map's shape stays, whose work it is
+does not).
 
 The document covers every node, placement and deployment, so it is read as the tables' plain
 columns (Core statements: no ORM entity, no ORM result processing) in `read_console_rows`, and
@@ -37,7 +39,7 @@ from controller.store.nominations import nominated_nodes
 from controller.store.rollout import stored_key
 from controller.usecases.redaction import NOTHING, Redactor
 
-OTHER_TENANT = "other"
+OTHER_TENANT = "*"  # other tenants, in a tenant's view: no id (ids begin with a letter or digit)
 # Distinguishable on a dark background; assigned to tenants in name order.
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948", "#ff9da7", "#9c755f",
            "#bab0ac")
@@ -151,7 +153,7 @@ def console_document(read: ConsoleRows) -> dict[str, Any]:
             "id": node_id, "state": m.operator_state(health, cordoned), "model": model,
             "accelerators": [_accelerator(i, held.get((node_id, i)), failed) for i in range(accelerators)],
         }
-        if node_id in read.nominated:  # kept at the head of the line; another tenant's only as "other"
+        if node_id in read.nominated:  # kept at the head of the line; another tenant's only as OTHER_TENANT
             key = read.nominated[node_id]
             tenant = split_deployment_key(key)[0]
             node["nominated_for"] = key if _visible(tenant, viewer_tenant) == tenant else OTHER_TENANT

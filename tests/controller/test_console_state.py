@@ -78,6 +78,18 @@ async def test_a_tenant_sees_its_own_work_and_others_only_as_other(cluster: Data
     assert racks(own) == racks(whole) == ["rack-a", "rack-b"]
 
 
+async def test_a_tenant_whose_id_is_other_counts_only_its_own(cluster: Database) -> None:
+    """Other tenants' holdings were labelled "other", a tenant id like any: the tenant `other`
+    saw every other tenant's accelerators as its own (found in review). The label is no id."""
+    await add_tenant(cluster, "other")
+    for name, tenant in (("a-svc", "t1"), ("b-svc", "other")):
+        await submit(cluster, deployment(name, tenant, accelerators=1 if tenant == "other" else 3))
+    await Reconciler(cluster, push=lambda nodes: None, publish=no_publish).reconcile_once()
+    async with cluster.unit_of_work() as uow:
+        own = await console_state(uow.session, viewer_tenant="other")
+    assert _holders(own) == {"other": 1000, OTHER_TENANT: 3000} and OTHER_TENANT == "*"
+
+
 async def test_a_tenants_colour_does_not_tell_where_its_id_sorts_among_the_others(cluster: Database) -> None:
     """An operator's view colours the tenants in id order; a tenant's own view used that colour,
     so it told the tenant how many ids sort before its own (and changed as others came and went)."""

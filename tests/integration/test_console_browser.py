@@ -187,7 +187,7 @@ async def test_the_console_shows_racks_tenants_and_why_work_is_pending(cluster) 
             await page.wait_for_selector('[data-deployment="late"]', timeout=20_000)
             await page.screenshot(path=str(ARTEFACTS / "console-live.png"), full_page=True)
 
-            # A tenant signs in with its token: its own deployments, its own colour, the rest "other".
+            # A tenant signs in with its token: its own deployments, its own colour, the rest "other tenants".
             tenant_page = await csp_watched(browser, violations)
             await tenant_page.goto(f"http://{app.console_address}/")
             await tenant_page.wait_for_selector("#sign-in:not([hidden])")
@@ -200,7 +200,7 @@ async def test_the_console_shows_racks_tenants_and_why_work_is_pending(cluster) 
             assert sorted(names) == ["big", "frac"]
             legend = await tenant_page.locator("#legend [data-tenant]").evaluate_all(
                 "els => els.map(e => e.dataset.tenant)")
-            assert legend == ["acme", "other"]
+            assert legend == ["acme", "*"]
             assert await tenant_page.locator(".acc[title*='lab']").count() == 0
             assert await tenant_page.locator(".acc[title*='other']").count() >= 4
             assert (await tenant_page.locator("#viewer").inner_text()) == "tenant acme"

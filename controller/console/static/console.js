@@ -40,19 +40,24 @@ function headers() {
 
 function kw(watts) { return (watts / 1000).toFixed(1) + " kW"; }
 
+// Other tenants, in a tenant's view (state.py: OTHER_TENANT): no tenant id can be it.
+const OTHERS = "*";
+
+function tenantText(tenant) { return tenant === OTHERS ? "other tenants" : tenant; }
+
 function drawLegend(state, colours) {
   const legend = $("legend");
   legend.replaceChildren(...state.tenants.map((t) =>
     el("li", { "data-tenant": t.id }, el("span", { class: "swatch", style: { background: t.colour } }), t.id)));
   if (state.viewer_tenant) {
-    legend.append(el("li", { "data-tenant": "other" }, el("span", { class: "swatch", style: { background: colours.other } }),
+    legend.append(el("li", { "data-tenant": OTHERS }, el("span", { class: "swatch", style: { background: colours[OTHERS] } }),
                      "other tenants"));
   }
 }
 
 function drawAccelerator(acc, colours) {
   const cell = el("div", { class: acc.failed ? "acc failed" : "acc", "data-accelerator": acc.index });
-  const parts = acc.holders.map((h) => `${h.tenant} ${h.milli < 1000 ? h.milli + "m" : ""}`.trim());
+  const parts = acc.holders.map((h) => `${tenantText(h.tenant)} ${h.milli < 1000 ? h.milli + "m" : ""}`.trim());
   cell.title = `accelerator ${acc.index}: ` + (acc.failed ? `failed (${acc.failed})` : parts.length ? parts.join(", ") : "free");
   for (const holder of acc.holders) {
     cell.append(el("span", { style: { width: Math.min(100, holder.milli / 10) + "%", background: colours[holder.tenant] || "#888" } }));
@@ -71,7 +76,7 @@ function drawMap(state, colours) {
           const cell = el("div", { class: "node " + node.state + kept, "data-node": node.id },
             ...node.accelerators.map((acc) => drawAccelerator(acc, colours)));
           cell.title = `${node.id} (${node.model}, ${node.state})` +
-            (kept ? `: kept for ${node.nominated_for} at the head of the line` : "");
+            (kept ? `: kept for ${tenantText(node.nominated_for)} at the head of the line` : "");
           return cell;
         })))))))));
   $("map").replaceChildren(...zones);
@@ -129,7 +134,7 @@ function showAge() {
 }
 
 function draw(state) {
-  const colours = { other: "#6b7280" };
+  const colours = { [OTHERS]: "#6b7280" };
   for (const t of state.tenants) colours[t.id] = t.colour;
   $("viewer").textContent = state.viewer_tenant ? `tenant ${state.viewer_tenant}` : (state.auth ? "operator" : "");
   $("sign-out").hidden = !state.auth;
