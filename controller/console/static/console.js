@@ -33,9 +33,23 @@ function tokenFromFragment() {
   return "";
 }
 
-function headers() {
-  const token = sessionStorage.getItem(TOKEN_KEY);
+function authorization(token) {
   return token ? { Authorization: "Bearer " + token } : {};
+}
+
+// The token stored now is the one a read or a stream was made with: not signed out since, nor
+// another signed in.
+function current(token) {
+  return !signedOut && token === sessionStorage.getItem(TOKEN_KEY);
+}
+
+// A token the controller refused (401): nothing more is sent with it until a sign-in. The page
+// went on asking with it, a request a second for as long as the tab stayed open, and spent the
+// console's budget of refusal log lines, hiding a real guess among the suppressed.
+let refusedToken = null;  // "" for none at all (a controller with authentication asks for one)
+
+function isRefused(token) {
+  return refusedToken !== null && (token || "") === refusedToken;
 }
 
 function kw(watts) { return (watts / 1000).toFixed(1) + " kW"; }
@@ -158,16 +172,36 @@ function refused() {
   return token === ended.token ? ended.reason : "that token was not accepted";
 }
 
+// The state read under way (a sign-out or a sign-in cancels it).
+let reading = null;
+
 async function refresh() {
-  const reply = await fetch("/api/state", { headers: headers(), cache: "no-store" });
-  if (reply.status === 401) {
-    signIn(refused());
-    return false;
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (signedOut || isRefused(token)) return false;
+  const abort = new AbortController();
+  reading = abort;
+  let state;
+  try {
+    const reply = await fetch("/api/state", { headers: authorization(token), cache: "no-store", signal: abort.signal });
+    if (reply.status === 401) {
+      if (current(token)) {
+        refusedToken = token || "";
+        signIn(refused());
+      }
+      return false;
+    }
+    if (!reply.ok) throw new Error(`state: HTTP ${reply.status}`);
+    state = await reply.json();
+  } catch (err) {
+    if (abort.signal.aborted) return false;
+    throw err;
   }
-  if (!reply.ok) throw new Error(`state: HTTP ${reply.status}`);
+  // Answered after a sign-out, or for the token before a sign-in: not this viewer's to draw (it
+  // showed the last viewer's data again, on a screen signed out).
+  if (!current(token)) return false;
   $("sign-in").hidden = true;
   $("console").hidden = false;
-  draw(await reply.json());
+  draw(state);
   return true;
 }
 
@@ -187,8 +221,12 @@ let signedOut = false;  // by the button: no stream tried until a sign-in
 
 function reconnect() {
   if (stream) stream.abort.abort();
+  if (reading) reading.abort();
   wakeListen();
 }
+
+// Signed out, or the token refused: the stream waits for a sign-in.
+class StopListening extends Error {}
 
 // Server-sent events over fetch (EventSource cannot send an Authorization header).
 async function listen() {
@@ -198,8 +236,12 @@ async function listen() {
     const abort = new AbortController();
     stream = { token, abort };
     try {
-      const reply = await fetch("/api/events", {
-        headers: token ? { Authorization: "Bearer " + token } : {}, cache: "no-store", signal: abort.signal });
+      if (signedOut || isRefused(token)) throw new StopListening();
+      const reply = await fetch("/api/events", { headers: authorization(token), cache: "no-store", signal: abort.signal });
+      if (reply.status === 401 && current(token)) {
+        refusedToken = token || "";
+        signIn(refused());
+      }
       if (!reply.ok) throw new Error(`events: HTTP ${reply.status}`);
       live.textContent = "live"; live.className = "live on";
       const reader = reply.body.getReader();
@@ -225,14 +267,15 @@ async function listen() {
         }
       }
     } catch (err) {
-      if (!abort.signal.aborted) console.warn(err);
+      if (!abort.signal.aborted && !(err instanceof StopListening)) console.warn(err);
     }
     live.textContent = "offline"; live.className = "live off";
     if (abort.signal.aborted) continue;  // signed out or in: the next stream, with the token now stored
-    // Signed out: no stream until a sign-in; else another try in 2 s.
+    // Signed out, or the token refused: no stream until a sign-in; else another try in 2 s.
+    const waiting = signedOut || isRefused(token);
     await new Promise((resolve) => {
       wakeListen = resolve;
-      if (!signedOut) setTimeout(resolve, 2000);
+      if (!waiting) setTimeout(resolve, 2000);
     });
     wakeListen = () => {};
     refreshSoon();
@@ -242,6 +285,10 @@ async function listen() {
 function signIn(message) {
   $("console").hidden = true;
   $("sign-in").hidden = false;
+  // Nothing of the last viewer's is left in the page, hidden or not.
+  for (const id of ["legend", "map"]) $(id).replaceChildren();
+  for (const id of ["power", "deployments", "usage"]) $(id).tBodies[0].replaceChildren();
+  $("viewer").textContent = "";
   $("sign-in-error").textContent = message;
   shown.generatedAt = null;  // no data shown: no age to tell
   showAge();
@@ -252,6 +299,7 @@ $("sign-in").addEventListener("submit", (event) => {
   sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
   $("token").value = "";
   signedOut = false;
+  refusedToken = null;  // tried again when given again
   reconnect();
   refresh().then((ok) => { if (ok) refreshSoon(); }).catch(console.error);
 });
