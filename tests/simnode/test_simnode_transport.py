@@ -320,6 +320,23 @@ async def test_a_fleet_with_shared_channels_multiplexes_its_nodes_on_one_connect
     await shared[address].close()
 
 
+async def test_nodes_without_a_shared_channel_each_have_a_connection_of_their_own(
+        fake: tuple[FakeController, str]) -> None:
+    """As real agents on their servers: gRPC core's global subchannel pool gave the channels of a
+    process with the same target and options one connection, and the whole fleet ran on it
+    with or without --shared-channel (found in review)."""
+    controller, address = fake
+    nodes = [SimulatedNode(NodeSpec(f"rack-00-n0{i}", "rack-00"), address) for i in range(3)]
+    tasks = [asyncio.create_task(n.run()) for n in nodes]
+    try:
+        await wait_until(lambda: len(controller.hellos()) == 3)
+        assert len(set(controller.peers)) == 3
+    finally:
+        for n in nodes:
+            n.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def recorded_pauses(monkeypatch: pytest.MonkeyPatch, node: SimulatedNode) -> list[float]:
     """The node's pauses before each next attempt, recorded and not waited (its other waits are)."""
     from controller.simnode import transport
