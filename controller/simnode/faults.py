@@ -29,6 +29,7 @@ import functools
 import json
 import logging
 import os
+import re
 import socket
 import stat
 from collections import Counter
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controller import limits
 from controller.simnode.agent import ShardKey
 from controller.simnode.transport import SimulatedNode
 
@@ -206,10 +208,10 @@ class FaultInjector:
         if too_few:
             verb = "has" if len(too_few) == 1 else "have"
             raise FaultError(f"{', '.join(too_few[:5])} {verb} no accelerator {index}")
-        reason = request.get("reason") or "injected accelerator fault"
+        reason = _agent_text("reason", request.get("reason") or "injected accelerator fault", limits.FAULT_REASON_MAX)
         for_s = _optional_seconds(request, "for_s")
         for node in nodes:
-            node.fail_accelerator(index, str(reason))
+            node.fail_accelerator(index, reason)
             self._schedule(node, f"accelerator-{index}", for_s, lambda n=node: n.repair_accelerator(index))
         return self._done(f"accelerator {index} failed on", nodes, for_s)
 
@@ -343,10 +345,24 @@ def _shard_pattern(request: dict[str, Any]) -> ShardPattern:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise FaultError(f"{key} must be a non-negative integer, got {value!r}")
         numbers[key] = value
-    message = request.get("message") or "injected fault"
-    if not isinstance(message, str):
-        raise FaultError("message must be a string")
+    message = _agent_text("message", request.get("message") or "injected fault", limits.REPORT_MESSAGE_MAX)
     return ShardPattern(deployment, numbers["replica"], numbers["shard"], message)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _agent_text(what: str, value: Any, most: int) -> str:
+    """Text the fleet's agents will report, within what the controller takes of an agent: it
+    refused the heartbeat carrying more, or a control character, every one of them, and the node
+    reconnected for ever, its failure never told (found in review)."""
+    if not isinstance(value, str):
+        raise FaultError(f"{what} must be a string")
+    if len(value) > most:
+        raise FaultError(f"{what} is {len(value)} characters long; the protocol takes at most {most}")
+    if _CONTROL.search(value):
+        raise FaultError(f"{what} holds a control character (a line break, a tab, ...), which the protocol refuses")
+    return value
 
 
 def _answers(path: Path) -> bool:

@@ -486,12 +486,18 @@ class SimulatedNode:
             raise _Crashed()
 
     async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
+        sets = 0
         async for message in call:
             if self.muted:
                 continue
             body = message.WhichOneof("body")
             if body == "assignments":
-                self.backoff.reset()
+                # A second set: the controller took what the stream sent (its first comes before it
+                # reads a report). Reset at the first, a stream ended at once for what the agent
+                # reports (a heartbeat refused) was tried again every half second for ever.
+                sets += 1
+                if sets > 1:
+                    self.backoff.reset()
                 self._apply(message.assignments)
             elif body == "shard_state_request":
                 self._state_asked = True

@@ -226,3 +226,27 @@ def test_a_reader_gone_ends_the_fault_command_as_sigpipe_would(monkeypatch: pyte
     monkeypatch.setattr(faultcli, "send", lambda path, request: {"ok": True, "faults": {}})
     monkeypatch.setattr("sys.stdout", Gone())
     assert faultcli.main(["--control-socket", "/s", "status", "-o", "json"]) == 141
+
+
+def _one_loading_node() -> tuple[FaultInjector, SimulatedNode]:
+    from controller.simnode.agent import DesiredShard, DesiredState
+
+    node = SimulatedNode(NodeSpec("rack-00-n00", "rack-00"), "127.0.0.1:1")
+    node.agent.apply(DesiredState(1, (DesiredShard(ShardKey("svc", 0, 0, "lab"), generation=1),)), 0.0)
+    return FaultInjector([node]), node
+
+
+@pytest.mark.parametrize("request_, said", [
+    ({"op": "fail-accelerator", "index": 1, "reason": "x" * 300}, "reason is 300 characters long; the protocol takes "
+                                                                  "at most 256"),
+    ({"op": "fail-accelerator", "index": 1, "reason": "link\ndown"}, "reason holds a control character"),
+    ({"op": "fail-shard", "deployment": "svc", "message": "m" * 1100}, "message is 1100 characters long"),
+    ({"op": "fail-shard", "deployment": "svc", "message": "HBM ECC\nerror"}, "message holds a control character"),
+], ids=["reason too long", "reason with a line break", "message too long", "message with a line break"])
+def test_a_fault_whose_text_the_protocol_refuses_is_refused_changing_nothing(request_: dict, said: str) -> None:
+    """Accepted, the agent reported it in every heartbeat, the controller refused each one, and
+    the node reconnected for ever with its failure never told (found in review)."""
+    injector, node = _one_loading_node()
+    with pytest.raises(FaultError, match=said.replace("(", r"\(")):
+        injector.handle({"nodes": ["rack-00-n00"], **request_})
+    assert node.failed_accelerators == {} and [r.phase.value for r in node.agent.reports()] == ["loading"]

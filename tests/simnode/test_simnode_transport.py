@@ -519,6 +519,36 @@ async def test_an_agent_told_starting_tries_the_next_controller_if_it_has_one(
         await server.stop(grace=None)
 
 
+class RefusesAfterTheFirstSet(FakeController):
+    """A controller that ends every stream at the agent's first heartbeat, after its first set
+    (as it does for a report it refuses)."""
+
+    async def Connect(self, request_iterator, context):  # noqa: N802
+        yield agent_pb2.ControllerMessage(assignments=agent_pb2.AssignmentSet(generation=1))
+        async for message in request_iterator:
+            if message.HasField("heartbeat"):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a heartbeat reason over 256 characters")
+
+
+async def test_the_backoff_grows_while_each_stream_ends_after_its_first_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was reset at every set, and the first comes before the controller reads a report: a
+    stream ended at once for what the agent reports was tried again every half second for ever
+    (found in review)."""
+    controller = RefusesAfterTheFirstSet()
+    server, address = await started(controller)
+    node = SimulatedNode(NodeSpec("rack-00-n00", "rack-00"), address, load_delay_s=0.0,
+                         backoff=Backoff(rng=random.Random(1)))
+    pauses = recorded_pauses(monkeypatch, node)  # noted, not slept
+    task = asyncio.create_task(node.run())
+    try:
+        await wait_until(lambda: len(pauses) >= 8, timeout=20)
+        assert max(pauses[:8]) > 2.0, pauses[:8]
+    finally:
+        node.stop()
+        await asyncio.wait_for(task, timeout=5)
+        await server.stop(grace=None)
+
+
 def test_an_answer_grpcios_client_replaced_is_told_from_the_controllers_own() -> None:
     """grpc/grpc#36066: a message written as the controller ends the stream fails, and the
     client's INTERNAL replaces the controller's answer; only that exact answer is taken for it."""
