@@ -184,7 +184,7 @@ class SimulatedNode:
         self.partitioned = False
         # A newer stream of this node superseded ours (another agent holds the node): no reconnect until `revive()`.
         self.superseded = False
-        self.heartbeat_delay_s = 0.0
+        self._heartbeat_delay_s = 0.0
         # Accelerators that failed (index -> why): listed in every heartbeat (`fail_accelerator`).
         self.failed_accelerators: dict[int, str] = {}
         self._beat_now = False  # the next heartbeat goes at once (the failed accelerators changed)
@@ -280,6 +280,16 @@ class SimulatedNode:
         options (its global subchannel pool), and a fleet of 2,000 nodes ran on one connection,
         with or without --shared-channel."""
         return () if self._shared_channels is not None else (("grpc.use_local_subchannel_pool", 1),)
+
+    @property
+    def heartbeat_delay_s(self) -> float:
+        """Stretches the time between heartbeats (fault injection: `delay-heartbeats`)."""
+        return self._heartbeat_delay_s
+
+    @heartbeat_delay_s.setter
+    def heartbeat_delay_s(self, delay_s: float) -> None:
+        self._heartbeat_delay_s = delay_s
+        self._wake.set()  # the pump reckons its next heartbeat again
 
     # --- main loop ------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -557,10 +567,14 @@ class SimulatedNode:
         seq = 0
         sent_version: int | None = None
         self._state_asked = False
-        next_heartbeat = self.clock()
+        last_beat: float | None = None
         while True:
             now = self.clock()
             self._send_reports(self.agent.tick(now))
+            # From the last heartbeat, with the interval and the delay as they are now: a delay
+            # ended (revive, its --for run out) counted only from the heartbeat it had put off.
+            next_heartbeat = now if last_beat is None else \
+                last_beat + self.heartbeat_interval_s + self.heartbeat_delay_s
             if now >= next_heartbeat or self._beat_now:
                 self._beat_now = False
                 if not self.muted:
@@ -573,6 +587,7 @@ class SimulatedNode:
                     if full:
                         sent_version, self._state_asked = version, False
                     self.heartbeats_sent += 1
+                last_beat = now
                 next_heartbeat = now + self.heartbeat_interval_s + self.heartbeat_delay_s
             due = self.agent.next_deadline()
             wake_at = min(next_heartbeat, due if due is not None else math.inf)

@@ -250,3 +250,25 @@ def test_a_fault_whose_text_the_protocol_refuses_is_refused_changing_nothing(req
     with pytest.raises(FaultError, match=said.replace("(", r"\(")):
         injector.handle({"nodes": ["rack-00-n00"], **request_})
     assert node.failed_accelerators == {} and [r.phase.value for r in node.agent.reports()] == ["loading"]
+
+
+async def test_a_heartbeat_delay_ended_counts_at_once(fake: tuple[FakeController, str]) -> None:
+    """Revived (or the delay's --for run out), the node stayed silent until the heartbeat the delay
+    had put off, up to the whole delay more, and the controller suspected it meanwhile (found in
+    review)."""
+    controller, address = fake  # it tells 200 ms heartbeats
+    node = SimulatedNode(NodeSpec("rack-00-n00", "rack-00"), address, load_delay_s=0.0)
+    injector = FaultInjector([node])
+    task = asyncio.create_task(node.run())
+    try:
+        await wait_until(lambda: len(controller.heartbeats()) >= 2)
+        injector.handle({"op": "delay-heartbeats", "nodes": ["rack-00-n00"], "delay_s": 60})
+        count = len(controller.heartbeats())
+        await asyncio.sleep(1.0)
+        assert len(controller.heartbeats()) <= count + 1  # delayed: the next is due in 60 s
+        injector.handle({"op": "revive", "nodes": ["rack-00-n00"]})
+        count = len(controller.heartbeats())
+        await wait_until(lambda: len(controller.heartbeats()) >= count + 2, timeout=3)
+    finally:
+        node.stop()
+        await asyncio.wait_for(task, timeout=5)
