@@ -71,8 +71,6 @@ class Publisher:
             views: list[DeploymentView] = []
             if unsure:
                 changed, deleted, views = await self._as_stored(changed, deleted)
-            elif deleted:
-                deleted = await self._not_stored_again(deleted)
             elif self._read_views is not None and changed:
                 views = await self._read_stored(changed, self._read_views)
             if (changed or deleted) and self._read_views is None:  # `publish` reads the views itself
@@ -101,16 +99,6 @@ class Publisher:
                             type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", wait)
             await asyncio.sleep(wait)
             wait = min(wait * 2, MAX_PUBLISH_RETRY_S)
-
-    async def _not_stored_again(self, deleted: list[DeploymentView]) -> list[DeploymentView]:
-        """Of the deployments a commit removed, those no deployment of the same key was stored
-        as since: the name is free once the row is gone, and a publish queued behind a slow one
-        (a read tried again after a database blip) told watchers a deployment submitted again
-        meanwhile was deleted, after they had been told it was added (`PeerMessages` checks
-        the same of another controller's deletions)."""
-        again = {view.spec.key for view in await self._read_stored({view.spec.key for view in deleted},
-                                                                     self._read_views or views_of)}
-        return [view for view in deleted if view.spec.key not in again]
 
     async def _as_stored(self, changed: set[str], deleted: list[DeploymentView],
                          ) -> tuple[set[str], list[DeploymentView], list[DeploymentView]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime, timezone
 from contextlib import AbstractAsyncContextManager, aclosing, contextmanager
 from functools import partial
 
@@ -51,13 +52,22 @@ WATCH_BATCH = CURRENT_PAGE
 # would hold it ~10 ms. The bound is ~0.5 ms of conversion on a quiet host: 50 single-shard
 # events, 6 of a 64-shard gang; an event heavier than the bound goes alone.
 EVENT_WEIGHT = 8
+# Deployments whose creation time the bus keeps at most (`DeploymentEventBus._of_a_replaced_row`).
+CREATED_KEPT_MAX = 1_000_000
 WATCH_BATCH_WEIGHT = 450
+
+
+def _aware(at: datetime) -> datetime:
+    """A stored time in UTC (SQLite hands back naive ones)."""
+    return at if at.tzinfo is not None else at.replace(tzinfo=timezone.utc)
 
 
 class DeploymentEventBus:
     def __init__(self, queue_size: int = WATCH_QUEUE_EVENTS) -> None:
         self._queue_size = queue_size
         self._subscribers: set[asyncio.Queue] = set()
+        # The creation time of each stored deployment it told of (by key; a deleted one's dropped).
+        self._created: dict[str, datetime] = {}
 
     def subscribe(self) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue(self._queue_size)
@@ -68,12 +78,38 @@ class DeploymentEventBus:
         self._subscribers.discard(queue)
 
     def publish(self, event: DeploymentEvent) -> None:
+        if self._of_a_replaced_row(event):
+            return
         for queue in list(self._subscribers):
             try:
                 queue.put_nowait(event)
             except asyncio.QueueFull:
                 self._subscribers.discard(queue)
                 self._close(queue)
+
+    def _of_a_replaced_row(self, event: DeploymentEvent) -> bool:
+        """Whether `event` speaks of a deployment an older row of its key was, one submitted again
+        since being told of (created later): a reconcile pass's publish of a deletion runs in commit
+        order, behind one that may wait for the database, while the name is free at the commit,
+        and watchers were told a deployment submitted again meanwhile was deleted, after its
+        `added` (found in review). Followers check the same of another controller's deletions
+        (`PeerMessages`)."""
+        view = event.deployment
+        if view.created_at is None:  # another controller's deletion (`deleted_elsewhere`): checked there
+            if event.type == "deleted":
+                self._created.pop(view.spec.key, None)
+            return False
+        key, at = view.spec.key, _aware(view.created_at)
+        newest = self._created.get(key)
+        if newest is not None and at < newest:
+            return True
+        if event.type == "deleted":
+            self._created.pop(key, None)
+        else:
+            if len(self._created) >= CREATED_KEPT_MAX and key not in self._created:
+                self._created.clear()  # far more than a cluster holds: what they were for is long told
+            self._created[key] = at
+        return False
 
     def end(self, queue: asyncio.Queue) -> None:
         """End one watcher now (its token was revoked or expired: `controller.tokenstreams`): the

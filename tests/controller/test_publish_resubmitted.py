@@ -2,8 +2,9 @@
 `deleted` publish runs in commit order behind the ones before it (`reconcile/publishing.py`), and
 one of those may wait for the database (a read tried again after a blip). Meanwhile the name is
 free, a client submits it again, and its `added` goes out at once: the late `deleted` told the
-watchers (and `maiactl wait`) the live deployment was gone (found in review). Followers check the
-same of another controller's deletions (`PeerMessages`)."""
+watchers (and `maiactl wait`) the live deployment was gone (found in review). The bus drops an
+event of a row older than one of its key it told of (`DeploymentEventBus`); followers check
+another controller's deletions against the database (`PeerMessages`)."""
 
 from __future__ import annotations
 
@@ -82,3 +83,30 @@ async def test_a_late_deleted_publish_of_a_name_submitted_again_is_not_told(clus
     async with cluster.unit_of_work() as uow:
         assert [v.phase for v in await views_of(uow, {"t1/gone"})] == ["pending"]
     assert told[-1] == ("added", "pending") and ("modified", "deleting") in told
+
+
+def test_the_bus_drops_what_it_hears_of_a_row_a_newer_one_of_its_key_replaced() -> None:
+    from datetime import datetime, timedelta
+
+    from dataclasses import replace
+
+    from controller.domain.values import DeploymentEvent, DeploymentView
+
+    bus = DeploymentEventBus()
+    queue = bus.subscribe()
+    old, new = datetime(2026, 12, 7, 12, 0), datetime(2026, 12, 7, 12, 0) + timedelta(seconds=1)
+
+    def event(kind: str, at: datetime | None, name: str = "svc") -> DeploymentEvent:
+        return DeploymentEvent(kind, DeploymentView(spec=replace(deployment(name), tenant="t1"), phase="pending",
+                                                    created_at=at))
+
+    for told in (event("added", old), event("added", new), event("modified", old), event("deleted", old),
+                 event("modified", new), event("deleted", new), event("added", old),  # gone: told again
+                 event("deleted", None, "other"), event("added", old, "other")):
+        bus.publish(told)
+    seen = []
+    while not queue.empty():
+        e = queue.get_nowait()
+        seen.append((e.type, e.deployment.spec.name, e.deployment.created_at))
+    assert seen == [("added", "svc", old), ("added", "svc", new), ("modified", "svc", new), ("deleted", "svc", new),
+                    ("added", "svc", old), ("deleted", "other", None), ("added", "other", old)]
