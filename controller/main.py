@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from controller.config import Config, parse_args
 from controller.logs import configure_logging
+from controller.openfiles import raise_open_files_limit
 from controller.aio import on_stop_signals, stopped_ignoring_sigterm
 from controller.gcpolicy import configure_gc
 from controller.threads import name_threads
@@ -151,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_SCHEMA
     configure_logging(config.log_level)
     configure_gc()
+    raise_open_files_limit()  # a connection per agent
     name_threads()
     choose_event_loop(db)
     return asyncio.run(serve(config))

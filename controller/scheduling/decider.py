@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 # How long a call may wait for the child before it counts as hung (starting an interpreter and
 # importing the solver takes seconds on a loaded machine; building a 16,384-node session a few).
 DEFAULT_TIMEOUT_S = 120.0
+# The most a call's decisions add to that (`ask`'s `work_s`): a batch of hundreds of short
+# deployments tried again would otherwise leave a hung child undetected for an hour.
+WORK_MAX_S = 600.0
 # The environment the scheduler reads (scheduler/solve.py: MAIA_SCORER), sent with each `open`:
 # the child decides as the controller would with its environment at that moment.
 _SCHEDULER_VARIABLES = "MAIA_"
@@ -248,7 +251,7 @@ class DecideProcess:
         counts as hung. A batch of arrivals that each searched to the limit, waited for
         `timeout_s` alone, had a working child killed and the session lost."""
         with self._lock:
-            return self._ask_locked(token, method, args, work_s)
+            return self._ask_locked(token, method, args, min(work_s, WORK_MAX_S))
 
     def tell(self, token: int, method: str, args: tuple[Any, ...]) -> None:
         """Call a session method in the child without waiting (a later `ask` reports its failure)."""

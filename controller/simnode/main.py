@@ -18,6 +18,7 @@ import grpc
 
 from controller.aio import on_stop_signals, stopped_ignoring_sigterm
 from controller.gcpolicy import configure_gc
+from controller.openfiles import raise_open_files_limit
 from controller.bearer import CONTROLLER_ENV, TOKEN_ENV
 from controller.flagtypes import finite_number
 from controller.simnode import faultcli
@@ -196,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   state_dir, problem)
         return 2
     configure_gc()
+    raise_open_files_limit()  # a connection per node
     fleet = build_fleet(args)
     log.info("controller %s, %d racks x %d nodes (%s, %d accelerators, %.0f W idle)", args.controller,
              args.racks, args.nodes_per_rack, args.model, args.accelerators, args.idle_power_w)

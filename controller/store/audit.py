@@ -102,14 +102,16 @@ def _clean(text: Any, limit: int) -> str:
     cut = _ID_RUN.match(text, limit - 1)  # the cut falls inside a run of id characters
     if cut is not None:
         start = _ID_RUN_END.search(kept).start()  # type: ignore[union-attr]  (it matches "" at least)
-        if cut.end() - start <= limits.ID_MAX:  # a longer run is no id
+        if cut.end() - start <= limits.ID_MAX:  # a longer run is neither an id nor a TENANT/NAME key
             kept = kept[:start]
     return kept + "…"
 
 
-# Runs of what ids are made of (`usecases.validation.ID_RE`): one from a place, one ending a text.
-_ID_RUN = re.compile(r"[-A-Za-z0-9_.]+")
-_ID_RUN_END = re.compile(r"[-A-Za-z0-9_.]*\Z")
+# Runs of what ids and deployment keys (TENANT/NAME) are made of (`usecases.validation.ID_RE`): one
+# from a place, one ending a text. A key cut in its NAME left "otherlab/…", its tenant whole, which
+# the redaction (a key with its name, or a tenant id not before a '/') did not know.
+_ID_RUN = re.compile(r"[-A-Za-z0-9_./]+")
+_ID_RUN_END = re.compile(r"[-A-Za-z0-9_./]*\Z")
 
 
 # Types `_clean_json` keeps as they are, exactly these (checked first: the ABC checks below cost

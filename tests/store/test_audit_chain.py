@@ -199,6 +199,11 @@ async def test_a_long_text_is_never_cut_inside_an_id(database: Database) -> None
     assert long_actor.actor == "y" * 127 + "…"  # a run longer than any id is cut where it falls
     assert long_actor.action == "a" * 127 + "…"
     assert (await _verify(database)).intact
+    # Nor inside a deployment's key: cut in its NAME, "otherlab/…" kept its tenant whole, which the
+    # redaction (a key with its name, a tenant id not before a '/') did not know (found in review).
+    said = "preempted otherlab/chat-model now"
+    assert [audit._clean(said, n) for n in (15, 20, 29)] == ["preempted …"] * 3
+    assert audit._clean(said, 30) == "preempted otherlab/chat-model…"
 
 
 async def test_a_time_in_another_zone_is_written_as_it_is_hashed(database: Database) -> None:

@@ -40,9 +40,9 @@ _ROLLS = "it applies in place, replica by replica: change it in the manifest and
 # ... and of min_replicas (with the replicas: `maiactl scale` keeps min_replicas, above them).
 _MIN_REPLICAS = "it applies in place: change it in the manifest and `maiactl apply -f` it"
 # Refusals of the dry run itself, not of the variant tried (with RetryInfo: a rate, a busy solver).
+# (Not DEADLINE_EXCEEDED: a variant whose search outlasts --rpc-timeout is that variant's.)
 _NOT_THE_VARIANTS = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED,
-                               grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.DEADLINE_EXCEEDED,
-                               grpc.StatusCode.UNAUTHENTICATED})
+                               grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})
 NOMINATED, NOMINATION_ENDED = "deployment.nominated", "deployment.nomination_ended"
 RECENT_EVENTS = 100  # of the deployment's, looked through for its last nomination
 
@@ -116,7 +116,7 @@ def candidates(spec: deployments_pb2.DeploymentSpec, placed_now: int) -> list[Va
 def _try(variant: Variant, ctx: Context) -> Variant:
     """The variant's dry run: how many replicas it would place, or why the controller refused it.
     A refusal of the call, not of the variant (the controller away, the caller's dry-run rate or
-    the solver's slots spent, its deadline), is raised: the variants after it would meet it too,
+    the solver's slots spent, its token), is raised: the variants after it would meet it too,
     and were told as "no change fits" (exit 0)."""
     request = deployments_pb2.SubmitDeploymentRequest(spec=variant.spec, dry_run=True, replace_existing=True)
     try:

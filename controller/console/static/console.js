@@ -40,7 +40,7 @@ function authorization(token) {
 // The token stored now is the one a read or a stream was made with: not signed out since, nor
 // another signed in.
 function current(token) {
-  return !signedOut && token === sessionStorage.getItem(TOKEN_KEY);
+  return !signedOut && !isRefused(token) && token === sessionStorage.getItem(TOKEN_KEY);
 }
 
 // A token the controller refused (401): nothing more is sent with it until a sign-in. The page
