@@ -282,18 +282,24 @@ async def test_scrapes_that_come_while_one_reads_share_its_read(cluster: Databas
     token: 32 scrapes at once were 32 reads (found in review). Those that come while one reads
     share it; one that comes after reads again."""
     reads = [0]
+    held = asyncio.Event()
 
     async def gauges() -> cluster_read.ClusterGauges:
         reads[0] += 1
-        await asyncio.sleep(0.3)  # a read under way while the others come
+        await held.wait()  # a read under way while the others come
         async with cluster.unit_of_work() as uow:
             return await cluster_read.read_cluster_gauges(uow.session)
 
     metrics = ControllerMetrics()
     metrics.watch_cluster(asyncio.get_running_loop(), gauges, None)
     first = asyncio.create_task(asyncio.to_thread(metrics.read_cluster))
-    await asyncio.sleep(0.1)
-    together = await asyncio.gather(first, *(asyncio.to_thread(metrics.read_cluster) for _ in range(4)))
+    while not reads[0]:
+        await asyncio.sleep(0.01)
+    others = [asyncio.create_task(asyncio.to_thread(metrics.read_cluster)) for _ in range(4)]
+    await asyncio.sleep(1.0)  # they come (threads of the default executor: 6 on 2 cores)
+    held.set()
+    together = await asyncio.gather(first, *others)
     assert reads[0] == 1 and all(g is not None for g, _ in together)
+    held.set()
     await asyncio.to_thread(metrics.read_cluster)  # after: a read of its own
     assert reads[0] == 2
