@@ -14,6 +14,8 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -216,17 +218,24 @@ _BIG = [{"id": f"t/d{i}", "tenant": "t", "replicas": 1, "shards_per_replica": 1,
     (lambda session: session.place_documents(_BIG), "gone"),  # a large one: sending it
 ], ids=["answer", "send"])
 def test_a_child_that_hangs_is_killed_and_the_call_fails(call: Any, says: str) -> None:
+    with _stopped_child(time_limit_ms=2000) as (decider, session, pid):
+        with pytest.raises(DeciderFailed, match=says):
+            call(session)
+        assert wait_gone(pid, 10) and decider.pid is None
+
+
+@contextmanager
+def _stopped_child(*, time_limit_ms: int) -> Iterator[tuple[DecideProcess, RemoteSession, int]]:
+    """A decide process holding `_tiny`'s session, its child stopped (SIGSTOP), calls waiting 1 s."""
     doc, _ = _tiny()
     decider = DecideProcess(timeout_s=120.0)  # room to start an interpreter on a busy machine
     try:
-        session = decider.open(doc, time_limit_ms=2000)
+        session = decider.open(doc, time_limit_ms=time_limit_ms)
         pid = decider.pid
         assert pid is not None
         decider.timeout_s = 1.0
         os.kill(pid, signal.SIGSTOP)
-        with pytest.raises(DeciderFailed, match=says):
-            call(session)
-        assert wait_gone(pid, 10) and decider.pid is None
+        yield decider, session, pid
     finally:
         decider.close()
 
@@ -236,14 +245,9 @@ def test_a_call_may_take_its_decisions_time_limits_before_the_child_counts_as_hu
     `timeout_s` plus that. It waited `timeout_s` alone, and a child working through a long
     batch was killed as hung and the session lost. A call that decides nothing still waits
     `timeout_s` alone."""
-    doc, arrivals = _tiny()
-    decider = DecideProcess(timeout_s=120.0)  # room to start an interpreter on a busy machine
-    try:
-        session = decider.open(doc, time_limit_ms=4000)
-        pid = decider.pid
-        assert pid is not None
-        decider.timeout_s = 1.0
-        os.kill(pid, signal.SIGSTOP)  # the child busy for 3 s: within 1 + 4 x 4 s, not within 1 s
+    _, arrivals = _tiny()
+    with _stopped_child(time_limit_ms=4000) as (decider, session, pid):
+        # The child busy for 3 s: within 1 + 4 x 4 s, not within 1 s.
         resume = threading.Timer(3.0, os.kill, (pid, signal.SIGCONT))
         resume.start()
         try:
@@ -256,8 +260,6 @@ def test_a_call_may_take_its_decisions_time_limits_before_the_child_counts_as_hu
         with pytest.raises(DeciderFailed, match="did not answer pending within 1 s"):
             session.pending()
         assert wait_gone(pid, 10)
-    finally:
-        decider.close()
 
 
 def test_a_proxy_of_a_dead_childs_session_cannot_drive_the_next_childs() -> None:

@@ -1,7 +1,8 @@
 """The console page's tokens in headless Chromium: signing out of one token and into another
 ends the first one's live stream (it went on: held on the server for that token, telling the
-page about the first token's tenant, and its revocation hid the second token's console), and a
-malformed token in the link shows the sign-in form (the page stayed blank)."""
+page about the first token's tenant, and its revocation hid the second token's console); a
+malformed token in the link shows the sign-in form (the page stayed blank); a read under way at
+a sign-out or a sign-in is never drawn; a refused token is not sent again until a sign-in."""
 
 from __future__ import annotations
 
@@ -106,3 +107,54 @@ async def test_a_malformed_token_in_the_link_shows_the_sign_in_form(console: tup
         assert await page.get_attribute("#console", "hidden") is not None
         assert "malformed" in (await page.text_content("#sign-in-error") or "")
         assert streams.held_by("A") == 0
+
+
+@pytest.mark.parametrize("db_backend", ["sqlite"])
+async def test_a_read_under_way_at_a_sign_out_or_in_is_not_drawn(console: tuple[str, TokenStreams]) -> None:
+    """It showed the last viewer's data again on a screen signed out, or over the next viewer's
+    (found in review). A read now waits for the viewer's next build (one every 2 s at most)."""
+    address, streams = console
+    async with _signed_in_with_a(address, streams) as page:
+        await page.evaluate("void refresh()")
+        await page.click("#sign-out")
+        await asyncio.sleep(3.0)
+        assert await page.get_attribute("#console", "hidden") is not None
+        assert await page.text_content("#viewer") == ""
+        assert await page.locator("#map *").count() == 0  # nothing of the last viewer's left, hidden or not
+
+        await page.fill("#token", "tok-a")  # signed in again; a read for t1 under way when t2 signs in
+        await page.click("#sign-in button[type=submit]")
+        await page.wait_for_selector("#console:not([hidden])")
+        await page.evaluate("void refresh()")
+        await page.click("#sign-out")
+        await page.fill("#token", "tok-b")
+        await page.click("#sign-in button[type=submit]")
+        for _ in range(200):  # (the page's policy runs no string as script: no wait_for_function)
+            if await page.text_content("#viewer") == "tenant t2":
+                break
+            await asyncio.sleep(0.05)
+        seen = set()
+        for _ in range(30):
+            seen.add(await page.text_content("#viewer"))
+            await asyncio.sleep(0.1)
+        assert seen == {"tenant t2"}
+
+
+@pytest.mark.parametrize("db_backend", ["sqlite"])
+async def test_a_refused_token_is_not_sent_again_until_a_sign_in(console: tuple[str, TokenStreams]) -> None:
+    """The page asked with it every second for as long as the tab stayed open, spending the
+    console's budget of refusal log lines (found in review)."""
+    address, streams = console
+    async with _signed_in_with_a(address, streams) as page:
+        await page.click("#sign-out")
+        sent: list[str] = []
+        page.on("request", lambda r: sent.append(r.url) if "/api/" in r.url else None)
+        await page.fill("#token", "maia_0123456789abcdef.typo")
+        await page.click("#sign-in button[type=submit]")
+        await page.wait_for_selector("#sign-in:not([hidden])")
+        await asyncio.sleep(8.0)
+        assert len(sent) <= 3, sent  # its read and its stream, not one every 2 s
+        await page.fill("#token", "tok-a")
+        await page.click("#sign-in button[type=submit]")
+        await page.wait_for_selector("#console:not([hidden])")
+        await _until(lambda: streams.held_by("A") == 1, "A's stream held again")
