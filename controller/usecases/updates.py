@@ -104,13 +104,16 @@ async def check_contract(uow: UnitOfWork, who: Principal, row: m.Deployment, spe
     accelerators, power = demand(spec)
     before_accelerators, before_power = demand(repo.deployment_spec(row))
     where = f"deployment {spec.name}"
+    # Never below 0: the row's placements and the tenant's sums are two reads, each of the latest
+    # commit, and a pass that released some of them between made it negative, and an update asking
+    # more than the cap was taken (found in CI).
     if accelerators > before_accelerators + 1e-9:  # asking no more never breaks what it asked before
         _check_cap("QUOTA_ACCELERATORS", "max_accelerators", tenant.max_accelerators, spec=spec,
-                   asked=accelerators, elsewhere=own.accelerators - held, unit=" accelerators")
+                   asked=accelerators, elsewhere=max(0.0, own.accelerators - held), unit=" accelerators")
     if power > before_power + 1e-9:
+        placed_w = sum(repo.placement_power_w(row, p) for p in row.placements)
         _check_cap("QUOTA_POWER", "max_power_w", tenant.max_power_w, spec=spec,
-                   asked=power, elsewhere=own.power_w - sum(repo.placement_power_w(row, p) for p in row.placements),
-                   unit=" W")
+                   asked=power, elsewhere=max(0.0, own.power_w - placed_w), unit=" W")
     # Growth is of the ask: what waited unplaced before the update was asked before it, and
     # the update takes nothing more by leaving it so (a new priority) or asking less. A
     # preemptible deployment made non-preemptible ("firming") asks all it holds afresh: a tenant

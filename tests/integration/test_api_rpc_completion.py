@@ -166,7 +166,7 @@ async def test_a_call_past_its_deadline_is_counted_deadline_exceeded_at_warning(
     caplog.set_level(logging.DEBUG, logger="maia.api")
     assert await _told(_unary_call(channel, "Slow")(b"x", timeout=0.2)) == grpc.StatusCode.DEADLINE_EXCEEDED
     assert await _ended(handled, "Slow") == "DEADLINE_EXCEEDED"
-    assert (handled.seconds["Slow"] or 0) >= 0.2  # a unary call is timed
+    assert (handled.seconds["Slow"] or 0) > 0.1  # a unary call is timed (the deadline's clock starts before ours)
     assert _line_of(caplog, "Slow").levelno == logging.WARNING
 
 
