@@ -3,9 +3,9 @@
 Each node is a cell of its accelerators: a tenant's letter for an accelerator in use (a node
 shared by several tenants shows their letters in turn), `·` for a free one, `!` for one its
 agent says failed (it takes no shards), `x` for a node that is down and `-` for the free
-accelerators of one that takes nothing new (cordoned, or suspect: its agent silent or flapping). Each rack and row shows its power
-used against its budget as a bar. Pure: returns text (with rich markup for colour when asked),
-so it is tested without a terminal.
+accelerators of one that takes nothing new (cordoned, or suspect: its agent silent or flapping).
+Each rack and row shows its power used against its budget as a bar. Pure: returns text (with
+rich markup for colour when asked), so it is tested without a terminal.
 """
 from __future__ import annotations
 
@@ -45,14 +45,16 @@ def node_cell(node: admin_pb2.Node, letters: dict[str, str], colour: dict[str, s
     owners = [letters[t] for t in node.tenants] or ["?"]
     failed = failed_indices(node)
     marks = []
+    held = 0  # the accelerators drawn in use so far
     for i in range(node.accelerators):
         if state == "down":
             marks.append(DOWN)
         elif i in failed:  # in use or free, counted so: what is used is on the others
             marks.append(FAILED)
-        elif (held := len(marks) - sum(m == FAILED for m in marks)) < used:
+        elif held < used:
             letter = owners[held % len(owners)]
             marks.append(f"[{colour[letter]}]{letter}[/]" if colour else letter)
+            held += 1
         else:
             marks.append(CORDONED if state in ("cordoned", "suspect") else FREE)
     bracket = "\\[" if colour else "["  # rich markup reads a bare '[' as a tag

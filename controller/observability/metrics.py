@@ -195,7 +195,8 @@ class ControllerMetrics:
                                            registry=r, buckets=PLACED_BUCKETS_S)
         self.rpcs = Counter("maia_grpc_server_handled", "gRPC calls completed, by method and status code.",
                             ["service", "method", "code"], registry=r)
-        self.rpc_duration = _Histogram("maia_grpc_server_handling_seconds", "gRPC unary call duration, by method (streams: counted only).",
+        self.rpc_duration = _Histogram("maia_grpc_server_handling_seconds",
+                                       "gRPC unary call duration, by method (streams: counted only).",
                                        ["service", "method"], registry=r, buckets=RPC_BUCKETS_S)
         self.rpc_queue_wait = _Histogram(
             "maia_grpc_server_queued_seconds",

@@ -208,7 +208,8 @@ class FaultInjector:
         if too_few:
             verb = "has" if len(too_few) == 1 else "have"
             raise FaultError(f"{', '.join(too_few[:5])} {verb} no accelerator {index}")
-        reason = _agent_text("reason", request.get("reason") or "injected accelerator fault", limits.FAULT_REASON_MAX)
+        reason = _agent_text("reason", request.get("reason") or "injected accelerator fault",
+                             limits.FAULT_REASON_MAX)
         for_s = _optional_seconds(request, "for_s")
         for node in nodes:
             node.fail_accelerator(index, reason)
@@ -349,7 +350,7 @@ def _shard_pattern(request: dict[str, Any]) -> ShardPattern:
     return ShardPattern(deployment, numbers["replica"], numbers["shard"], message)
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL = re.compile(limits.CONTROL_CHARACTERS)
 
 
 def _agent_text(what: str, value: Any, most: int) -> str:

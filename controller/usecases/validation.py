@@ -19,8 +19,7 @@ NAME_MAX = limits.NAME_MAX
 ID_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 ID_MAX = limits.ID_MAX
 LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?$")
-# C0 and C1 control characters (NUL included) and DEL: never in a stored string.
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_RE = re.compile(limits.CONTROL_CHARACTERS)
 
 
 def quoted(value: object, limit: int = limits.QUOTED_VALUE_MAX) -> str:

@@ -12,7 +12,8 @@ reasons it is not there yet. `wait nodes` polls ListNodes, through an outage as 
 
 A deployment blocked for good — a reason that waiting alone cannot change (the tenant's quota,
 its allowed zones, an accelerator model or HBM size no node has), Failed (until it is updated),
-Quarantined (until it is submitted again), or deleted since the wait began — ends the wait at once with its reasons and exit code 4,
+Quarantined (until it is submitted again), or deleted since the wait began — ends the wait at
+once with its reasons and exit code 4,
 unless --keep-waiting (someone may raise the quota meanwhile).
 """
 from __future__ import annotations

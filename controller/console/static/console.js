@@ -52,6 +52,18 @@ function isRefused(token) {
   return refusedToken !== null && (token || "") === refusedToken;
 }
 
+// Nothing is asked of the controller until a sign-in: signed out, or the token refused.
+function waitsForSignIn(token) {
+  return signedOut || isRefused(token);
+}
+
+// The controller refused `token` (401): if it is still the viewer's, the sign-in form says why.
+function refusedNow(token) {
+  if (!current(token)) return;
+  refusedToken = token || "";
+  signIn(refused());
+}
+
 function kw(watts) { return (watts / 1000).toFixed(1) + " kW"; }
 
 // Other tenants, in a tenant's view (state.py: OTHER_TENANT): no tenant id can be it.
@@ -64,8 +76,8 @@ function drawLegend(state, colours) {
   legend.replaceChildren(...state.tenants.map((t) =>
     el("li", { "data-tenant": t.id }, el("span", { class: "swatch", style: { background: t.colour } }), t.id)));
   if (state.viewer_tenant) {
-    legend.append(el("li", { "data-tenant": OTHERS }, el("span", { class: "swatch", style: { background: colours[OTHERS] } }),
-                     "other tenants"));
+    const swatch = el("span", { class: "swatch", style: { background: colours[OTHERS] } });
+    legend.append(el("li", { "data-tenant": OTHERS }, swatch, "other tenants"));
   }
 }
 
@@ -177,17 +189,14 @@ let reading = null;
 
 async function refresh() {
   const token = sessionStorage.getItem(TOKEN_KEY);
-  if (signedOut || isRefused(token)) return false;
+  if (waitsForSignIn(token)) return false;
   const abort = new AbortController();
   reading = abort;
   let state;
   try {
     const reply = await fetch("/api/state", { headers: authorization(token), cache: "no-store", signal: abort.signal });
     if (reply.status === 401) {
-      if (current(token)) {
-        refusedToken = token || "";
-        signIn(refused());
-      }
+      refusedNow(token);
       return false;
     }
     if (!reply.ok) throw new Error(`state: HTTP ${reply.status}`);
@@ -236,12 +245,10 @@ async function listen() {
     const abort = new AbortController();
     stream = { token, abort };
     try {
-      if (signedOut || isRefused(token)) throw new StopListening();
-      const reply = await fetch("/api/events", { headers: authorization(token), cache: "no-store", signal: abort.signal });
-      if (reply.status === 401 && current(token)) {
-        refusedToken = token || "";
-        signIn(refused());
-      }
+      if (waitsForSignIn(token)) throw new StopListening();
+      const reply = await fetch("/api/events",
+        { headers: authorization(token), cache: "no-store", signal: abort.signal });
+      if (reply.status === 401) refusedNow(token);
       if (!reply.ok) throw new Error(`events: HTTP ${reply.status}`);
       live.textContent = "live"; live.className = "live on";
       const reader = reply.body.getReader();
@@ -272,7 +279,7 @@ async function listen() {
     live.textContent = "offline"; live.className = "live off";
     if (abort.signal.aborted) continue;  // signed out or in: the next stream, with the token now stored
     // Signed out, or the token refused: no stream until a sign-in; else another try in 2 s.
-    const waiting = signedOut || isRefused(token);
+    const waiting = waitsForSignIn(token);
     await new Promise((resolve) => {
       wakeListen = resolve;
       if (!waiting) setTimeout(resolve, 2000);

@@ -39,7 +39,8 @@ from controller.store.repositories.usage import (
     placement_power_w, power_usage, rack_power, reserved_usage, tenant_usage, waiting_unpreemptible,
     WAITS_FOR_NO_CAPACITY)
 from controller.store.repositories.nodes import (
-    clear_eviction, count_nodes_by_rack, count_placements_on_nodes, get_node, list_node_rows, node_capacities, node_health_by_zone,
+    clear_eviction, count_nodes_by_rack, count_placements_on_nodes, get_node, list_node_rows, node_capacities,
+    node_health_by_zone,
     failed_accelerators, move_node_flags, node_info, node_liveness_rows, node_rows_by_id, node_state_counts, node_view,
     reread_node_flags, set_node_cordoned,
     set_failed_accelerators, set_node_health, stored_faults,
