@@ -13,7 +13,9 @@ Key = tuple[str | int, ...]
 
 @dataclass(frozen=True, slots=True)
 class PageBounds:
-    """At most `limit` rows after `after` (None: from the start)."""
+    """At most `limit` rows after `after` (None: from the start). `scope` names the list and its
+    filters (`usecases/paging.py` binds the page token to it; the store ignores it)."""
 
     limit: int
     after: Key | None
+    scope: str = ""

@@ -444,7 +444,7 @@ async def list_deployments(uow: UnitOfWork, who: Principal, tenant: str = "",
     if name:
         check_name("deployment", name)
     tenant = policy.visible_tenant(who, tenant, "listing deployments")
-    bounds = paging.bounds(page, (str, int))
+    bounds = paging.bounds(page, paging.scope_of("deployments", tenant=tenant, name=name), (str, int))
     keys = paging.page_of(await repo.deployment_page_keys(uow.session, tenant=tenant, name=name, page=bounds),
                           bounds, key=lambda k: k)
     read = await repo.deployments_with_ids(uow.session, [row_id for _, row_id in keys.items])

@@ -62,7 +62,7 @@ async def list_nodes(uow: UnitOfWork, who: Principal, connected: Set[str] | None
                      rack: str = "", page: PageRequest = PageRequest()) -> Page[NodeView]:
     policy.require_admin(who, "listing nodes")  # first: another role is told that, not how its page_token fared
     check_optional_id("rack", rack)
-    bounds = paging.bounds(page)
+    bounds = paging.bounds(page, paging.scope_of("nodes", rack=rack))
     rows = await repo.list_node_rows(uow.session, rack, bounds)
     page = paging.page_of(rows, bounds, key=lambda n: (n.id,))
     usage = await repo.node_usage(uow.session, [n.id for n in page.items])

@@ -264,7 +264,7 @@ async def list_tenants(uow: UnitOfWork, who: Principal, page: PageRequest = Page
     from short pages, and the page token, an id to start after, let it tell how many tenants
     sorted between any id and its own: their names, one call at a time.)"""
     own = policy.visible_tenant(who, "", "listing tenants")
-    bounds = paging.bounds(page)
+    bounds = paging.bounds(page, paging.scope_of("tenants"))
     if own:
         row = await repo.get_tenant(uow.session, own)
         return Page(tuple(await tenant_views(uow, [row] if row is not None else [])), "")

@@ -118,7 +118,7 @@ async def list_tokens(uow: UnitOfWork, who: Principal, *, role: str = "", tenant
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
     check_optional_id("tenant", tenant)
-    bounds = paging.bounds(page, (str, str))
+    bounds = paging.bounds(page, paging.scope_of("tokens", role=role, tenant=tenant), (str, str))
     if bounds.after is not None:
         try:  # a time PostgreSQL holds: one that leaves years 1-9999 once in UTC failed INTERNAL
             after = datetime.fromisoformat(str(bounds.after[0]))

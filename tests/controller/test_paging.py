@@ -7,19 +7,28 @@ import pytest
 from controller import limits
 from controller.errors import InvalidArgument
 from controller.domain.paging import PageBounds
-from controller.usecases.paging import PageRequest, bounds, decode_token, encode_token, page_of
+from controller.usecases.paging import PageRequest, bounds, decode_token, encode_token, page_of, scope_of
+
+NODES = scope_of("nodes", rack="")
 
 
 def test_page_size_defaults_and_is_capped_at_the_maximum():
-    assert bounds(PageRequest()).limit == limits.PAGE_SIZE_DEFAULT
-    assert bounds(PageRequest(size=7)).limit == 7
-    assert bounds(PageRequest(size=10**6)).limit == limits.PAGE_SIZE_MAX
+    assert bounds(PageRequest(), NODES).limit == limits.PAGE_SIZE_DEFAULT
+    assert bounds(PageRequest(size=7), NODES).limit == 7
+    assert bounds(PageRequest(size=10**6), NODES).limit == limits.PAGE_SIZE_MAX
 
 
 def test_a_token_round_trips_the_last_key():
-    token = encode_token(("chat", 42))
-    assert decode_token(token, (str, int)) == ("chat", 42)
-    assert bounds(PageRequest(size=2, token=token), (str, int)) == PageBounds(2, ("chat", 42))
+    token = encode_token(("chat", 42), NODES)
+    assert decode_token(token, (str, int), NODES) == ("chat", 42)
+    assert bounds(PageRequest(size=2, token=token), NODES, (str, int)) == PageBounds(2, ("chat", 42), NODES)
+
+
+@pytest.mark.parametrize("other", [scope_of("nodes", rack="r1"), scope_of("tenants"), scope_of("tokens", rack="")])
+def test_a_token_of_another_list_or_filter_is_refused(other):
+    """It was read as a place to start: the rows before it in the other list were skipped."""
+    with pytest.raises(InvalidArgument, match="page_token was returned for another list or other filters"):
+        decode_token(encode_token(("n7",), NODES), (str,), other)
 
 
 @pytest.mark.parametrize("token", [
@@ -34,8 +43,8 @@ def test_foreign_tokens_are_refused(token):
 
 
 def test_page_of_uses_the_extra_row_only_to_say_more_follow():
-    page = PageBounds(limit=2, after=None)
+    page = PageBounds(limit=2, after=None, scope=NODES)
     full = page_of(["a", "b", "c"], page, key=lambda x: (x,))
-    assert full.items == ("a", "b") and decode_token(full.next_token, (str,)) == ("b",)
+    assert full.items == ("a", "b") and decode_token(full.next_token, (str,), NODES) == ("b",)
     last = page_of(["a", "b"], page, key=lambda x: (x,))
     assert last.items == ("a", "b") and last.next_token == ""

@@ -15,6 +15,7 @@ from controller import limits
 from controller.bearer import bearer_metadata
 from controller.cli.client import list_all
 from controller.cli.main import main
+from controller.usecases import paging
 from grpc_harness import HandAgent, Stubs, admin_token_of, api_state, eventually, issue_token, spec, topology
 from maia.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, common_pb2, deployments_pb2
 
@@ -79,6 +80,34 @@ async def test_every_list_pages_in_order_and_ends_with_an_empty_token(populated:
     assert len(whole.tenants) == 7 and whole.next_page_token == ""
 
 
+async def test_a_page_token_of_another_list_or_filter_is_invalid_argument(populated: Stubs):
+    """A token is the last key of its page: one from another list, or the same list with another
+    filter, was read as a place to start, and the rows before it were silently skipped."""
+    s = populated
+    of_all = (await s.deployments.ListDeployments(deployments_pb2.ListDeploymentsRequest(page_size=2))).next_page_token
+    of_lab1 = (await s.deployments.ListDeployments(
+        deployments_pb2.ListDeploymentsRequest(tenant="lab-1", page_size=1))).next_page_token
+    of_tenants = (await s.admin.ListTenants(admin_pb2.ListTenantsRequest(page_size=2))).next_page_token
+    of_rack_a = (await s.admin.ListNodes(admin_pb2.ListNodesRequest(rack="rack-a", page_size=1))).next_page_token
+    assert of_all and of_lab1 and of_tenants and of_rack_a
+    refused = [(s.deployments.ListDeployments, deployments_pb2.ListDeploymentsRequest(tenant="lab-0", page_token=of_lab1)),
+               (s.deployments.ListDeployments, deployments_pb2.ListDeploymentsRequest(tenant="lab-1", page_token=of_all)),
+               (s.admin.ListNodes, admin_pb2.ListNodesRequest(page_token=of_tenants)),
+               (s.admin.ListNodes, admin_pb2.ListNodesRequest(rack="rack-b", page_token=of_rack_a)),
+               (s.admin.ListNodes, admin_pb2.ListNodesRequest(page_token=of_rack_a))]
+    for call, request in refused:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(request)
+        assert (info.value.code(), info.value.details()) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "page_token was returned for another list or other filters; ask with the same filters, "
+            "or start again without one")
+    # The same list and filters take it (the page size may change between pages).
+    rest = await s.deployments.ListDeployments(
+        deployments_pb2.ListDeploymentsRequest(tenant="lab-1", page_size=5, page_token=of_lab1))
+    assert [d.spec.name for d in rest.deployments] == ["svc-3", "svc-5"]
+
+
 async def test_a_page_starts_after_the_last_item_even_if_items_were_removed(populated: Stubs):
     first = await populated.admin.ListTenants(admin_pb2.ListTenantsRequest(page_size=3))
     await populated.admin.DeleteTenant(admin_pb2.DeleteTenantRequest(id="lab-3"))
@@ -102,17 +131,21 @@ async def test_bad_page_requests_are_invalid_argument(populated: Stubs, request_
     assert info.value.details() == message
 
 
-def _token(*key: object) -> str:
-    return base64.urlsafe_b64encode(json.dumps(list(key)).encode()).decode()
+def _token(list_name: str, *key: object, **filters: str) -> str:
+    """A token of that list (unfiltered) whose key a caller forged."""
+    default = {"deployments": {"tenant": "", "name": ""}, "nodes": {"rack": ""}, "tenants": {},
+               "tokens": {"role": "", "tenant": ""}}[list_name]
+    return paging.encode_token(key, paging.scope_of(list_name, **{**default, **filters}))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("key", [("svc-0", 2**63), ("svc-0", -(2**63) - 1), ("svc-0", "1"), (1, 2)])
 async def test_a_forged_page_token_of_the_right_length_is_invalid_argument(populated: Stubs, key: tuple[object, ...]):
     """Any caller could send one: a key out of BIGINT's range reached the database driver
     (OverflowError: INTERNAL), one of the wrong types was read as a bound."""
-    calls = [(populated.deployments.ListDeployments, deployments_pb2.ListDeploymentsRequest(page_token=_token(*key))),
-             (populated.admin.ListNodes, admin_pb2.ListNodesRequest(page_token=_token(2**70))),  # keyed by id
-             (populated.admin.ListTenants, admin_pb2.ListTenantsRequest(page_token=_token(2**70)))]
+    calls = [(populated.deployments.ListDeployments, deployments_pb2.ListDeploymentsRequest(
+                 page_token=_token("deployments", *key))),
+             (populated.admin.ListNodes, admin_pb2.ListNodesRequest(page_token=_token("nodes", 2**70))),  # keyed by id
+             (populated.admin.ListTenants, admin_pb2.ListTenantsRequest(page_token=_token("tenants", 2**70)))]
     for call, request in calls:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await call(request)
@@ -127,10 +160,11 @@ _FORGED = "page_token is not a token this list returned; start again without one
 async def test_a_forged_page_token_with_a_text_no_list_returns_is_invalid_argument(populated: Stubs, text: str):
     """A NUL (or a lone surrogate) in a token's text reached PostgreSQL's encoding: INTERNAL, a
     traceback logged for each such call of any token (SQLite answered a page after it)."""
-    calls = [(populated.deployments.ListDeployments, deployments_pb2.ListDeploymentsRequest(page_token=_token(text, 1))),
-             (populated.admin.ListNodes, admin_pb2.ListNodesRequest(page_token=_token(text))),
-             (populated.admin.ListTenants, admin_pb2.ListTenantsRequest(page_token=_token(text))),
-             (populated.admin.ListTokens, admin_pb2.ListTokensRequest(page_token=_token("2020-01-01", text)))]
+    calls = [(populated.deployments.ListDeployments,
+              deployments_pb2.ListDeploymentsRequest(page_token=_token("deployments", text, 1))),
+             (populated.admin.ListNodes, admin_pb2.ListNodesRequest(page_token=_token("nodes", text))),
+             (populated.admin.ListTenants, admin_pb2.ListTenantsRequest(page_token=_token("tenants", text))),
+             (populated.admin.ListTokens, admin_pb2.ListTokensRequest(page_token=_token("tokens", "2020-01-01", text)))]
     for call, request in calls:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await call(request)
@@ -141,7 +175,7 @@ async def test_a_forged_page_token_with_a_text_no_list_returns_is_invalid_argume
 async def test_a_list_tokens_page_token_of_a_time_out_of_range_is_invalid_argument(populated: Stubs, created: str):
     """A time that leaves years 1-9999 once in UTC failed INTERNAL on PostgreSQL."""
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await populated.admin.ListTokens(admin_pb2.ListTokensRequest(page_token=_token(created, "x")))
+        await populated.admin.ListTokens(admin_pb2.ListTokensRequest(page_token=_token("tokens", created, "x")))
     assert (info.value.code(), info.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, _FORGED)
 
 
@@ -160,7 +194,7 @@ async def test_list_nodes_refuses_another_role_before_it_reads_a_page_token(popu
         token = await issue_token(controller_app.db, role, tenant=tenant)
         other = Stubs.connect(controller_app.address, token)
         try:
-            for page_token in ("!!", _token("\x00")):
+            for page_token in ("!!", _token("nodes", "\x00")):
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await other.admin.ListNodes(admin_pb2.ListNodesRequest(page_token=page_token))
                 assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, (role, info.value.details())

@@ -4,7 +4,6 @@ tenant's refused call is filed in."""
 
 from __future__ import annotations
 
-import base64
 import json
 
 import grpc
@@ -12,6 +11,7 @@ import pytest
 
 from controller.api.server import ControllerApp
 from controller.store import audit
+from controller.usecases import paging
 from grpc_harness import HandAgent, Stubs, issue_token, spec, topology
 from google.protobuf.json_format import MessageToDict
 
@@ -28,7 +28,7 @@ async def _world(app: ControllerApp, stubs: Stubs) -> None:
 
 def _after(tenant_id: str) -> str:
     """A page token as a client could forge one: start after this id."""
-    return base64.urlsafe_b64encode(json.dumps([tenant_id]).encode()).decode()
+    return paging.encode_token((tenant_id,), paging.scope_of("tenants"))
 
 
 async def test_a_tenant_lists_its_own_contract_whatever_page_it_asks(controller_app: ControllerApp,
