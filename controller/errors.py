@@ -67,6 +67,10 @@ class Conflict(MaiaError):
     """Someone else changed what the request relied on; retrying may succeed."""
 
 
+class OutOfRange(MaiaError):
+    """The request reads past what is kept (events after an id retention has deleted past)."""
+
+
 class ResourceExhausted(MaiaError):
     """A quota or capacity limit refuses the request."""
 

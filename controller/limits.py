@@ -102,6 +102,9 @@ REQUEST_ID_RETENTION_S = 24 * 3600
 REVISION_HISTORY = 10
 # Events are deleted this long after they were recorded (`--event-ttl`, controller/retention.py).
 EVENT_TTL_S = 7 * 24 * 3600
+# ListEvents after an id retention deleted past answers OUT_OF_RANGE with the highest id deleted in
+# this trailing metadata (controller/usecases/events.py; `maiactl get events -w` resumes after it).
+EVENTS_DELETED_THROUGH_METADATA_KEY = "maia-events-deleted-through"
 
 # --- lists and messages ------------------------------------------------------------------------
 PAGE_SIZE_DEFAULT = 100

@@ -155,11 +155,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ListEvents(self, request: admin_pb2.ListEventsRequest,
                          context: aio.ServicerContext) -> admin_pb2.ListEventsResponse:
         async with self._deps.db.unit_of_work() as uow:
-            views = await events.list_events(uow, current_principal(), object_kind=request.object_kind,
-                                             object_id=request.object_id, tenant=request.tenant,
-                                             after_id=request.after_id, limit=request.limit,
-                                             oldest_first=request.oldest_first)
-        return admin_pb2.ListEventsResponse(events=[convert.event_msg(v) for v in views])
+            read = await events.list_events(uow, current_principal(), object_kind=request.object_kind,
+                                            object_id=request.object_id, tenant=request.tenant,
+                                            after_id=request.after_id, limit=request.limit,
+                                            oldest_first=request.oldest_first)
+        return admin_pb2.ListEventsResponse(events=[convert.event_msg(v) for v in read.events],
+                                            read_through=read.read_through)
 
     # --- version -----------------------------------------------------------------------------
     async def GetVersion(self, request: admin_pb2.GetVersionRequest,

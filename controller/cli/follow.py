@@ -8,6 +8,13 @@ being committed, and never see it. `EventFollower` asks from a little behind ins
 longer than that to commit after a larger id was seen is still missed; the controller's
 transactions take milliseconds. The price: each poll reads the last `settle_s` of events again
 (~1,000 at 100 events/s), dropped here.
+
+A reply also says how far its read reached (`read_through`, the highest id in the history, of
+any object), and the follower's floor moves to that once it has settled too: following one quiet
+object's events, the floor used to stay at its last event, days back, so that every poll walked
+the whole history since, and the controller's event retention deleting past it answered
+OUT_OF_RANGE. When that is answered all the same (the follower was stopped for longer than the
+retention keeps events), `skip_to` resumes after what was deleted.
 """
 
 from __future__ import annotations
@@ -55,22 +62,30 @@ class EventFollower:
         self._seen = {i for i in self._seen if i > self._floor}
         return self._floor
 
-    def fresh(self, events: Sequence[E]) -> list[E]:
-        """The events not shown before, in the order given; from now on they count as shown."""
+    def fresh(self, events: Sequence[E], read_through: int = 0) -> list[E]:
+        """The events not shown before, in the order given; from now on they count as shown.
+        `read_through`: how far the read that returned them reached (0: as far as the last)."""
         new = [e for e in events if e.id > self._floor and e.id not in self._seen]
         self._seen.update(e.id for e in new)
-        if self._seen:
-            self._marks.append((self._clock(), max(self._seen)))
+        reached = max(max(self._seen, default=0), read_through)
+        if reached:
+            self._marks.append((self._clock(), reached))
         return new
 
+    def skip_to(self, event_id: int) -> None:
+        """Ask after `event_id` from now on: those up to it are gone (the controller's retention)."""
+        self._floor = max(self._floor, event_id)
+        self._seen = {i for i in self._seen if i > self._floor}
 
-def read_after(fetch: Callable[[int], Sequence[E]], after_id: int) -> list[E]:
-    """Every event after `after_id`, oldest first: `fetch(after)` (one ListEvents) asked again
-    from the last id while a reply is full."""
+
+def read_after(fetch: Callable[[int], tuple[Sequence[E], int]], after_id: int) -> tuple[list[E], int]:
+    """Every event after `after_id`, oldest first, and how far the last read reached:
+    `fetch(after)` (one ListEvents: its events and `read_through`) asked again from the last id
+    while a reply is full."""
     got: list[E] = []
     while True:
-        page = fetch(after_id)
+        page, read_through = fetch(after_id)
         got.extend(page)
         if len(page) < PAGE:
-            return got
+            return got, read_through
         after_id = page[-1].id

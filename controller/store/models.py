@@ -441,6 +441,17 @@ class Event(Base):
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, nullable=False)
 
 
+class EventRetentionMark(Base):
+    """A single row (id=1): the highest event id retention deleted (0: none yet). A reader asking
+    for the events after a lower id may have lost some (`usecases.events`: OUT_OF_RANGE), whatever
+    its filter; `maia-controller --event-ttl`, `controller.store.retention.prune_events`."""
+
+    __tablename__ = "event_retention"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    deleted_through: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
+
+
 class AuditEntry(Base):
     """One row of the hash-chained audit log (see `controller.store.audit`): never updated.
 

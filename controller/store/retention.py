@@ -13,6 +13,10 @@ Nor is the newest event ever deleted, however old: SQLite gives a new row the hi
 table plus one, and with the newest gone a new event would take an id a reader following the
 history (`ListEvents(after_id=)`, `maiactl get events -w`) has already passed.
 
+Each batch raises the retention mark (`event_retention.deleted_through`, the highest id deleted)
+in its own transaction: a reader asking for the events after a lower id is told they are gone
+(OUT_OF_RANGE, `usecases.events`) instead of being answered as if none had been there.
+
 One more reader tolerates the cut: `rollout._placed_again` looks for the moves and fills of an
 older revision's replica since its deployment last rolled; one placed again longer than the time
 to live ago and not running now counts as not placed again, and goes as any outgoing replica that
@@ -24,11 +28,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store.inlist import any_of
-from controller.store.models import DRAIN_EVENT, ISOLATION_KINDS, Event
+from controller.store.models import DRAIN_EVENT, ISOLATION_KINDS, Event, EventRetentionMark
 
 # The isolation watchdog's kinds and the drain's.
 STATE_KINDS = (*ISOLATION_KINDS, DRAIN_EVENT)
@@ -66,4 +70,13 @@ async def prune_events(session: AsyncSession, before: datetime, limit: int, *,
     for start in range(0, len(ids), IDS_A_STATEMENT):
         listed = any_of(session, table.c.id, ids[start:start + IDS_A_STATEMENT])
         count += int((await session.execute(delete(table).where(listed))).rowcount or 0)
+    top = max(ids)
+    await session.execute(update(EventRetentionMark).where(
+        EventRetentionMark.id == 1, EventRetentionMark.deleted_through < top).values(deleted_through=top))
     return Pruned(count, max(row.at for row in rows))
+
+
+async def events_deleted_through(session: AsyncSession) -> int:
+    """The highest event id retention deleted (0: none)."""
+    through = await session.scalar(select(EventRetentionMark.deleted_through).where(EventRetentionMark.id == 1))
+    return int(through or 0)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from controller.errors import InvalidArgument, NotFound, PermissionDenied
+from dataclasses import dataclass
+
+from controller import limits
+from controller.errors import InvalidArgument, NotFound, OutOfRange, PermissionDenied
 from controller.identity import Principal, Role
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
+from controller.store.retention import events_deleted_through
 from controller.usecases import customers, policy
 from controller.usecases.deployments import resolve_tenant
 from controller.domain.values import EventView, deployment_key
@@ -17,9 +21,23 @@ DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 
 
+@dataclass(frozen=True, slots=True)
+class EventsRead:
+    """The events one ListEvents returns, and the highest id in the history when it read them
+    (`read_through`, of any object): a follower of a quiet object's events asks after it once
+    it has settled, as after the ids it has seen (`controller.cli.follow`), and so never falls
+    behind the retention mark."""
+
+    events: list[EventView]
+    read_through: int
+
+
 async def list_events(uow: UnitOfWork, who: Principal, *, object_kind: str = "", object_id: str = "",
                       tenant: str = "", after_id: int = 0, limit: int = 0,
-                      oldest_first: bool = False) -> list[EventView]:
+                      oldest_first: bool = False) -> EventsRead:
+    """Events of the history `who` may read. After an id retention has deleted past (`after_id`
+    below the mark), OUT_OF_RANGE: some of those after it may be gone, and answering the rest as
+    if they were all would hide that."""
     if object_kind and object_kind not in OBJECT_KINDS:
         raise InvalidArgument(f"object_kind {object_kind!r}: expected one of {', '.join(OBJECT_KINDS)}")
     if object_id and not object_kind:
@@ -32,11 +50,20 @@ async def list_events(uow: UnitOfWork, who: Principal, *, object_kind: str = "",
     # A tenant token reads its own customer's events, not those of the tenant id's customer before.
     owner = object_id.partition("/")[0] if object_kind == "deployment" else object_id
     since = await customers.reads_since(uow, who, owner, None)
+    newest = await repo.newest_event_id(uow.session)  # before the events: each up to it committed is read
+    limit = min(limit or DEFAULT_LIMIT, MAX_LIMIT)
     events = await repo.list_events(uow.session, object_kind=object_kind, object_id=object_id, after_id=after_id,
-                                    limit=min(limit or DEFAULT_LIMIT, MAX_LIMIT), since=since,
-                                    oldest_first=oldest_first)
+                                    limit=limit, since=since, oldest_first=oldest_first)
+    # The mark read after the events: a batch that deleted any before this read raised it first.
+    if after_id > 0 and after_id < (deleted := await events_deleted_through(uow.session)):
+        raise OutOfRange(f"events after id {after_id} were deleted by the controller's event retention "
+                         f"(--event-ttl) up to id {deleted}; ask after id {deleted}, or without after_id",
+                         metadata=((limits.EVENTS_DELETED_THROUGH_METADATA_KEY, str(deleted)),))
+    # A full page of the oldest after an id read only as far as its last (the newest `limit` read all).
+    cut = len(events) == limit and (after_id > 0 or oldest_first)
+    read_through = events[-1].id if cut else max(newest, events[-1].id if events else 0)
     redactor = await redactor_of(uow, who)  # an unplaceable deployment's event quotes the solver's reasons
-    return [redactor.event(e) for e in events]
+    return EventsRead([redactor.event(e) for e in events], read_through)
 
 
 async def _check_visible(uow: UnitOfWork, who: Principal, object_kind: str, object_id: str, tenant: str) -> str:

@@ -46,3 +46,24 @@ def test_an_event_below_the_settled_floor_is_not_shown() -> None:
     now[0] = 2.0
     assert follower.after_id() == 4
     assert follower.fresh([Ev(2), Ev(4), Ev(5)]) == [Ev(5)]
+
+
+def test_a_quiet_objects_follower_moves_on_to_how_far_each_read_reached_once_settled() -> None:
+    """Following one object's events, the floor stayed at its last event: every poll walked the
+    history since, and retention deleting past it ended the watch."""
+    now = [0.0]
+    follower = EventFollower([Ev(3)], settle_s=1.0, clock=lambda: now[0])
+    assert follower.fresh([], read_through=50) == []
+    assert follower.after_id() == 2  # not before the read has settled: a late commit below 50 may come
+    now[0] = 1.5
+    assert follower.after_id() == 50
+    assert follower.fresh([Ev(40), Ev(51)], read_through=60) == [Ev(51)]  # below the floor: shown already
+
+
+def test_skip_to_asks_after_what_retention_deleted() -> None:
+    follower = EventFollower([Ev(3)], clock=lambda: 0.0)
+    follower.skip_to(20)
+    assert follower.after_id() == 20
+    assert follower.fresh([Ev(21)]) == [Ev(21)]
+    follower.skip_to(10)  # never back
+    assert follower.after_id() == 20

@@ -3,15 +3,20 @@ restart): the real binaries, the controller stopped under them and started again
 address and database; each says so on stderr and goes on where it was."""
 from __future__ import annotations
 
+import asyncio
 import queue
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import IO
 
 from cli_harness import BIN, controller_process, maiactl_env
+from controller.store.db import Database
+from controller.store.repositories import NewEvent, record_events
+from controller.store.retention import events_deleted_through, prune_events
 
 WAIT_S = 60.0  # a bound on each wait below, never reached when things work
 
@@ -145,4 +150,46 @@ def test_an_event_watch_keeps_the_output_it_was_asked_for(tmp_path: Path) -> Non
         for watch in watches:
             if watch.proc.poll() is None:
                 watch.proc.terminate()
+            watch.proc.wait(timeout=30)
+
+
+async def _delete_behind(url: str) -> int:
+    """Two events recorded a month ago (ids after every shown one) and one of now, the two deleted
+    by event retention as the controller's leader would, in one transaction (no poll sees them):
+    the highest id deleted."""
+    db = Database(url)
+    try:
+        async with db.unit_of_work() as uow:
+            old = datetime.now(timezone.utc) - timedelta(days=30)
+            await record_events(uow.session, [
+                *(NewEvent(actor="test", kind="node.down", object_kind="node", object_id=f"gone-{i}", at=old)
+                  for i in range(2)),
+                NewEvent(actor="test", kind="node.up", object_kind="node", object_id="after-retention")])
+            assert (await prune_events(uow.session, datetime.now(timezone.utc) - timedelta(days=1), 10)).count == 2
+            through = await events_deleted_through(uow.session)
+            await uow.commit()
+        return through
+    finally:
+        await db.dispose()
+
+
+def test_an_event_watch_told_that_retention_deleted_past_it_says_so_and_follows_on(tmp_path: Path) -> None:
+    """Asked after an id retention had deleted past, ListEvents answers OUT_OF_RANGE: the watch
+    says what was lost on stderr, once, and shows what comes after it (it used to be an error
+    that ended the watch, and before the mark, a silent gap)."""
+    with controller_process(tmp_path) as running:
+        assert running.ctl("apply", "-f", _tenant(tmp_path, "before")).returncode == 0
+        watch = Watch.of(running.address, running.token, "get", "events", "--watch", "--interval", "1")
+        try:
+            watch.out.until("tenant/before")
+            through = asyncio.run(_delete_behind(f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}"))
+            said = watch.err.until("(watch: ")
+            assert said.endswith(f"up to {through} were deleted by the controller's event retention before they "
+                                 f"were shown; following from {through})"), said
+            watch.out.until("node/after-retention")
+            assert not any("gone-" in line for line in watch.out.seen)
+            assert watch.proc.poll() is None  # still watching
+            assert [line.startswith("(watch: ") for line in watch.err.seen].count(True) == 1, watch.err.seen
+        finally:
+            watch.proc.terminate()
             watch.proc.wait(timeout=30)

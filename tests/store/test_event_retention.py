@@ -16,7 +16,7 @@ from controller.store import models as m
 from controller.store.db import Database
 from controller.store import repositories as repo
 from controller.store.repositories import NewEvent, record_events
-from controller.store.retention import IDS_A_STATEMENT, STATE_KINDS, prune_events
+from controller.store.retention import IDS_A_STATEMENT, STATE_KINDS, events_deleted_through, prune_events
 from controller.store.rollout import DRAIN_EVENT
 from controller.watchdog import CLEARED_KIND, EVENT_KIND, _stored_alarms
 
@@ -174,3 +174,26 @@ def test_an_event_ttl_out_of_range_is_a_usage_error(ttl: str, capsys: pytest.Cap
     with pytest.raises(SystemExit) as caught:
         parse_args(["--event-ttl", ttl], env={})
     assert caught.value.code == 2 and "--event-ttl:" in capsys.readouterr().err
+
+
+async def test_each_batch_raises_the_mark_to_the_highest_id_it_deleted_never_lowers_it(database: Database) -> None:
+    """The mark tells a reader resuming after an id whether events after it were deleted (pruned
+    by time, so the ids deleted are not a prefix: the mark is their highest)."""
+    await _record(database, ("node.down", "late-id-old", 5), ("node.down", "kept", 0.5), ("node.up", "old", 3),
+                  ("node.up", "newest", 0))
+    async with database.unit_of_work() as uow:
+        ids = {object_id: event_id for event_id, object_id in
+               await uow.session.execute(select(m.Event.id, m.Event.object_id))}
+        assert await events_deleted_through(uow.session) == 0
+    assert await _prune(database, 1) == 1  # the oldest: the lowest id
+    async with database.unit_of_work() as uow:
+        assert await events_deleted_through(uow.session) == ids["late-id-old"]
+    assert await _prune(database, 5) == 1
+    async with database.unit_of_work() as uow:
+        assert await events_deleted_through(uow.session) == ids["old"]
+        await uow.session.execute(m.EventRetentionMark.__table__.update().values(deleted_through=10**6))
+        await uow.commit()
+    await _record(database, ("node.down", "older", 9), ("node.up", "newest-2", 0))
+    assert await _prune(database, 5) == 1
+    async with database.unit_of_work() as uow:  # a batch of lower ids leaves a higher mark as it was
+        assert await events_deleted_through(uow.session) == 10**6

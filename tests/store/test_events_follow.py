@@ -100,11 +100,11 @@ async def test_read_after_asks_again_while_a_reply_is_full(database: Database) -
             break
         after = views[after][-1].id
 
-    def fetch(after_id: int) -> list[EventView]:
+    def fetch(after_id: int) -> tuple[list[EventView], int]:
         asks.append(after_id)
-        return views[after_id]
+        return views[after_id], 0
 
-    got = read_after(fetch, first)
+    got, _ = read_after(fetch, first)
     assert [e.object_id for e in got] == [f"e{i}" for i in range(2500)]
     assert len(asks) == 3
 
@@ -123,5 +123,5 @@ async def test_a_follower_that_has_seen_none_reads_a_burst_from_the_start(databa
         if len(replies[after]) < 1000:
             break
         after = replies[after][-1].id
-    shown = follower.fresh(read_after(lambda a: replies[a], follower.after_id()))
+    shown = follower.fresh(*read_after(lambda a: (replies[a], 0), follower.after_id()))
     assert [e.object_id for e in shown] == [f"e{i:04}" for i in range(1500)]

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from controller import limits
 from controller.cli.bounds import count, int_max, seconds
 from controller.cli.client import CliError, Exit, list_all, rpc_error_text, status_code
 from controller.cli.context import Context, yaml_text
@@ -308,6 +309,11 @@ def parse_object(text: str) -> tuple[str, str]:
 def fetch_events(ctx: Context, kind: str = "", name: str = "", after_id: int = 0,
                  limit: int = 50, tenant: str = "", oldest_first: bool = False) -> list[admin_pb2.EventRecord]:
     """Events, of one object when `kind` and `name` are given (a deployment: NAME in `tenant`, or TENANT/NAME)."""
+    return list(_list_events(ctx, kind, name, after_id, limit, tenant, oldest_first).events)
+
+
+def _list_events(ctx: Context, kind: str, name: str, after_id: int, limit: int, tenant: str,
+                 oldest_first: bool) -> admin_pb2.ListEventsResponse:
     if kind == "deployment" and name:
         ref = deployment_ref(name, tenant)
         name, tenant = ref.name, ref.tenant
@@ -317,7 +323,17 @@ def fetch_events(ctx: Context, kind: str = "", name: str = "", after_id: int = 0
         admin_pb2.ListEventsRequest(object_kind=kind, object_id=name, tenant=tenant, after_id=after_id, limit=limit,
                                     oldest_first=oldest_first),
         timeout=ctx.rpc_timeout)
-    return list(response.events)
+    return response
+
+
+def _deleted_through(exc: grpc.RpcError) -> int | None:
+    """The highest id the controller's event retention deleted, if `exc` is its OUT_OF_RANGE."""
+    if status_code(exc) != grpc.StatusCode.OUT_OF_RANGE:
+        return None
+    for key, value in getattr(exc, "trailing_metadata", lambda: None)() or ():
+        if key == limits.EVENTS_DELETED_THROUGH_METADATA_KEY and value.isdigit():
+            return int(value)
+    return None
 
 
 def _must_exist(ctx: Context, kind: str, name: str, tenant: str) -> None:
@@ -347,14 +363,24 @@ def _events(args: argparse.Namespace, ctx: Context) -> int:
              names=lambda: [f"event/{e.id}" for e in events], is_table=True)
     follower = EventFollower(events)
     polls = _watch_polls(ctx, args.interval)
+
+    def page_after(after_id: int) -> tuple[list[admin_pb2.EventRecord], int]:
+        reply = _list_events(ctx, kind, name, after_id, PAGE, args.tenant or "", True)
+        return list(reply.events), reply.read_through
+
     while args.watch:
         time.sleep(args.interval)
         after = follower.after_id()
-        read = polls.poll(lambda: read_after(
-            lambda a: fetch_events(ctx, kind, name, after_id=a, limit=PAGE, tenant=args.tenant or "",
-                                   oldest_first=True), after),
-            back="; showing the events not shown yet")
-        new = follower.fresh(read or [])
+        try:
+            read = polls.poll(lambda: read_after(page_after, after), back="; showing the events not shown yet")
+        except grpc.RpcError as exc:
+            if (through := _deleted_through(exc)) is None:
+                raise
+            ctx.note(f"(watch: the events after {after} up to {through} were deleted by the controller's "
+                     f"event retention before they were shown; following from {through})")
+            follower.skip_to(through)
+            continue
+        new = follower.fresh(*read) if read else []
         if not new:
             continue
         if ctx.output == "json":

@@ -26,7 +26,7 @@ from controller.store.repositories.common import (
 from controller.store.repositories.generation import (
     read_capacity_generation, read_cluster_generation)
 from controller.store.repositories.events import (
-    NewEvent, event_rows, events_of_kinds, list_events, record_event, record_events)
+    NewEvent, event_rows, events_of_kinds, list_events, newest_event_id, record_event, record_events)
 from controller.store.repositories.topology import (
     delete_topology_item, get_rack, held_by, list_racks, list_rows, list_zones, lock_topology_item,
     tenants_naming_zone)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controller.store import models as m
@@ -58,6 +58,11 @@ async def events_of_kinds(session: AsyncSession, kinds: Collection[str]) -> list
     of_kinds = m.Event.kind.in_(bindparam("kinds", list(kinds), expanding=True, literal_execute=True))
     query = select(m.Event.kind, m.Event.message, m.Event.data).where(of_kinds).order_by(m.Event.id)
     return [(kind, message, data) for kind, message, data in await session.execute(query)]
+
+
+async def newest_event_id(session: AsyncSession) -> int:
+    """The highest id in the history (0: none), whatever the kind: where a reader's read reached."""
+    return int(await session.scalar(select(func.max(m.Event.id))) or 0)
 
 
 async def list_events(session: AsyncSession, *, object_kind: str = "", object_id: str = "", after_id: int = 0,

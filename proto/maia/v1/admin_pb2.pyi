@@ -391,7 +391,9 @@ class EventRecord(_message.Message):
     def __init__(self, id: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[str] = ..., kind: _Optional[str] = ..., object_kind: _Optional[str] = ..., object_id: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ListEventsResponse(_message.Message):
-    __slots__ = ("events",)
+    __slots__ = ("events", "read_through")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    READ_THROUGH_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[EventRecord]
-    def __init__(self, events: _Optional[_Iterable[_Union[EventRecord, _Mapping]]] = ...) -> None: ...
+    read_through: int
+    def __init__(self, events: _Optional[_Iterable[_Union[EventRecord, _Mapping]]] = ..., read_through: _Optional[int] = ...) -> None: ...
