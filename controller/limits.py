@@ -60,6 +60,10 @@ REPORT_MESSAGE_MAX = 1024           # a shard's status message
 # C0 and C1 control characters (NUL included) and DEL: in no text the controller stores or takes
 # from an agent (`usecases.validation`; maia-simnode's fault texts, which its agents report).
 CONTROL_CHARACTERS = r"[\x00-\x1f\x7f-\x9f]"
+# Names (deployments: a DNS label, at most NAME_MAX) and ids (tenants, zones, rows, racks, nodes):
+# the controller's checks (usecases/validation.py) and its clients' (maiactl's manifests, maia-simnode).
+NAME_PATTERN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+ID_PATTERN = r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
 FAULT_REASON_MAX = 256              # why an agent says an accelerator failed
 REPORTS_PER_SECOND = 200.0          # per agent stream (token bucket)
 # A full node's shards each reported LOADING and then RUNNING at once (an agent reports every phase

@@ -31,6 +31,7 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
+from controller import limits
 from controller.cli.bounds import int_range
 from controller.cli.config import not_utf8
 from controller.cli.loading import MAX_DEPTH, JsonError, json_document, strict_yaml_loader
@@ -40,8 +41,8 @@ from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
 KINDS = ("Tenant", "Topology", "Deployment")
 # From deployments.proto: unique in the cluster, DNS-label-like, at most 63 characters.
-NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-NAME_MAX = 63
+NAME_PATTERN = re.compile(limits.NAME_PATTERN)
+NAME_MAX = limits.NAME_MAX
 
 
 class ManifestError(Exception):

@@ -3,10 +3,16 @@
 `Register` hands each new node its own credential once; an agent that loses it cannot take
 its node back with the fleet's node-bootstrap token (that would let anyone holding the
 bootstrap token impersonate a registered node). So the fleet keeps every node's credential in
-one JSON file per controller list and rack prefix (a list that shares an address with one kept
-starts from its file: a controller added for HA), mode 0600, under a state directory
+one JSON file per cluster and rack prefix, mode 0600, under a state directory
 (default `$XDG_STATE_HOME/maia-simnode`, else `~/.local/state/maia-simnode`), rewritten
 atomically on every change; a restarted `maia-simnode` reconnects with what it finds there.
+
+The cluster is known by its set of controller addresses (`cluster_key`): the controllers answer
+no identity of their own (RegisterResponse has none, and the credential is needed before the
+first answer), so the same controllers listed in another order, in another case, or a loopback
+one named `localhost`, `127.0.0.1` or `[::1]`, are one key. A list that shares an address with
+one kept starts from its file (a controller added for HA), and a file named by the text of
+`--controller` (before `cluster_key`) is taken over under the new name.
 
 The running fleet's nodes change it through `keep` and `drop`, which return once the file holds
 the change: the file is written in a worker thread, and the changes made while one write runs
@@ -45,6 +51,25 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "default"
 
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "ip6-localhost")  # the first is how a key writes them
+
+
+def _spellings(address: str) -> tuple[str, ...]:
+    """The ways of writing one controller's HOST:PORT, its key's first: the host in lower case,
+    without brackets, a loopback host as 127.0.0.1."""
+    host, sep, port = address.strip().lower().rpartition(":")
+    if not sep:
+        return (address.strip().lower(),)
+    host = host.strip("[]")
+    return tuple(f"{name}:{port}" for name in (_LOOPBACK if host in _LOOPBACK else (host,)))
+
+
+def cluster_key(controller: str) -> str:
+    """The fleet's cluster as the set of its controllers (`--controller`), whatever their order
+    and spelling: "localhost:7000,B:7001" and "b:7001,127.0.0.1:7000" are one cluster."""
+    return ",".join(sorted({_spellings(a)[0] for a in controller.split(",") if a.strip()}))
+
+
 class CredentialFile:
     """node id -> credential, persisted in one 0600 file."""
 
@@ -60,15 +85,20 @@ class CredentialFile:
 
     @classmethod
     def for_fleet(cls, state_dir: Path, controller: str, rack_prefix: str) -> CredentialFile:
-        """The fleet's file, named by its controller list and rack prefix. A fleet given another
-        list (a second controller added for HA, one taken away) starts from the file of a list
-        sharing an address with it: under a new name its nodes found none, and the bootstrap
+        """The fleet's file, named by its cluster (`cluster_key`) and rack prefix. A fleet given
+        another list (a second controller added for HA, one taken away) starts from the file of a
+        list sharing an address with it: under a new name its nodes found none, and the bootstrap
         token may not register them again (every node refused, the fleet down)."""
         suffix = f"-{_safe(rack_prefix)}.json"
-        kept = cls(state_dir / f"credentials-{_safe(controller)}{suffix}")
+        kept = cls(state_dir / f"credentials-{_safe(cluster_key(controller))}{suffix}")
         if kept._credentials or not state_dir.is_dir():
             return kept
-        ours = {f"_{_safe(address)}_" for address in controller.split(",") if address.strip()}
+        legacy = state_dir / f"credentials-{_safe(controller)}{suffix}"  # named by the text given
+        if legacy != kept.path and cls(legacy)._credentials:
+            os.replace(legacy, kept.path)
+            return cls(kept.path)
+        addresses = [a for a in controller.split(",") if a.strip()]
+        ours = {f"_{_safe(spelling)}_" for a in addresses for spelling in (a, *_spellings(a))}
         for other in sorted(state_dir.glob(f"credentials-*{suffix}")):
             listed = f"_{other.name[len('credentials-'):-len(suffix)]}_"
             if other != kept.path and any(address in listed for address in ours):

@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="a failed accelerator of the nodes works again")
     fix.add_argument("--index", type=int, default=None, help="which one (default: every failed one)")
     stop = verbs.add_parser("stop-failing", parents=[common], help="end --keep-failing rules")
-    stop.add_argument("--deployment", default=None, help="only this deployment's rules (default: all)")
+    stop.add_argument("--deployment", default=None,
+                      help="only the rules of this deployment, TENANT/NAME or NAME as fail-shard named it "
+                           "(default: all)")
     verbs.add_parser("status", parents=[common], help="what is injected, how many nodes are connected")
     return p
 

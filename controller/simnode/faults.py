@@ -20,7 +20,8 @@ all of them:
   newer stream), and how the nodes' Registers went (latencies of those that succeeded, failures
   by status code).
 
-Timed faults (`for_s`) undo themselves. A request naming an unknown node or rack changes nothing.
+Timed faults (`for_s`) undo themselves, and only themselves: a timed kill's end leaves a partition
+in force. A request naming an unknown node or rack changes nothing.
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ from controller.simnode.agent import ShardKey
 from controller.simnode.transport import SimulatedNode
 
 log = logging.getLogger("simnode.faults")
+_NAME = re.compile(limits.NAME_PATTERN)
+_TENANT = re.compile(limits.ID_PATTERN)
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # a request naming every node of a 100k fleet fits
 DEFAULT_FLAP_COUNT = 5
@@ -132,7 +135,7 @@ class FaultInjector:
         for_s = _optional_seconds(request, "for_s")
         for node in nodes:
             node.kill()
-            self._schedule(node, "kill", for_s, node.revive)
+            self._schedule(node, "kill", for_s, node.restart)  # a partition set apart still holds
         return self._done("killed", nodes, for_s)
 
     def _partition(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -226,9 +229,16 @@ class FaultInjector:
                           repaired, None)
 
     def _stop_failing(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Every rule, or those of one deployment as fail-shard named it (TENANT/NAME, or NAME: any
+        tenant's); a deployment no rule names is refused, the rules there are listed."""
         deployment = request.get("deployment")
+        if deployment is not None:
+            deployment = _deployment(deployment, "stop-failing")
         kept = [r for r in self._failing if deployment is not None and r.pattern.deployment != deployment]
         stopped = len(self._failing) - len(kept)
+        if deployment is not None and not stopped:
+            rules = ", ".join(sorted({r.pattern.deployment for r in self._failing})) or "none"
+            raise FaultError(f"no keep-failing rule names deployment {deployment} (rules name: {rules})")
         self._failing = kept
         return {"ok": True, "stopped": stopped, "message": f"{stopped} shard failure rules removed"}
 
@@ -336,10 +346,26 @@ def _optional_seconds(request: dict[str, Any], key: str) -> float | None:
     return None if request.get(key) is None else _seconds(request, key)
 
 
+def _deployment(value: Any, op: str) -> str:
+    """A deployment's key as the controller writes it (TENANT/NAME), or its NAME alone (any
+    tenant's), each part as the controller bounds it (`limits`: its patterns and lengths)."""
+    if not isinstance(value, str) or not value:
+        raise FaultError(f"{op} needs the deployment: TENANT/NAME, or NAME alone")
+    tenant, slash, name = value.rpartition("/")
+    parts = [("deployment name", name, _NAME, limits.NAME_MAX, "lowercase letters, digits and '-'")]
+    if slash:
+        parts.append(("tenant id", tenant, _TENANT, limits.TENANT_ID_MAX, "letters, digits, '-', '_' and '.'"))
+    for what, text, pattern, longest, made_of in parts:
+        if not text:
+            raise FaultError(f"{what} is required (expected TENANT/NAME, or NAME alone)")
+        if len(text) > longest or not pattern.fullmatch(text):
+            raise FaultError(f"{what} {text[:80]!r} is invalid: use {made_of}, starting and ending with a letter "
+                             f"or digit, at most {longest} (expected TENANT/NAME, or NAME alone)")
+    return value
+
+
 def _shard_pattern(request: dict[str, Any]) -> ShardPattern:
-    deployment = request.get("deployment")
-    if not isinstance(deployment, str) or not deployment:
-        raise FaultError("fail-shard needs the deployment")
+    deployment = _deployment(request.get("deployment"), "fail-shard")
     numbers = {}
     for key in ("replica", "shard"):
         value = request.get(key)

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import math
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import grpc
 
+from controller import limits
 from controller.aio import on_stop_signals, stopped_ignoring_sigterm
+from controller.cli.bounds import count
 from controller.gcpolicy import configure_gc
 from controller.openfiles import raise_open_files_limit
 from controller.bearer import CONTROLLER_ENV, TOKEN_ENV
@@ -42,7 +45,7 @@ def _number(text: str, *, least: float, inclusive: bool, most: float = math.inf)
     if value < least or (value == least and not inclusive):
         raise argparse.ArgumentTypeError(f"must be {'at least' if inclusive else 'more than'} {least:g}, got {text}")
     if value > most:
-        raise argparse.ArgumentTypeError(f"must be at most {most:g}, got {text}")
+        raise argparse.ArgumentTypeError(f"must be at most {most:.15g}, got {text}")
     return value
 
 
@@ -51,9 +54,10 @@ def _seconds(*, zero: bool) -> Callable[[str], float]:
     return lambda text: _number(text, least=0.0, inclusive=zero, most=SECONDS_MAX)
 
 
-def _quantity(text: str) -> float:
-    """A finite amount of at least 0 (GiB, watts)."""
-    return _number(text, least=0.0, inclusive=True)
+def _quantity(*, zero: bool, most: float) -> Callable[[str], float]:
+    """An amount (GiB, watts): more than 0 (or 0 too, `zero`), at most what the controller takes in a
+    Register (`controller.limits`; beyond it every node was refused INVALID_ARGUMENT)."""
+    return lambda text: _number(text, least=0.0, inclusive=zero, most=most)
 
 
 def _interval(text: str) -> float | None:
@@ -65,11 +69,13 @@ def _interval(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected 'auto' or seconds: {exc}") from None
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+def _model(text: str) -> str:
+    """An accelerator model as a Register carries it (`limits.MODEL_MAX`, no control character)."""
+    if len(text) > limits.MODEL_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most {limits.MODEL_MAX} characters, got {len(text)}")
+    if re.search(limits.CONTROL_CHARACTERS, text):
+        raise argparse.ArgumentTypeError(f"must hold no control character, got {text!r}")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,16 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"node-bootstrap (or admin) token to register with (default: ${TOKEN_ENV})")
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
                    help="where each node's credential (issued by Register) is kept, one 0600 file per "
-                        f"controller and rack prefix (default: {default_state_dir()})")
-    p.add_argument("--racks", type=_positive_int, required=True)
-    p.add_argument("--nodes-per-rack", type=_positive_int, required=True)
+                        f"cluster (its set of controllers) and rack prefix (default: {default_state_dir()})")
+    p.add_argument("--racks", type=count(limits.TOPOLOGY_ITEMS_MAX), required=True,
+                   help=f"how many racks (at most {limits.TOPOLOGY_ITEMS_MAX}, the racks a topology holds)")
+    p.add_argument("--nodes-per-rack", type=count(), required=True)
     p.add_argument("--rack-prefix", default="rack-")
     p.add_argument("--load-delay", type=_seconds(zero=True), default=1.0, metavar="SECONDS",
                    help="time from LOADING to RUNNING for a new shard")
-    p.add_argument("--accelerators", type=_positive_int, default=4)
-    p.add_argument("--model", default="maia-100")
-    p.add_argument("--hbm-gib", type=_quantity, default=64.0)
-    p.add_argument("--idle-power-w", type=_quantity, default=600.0)
+    p.add_argument("--accelerators", type=count(limits.NODE_ACCELERATORS_MAX), default=4,
+                   help=f"accelerators per node (1..{limits.NODE_ACCELERATORS_MAX})")
+    p.add_argument("--model", type=_model, default="maia-100", help="accelerator model (default: maia-100)")
+    p.add_argument("--hbm-gib", type=_quantity(zero=False, most=limits.HBM_GIB_MAX), default=64.0,
+                   help=f"HBM per accelerator, GiB (more than 0, at most {limits.HBM_GIB_MAX:.15g})")
+    p.add_argument("--idle-power-w", type=_quantity(zero=True, most=limits.POWER_W_MAX), default=600.0,
+                   help=f"each node's idle power draw, watts (at most {limits.POWER_W_MAX:.15g})")
     p.add_argument("--heartbeat-interval", type=_interval, default=None, metavar="auto|SECONDS",
                    help="default: what the controller asks for at registration, and later on the stream "
                         "(HeartbeatPolicy: the cluster grew); a number here ignores both")

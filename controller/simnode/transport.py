@@ -25,7 +25,8 @@ Failure injection (driven by `controller/simnode/faults.py`): `crash()` drops th
 abruptly and forgets all shards, back after a while; `kill()` does the same until `revive()`;
 `drop()` ends the stream but keeps the shards (a flap); `partition()` keeps the stream open but
 silent both ways (the controller notices only by the missing heartbeats) and stops reconnects
-until `heal()`; `heartbeat_delay_s` stretches the time between heartbeats.
+until `heal()`; `heartbeat_delay_s` stretches the time between heartbeats. Each is undone on its
+own (`restart()` ends a kill, not a partition; `heal()` a partition, not a kill).
 """
 from __future__ import annotations
 
@@ -217,6 +218,14 @@ class SimulatedNode:
         """Undo `kill()`, `partition()` and a superseded stream: the node registers and connects again."""
         self.killed = self.superseded = False
         self.heal()
+
+    def restart(self) -> None:
+        """Undo `kill()` alone (a timed kill's end): the host is back, but a partition set apart
+        still cuts it off until `heal()`."""
+        if self.partitioned:
+            self.killed = self.superseded = False
+        else:
+            self.revive()
 
     def drop(self, offline_s: float) -> None:
         """The network blips: the stream ends, the shards keep running, back after `offline_s`."""

@@ -14,9 +14,9 @@ from collections.abc import Mapping, Sized
 from controller import limits
 from controller.errors import InvalidArgument
 
-NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+NAME_RE = re.compile(limits.NAME_PATTERN)
 NAME_MAX = limits.NAME_MAX
-ID_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+ID_RE = re.compile(limits.ID_PATTERN)
 ID_MAX = limits.ID_MAX
 LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?$")
 _CONTROL_RE = re.compile(limits.CONTROL_CHARACTERS)

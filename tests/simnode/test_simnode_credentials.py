@@ -60,3 +60,30 @@ async def test_a_failed_write_is_raised_to_those_waiting_and_the_next_change_wri
     failing[0] = False
     await kept.keep("n2", "b")
     assert json.loads(kept.path.read_text()) == {"n1": "a", "n2": "b"}
+
+
+def test_the_same_controllers_written_otherwise_or_listed_in_another_order_keep_one_file(tmp_path: Path) -> None:
+    """The file was named by `--controller`'s text: the same cluster given as `localhost:7000`
+    after `127.0.0.1:7000`, or its HA list in another order, found no file (or a stale copy of
+    another spelling's), and its nodes lost their credentials."""
+    first = CredentialFile.for_fleet(tmp_path, "127.0.0.1:7000,ctl-b.example:7001", "rack-")
+    first.put("rack-00-n00", "cred-1")
+    for spelling in ("ctl-B.example:7001, localhost:7000", "[::1]:7000,ctl-b.example:7001,ctl-b.example:7001"):
+        again = CredentialFile.for_fleet(tmp_path, spelling, "rack-")
+        assert (again.path, again.get("rack-00-n00")) == (first.path, "cred-1"), spelling
+    again.put("rack-00-n00", "cred-2")  # issued anew while the fleet ran under another spelling
+    back = CredentialFile.for_fleet(tmp_path, "127.0.0.1:7000,ctl-b.example:7001", "rack-")
+    assert back.get("rack-00-n00") == "cred-2"
+    assert [p.name for p in tmp_path.glob("credentials-*")] == [first.path.name]
+    other = CredentialFile.for_fleet(tmp_path, "127.0.0.2:7000,ctl-b.example:7002", "rack-")  # another cluster
+    assert other.path != first.path and other.get("rack-00-n00") is None
+
+
+def test_a_file_named_by_the_controller_text_is_taken_over_under_the_cluster_key(tmp_path: Path) -> None:
+    """Files a fleet kept before `cluster_key` are named by the text given: taken over, not left."""
+    old = tmp_path / "credentials-ctl-b.example_7001_Ctl-A.example_7000-rack-.json"
+    CredentialFile(old).put("rack-00-n00", "cred-1")
+    kept = CredentialFile.for_fleet(tmp_path, "ctl-b.example:7001,Ctl-A.example:7000", "rack-")
+    assert kept.get("rack-00-n00") == "cred-1" and kept.path.exists() and not old.exists()
+    assert kept.path.name == "credentials-ctl-a.example_7000_ctl-b.example_7001-rack-.json"
+    assert kept.path.stat().st_mode & 0o777 == 0o600

@@ -105,6 +105,28 @@ async def test_timed_faults_undo_themselves_and_flaps_keep_the_shards(
     assert node.heartbeat_delay_s == 0.0
 
 
+async def test_a_timed_kill_ends_the_kill_alone_and_a_partition_set_apart_still_holds(
+        fake: tuple[FakeController, str], fleet: Fleet) -> None:
+    """The end of `kill --for` revived the node, healing a partition set on it separately: the
+    node reconnected while still meant to be cut off."""
+    controller, _ = fake
+    node = fleet.nodes["rack-01-n00"]
+    assert (await fleet.ask(op="partition", nodes=["rack-01-n00"]))["ok"]
+    assert (await fleet.ask(op="kill", nodes=["rack-01-n00"], for_s=0.1))["ok"]
+    await wait_until(lambda: not node.killed)
+    before = registrations(controller, "rack-01-n00")
+    await asyncio.sleep(0.3)  # several back-offs long: partitioned, it does not come back
+    assert node.partitioned and not node.connected and registrations(controller, "rack-01-n00") == before
+    assert (await fleet.ask(op="status"))["faults"] == {"rack-01-n00": ["partitioned"]}
+
+    assert (await fleet.ask(op="partition", nodes=["rack-01-n00"], for_s=0.1))["ok"]  # and the other way round
+    assert (await fleet.ask(op="kill", nodes=["rack-01-n00"], for_s=0.4))["ok"]
+    await wait_until(lambda: not node.partitioned)
+    assert node.killed and not node.connected
+    await wait_until(lambda: node.connected and not node.killed)  # both ended: back
+    assert (await fleet.ask(op="status"))["faults"] == {}
+
+
 async def test_fail_shard_reports_failed_with_the_message_and_keep_failing_fails_later_loads(
         fake: tuple[FakeController, str], fleet: Fleet) -> None:
     controller, _ = fake
@@ -180,6 +202,32 @@ def test_keep_failing_on_named_nodes_fails_later_loads_on_those_nodes_only() -> 
         injector.handle({"op": "fail-shard", "deployment": "claude", "keep_failing": True, **every})
         assert all(node.agent.load_failure(key) == "injected fault" for node in nodes.values())  # type: ignore[misc]
     assert injector.handle({"op": "status"})["failing"] == ["claude", "claude"]
+
+
+def test_stop_failing_takes_a_deployment_key_and_refuses_a_malformed_one_or_one_no_rule_names() -> None:
+    """stop-failing compared the text given with each rule's: a malformed deployment (`Claude`,
+    `a/b/claude`) or one no rule names removed nothing and answered ok, the shards failing on."""
+    specs = [NodeSpec("rack-00-n00", "rack-00")]
+    injector = FaultInjector(SimulatedNode(s, "127.0.0.1:1") for s in specs)
+    for deployment in ("anthropic/claude", "claude", "openlab/claude"):
+        injector.handle({"op": "fail-shard", "deployment": deployment, "keep_failing": True})
+    for malformed, said in [("Claude", "deployment name 'Claude' is invalid"),
+                            ("a/b/claude", "tenant id 'a/b' is invalid"),
+                            ("anthropic/", "deployment name is required"), ("/claude", "tenant id is required"),
+                            ("", "needs the deployment"), (7, "needs the deployment")]:
+        with pytest.raises(FaultError, match=said):
+            injector.handle({"op": "stop-failing", "deployment": malformed})
+    with pytest.raises(FaultError, match=r"no keep-failing rule names deployment anthropic/chat "
+                                         r"\(rules name: anthropic/claude, claude, openlab/claude\)"):
+        injector.handle({"op": "stop-failing", "deployment": "anthropic/chat"})
+    with pytest.raises(FaultError, match="deployment name 'Claude' is invalid"):  # fail-shard reads it alike
+        injector.handle({"op": "fail-shard", "deployment": "Claude", "keep_failing": True})
+    assert injector.handle({"op": "status"})["failing"] == ["anthropic/claude", "claude", "openlab/claude"]
+
+    assert injector.handle({"op": "stop-failing", "deployment": "anthropic/claude"})["stopped"] == 1
+    assert injector.handle({"op": "stop-failing", "deployment": "claude"})["stopped"] == 1  # the any-tenant rule only
+    assert injector.handle({"op": "status"})["failing"] == ["openlab/claude"]
+    assert injector.handle({"op": "stop-failing"})["stopped"] == 1
 
 
 async def test_a_control_socket_path_holding_a_file_is_refused_and_the_file_kept(tmp_path: Path) -> None:

@@ -12,7 +12,11 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
+from controller import limits
 from controller.simnode.fleet import Fleet
+from controller.simnode.main import build_parser
 
 # The fleet's main() returned after its stop, then signalled again: the loop has closed and given
 # its handlers back by then.
@@ -132,3 +136,37 @@ def test_durations_and_amounts_that_are_not_finite_numbers_are_usage_errors(tmp_
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 2, (flag, value, done.stderr)
         assert f"argument {flag}:" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("flag, value, said", [
+    ("--accelerators", "0", "must be at least 1, got 0"),
+    ("--accelerators", "-4", "must be at least 1, got -4"),
+    ("--accelerators", "65", f"must be at most {limits.NODE_ACCELERATORS_MAX}, got 65"),
+    ("--accelerators", "2.5", "expected a whole number, got '2.5'"),
+    ("--hbm-gib", "0", "must be more than 0, got 0"),
+    ("--hbm-gib", "-8", "must be more than 0, got -8"),
+    ("--hbm-gib", "1e9", "must be at most 65536, got 1e9"),
+    ("--idle-power-w", "-1", "must be at least 0, got -1"),
+    ("--idle-power-w", "2e7", "must be at most 10000000, got 2e7"),
+    ("--racks", "4097", f"must be at most {limits.TOPOLOGY_ITEMS_MAX}, got 4097"),
+    ("--nodes-per-rack", "0", "must be at least 1, got 0"),
+    ("--model", "m" * 65, f"must be at most {limits.MODEL_MAX} characters, got 65"),
+    ("--model", "maia\n100", "must hold no control character"),
+])
+def test_a_node_shape_the_controller_would_not_register_is_a_usage_error(
+        flag: str, value: str, said: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """0, negative or huge accelerators, HBM or power were taken, and every node's Register was
+    then refused INVALID_ARGUMENT (controller/usecases/agents.py bounds NodeInfo by controller/limits.py)."""
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["--racks", "1", "--nodes-per-rack", "1", flag, value])
+    assert exited.value.code == 2
+    assert f"argument {flag}: {said}" in capsys.readouterr().err
+
+
+def test_a_node_shape_at_the_controllers_limits_is_taken() -> None:
+    args = build_parser().parse_args([
+        "--racks", str(limits.TOPOLOGY_ITEMS_MAX), "--nodes-per-rack", "1",
+        "--accelerators", str(limits.NODE_ACCELERATORS_MAX), "--hbm-gib", f"{limits.HBM_GIB_MAX:g}",
+        "--idle-power-w", "0", "--model", "m" * limits.MODEL_MAX])
+    assert (args.racks, args.accelerators, args.hbm_gib, args.idle_power_w) == (
+        limits.TOPOLOGY_ITEMS_MAX, limits.NODE_ACCELERATORS_MAX, limits.HBM_GIB_MAX, 0.0)
