@@ -22,12 +22,19 @@ that reason, at a bounded rate (`console.signins`).
 
 Every response, refusals and the event stream included, carries the browser's security headers
 (`SECURITY_HEADERS`: a Content-Security-Policy that lets the page load its own script, style and
-reads and nothing else, no framing, no type sniffing, no referrer) and no server banner.
+reads and nothing else, no framing, no type sniffing, no referrer) and no server banner: also the
+400 aiohttp answers itself to a request it cannot parse (`_ConsoleConnection`).
+
+Connections are served `_ConsoleConnection`s, at most MAX_CONNECTIONS at once; one more is
+answered 503 and closed (`_Refused`). Without authentication, a request is answered only when its
+Host is localhost, an IP address or the listen host (`_this_host_only`): a page elsewhere, its
+name re-pointed at 127.0.0.1 (DNS rebinding), would otherwise read the console from a browser on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import time
@@ -38,6 +45,7 @@ from importlib import resources
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from controller.aio import within
 from controller.console.builds import SharedBuilds
@@ -49,6 +57,7 @@ from controller.tokens import bearer_credential
 from controller.tokenstreams import TokenStreams
 from controller.domain.values import DeploymentEvent
 from controller.errors import ResourceExhausted, Unauthenticated
+from controller.ratelimit import Sampler
 from controller.usecases.watch import DeploymentEventBus
 
 log = logging.getLogger("maia.console")
@@ -80,6 +89,13 @@ KEEPALIVE_S = 15.0
 # database share (290 idle sockets under a limit of 300 made every RPC UNAVAILABLE). An event
 # stream is a response under way: not cut.
 IDLE_CONNECTION_S = 20.0
+# Connections open at once, for the same file descriptors: one more is answered 503 (Retry-After)
+# and closed, the ones open are served as before. A browser holds a few (the page, its event stream).
+MAX_CONNECTIONS = 256
+RETRY_AFTER_S = 5
+# How long a refused connection is kept for its client to read the 503 and close first (closed
+# with the request unread, the client's system may get a reset instead of the answer).
+REFUSED_LINGER_S = 1.0
 STATIC = resources.files("controller.console").joinpath("static")
 CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
 # The page has no inline script or style (console.js sets styles through the CSSOM, `node.style`,
@@ -93,6 +109,99 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Server": "maia",  # not aiohttp's "Python/3.11 aiohttp/x.y.z" (set only where none is)
 }
+
+
+def _refusal() -> bytes:
+    """The whole 503 a connection beyond MAX_CONNECTIONS gets, as bytes."""
+    body = f"the console serves {MAX_CONNECTIONS} connections at most; retry in {RETRY_AFTER_S}s\n"
+    headers = {**SECURITY_HEADERS, "Content-Type": "text/plain; charset=utf-8", "Content-Length": str(len(body)),
+               "Retry-After": str(RETRY_AFTER_S), "Connection": "close"}
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return f"HTTP/1.1 503 Service Unavailable\r\n{head}\r\n{body}".encode()
+
+
+class _Refused(asyncio.Protocol):
+    """A connection beyond MAX_CONNECTIONS: answered 503 at once, its request read and dropped, and
+    closed when its client closes its end or after REFUSED_LINGER_S."""
+
+    def __init__(self) -> None:
+        self._closing: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(_refusal())
+        transport.write_eof()
+        self._closing = asyncio.get_running_loop().call_later(REFUSED_LINGER_S, transport.close)
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._closing is not None:
+            self._closing.cancel()
+
+
+class _ConsoleConnection(web.RequestHandler):
+    """aiohttp's HTTP/1 connection, but for two things. The answer aiohttp makes itself to a
+    request it cannot parse (a malformed request line or header: a 400 before any handler, of no
+    application, so without `on_response_prepare`, aiohttp #6463) carries SECURITY_HEADERS too,
+    its `Server` header included. And `closed` is called when the connection ends (the console
+    counts them)."""
+
+    __slots__ = ("_closed",)
+
+    def __init__(self, manager: web.Server, *, closed: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._closed: Callable[[], None] | None = closed
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        response = super().handle_error(request, status, exc, message)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._closed is not None:
+            self._closed, closed = None, self._closed
+            closed()
+        super().connection_lost(exc)
+
+
+def _host_name(header: str) -> str:
+    """The name a Host header gives, without its port or an IPv6 address's brackets, lower case."""
+    name = header.strip().lower()
+    if name.startswith("["):
+        return name[1:].partition("]")[0]
+    return name.rpartition(":")[0] if ":" in name else name
+
+
+def _names_this_host(name: str, listen_host: str) -> bool:
+    """Whether a Host may be answered: localhost, the host the console listens on, or an address
+    (DNS rebinding needs a name: a page's own, re-pointed; an address is where the browser went)."""
+    name = name.rstrip(".")
+    if name in ("localhost", listen_host.strip("[]").lower()):
+        return bool(name)
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _this_host_only(listen_host: str) -> Middleware:
+    """Without authentication, requests whose Host names this machine only (403 otherwise): a page
+    whose name was re-pointed at 127.0.0.1 (DNS rebinding) sends its own name as Host."""
+
+    @web.middleware
+    async def this_host_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+        name = _host_name(request.headers.get("Host", ""))
+        if not _names_this_host(name, listen_host):
+            raise web.HTTPForbidden(text=f"Host {name or '(none)'!r} refused: this console runs without "
+                                         "authentication (--insecure-no-auth) and answers only requests "
+                                         f"to localhost, an address or {listen_host or 'its listen host'}\n")
+        return await handler(request)
+
+    return this_host_only
 
 
 async def _secured(request: web.Request, response: web.StreamResponse) -> None:
@@ -129,13 +238,17 @@ class ConsoleServer:
         self._streams = TokenStreams() if streams is None else streams
         self._sign_ins = RefusedSignIns() if sign_ins is None else sign_ins
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self._connections = 0  # served now (`_ConsoleConnection`s)
+        self._refusals = Sampler(per_minute=1.0, burst=1.0)  # log lines for connections refused
         self.documents = SharedBuilds(self._document)
         # Every viewer's builds, one at a time (module docstring); its thread starts at the first build.
         self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="console-build")
         self.address = ""
 
-    def application(self) -> web.Application:
-        app = web.Application()
+    def application(self, listen_host: str = "") -> web.Application:
+        """The console's routes; without authentication, for requests to this host only."""
+        app = web.Application(middlewares=[] if self._resolve is not None else [_this_host_only(listen_host)])
         app.on_response_prepare.append(_secured)
         app.router.add_get("/", self._index)
         app.router.add_get("/static/{name}", self._static)
@@ -147,24 +260,45 @@ class ConsoleServer:
         """Serve on HOST:PORT (port 0: any free port); returns the bound HOST:PORT."""
         logging.getLogger("aiohttp.server").addFilter(_NOT_HTTP)  # once: a filter is added at most once
         host, _, port = listen.rpartition(":")
-        runner = web.AppRunner(self.application(), access_log=None, handle_signals=False,
-                               keepalive_timeout=IDLE_CONNECTION_S)
+        runner = web.AppRunner(self.application(host), handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port))
-        try:
-            await site.start()
+        assert runner.server is not None
+        try:  # not a `TCPSite`: its connections would be aiohttp's own, uncounted
+            listener = await asyncio.get_running_loop().create_server(
+                partial(self._connection, runner.server), host.strip("[]") or "0.0.0.0", int(port))
         except OSError as exc:
             await runner.cleanup()
             raise OSError(f"cannot serve the console on {listen}: {exc}") from exc
-        self._runner = runner
-        bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self._listener = runner, listener
+        bound = listener.sockets[0].getsockname()[1]
         self.address = f"{host}:{bound}"
         return self.address
 
+    def _connection(self, http: web.Server) -> asyncio.Protocol:
+        """A connection accepted: served, or refused beyond MAX_CONNECTIONS. Counted here, as it is
+        accepted (a burst is accepted before any of it is set up), and uncounted as it ends."""
+        if self._connections >= MAX_CONNECTIONS:
+            left_out = self._refusals.sample()
+            if left_out is not None:
+                log.warning("console connection refused (503): %d open, the most it serves (MAX_CONNECTIONS)%s",
+                            self._connections, f" suppressed={left_out}" if left_out else "")
+            return _Refused()
+        self._connections += 1
+        return _ConsoleConnection(http, loop=asyncio.get_running_loop(), keepalive_timeout=IDLE_CONNECTION_S,
+                                  access_log=None, closed=self._connection_ended)
+
+    def _connection_ended(self) -> None:
+        self._connections -= 1
+
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._listener is not None:
+            await self._listener.wait_closed()
+            self._listener = None
         await self.documents.close()
         self._builder.shutdown(wait=False, cancel_futures=True)
 

@@ -1,5 +1,6 @@
 """Every console response carries the browser's security headers and no server banner: the page,
-its assets, the state document, the event stream, and the refusals (401, 404).
+its assets, the state document, the event stream, and the refusals (401, 404, and the 400 aiohttp
+answers itself to a request it cannot parse).
 
 `/`, `/static/console.js` and `/api/state` sent Cache-Control, Content-Type, Date and `Server:
 Python/3.11 aiohttp/3.14.5` only: the page could be framed (clickjacking a signed-in operator),
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from controller.api.server import ControllerApp
 from grpc_harness import admin_token_of, running_controller
@@ -82,6 +83,34 @@ async def test_the_event_stream_carries_the_security_headers(console: Controller
             assert reply.status == 200
             assert reply.headers["Content-Type"] == "text/event-stream"
             _check("/api/events", reply.headers)
+
+
+@pytest.mark.parametrize("sent", [
+    b"GET\x01 / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n",
+    b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+], ids=["malformed request line", "malformed header", "request line too long"])
+async def test_the_400_aiohttp_answers_itself_carries_the_security_headers(console: ControllerApp,
+                                                                           sent: bytes) -> None:
+    """A request aiohttp cannot parse is answered 400 by its protocol before any handler, of no
+    application (no `on_response_prepare`): it carried none of the headers, and `Server: Python/3.11
+    aiohttp/3.14.5`."""
+    import asyncio
+
+    host, _, port = console.console_address.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(sent)
+        await writer.drain()
+        answer = (await asyncio.wait_for(reader.read(), 10.0)).decode(errors="replace")  # to its end: closed
+    finally:
+        writer.close()
+    head, _, body = answer.partition("\r\n\r\n")
+    status_line, *lines = head.split("\r\n")
+    assert status_line.split()[1] == "400", answer
+    headers = CIMultiDict((name.strip(), value.strip()) for name, _, value in (line.partition(":") for line in lines))
+    _check("a malformed request", CIMultiDictProxy(headers))
+    assert "aiohttp" not in body and "Python" not in body
 
 
 @pytest.mark.parametrize("sent", [b"", b"GET / HTTP/1.1\r\nHost: x\r\n"], ids=["nothing", "part of its headers"])
