@@ -3,6 +3,8 @@ oldest first after an id, or from the start with `oldest_first`; the newest with
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -10,34 +12,45 @@ import grpc
 import pytest
 
 from controller import limits
+from controller.api.server import ControllerApp
 from controller.store.repositories import NewEvent, record_events
 from controller.store.retention import prune_events
 from grpc_harness import Stubs, admin_token_of, running_controller
 from maia.v1 import admin_pb2
 
 
-async def test_a_follower_reads_a_burst_from_the_start_in_full(db_url: str, tmp_path: Path) -> None:
+def _node_events(*object_ids: str, kind: str = "node.down", at: datetime | None = None) -> list[NewEvent]:
+    return [NewEvent(actor="test", kind=kind, object_kind="node", object_id=i, at=at) for i in object_ids]
+
+
+@asynccontextmanager
+async def _with_events(db_url: str, tmp_path: Path, events: list[NewEvent]) -> AsyncIterator[tuple[ControllerApp, Stubs]]:
+    """A running controller whose history holds `events` (one transaction), and an admin's stubs."""
     async with running_controller(db_url, tmp_path) as app:
         async with app.db.unit_of_work() as uow:
-            await record_events(uow.session, [NewEvent(actor="test", kind="node.down", object_kind="node",
-                                                       object_id=f"burst-{i:04}") for i in range(1500)])
+            await record_events(uow.session, events)
             await uow.commit()
         stubs = Stubs.connect(app.address, admin_token_of(app))
         try:
-            async def ask(**fields: object) -> list[str]:
-                reply = await stubs.admin.ListEvents(admin_pb2.ListEventsRequest(object_kind="node", limit=1000, **fields))
-                return [e.object_id for e in reply.events]
-
-            newest = await ask()
-            assert newest[0] == "burst-0500" and newest[-1] == "burst-1499"  # the newest 1,000
-            first = await ask(oldest_first=True)
-            assert first[0] == "burst-0000" and first[-1] == "burst-0999"
-            reply = await stubs.admin.ListEvents(admin_pb2.ListEventsRequest(object_kind="node", limit=1000,
-                                                                             oldest_first=True))
-            rest = await ask(after_id=reply.events[-1].id)
-            assert rest == [f"burst-{i:04}" for i in range(1000, 1500)]
+            yield app, stubs
         finally:
             await stubs.channel.close()
+
+
+async def test_a_follower_reads_a_burst_from_the_start_in_full(db_url: str, tmp_path: Path) -> None:
+    async with _with_events(db_url, tmp_path, _node_events(*(f"burst-{i:04}" for i in range(1500)))) as (_, stubs):
+        async def ask(**fields: object) -> list[str]:
+            reply = await stubs.admin.ListEvents(admin_pb2.ListEventsRequest(object_kind="node", limit=1000, **fields))
+            return [e.object_id for e in reply.events]
+
+        newest = await ask()
+        assert newest[0] == "burst-0500" and newest[-1] == "burst-1499"  # the newest 1,000
+        first = await ask(oldest_first=True)
+        assert first[0] == "burst-0000" and first[-1] == "burst-0999"
+        reply = await stubs.admin.ListEvents(admin_pb2.ListEventsRequest(object_kind="node", limit=1000,
+                                                                         oldest_first=True))
+        rest = await ask(after_id=reply.events[-1].id)
+        assert rest == [f"burst-{i:04}" for i in range(1000, 1500)]
 
 
 async def test_after_an_id_retention_deleted_past_is_out_of_range_and_says_where_to_resume(
@@ -45,54 +58,37 @@ async def test_after_an_id_retention_deleted_past_is_out_of_range_and_says_where
     """A reader resuming after an id whose successors retention deleted got the rest as if those
     had never been; now it is told, with the highest id deleted to resume after."""
     old = datetime.now(timezone.utc) - timedelta(days=30)
-    async with running_controller(db_url, tmp_path) as app:
+    events = _node_events("old-0", "old-1", "old-2", at=old) + _node_events("new", kind="node.up")
+    async with _with_events(db_url, tmp_path, events) as (app, stubs):
+        ids = [e.id for e in (await stubs.admin.ListEvents(
+            admin_pb2.ListEventsRequest(object_kind="node", oldest_first=True))).events]
         async with app.db.unit_of_work() as uow:
-            await record_events(uow.session, [NewEvent(actor="test", kind="node.down", object_kind="node",
-                                                       object_id=f"old-{i}", at=old) for i in range(3)])
-            await record_events(uow.session, [NewEvent(actor="test", kind="node.up", object_kind="node",
-                                                       object_id="new")])
+            assert (await prune_events(uow.session, datetime.now(timezone.utc) - timedelta(days=1), 2)).count == 2
             await uow.commit()
-        stubs = Stubs.connect(app.address, admin_token_of(app))
-        try:
-            ids = [e.id for e in (await stubs.admin.ListEvents(
-                admin_pb2.ListEventsRequest(object_kind="node", oldest_first=True))).events]
-            async with app.db.unit_of_work() as uow:
-                assert (await prune_events(uow.session, datetime.now(timezone.utc) - timedelta(days=1), 2)).count == 2
-                await uow.commit()
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stubs.admin.ListEvents(admin_pb2.ListEventsRequest(object_kind="node", after_id=ids[0]))
-            assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE
-            assert info.value.details() == (
-                f"events after id {ids[0]} were deleted by the controller's event retention (--event-ttl) "
-                f"up to id {ids[1]}; ask after id {ids[1]}, or without after_id")
-            assert (limits.EVENTS_DELETED_THROUGH_METADATA_KEY, str(ids[1])) in tuple(info.value.trailing_metadata())
-            # After the mark, and from the start, the rest is there.
-            after = await stubs.admin.ListEvents(admin_pb2.ListEventsRequest(object_kind="node", after_id=ids[1]))
-            assert [e.object_id for e in after.events] == ["old-2", "new"]
-            whole = await stubs.admin.ListEvents(admin_pb2.ListEventsRequest(object_kind="node", oldest_first=True))
-            assert [e.object_id for e in whole.events] == ["old-2", "new"]
-        finally:
-            await stubs.channel.close()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stubs.admin.ListEvents(admin_pb2.ListEventsRequest(object_kind="node", after_id=ids[0]))
+        assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE
+        assert info.value.details() == (
+            f"events after id {ids[0]} were deleted by the controller's event retention (--event-ttl) "
+            f"up to id {ids[1]}; ask after id {ids[1]}, or without after_id")
+        assert (limits.EVENTS_DELETED_THROUGH_METADATA_KEY, str(ids[1])) in tuple(info.value.trailing_metadata())
+        # After the mark, and from the start, the rest is there.
+        after = await stubs.admin.ListEvents(admin_pb2.ListEventsRequest(object_kind="node", after_id=ids[1]))
+        assert [e.object_id for e in after.events] == ["old-2", "new"]
+        whole = await stubs.admin.ListEvents(admin_pb2.ListEventsRequest(object_kind="node", oldest_first=True))
+        assert [e.object_id for e in whole.events] == ["old-2", "new"]
 
 
 async def test_a_reply_says_how_far_its_read_reached_whatever_the_filter(db_url: str, tmp_path: Path) -> None:
     """A follower of a quiet object moves on to it (`read_through`) rather than asking after that
     object's last event for ever; a full page of the oldest after an id reached its last only."""
-    async with running_controller(db_url, tmp_path) as app:
-        async with app.db.unit_of_work() as uow:
-            await record_events(uow.session, [NewEvent(actor="test", kind="node.down", object_kind="node",
-                                                       object_id=f"n{i % 2}") for i in range(6)])
-            await uow.commit()
-        stubs = Stubs.connect(app.address, admin_token_of(app))
-        try:
-            every = (await stubs.admin.ListEvents(admin_pb2.ListEventsRequest(oldest_first=True))).events
-            newest = every[-1].id
-            first_n0 = next(e.id for e in every if e.object_id == "n0")
-            of_n0 = await stubs.admin.ListEvents(admin_pb2.ListEventsRequest(object_kind="node", object_id="n0",
-                                                                             after_id=first_n0))
-            assert [e.object_id for e in of_n0.events] == ["n0", "n0"] and of_n0.read_through == newest
-            assert of_n0.events[-1].id < newest  # the last event was n1's
-            page = await stubs.admin.ListEvents(admin_pb2.ListEventsRequest(after_id=every[0].id, limit=2))
-            assert page.read_through == page.events[-1].id == every[2].id
-        finally:
-            await stubs.channel.close()
+    async with _with_events(db_url, tmp_path, _node_events(*(f"n{i % 2}" for i in range(6)))) as (_, stubs):
+        every = (await stubs.admin.ListEvents(admin_pb2.ListEventsRequest(oldest_first=True))).events
+        newest = every[-1].id
+        first_n0 = next(e.id for e in every if e.object_id == "n0")
+        of_n0 = await stubs.admin.ListEvents(admin_pb2.ListEventsRequest(object_kind="node", object_id="n0",
+                                                                         after_id=first_n0))
+        assert [e.object_id for e in of_n0.events] == ["n0", "n0"] and of_n0.read_through == newest
+        assert of_n0.events[-1].id < newest  # the last event was n1's
+        page = await stubs.admin.ListEvents(admin_pb2.ListEventsRequest(after_id=every[0].id, limit=2))
+        assert page.read_through == page.events[-1].id == every[2].id
