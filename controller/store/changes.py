@@ -30,11 +30,11 @@ PostgreSQL's lock order. Every transaction that moves the generation takes its l
    releases the shards beyond the nodes it shrinks first, every such node's at once (their
    placements in ascending id, then their deployments and nodes: `release_placements_beyond`;
    node by node, one node's row came before the next one's placements, which a report flush held
-   while it waited for that row). One that changes a node's rack, accelerators, model, HBM, CPU or
-   memory (or adds one next to existing ones) then takes isolation_state itself before its first
-   node row (`will_change_nodes_hardware`): else its node row came first and it waited, holding
-   it, for a plan commit that held isolation_state and waited for that node's row (its assignment
-   generation), tests/store/test_register_lock_order.py. A node's deletion takes it itself too,
+   while it waited for that row). One that changes a node's rack, accelerators, model, HBM, CPU,
+   memory or idle power (0036) (or adds one next to existing ones) then takes isolation_state
+   itself before its first node row (`will_change_nodes_hardware`): else its node row came first
+   and it waited, holding it, for a plan commit that held isolation_state and waited for that
+   node's row (its assignment generation), tests/store/test_register_lock_order.py. A node's deletion takes it itself too,
    after the node's placements and before its row, and runs alone (the generation writers' lock
    exclusive, `moves_generation_alone`): a plan commit landing a shard on a node locks the node's
    row `FOR KEY SHARE` (its foreign key check, which only the row's DELETE waits for) before its
@@ -104,7 +104,7 @@ _ISOLATION_FIRST = "SELECT 1 FROM isolation_state WHERE id = 1 FOR NO KEY UPDATE
 # (`will_change_nodes_hardware`). tests/store/test_node_hardware_columns.py holds this to the
 # live schema's triggers: a migration that changes what they watch changes this too.
 NODE_HARDWARE_COLUMNS: tuple[str, ...] = ("rack_id", "accelerators", "accelerator_model", "hbm_gib", "cpu_milli",
-                                          "memory_mib")
+                                          "memory_mib", "idle_power_w")  # idle power: capacity's, 0036
 
 
 async def will_change_nodes_hardware(session: AsyncSession) -> None:

@@ -1,15 +1,21 @@
 """What the registered cluster could ever hold: aggregates for the submit path's judgement.
 
 A submission is refused when no state of the registered cluster could ever run it (no node of
-its accelerator model, a shard bigger than any node, a rack-local gang bigger than any rack).
-Judging that by loading every node on every submit made the submit cost grow with the
-cluster; `CapacityIndex` keeps, per (accelerator model, zone), the largest node, the most HBM
-and the accelerators of every rack, row and zone, so one judgement costs the groups it
-touches. `CapacityCache` keeps one index per capacity generation, which database triggers
-bump on every change of a node's capacity, rack or existence, a rack's row or a row's zone
-(migrations 0012, 0022: never for a statement that changed none of those): the index is rebuilt (one plain-column query) only after such a change,
+its accelerator model, a shard bigger than any node, a shard drawing more power than any rack
+and row could give it, a rack-local gang bigger than any rack). Judging that by loading every
+node on every submit made the submit cost grow with the cluster; `CapacityIndex` keeps, per
+(accelerator model, zone), the largest node, the most HBM, the most power one node's shards
+could ever draw, and the accelerators of every rack, row and zone, so one judgement costs the
+groups it touches. `CapacityCache` keeps one index per capacity generation, which database
+triggers bump on every change of a node's capacity, idle power, rack or existence, a rack's row
+or budget, a row's zone or budget (migrations 0012, 0022, 0036: never for a statement that
+changed none of those): the index is rebuilt (one plain-column query) only after such a change,
 never per submit nor after a placement commit, and a second controller's (or a hand edit's)
 node changes are seen too.
+
+The power a node's shards could ever draw (`PowerRoom`) is its rack's budget, or its row's if
+smaller, less the node's own idle power: a budget counts the idle power of every node of the
+domain that is not down, so with the others down that is what is left (no budget: no bound).
 
 A rebuild reads every node's plain columns (one Core statement: ~5 ms of the event loop's CPU at
 16,384 nodes, ~14 ms with the ORM's result processing) and builds the index from them in a worker
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -51,6 +58,33 @@ class NodeCapacity(NamedTuple):
     accelerator_model: str
     accelerators: int
     hbm_gib: float | None
+    idle_power_w: float = 0.0
+    rack_budget_w: float | None = None  # None: no budget
+    row_budget_w: float | None = None
+
+
+class PowerRoom(NamedTuple):
+    """The most power one node's shards could ever draw (`watts`; inf: no budget binds), which
+    node, and the budget that binds it (`code` POWER_RACK or POWER_ROW, its domain and watts)."""
+
+    watts: float
+    node_id: str
+    code: str = ""
+    domain: str = ""
+    budget_w: float = math.inf
+    idle_power_w: float = 0.0
+
+
+UNBOUNDED = PowerRoom(math.inf, "")  # a node whose rack and row have no budget (no node named)
+
+
+def _power_room(node: NodeCapacity) -> PowerRoom:
+    rack = math.inf if node.rack_budget_w is None else node.rack_budget_w
+    row = math.inf if node.row_budget_w is None else node.row_budget_w
+    if rack == row == math.inf:
+        return UNBOUNDED
+    code, domain, budget = ("POWER_RACK", node.rack, rack) if rack <= row else ("POWER_ROW", node.row, row)
+    return PowerRoom(budget - node.idle_power_w, node.node_id, code, domain, budget, node.idle_power_w)
 
 
 @dataclass
@@ -61,6 +95,7 @@ class _Group:
     largest: tuple[int, str] = (-1, "")           # (accelerators, node)
     most_hbm: tuple[float, str] = (-1.0, "")      # (HBM GiB, node), over nodes that say
     without_hbm: int = 0                          # nodes that do not say their HBM
+    most_power: PowerRoom = PowerRoom(-math.inf, "")
     nodes: int = 0
     domains: dict[str, dict[str, int]] = field(default_factory=lambda: {k: defaultdict(int) for k in LOCALITIES})
 
@@ -75,7 +110,8 @@ class CapacityIndex:
         # a tie the smaller id.
         self._groups: dict[tuple[str, str], _Group] = {}
         groups = self._groups
-        for node_id, rack, row, zone, model, accelerators, hbm_gib in nodes:
+        for node in nodes:
+            node_id, rack, row, zone, model, accelerators, hbm_gib, _, rack_budget, row_budget = node
             g = groups.get((model, zone))
             if g is None:
                 g = groups[(model, zone)] = _Group()
@@ -89,6 +125,14 @@ class CapacityIndex:
                 most, most_id = g.most_hbm
                 if hbm_gib > most or (hbm_gib == most and node_id < most_id):
                     g.most_hbm = (hbm_gib, node_id)
+            best = g.most_power
+            if best is not UNBOUNDED:  # one node without a budget: no bound in the group
+                if rack_budget is None and row_budget is None:
+                    g.most_power = UNBOUNDED
+                else:
+                    room = _power_room(node)
+                    if room.watts > best.watts or (room.watts == best.watts and node_id < best.node_id):
+                        g.most_power = room
             domains = g.domains
             domains["rack"][rack] += accelerators
             domains["row"][row] += accelerators
@@ -121,6 +165,10 @@ class CapacityView:
         if any(g.without_hbm for g in self.groups):
             return None
         return _best_of(g.most_hbm for g in self.groups)
+
+    def most_power(self) -> PowerRoom:
+        """The most power one of these nodes' shards could ever draw (`PowerRoom.watts` inf: unbounded)."""
+        return min((g.most_power for g in self.groups), key=lambda r: (-r.watts, r.node_id))
 
     def largest_domain(self, locality: str) -> tuple[int, str]:
         """(accelerators, domain id) of the domain holding the most of these nodes' accelerators."""

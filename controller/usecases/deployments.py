@@ -177,6 +177,15 @@ async def check_could_ever_fit(uow: UnitOfWork, spec: DeploymentSpec, tenant_zon
             f"{where}: one shard needs {spec.shard.hbm_gib:g} GiB of HBM per accelerator; "
             f"the most any node has is {most[0]:g} GiB ({most[1]})", most[1],
         )
+    power, room = spec.shard.shard_power_w, view.most_power()
+    if power > room.watts:  # it waited Pending with POWER_RACK for ever, explain saying why
+        level = "rack" if room.code == "POWER_RACK" else "row"
+        raise _never_fits(
+            room.code,
+            f"{where}: one shard draws {power:g} W; the most any node could give it is {room.watts:g} W "
+            f"({room.node_id}: {level} {room.domain}'s budget {room.budget_w:g} W less the node's own idle "
+            f"{room.idle_power_w:g} W)", room.domain,
+        )
     if spec.spread is not None:
         domain, most = spec.spread.domain, spec.spread.max_per_domain
         domains = view.domain_count(domain)

@@ -1,17 +1,19 @@
-"""`CapacityIndex` answers what a scan of every node would: the largest node, the most HBM and the
-largest rack, row and zone of the nodes of some accelerator models in some zones, ties to the
+"""`CapacityIndex` answers what a scan of every node would: the largest node, the most HBM, the
+most power one node's shards could ever draw (its rack's or row's budget less its idle power), and
+the largest rack, row and zone of the nodes of some accelerator models in some zones, ties to the
 smallest id. The index folds each node in with inline comparisons (a rebuild loops over every
 node); this compares it with the plain scan on random clusters, ties and nodes that do not say
 their HBM included."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.usecases.capacity import LOCALITIES, CapacityIndex, NodeCapacity
+from controller.usecases.capacity import LOCALITIES, CapacityIndex, NodeCapacity, PowerRoom
 
 MODELS = ("maia-100", "maia-200")
 ZONES = ("z0", "z1", "z2")
@@ -26,6 +28,9 @@ nodes_strategy = st.lists(
         accelerator_model=st.sampled_from(MODELS),
         accelerators=st.sampled_from([0, 1, 2, 4, 4, 8]),  # repeats: ties between nodes
         hbm_gib=st.sampled_from([None, 32.0, 64.0, 64.0, 96.0]),
+        idle_power_w=st.sampled_from([0.0, 400.0, 600.0]),
+        rack_budget_w=st.sampled_from([None, 5000.0, 5200.0, 9000.0, 9000.0]),
+        row_budget_w=st.sampled_from([None, 5000.0, 20000.0]),
     ),
     max_size=25,
     unique_by=lambda n: n.node_id,
@@ -46,6 +51,7 @@ def _scanned(nodes: list[NodeCapacity], models: set[str] | None, zones: set[str]
     answers: dict[str, Any] = {
         "node": _best({n.node_id: n.accelerators for n in picked}),
         "hbm": None if any(n.hbm_gib is None for n in picked) else _best({n.node_id: n.hbm_gib for n in picked}),
+        "power": _most_power(picked),
     }
     for locality in LOCALITIES:
         held: dict[str, int] = {}
@@ -56,11 +62,29 @@ def _scanned(nodes: list[NodeCapacity], models: set[str] | None, zones: set[str]
     return answers
 
 
+def _most_power(nodes: list[NodeCapacity]) -> tuple[float, str, str, str]:
+    """(watts, node, code, domain) of the most any node's shards could draw; (inf, "", "", "") when
+    some node's rack and row have no budget."""
+    rooms = []
+    for n in nodes:
+        rack = math.inf if n.rack_budget_w is None else n.rack_budget_w
+        row = math.inf if n.row_budget_w is None else n.row_budget_w
+        if rack == row == math.inf:
+            return (math.inf, "", "", "")
+        binding = ("POWER_RACK", n.rack) if rack <= row else ("POWER_ROW", n.row)
+        rooms.append((min(rack, row) - n.idle_power_w, n.node_id, *binding))
+    return sorted(rooms, key=lambda r: (-r[0], r[1]))[0]
+
+
+def _power(room: PowerRoom) -> tuple[float, str, str, str]:
+    return (room.watts, room.node_id, room.code, room.domain)
+
+
 def _indexed(index: CapacityIndex, models: set[str] | None, zones: set[str] | None) -> dict[str, Any] | None:
     view = index.select(models, zones)
     if view.empty():
         return None
-    return {"node": view.largest_node(), "hbm": view.most_hbm(),
+    return {"node": view.largest_node(), "hbm": view.most_hbm(), "power": _power(view.most_power()),
             **{locality: view.largest_domain(locality) for locality in LOCALITIES}}
 
 

@@ -115,6 +115,32 @@ async def test_the_capacity_cache_follows_node_changes(cluster):
                                                 RecordingSignals(), capacity=capacity)
 
 
+async def test_a_shard_no_rack_could_ever_power_is_refused_and_a_budget_raised_lets_it_in(cluster):
+    """It was taken and waited Pending with POWER_RACK for ever. Each node draws 500 W idle; a rack
+    of 2,500 W leaves one node 2,000 W with its neighbours down (the most any state gives it). The
+    capacity cache follows the budget (0036: a budget change moves the capacity generation)."""
+    capacity = CapacityCache()
+    await apply_topology(cluster, rack_budget_w=2500.0)
+    hot = deployment("hot", "t1", accelerators=2, shard_power_w=1100.0, locality="none")  # 2,200 W a shard
+    for cache in (None, capacity):
+        async with cluster.unit_of_work() as uow:
+            with pytest.raises(InvalidArgument) as refused:
+                await deployments.submit_deployment(uow, WHO, hot, RecordingSignals(), capacity=cache)
+        assert refused.value.message == (
+            "deployment hot: one shard draws 2200 W; the most any node could give it is 2000 W "
+            "(rack-a-n0: rack rack-a's budget 2500 W less the node's own idle 500 W)")
+        assert [(r.code, r.scope) for r in refused.value.reasons] == [("POWER_RACK", "rack-a")]
+    async with cluster.unit_of_work() as uow:  # what fits at the line is taken
+        await deployments.submit_deployment(uow, WHO, replace(with_shard(hot, power_w=1000.0), name="warm"),
+                                            RecordingSignals(), capacity=capacity)
+        await uow.commit()
+    await apply_topology(cluster, rack_budget_w=3000.0)
+    async with cluster.unit_of_work() as uow:
+        await deployments.submit_deployment(uow, WHO, hot, RecordingSignals(), capacity=capacity)
+        await uow.commit()
+    assert capacity.rebuilds == 2
+
+
 async def test_the_capacity_refresher_builds_the_index_before_a_submit_needs_it(cluster):
     """Once the stored capacity generation has held still for a poll (read twice), the refresher
     rebuilds the index, so the next submit judges from it without a rebuild of its own; while

@@ -1,5 +1,5 @@
 """The capacity generation (`capacity_state.generation`, moved by the database's triggers:
-migrations 0012, 0022, 0023) moves for every statement that changed what the cluster could ever hold,
+migrations 0012, 0022, 0023, 0036) moves for every statement that changed what the cluster could ever hold,
 and for no other: a statement that touched no row, or wrote a watched column's value over
 itself, moved it, and the submit path then rebuilt its aggregates of every node
 (`usecases.capacity.CapacityCache`). On PostgreSQL a transaction moves it once, however many rows
@@ -35,7 +35,10 @@ NO_ROW_CHANGED = [
     "UPDATE nodes SET rack_id = rack_id, accelerators = accelerators, accelerator_model = accelerator_model, "
     "hbm_gib = hbm_gib",  # n1's HBM is NULL, n2's is not
     "UPDATE nodes SET accelerators = 4 WHERE id = 'n1'",  # the value it had
-    "UPDATE nodes SET cpu_milli = 5000, idle_power_w = 100",  # no watched column
+    "UPDATE nodes SET cpu_milli = 5000, memory_mib = 1024",  # no watched column
+    "UPDATE nodes SET idle_power_w = idle_power_w",
+    "UPDATE racks SET power_budget_w = power_budget_w",
+    "UPDATE rows SET power_budget_w = power_budget_w",
     "INSERT INTO racks (id, row_id, created_at) SELECT 'rack9', 'row1', CURRENT_TIMESTAMP WHERE 1 = 0",
     "UPDATE racks SET row_id = row_id",
     "DELETE FROM racks WHERE id = 'nowhere'",
@@ -49,6 +52,10 @@ ROWS_CHANGED = [
     "UPDATE nodes SET hbm_gib = NULL WHERE id = 'n2'",  # to NULL
     "UPDATE nodes SET accelerator_model = 'tpu-v5' WHERE id = 'n1'",
     "UPDATE nodes SET accelerators = 8",
+    "UPDATE nodes SET idle_power_w = 321 WHERE id = 'n1'",  # what a shard could ever draw (0036)
+    "UPDATE racks SET power_budget_w = 9000 WHERE id = 'rack1'",
+    "UPDATE racks SET power_budget_w = NULL WHERE id = 'rack1'",
+    "UPDATE rows SET power_budget_w = 50000 WHERE id = 'row1'",
     "INSERT INTO rows (id, zone_id, created_at) VALUES ('row9', 'z1', CURRENT_TIMESTAMP)",
     "UPDATE racks SET row_id = 'row9' WHERE id = 'rack9'",
     "UPDATE nodes SET rack_id = 'rack1' WHERE id = 'n2'",

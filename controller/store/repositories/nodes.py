@@ -159,14 +159,15 @@ _RACKS, _ROWS = m.Rack.__table__, m.Row.__table__
 # event loop's CPU at 16,384 nodes against ~5 ms: docs/benchmarks.md, `capthread`).
 _NODE_CAPACITIES = (
     select(_NODES.c.id, _NODES.c.rack_id, _RACKS.c.row_id, _ROWS.c.zone_id, _NODES.c.accelerator_model,
-           _NODES.c.accelerators, _NODES.c.hbm_gib)
+           _NODES.c.accelerators, _NODES.c.hbm_gib, _NODES.c.idle_power_w, _RACKS.c.power_budget_w,
+           _ROWS.c.power_budget_w)
     .select_from(_NODES.join(_RACKS, _NODES.c.rack_id == _RACKS.c.id).join(_ROWS, _RACKS.c.row_id == _ROWS.c.id))
     .order_by(_NODES.c.id))
 
 
-async def node_capacities(session: AsyncSession) -> Sequence[Row[tuple[str, str, str, str, str, int, float | None]]]:
-    """(node, rack, row, zone, accelerator model, accelerators, HBM GiB) of every node, in id order:
-    plain columns, for `usecases.capacity`."""
+async def node_capacities(session: AsyncSession) -> Sequence[Row[tuple[Any, ...]]]:
+    """(node, rack, row, zone, accelerator model, accelerators, HBM GiB, idle power W, rack budget W,
+    row budget W) of every node, in id order: plain columns, for `usecases.capacity.NodeCapacity`."""
     return (await session.execute(_NODE_CAPACITIES)).all()
 
 
