@@ -205,6 +205,18 @@ class Session:
         self._rebuild()
         return self._repair()
 
+    def displaced_by(self, delta: ClusterDelta) -> list[str]:
+        """The deployments `apply(delta)` may repair, one decision each (each may search to the
+        time limit: the preemption hint of one left short): those holding a shard on a node the
+        delta removes or changes beyond a cordon flip. None for tenants, topology or cordons."""
+        if self._cordons_only(delta) is not None:
+            return []
+        index = self._solver.topo.node_index
+        touched = {index[n] for n in (*(n.id for n in delta.nodes), *delta.removed_nodes) if n in index}
+        state = self._solver.state
+        return sorted({state.deps[d].id for (d, _), shards in state.replicas.items()
+                       if any(at.node in touched for at in shards.values())})
+
     # ---- what the session holds -------------------------------------------------------------
 
     def snapshot(self) -> Problem:

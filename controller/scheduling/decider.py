@@ -19,8 +19,9 @@ calls per deployment goes as one message (`place_documents`, `held_placements`, 
 child runs the same loop): each round trip costs the controller's thread a wait for the GIL.
 
 Failures: a call whose child died, or that is not answered within `timeout_s` (plus the time
-limit of each decision it asks for: a batch of arrivals may take them all), raises
-`DeciderFailed` (a hung child is killed); so does an exception the session raised in the child
+limit of each decision it may make: a batch of arrivals may take them all, as may the repairs of
+an `apply` that takes nodes away, which the child counts and tells before it starts them),
+raises `DeciderFailed` (a hung child is killed); so does an exception the session raised in the child
 (a later call reports one a pipelined call raised, and nothing more is run on that session).
 The reconciler then drops its cache, as for any exception of the session, and the next
 `open` starts a fresh child when the last one is gone. The child exits when the controller
@@ -59,7 +60,7 @@ log = logging.getLogger(__name__)
 # How long a call may wait for the child before it counts as hung (starting an interpreter and
 # importing the solver takes seconds on a loaded machine; building a 16,384-node session a few).
 DEFAULT_TIMEOUT_S = 120.0
-# The most a call's decisions add to that (`ask`'s `work_s`): a batch of hundreds of short
+# The most a call's decisions add to that (`DecideProcess.allowed_s`): a batch of hundreds of short
 # deployments tried again would otherwise leave a hung child undetected for an hour.
 WORK_MAX_S = 600.0
 # The environment the scheduler reads (scheduler/solve.py: MAIA_SCORER), sent with each `open`:
@@ -245,13 +246,18 @@ class DecideProcess:
 
     # ---- calls ------------------------------------------------------------------------------
 
-    def ask(self, token: int, method: str, args: tuple[Any, ...], *, work_s: float = 0.0) -> Any:
-        """Call a session method in the child and wait for its result: `timeout_s` plus
-        `work_s`, the time the call may compute (its decisions' time limits), before the child
-        counts as hung. A batch of arrivals that each searched to the limit, waited for
+    def allowed_s(self, work_s: float) -> float:
+        """How long a call may take before the child counts as hung: `timeout_s` plus `work_s`,
+        the time its decisions may search (their time limits), at most `WORK_MAX_S` of that. A
+        batch of arrivals, or an `apply`'s repairs, that each searched to the limit, waited for
         `timeout_s` alone, had a working child killed and the session lost."""
+        return self.timeout_s + min(work_s, WORK_MAX_S)
+
+    def ask(self, token: int, method: str, args: tuple[Any, ...], *, work_s: float = 0.0) -> Any:
+        """Call a session method in the child and wait for its result (`allowed_s(work_s)`, and
+        more if the child tells of work it found the call makes: `apply`'s repairs)."""
         with self._lock:
-            return self._ask_locked(token, method, args, min(work_s, WORK_MAX_S))
+            return self._ask_locked(token, method, args, work_s)
 
     def tell(self, token: int, method: str, args: tuple[Any, ...]) -> None:
         """Call a session method in the child without waiting (a later `ask` reports its failure)."""
@@ -264,9 +270,14 @@ class DecideProcess:
         if conn is None:  # closed from another thread meanwhile
             raise DeciderFailed("the decide process was stopped during the call")
         if not self._ready:
-            self._receive(conn, f"start (pid {self._proc.pid if self._proc else '?'})", self.timeout_s)
+            self._receive(conn, f"start (pid {self._proc.pid if self._proc else '?'})", time.monotonic(),
+                          self.timeout_s)
             self._ready = True
-        kind, value, cpu_s = self._receive(conn, method, self.timeout_s + work_s)
+        began = time.monotonic()
+        kind, value, cpu_s = self._receive(conn, method, began, self.allowed_s(work_s))
+        while kind == "work":  # the child found this much more (`apply`'s repairs): allowed from the start
+            work_s += value
+            kind, value, cpu_s = self._receive(conn, method, began, self.allowed_s(work_s))
         self.cpu_s += cpu_s
         if kind == "error":
             raise DeciderFailed(f"the session in the decide process raised in {method}: {value}")
@@ -287,9 +298,9 @@ class DecideProcess:
         finally:
             self._watchdog.disarm()
 
-    def _receive(self, conn: Connection, what: str, timeout_s: float) -> Any:
+    def _receive(self, conn: Connection, what: str, began: float, timeout_s: float) -> Any:
         try:
-            if not conn.poll(timeout_s):
+            if not conn.poll(max(0.0, began + timeout_s - time.monotonic())):
                 self._fail(f"the decide process did not answer {what} within {timeout_s:.0f} s: killed")
             return conn.recv()
         except (OSError, EOFError) as exc:
@@ -371,6 +382,9 @@ class RemoteSession:
         self._process.tell(self._token, "replace", (deployment, list(placements)))
 
     def apply(self, delta: ClusterDelta) -> list[Decision]:
+        """`Session.apply`: the repairs of the deployments on nodes it takes away are decisions,
+        each of which may search to the time limit. How many only the child knows
+        (`Session.displaced_by`): it tells that before it repairs, and the call waits for them."""
         result: list[Decision] = self._process.ask(self._token, "apply", (delta,))
         return result
 
@@ -453,6 +467,11 @@ def serve(conn: Connection, parent_pid: int) -> None:
                 raise RuntimeError(f"an earlier call failed: {failed}")
             elif call_token != token or session is None:
                 raise RuntimeError("a newer session replaced this one")
+            elif method == "apply":
+                displaced = session.displaced_by(*args)
+                if displaced and reply:  # the time its repairs may search: the parent waits for it
+                    conn.send(("work", len(displaced) * session.time_limit_ms / 1000.0, 0.0))
+                result = session.apply(*args)
             elif method in _COMPOUND:
                 result = _COMPOUND[method](session, *args)
             else:

@@ -262,6 +262,131 @@ def test_a_call_may_take_its_decisions_time_limits_before_the_child_counts_as_hu
         assert wait_gone(pid, 10)
 
 
+class _SlowAnswers:
+    """The parent's end of the pipe, the child's answer to a call made after `stall` held back
+    until `seconds` after it (a slow call, on any machine: a real stop of the child came too
+    late for a tiny cluster's apply); what the child tells of its work ("work") goes through at
+    once, and is recorded."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self.told: list[float] = []
+        self._held: Any = None  # a message read from the pipe, not yet given
+        self._answer_at: float | None = None
+
+    def stall(self, seconds: float) -> None:
+        self._answer_at = time.monotonic() + seconds
+
+    def poll(self, timeout: float) -> bool:
+        began = time.monotonic()
+        if self._held is None:
+            if not self._conn.poll(timeout):
+                return False
+            self._held = self._conn.recv()
+        if self._held[0] == "work" or self._answer_at is None:
+            return True
+        wait = self._answer_at - time.monotonic()
+        if wait > began + timeout - time.monotonic():
+            time.sleep(max(0.0, began + timeout - time.monotonic()))
+            return False
+        time.sleep(max(0.0, wait))
+        return True
+
+    def recv(self) -> Any:
+        message, self._held = (self._held if self._held is not None else self._conn.recv()), None
+        if message[0] == "work":
+            self.told.append(message[1])
+        else:
+            self._answer_at = None
+        return message
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+@contextmanager
+def _slow_answers(*, time_limit_ms: int) -> Iterator[tuple[DecideProcess, RemoteSession, _SlowAnswers, Node, int]]:
+    """`_tiny`'s cluster with its four deployments placed, calls waiting 1 s: the decider, the
+    session, the pipe (`stall` it to slow an answer), a node holding work, and how many
+    deployments that node holds."""
+    doc, arrivals = _tiny()
+    decider = DecideProcess(timeout_s=120.0)  # room to start an interpreter on a busy machine
+    try:
+        session = decider.open(doc, time_limit_ms=time_limit_ms)
+        assert all(d.placements for d in place_documents(session, arrivals))
+        state = session.snapshot()
+        node = next(n for n in state.nodes if n.id == state.placements[0].node)
+        held = len({p.deployment for p in state.placements if p.node == node.id})
+        decider.timeout_s = 1.0
+        slow = _SlowAnswers(decider._conn)
+        decider._conn = slow  # type: ignore[assignment]
+        yield decider, session, slow, node, held
+    finally:
+        decider.close()
+
+
+def test_an_apply_may_take_its_repairs_time_limits_before_the_child_counts_as_hung() -> None:
+    """A node going down makes `apply` repair each deployment it held: a decision each, and one
+    left short may search to the time limit for its preemption hint. The child tells how many
+    before it starts, and the call waits `timeout_s` plus their time limits. It waited
+    `timeout_s` alone (unlike `place`), and a child repairing after a node loss was killed as
+    hung and the session lost."""
+    with _slow_answers(time_limit_ms=4000) as (decider, session, slow, node, held):
+        pid = decider.pid
+        slow.stall(3.0)  # within 1 + held x 4 s, not within 1 s
+        repaired = session.apply(ClusterDelta(nodes=(dataclasses.replace(node, state="down"),)))
+        assert slow.told == [held * 4.0] and len(repaired) == held
+        assert decider.pid == pid and decider.starts == 1
+
+
+def test_an_apply_still_counts_as_hung_past_its_repairs_time_limits() -> None:
+    with _slow_answers(time_limit_ms=1000) as (decider, session, slow, node, held):
+        pid = decider.pid
+        assert pid is not None
+        began = time.monotonic()
+        slow.stall(60.0)
+        with pytest.raises(DeciderFailed, match=f"did not answer apply within {1 + held} s"):
+            session.apply(ClusterDelta(removed_nodes=(node.id,)))
+        assert slow.told == [held * 1.0] and time.monotonic() - began < 30
+        assert wait_gone(pid, 10) and decider.pid is None
+
+
+def test_an_apply_that_repairs_nothing_waits_timeout_s_alone() -> None:
+    """A cordon flip (the fast pass's avoided nodes), a contract or topology change displaces
+    nothing: the child tells no work and the call waits `timeout_s` alone."""
+    with _slow_answers(time_limit_ms=4000) as (decider, session, slow, node, _):
+        assert session.apply(ClusterDelta(nodes=(dataclasses.replace(node, state="cordoned"),))) == []
+        assert session.apply(ClusterDelta(tenants=session.snapshot().tenants)) == []
+        assert slow.told == [] and decider.starts == 1
+        pid = decider.pid
+        assert pid is not None
+        slow.stall(3.0)
+        with pytest.raises(DeciderFailed, match="did not answer apply within 1 s"):
+            session.apply(ClusterDelta(nodes=(node,)))  # the flip back, answered after 3 s
+        assert wait_gone(pid, 10)
+
+
+def test_displaced_by_names_the_deployments_an_apply_repairs() -> None:
+    """`Session.displaced_by` (what the child tells the parent) covers every repair an apply
+    makes, and names nothing for a cordon flip or a contract."""
+    doc, arrivals = _tiny()
+    session = open_in_process(doc, time_limit_ms=2000)
+    place_documents(session, arrivals)
+    state = session.snapshot()
+    for node in state.nodes:
+        for delta in (ClusterDelta(nodes=(dataclasses.replace(node, state="cordoned"),)),
+                      ClusterDelta(tenants=state.tenants)):
+            assert session.displaced_by(delta) == []
+        on_it = sorted({p.deployment for p in state.placements if p.node == node.id})
+        for delta in (ClusterDelta(nodes=(dataclasses.replace(node, state="down"),)),
+                      ClusterDelta(removed_nodes=(node.id,)),
+                      ClusterDelta(nodes=(dataclasses.replace(node, accelerators=1),))):
+            here = open_in_process(doc, time_limit_ms=2000)
+            place_documents(here, arrivals)
+            assert here.displaced_by(delta) == on_it
+            assert {d.deployment for d in here.apply(delta)} <= set(on_it)
+
+
 def test_a_proxy_of_a_dead_childs_session_cannot_drive_the_next_childs() -> None:
     """Tokens go on across children: the new child's first session had token 1 again, and a
     proxy left from the dead child's passed its check."""
