@@ -18,7 +18,7 @@ from typing import Any
 
 from controller import limits
 from controller import tokens as secrets_
-from controller.errors import FailedPrecondition, InvalidArgument, MaiaError, NotFound, PermissionDenied
+from controller.errors import Conflict, FailedPrecondition, InvalidArgument, MaiaError, NotFound, PermissionDenied
 from controller.identity import Principal, Role
 from controller.tokens import MintedToken
 from controller.store import audit
@@ -43,6 +43,7 @@ _SHARD_PHASES = {p.value for p in m.ShardPhase}
 # The phases an agent reports; ASSIGNED is the controller's (committed, not acknowledged yet).
 _AGENT_PHASES = {p.value for p in (m.ShardPhase.LOADING, m.ShardPhase.RUNNING, m.ShardPhase.FAILED,
                                    m.ShardPhase.STOPPED)}
+RACK_BACK_RETRY_MS = 100  # a Register whose rack was deleted and applied again under it: at once
 
 
 def _validate(info: NodeInfo) -> None:
@@ -198,7 +199,7 @@ def _judge(ask: Register, proposal: MintedToken | None, facts: _Facts, taken_ids
     if who.role is Role.NODE_BOOTSTRAP and who.node and who.node != node_id:
         raise PermissionDenied(f"this node-bootstrap token registers node {who.node} only, not {node_id[:128]}")
     if ask.info.rack not in facts.racks:
-        raise FailedPrecondition(f"rack {ask.info.rack} is not in the topology; apply it first")
+        raise _not_in_topology([ask.info.rack])
     row = facts.rows.get(node_id)
     plan = _Plan(ask, row, proposal)
     action = f"registering node {node_id}"
@@ -233,6 +234,27 @@ def _judge(ask: Register, proposal: MintedToken | None, facts: _Facts, taken_ids
     if plan.issue and proposal is not None:
         taken_ids.add(proposal.id)
     return plan
+
+
+def _not_in_topology(racks: Sequence[str], *, meanwhile: bool = False) -> FailedPrecondition:
+    """The refusal of a Register into racks the topology does not hold (`meanwhile`: they were
+    deleted after the Register read them)."""
+    named, it = (f"rack {racks[0]} is", "it") if len(racks) == 1 else (f"racks {', '.join(racks)} are", "them")
+    since = " (removed by a topology change meanwhile)" if meanwhile else ""
+    return FailedPrecondition(f"{named} not in the topology{since}; apply {it} first")
+
+
+async def _refusal_of_racks_gone(uow: UnitOfWork, plans: Sequence[_Plan]) -> MaiaError:
+    """What refuses a batch whose node rows a rack's foreign key refused: its racks were read
+    without a lock, and one was deleted (DeleteRack) before the rows were written. The
+    transaction is done for (rolled back here); which racks are gone is read again."""
+    await uow.rollback()
+    racks = {plan.ask.info.rack for plan in plans}
+    gone = sorted(racks - await repo.existing_ids(uow.session, m.Rack, racks))
+    if gone:
+        return _not_in_topology(gone, meanwhile=True)
+    return Conflict(f"racks {', '.join(sorted(racks))} were removed and applied again while the node(s) "
+                    f"registered; nothing was written: register again", retry_after_ms=RACK_BACK_RETRY_MS)
 
 
 def _proposal(text: str) -> MintedToken | None:
@@ -273,6 +295,10 @@ async def register_nodes(uow: UnitOfWork, batch: Sequence[Register], *, heartbea
     the same node id is refused (an admin may still re-register it). A node registering with fewer
     accelerators than its placements use has those placements released (only that node's; the
     solver places them again). Each Register's `call` (its audit entry) is appended with it.
+
+    A rack deleted after the batch read it refuses the node's row by its foreign key, which does
+    not say whose: the batch raises, nothing written (FAILED_PRECONDITION naming the racks gone;
+    its group commit then decides each Register alone, controller/groupcommit.py).
     """
     if len({r.info.node_id for r in batch}) != len(batch):
         raise ValueError("a batch of Registers names each node once")
@@ -302,7 +328,13 @@ async def register_nodes(uow: UnitOfWork, batch: Sequence[Register], *, heartbea
     # new rows, which nobody else can wait for, are all it holds when its INSERT's trigger waits.
     if any(plan.row is not None for plan in plans) and any(map(_changes_hardware, plans)):
         await repo.will_change_nodes_hardware(uow.session)
-    written = {id(plan): await _write(uow, plan, heartbeat_interval_ms) for plan in plans}
+    try:
+        written = {id(plan): await _write(uow, plan, heartbeat_interval_ms) for plan in plans}
+        await uow.session.flush()  # the nodes' rows: a rack read above may have been deleted since
+    except Exception as exc:
+        if repo.topology_parent_gone(exc):  # which Register's rack, the database does not say: all refused
+            raise await _refusal_of_racks_gone(uow, plans) from None
+        raise
     changed = [plan.ask.info.node_id for plan in plans if written[id(plan)][1]]
     if changed:  # last before the commit: the row stays locked only until it
         await repo.bump_cluster_generation(uow.session, ClusterChange.nodes(changed))

@@ -3,7 +3,8 @@
 The topology is operator intent: applying it never removes anything (a rack with nodes cannot
 silently disappear); a rack, row or zone is removed by name, and only once nothing holds it
 (`delete_item`: no node in the rack, no rack in the row, no row in the zone nor a tenant's
-contract naming it). References must resolve against the request itself or what is stored. A
+contract naming it). References must resolve against the request itself or what is stored (one
+deleted after that check, before the write, is refused the same way: `_refusal_of_parents_gone`). A
 change that would leave a rack or row placing more power than its budget is refused
 (`_check_not_overdrawn`), as is moving a rack to another row or a row to another zone under work
 that would then break its tenant's zones, its locality or its spread (`_check_moves_keep_work`).
@@ -18,7 +19,7 @@ from collections import defaultdict
 from typing import Any
 
 from controller import limits
-from controller.errors import FailedPrecondition, NotFound, ReasonDetail, ResourceExhausted
+from controller.errors import Conflict, FailedPrecondition, NotFound, ReasonDetail, ResourceExhausted
 from controller.identity import Principal
 from controller.usecases import policy
 from controller.store import audit
@@ -33,6 +34,7 @@ from controller.usecases.validation import check_count, check_id, check_quantity
 
 MOVE_BREAKS_SHOWN = 5  # the work a refused move names, then how much more
 CHANGES_SAID, CHANGES_KEPT = 10, 200  # changed items an applied event's message names, and its data keeps
+PARENT_BACK_RETRY_MS = 100  # an apply whose row or zone was deleted and applied again under it: at once
 
 
 async def _validate(uow: UnitOfWork, spec: TopologySpec) -> None:
@@ -60,21 +62,40 @@ async def _validate(uow: UnitOfWork, spec: TopologySpec) -> None:
         if added and total > limits.TOPOLOGY_ITEMS_MAX:
             raise ResourceExhausted(
                 f"the topology would hold {total} {model.__tablename__}; at most {limits.TOPOLOGY_ITEMS_MAX}")
+    await _check_references(uow, spec)
 
-    await _check_parents(uow, "row", [(r.id, r.zone) for r in spec.rows], "zone", m.Zone, {z.id for z in spec.zones})
-    await _check_parents(uow, "rack", [(k.id, k.row) for k in spec.racks], "row", m.Row, {r.id for r in spec.rows})
+
+async def _check_references(uow: UnitOfWork, spec: TopologySpec, *, meanwhile: bool = False) -> None:
+    """The zone of each row and the row of each rack is in `spec` or stored (`_check_parents`)."""
+    await _check_parents(uow, "row", [(r.id, r.zone) for r in spec.rows], "zone", m.Zone, {z.id for z in spec.zones},
+                         meanwhile=meanwhile)
+    await _check_parents(uow, "rack", [(k.id, k.row) for k in spec.racks], "row", m.Row, {r.id for r in spec.rows},
+                         meanwhile=meanwhile)
 
 
 async def _check_parents(uow: UnitOfWork, kind: str, children: list[tuple[str, str]], parent_kind: str,
-                         parent_model: type, given: set[str]) -> None:
+                         parent_model: type, given: set[str], *, meanwhile: bool = False) -> None:
     """Every (id, parent id) of `children` names a parent in the request (`given`) or stored;
-    else NotFound naming the unknown parents and who refers to them."""
+    else NotFound naming the unknown parents and who refers to them (`meanwhile`: and that they
+    were deleted after the apply read them)."""
     wanted = {parent for _, parent in children} - given
     missing = sorted(wanted - await repo.existing_ids(uow.session, parent_model, wanted))
     if missing:
         names = ", ".join(f"{kind} {child} -> {parent_kind} {parent}"
                           for child, parent in children if parent in missing)
-        raise NotFound(f"unknown {parent_kind}(s) {', '.join(missing)} ({names}); add them to the topology")
+        since = "; removed by a topology change meanwhile" if meanwhile else ""
+        raise NotFound(f"unknown {parent_kind}(s) {', '.join(missing)} ({names}{since}); add them to the topology")
+
+
+async def _refusal_of_parents_gone(uow: UnitOfWork, spec: TopologySpec) -> Conflict:
+    """What refuses an apply whose rows a foreign key refused: the zones and rows it names were
+    read without a lock (`_check_parents`), and one was deleted (DeleteZone, DeleteRow) before
+    they were written. The transaction is done for (rolled back here); the references are
+    checked again, which raises NotFound naming those gone (else they were applied again since)."""
+    await uow.rollback()
+    await _check_references(uow, spec, meanwhile=True)
+    return Conflict("a zone or row the topology names was removed and applied again while it was applied; nothing "
+                    "was written: apply it again", retry_after_ms=PARENT_BACK_RETRY_MS)
 
 
 async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, signals: Signals, *,
@@ -91,14 +112,20 @@ async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, si
     if dry_run or not changes(stored, after):  # the same again: nothing written, nothing woken
         return after
     s = uow.session
-    for z in spec.zones:
-        await repo.upsert(s, m.Zone, z.id)
-    await s.flush()  # parents before children
-    for r in spec.rows:
-        await repo.upsert(s, m.Row, r.id, zone_id=r.zone, power_budget_w=r.power_budget_w)
-    await s.flush()
-    for k in spec.racks:
-        await repo.upsert(s, m.Rack, k.id, row_id=k.row, power_budget_w=k.power_budget_w)
+    try:
+        for z in spec.zones:
+            await repo.upsert(s, m.Zone, z.id)
+        await s.flush()  # parents before children
+        for r in spec.rows:
+            await repo.upsert(s, m.Row, r.id, zone_id=r.zone, power_budget_w=r.power_budget_w)
+        await s.flush()
+        for k in spec.racks:
+            await repo.upsert(s, m.Rack, k.id, row_id=k.row, power_budget_w=k.power_budget_w)
+        await s.flush()  # the checks above read the zones and rows named without a lock: one may be gone
+    except Exception as exc:
+        if repo.topology_parent_gone(exc):
+            raise await _refusal_of_parents_gone(uow, spec) from None
+        raise
     await repo.bump_cluster_generation(s, ClusterChange.topology())
     # Again, holding the generation: the checks above hold no lock, and a plan commit that landed
     # since them was checked against the old topology. Accepted, a tenant's shard stood outside

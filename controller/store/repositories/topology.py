@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from controller.store import models as m
+from controller.store.marks import sqlite_refusal
+from controller.store.pg_driver import sqlstate
 
 
 async def list_zones(session: AsyncSession) -> list[m.Zone]:
@@ -55,3 +60,21 @@ async def lock_topology_item(session: AsyncSession, kind: str, item_id: str) -> 
 async def delete_topology_item(session: AsyncSession, kind: str, item_id: str) -> None:
     model = _MODELS[kind]
     await session.execute(delete(model).where(model.id == item_id))
+
+
+# The foreign keys by which a node names its rack, a rack its row and a row its zone.
+_PARENT_KEYS = frozenset(str(key.constraint.name) for _, column in _HELD_BY.values() for key in column.foreign_keys)
+_FOREIGN_KEY_VIOLATION = "23503"  # PostgreSQL's SQLSTATE
+
+
+def topology_parent_gone(exc: BaseException) -> bool:
+    """`exc` is the refusal of a node naming a rack, a rack naming a row or a row naming a zone
+    that is not there: deleted after the writer read it (`lock_topology_item` locks it against the
+    writes that name it, not against their reads). PostgreSQL's error names the foreign key;
+    SQLite's names none, so there it is any foreign key's refusal."""
+    if not isinstance(exc, IntegrityError):
+        return False
+    if isinstance(exc.orig, sqlite3.IntegrityError):
+        return sqlite_refusal(exc.orig, sqlite3.SQLITE_CONSTRAINT_FOREIGNKEY, {"FOREIGN KEY constraint failed"})
+    driver = getattr(exc.orig, "orig", None)  # asyncpg's exception (SQLAlchemy's EmulatedDBAPIException.orig)
+    return sqlstate(exc) == _FOREIGN_KEY_VIOLATION and getattr(driver, "constraint_name", None) in _PARENT_KEYS
