@@ -7,7 +7,9 @@ ignored. Faults (`controller/simnode/faults.py`) fail a shard (`fail`, or `load_
 every load it names): it reports FAILED with a message and stays so until the controller stops
 it or assigns it anew. Every method takes `now` (seconds, any monotonic origin) so tests drive
 the clock. `state_version` changes with every change of what `reports()` says (a heartbeat may
-omit its shards while it has not changed since they were last sent).
+omit its shards while it has not changed since they were last sent). `kept()` and `restore()` carry
+the shards across a restart of the agent's process (`controller/simnode/shardstate.py`): the
+workloads outlive the agent, unlike a host's crash (`crash`), which loses them.
 """
 from __future__ import annotations
 
@@ -87,6 +89,17 @@ class ShardReport:
     power_draw_w: float = 0.0
     message: str = ""
     deployment_uid: int = 0  # the assignment's it answers
+
+
+@dataclass(frozen=True)
+class KeptShard:
+    """A shard as an agent that restarts finds it again: its assignment, its phase, how long it has
+    been in that phase (a load resumes where it was), and why it failed."""
+
+    desired: DesiredShard
+    phase: Phase
+    elapsed_s: float = 0.0
+    message: str = ""
 
 
 @dataclass
@@ -182,6 +195,15 @@ class NodeAgent:
         self._accept_any = True
         self.state_version += 1
 
+    def restore(self, shards: list[KeptShard], now: float) -> None:
+        """Hold `shards` again, as the agent's process left them (restarted, the workloads still
+        running): RUNNING and FAILED as they were, LOADING finishing its load where it was. Said in
+        the next stream's first heartbeat; its first set then keeps them or stops them."""
+        for kept in shards:
+            if kept.phase is not Phase.STOPPED:
+                self._held[kept.desired.key] = _Held(kept.desired, kept.phase, now - kept.elapsed_s, kept.message)
+        self.state_version += 1
+
     # --- outputs ------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
         """When `tick` next has something to do (None: nothing is loading)."""
@@ -191,6 +213,11 @@ class NodeAgent:
     def reports(self) -> list[ShardReport]:
         """Every shard the node holds now (the heartbeat's full state)."""
         return [self._report(self._held[k]) for k in sorted(self._held)]
+
+    def kept(self, now: float) -> list[KeptShard]:
+        """Every shard the node holds now, as `restore` takes them back."""
+        return [KeptShard(h.desired, h.phase, max(0.0, now - h.since), h.message)
+                for h in (self._held[k] for k in sorted(self._held))]
 
     def held(self) -> list[ShardKey]:
         """The shards the node holds, in order."""

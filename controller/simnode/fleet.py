@@ -1,4 +1,5 @@
-"""A fleet of simulated nodes in one event loop: naming, staggered start, clean stop."""
+"""A fleet of simulated nodes in one event loop: naming, staggered start, clean stop, and the
+nodes' shards kept across its restarts (`shardstate.py`)."""
 from __future__ import annotations
 
 import asyncio
@@ -6,7 +7,9 @@ import logging
 from dataclasses import dataclass
 
 from controller.aio import wait_event
+from controller.simnode.agent import NodeAgent
 from controller.simnode.protocol import NodeSpec
+from controller.simnode.shardstate import ShardStateFile
 from controller.simnode.transport import SimulatedNode
 
 log = logging.getLogger("simnode")
@@ -40,11 +43,14 @@ class FleetShape:
 
 
 class Fleet:
-    """Runs every node as its own task; `stop()` ends them all and `run()` returns."""
+    """Runs every node as its own task; `stop()` ends them all and `run()` returns. With
+    `shard_state`, what the nodes hold is written there as it runs and once more as it ends."""
 
-    def __init__(self, nodes: list[SimulatedNode], stagger_s: float = 0.01) -> None:
+    def __init__(self, nodes: list[SimulatedNode], stagger_s: float = 0.01,
+                 shard_state: ShardStateFile | None = None) -> None:
         self.nodes = nodes
         self.stagger_s = stagger_s
+        self.shard_state = shard_state
         self._tasks: list[asyncio.Task] = []
         self._stopping = asyncio.Event()
 
@@ -54,12 +60,20 @@ class Fleet:
     async def run(self) -> int:
         """Run every node until each has stopped; how many ended with an error (not stopped)."""
         log.info("starting %d simulated nodes", len(self.nodes))
-        for node in self.nodes:  # a stop ends the start: the nodes not started yet never are
-            if self._stopping.is_set():  # (it slept out the stagger of each: 100 s at 10,000 nodes)
-                break
-            self._tasks.append(asyncio.create_task(node.run(), name=f"node-{node.spec.node_id}"))
-            await wait_event(self._stopping, self.stagger_s)
-        results = await asyncio.gather(*self._tasks, return_exceptions=True)
+        ended = asyncio.Event()
+        saving = None if self.shard_state is None else asyncio.create_task(
+            self.shard_state.keep_saving(self._agents, ended), name="shard-state")
+        try:
+            for node in self.nodes:  # a stop ends the start: the nodes not started yet never are
+                if self._stopping.is_set():  # (it slept out the stagger of each: 100 s at 10,000 nodes)
+                    break
+                self._tasks.append(asyncio.create_task(node.run(), name=f"node-{node.spec.node_id}"))
+                await wait_event(self._stopping, self.stagger_s)
+            results = await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            ended.set()  # the last write holds what the nodes hold as they stopped
+            if saving is not None:
+                await saving
         failed = 0
         for node, result in zip(self.nodes, results):
             if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
@@ -67,6 +81,9 @@ class Fleet:
                 failed += 1
         log.info("all %d nodes stopped%s", len(self.nodes), f", {failed} of them with an error" if failed else "")
         return failed
+
+    def _agents(self) -> list[tuple[str, NodeAgent]]:
+        return [(node.spec.node_id, node.agent) for node in self.nodes]
 
     def stop(self) -> None:
         self._stopping.set()

@@ -1,5 +1,6 @@
-"""maia-simnode entry point: parse flags, start the fleet (and its fault-injection control
-socket with --control-socket), stop it on SIGINT/SIGTERM (exit 0). `maia-simnode fault ...`
+"""maia-simnode entry point: parse flags, start the fleet (its nodes holding the shards a previous
+run left them, `shardstate.py`, and its fault-injection control socket with --control-socket),
+stop it on SIGINT/SIGTERM (exit 0). `maia-simnode fault ...`
 is the client of that socket (`controller/simnode/faultcli.py`)."""
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from controller.simnode import faultcli
 from controller.simnode.credentials import CredentialFile, default_state_dir, unwritable
 from controller.simnode.faults import ControlServer, FaultError, FaultInjector
 from controller.simnode.fleet import Fleet, FleetShape
+from controller.simnode.shardstate import ShardStateFile
 from controller.simnode.transport import REGISTER_TIMEOUT_S, SimulatedNode
 
 log = logging.getLogger("simnode")
@@ -89,8 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None, metavar="TOKEN",
                    help=f"node-bootstrap (or admin) token to register with (default: ${TOKEN_ENV})")
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
-                   help="where each node's credential (issued by Register) is kept, one 0600 file per "
-                        f"cluster (its set of controllers) and rack prefix (default: {default_state_dir()})")
+                   help="where each node's credential (issued by Register) and the shards it holds are kept, "
+                        "0600 files per cluster (its set of controllers) and rack prefix: a restarted fleet's "
+                        f"nodes report their shards still running (default: {default_state_dir()})")
+    p.add_argument("--forget-shards", action="store_true",
+                   help="start every node with no shards, as hosts that rebooted, instead of with those the "
+                        "fleet's last run left them (the controller places the shards it gave them again)")
     p.add_argument("--racks", type=count(limits.TOPOLOGY_ITEMS_MAX), required=True,
                    help=f"how many racks (at most {limits.TOPOLOGY_ITEMS_MAX}, the racks a topology holds)")
     p.add_argument("--nodes-per-rack", type=count(), required=True)
@@ -164,7 +170,13 @@ def build_fleet(args: argparse.Namespace) -> Fleet:
                            credentials=credentials_for(args, spec.node_id), node_credentials=kept,
                            register_timeout_s=args.register_timeout, shared_channels=shared)
              for spec in shape.node_specs()]
-    return Fleet(nodes, stagger_s=args.stagger)
+    shards = ShardStateFile.beside(kept)
+    if args.forget_shards:
+        shards.forget()
+    restored = sum(shards.restore(node.spec.node_id, node.agent) for node in nodes)
+    if restored:
+        log.info("%d shards restored from %s (the workloads the last run left running)", restored, shards.path)
+    return Fleet(nodes, stagger_s=args.stagger, shard_state=shards)
 
 
 async def _run(fleet: Fleet, control_socket: Path | None) -> int:
