@@ -97,8 +97,12 @@ class CredentialFile:
         if legacy != kept.path and cls(legacy)._credentials:
             os.replace(legacy, kept.path)
             return cls(kept.path)
-        addresses = [a for a in controller.split(",") if a.strip()]
-        ours = {f"_{_safe(spelling)}_" for a in addresses for spelling in (a, *_spellings(a))}
+        addresses = [a.strip() for a in controller.split(",") if a.strip()]
+        # Each as given and as a key writes it (a loopback one as 127.0.0.1 and as localhost), in a
+        # file name's `_safe` text; not an IPv6 literal, whose colons do not survive it (`[::1]:7000`
+        # is `1_7000`, as much of `[2001:db8::1]:7000` as of it: another cluster's file).
+        ours = {f"_{_safe(spelling)}_" for a in addresses for spelling in (a, *_spellings(a)[:2])
+                if ":" not in spelling.rpartition(":")[0]}
         for other in sorted(state_dir.glob(f"credentials-*{suffix}")):
             listed = f"_{other.name[len('credentials-'):-len(suffix)]}_"
             if other != kept.path and any(address in listed for address in ours):

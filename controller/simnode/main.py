@@ -56,10 +56,10 @@ def _seconds(*, zero: bool) -> Callable[[str], float]:
     return lambda text: _number(text, least=0.0, inclusive=zero, most=SECONDS_MAX)
 
 
-def _quantity(*, zero: bool, most: float) -> Callable[[str], float]:
-    """An amount (GiB, watts): more than 0 (or 0 too, `zero`), at most what the controller takes in a
-    Register (`controller.limits`; beyond it every node was refused INVALID_ARGUMENT)."""
-    return lambda text: _number(text, least=0.0, inclusive=zero, most=most)
+def _quantity(most: float) -> Callable[[str], float]:
+    """An amount (GiB, watts): at least 0, at most what the controller takes in a Register
+    (`controller.limits`; beyond it every node was refused INVALID_ARGUMENT)."""
+    return lambda text: _number(text, least=0.0, inclusive=True, most=most)
 
 
 def _interval(text: str) -> float | None:
@@ -106,9 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerators", type=count(limits.NODE_ACCELERATORS_MAX), default=4,
                    help=f"accelerators per node (1..{limits.NODE_ACCELERATORS_MAX})")
     p.add_argument("--model", type=_model, default="maia-100", help="accelerator model (default: maia-100)")
-    p.add_argument("--hbm-gib", type=_quantity(zero=False, most=limits.HBM_GIB_MAX), default=64.0,
-                   help=f"HBM per accelerator, GiB (more than 0, at most {limits.HBM_GIB_MAX:.15g})")
-    p.add_argument("--idle-power-w", type=_quantity(zero=True, most=limits.POWER_W_MAX), default=600.0,
+    p.add_argument("--hbm-gib", type=_quantity(limits.HBM_GIB_MAX), default=64.0,
+                   help=f"HBM per accelerator, GiB (at most {limits.HBM_GIB_MAX:.15g}; 0: not said)")
+    p.add_argument("--idle-power-w", type=_quantity(limits.POWER_W_MAX), default=600.0,
                    help=f"each node's idle power draw, watts (at most {limits.POWER_W_MAX:.15g})")
     p.add_argument("--heartbeat-interval", type=_interval, default=None, metavar="auto|SECONDS",
                    help="default: what the controller asks for at registration, and later on the stream "

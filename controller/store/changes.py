@@ -34,10 +34,11 @@ PostgreSQL's lock order. Every transaction that moves the generation takes its l
    memory or idle power (0036) (or adds one next to existing ones) then takes isolation_state
    itself before its first node row (`will_change_nodes_hardware`): else its node row came first
    and it waited, holding it, for a plan commit that held isolation_state and waited for that
-   node's row (its assignment generation), tests/store/test_register_lock_order.py. A node's deletion takes it itself too,
-   after the node's placements and before its row, and runs alone (the generation writers' lock
-   exclusive, `moves_generation_alone`): a plan commit landing a shard on a node locks the node's
-   row `FOR KEY SHARE` (its foreign key check, which only the row's DELETE waits for) before its
+   node's row (its assignment generation), tests/store/test_register_lock_order.py. A node's
+   deletion takes it itself too, after the node's placements and before its row, and runs alone
+   (the generation writers' lock exclusive, `moves_generation_alone`): a plan commit landing a
+   shard on a node locks the node's row `FOR KEY SHARE` (its foreign key check, which only the
+   row's DELETE waits for) before its
    statement's trigger takes isolation_state, so no place of isolation_state in the deletion's
    order kept the two apart, tests/store/test_node_delete_lock_order.py. Then capacity_state's
    row (0012, 0022), only ever after isolation_state's (0023). Closing usage intervals adds no
@@ -98,13 +99,13 @@ async def will_move_generation(session: AsyncSession) -> None:
 # isolation_state's row, locked as the isolation triggers' UPDATE of it locks it (module docstring).
 _ISOLATION_FIRST = "SELECT 1 FROM isolation_state WHERE id = 1 FOR NO KEY UPDATE"
 # The nodes columns whose update fires the isolation or capacity triggers (`UPDATE OF` and `WHEN`,
-# migrations 0005, 0012, 0019, 0022: isolation rack_id, accelerators, hbm_gib, cpu_milli,
-# memory_mib; capacity rack_id, accelerators, accelerator_model, hbm_gib): a write of one locks
-# isolation_state's row (0023), so a writer that may change one takes it first
+# migrations 0005, 0012, 0019, 0022, 0036: isolation rack_id, accelerators, hbm_gib, cpu_milli,
+# memory_mib; capacity rack_id, accelerators, accelerator_model, hbm_gib, idle_power_w): a write
+# of one locks isolation_state's row (0023), so a writer that may change one takes it first
 # (`will_change_nodes_hardware`). tests/store/test_node_hardware_columns.py holds this to the
 # live schema's triggers: a migration that changes what they watch changes this too.
 NODE_HARDWARE_COLUMNS: tuple[str, ...] = ("rack_id", "accelerators", "accelerator_model", "hbm_gib", "cpu_milli",
-                                          "memory_mib", "idle_power_w")  # idle power: capacity's, 0036
+                                          "memory_mib", "idle_power_w")
 
 
 async def will_change_nodes_hardware(session: AsyncSession) -> None:

@@ -144,10 +144,10 @@ async def list_events(uow: UnitOfWork, principal: Principal, *, tenant: str = ""
     """One page of entries in seq order; a tenant principal sees its own tenant's only."""
     require_role(principal, "listing audit entries", Role.TENANT)
     check_optional_id("tenant", tenant)  # as GetUsage's (a NUL reached PostgreSQL: INTERNAL)
-    window = paging.bounds(page, paging.scope_of("audit", tenant=tenant, since=since), (int,))
     # A tenant token reads its own entries only: another tenant asked for is NOT_FOUND, as everywhere
     # (it was answered with the caller's own entries, as if they were that tenant's).
     tenant = policy.visible_tenant(principal, tenant, "listing audit entries")
+    window = paging.bounds(page, paging.scope_of("audit", tenant=tenant, since=since), (int,))
     after_seq = window.after[0] if window.after else 0
     if not isinstance(after_seq, int) or after_seq < 0:
         raise InvalidArgument("page_token is not a token this list returned; start again without one")

@@ -111,7 +111,7 @@ class CapacityIndex:
         self._groups: dict[tuple[str, str], _Group] = {}
         groups = self._groups
         for node in nodes:
-            node_id, rack, row, zone, model, accelerators, hbm_gib, _, rack_budget, row_budget = node
+            node_id, rack, row, zone, model, accelerators, hbm_gib, idle_w, rack_budget, row_budget = node
             g = groups.get((model, zone))
             if g is None:
                 g = groups[(model, zone)] = _Group()
@@ -129,10 +129,11 @@ class CapacityIndex:
             if best is not UNBOUNDED:  # one node without a budget: no bound in the group
                 if rack_budget is None and row_budget is None:
                     g.most_power = UNBOUNDED
-                else:
-                    room = _power_room(node)
-                    if room.watts > best.watts or (room.watts == best.watts and node_id < best.node_id):
-                        g.most_power = room
+                else:  # the watts inline, the `PowerRoom` (`_power_room`) only for a new best
+                    watts = min(math.inf if rack_budget is None else rack_budget,
+                                math.inf if row_budget is None else row_budget) - idle_w
+                    if watts > best.watts or (watts == best.watts and node_id < best.node_id):
+                        g.most_power = _power_room(node)
             domains = g.domains
             domains["rack"][rack] += accelerators
             domains["row"][row] += accelerators

@@ -43,6 +43,7 @@ from controller.usecases.validation import (
     check_count, check_name, check_optional_id, check_quantity, check_range, check_tenant_id, check_text, check_unique,
     quoted,
 )
+from scheduler.filters import POWER_SLACK_W
 
 
 def validate_spec(spec: DeploymentSpec) -> None:
@@ -178,7 +179,9 @@ async def check_could_ever_fit(uow: UnitOfWork, spec: DeploymentSpec, tenant_zon
             f"the most any node has is {most[0]:g} GiB ({most[1]})", most[1],
         )
     power, room = spec.shard.shard_power_w, view.most_power()
-    if power > room.watts:  # it waited Pending with POWER_RACK for ever, explain saying why
+    # As the solver judges a budget (`power_slots`): a shard of no power is never held back by one
+    # (a node idle above its rack's budget leaves "room" below 0), and the slack is its float noise.
+    if power > 0 and power > room.watts + POWER_SLACK_W:  # it waited Pending with POWER_RACK for ever
         level = "rack" if room.code == "POWER_RACK" else "row"
         raise _never_fits(
             room.code,

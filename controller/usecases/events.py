@@ -55,13 +55,19 @@ async def list_events(uow: UnitOfWork, who: Principal, *, object_kind: str = "",
     events = await repo.list_events(uow.session, object_kind=object_kind, object_id=object_id, after_id=after_id,
                                     limit=limit, since=since, oldest_first=oldest_first)
     # The mark read after the events: a batch that deleted any before this read raised it first.
-    if after_id > 0 and after_id < (deleted := await events_deleted_through(uow.session)):
+    deleted = await events_deleted_through(uow.session)
+    if 0 < after_id < deleted:
         raise OutOfRange(f"events after id {after_id} were deleted by the controller's event retention "
                          f"(--event-ttl) up to id {deleted}; ask after id {deleted}, or without after_id",
                          metadata=((limits.EVENTS_DELETED_THROUGH_METADATA_KEY, str(deleted)),))
+    last = events[-1].id if events else 0
     # A full page of the oldest after an id read only as far as its last (the newest `limit` read all).
     cut = len(events) == limit and (after_id > 0 or oldest_first)
-    read_through = events[-1].id if cut else max(newest, events[-1].id if events else 0)
+    read_through = last if cut else max(newest, last)
+    if not who.is_admin:  # not the newest id of the whole history (every tenant's rate of events): as
+        # far as its own last or the mark (which an OUT_OF_RANGE tells anyone), so that a follower of
+        # a quiet deployment still never falls behind the mark
+        read_through = min(read_through, max(last, deleted))
     redactor = await redactor_of(uow, who)  # an unplaceable deployment's event quotes the solver's reasons
     return EventsRead([redactor.event(e) for e in events], read_through)
 

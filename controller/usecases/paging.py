@@ -73,6 +73,8 @@ def decode_token(token: str, kinds: tuple[KeyKind, ...], scope: str = "") -> Key
         key = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
     except (ValueError, UnicodeError, binascii.Error):
         key = None
+    if isinstance(key, list) and len(key) == len(kinds):  # a controller's before fingerprints (a rolling
+        key = [*key, _fingerprint(scope)]  # upgrade: a client's pages served by both); to go in the next release
     if (not isinstance(key, list) or len(key) != len(kinds) + 1
             or not all(type(k) is kind and (k.isprintable() if kind is str else k in _BIGINT)
                        for k, kind in zip(key, kinds))):

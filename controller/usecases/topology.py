@@ -94,8 +94,9 @@ async def _refusal_of_parents_gone(uow: UnitOfWork, spec: TopologySpec) -> Confl
     checked again, which raises NotFound naming those gone (else they were applied again since)."""
     await uow.rollback()
     await _check_references(uow, spec, meanwhile=True)
-    return Conflict("a zone or row the topology names was removed and applied again while it was applied; nothing "
-                    "was written: apply it again", retry_after_ms=PARENT_BACK_RETRY_MS)
+    return Conflict("a zone or row this apply names was removed while it was applied (one it holds itself, or "
+                    "one applied again since); nothing was written: apply it again",
+                    retry_after_ms=PARENT_BACK_RETRY_MS)
 
 
 async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, signals: Signals, *,

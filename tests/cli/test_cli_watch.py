@@ -37,6 +37,16 @@ class Lines:
             self._new.put(line.rstrip("\n"))
         self._new.put(None)
 
+    def drained(self) -> list[str]:
+        """Every line written so far (those not read by `until` yet taken now, without waiting)."""
+        while True:
+            try:
+                line = self._new.get_nowait()
+            except queue.Empty:
+                return self.seen
+            if line is not None:
+                self.seen.append(line)
+
     def until(self, text: str) -> str:
         """The first line (seen or to come) holding `text`; AssertionError when the pipe ends first."""
         deadline = time.monotonic() + WAIT_S
@@ -190,6 +200,29 @@ def test_an_event_watch_told_that_retention_deleted_past_it_says_so_and_follows_
             assert not any("gone-" in line for line in watch.out.seen)
             assert watch.proc.poll() is None  # still watching
             assert [line.startswith("(watch: ") for line in watch.err.seen].count(True) == 1, watch.err.seen
+        finally:
+            watch.proc.terminate()
+            watch.proc.wait(timeout=30)
+
+
+def test_an_event_watch_whose_first_listing_reaches_past_what_retention_deleted_says_nothing_of_it(
+        tmp_path: Path) -> None:
+    """The events retention deleted before the watch began are older than its first listing's
+    newest: nothing it promised to show is lost. Its first polls ask after the oldest event shown
+    (an alarm or drain kept whatever its age sits below the mark), and said they were lost."""
+    with controller_process(tmp_path) as running:
+        assert running.ctl("apply", "-f", _tenant(tmp_path, "before")).returncode == 0
+        asyncio.run(_delete_behind(f"sqlite+aiosqlite:///{tmp_path / 'maia.db'}"))
+        # The first listing: the tenant's event and the newest, the deleted ids between them.
+        watch = Watch.of(running.address, running.token, "get", "events", "--watch", "--interval", "0.5",
+                         "--limit", "2")
+        try:
+            watch.out.until("node/after-retention")
+            assert running.ctl("apply", "-f", _tenant(tmp_path, "after")).returncode == 0
+            watch.out.until("tenant/after")
+            time.sleep(1.5)  # polls after it
+            assert watch.proc.poll() is None
+            assert not any(line.startswith("(watch: ") for line in watch.err.drained()), watch.err.seen
         finally:
             watch.proc.terminate()
             watch.proc.wait(timeout=30)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+
 import pytest
 
 from controller import limits
@@ -22,6 +25,12 @@ def test_a_token_round_trips_the_last_key():
     token = encode_token(("chat", 42), NODES)
     assert decode_token(token, (str, int), NODES) == ("chat", 42)
     assert bounds(PageRequest(size=2, token=token), NODES, (str, int)) == PageBounds(2, ("chat", 42), NODES)
+
+
+def test_a_token_of_a_controller_before_fingerprints_is_taken_for_now() -> None:
+    """During a rolling upgrade a client's pages may be served by controllers of both versions."""
+    legacy = base64.urlsafe_b64encode(json.dumps(["chat", 42]).encode()).decode()
+    assert decode_token(legacy, (str, int), NODES) == ("chat", 42)
 
 
 @pytest.mark.parametrize("other", [scope_of("nodes", rack="r1"), scope_of("tenants"), scope_of("tokens", rack="")])

@@ -141,6 +141,24 @@ async def test_a_shard_no_rack_could_ever_power_is_refused_and_a_budget_raised_l
     assert capacity.rebuilds == 2
 
 
+@pytest.mark.parametrize(("budget", "power_w"), [
+    (400.0, 0.0),         # its node idles (500 W) above its rack's budget: "room" below 0, the shard draws nothing
+    (900.3, 200.15),      # 900.3 - 500 is 400.29999999999995 W left, 400.3 W a shard (2 x 200.15): float noise
+])
+async def test_what_the_solver_would_place_is_never_refused_for_power(cluster, budget, power_w):
+    """The judgement is the solver's (`power_slots`: a shard of no power is never held back, a
+    budget is met within POWER_SLACK_W): a 0 W shard was refused where a node idles above its
+    rack's budget (Register takes one), and one at the line refused in float noise."""
+    await apply_topology(cluster, {"rack-a": "row-a", "rack-b": "row-a", "rack-c": "row-b"}, budgets={"rack-c": budget})
+    await add_nodes(cluster, "rack-c", 1, model="tpu-v9")
+    spec = deployment("edge", "t1", accelerators=2, shard_power_w=power_w, locality="none",
+                      shard_accelerator_models=("tpu-v9",))
+    for i, cache in enumerate((None, CapacityCache())):
+        async with cluster.unit_of_work() as uow:
+            await deployments.submit_deployment(uow, WHO, replace(spec, name=f"edge-{i}"), RecordingSignals(),
+                                                capacity=cache)
+
+
 async def test_the_capacity_refresher_builds_the_index_before_a_submit_needs_it(cluster):
     """Once the stored capacity generation has held still for a poll (read twice), the refresher
     rebuilds the index, so the next submit judges from it without a rebuild of its own; while

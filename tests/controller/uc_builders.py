@@ -27,13 +27,14 @@ WHO = Principal("tester")
 
 
 async def apply_topology(db: Database, racks: dict[str, str] | None = None, *,
-                         rack_budget_w: float | None = None) -> None:
-    """Zone z1, rows as named by `racks` (rack -> row), all in z1."""
+                         rack_budget_w: float | None = None, budgets: dict[str, float] | None = None) -> None:
+    """Zone z1, rows as named by `racks` (rack -> row), all in z1; each rack's budget `rack_budget_w`
+    but those `budgets` names."""
     racks = racks or {"rack-a": "row-a", "rack-b": "row-a"}
     spec = TopologySpec(
         zones=(ZoneSpec("z1"),),
         rows=tuple(RowSpec(r, "z1") for r in sorted(set(racks.values()))),
-        racks=tuple(RackSpec(k, r, rack_budget_w) for k, r in racks.items()),
+        racks=tuple(RackSpec(k, r, (budgets or {}).get(k, rack_budget_w)) for k, r in racks.items()),
     )
     async with db.unit_of_work() as uow:
         await topology.apply_topology(uow, WHO, spec, RecordingSignals())

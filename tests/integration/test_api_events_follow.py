@@ -15,8 +15,9 @@ from controller import limits
 from controller.api.server import ControllerApp
 from controller.store.repositories import NewEvent, record_events
 from controller.store.retention import prune_events
-from grpc_harness import Stubs, admin_token_of, running_controller
-from maia.v1 import admin_pb2
+from controller.store import models as m
+from grpc_harness import Stubs, admin_token_of, issue_token, running_controller, spec
+from maia.v1 import admin_pb2, deployments_pb2
 
 
 def _node_events(*object_ids: str, kind: str = "node.down", at: datetime | None = None) -> list[NewEvent]:
@@ -92,3 +93,28 @@ async def test_a_reply_says_how_far_its_read_reached_whatever_the_filter(db_url:
         assert of_n0.events[-1].id < newest  # the last event was n1's
         page = await stubs.admin.ListEvents(admin_pb2.ListEventsRequest(after_id=every[0].id, limit=2))
         assert page.read_through == page.events[-1].id == every[2].id
+
+
+async def test_a_tenant_reads_how_far_its_own_read_reached_not_the_whole_historys(db_url: str, tmp_path: Path) -> None:
+    """`read_through` gave a tenant token the newest id of every tenant's history (their rate of
+    events); a tenant's is its own last, or the retention mark, whichever is higher."""
+    async with _with_events(db_url, tmp_path, []) as (app, stubs):
+        await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
+        await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=spec("svc", tenant="lab")))
+        async with app.db.unit_of_work() as uow:  # other objects' events, after the deployment's
+            await record_events(uow.session, _node_events("n1", "n2", "n3"))
+            await uow.commit()
+        lab = Stubs.connect(app.address, await issue_token(app.db, "tenant", tenant="lab"))
+        try:
+            request = admin_pb2.ListEventsRequest(object_kind="deployment", object_id="svc", oldest_first=True)
+            own = await lab.admin.ListEvents(request)
+            every = await stubs.admin.ListEvents(request)
+            newest = (await stubs.admin.ListEvents(admin_pb2.ListEventsRequest(limit=1))).events[-1].id
+            assert own.events and own.read_through == own.events[-1].id < newest
+            assert every.read_through == newest  # an admin's: the whole history's
+            async with app.db.unit_of_work() as uow:
+                await uow.session.execute(m.EventRetentionMark.__table__.update().values(deleted_through=newest - 1))
+                await uow.commit()
+            assert (await lab.admin.ListEvents(request)).read_through == newest - 1  # the mark: told to anyone
+        finally:
+            await lab.channel.close()

@@ -79,6 +79,14 @@ def test_the_same_controllers_written_otherwise_or_listed_in_another_order_keep_
     assert other.path != first.path and other.get("rack-00-n00") is None
 
 
+def test_a_loopback_fleet_never_takes_the_file_of_an_ipv6_cluster(tmp_path: Path) -> None:
+    """`[2001:db8::1]:7000` in a file name's text ends as `..._1_7000`, which the `::1` spelling of a
+    loopback controller matched: its nodes presented another cluster's credentials."""
+    CredentialFile.for_fleet(tmp_path, "[2001:db8::1]:7000", "rack-").put("rack-00-n00", "other-cluster")
+    for spelling in ("localhost:7000", "[::1]:7000"):
+        assert CredentialFile.for_fleet(tmp_path, spelling, "rack-").get("rack-00-n00") is None, spelling
+
+
 def test_a_file_named_by_the_controller_text_is_taken_over_under_the_cluster_key(tmp_path: Path) -> None:
     """Files a fleet kept before `cluster_key` are named by the text given: taken over, not left."""
     old = tmp_path / "credentials-ctl-b.example_7001_Ctl-A.example_7000-rack-.json"

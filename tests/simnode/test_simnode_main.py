@@ -143,8 +143,7 @@ def test_durations_and_amounts_that_are_not_finite_numbers_are_usage_errors(tmp_
     ("--accelerators", "-4", "must be at least 1, got -4"),
     ("--accelerators", "65", f"must be at most {limits.NODE_ACCELERATORS_MAX}, got 65"),
     ("--accelerators", "2.5", "expected a whole number, got '2.5'"),
-    ("--hbm-gib", "0", "must be more than 0, got 0"),
-    ("--hbm-gib", "-8", "must be more than 0, got -8"),
+    ("--hbm-gib", "-8", "must be at least 0, got -8"),
     ("--hbm-gib", "1e9", "must be at most 65536, got 1e9"),
     ("--idle-power-w", "-1", "must be at least 0, got -1"),
     ("--idle-power-w", "2e7", "must be at most 10000000, got 2e7"),
@@ -155,8 +154,9 @@ def test_durations_and_amounts_that_are_not_finite_numbers_are_usage_errors(tmp_
 ])
 def test_a_node_shape_the_controller_would_not_register_is_a_usage_error(
         flag: str, value: str, said: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """0, negative or huge accelerators, HBM or power were taken, and every node's Register was
-    then refused INVALID_ARGUMENT (controller/usecases/agents.py bounds NodeInfo by controller/limits.py)."""
+    """Negative or huge accelerators, HBM or power (and 0 accelerators) were taken, and every node's
+    Register was then refused INVALID_ARGUMENT (controller/usecases/agents.py bounds NodeInfo by
+    controller/limits.py). 0 GiB of HBM is taken, as Register takes it: the HBM not said."""
     with pytest.raises(SystemExit) as exited:
         build_parser().parse_args(["--racks", "1", "--nodes-per-rack", "1", flag, value])
     assert exited.value.code == 2
@@ -170,3 +170,5 @@ def test_a_node_shape_at_the_controllers_limits_is_taken() -> None:
         "--idle-power-w", "0", "--model", "m" * limits.MODEL_MAX])
     assert (args.racks, args.accelerators, args.hbm_gib, args.idle_power_w) == (
         limits.TOPOLOGY_ITEMS_MAX, limits.NODE_ACCELERATORS_MAX, limits.HBM_GIB_MAX, 0.0)
+    unsaid = build_parser().parse_args(["--racks", "1", "--nodes-per-rack", "1", "--hbm-gib", "0"])
+    assert unsaid.hbm_gib == 0.0  # Register reads 0 as the HBM not said

@@ -356,7 +356,8 @@ def _events(args: argparse.Namespace, ctx: Context) -> int:
         raise CliError("get events takes no NAME (use --for KIND/NAME)", Exit.USAGE)
     limit = 50 if args.limit is None else args.limit  # at least 1: `count`
     kind, name = parse_object(args.for_object) if args.for_object else ("", "")
-    events = fetch_events(ctx, kind, name, limit=limit, tenant=args.tenant or "")
+    first = _list_events(ctx, kind, name, 0, limit, args.tenant or "", False)
+    events = list(first.events)
     if not events and name and not args.watch:  # a watch may wait for the object to come
         _must_exist(ctx, kind, name, args.tenant or "")
     ctx.emit(lambda: list_document(event_document(e) for e in events), lambda: events_table(events),
@@ -376,8 +377,9 @@ def _events(args: argparse.Namespace, ctx: Context) -> int:
         except grpc.RpcError as exc:
             if (through := _deleted_through(exc)) is None:
                 raise
-            ctx.note(f"(watch: the events after {after} up to {through} were deleted by the controller's "
-                     f"event retention before they were shown; following from {through})")
+            if through > first.read_through:  # else all it deleted was older than the first listing's newest
+                ctx.note(f"(watch: the events after {max(after, first.read_through)} up to {through} were deleted by the "
+                         f"controller's event retention before they were shown; following from {through})")
             follower.skip_to(through)
             continue
         new = follower.fresh(*read) if read else []
