@@ -25,8 +25,9 @@ Every response, refusals and the event stream included, carries the browser's se
 reads and nothing else, no framing, no type sniffing, no referrer) and no server banner: also the
 400 aiohttp answers itself to a request it cannot parse (`_ConsoleConnection`).
 
-Connections are served `_ConsoleConnection`s, at most MAX_CONNECTIONS at once; one more is
-answered 503 and closed (`_Refused`). Without authentication, a request is answered only when its
+Connections are served `_ConsoleConnection`s, at most MAX_CONNECTIONS at once and
+MAX_CONNECTIONS_PER_PEER from one address (`_Gate`: one client cannot hold every place); one more
+is answered 503 and closed (`_Refused`). Without authentication, a request is answered only when its
 Host is localhost, an IP address or the listen host (`_this_host_only`): a page elsewhere, its
 name re-pointed at 127.0.0.1 (DNS rebinding), would otherwise read the console from a browser on it.
 """
@@ -38,11 +39,12 @@ import ipaddress
 import json
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -92,6 +94,7 @@ IDLE_CONNECTION_S = 20.0
 # Connections open at once, for the same file descriptors: one more is answered 503 (Retry-After)
 # and closed, the ones open are served as before. A browser holds a few (the page, its event stream).
 MAX_CONNECTIONS = 256
+MAX_CONNECTIONS_PER_PEER = 32  # one address's share (a proxy in front of the console: raise it)
 RETRY_AFTER_S = 5
 # How long a refused connection is kept for its client to read the 503 and close first (closed
 # with the request unread, the client's system may get a reset instead of the answer).
@@ -111,9 +114,9 @@ SECURITY_HEADERS = {
 }
 
 
-def _refusal() -> bytes:
-    """The whole 503 a connection beyond MAX_CONNECTIONS gets, as bytes."""
-    body = f"the console serves {MAX_CONNECTIONS} connections at most; retry in {RETRY_AFTER_S}s\n"
+def _refusal(why: str) -> bytes:
+    """The whole 503 a connection beyond a cap gets, as bytes."""
+    body = f"{why}; retry in {RETRY_AFTER_S}s\n"
     headers = {**SECURITY_HEADERS, "Content-Type": "text/plain; charset=utf-8", "Content-Length": str(len(body)),
                "Retry-After": str(RETRY_AFTER_S), "Connection": "close"}
     head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
@@ -121,15 +124,16 @@ def _refusal() -> bytes:
 
 
 class _Refused(asyncio.Protocol):
-    """A connection beyond MAX_CONNECTIONS: answered 503 at once, its request read and dropped, and
+    """A connection beyond a cap: answered 503 at once (`why`), its request read and dropped, and
     closed when its client closes its end or after REFUSED_LINGER_S."""
 
-    def __init__(self) -> None:
+    def __init__(self, why: str) -> None:
+        self._why = why
         self._closing: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.write(_refusal())
+        transport = cast(asyncio.Transport, transport)  # uvloop's is one without subclassing it
+        transport.write(_refusal(self._why))
         transport.write_eof()
         self._closing = asyncio.get_running_loop().call_later(REFUSED_LINGER_S, transport.close)
 
@@ -139,6 +143,20 @@ class _Refused(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._closing is not None:
             self._closing.cancel()
+
+
+class _Gate(asyncio.Protocol):
+    """A connection accepted, until its peer is known: `admit` (given the peer's address) says who
+    serves it, a `_ConsoleConnection` or a `_Refused`, which takes the transport from then on."""
+
+    def __init__(self, admit: Callable[[str], asyncio.Protocol]) -> None:
+        self._admit = admit
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        protocol = self._admit(str(peer[0]) if peer else "")
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
 
 
 class _ConsoleConnection(web.RequestHandler):
@@ -239,7 +257,8 @@ class ConsoleServer:
         self._sign_ins = RefusedSignIns() if sign_ins is None else sign_ins
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
-        self._connections = 0  # served now (`_ConsoleConnection`s)
+        self._connections = 0  # served now (`_ConsoleConnection`s), or accepted and not yet admitted
+        self._by_peer: defaultdict[str, int] = defaultdict(int)  # of those served, from each address
         self._refusals = Sampler(per_minute=1.0, burst=1.0)  # log lines for connections refused
         self.documents = SharedBuilds(self._document)
         # Every viewer's builds, one at a time (module docstring); its thread starts at the first build.
@@ -275,20 +294,35 @@ class ConsoleServer:
         return self.address
 
     def _connection(self, http: web.Server) -> asyncio.Protocol:
-        """A connection accepted: served, or refused beyond MAX_CONNECTIONS. Counted here, as it is
-        accepted (a burst is accepted before any of it is set up), and uncounted as it ends."""
+        """A connection accepted: served, or refused beyond MAX_CONNECTIONS (then, its peer known,
+        beyond MAX_CONNECTIONS_PER_PEER: `_admit`). Counted here, as it is accepted (a burst is
+        accepted before any of it is set up), and uncounted as it ends."""
         if self._connections >= MAX_CONNECTIONS:
-            left_out = self._refusals.sample()
-            if left_out is not None:
-                log.warning("console connection refused (503): %d open, the most it serves (MAX_CONNECTIONS)%s",
-                            self._connections, f" suppressed={left_out}" if left_out else "")
-            return _Refused()
+            self._refused(f"{self._connections} open, the most it serves (MAX_CONNECTIONS)")
+            return _Refused(f"the console serves {MAX_CONNECTIONS} connections at most")
         self._connections += 1
-        return _ConsoleConnection(http, loop=asyncio.get_running_loop(), keepalive_timeout=IDLE_CONNECTION_S,
-                                  access_log=None, closed=self._connection_ended)
+        return _Gate(partial(self._admit, http))
 
-    def _connection_ended(self) -> None:
+    def _admit(self, http: web.Server, peer: str) -> asyncio.Protocol:
+        if self._by_peer[peer] >= MAX_CONNECTIONS_PER_PEER:
+            self._connections -= 1
+            self._refused(f"{self._by_peer[peer]} open from {peer}, the most one address holds "
+                          "(MAX_CONNECTIONS_PER_PEER)")
+            return _Refused(f"the console serves {MAX_CONNECTIONS_PER_PEER} connections from one address at most")
+        self._by_peer[peer] += 1
+        return _ConsoleConnection(http, loop=asyncio.get_running_loop(), keepalive_timeout=IDLE_CONNECTION_S,
+                                  access_log=None, closed=partial(self._connection_ended, peer))
+
+    def _refused(self, why: str) -> None:
+        left_out = self._refusals.sample()
+        if left_out is not None:
+            log.warning("console connection refused (503): %s%s", why, f" suppressed={left_out}" if left_out else "")
+
+    def _connection_ended(self, peer: str) -> None:
         self._connections -= 1
+        self._by_peer[peer] -= 1
+        if not self._by_peer[peer]:
+            del self._by_peer[peer]
 
     async def stop(self) -> None:
         if self._listener is not None:

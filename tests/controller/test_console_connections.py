@@ -161,3 +161,61 @@ async def test_with_authentication_the_host_is_not_checked(shared_cluster: Datab
         assert (await _once(address, "/api/state", host="rebind.example", token="any")).status == 200
     finally:
         await console.stop()
+
+
+async def test_one_address_holds_its_share_of_the_connections_and_others_are_served(
+        open_console: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One client re-opening MAX_CONNECTIONS sockets every idle timeout kept every browser on 503."""
+    monkeypatch.setattr(console_server, "MAX_CONNECTIONS_PER_PEER", 2)
+    held = [await _connect(open_console) for _ in range(2)]
+    try:
+        assert [(await c.get()).status for c in held] == [200, 200]
+        refused = await _connect(open_console)
+        try:
+            reply = await refused.get()
+            assert reply.status == 503 and "from one address" in reply.body
+            assert reply.headers["x-frame-options"] == "DENY"
+        finally:
+            refused.close()
+        host, _, port = open_console.rpartition(":")
+        reader, writer = await asyncio.open_connection(host, int(port), local_addr=("127.0.0.2", 0))
+        other = Connection(reader, writer, open_console)  # another address: its own share
+        try:
+            assert (await other.get()).status == 200
+        finally:
+            other.close()
+        assert [(await c.get()).status for c in held] == [200, 200]
+        held.pop().close()
+        for _ in range(50):  # its end seen: a place for this address again
+            await asyncio.sleep(0.02)
+            if (await _once(open_console, host=open_console)).status == 200:
+                break
+        else:
+            pytest.fail("a connection closed left no place for its address")
+    finally:
+        for connection in held:
+            connection.close()
+
+
+def test_the_caps_refuse_on_uvloop_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The controller runs uvloop on PostgreSQL (controller/main.py), whose transports are not
+    `asyncio.Transport`s: a refusal asserted one, and raised in the loop instead of answering 503."""
+    uvloop = pytest.importorskip("uvloop")
+    monkeypatch.setattr(console_server, "MAX_CONNECTIONS_PER_PEER", 1)
+
+    async def refused_status() -> int:
+        never_read = Database("sqlite+aiosqlite://")
+        console = ConsoleServer(never_read, DeploymentEventBus())
+        address = await console.start("127.0.0.1:0")
+        try:
+            first = await _connect(address)
+            try:
+                assert (await first.get()).status == 200
+                return (await _once(address, host=address)).status
+            finally:
+                first.close()
+        finally:
+            await console.stop()
+            await never_read.dispose()
+
+    assert uvloop.run(refused_status()) == 503
