@@ -6,27 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from pathlib import Path
 
 import pytest
 
 from controller.simnode.credentials import CredentialFile
+from tests.file_writes import count_writes
 
 
 async def test_changes_are_in_the_file_when_they_return_and_written_together(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     kept = CredentialFile(tmp_path / "credentials.json")
-    writes: list[int] = []
-    threads: set[str] = set()
-    write_file = kept._write_file
-
-    def counted(credentials: dict[str, str]) -> None:
-        writes.append(len(credentials))
-        threads.add(threading.current_thread().name)
-        write_file(credentials)
-
-    monkeypatch.setattr(kept, "_write_file", counted)
+    writes = count_writes(kept, monkeypatch)
 
     async def join(i: int) -> None:
         await kept.keep(f"n{i:03}", f"cred-{i}")
@@ -34,8 +25,8 @@ async def test_changes_are_in_the_file_when_they_return_and_written_together(
 
     await asyncio.gather(*(join(i) for i in range(200)))
     assert json.loads(kept.path.read_text()) == {f"n{i:03}": f"cred-{i}" for i in range(200)}
-    assert len(writes) <= 3  # the first alone, the rest together (not a write a change)
-    assert threading.main_thread().name not in threads
+    assert len(writes.sizes) <= 3  # the first alone, the rest together (not a write a change)
+    assert writes.off_the_loop()
     assert kept.path.stat().st_mode & 0o777 == 0o600
 
     await asyncio.gather(kept.drop("n000"), kept.drop("n001"), kept.drop("missing"))

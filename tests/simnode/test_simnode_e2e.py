@@ -1,5 +1,8 @@
 """End to end: a real maia-controller (SQLite, port 0), a real maia-simnode fleet of 4 nodes,
-and maiactl, all as subprocesses, the way deploy/demo.sh runs them."""
+and maiactl, all as subprocesses, the way deploy/demo.sh runs them. A fleet restarted (SIGTERM,
+then started again on its --state-dir) comes back holding the shards its nodes ran, reported
+running in their first heartbeat, and the controller keeps them where they were (none loaded
+again, none moved); a shard it stopped assigning meanwhile is stopped and released."""
 from __future__ import annotations
 
 import importlib.util
@@ -142,3 +145,66 @@ def test_simulated_nodes_run_what_the_controller_assigns(controller: str, tmp_pa
     assert "gang/0/5 running" in text
     assert re.search(r"halves/\d/0 stopped", text)
     assert "all 4 nodes stopped" in text
+
+
+def ok(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def fleet(controller: str, state_dir: Path, log: Path, bootstrap: str, load_delay_s: float) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([tool("maia-simnode"), "--controller", controller, "--racks", "1", "--nodes-per-rack", "4",
+                             "--load-delay", str(load_delay_s), "--state-dir", str(state_dir)],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "MAIA_TOKEN": bootstrap})
+
+
+def stop(proc: subprocess.Popen[bytes]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=20)
+
+
+def placements(controller: str) -> dict[tuple[str, int, int], tuple[str, str]]:
+    """(deployment, replica, shard) -> (node, phase)."""
+    items = json.loads(ok(maiactl(controller, "placements", "-o", "json")))["items"]
+    return {(p["deployment"], p["replica"], p["shard"]): (p["node"], p["phase"]) for p in items}
+
+
+def test_a_restarted_fleet_keeps_its_shards_where_they_ran(controller: str, tmp_path: Path) -> None:
+    (tmp_path / "topology.yaml").write_text(TOPOLOGY)
+    (tmp_path / "workload.yaml").write_text(WORKLOAD)
+    ok(maiactl(controller, "apply", "-f", str(tmp_path / "topology.yaml")))
+    bootstrap = ok(maiactl(controller, "token", "create", "--role", "node-bootstrap", "--name", "fleet")).strip()
+    state = tmp_path / "state"
+
+    first = fleet(controller, state, tmp_path / "first.log", bootstrap, 0.3)
+    try:
+        ok(maiactl(controller, "wait", "nodes", "--connected", "4", "--timeout", "30"))
+        ok(maiactl(controller, "apply", "-f", str(tmp_path / "workload.yaml")))
+        ok(maiactl(controller, "wait", "deployment", "gang", "halves", "--timeout", "60"))
+        before = placements(controller)
+        assert len(before) == 8 and {phase for _, phase in before.values()} == {"running"}
+    finally:
+        assert stop(first) == 0
+    kept = json.loads(next(state.glob("shards-*.json")).read_text())["nodes"]
+    assert sum(len(node["shards"]) for node in kept.values()) == 8
+
+    # While the fleet is down (within the controller's node graces) `halves` is deleted: its shards,
+    # restored on their nodes, are no longer assigned and must be stopped and released.
+    # Back with a load of 60 s: a shard loaded again could not be running before the checks below end.
+    ok(maiactl(controller, "delete", "deployment", "halves"))
+    second = fleet(controller, state, tmp_path / "second.log", bootstrap, 60)
+    try:
+        ok(maiactl(controller, "wait", "nodes", "--connected", "4", "--timeout", "30"))
+        ok(maiactl(controller, "wait", "deployment", "halves", "--for", "deleted", "--timeout", "30"))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(  # the first heartbeats' RUNNING written
+                phase != "running" for _, phase in placements(controller).values()):
+            time.sleep(0.3)
+        after = placements(controller)
+    finally:
+        assert stop(second) == 0
+    assert after == {key: place for key, place in before.items() if key[0] == "gang"}  # same nodes, running
+    text = (tmp_path / "second.log").read_text()
+    assert not re.search(r"gang/\d+/\d+ loading", text), text[-3000:]  # nothing loaded again
+    assert len(re.findall(r"halves/\d/0 stopped", text)) == 2
+    assert "8 shards restored" in text

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import threading
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from controller.simnode.credentials import CredentialFile
 from controller.simnode.fleet import Fleet
 from controller.simnode.main import build_fleet, build_parser
 from controller.simnode.shardstate import ShardStateFile
+from tests.file_writes import count_writes
 
 RUNS = ShardKey("chat", 0, 0, "lab")
 LOADS = ShardKey("chat", 0, 1, "lab")
@@ -107,16 +107,7 @@ async def test_writes_are_batched_off_the_loop_and_an_unchanged_fleet_writes_not
     clocks = Clocks()
     agents = [(f"n{i:04}", NodeAgent(f"n{i:04}", 600.0)) for i in range(2000)]
     kept = _file(tmp_path / "shards.json", clocks)
-    writes: list[int] = []
-    threads: set[str] = set()
-    write_file = kept._write_file
-
-    def counted(entries: dict[str, str]) -> None:
-        writes.append(len(entries))
-        threads.add(threading.current_thread().name)
-        write_file(entries)
-
-    monkeypatch.setattr(kept, "_write_file", counted)
+    writes = count_writes(kept, monkeypatch)
     monkeypatch.setattr(shardstate, "SAVE_EVERY_S", 0.2)
     ended = asyncio.Event()
     saving = asyncio.create_task(kept.keep_saving(lambda: agents, ended))
@@ -128,8 +119,8 @@ async def test_writes_are_batched_off_the_loop_and_an_unchanged_fleet_writes_not
     await asyncio.sleep(0.5)  # two periods or more, nothing changed in the second
     ended.set()
     await saving
-    assert writes == [2000]  # once for 2,000 nodes' 4,000 changes; unchanged since: no write, even the last
-    assert threading.main_thread().name not in threads
+    assert writes.sizes == [2000]  # once for 2,000 nodes' 4,000 changes; unchanged since: no write, even the last
+    assert writes.off_the_loop()
     assert len(json.loads(kept.path.read_text())["nodes"]) == 2000
 
 
