@@ -184,8 +184,8 @@ async def test_a_tenant_id_created_again_reads_only_the_new_customers_usage(clus
     async with cluster.unit_of_work() as uow:
         entries = await audit_cases.list_events(uow, caller)
         all_entries = await audit_cases.list_events(uow, WHO, tenant="t2")
-        events = await event_cases.list_events(uow, caller, object_kind="deployment", object_id="frac")
-        all_events = await event_cases.list_events(uow, WHO, object_kind="deployment", object_id="t2/frac")
+        events = (await event_cases.list_events(uow, caller, object_kind="deployment", object_id="frac")).events
+        all_events = (await event_cases.list_events(uow, WHO, object_kind="deployment", object_id="t2/frac")).events
     assert "/maia.v1.X/New" in [e.action for e in entries.items]
     assert all(e.seq > old_entries and e.action != "/maia.v1.X/Old" for e in entries.items)
     assert {"/maia.v1.X/Old", "/maia.v1.X/New"} <= {e.action for e in all_entries.items}
