@@ -79,10 +79,9 @@ UNBOUNDED = PowerRoom(math.inf, "")  # a node whose rack and row have no budget 
 
 
 def _power_room(node: NodeCapacity) -> PowerRoom:
+    """The room of a node whose rack or row has a budget (one with neither is `UNBOUNDED`)."""
     rack = math.inf if node.rack_budget_w is None else node.rack_budget_w
     row = math.inf if node.row_budget_w is None else node.row_budget_w
-    if rack == row == math.inf:
-        return UNBOUNDED
     code, domain, budget = ("POWER_RACK", node.rack, rack) if rack <= row else ("POWER_ROW", node.row, row)
     return PowerRoom(budget - node.idle_power_w, node.node_id, code, domain, budget, node.idle_power_w)
 

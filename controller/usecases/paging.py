@@ -5,8 +5,8 @@ base64 of JSON), and the next page starts strictly after it, so items added or r
 pages never shift the others. A token also carries a fingerprint of the list and filters it was
 returned for (its scope), and any other list or filter refuses it, as AIP-158 asks: a token of
 one tenant's deployments given to a list of another's, or of nodes to tokens, used to be read as
-a place to start and silently skipped rows. `page_size` 0 means `limits.PAGE_SIZE_DEFAULT`; a larger size
-than `limits.PAGE_SIZE_MAX` is served as that maximum (as Google's AIP-158 says).
+a place to start and silently skipped rows. `page_size` 0 means `limits.PAGE_SIZE_DEFAULT`; a
+larger size than `limits.PAGE_SIZE_MAX` is served as that maximum (as Google's AIP-158 says).
 """
 
 from __future__ import annotations
