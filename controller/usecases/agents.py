@@ -43,7 +43,6 @@ _SHARD_PHASES = {p.value for p in m.ShardPhase}
 # The phases an agent reports; ASSIGNED is the controller's (committed, not acknowledged yet).
 _AGENT_PHASES = {p.value for p in (m.ShardPhase.LOADING, m.ShardPhase.RUNNING, m.ShardPhase.FAILED,
                                    m.ShardPhase.STOPPED)}
-RACK_BACK_RETRY_MS = 100  # a Register whose rack was deleted and applied again under it: at once
 
 
 def _validate(info: NodeInfo) -> None:
@@ -253,8 +252,10 @@ async def _refusal_of_racks_gone(uow: UnitOfWork, plans: Sequence[_Plan]) -> Mai
     gone = sorted(racks - await repo.existing_ids(uow.session, m.Rack, racks))
     if gone:
         return _not_in_topology(gone, meanwhile=True)
-    return Conflict(f"racks {', '.join(sorted(racks))} were removed and applied again while the node(s) "
-                    f"registered; nothing was written: register again", retry_after_ms=RACK_BACK_RETRY_MS)
+    named = f"rack {next(iter(racks))} was" if len(racks) == 1 else f"one of racks {', '.join(sorted(racks))} was"
+    return Conflict(f"{named} removed and applied again while the node(s) registered; nothing was written: "
+                    f"register again",
+                    retry_after_ms=limits.PARENT_REAPPLIED_RETRY_MS)
 
 
 def _proposal(text: str) -> MintedToken | None:

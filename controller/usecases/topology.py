@@ -34,7 +34,6 @@ from controller.usecases.validation import check_count, check_id, check_quantity
 
 MOVE_BREAKS_SHOWN = 5  # the work a refused move names, then how much more
 CHANGES_SAID, CHANGES_KEPT = 10, 200  # changed items an applied event's message names, and its data keeps
-PARENT_BACK_RETRY_MS = 100  # an apply whose row or zone was deleted and applied again under it: at once
 
 
 async def _validate(uow: UnitOfWork, spec: TopologySpec) -> None:
@@ -96,7 +95,7 @@ async def _refusal_of_parents_gone(uow: UnitOfWork, spec: TopologySpec) -> Confl
     await _check_references(uow, spec, meanwhile=True)
     return Conflict("a zone or row this apply names was removed while it was applied (one it holds itself, or "
                     "one applied again since); nothing was written: apply it again",
-                    retry_after_ms=PARENT_BACK_RETRY_MS)
+                    retry_after_ms=limits.PARENT_REAPPLIED_RETRY_MS)
 
 
 async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, signals: Signals, *,

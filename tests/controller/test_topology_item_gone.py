@@ -2,17 +2,21 @@
 DeleteZone removed after the request read it (usecases/agents.py, usecases/topology.py). The
 read holds no lock, and the write's foreign key refused it: the caller was answered INTERNAL.
 It is answered as when the item was absent at the start (FAILED_PRECONDITION for a Register,
-NOT_FOUND for an apply), saying it was removed meanwhile, and nothing is written. Found in review."""
+NOT_FOUND for an apply), saying it was removed meanwhile, and nothing is written; ABORTED with a
+retry time when, read again, it was applied again since. Found in review."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
-from controller.errors import FailedPrecondition, NotFound
+from controller import limits
+from controller.errors import Conflict, FailedPrecondition, NotFound
 from controller.identity import Principal, Role
 from controller.store import audit
+from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.usecases import agents, topology
 from controller.usecases.ports import RecordingSignals
@@ -52,6 +56,33 @@ def _deleting_after(monkeypatch: pytest.MonkeyPatch, module: Any, name: str, db:
 
     monkeypatch.setattr(module, name, then_deleted)
     return deleted
+
+
+def _applied_again_before_reread(monkeypatch: pytest.MonkeyPatch, db: Database,
+                                  apply: Callable[[], Awaitable[Any]]) -> list[dict[str, list[str]]]:
+    """The first read of stored ids after each foreign-key refusal of a parent gone
+    (`repo.topology_parent_gone`, the use case's re-read of what is gone) is preceded by `apply()`
+    in a transaction of its own: the parent deleted after the request read it is back as it reads
+    again. Every row of the database as each such apply left it."""
+    parent_gone, existing_ids = repo.topology_parent_gone, repo.existing_ids
+    refusals, applied = [], []
+
+    def seen(exc: BaseException) -> bool:
+        gone = parent_gone(exc)
+        if gone:
+            refusals.append(exc)
+        return gone
+
+    async def read_after_applied(*args: Any, **kwargs: Any) -> Any:
+        if len(refusals) > len(applied):
+            applied.append({})  # taken: the apply's own reads go through
+            await apply()
+            applied[-1] = await every_row(db)
+        return await existing_ids(*args, **kwargs)
+
+    monkeypatch.setattr(repo, "topology_parent_gone", seen)
+    monkeypatch.setattr(repo, "existing_ids", read_after_applied)
+    return applied
 
 
 async def test_a_register_into_a_rack_deleted_after_its_read_is_refused_as_an_unknown_rack(
@@ -120,3 +151,50 @@ async def test_an_apply_naming_a_parent_deleted_after_its_check_is_refused_as_un
     assert refused.value.message == message
     [as_deleted] = deleted
     assert await every_row(database) == as_deleted and signals.wakes == 0
+
+
+async def test_a_register_whose_rack_is_deleted_and_applied_again_before_its_reread_is_aborted_with_a_retry_time(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read again, the rack the foreign key refused is there: which Register to refuse, nothing
+    says; the batch is answered ABORTED with a retry time, nothing written."""
+    await apply_topology(database, {"rack-a": "row-a", "rack-b": "row-a"})
+    _deleting_after(monkeypatch, agents, "_read_facts", database, "rack", "rack-b")
+    applied = _applied_again_before_reread(monkeypatch, database,
+                                           lambda: apply_topology(database, {"rack-b": "row-a"}))
+    with pytest.raises(Conflict) as refused:
+        await _register(database, [_ask("n1", "rack-a"), _ask("n2", "rack-b")])
+    assert refused.value.message == ("one of racks rack-a, rack-b was removed and applied again while the node(s) "
+                                     "registered; nothing was written: register again")
+    assert refused.value.retry_after_ms == limits.PARENT_REAPPLIED_RETRY_MS
+    [as_applied] = applied
+    assert await every_row(database) == as_applied  # rack-b back; no node, credential, event nor audit entry
+
+
+@pytest.mark.parametrize(("spec", "kind", "gone", "again"), [
+    (TopologySpec(racks=(RackSpec("rack-n", "row-b"),)), "row", "row-b", TopologySpec(rows=(RowSpec("row-b", "z1"),))),
+    (TopologySpec(rows=(RowSpec("row-n", "z2"),), racks=(RackSpec("rack-n", "row-n"),)), "zone", "z2",
+     TopologySpec(zones=(ZoneSpec("z2"),))),
+], ids=["rack-into-row", "row-into-zone"])
+async def test_an_apply_whose_parent_is_deleted_and_applied_again_before_its_recheck_is_aborted_with_a_retry_time(
+        database: Database, monkeypatch: pytest.MonkeyPatch, spec: TopologySpec, kind: str, gone: str,
+        again: TopologySpec) -> None:
+    await apply_topology(database, {"rack-a": "row-a"})
+    async with database.unit_of_work() as uow:  # an empty row-b, and an empty zone z2
+        await topology.apply_topology(uow, WHO, TopologySpec(zones=(ZoneSpec("z2"),), rows=(RowSpec("row-b", "z1"),)),
+                                      RecordingSignals())
+
+    async def apply_again() -> None:
+        async with database.unit_of_work() as uow:
+            await topology.apply_topology(uow, WHO, again, RecordingSignals())
+
+    _deleting_after(monkeypatch, topology, "_validate", database, kind, gone)
+    applied = _applied_again_before_reread(monkeypatch, database, apply_again)
+    signals = RecordingSignals()
+    with pytest.raises(Conflict) as refused:
+        async with database.unit_of_work() as uow:
+            await topology.apply_topology(uow, WHO, spec, signals)
+    assert refused.value.message == ("a zone or row this apply names was removed while it was applied (one it holds "
+                                     "itself, or one applied again since); nothing was written: apply it again")
+    assert refused.value.retry_after_ms == limits.PARENT_REAPPLIED_RETRY_MS
+    [as_applied] = applied
+    assert await every_row(database) == as_applied and signals.wakes == 0

@@ -1,6 +1,7 @@
 """Register and ApplyTopology over gRPC naming a rack or row that DeleteRack or DeleteRow removed
 after the call read it: the precise status (what the call answers when it was absent at the start),
-not INTERNAL from the foreign key that refused the write, and nothing written. The use cases:
+not INTERNAL from the foreign key that refused the write, and nothing written; ABORTED with a
+RetryInfo when it was applied again before the call read it again. The use cases:
 tests/controller/test_topology_item_gone.py."""
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from typing import Any
 import grpc
 import pytest
 
+from controller import limits
 from controller.api.server import ControllerApp
+from controller.retryinfo import told_retry_s
+from controller.store import repositories as repo
 from controller.usecases import agents, topology as topology_cases
 from grpc_harness import Stubs, api_state, topology
 from maia.v1 import admin_pb2, agent_pb2
@@ -32,6 +36,32 @@ def _deleting_after(monkeypatch: pytest.MonkeyPatch, module: Any, name: str, stu
 
     monkeypatch.setattr(module, name, then_deleted)
     return deleted
+
+
+def _applied_again_before_reread(monkeypatch: pytest.MonkeyPatch, stubs: Stubs,
+                                  apply: Callable[[], Awaitable[Any]]) -> list[tuple]:
+    """The first read of stored ids after each foreign-key refusal of a parent gone (the use
+    case's re-read of what is gone) is preceded by `apply()` (an ApplyTopology call of its own);
+    the API's state as each left it."""
+    parent_gone, existing_ids = repo.topology_parent_gone, repo.existing_ids
+    refusals, applied = [], []
+
+    def seen(exc: BaseException) -> bool:
+        gone = parent_gone(exc)
+        if gone:
+            refusals.append(exc)
+        return gone
+
+    async def read_after_applied(*args: Any, **kwargs: Any) -> Any:
+        if len(refusals) > len(applied):
+            applied.append(())  # taken: the apply's own reads go through
+            await apply()
+            applied[-1] = await api_state(stubs)
+        return await existing_ids(*args, **kwargs)
+
+    monkeypatch.setattr(repo, "topology_parent_gone", seen)
+    monkeypatch.setattr(repo, "existing_ids", read_after_applied)
+    return applied
 
 
 async def test_a_register_into_a_rack_deleted_meanwhile_answers_failed_precondition(
@@ -91,3 +121,48 @@ async def test_an_apply_into_a_row_deleted_meanwhile_answers_not_found(
                                    "meanwhile); add them to the topology")
     [as_deleted] = deleted
     assert await api_state(stubs) == as_deleted  # no rack rack-n
+
+
+async def test_a_register_whose_rack_is_deleted_and_applied_again_before_each_reread_answers_aborted_with_retry_info(
+        controller_app: ControllerApp, stubs: Stubs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its batch and then its lone attempt: the rack deleted after each read it, back as each reads
+    again what is gone."""
+    await stubs.admin.ApplyTopology(topology({"rack-a": "row-a", "rack-b": "row-a"}))
+    read, reads = agents._read_facts, []
+
+    async def then_deleted(*args: Any, **kwargs: Any) -> Any:
+        out = await read(*args, **kwargs)
+        reads.append(None)
+        await stubs.admin.DeleteRack(admin_pb2.TopologyItemRequest(id="rack-b"))
+        return out
+
+    monkeypatch.setattr(agents, "_read_facts", then_deleted)
+    applied = _applied_again_before_reread(monkeypatch, stubs,
+                                           lambda: stubs.admin.ApplyTopology(topology({"rack-b": "row-a"})))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stubs.agent.Register(agent_pb2.RegisterRequest(node=agent_pb2.NodeInfo(
+            node_id="n1", rack="rack-b", accelerators=4, accelerator_model="maia-100")))
+    assert (refused.value.code(), refused.value.details()) == (
+        grpc.StatusCode.ABORTED, "rack rack-b was removed and applied again while the node(s) registered; "
+                                 "nothing was written: register again")
+    assert told_retry_s(refused.value.trailing_metadata()) == limits.PARENT_REAPPLIED_RETRY_MS / 1000
+    assert len(reads) == len(applied) == 2
+    assert await api_state(stubs) == applied[-1]  # rack-b back; no node n1, no credential
+
+
+async def test_an_apply_into_a_row_deleted_and_applied_again_before_its_recheck_answers_aborted_with_retry_info(
+        controller_app: ControllerApp, stubs: Stubs, monkeypatch: pytest.MonkeyPatch) -> None:
+    await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
+    row_b = admin_pb2.Topology(rows=[admin_pb2.Row(id="row-b", zone="z1")])
+    await stubs.admin.ApplyTopology(row_b)
+    _deleting_after(monkeypatch, topology_cases, "_validate", stubs,
+                    lambda: stubs.admin.DeleteRow(admin_pb2.TopologyItemRequest(id="row-b")))
+    applied = _applied_again_before_reread(monkeypatch, stubs, lambda: stubs.admin.ApplyTopology(row_b))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stubs.admin.ApplyTopology(admin_pb2.Topology(racks=[admin_pb2.Rack(id="rack-n", row="row-b")]))
+    assert (refused.value.code(), refused.value.details()) == (
+        grpc.StatusCode.ABORTED, "a zone or row this apply names was removed while it was applied (one it holds "
+                                 "itself, or one applied again since); nothing was written: apply it again")
+    assert told_retry_s(refused.value.trailing_metadata()) == limits.PARENT_REAPPLIED_RETRY_MS / 1000
+    [as_applied] = applied
+    assert await api_state(stubs) == as_applied  # row-b back; no rack rack-n
