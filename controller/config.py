@@ -86,6 +86,9 @@ class Config:
     auth_cache_ttl_s: float = 30.0
     # HOST:PORT of the read-only web console (/); empty: not served.
     http_listen: str = ""
+    # Console connections open at once, and from one address (beyond: 503, controller/console/server.py).
+    console_max_connections: int = limits.CONSOLE_MAX_CONNECTIONS
+    console_max_connections_per_peer: int = limits.CONSOLE_MAX_CONNECTIONS_PER_PEER
     agent_keepalive: limits.Keepalive = limits.AGENT_KEEPALIVE  # HTTP/2 pings (no flag: tests shorten them)
     agent_reports_per_second: float = limits.REPORTS_PER_SECOND
     agent_reports_burst: int = limits.REPORTS_BURST
@@ -315,6 +318,12 @@ def _check_agent_gateways(parser: argparse.ArgumentParser, ns: argparse.Namespac
                      "--agent-gateways 0")
 
 
+def _check_console(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
+    if ns.console_max_connections_per_peer > ns.console_max_connections:
+        parser.error(f"--console-max-connections-per-peer ({ns.console_max_connections_per_peer}) must not exceed "
+                     f"--console-max-connections ({ns.console_max_connections})")
+
+
 def _check_authentication(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
     if ns.insecure_no_auth and ns.bootstrap_admin_token_file:
         parser.error("--insecure-no-auth and --bootstrap-admin-token-file contradict each other")
@@ -537,6 +546,13 @@ def _observability_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]
                        help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port)")
     group.add_argument("--http-listen", default="", metavar="HOST:PORT",
                        help="serve the read-only web console at http://HOST:PORT/ (port 0: any free port)")
+    group.add_argument("--console-max-connections", type=_positive_int, default=Config.console_max_connections,
+                       metavar="N", help="console connections open at once; one more is answered 503 with "
+                                         "Retry-After and closed")
+    group.add_argument("--console-max-connections-per-peer", type=_positive_int,
+                       default=Config.console_max_connections_per_peer, metavar="N",
+                       help="console connections open at once from one address, at most --console-max-connections "
+                            "(behind a proxy every viewer is its address: raise it)")
     group.add_argument("--max-rss-mib", type=_non_negative_int, default=Config.max_rss_mib,
                        help="health says NOT_SERVING above this resident memory, the decide process's "
                             "included (0: no ceiling)")
@@ -588,6 +604,8 @@ def _config(ns: argparse.Namespace) -> Config:
         dry_run_time_limit_ms=ns.dry_run_time_limit_ms, dry_run_slots=ns.dry_run_slots,
         # observability and health
         log_level=ns.log_level.upper(), metrics_listen=ns.metrics_listen, http_listen=ns.http_listen,
+        console_max_connections=ns.console_max_connections,
+        console_max_connections_per_peer=ns.console_max_connections_per_peer,
         max_rss_mib=ns.max_rss_mib, reconcile_stuck_s=ns.reconcile_stuck_s, event_ttl_s=ns.event_ttl,
         audit_ttl_s=ns.audit_ttl,
     )
@@ -605,6 +623,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     _check_node_graces(parser, ns)
     _check_tls(parser, ns)
     _check_agent_gateways(parser, ns)
+    _check_console(parser, ns)
     ns.advertise_agent_address = _advertise_agent_address(parser, ns.advertise_agent_address, ns.agent_gateways, env)
     _check_from_env(parser, ns)
     _check_authentication(parser, ns)

@@ -46,6 +46,12 @@ DEPLOYMENTS_PER_TENANT_MAX = 512
 # --- nodes -------------------------------------------------------------------------------------
 NODE_ACCELERATORS_MAX = 64
 SHARDS_PER_NODE_MAX = 4096          # one node's assignment set (and one heartbeat's shard list)
+# Simulated nodes one maia-simnode process runs (--racks x --nodes-per-rack): the controller has no
+# bound on nodes, so four times the largest cluster measured on one controller (16,384 nodes,
+# docs/scaling.md), the size up to which agents may state their heartbeat interval
+# (`domain.liveness.STATED_INTERVAL_NODES_MAX`). Each node is a task, a stream and a channel (one
+# fleet's own without --shared-channel): a larger fleet is a typo, or several fleets' work.
+SIMNODE_FLEET_NODES_MAX = 65_536
 
 # --- quantities (finite, non-negative, at most) --------------------------------------------------
 HBM_GIB_MAX = 65_536.0              # per accelerator
@@ -271,6 +277,10 @@ RETRY_LATER_AUDITS_PER_MINUTE = 60.0
 RETRY_LATER_AUDITS_BURST = 20.0
 # ... a bucket per tenant (and one for admins and agents): samplers kept at most (tenants: <= 1024).
 RETRY_LATER_SAMPLERS_MAX = 4096
+# Web console connections open at once, and from one address (`--console-max-connections`,
+# `--console-max-connections-per-peer`; controller/console/server.py): one more is answered 503.
+CONSOLE_MAX_CONNECTIONS = 256
+CONSOLE_MAX_CONNECTIONS_PER_PEER = 32
 
 # --- the reconciler ----------------------------------------------------------------------------
 QUARANTINE_AFTER_FAILURES = 3       # solver failures of one deployment before it is set aside

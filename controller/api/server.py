@@ -244,7 +244,9 @@ class ControllerApp:
                                                on_pruned=self.metrics.audit_entries_pruned.inc)
                                 if config.audit_ttl_s > 0 else None)
         self.console = ConsoleServer(self.db, self.bus, streams=self.streams,
-                                     resolve_token=self._console_viewer if self.authn.enabled else None)
+                                     resolve_token=self._console_viewer if self.authn.enabled else None,
+                                     max_connections=config.console_max_connections,
+                                     max_connections_per_peer=config.console_max_connections_per_peer)
         self.health = health.aio.HealthServicer()
         self.monitor = HealthMonitor(
             self.health, ("", *SERVICE_NAMES), db=self.db, reconciler=self.reconciler,

@@ -25,8 +25,9 @@ Every response, refusals and the event stream included, carries the browser's se
 reads and nothing else, no framing, no type sniffing, no referrer) and no server banner: also the
 400 aiohttp answers itself to a request it cannot parse (`_ConsoleConnection`).
 
-Connections are served `_ConsoleConnection`s, at most MAX_CONNECTIONS at once and
-MAX_CONNECTIONS_PER_PEER from one address (`_Gate`: one client cannot hold every place); one more
+Connections are served `_ConsoleConnection`s, at most `max_connections` at once and
+`max_connections_per_peer` from one address (`_Gate`: one client cannot hold every place; by default
+MAX_CONNECTIONS and MAX_CONNECTIONS_PER_PEER, `--console-max-connections[-per-peer]`); one more
 is answered 503 and closed (`_Refused`). Without authentication, a request is answered only when its
 Host is localhost, an IP address or the listen host (`_this_host_only`): a page elsewhere, its
 name re-pointed at 127.0.0.1 (DNS rebinding), would otherwise read the console from a browser on it.
@@ -49,6 +50,7 @@ from typing import Any, cast
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from controller import limits
 from controller.aio import within
 from controller.console.builds import SharedBuilds
 from controller.console.signins import MALFORMED, RefusedSignIns
@@ -93,8 +95,9 @@ KEEPALIVE_S = 15.0
 IDLE_CONNECTION_S = 20.0
 # Connections open at once, for the same file descriptors: one more is answered 503 (Retry-After)
 # and closed, the ones open are served as before. A browser holds a few (the page, its event stream).
-MAX_CONNECTIONS = 256
-MAX_CONNECTIONS_PER_PEER = 32  # one address's share (a proxy in front of the console: raise it)
+# The defaults of `ConsoleServer`'s caps (`--console-max-connections[-per-peer]`).
+MAX_CONNECTIONS = limits.CONSOLE_MAX_CONNECTIONS
+MAX_CONNECTIONS_PER_PEER = limits.CONSOLE_MAX_CONNECTIONS_PER_PEER  # one address's share (behind a proxy: raise it)
 RETRY_AFTER_S = 5
 # How long a refused connection is kept for its client to read the 503 and close first (closed
 # with the request unread, the client's system may get a reset instead of the answer).
@@ -247,7 +250,12 @@ def _viewer_tenant(principal: Principal | None) -> str:
 
 class ConsoleServer:
     def __init__(self, db: Database, bus: DeploymentEventBus, *, resolve_token: TokenResolver | None = None,
-                 streams: TokenStreams | None = None, sign_ins: RefusedSignIns | None = None) -> None:
+                 streams: TokenStreams | None = None, sign_ins: RefusedSignIns | None = None,
+                 max_connections: int = MAX_CONNECTIONS,
+                 max_connections_per_peer: int = MAX_CONNECTIONS_PER_PEER) -> None:
+        if not 1 <= max_connections_per_peer <= max_connections:
+            raise ValueError(f"max_connections_per_peer must be from 1 to max_connections ({max_connections}), "
+                             f"got {max_connections_per_peer}")
         self._db = db
         self._bus = bus
         self._resolve = resolve_token
@@ -257,6 +265,7 @@ class ConsoleServer:
         self._sign_ins = RefusedSignIns() if sign_ins is None else sign_ins
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
+        self._max_connections, self._max_per_peer = max_connections, max_connections_per_peer
         self._connections = 0  # served now (`_ConsoleConnection`s), or accepted and not yet admitted
         self._by_peer: defaultdict[str, int] = defaultdict(int)  # of those served, from each address
         self._refusals = Sampler(per_minute=1.0, burst=1.0)  # log lines for connections refused
@@ -294,21 +303,21 @@ class ConsoleServer:
         return self.address
 
     def _connection(self, http: web.Server) -> asyncio.Protocol:
-        """A connection accepted: served, or refused beyond MAX_CONNECTIONS (then, its peer known,
-        beyond MAX_CONNECTIONS_PER_PEER: `_admit`). Counted here, as it is accepted (a burst is
+        """A connection accepted: served, or refused beyond `max_connections` (then, its peer known,
+        beyond `max_connections_per_peer`: `_admit`). Counted here, as it is accepted (a burst is
         accepted before any of it is set up), and uncounted as it ends."""
-        if self._connections >= MAX_CONNECTIONS:
-            self._refused(f"{self._connections} open, the most it serves (MAX_CONNECTIONS)")
-            return _Refused(f"the console serves {MAX_CONNECTIONS} connections at most")
+        if self._connections >= self._max_connections:
+            self._refused(f"{self._connections} open, the most it serves (--console-max-connections)")
+            return _Refused(f"the console serves {self._max_connections} connections at most")
         self._connections += 1
         return _Gate(partial(self._admit, http))
 
     def _admit(self, http: web.Server, peer: str) -> asyncio.Protocol:
-        if self._by_peer[peer] >= MAX_CONNECTIONS_PER_PEER:
+        if self._by_peer[peer] >= self._max_per_peer:
             self._connections -= 1
             self._refused(f"{self._by_peer[peer]} open from {peer}, the most one address holds "
-                          "(MAX_CONNECTIONS_PER_PEER)")
-            return _Refused(f"the console serves {MAX_CONNECTIONS_PER_PEER} connections from one address at most")
+                          "(--console-max-connections-per-peer)")
+            return _Refused(f"the console serves {self._max_per_peer} connections from one address at most")
         self._by_peer[peer] += 1
         return _ConsoleConnection(http, loop=asyncio.get_running_loop(), keepalive_timeout=IDLE_CONNECTION_S,
                                   access_log=None, closed=partial(self._connection_ended, peer))

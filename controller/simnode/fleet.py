@@ -27,16 +27,22 @@ class FleetShape:
     hbm_gib: float = 64.0
     idle_power_w: float = 600.0
 
+    def rack_id(self, r: int) -> str:
+        """Rack r's id: the prefix, then r in two digits, more when needed (every rack's is as long)."""
+        return f"{self.rack_prefix}{r:0{max(2, len(str(self.racks - 1)))}d}"
+
+    def node_id(self, rack: str, n: int) -> str:
+        """The id of node n of `rack`: rack-00-n00 (two digits, more when needed)."""
+        return f"{rack}-n{n:0{max(2, len(str(self.nodes_per_rack - 1)))}d}"
+
     def node_specs(self) -> list[NodeSpec]:
-        """rack-00 .. rack-{R-1}, nodes rack-00-n00 .. (two digits, more when needed)."""
-        rack_digits = max(2, len(str(self.racks - 1)))
-        node_digits = max(2, len(str(self.nodes_per_rack - 1)))
+        """rack-00 .. rack-{R-1}, nodes rack-00-n00 .. (`rack_id`, `node_id`)."""
         specs = []
         for r in range(self.racks):
-            rack = f"{self.rack_prefix}{r:0{rack_digits}d}"
+            rack = self.rack_id(r)
             for n in range(self.nodes_per_rack):
                 specs.append(NodeSpec(
-                    node_id=f"{rack}-n{n:0{node_digits}d}", rack=rack, accelerators=self.accelerators,
+                    node_id=self.node_id(rack, n), rack=rack, accelerators=self.accelerators,
                     accelerator_model=self.accelerator_model, hbm_gib=self.hbm_gib,
                     idle_power_w=self.idle_power_w))
         return specs

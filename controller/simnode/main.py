@@ -80,6 +80,35 @@ def _model(text: str) -> str:
     return text
 
 
+def _check_fleet(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """At most `limits.SIMNODE_FLEET_NODES_MAX` nodes, and rack and node ids (`--rack-prefix` and
+    the indexes) the controller takes (`limits.ID_PATTERN`, at most `limits.ID_MAX` characters;
+    else every node's Register is refused INVALID_ARGUMENT). The last node's id is judged: every
+    id holds the prefix, the others' digits are as many, and a node's id is its rack's and "-nNN"."""
+    nodes = args.racks * args.nodes_per_rack
+    if nodes > limits.SIMNODE_FLEET_NODES_MAX:
+        parser.error(f"--racks {args.racks} x --nodes-per-rack {args.nodes_per_rack} is {nodes:,} nodes; one fleet "
+                     f"runs at most {limits.SIMNODE_FLEET_NODES_MAX:,} (start several)")
+    shape = FleetShape(racks=args.racks, nodes_per_rack=args.nodes_per_rack, rack_prefix=args.rack_prefix)
+    last = shape.node_id(shape.rack_id(args.racks - 1), args.nodes_per_rack - 1)
+    quoted = limits.QUOTED_VALUE_MAX
+    if not re.fullmatch(limits.ID_PATTERN, last):
+        parser.error(f"--rack-prefix {args.rack_prefix[:quoted]!r} makes ids the controller refuses (such as "
+                     f"{last[-quoted:]!r}): use letters, digits, '-', '_' and '.', starting with a letter or digit")
+    if len(last) > limits.ID_MAX:
+        parser.error(f"--rack-prefix of {len(args.rack_prefix)} characters makes node ids of {len(last)} "
+                     f"(the last: ...{last[-quoted:]}); the controller takes at most {limits.ID_MAX}")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """maia-simnode's flags; a value, or a fleet, the controller would not take exits 2 with
+    argparse's usage and one line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_fleet(parser, args)
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="maia-simnode",
                                 description="Run a fleet of simulated Maia node agents against a controller. "
@@ -99,8 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "fleet's last run left them (the controller places the shards it gave them again)")
     p.add_argument("--racks", type=count(limits.TOPOLOGY_ITEMS_MAX), required=True,
                    help=f"how many racks (at most {limits.TOPOLOGY_ITEMS_MAX}, the racks a topology holds)")
-    p.add_argument("--nodes-per-rack", type=count(), required=True)
-    p.add_argument("--rack-prefix", default="rack-")
+    p.add_argument("--nodes-per-rack", type=count(), required=True,
+                   help=f"nodes in each rack (the fleet: at most {limits.SIMNODE_FLEET_NODES_MAX:,} nodes)")
+    p.add_argument("--rack-prefix", default="rack-", metavar="PREFIX",
+                   help="racks are PREFIX00, PREFIX01, ..., nodes PREFIX00-n00, ...: ids the controller takes "
+                        f"(letters, digits, '-', '_' and '.', at most {limits.ID_MAX} characters; default: rack-)")
     p.add_argument("--load-delay", type=_seconds(zero=True), default=1.0, metavar="SECONDS",
                    help="time from LOADING to RUNNING for a new shard")
     p.add_argument("--accelerators", type=count(limits.NODE_ACCELERATORS_MAX), default=4,
@@ -203,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["fault"]:
         return faultcli.main(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     logging.getLogger("grpc").setLevel(logging.WARNING)

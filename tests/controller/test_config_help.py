@@ -29,7 +29,8 @@ SECTIONS = {
                                   "--agent-listen", "--advertise-agent-address", "--agent-gateway-linger-ms"],
     "tenants' rates and dry runs": ["--submits-per-minute", "--changes-per-minute", "--dry-runs-per-minute", "--dry-run-time-limit-ms",
                                     "--dry-run-slots"],
-    "observability and health": ["--log-level", "--metrics-listen", "--http-listen", "--max-rss-mib",
+    "observability and health": ["--log-level", "--metrics-listen", "--http-listen", "--console-max-connections",
+                                 "--console-max-connections-per-peer", "--max-rss-mib",
                                  "--reconcile-stuck-s", "--event-ttl", "--audit-ttl"],
 }
 

@@ -1,4 +1,5 @@
-"""The console's connections: at most MAX_CONNECTIONS at once (one more is answered 503 and
+"""The console's connections: at most `max_connections` at once and `max_connections_per_peer`
+from one address (`--console-max-connections[-per-peer]`; one more is answered 503 and
 closed, the ones open go on), and, without authentication, only requests whose Host names this
 machine (a DNS-rebinding page sends its own name). Real sockets, HTTP written by hand: the Host
 header and the connections are what is under test, and a client library would choose them.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -73,11 +75,12 @@ async def _once(address: str, path: str = PAGE, *, host: str, token: str = "") -
         connection.close()
 
 
-@pytest.fixture
-async def open_console() -> AsyncIterator[str]:
-    """A console without authentication (`--insecure-no-auth`) on 127.0.0.1; its address."""
+@asynccontextmanager
+async def _open_console(**caps: int) -> AsyncIterator[str]:
+    """A console without authentication (`--insecure-no-auth`) on 127.0.0.1, with `caps` (its
+    connection caps: `max_connections`, `max_connections_per_peer`); its address."""
     never_read = Database("sqlite+aiosqlite://")  # the tests' requests read no document
-    console = ConsoleServer(never_read, DeploymentEventBus())
+    console = ConsoleServer(never_read, DeploymentEventBus(), **caps)
     try:
         yield await console.start("127.0.0.1:0")
     finally:
@@ -85,36 +88,55 @@ async def open_console() -> AsyncIterator[str]:
         await never_read.dispose()
 
 
-# --- the cap on connections ----------------------------------------------------------------------
-async def test_a_connection_beyond_the_cap_is_refused_503_and_those_open_go_on(
-        open_console: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+async def open_console() -> AsyncIterator[str]:
+    async with _open_console() as address:
+        yield address
+
+
+async def _place_again(address: str, why: str) -> None:
+    """Wait until a connection closed is seen by the console: a new one is served again."""
+    for _ in range(50):
+        await asyncio.sleep(0.02)
+        if (await _once(address, host=address)).status == 200:
+            return
+    pytest.fail(why)
+
+
+# --- the caps on connections --------------------------------------------------------------------
+@pytest.mark.parametrize("cap", [2, 3])
+async def test_a_connection_beyond_the_configured_cap_is_refused_503_and_those_open_go_on(cap: int) -> None:
     """There was no cap: only the idle timeout bounded the sockets, the file descriptors the API
-    and the database share."""
-    monkeypatch.setattr(console_server, "MAX_CONNECTIONS", 3)
-    held = [await _connect(open_console) for _ in range(3)]
-    try:
-        assert [(await c.get()).status for c in held] == [200, 200, 200]
-
-        refused = await _connect(open_console)
+    and the database share. Then a fixed one (MAX_CONNECTIONS), which an operator could not set."""
+    async with _open_console(max_connections=cap, max_connections_per_peer=cap) as address:
+        held = [await _connect(address) for _ in range(cap)]
         try:
-            reply = await refused.get()
-            assert reply.status == 503 and reply.headers["retry-after"] == str(console_server.RETRY_AFTER_S)
-            assert all(reply.headers[name.lower()] == value for name, value in SECURITY_HEADERS.items())
-            assert await asyncio.wait_for(refused.reader.read(), 5.0) == b""  # and closed
-        finally:
-            refused.close()
+            assert [(await c.get()).status for c in held] == [200] * cap
 
-        assert [(await c.get()).status for c in held] == [200, 200, 200]  # kept, served
-        held.pop().close()
-        for _ in range(50):  # its end seen by the console: a place for a new one
-            await asyncio.sleep(0.02)
-            if (await _once(open_console, host=open_console)).status == 200:
-                break
-        else:
-            pytest.fail("a connection closed left no place for a new one")
-    finally:
-        for connection in held:
-            connection.close()
+            refused = await _connect(address)
+            try:
+                reply = await refused.get()
+                assert reply.status == 503 and reply.headers["retry-after"] == str(console_server.RETRY_AFTER_S)
+                assert reply.body.startswith(f"the console serves {cap} connections at most")
+                assert all(reply.headers[name.lower()] == value for name, value in SECURITY_HEADERS.items())
+                assert await asyncio.wait_for(refused.reader.read(), 5.0) == b""  # and closed
+            finally:
+                refused.close()
+
+            assert [(await c.get()).status for c in held] == [200] * cap  # kept, served
+            held.pop().close()
+            await _place_again(address, "a connection closed left no place for a new one")
+        finally:
+            for connection in held:
+                connection.close()
+
+
+@pytest.mark.parametrize("caps", [dict(max_connections=0, max_connections_per_peer=0),
+                                  dict(max_connections=4, max_connections_per_peer=0),
+                                  dict(max_connections=2, max_connections_per_peer=3)])
+def test_a_share_beyond_the_whole_or_below_one_is_refused(caps: dict[str, int]) -> None:
+    with pytest.raises(ValueError, match="max_connections_per_peer must be from 1 to max_connections"):
+        ConsoleServer(Database("sqlite+aiosqlite://"), DeploymentEventBus(), **caps)
 
 
 # --- the Host check without authentication ---------------------------------------------------------
@@ -163,59 +185,52 @@ async def test_with_authentication_the_host_is_not_checked(shared_cluster: Datab
         await console.stop()
 
 
-async def test_one_address_holds_its_share_of_the_connections_and_others_are_served(
-        open_console: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+async def two_per_peer() -> AsyncIterator[str]:
+    """A console serving 2 connections from one address (`--console-max-connections-per-peer 2`)."""
+    async with _open_console(max_connections_per_peer=2) as address:
+        yield address
+
+
+async def test_one_address_holds_its_share_of_the_connections_and_others_are_served(two_per_peer: str) -> None:
     """One client re-opening MAX_CONNECTIONS sockets every idle timeout kept every browser on 503."""
-    monkeypatch.setattr(console_server, "MAX_CONNECTIONS_PER_PEER", 2)
-    held = [await _connect(open_console) for _ in range(2)]
+    held = [await _connect(two_per_peer) for _ in range(2)]
     try:
         assert [(await c.get()).status for c in held] == [200, 200]
-        refused = await _connect(open_console)
+        refused = await _connect(two_per_peer)
         try:
             reply = await refused.get()
-            assert reply.status == 503 and "from one address" in reply.body
+            assert reply.status == 503 and "serves 2 connections from one address at most" in reply.body
             assert reply.headers["x-frame-options"] == "DENY"
         finally:
             refused.close()
-        host, _, port = open_console.rpartition(":")
+        host, _, port = two_per_peer.rpartition(":")
         reader, writer = await asyncio.open_connection(host, int(port), local_addr=("127.0.0.2", 0))
-        other = Connection(reader, writer, open_console)  # another address: its own share
+        other = Connection(reader, writer, two_per_peer)  # another address: its own share
         try:
             assert (await other.get()).status == 200
         finally:
             other.close()
         assert [(await c.get()).status for c in held] == [200, 200]
         held.pop().close()
-        for _ in range(50):  # its end seen: a place for this address again
-            await asyncio.sleep(0.02)
-            if (await _once(open_console, host=open_console)).status == 200:
-                break
-        else:
-            pytest.fail("a connection closed left no place for its address")
+        await _place_again(two_per_peer, "a connection closed left no place for its address")
     finally:
         for connection in held:
             connection.close()
 
 
-def test_the_caps_refuse_on_uvloop_too(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_caps_refuse_on_uvloop_too() -> None:
     """The controller runs uvloop on PostgreSQL (controller/main.py), whose transports are not
     `asyncio.Transport`s: a refusal asserted one, and raised in the loop instead of answering 503."""
     uvloop = pytest.importorskip("uvloop")
-    monkeypatch.setattr(console_server, "MAX_CONNECTIONS_PER_PEER", 1)
 
     async def refused_status() -> int:
-        never_read = Database("sqlite+aiosqlite://")
-        console = ConsoleServer(never_read, DeploymentEventBus())
-        address = await console.start("127.0.0.1:0")
-        try:
+        async with _open_console(max_connections_per_peer=1) as address:
             first = await _connect(address)
             try:
                 assert (await first.get()).status == 200
                 return (await _once(address, host=address)).status
             finally:
                 first.close()
-        finally:
-            await console.stop()
-            await never_read.dispose()
 
     assert uvloop.run(refused_status()) == 503

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 
 from controller import limits
-from controller.simnode.fleet import Fleet
-from controller.simnode.main import build_parser
+from controller.simnode.fleet import Fleet, FleetShape
+from controller.simnode.main import build_parser, parse_args
 
 # The fleet's main() returned after its stop, then signalled again: the loop has closed and given
 # its handlers back by then.
@@ -172,3 +173,50 @@ def test_a_node_shape_at_the_controllers_limits_is_taken() -> None:
         limits.TOPOLOGY_ITEMS_MAX, limits.NODE_ACCELERATORS_MAX, limits.HBM_GIB_MAX, 0.0)
     unsaid = build_parser().parse_args(["--racks", "1", "--nodes-per-rack", "1", "--hbm-gib", "0"])
     assert unsaid.hbm_gib == 0.0  # Register reads 0 as the HBM not said
+
+
+_LONGEST_PREFIX_1X1 = limits.ID_MAX - len("00-n00")  # rack <prefix>00, its node <prefix>00-n00
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--racks", "4096", "--nodes-per-rack", "17"], "--racks 4096 x --nodes-per-rack 17 is 69,632 nodes; one fleet "
+                                                     f"runs at most {limits.SIMNODE_FLEET_NODES_MAX:,}"),
+    (["--racks", "1", "--nodes-per-rack", str(limits.SIMNODE_FLEET_NODES_MAX + 1)], "is 65,537 nodes"),
+    (["--racks", "2", "--nodes-per-rack", "2", "--rack-prefix", "r/"],
+     "--rack-prefix 'r/' makes ids the controller refuses (such as 'r/01-n01')"),
+    (["--racks", "2", "--nodes-per-rack", "2", "--rack-prefix=-r"],
+     "--rack-prefix '-r' makes ids the controller refuses"),
+    (["--racks", "1", "--nodes-per-rack", "1", "--rack-prefix", "rack\n"], "makes ids the controller refuses"),
+    (["--racks", "1", "--nodes-per-rack", "1", "--rack-prefix", "räck-"], "makes ids the controller refuses"),
+    (["--racks", "1", "--nodes-per-rack", "1", "--rack-prefix", "r" * (_LONGEST_PREFIX_1X1 + 1)],
+     f"--rack-prefix of {_LONGEST_PREFIX_1X1 + 1} characters makes node ids of {limits.ID_MAX + 1}"),
+    # The longest name the fleet makes is judged: the prefix that fits 1 x 1 does not fit 101 racks
+    # (their index in three digits) nor 100 nodes a rack.
+    (["--racks", "101", "--nodes-per-rack", "1", "--rack-prefix", "r" * _LONGEST_PREFIX_1X1],
+     f"makes node ids of {limits.ID_MAX + 1}"),
+    (["--racks", "1", "--nodes-per-rack", "101", "--rack-prefix", "r" * _LONGEST_PREFIX_1X1],
+     f"makes node ids of {limits.ID_MAX + 1}"),
+])
+def test_a_fleet_the_controller_would_not_register_is_a_usage_error(
+        argv: list[str], said: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Any --rack-prefix and any --racks x --nodes-per-rack were taken: rack and node ids the
+    controller refuses (a '/', a leading '-', over 128 characters) had every Register refused
+    INVALID_ARGUMENT, and a fleet of millions of nodes was built before anything said so."""
+    with pytest.raises(SystemExit) as exited:
+        parse_args(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err
+    assert err.rstrip("\n").splitlines()[-1].startswith("maia-simnode: error: ") and said in err, err
+
+
+def test_a_fleet_at_the_limits_is_taken_and_makes_ids_the_controller_takes() -> None:
+    whole = parse_args(["--racks", str(limits.TOPOLOGY_ITEMS_MAX), "--nodes-per-rack",
+                        str(limits.SIMNODE_FLEET_NODES_MAX // limits.TOPOLOGY_ITEMS_MAX)])
+    assert whole.racks * whole.nodes_per_rack == limits.SIMNODE_FLEET_NODES_MAX
+    prefix = "r" * (limits.ID_MAX - len("100-n99"))  # 101 racks (3 digits) of 100 nodes (2 digits)
+    args = parse_args(["--racks", "101", "--nodes-per-rack", "100", "--rack-prefix", prefix])
+    specs = FleetShape(racks=args.racks, nodes_per_rack=args.nodes_per_rack, rack_prefix=args.rack_prefix).node_specs()
+    for name in {spec.rack for spec in specs} | {spec.node_id for spec in specs}:
+        assert re.fullmatch(limits.ID_PATTERN, name) and len(name) <= limits.ID_MAX, name
+    assert max(len(spec.node_id) for spec in specs) == limits.ID_MAX
+    assert parse_args(["--racks", "2", "--nodes-per-rack", "2", "--rack-prefix", ""]).rack_prefix == ""  # ids 00-n00
