@@ -217,6 +217,21 @@ class Session:
         return sorted({state.deps[d].id for (d, _), shards in state.replicas.items()
                        if any(at.node in touched for at in shards.values())})
 
+    @staticmethod
+    def repairs_at_load(problem: Problem) -> list[str]:
+        """The deployments `Session(problem)` repairs as it loads (`repaired_at_load`), one
+        decision each, as `displaced_by` says for `apply`, but known before the session is built:
+        those with a replica short of shards on nodes that are not down and accelerators that
+        have not failed (the shards the solver's load takes as lost or missing)."""
+        nodes = {n.id: n for n in problem.nodes}
+        standing: dict[tuple[str, int], int] = {}  # per replica placed, its shards that stand
+        for p in problem.placements:
+            node = nodes[p.node]
+            stands = node.state != "down" and not set(node.unhealthy_accelerators) & set(p.accelerator_indices)
+            standing[(p.deployment, p.replica)] = standing.get((p.deployment, p.replica), 0) + stands
+        shards = {d.id: d.shards_per_replica for d in problem.deployments}
+        return sorted({dep for (dep, _), n in standing.items() if n < shards[dep]})
+
     # ---- what the session holds -------------------------------------------------------------
 
     def snapshot(self) -> Problem:

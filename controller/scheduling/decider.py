@@ -20,9 +20,10 @@ child runs the same loop): each round trip costs the controller's thread a wait 
 
 Failures: a call whose child died, or that is not answered within `timeout_s` (plus the time
 limit of each decision it may make: a batch of arrivals may take them all, as may the repairs of
-an `apply` that takes nodes away, which the child counts and tells before it starts them),
-raises `DeciderFailed` (a hung child is killed); so does an exception the session raised in the child
-(a later call reports one a pipelined call raised, and nothing more is run on that session).
+an `apply` that takes nodes away, or of an `open` whose problem has shards on down nodes, which
+the child counts and tells before it starts them), raises `DeciderFailed` (a hung child is
+killed); so does an exception the session raised in the child (a later call reports one a
+pipelined call raised, and nothing more is run on that session).
 The reconciler then drops its cache, as for any exception of the session, and the next
 `open` starts a fresh child when the last one is gone. The child exits when the controller
 closes its end of the pipe (`close`, or the controller dying: the kernel closes it) or when
@@ -217,7 +218,10 @@ class DecideProcess:
 
     def open(self, problem: dict[str, Any], *, time_limit_ms: int) -> RemoteSession:
         """A warm session of a problem document, built in the child (blocking: a worker
-        thread); a fresh child if the last one is gone or failed."""
+        thread); a fresh child if the last one is gone or failed. Building it repairs what the
+        problem has on down nodes or failed accelerators, a decision per deployment: the child
+        counts them before it builds (`Session.repairs_at_load`) and tells, and the call waits
+        for them."""
         with self._lock:
             self._start()
             self._token += 1
@@ -249,13 +253,13 @@ class DecideProcess:
     def allowed_s(self, work_s: float) -> float:
         """How long a call may take before the child counts as hung: `timeout_s` plus `work_s`,
         the time its decisions may search (their time limits), at most `WORK_MAX_S` of that. A
-        batch of arrivals, or an `apply`'s repairs, that each searched to the limit, waited for
-        `timeout_s` alone, had a working child killed and the session lost."""
+        batch of arrivals, or the repairs of an `apply` or an `open`, that each searched to the
+        limit, waited for `timeout_s` alone, had a working child killed and the session lost."""
         return self.timeout_s + min(work_s, WORK_MAX_S)
 
     def ask(self, token: int, method: str, args: tuple[Any, ...], *, work_s: float = 0.0) -> Any:
         """Call a session method in the child and wait for its result (`allowed_s(work_s)`, and
-        more if the child tells of work it found the call makes: `apply`'s repairs)."""
+        more if the child tells of work it found the call makes: `apply`'s repairs, as `open`'s)."""
         with self._lock:
             return self._ask_locked(token, method, args, work_s)
 
@@ -275,7 +279,7 @@ class DecideProcess:
             self._ready = True
         began = time.monotonic()
         kind, value, cpu_s = self._receive(conn, method, began, self.allowed_s(work_s))
-        while kind == "work":  # the child found this much more (`apply`'s repairs): allowed from the start
+        while kind == "work":  # the child found this much more (repairs): allowed from the start
             work_s += value
             kind, value, cpu_s = self._receive(conn, method, began, self.allowed_s(work_s))
         self.cpu_s += cpu_s
@@ -461,7 +465,7 @@ def serve(conn: Connection, parent_pid: int) -> None:
                 problem, time_limit_ms, environment = args
                 session, token, failed = None, call_token, None  # the last one's memory goes first
                 _take_environment(environment)
-                session = open_in_process(problem, time_limit_ms=time_limit_ms)
+                session = _open_telling_work(conn, problem, time_limit_ms)
                 result: Any = session.repaired_at_load
             elif failed is not None:
                 raise RuntimeError(f"an earlier call failed: {failed}")
@@ -490,6 +494,19 @@ def serve(conn: Connection, parent_pid: int) -> None:
             except (OSError, EOFError):
                 return
             unreported_cpu_s = 0.0
+
+
+def _open_telling_work(conn: Connection, doc: dict[str, Any], time_limit_ms: int) -> Session:
+    """`open_in_process`, the parent told first the time the session's repairs at load may search
+    (`Session.repairs_at_load`: shards on down nodes or failed accelerators, one decision each):
+    the session is not there to ask until they are done."""
+    from scheduler.session import Session
+
+    problem = problem_from_dict(doc, validate=False)
+    repairs = Session.repairs_at_load(problem)
+    if repairs:  # `open` always waits for its answer
+        conn.send(("work", len(repairs) * time_limit_ms / 1000.0, 0.0))
+    return Session(problem, time_limit_ms=time_limit_ms)
 
 
 def _main(argv: Sequence[str]) -> None:

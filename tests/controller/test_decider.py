@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from controller.scheduling import decider as decider_module
 from controller.scheduling.decider import (
     DecideProcess, DeciderFailed, RemoteSession, held_placements, open_in_process, place_documents, readopt)
+from scheduler import problem_from_dict
 from scheduler.model import Node
 from scheduler.session import ClusterDelta, Session
 
@@ -385,6 +386,86 @@ def test_displaced_by_names_the_deployments_an_apply_repairs() -> None:
             place_documents(here, arrivals)
             assert here.displaced_by(delta) == on_it
             assert {d.deployment for d in here.apply(delta)} <= set(on_it)
+
+
+def _with_work_on_a_down_node() -> Doc:
+    """`_tiny`'s cluster with three of its deployments running, two of them on n0, which is down."""
+    doc, deployments = _tiny()
+    doc["deployments"] = deployments[:3]
+    doc["placements"] = [{"deployment": d, "replica": 0, "shard": 0, "node": node, "accelerator_indices": indices}
+                         for d, node, indices in (("d0", "n0", [0, 1]), ("d1", "n0", [2, 3]), ("d2", "n1", [0, 1]))]
+    doc["nodes"][0]["state"] = "down"
+    return doc
+
+
+@contextmanager
+def _slow_opens() -> Iterator[tuple[DecideProcess, _SlowAnswers]]:
+    """A decide process whose child is up (it holds `_tiny`'s session), calls waiting 1 s: the
+    decider and the pipe (`stall` it to slow an answer)."""
+    decider = DecideProcess(timeout_s=120.0)  # room to start an interpreter on a busy machine
+    try:
+        decider.open(_tiny()[0], time_limit_ms=1000)
+        decider.timeout_s = 1.0
+        slow = _SlowAnswers(decider._conn)
+        decider._conn = slow  # type: ignore[assignment]
+        yield decider, slow
+    finally:
+        decider.close()
+
+
+def test_an_open_may_take_its_repairs_time_limits_before_the_child_counts_as_hung() -> None:
+    """A problem with shards on down nodes makes the session repair each deployment they belong
+    to as it is built: a decision each, which may search to the time limit. The child counts
+    them before it builds and tells, and the call waits `timeout_s` plus their time limits. It
+    waited `timeout_s` alone, and a child repairing as it loaded (a controller started while
+    nodes were down) was killed as hung and the session lost."""
+    with _slow_opens() as (decider, slow):
+        pid = decider.pid
+        slow.stall(3.0)  # within 1 + 2 x 4 s, not within 1 s
+        session = decider.open(_with_work_on_a_down_node(), time_limit_ms=4000)
+        assert slow.told == [2 * 4.0]
+        assert sorted(d.deployment for d in session.repaired_at_load) == ["d0", "d1"]
+        assert decider.pid == pid and decider.starts == 1
+
+
+def test_an_open_that_repairs_nothing_waits_timeout_s_alone() -> None:
+    with _slow_opens() as (decider, slow):
+        pid = decider.pid
+        assert pid is not None
+        doc = _with_work_on_a_down_node()
+        doc["nodes"][0]["state"] = "cordoned"  # keeps its shards
+        assert decider.open(doc, time_limit_ms=4000).repaired_at_load == []
+        assert slow.told == []
+        slow.stall(3.0)
+        with pytest.raises(DeciderFailed, match="did not answer open within 1 s"):
+            decider.open(doc, time_limit_ms=4000)
+        assert wait_gone(pid, 10) and decider.pid is None
+
+
+@st.composite
+def _loads(draw: st.DrawFn) -> Doc:
+    """A problem as a session loads it, with shards on down nodes, on failed accelerators, and
+    replicas placed short of shards."""
+    doc = draw(problems(modes=("online",), max_nodes=6, max_deployments=6))
+    doc["options"].pop("batch_size", None)
+    for node in doc["nodes"]:
+        failed = draw(st.sets(st.integers(0, node["accelerators"] - 1), max_size=node["accelerators"]))
+        if failed:
+            node["unhealthy_accelerators"] = sorted(failed)
+    keep = draw(st.lists(st.booleans(), min_size=len(doc["placements"]), max_size=len(doc["placements"])))
+    doc["placements"] = [p for p, kept in zip(doc["placements"], keep) if kept or draw(st.booleans())]
+    return doc
+
+
+@given(_loads())
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+def test_repairs_at_load_names_the_deployments_a_session_repairs_as_it_loads(doc: Doc) -> None:
+    """`Session.repairs_at_load` (what the child tells before it builds a session) is exactly
+    the deployments the session repairs as it loads: the solver's load decides that on its own
+    (`Solver._load_existing`), and this keeps the two from drifting apart."""
+    problem = problem_from_dict(doc)
+    repaired = Session(problem, time_limit_ms=2000).repaired_at_load
+    assert Session.repairs_at_load(problem) == sorted(d.deployment for d in repaired)
 
 
 def test_a_proxy_of_a_dead_childs_session_cannot_drive_the_next_childs() -> None:
