@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -63,6 +63,12 @@ class ClusterGauges:
     reservation_short: dict[str, float] = field(default_factory=dict)
     # Failed accelerators (usecases/faults.py) per (node, rack): only nodes with some.
     failed: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def follower_view(self) -> ClusterGauges:
+        """These gauges without the leader's own: the heartbeat lag, which only the controller
+        holding the agents' streams knows (`read_cluster_gauges`' `lag`). Every other field is
+        read from the shared database, the same on any controller, follower or not."""
+        return replace(self, heartbeat_lag_max_s={}) if self.heartbeat_lag_max_s else self
 
 
 async def read_cluster_gauges(session: AsyncSession, *, now: datetime | None = None,

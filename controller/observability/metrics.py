@@ -9,6 +9,9 @@ Two kinds:
   (`run_coroutine_threadsafe`), so the loop is never blocked and two controllers on one database
   report the same cluster. The two run side by side, each with its own timeout and error
   counter: a usage read that fails leaves the nodes, deployments and power gauges in the scrape.
+  One series is the leader's own, not the database's: the heartbeat lag (`ClusterGauges.follower_view`).
+  It is shown only while this controller leads, from a read begun in that lead, so a controller
+  that lost the lease drops it from the very next scrape (`read_cluster`).
 
 Names follow Prometheus conventions: base units in the name (`_seconds`, `_watts`, `_joules`),
 counters end in `_total`, labels only from bounded sets (tenants, racks, rows, zones, models,
@@ -58,13 +61,16 @@ ADMISSION_WAIT_BUCKETS_S = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 SCRAPE_READ_TIMEOUT_S = 5.0
 # A read that failed or timed out is answered with the last one that did not, if it is this
 # recent: the series a rule reads would otherwise go stale and restart its `for:` clock, or
-# resolve it, for one slow scrape. Older ones are dropped (the errors counter says why).
+# resolve it, for one slow scrape. Older ones are dropped (the errors counter says why). Not the
+# leader's own series once the lead it was read in is over: they go with the lease (`read_cluster`).
 LAST_READ_KEPT_S = 60.0
 # The usage counters' read, from the scrape's start (it runs beside the cluster read): well within
 # Prometheus' default scrape timeout (10 s), so a slow one costs the scrape its usage counters only.
 USAGE_READ_TIMEOUT_S = 3.0
 
 ClusterReader = Callable[[], Awaitable[ClusterGauges]]
+# One cluster read and the lead it began in (`ControllerMetrics._lead`'s count of changes).
+_GaugesRead = tuple[int, ClusterGauges]
 UsageReader = Callable[[], Awaitable[UsageCounters]]
 
 
@@ -129,7 +135,8 @@ def cluster_families(g: ClusterGauges) -> Iterator[Metric]:
     yield _gauge("maia_nodes", "Nodes by state (ready, cordoned, suspect, down).", ["state"],
                  {(state,): n for state, n in g.nodes_by_state.items()})
     yield _gauge("maia_node_heartbeat_lag_max_seconds",
-                 "Longest time since the last heartbeat among a rack's up and suspect nodes (the leader only).",
+                 "Longest time since the last heartbeat among a rack's up and suspect nodes (the leader only, while "
+                 "it leads).",
                  ["rack"], {(rack,): lag for rack, lag in g.heartbeat_lag_max_s.items()})
     yield _gauge("maia_rack_power_used_watts", "Idle power of nodes (not down ones whose work was evicted) plus placed "
                  "shards' power, per rack: what the budget bounds.",
@@ -177,6 +184,8 @@ class ControllerMetrics:
         r.register(_ClusterCollector(self))
         self._children: dict[tuple[object, tuple[str, ...]], Any] = {}  # `_labelled`'s
         self._deposed = False  # this controller lost its lead: its passes' gauges say no more (`queue_depths`)
+        # (changes of lead so far, leading now), replaced whole: read by the scrapes' threads (`read_cluster`).
+        self._lead: tuple[int, bool] = (0, False)
         self.solve_duration = _Histogram("maia_solve_duration_seconds", "Time one solve took, by plan status.",
                                          ["status"], registry=r, buckets=SOLVE_BUCKETS_S)
         self.solves = Counter("maia_solves", "Solves, by plan status.", ["status"], registry=r)
@@ -299,12 +308,12 @@ class ControllerMetrics:
             "a commit checkpoints itself past checkpoints.COMMIT_CHECKPOINT_PAGES.", registry=r)
         self._reader: ClusterReader | None = None
         self._usage_reader: UsageReader | None = None
-        self._last_gauges = _LastRead[ClusterGauges]()
+        self._last_gauges = _LastRead[_GaugesRead]()
         self._last_usage = _LastRead[UsageCounters]()
         self._usage_shown = _UsageHighWater()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading = threading.Lock()  # one scrape's reads at a time (`read_cluster`)
-        self._last_read: tuple[float, tuple[ClusterGauges | None, UsageCounters | None]] | None = None
+        self._last_read: tuple[float, tuple[_GaugesRead | None, UsageCounters | None]] | None = None
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -364,6 +373,7 @@ class ControllerMetrics:
         self.leader.set(1 if leading else 0)
         (self.lease_acquisitions if leading else self.lease_losses).inc()
         self._deposed = not leading
+        self._lead = (self._lead[0] + 1, leading)  # reads begun in the lead before show no leader-only series
         if not leading:  # what only the leader's passes set: a follower's last word stood beside the leader's
             self.queue_depths(QueueDepths(), deposed=True)
             self.nominated(0, deposed=True)
@@ -431,25 +441,41 @@ class ControllerMetrics:
         cluster's gauges and the usage counters, started together, each waited for up to its own
         timeout from the start (None: failed or timed out, counted in its own error counter).
         Scrapes that come while one reads share its reads: each ran its own on the event loop
-        (the port asks no token; 32 at once were 32 whole-cluster reads)."""
+        (the port asks no token; 32 at once were 32 whole-cluster reads).
+
+        The leader's own series (the heartbeat lag, `ClusterGauges.follower_view`) are in the
+        answer only while this controller leads, and only from a read begun in this lead: a
+        controller that lost the lease (the database failed, another took it) kept answering
+        failed reads with its last one, lag included, for up to `LAST_READ_KEPT_S`, beside the
+        new leader's lag for the same racks. Its other gauges are any controller's (the shared
+        database's) and stay kept."""
         arrived = time.monotonic()
         with self._reading:
             last = self._last_read
             if last is not None and last[0] > arrived:  # ended after this scrape came: under way then
-                return last[1]
-            read = self._read_cluster_now()
-            self._last_read = (time.monotonic(), read)
-            return read
+                read = last[1]
+            else:
+                read = self._read_cluster_now()
+                self._last_read = (time.monotonic(), read)
+        gauges, usage = read
+        return None if gauges is None else self._as_led_now(gauges), usage
 
-    def _read_cluster_now(self) -> tuple[ClusterGauges | None, UsageCounters | None]:
+    def _as_led_now(self, read: _GaugesRead) -> ClusterGauges:
+        """A read's gauges as this controller may show them now: its own series only from a read
+        begun in the lead it holds now."""
+        lead, gauges = read
+        return gauges if self._lead == (lead, True) else gauges.follower_view()
+
+    def _read_cluster_now(self) -> tuple[_GaugesRead | None, UsageCounters | None]:
         loop = self._loop
         if self._reader is None or loop is None or loop.is_closed():
             return None, None
+        lead = self._lead[0]  # before the read: one the lease changed under is not this lead's
         started = time.monotonic()
         gauges = asyncio.run_coroutine_threadsafe(self._reader(), loop)
         usage = asyncio.run_coroutine_threadsafe(self._usage_reader(), loop) if self._usage_reader else None
-        read_gauges = self._last_gauges.kept(
-            _waited(gauges, SCRAPE_READ_TIMEOUT_S, self.cluster_read_errors, "the cluster state"))
+        fresh = _waited(gauges, SCRAPE_READ_TIMEOUT_S, self.cluster_read_errors, "the cluster state")
+        read_gauges = self._last_gauges.kept(None if fresh is None else (lead, fresh))
         read_usage = None if usage is None else self._last_usage.kept(_waited(
             usage, USAGE_READ_TIMEOUT_S - (time.monotonic() - started), self.usage_read_errors, "the usage counters"))
         return read_gauges, None if read_usage is None else self._usage_shown.of(read_usage)
