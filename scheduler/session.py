@@ -99,12 +99,16 @@ class Session:
     def place(self, deployment: Deployment | str) -> Decision:
         """Place what a deployment is missing, now: an arrival (a new `Deployment`), a known
         one changed in replicas/min_replicas/priority/preemptible, or a known id tried again.
-        Its replicas are placed whole or not at all, online (final once placed)."""
+        Its replicas are placed whole or not at all, online (final once placed). A known one
+        scaled down releases its replicas beyond the new count: the decision says them
+        `released` with those the decision itself stopped."""
         if isinstance(deployment, str):
-            d = self._index(deployment)
-        else:
-            d = self._upsert(deployment)
-        return self._decide(d)
+            return self._decide(self._index(deployment))
+        d, extra = self._upsert(deployment)
+        decision = self._decide(d)
+        if not extra:
+            return decision
+        return dataclasses.replace(decision, released=tuple(sorted({*extra, *decision.released})))
 
     def nominate(self, nominations: Iterable[Nomination]) -> None:
         """Replace the nominations (the problem's `nominations`, `model.Nomination`): nodes kept
@@ -123,7 +127,7 @@ class Session:
         session)."""
         if isinstance(deployment, str) and deployment not in self:
             return ()
-        d = self._index(deployment) if isinstance(deployment, str) else self._upsert(deployment)
+        d = self._index(deployment) if isinstance(deployment, str) else self._upsert(deployment)[0]
         ids = self._solver.topo.node_ids
         return tuple(ids[n] for n in choose_nodes(self._solver.state, d, zones_apart=zones_apart))
 
@@ -145,7 +149,7 @@ class Session:
     def adopt(self, deployment: Deployment, placements: Iterable[Placement]) -> None:
         """Record replicas placed elsewhere (whole replicas; a replica the session holds is
         replaced), e.g. from a committed `solve()` plan: the state follows without deciding."""
-        d = self._upsert(deployment)
+        d, _ = self._upsert(deployment)
         s = self._solver
         state, node_index = s.state, s.topo.node_index
         replicas: dict[int, dict[int, ShardAt]] = {}
@@ -293,7 +297,9 @@ class Session:
             raise ProblemError("deployment", deployment, "unknown deployment")
         return d
 
-    def _upsert(self, dep: Deployment) -> int:
+    def _upsert(self, dep: Deployment) -> tuple[int, list[int]]:
+        """Record `dep` (new, or a known one changed in `_SCALABLE` fields only): its index, and
+        the replicas released for it (a scale-down's beyond the new count)."""
         s = self._solver
         if dep.tenant not in s.topo.tenant_index:
             raise ProblemError(f"deployment {dep.id}.tenant", dep.tenant,
@@ -302,19 +308,19 @@ class Session:
         if d is None:
             d = s.state.add_deployment(dep)
             s.workload.observe(dep.shard, dep.replicas)
-            return d
+            return d, []
         old = s.state.deps[d]
         if old == dep:
-            return d
+            return d, []
         if not _scaled_only(old, dep):
             raise ProblemError(f"deployment {dep.id}", dep.id,
                                f"only {', '.join(_SCALABLE)} may change in place; release it "
                                "and place the new one")
         s.state.deps[d] = dep
-        extra = [r for r in s.state.by_dep.get(d, ()) if r >= dep.replicas]
+        extra = sorted(r for r in s.state.by_dep.get(d, ()) if r >= dep.replicas)
         if extra:
-            self.release(dep.id, sorted(extra))
-        return d
+            self.release(dep.id, extra)
+        return d, extra
 
     def _decide(self, d: int, preempt: bool = True) -> Decision:
         """`Solver.place_one` on the warm state, and the decision it made."""
@@ -330,13 +336,16 @@ class Session:
         s.place_one(d, preempt)
         state = s.state  # preemption may have adopted a trial state
         after = state.by_dep.get(d, set())
-        new = sorted(r for r in after if state.replicas[(d, r)] is not before.get(r))
+        # Replicas it placed (held anew: each trial's state has its own); one a trial took out
+        # and put back where it ran is held anew, not placed.
+        held = sorted(r for r in after if state.replicas[(d, r)] is not before.get(r))
+        new = [r for r in held if state.replicas[(d, r)] != before.get(r)]
         frac = dep.shard.fractional
         ids = s.topo.node_ids
         placements = tuple(
             Placement(dep.id, r, sh, ids[at.node], tuple(at.indices), at.milli if frac else None)
             for r in new for sh, at in sorted(state.replicas[(d, r)].items()))
-        self._now_running(d, new, placements)
+        self._now_running(d, held, placements)
         released = sorted(set(before) - after)
         self._not_running(d, released)
         victims = sorted({v for v in s.preempted if v not in state.replicas})

@@ -126,6 +126,7 @@ def play(doc: Doc, events: list[tuple[str, int]], exact: bool) -> None:
             arrival = arrivals.pop(0)
             reference = solve_arrival(state, arrival)
             decision = session.place(arrival)
+            assert_says_what_changed(state, session.snapshot(), decision)
             compare(arrival.id, decision, reference, exact, arrival.min_replicas)
             assert_valid(with_arrival(state, arrival), session.snapshot(), [decision])
         elif action == "retry" and session.pending():
@@ -133,6 +134,7 @@ def play(doc: Doc, events: list[tuple[str, int]], exact: bool) -> None:
             spec = next(d for d in state.deployments if d.id == target)
             reference = solve_arrival(state, spec)
             decision = session.place(target)
+            assert_says_what_changed(state, session.snapshot(), decision)
             assert_valid(state, session.snapshot(), [decision])
             compare(target, decision, reference, exact, spec.min_replicas,
                     frozenset(p for p in state.placements if p.deployment == target))
@@ -142,6 +144,7 @@ def play(doc: Doc, events: list[tuple[str, int]], exact: bool) -> None:
             d = live[k % len(live)]
             decision = session.place(dataclasses.replace(
                 d, replicas=1 + k % 3, min_replicas=1))
+            assert_says_what_changed(state, session.snapshot(), decision)
             assert_valid(dataclasses.replace(state, deployments=tuple(
                 dd if dd.id != d.id else dataclasses.replace(d, replicas=1 + k % 3,
                                                                min_replicas=1)
@@ -201,6 +204,26 @@ def play(doc: Doc, events: list[tuple[str, int]], exact: bool) -> None:
         # Whatever happened, the session's state is a valid cluster on its own.
         now = session.snapshot()
         assert_valid(now, now, [])
+
+
+def assert_says_what_changed(before: Problem, after: Problem, decision: Decision) -> None:
+    """A `place` decision lists exactly what changed for its deployment: as `placements`, the
+    shards of the replicas that run now and did not run so before (never one put back where it
+    ran); as `released`, the replicas that ran and run no more (a scale-down included)."""
+    dep = decision.deployment
+
+    def replicas(state: Problem) -> dict[int, frozenset]:
+        held: dict[int, set] = {}
+        for p in state.placements:
+            if p.deployment == dep:
+                held.setdefault(p.replica, set()).add(p)
+        return {r: frozenset(ps) for r, ps in held.items()}
+
+    was, now = replicas(before), replicas(after)
+    changed = {r for r, ps in now.items() if was.get(r) != ps}
+    assert {p.replica for p in decision.placements} == changed, (decision, was, now)
+    assert {p for p in decision.placements} == {p for r in changed for p in now[r]}
+    assert set(decision.released) == set(was) - set(now), (decision, was, now)
 
 
 def compare(dep_id: str, decision: Decision, reference: Plan, exact: bool,
@@ -510,3 +533,36 @@ def test_a_short_deployment_placed_again_keeps_its_running_replicas_and_may_pree
         sorted((p.deployment, p.replica, p.node) for p in reference.placements)
     assert [(v.deployment, v.replica) for v in decision.preempted] == \
         [(v.deployment, v.replica) for v in reference.preempted]
+
+
+def test_a_scale_down_through_place_says_the_replicas_it_released() -> None:
+    doc = problem([node("n1", acc=4)], [dep("a", acc=1, replicas=3)], tenants=[{"id": "t1"}],
+                  placements=[placed("a", "n1", [i], replica=i) for i in range(3)])
+    s = session_of(doc)
+    a = problem_from_dict(doc).deployments[0]
+    decision = s.place(dataclasses.replace(a, replicas=1))
+    assert decision.released == (1, 2) and decision.placements == () and decision.unplaced is None
+    assert [(p.replica, p.node) for p in s.snapshot().placements] == [(0, "n1")]
+    grown = s.place(dataclasses.replace(a, replicas=2))  # placed again: new, nothing released
+    assert [p.replica for p in grown.placements] == [1] and grown.released == ()
+
+
+def test_a_replica_a_decision_takes_out_and_puts_back_where_it_ran_is_not_placed_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # As a preemption trial may: its state holds the deployment's replicas anew, where they were.
+    doc = problem([node("n1", acc=4)], [dep("a", acc=1, replicas=3)], tenants=[{"id": "t1"}],
+                  placements=[placed("a", "n1", [i], replica=i) for i in range(2)])
+    s = session_of(doc)
+    solver = s._solver
+    place_one = solver.place_one
+
+    def held_anew(d: int, preempt: bool) -> None:
+        shards = solver.state.remove_replica(d, 0)
+        solver.state.add_replica(d, 0, dict(shards))
+        place_one(d, preempt)
+
+    monkeypatch.setattr(solver, "place_one", held_anew)
+    decision = s.place("a")
+    assert [p.replica for p in decision.placements] == [2]
+    assert decision.released == () and decision.moved == ()
+    assert sorted(p.replica for p in s.snapshot().placements) == [0, 1, 2]
