@@ -243,7 +243,7 @@ async def _validate_against_store(uow: UnitOfWork, who: Principal, spec: Deploym
     await check_could_ever_fit(uow, spec, facts.tenant_zones, capacity, capacity_generation=facts.capacity_generation)
     if facts.others_reserve and not spec.preemptible and not replacing:
         asked, asks = new_ask(spec)
-        await check_owed_capacity(uow, who, spec.tenant, asked=asked, asks=asks)
+        await check_owed_capacity(uow, who, spec.tenant, asked=asked, power_w=spec.shard.power_w, asks=asks)
     return StoreChecked(replaced, facts.deployments)
 
 

@@ -9,7 +9,9 @@ that makes a preemptible deployment non-preemptible (what it holds is asked afre
 could preempt it before, not after). Free capacity is what the ready nodes have free less what
 the non-preemptible asks accepted before and not placed yet will take, within their tenants'
 caps (each ask was judged as if nothing else waited: two asks of 4 took what one of 8 was
-refused). Only free capacity can be taken: with none, the ask is taken and waits, as any
+refused). Within a power cap, that is at most the accelerators the watts it leaves hold, the
+asks drawing the fewest watts an accelerator counted first (an upper bound: never fewer than
+can be placed). Only free capacity can be taken: with none, the ask is taken and waits, as any
 other. A tenant below its own reservation is owed too: up to what it is owed, it takes nothing
 owed to others (reservations the cluster cannot hold all at once refused every owed tenant's
 growth, each for the others').
@@ -44,20 +46,38 @@ def demand(spec: DeploymentSpec) -> tuple[float, float]:
 class OwedCapacity:
     """What the check compares: per reserving tenant (accelerators reserved, held), the
     accelerators free on ready nodes, per tenant the non-preemptible asks accepted and not
-    placed yet, which take free capacity once placed, and per capped tenant what its cap leaves
-    it (the last three 0 and empty when no one is owed: not read). A batch that reads them once
-    adds each ask it lets through (`took`)."""
+    placed yet, which take free capacity once placed, and per capped tenant what its caps leave
+    it (the rest 0 and empty when no one is owed: not read). A batch that reads them once adds
+    each ask it lets through (`took`)."""
 
     reservations: dict[str, tuple[float, float]]
     free: float
     waiting: dict[str, float] = field(default_factory=dict)
-    room: dict[str, float] = field(default_factory=dict)  # capped tenants: what the cap leaves
+    room: dict[str, float] = field(default_factory=dict)  # max_accelerators: the accelerators it leaves
+    power_room: dict[str, float] = field(default_factory=dict)  # max_power_w: the watts it leaves
+    # The power-capped tenants' waiting asks, accelerators by the watts an accelerator of theirs draws.
+    waiting_by_power_w: dict[str, dict[float, float]] = field(default_factory=dict)
 
     def waits(self, tenant: str) -> float:
-        """What `tenant`'s waiting asks take once placed: no more than its cap leaves it (asks
-        its own cap holds back wait for its own work to end, not for free capacity; counted
+        """What `tenant`'s waiting asks take once placed: no more than its caps leave it (asks
+        its own caps hold back wait for its own work to end, not for free capacity; counted
         whole, they refused others' asks that fitted while the capacity stayed free)."""
-        return min(self.waiting.get(tenant, 0.0), self.room.get(tenant, math.inf))
+        return min(self.waiting.get(tenant, 0.0), self.room.get(tenant, math.inf), self._within_power(tenant))
+
+    def _within_power(self, tenant: str) -> float:
+        """The most accelerators `tenant`'s waiting asks can take within the watts its power cap
+        leaves (unbounded without one): those drawing the fewest watts an accelerator first, the
+        last in part (a fractional knapsack: never fewer than its shards that fit, the side that
+        refuses more, not fewer); those drawing none are not bounded by it."""
+        left = self.power_room.get(tenant)
+        if left is None:
+            return math.inf
+        fits = 0.0
+        for power_w, asked in sorted(self.waiting_by_power_w.get(tenant, {}).items()):
+            share = max(0.0, asked) if power_w <= 0 else min(max(0.0, asked), left / power_w)
+            fits += share
+            left -= share * power_w
+        return fits
 
     def owed(self, tenant: str) -> float:
         reserved, used = self.reservations.get(tenant, (0.0, 0.0))
@@ -72,38 +92,51 @@ class OwedCapacity:
         are owed (that part is counted as owed already)."""
         return sum(max(0.0, self.waits(t) - self.owed(t)) for t in self.waiting)
 
-    def took(self, tenant: str, asked: float) -> None:
+    def took(self, tenant: str, asked: float, power_w: float) -> None:
+        """`tenant`'s ask of `asked` accelerators (less, when negative), each drawing `power_w`
+        watts (its shard's), is among the waiting asks: by its watts within a power cap, where an
+        ask drawing fewer than those before may hold more in the same watts."""
         self.waiting[tenant] = self.waiting.get(tenant, 0.0) + asked
+        if tenant in self.power_room:
+            by_power = self.waiting_by_power_w.setdefault(tenant, {})
+            by_power[power_w] = by_power.get(power_w, 0.0) + asked
 
 
 async def owed_capacity(uow: UnitOfWork) -> OwedCapacity:
     """The reservations and, when any tenant is owed, the free accelerators and the waiting
-    non-preemptible asks and what the caps leave: four aggregates of the placements and
-    deployments (a batch of submits reads them once for all its members)."""
+    non-preemptible asks and what the caps leave (with the power-capped tenants' waiting asks by
+    their watts): four aggregates of the placements and deployments (a batch of submits reads
+    them once for all its members)."""
     reservations = await repo.reserved_usage(uow.session)
     if not any(reserved > used for reserved, used in reservations.values()):
         return OwedCapacity(reservations, 0.0)
-    return OwedCapacity(reservations, await repo.free_on_ready_nodes(uow.session),
-                        await repo.waiting_unpreemptible(uow.session), await repo.cap_room(uow.session))
+    free = await repo.free_on_ready_nodes(uow.session)
+    waiting = await repo.waiting_unpreemptible(uow.session)
+    rooms = await repo.cap_room(uow.session)
+    power_room = {t: room.power_w for t, room in rooms.items() if room.power_w is not None}
+    return OwedCapacity(reservations, free, waiting,
+                        {t: room.accelerators for t, room in rooms.items() if room.accelerators is not None},
+                        power_room, {t: rooms[t].waiting_by_power_w for t in power_room})
 
 
-async def check_owed_capacity(uow: UnitOfWork, who: Principal, tenant: str, *, asked: float,
-                              returned: float = 0.0, own_waiting: float = 0.0, asks: str,
-                              owed: OwedCapacity | None = None) -> None:
+async def check_owed_capacity(uow: UnitOfWork, who: Principal, tenant: str, *, asked: float, power_w: float,
+                              returned: float = 0.0, own_waiting: float = 0.0, own_power_w: float = 0.0,
+                              asks: str, owed: OwedCapacity | None = None) -> None:
     """Refuse (FAILED_PRECONDITION, a RESERVATION reason) `tenant`'s non-preemptible ask of `asked`
     accelerators not placed yet, `returned` of them held now and `own_waiting` of them among the
     tenant's waiting asks (an update's), asked afresh, when it is more than the free capacity (and
     `returned`) less what the waiting asks take and other tenants are owed, and more than `tenant`
-    is owed itself. `asks` says what is asked, for the message ("deployment x: ..."); `owed`: the
-    figures as read already (else read now)."""
+    is owed itself. `power_w`, `own_power_w`: the watts an accelerator of the ask, of what waited
+    of it, draws (its shard's, now and before). `asks` says what is asked, for the message
+    ("deployment x: ..."); `owed`: the figures as read already (else read now)."""
     if asked <= _EPS:
         return
     if owed is None:
         owed = await owed_capacity(uow)
-    owed.took(tenant, -own_waiting)  # asked afresh: judged with `asked`, not among the waiting
+    owed.took(tenant, -own_waiting, own_power_w)  # asked afresh: judged with `asked`, not among the waiting
     others = owed.owed_to_others(tenant)
     if not others:
-        owed.took(tenant, asked)
+        owed.took(tenant, asked, power_w)
         return
     # What is free once the asks accepted before this one are placed; of its own reservation, what
     # its waiting asks do not claim already. Its waiting asks within its own reservation take free
@@ -114,7 +147,7 @@ async def check_owed_capacity(uow: UnitOfWork, who: Principal, tenant: str, *, a
     own = max(0.0, owed_here - mine) + (returned if tenant in owed.reservations else 0.0)
     total = sum(others.values())
     if owed.free + returned <= _EPS or asked <= max(owed.free + returned - taken - total, own) + _EPS:
-        owed.took(tenant, asked)
+        owed.took(tenant, asked, power_w)
         return
     redactor = await redactor_of(uow, who)
     names = ", ".join(f"{t} {v:g}" for t, v in sorted(others.items()))

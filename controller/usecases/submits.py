@@ -169,9 +169,10 @@ class _BatchFacts:
     deployment_ids: Sequence[int] = ()  # the ids the batch's rows take, in order (as read)
     others_reserve: frozenset[str] = frozenset()  # tenants another tenant's reservation concerns
     owed: OwedCapacity | None = None  # read at the first member that needs it (`reservations`)
-    # Non-preemptible asks of members accepted unchecked (their tenant alone reserves), by tenant:
-    # among the waiting asks of the members checked after them (`owed`, once read).
-    unchecked: Counter[str] = field(default_factory=Counter)
+    # Non-preemptible asks of members accepted unchecked (their tenant alone reserves), by tenant
+    # and the watts an accelerator of theirs draws: among the waiting asks of the members checked
+    # after them (`owed`, once read).
+    unchecked: Counter[tuple[str, float]] = field(default_factory=Counter)
 
 
 class _ReadBackNeeded(Exception):
@@ -404,15 +405,16 @@ class SubmitBatcher:
             asked, asks = new_ask(spec)
             if asked > 0 and facts.owed is None:  # read once a batch, for every member
                 facts.owed = await owed_capacity(uow)
-                for earlier, waits in facts.unchecked.items():
-                    facts.owed.took(earlier, waits)
-            await check_owed_capacity(uow, queued.who, tenant, asked=asked, asks=asks, owed=facts.owed)
+                for (earlier, power_w), waits in facts.unchecked.items():
+                    facts.owed.took(earlier, waits, power_w)
+            await check_owed_capacity(uow, queued.who, tenant, asked=asked, power_w=spec.shard.power_w, asks=asks,
+                                      owed=facts.owed)
         elif not spec.preemptible and facts.others_reserve:  # unchecked, but others' checks count it
             asked, _ = new_ask(spec)
             if facts.owed is not None:
-                facts.owed.took(tenant, asked)
+                facts.owed.took(tenant, asked, spec.shard.power_w)
             else:
-                facts.unchecked[tenant] += asked
+                facts.unchecked[tenant, spec.shard.power_w] += asked
         facts.taken.add(key)
         facts.used.add(request_key)
         facts.counts[tenant] += 1

@@ -126,9 +126,10 @@ async def check_contract(uow: UnitOfWork, who: Principal, row: m.Deployment, spe
     unplaced = accelerators - held
     waiting = f" ({unplaced:g} not placed yet)" if unplaced > growth + 1e-9 else ""
     await check_owed_capacity(
-        uow, who, tenant.id, asked=accelerators if firming else unplaced, returned=held if firming else 0.0,
-        # What waited unplaced before is among the tenant's waiting asks: asked afresh here.
-        own_waiting=0.0 if row.preemptible else max(0.0, before_accelerators - held),
+        uow, who, tenant.id, asked=accelerators if firming else unplaced, power_w=spec.shard.power_w,
+        returned=held if firming else 0.0,
+        # What waited unplaced before is among the tenant's waiting asks (at the watts it drew): asked afresh here.
+        own_waiting=0.0 if row.preemptible else max(0.0, before_accelerators - held), own_power_w=row.shard_power_w,
         asks=(f"{where}: becoming non-preemptible would keep {held_text} from capacity reserved for other "
               f"tenants, who may preempt them now" if firming else
               f"{where}: growing by {growth:g} accelerators{waiting} would take capacity reserved for other tenants"))

@@ -22,7 +22,7 @@ from controller.domain.values import DeploymentSpec, Spread
 from controller.usecases.ports import RecordingSignals
 from controller.usecases import capacity as capacity_module
 from controller.usecases.capacity import CapacityCache, CapacityRefresher
-from controller.usecases.reservations import owed_capacity
+from controller.usecases.reservations import OwedCapacity, owed_capacity
 from uc_builders import (
     WHO, add_nodes, add_tenant, apply_topology, assert_refused_writing_nothing, deployment, no_publish, row_counts,
     run_all, submit, with_shard,
@@ -735,6 +735,66 @@ async def test_an_ask_its_own_tenants_cap_holds_back_takes_no_free_capacity_from
         assert (await owed_capacity(uow)).waits("t1") == 4.0
     with pytest.raises(FailedPrecondition):  # and what c takes is counted
         await submit(cluster, deployment("d", "t1", replicas=1, accelerators=1, locality="node"))
+
+
+async def test_an_ask_its_own_tenants_power_cap_holds_back_takes_no_free_capacity_from_others(cluster):
+    """As with `max_accelerators`: 16 accelerators, t2 owed 8 of them; t3, capped at 1,000 W, holds
+    4 accelerators of 250 W and asks 4 more alike, which wait for its own work to end (its power
+    cap), not for free capacity. Counted whole, they refused t1's ask of 4 that fitted (16 - 4
+    held - 8 owed)."""
+    await add_tenant(cluster, "t2", reserved_accelerators=8.0)
+    await add_tenant(cluster, "t3", max_power_w=1000.0)
+    await submit(cluster, deployment("a", "t3", replicas=4, accelerators=1, shard_power_w=250.0, locality="node"))
+    loop = Reconciler(cluster, push=lambda nodes: None, publish=no_publish)
+    await loop.reconcile_once()
+    await submit(cluster, deployment("b", "t3", replicas=4, accelerators=1, shard_power_w=250.0, locality="node"))
+    await loop.reconcile_once()
+    async with cluster.unit_of_work() as uow:
+        owed = await owed_capacity(uow)
+    assert (owed.waiting, owed.waits("t3")) == ({"t3": 4.0}, 0.0)  # b waits for t3's power cap alone
+    await submit(cluster, deployment("c", "t1", replicas=4, accelerators=1, locality="node"))
+    with pytest.raises(FailedPrecondition):  # and what c takes is counted
+        await submit(cluster, deployment("d", "t1", replicas=1, accelerators=1, locality="node"))
+
+
+async def test_a_power_capped_tenants_waiting_asks_count_those_drawing_the_fewest_watts_first(cluster):
+    """t2 owed 8 of the 16; t3, capped at 1,000 W, holds 2 accelerators of 250 W (500 W left) and
+    waits for 2 of 400 W and 2 of 100 W: the 100 W ones fit in 200 W, and the 300 W left 0.75 of
+    a 400 W one, so 2.75 take free capacity (the 400 W ones first: 1.25). An ask of 1 drawing no
+    power is not bounded by the cap: 3.75, and 2.25 are left to t1 (14 - 8 owed - 3.75; the
+    400 W ones first, 3.75)."""
+    await add_tenant(cluster, "t2", reserved_accelerators=8.0)
+    await add_tenant(cluster, "t3", max_power_w=1000.0)
+    await submit(cluster, deployment("a", "t3", replicas=2, accelerators=1, shard_power_w=250.0, locality="node"))
+    await Reconciler(cluster, push=lambda nodes: None, publish=no_publish).reconcile_once()
+    await submit(cluster, deployment("x", "t3", replicas=2, accelerators=1, shard_power_w=400.0, locality="node"))
+    await submit(cluster, deployment("y", "t3", replicas=2, accelerators=1, shard_power_w=100.0, locality="node"))
+    async with cluster.unit_of_work() as uow:
+        owed = await owed_capacity(uow)
+    assert (owed.waiting, owed.power_room, owed.waits("t3")) == ({"t3": 4.0}, {"t3": 500.0}, pytest.approx(2.75))
+    await submit(cluster, deployment("z", "t3", replicas=1, accelerators=1, locality="node"))
+    async with cluster.unit_of_work() as uow:
+        assert (await owed_capacity(uow)).waits("t3") == pytest.approx(3.75)
+    with pytest.raises(FailedPrecondition):
+        await submit(cluster, deployment("c", "t1", replicas=3, accelerators=1, locality="node"))
+    await submit(cluster, deployment("c", "t1", replicas=2, accelerators=1, locality="node"))
+
+
+def test_a_tenants_waiting_asks_take_the_least_its_caps_leave_and_asks_added_count_by_their_watts():
+    """`OwedCapacity.waits` combines the clamps: the accelerators `max_accelerators` leaves, and
+    those the watts `max_power_w` leaves hold (0 W ones whole, then the fewest watts an accelerator
+    first). An ask a batch adds at fewer watts an accelerator holds more in the same watts."""
+    owed = OwedCapacity({}, 16.0, {"t": 6.0}, room={"t": 3.0}, power_room={"t": 500.0},
+                        waiting_by_power_w={"t": {400.0: 3.0, 0.0: 1.0, 100.0: 2.0}})
+    assert owed.waits("t") == 3.0  # the accelerators' cap: 3 of the power cap's 1 + 2 + 0.75
+    owed.room["t"] = 5.0
+    assert owed.waits("t") == pytest.approx(3.75)
+    owed.took("t", 2.0, 50.0)  # 100 W: 1 + 2 + 2 + 0.5 of the 400 W ones
+    assert (owed.waiting["t"], owed.waits("t")) == (8.0, 5.0)
+    owed.room.clear()
+    assert owed.waits("t") == pytest.approx(5.5)
+    owed.took("u", 4.0, 100.0)  # no cap: whole
+    assert owed.waits("u") == 4.0 and "u" not in owed.waiting_by_power_w
 
 
 async def test_a_tenant_owed_capacity_itself_takes_no_more_of_others_by_splitting_its_ask(cluster):

@@ -562,3 +562,25 @@ async def test_a_batch_counts_an_ask_its_own_tenants_cap_holds_back_as_taking_no
              replace(_queued("d", "t1", replicas=1, accelerators=1, locality="node"), who=WHO)]
     outcomes = await SubmitBatcher(cluster, RecordingSignals()).commit_batch(batch)
     assert [isinstance(outcomes.get(id(q)), FailedPrecondition) for q in batch] == [False, False, True]
+
+
+async def test_a_batch_members_ask_drawing_fewer_watts_raises_what_its_power_capped_tenant_takes(cluster):
+    """t2 owed 8 of the 16; t3, capped at 1,000 W, holds 2 accelerators of 250 W and waits for 4 of
+    500 W, of which the 500 W left hold 1. A member of t3 asking 2 of 100 W holds 2 in 200 W, and
+    the 300 W left 0.6 of a 500 W one: 2.6 take free capacity, 3.4 are left to t1 (14 - 8 - 2.6),
+    as submitted one after the other. Counted by its accelerators alone (the bound left at 1),
+    t1's 3 and 1 more were both taken (14 - 8 - 1 = 5)."""
+    from controller.errors import FailedPrecondition
+    from controller.reconcile import Reconciler
+    from uc_builders import no_publish, submit
+
+    await add_tenant(cluster, "t2", reserved_accelerators=8.0)
+    await add_tenant(cluster, "t3", max_power_w=1000.0)
+    await submit(cluster, deployment("a", "t3", replicas=2, accelerators=1, shard_power_w=250.0, locality="node"))
+    await Reconciler(cluster, push=lambda nodes: None, publish=no_publish).reconcile_once()
+    await submit(cluster, deployment("b", "t3", replicas=4, accelerators=1, shard_power_w=500.0, locality="node"))
+    batch = [replace(_queued("c", "t3", replicas=2, accelerators=1, shard_power_w=100.0, locality="node"), who=WHO),
+             replace(_queued("d", "t1", replicas=3, accelerators=1, locality="node"), who=WHO),
+             replace(_queued("e", "t1", replicas=1, accelerators=1, locality="node"), who=WHO)]
+    outcomes = await SubmitBatcher(cluster, RecordingSignals()).commit_batch(batch)
+    assert [isinstance(outcomes.get(id(q)), FailedPrecondition) for q in batch] == [False, False, True]

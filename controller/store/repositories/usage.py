@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Float, Row, and_, case, func, or_, select
+from sqlalchemy import Float, Row, and_, case, func, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
@@ -180,33 +180,66 @@ WAITS_FOR_NO_CAPACITY = (m.DeploymentPhase.DELETING, m.DeploymentPhase.QUARANTIN
 _UNPREEMPTIBLE = and_(m.Deployment.preemptible.is_(False), m.Deployment.phase.not_in(WAITS_FOR_NO_CAPACITY))
 
 
-async def waiting_unpreemptible(session: AsyncSession) -> dict[str, float]:
-    """Per tenant with any, the accelerators its non-preemptible deployments ask and do not hold
-    yet (each deployment's asked shards less what its placed ones hold, never below 0), in one
-    statement: accepted work that takes free capacity once placed (the reservation check at
-    admission judged each ask against free capacity as if nothing else waited: two asks of 4
-    went where one of 8 was refused). A capped tenant's may be more than its cap lets it take
-    (`cap_room`)."""
+def _waiting_milli(*by: Any, where: Any = true()) -> Any:
+    """The accelerator milli-units the non-preemptible deployments (`where` says which) ask and do
+    not hold yet (each deployment's asked shards less what its placed ones hold, never below 0),
+    summed by the database per `by` (columns of the deployment) as `milli`."""
     placed = (select(m.Placement.deployment_id, func.sum(PLACEMENT_MILLI).label("milli"))
-              .join(m.Deployment).where(_UNPREEMPTIBLE).group_by(m.Placement.deployment_id).subquery())
+              .join(m.Deployment).where(_UNPREEMPTIBLE, where).group_by(m.Placement.deployment_id).subquery())
     asked = m.Deployment.replicas * m.Deployment.shards_per_replica * _SPEC_SHARD_MILLI
     held = func.coalesce(placed.c.milli, 0)
     short = case((asked > held, asked - held), else_=0)
-    rows = await session.execute(
-        select(m.Deployment.tenant_id, func.sum(short)).outerjoin(placed, placed.c.deployment_id == m.Deployment.id)
-        .where(_UNPREEMPTIBLE).group_by(m.Deployment.tenant_id))
+    return (select(*by, func.sum(short).label("milli")).outerjoin(placed, placed.c.deployment_id == m.Deployment.id)
+            .where(_UNPREEMPTIBLE, where).group_by(*by))
+
+
+async def waiting_unpreemptible(session: AsyncSession) -> dict[str, float]:
+    """Per tenant with any, the accelerators its non-preemptible deployments ask and do not hold
+    yet (`_waiting_milli`), in one statement: accepted work that takes free capacity once placed
+    (the reservation check at admission judged each ask against free capacity as if nothing else
+    waited: two asks of 4 went where one of 8 was refused). A capped tenant's may be more than
+    its caps let it take (`cap_room`)."""
+    rows = await session.execute(_waiting_milli(m.Deployment.tenant_id))
     return {tenant: int(milli) / 1000.0 for tenant, milli in rows if milli}
 
 
-async def cap_room(session: AsyncSession) -> dict[str, float]:
-    """Per tenant with a `max_accelerators`, what its cap leaves beyond what its placed shards
-    hold (never below 0), in one statement: the most its waiting asks can take once placed; the
-    rest waits for its own work to end, not for free capacity."""
-    capped = m.Tenant.max_accelerators.is_not(None)
+@dataclass
+class CapRoom:
+    """What a capped tenant's caps leave beyond what its placed shards use, never below 0
+    (`accelerators` of its `max_accelerators`, watts of its `max_power_w`; None: no such cap),
+    and with a power cap its waiting non-preemptible asks by the watts an accelerator of theirs
+    draws (accelerators by `shard_power_w`): how many the watts left hold depends on those."""
+
+    accelerators: float | None
+    power_w: float | None
+    waiting_by_power_w: dict[float, float] = field(default_factory=dict)
+
+
+async def cap_room(session: AsyncSession) -> dict[str, CapRoom]:
+    """Per tenant with a `max_accelerators` or a `max_power_w`, what its caps leave (`CapRoom`),
+    in one statement (a row a capped tenant, or a row per watts an accelerator its waiting asks
+    draw when it has a power cap): its waiting asks take no more once placed; the rest waits for
+    its own work to end, not for free capacity."""
+    capped = or_(m.Tenant.max_accelerators.is_not(None), m.Tenant.max_power_w.is_not(None))
     held = _PLACED_BY_TENANT.join(m.Tenant).where(capped).subquery()
-    rows = await session.execute(select(m.Tenant.id, m.Tenant.max_accelerators, held.c.milli)
-                                 .outerjoin(held, held.c.tenant_id == m.Tenant.id).where(capped))
-    return {tenant: max(0.0, float(cap) - int(milli or 0) / 1000.0) for tenant, cap, milli in rows}
+    power_capped = select(m.Tenant.id).where(m.Tenant.max_power_w.is_not(None))
+    waiting = _waiting_milli(m.Deployment.tenant_id, m.Deployment.shard_power_w,
+                             where=m.Deployment.tenant_id.in_(power_capped)).subquery()
+    rows = await session.execute(
+        select(m.Tenant.id, m.Tenant.max_accelerators, m.Tenant.max_power_w, held.c.milli, held.c.watts,
+               waiting.c.shard_power_w, waiting.c.milli)
+        .outerjoin(held, held.c.tenant_id == m.Tenant.id).outerjoin(waiting, waiting.c.tenant_id == m.Tenant.id)
+        .where(capped))
+    rooms: dict[str, CapRoom] = {}
+    for tenant, max_accelerators, max_power_w, milli, watts, power_w, waiting_milli in rows:
+        room = rooms.get(tenant)
+        if room is None:
+            room = rooms[tenant] = CapRoom(
+                None if max_accelerators is None else max(0.0, float(max_accelerators) - int(milli or 0) / 1000.0),
+                None if max_power_w is None else max(0.0, float(max_power_w) - float(watts or 0.0)))
+        if waiting_milli:
+            room.waiting_by_power_w[float(power_w)] = int(waiting_milli) / 1000.0
+    return rooms
 
 
 # A node operators see as ready (`Node.state == "ready"`: `models.operator_state`), in SQL.
