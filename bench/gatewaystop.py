@@ -105,7 +105,7 @@ async def _controller(args: argparse.Namespace) -> dict[str, object]:
 
     from controller.gateway import children
     from controller.gateway.children import GatewayProcesses, GatewaySettings
-    from controller.gateway.frames import LINK_OPTIONS
+    from controller.gateway.frames import link_server_options
     from controller.gateway.relay import RelayServicer
     from maia.v1 import relay_pb2_grpc
 
@@ -117,7 +117,7 @@ async def _controller(args: argparse.Namespace) -> dict[str, object]:
     relay.handlers = {CONNECT: grpc.stream_stream_rpc_method_handler(holder.connect)}
     gateways = GatewayProcesses(GatewaySettings(count=1, listen="127.0.0.1:0", linger_ms=args.linger_ms,
                                                 log_level="INFO"))
-    relay_server = aio.server(options=LINK_OPTIONS)
+    relay_server = aio.server(options=link_server_options())
     relay_pb2_grpc.add_AgentRelayServicer_to_server(relay, relay_server)
     relay_server.add_insecure_port(gateways.link_address)
     await relay_server.start()

@@ -10,7 +10,14 @@ their nodes are suspect, and they reconnect to the other gateways or to it); one
 start is tried again after twice the last wait, up to `RESTART_BACKOFF_MAX_S` (a gateway that
 cannot start, its port taken or its certificate gone, is not an interpreter started every second
 on the controller's host). `stopping` (the controller's stop began) ends the restarts and sets
-the gateways' deadline; `stop` sends SIGTERM and kills what is still there at the deadline.
+the gateways' deadline; `stop` sends SIGTERM and kills what is still there at the deadline. A
+`start` that fails stops the gateways it started before the failure, whatever the failure.
+
+A gateway that hangs (alive, answering nothing) does not exit: the links' keepalive pings
+(the note under `frames.LINK_OPTIONS`: the controller's `agent_keepalive`, given to each gateway as
+`--keepalive`) end its link, and the relay tells `link_lost`; a gateway whose link was lost exits
+on its own, so one still there `stop_grace_s` later (the time it is given to end its agents' calls)
+is killed, and its watcher starts it again as one that exited.
 
 The deadline grows with the agent streams the gateways hold (`stop_grace_s`): a gateway ends each
 of its agents' calls with the controller's status (gRPC has no call for ending many at once, and
@@ -40,7 +47,9 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from controller import limits
 from controller.aio import in_own_thread
+from controller.gateway.frames import keepalive_text
 from controller.gateway.linkdir import LinkDirectory
 
 log = logging.getLogger("maia.gateway")
@@ -92,6 +101,7 @@ class GatewaySettings:
     tls_key: Path | None = None
     log_level: str = "INFO"
     restart_after_s: float = 1.0  # a gateway that exited is started again this long after
+    keepalive: limits.Keepalive = limits.AGENT_KEEPALIVE  # the agents' and the links' pings (`--keepalive`)
 
 
 class GatewayProcesses:
@@ -103,6 +113,7 @@ class GatewayProcesses:
         self.processes: list[subprocess.Popen[str]] = []  # by index: the one running now (or the last one)
         self.restarts = 0
         self._watchers: list[asyncio.Task[None]] = []
+        self._reapers: list[asyncio.Task[None]] = []  # `link_lost`'s, each waiting for a gateway to exit
         self._stopping = False
         self._stop_deadline: float | None = None  # time.monotonic() at which `stop` kills what is left
 
@@ -110,20 +121,28 @@ class GatewayProcesses:
         return [p.pid for p in self.processes]
 
     async def start(self) -> str:
-        """Start the gateways (the link's socket must be served already); returns the agents' HOST:PORT."""
+        """Start the gateways (the link's socket must be served already); returns the agents' HOST:PORT.
+        Whatever fails (a gateway that does not start, a process that cannot be created, a
+        cancellation) stops those started before it (`stop`) and is raised: none is left running
+        for a caller to know of."""
         listen = self.settings.listen
-        for index in range(self.settings.count):
-            process = self._spawn(index, listen)
-            self.processes.append(process)
-            self.address = await self._ready(process, index)
-            listen = self.address  # the others share the first one's port
-            self._watchers.append(asyncio.create_task(self._watch(index), name=f"gateway-{index}-watch"))
+        try:
+            for index in range(self.settings.count):
+                process = self._spawn(index, listen)
+                self.processes.append(process)
+                self.address = await self._ready(process, index)
+                listen = self.address  # the others share the first one's port
+                self._watchers.append(asyncio.create_task(self._watch(index), name=f"gateway-{index}-watch"))
+        except BaseException:
+            await self.stop()
+            raise
         return self.address
 
     def _spawn(self, index: int, listen: str) -> subprocess.Popen[str]:
         s = self.settings
         args = [sys.executable, "-m", "controller.gateway", "--listen", listen, "--link", self.link_address,
-                "--name", f"gateway-{index}", "--linger-ms", str(s.linger_ms), "--log-level", s.log_level]
+                "--name", f"gateway-{index}", "--linger-ms", str(s.linger_ms), "--log-level", s.log_level,
+                "--keepalive", keepalive_text(s.keepalive)]
         if s.tls_cert is not None and s.tls_key is not None:
             args += ["--tls-cert", str(s.tls_cert), "--tls-key", str(s.tls_key)]
         # A session of its own: a terminal's ^C reaches the controller, which stops its gateways itself.
@@ -169,6 +188,31 @@ class GatewayProcesses:
             else:
                 delay = self.settings.restart_after_s
 
+    def link_lost(self, pid: int | None, calls: int) -> None:
+        """The link of the gateway `pid` was lost while it held `calls` agent calls (the controller's
+        stop did not end it). A gateway that lost its link exits on its own (`process.serve`), and
+        its watcher starts it again; one that does not within `stop_grace_s(calls)` is hung (a
+        process stopped, or stuck so that it no longer answers the link's keepalive pings) and is
+        killed: its watcher then starts it again as one that exited."""
+        if self._stopping or pid is None:
+            return
+        for index, process in enumerate(self.processes):
+            if process.pid == pid and process.poll() is None:
+                self._reapers.append(asyncio.create_task(self._reap(index, process, stop_grace_s(calls)),
+                                                         name=f"gateway-{index}-reap"))
+                self._reapers = [reaper for reaper in self._reapers if not reaper.done()]
+                return
+
+    async def _reap(self, index: int, process: subprocess.Popen[str], grace: float) -> None:
+        try:
+            await in_own_thread(partial(process.wait, grace), name=f"gateway-{index}-reap")
+        except subprocess.TimeoutExpired:
+            if self._stopping:  # `stop` deals with it
+                return
+            log.error("agent gateway %d (pid %d) lost its link to the controller and did not exit within %.1fs: "
+                      "hung; killed", index, process.pid, grace)
+            process.kill()
+
     def stopping(self, streams: int = 0) -> None:
         """The controller began to stop, its gateways holding `streams` agent streams: a gateway that
         exits from now on is not started again (its link ends with the controller's servers; one
@@ -197,6 +241,6 @@ class GatewayProcesses:
                             "killed", process.pid, grace)
                 process.kill()
                 await in_own_thread(process.wait, name="gateway-stop")
-        for watcher in self._watchers:
-            watcher.cancel()
+        for task in (*self._watchers, *self._reapers):
+            task.cancel()
         self.link_directory.remove()

@@ -6,14 +6,17 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import fields
 
 import grpc
 
+from controller import limits
 from controller.aio import Wakeup
 from maia.v1 import relay_pb2
 
 RELAY_METHOD = "/maia.v1.AgentRelay/Relay"
 GATEWAY_METADATA_KEY = "maia-gateway"  # the Relay call's metadata: the gateway's name
+GATEWAY_PID_METADATA_KEY = "maia-gateway-pid"  # ... and its process id (the controller kills a hung one)
 # The link's own call id (the gateway numbers agent calls from 1). The controller's `end` event on
 # it closes the link: every relayed call's status was sent before it, and the gateway answers by
 # ending its side of the stream; the controller's stream ends only then, so the relay server's
@@ -28,6 +31,21 @@ LINK_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_receive_message_length", LINK_MESSAGE_BYTES_MAX),
     ("grpc.max_send_message_length", LINK_MESSAGE_BYTES_MAX),
 )
+# Each end of the link also pings the other (HTTP/2 keepalive, the agents' settings: the controller's
+# `agent_keepalive`, given to its gateways with `--keepalive`): a peer that stopped answering (a
+# process stopped or hung, not exited: its socket stays open) is found in `*_time_ms + *_timeout_ms`
+# and the link ends as for one that died. The controller then kills a gateway that does not exit
+# (`children.GatewayProcesses.link_lost`); a gateway whose controller hung exits (its agents go on
+# to the next controller). A server of the link must permit the gateway's pings (the same
+# `Keepalive`'s `server_options()`): gRPC's default, one every 5 min, ends a quiet link with
+# GOAWAY too_many_pings after ~1 min.
+
+KEEPALIVE_FIELDS = tuple(field.name for field in fields(limits.Keepalive))
+
+
+def link_server_options(keepalive: limits.Keepalive = limits.AGENT_KEEPALIVE) -> tuple[tuple[str, int], ...]:
+    """The options of a server of the link (the controller's), its gateways pinging as `keepalive` says."""
+    return (*LINK_OPTIONS, *keepalive.server_options())
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 _CODES: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
@@ -180,3 +198,20 @@ def link_end_event() -> relay_pb2.RelayEvent:
 
 def status_code(status: relay_pb2.RelayStatus) -> grpc.StatusCode:
     return _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+
+
+def keepalive_text(keepalive: limits.Keepalive) -> str:
+    """The gateway's `--keepalive`: `limits.Keepalive`'s fields in order, in ms, comma-separated."""
+    return ",".join(str(getattr(keepalive, name)) for name in KEEPALIVE_FIELDS)
+
+
+def keepalive_from_text(text: str) -> limits.Keepalive:
+    """`keepalive_text`'s inverse; ValueError for anything else."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != len(KEEPALIVE_FIELDS) or min(values) <= 0:
+        raise ValueError(f"expected {len(KEEPALIVE_FIELDS)} positive integers ({','.join(KEEPALIVE_FIELDS)}), "
+                         f"got {text!r}")
+    return limits.Keepalive(*values)

@@ -6,11 +6,14 @@ none), opens one `AgentRelay.Relay` stream to the controller and relays each age
 its opening (method, the agent's metadata, peer, time left), its requests, its end, and each of
 its responses the agent's transport took (the controller sends a call only a few ahead); it
 answers each call with what the controller sends back, ending it with the controller's status and
-trailing metadata. It exits when the link ends: with status 0 when its controller ended it (its
-stop: every call's status came before the link's end, `LINK_CALL`), with `EXIT_LINK_LOST` when the
-link was lost (the controller died), ending every agent call still open UNAVAILABLE first; it
-exits too when the link does not come up (`--link-ready-timeout`, `LINK_READY_TIMEOUT_S`), and
-on SIGTERM/SIGINT. Prints "maia-gateway listening on HOST:PORT" once serving.
+trailing metadata. A call whose deadline already passed is answered DEADLINE_EXCEEDED here and not
+relayed (the link's "no time left" would read as no deadline). It exits when the link ends: with
+status 0 when its controller ended it (its stop: every call's status came before the link's end,
+`LINK_CALL`), with `EXIT_LINK_LOST` when the link was lost (the controller died, or stopped
+answering the link's keepalive pings, `--keepalive`), ending every agent call still open
+UNAVAILABLE first; it exits too when the link does not come up (`--link-ready-timeout`,
+`LINK_READY_TIMEOUT_S`), and on SIGTERM/SIGINT. Prints "maia-gateway listening on HOST:PORT" once
+serving.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import asyncio
 import itertools
 import logging
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -30,7 +34,8 @@ from grpc import aio
 from controller import limits
 from controller.aio import on_stop_signals, stopped_ignoring_sigterm
 from controller.gateway.frames import (
-    GATEWAY_METADATA_KEY, LINK_CALL, LINK_OPTIONS, Arrivals, Outbox, from_relayed, status_code, to_relayed)
+    GATEWAY_METADATA_KEY, GATEWAY_PID_METADATA_KEY, KEEPALIVE_FIELDS, LINK_CALL, LINK_OPTIONS, Arrivals, Outbox,
+    from_relayed, keepalive_from_text, status_code, to_relayed)
 from controller.logs import configure_logging
 from controller.tlsfiles import CertificateFiles
 from maia.v1 import relay_pb2, relay_pb2_grpc
@@ -39,6 +44,7 @@ log = logging.getLogger("maia.gateway")
 
 SERVICE = "maia.v1.NodeAgentService"
 LINK_LOST = "the agent gateway lost its controller; connect again"
+DEADLINE_PASSED = "the call's deadline passed before the agent gateway could relay it"
 EXIT_LINK_LOST = 4
 # The controller serves the link before it starts a gateway: a link not up within this long means
 # the controller is gone (SIGKILLed while this gateway started), and the gateway exits rather than
@@ -76,7 +82,8 @@ class Gateway:
     async def run_link(self, channel: aio.Channel) -> None:
         """Relay until the link ends; then every open agent call ends UNAVAILABLE."""
         stub = relay_pb2_grpc.AgentRelayStub(channel)
-        call = stub.Relay(self.outbox.frames(), metadata=((GATEWAY_METADATA_KEY, self.name),))
+        call = stub.Relay(self.outbox.frames(), metadata=((GATEWAY_METADATA_KEY, self.name),
+                                                          (GATEWAY_PID_METADATA_KEY, str(os.getpid()))))
         self.linked = True
         try:
             async for frame in call:
@@ -111,14 +118,19 @@ class Gateway:
 
     # --- agent calls -------------------------------------------------------------------------
     def _open(self, method: str, context: aio.ServicerContext) -> tuple[int, _Pending]:
+        """Relay the call's opening; raises `_NotRelayed` for a call that cannot be (the link is
+        down, or its deadline passed: `RelayOpen.timeout_s` 0 means no deadline, so a call with
+        no time left would run unbounded in the controller)."""
         if not self.linked:
-            raise _LinkDown()
+            raise _NotRelayed(grpc.StatusCode.UNAVAILABLE, LINK_LOST)
+        time_left = context.time_remaining()
+        if time_left is not None and time_left <= 0:
+            raise _NotRelayed(grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE_PASSED)
         call_id = next(self._ids)
         pending = self._calls[call_id] = _Pending()
-        time_left = context.time_remaining()
         self.outbox.add(relay_pb2.RelayEvent(call=call_id, open=relay_pb2.RelayOpen(
             method=method, metadata=to_relayed(context.invocation_metadata()), peer=context.peer(),
-            timeout_s=time_left or 0.0)))
+            timeout_s=0.0 if time_left is None else time_left)))
         return call_id, pending
 
     def _end(self, call_id: int, *, cancelled: bool) -> None:
@@ -138,8 +150,8 @@ class Gateway:
     async def register(self, request: bytes, context: aio.ServicerContext) -> bytes:
         try:
             call_id, pending = self._open(f"/{SERVICE}/Register", context)
-        except _LinkDown:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, LINK_LOST)
+        except _NotRelayed as refused:
+            await context.abort(refused.code, refused.details)
         try:
             self.outbox.message(call_id, request)
             self._end(call_id, cancelled=False)
@@ -159,8 +171,8 @@ class Gateway:
     async def connect(self, requests: AsyncIterator[bytes], context: aio.ServicerContext) -> AsyncIterator[bytes]:
         try:
             call_id, pending = self._open(f"/{SERVICE}/Connect", context)
-        except _LinkDown:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, LINK_LOST)
+        except _NotRelayed as refused:
+            await context.abort(refused.code, refused.details)
         pump = asyncio.create_task(self._pump(call_id, requests), name=f"gateway-pump-{call_id}")
         ended = False
         try:
@@ -191,8 +203,12 @@ class Gateway:
         })
 
 
-class _LinkDown(Exception):
-    pass
+class _NotRelayed(Exception):
+    """A call the gateway answers itself, with this status, relaying nothing of it."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -205,13 +221,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tls-key", type=Path, help="the private key of --tls-cert")
     parser.add_argument("--link-ready-timeout", type=float, default=LINK_READY_TIMEOUT_S, metavar="SECONDS",
                         help="exit when the controller's relay socket is not served within this long")
+    parser.add_argument("--keepalive", type=keepalive_flag, default=limits.AGENT_KEEPALIVE,
+                        metavar="MS,MS,MS,MS,MS", help="HTTP/2 keepalive for the agents and the link, in ms: "
+                        + ", ".join(KEEPALIVE_FIELDS) + " (the controller's agent settings)")
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
 
+def keepalive_flag(text: str) -> limits.Keepalive:
+    try:
+        return keepalive_from_text(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 async def serve(args: argparse.Namespace) -> int:
     gateway = Gateway(args.name, args.linger_ms / 1000)
-    channel = aio.insecure_channel(args.link, options=LINK_OPTIONS)
+    channel = aio.insecure_channel(args.link, options=(*LINK_OPTIONS, *args.keepalive.client_options()))
     try:
         async with asyncio.timeout(args.link_ready_timeout):
             await channel.channel_ready()
@@ -221,7 +247,7 @@ async def serve(args: argparse.Namespace) -> int:
         await channel.close()
         return EXIT_LINK_LOST
     server = aio.server(options=[*limits.GRPC_MESSAGE_OPTIONS, ("grpc.so_reuseport", 1),
-                                 *limits.AGENT_KEEPALIVE.server_options()])
+                                 *args.keepalive.server_options()])
     server.add_generic_rpc_handlers((gateway.handlers(),))
     if args.tls_cert is not None:
         port = server.add_secure_port(args.listen, CertificateFiles(args.tls_cert, args.tls_key).server_credentials())

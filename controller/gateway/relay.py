@@ -17,7 +17,9 @@ before the relay server's stop closes the connection (ending the stream at once 
 drop the last frames: the gateway then ended its agents' streams UNAVAILABLE instead of with the
 controller's status). The gateway ends what is left of its agents' calls as for a controller gone
 and exits, and the relay server's stop does not wait out its grace for links that would otherwise
-end only when cancelled.
+end only when cancelled. A link lost otherwise (its gateway died, or hung and stopped answering the
+link's keepalive pings) is told to `RelayServicer.link_lost` with the gateway's pid, which its
+Relay call's metadata carries: the controller kills a gateway that does not exit then.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from controller import limits
 from controller.aio import Wakeup
 from controller.gateway.frames import (
     GATEWAY_METADATA_KEY,
+    GATEWAY_PID_METADATA_KEY,
     Arrivals,
     Metadata,
     Outbox,
@@ -372,13 +375,16 @@ class _NoRequest(Exception):
 
 class RelayServicer(relay_pb2_grpc.AgentRelayServicer):
     """AgentRelay: one `Relay` call per gateway (on the controller's private unix socket).
-    `handlers`: `method_handlers` (built once the server's chain exists)."""
+    `handlers`: `method_handlers` (built once the server's chain exists). `link_lost`, if set, is
+    told of each link lost (not ended by the controller's stop): the gateway's pid (None when its
+    call did not say) and the calls the link held (`GatewayProcesses.link_lost`)."""
 
     def __init__(self, linger_s: float) -> None:
         self._linger_s = linger_s
         self.handlers: Mapping[str, grpc.RpcMethodHandler] = {}
         self.links: dict[str, _Link] = {}
         self._ending = False
+        self.link_lost: Callable[[int | None, int], None] | None = None
 
     def open_calls(self) -> int:
         """The relayed calls open on every link (the agent streams the gateways hold, mostly)."""
@@ -393,7 +399,9 @@ class RelayServicer(relay_pb2_grpc.AgentRelayServicer):
 
     async def Relay(self, request_iterator: AsyncIterator[relay_pb2.RelayFrame],
                     context: aio.ServicerContext) -> AsyncIterator[relay_pb2.RelayFrame]:
-        name = dict(context.invocation_metadata() or ()).get(GATEWAY_METADATA_KEY, "gateway")
+        metadata = dict(context.invocation_metadata() or ())
+        name = metadata.get(GATEWAY_METADATA_KEY, "gateway")
+        pid = _pid(metadata.get(GATEWAY_PID_METADATA_KEY))
         outbox = Outbox(self._linger_s)
         link = _Link(str(name), self.handlers, outbox)
         self.links[link.name] = link
@@ -424,6 +432,16 @@ class RelayServicer(relay_pb2_grpc.AgentRelayServicer):
                 log.warning("agent gateway %s unlinked: its %d calls end as lost connections (relayed: %d events in "
                             "%d frames from it, %d events in %d frames to it)", link.name, link.open_calls(),
                             link.events_taken, link.frames_taken, outbox.events_sent, outbox.frames_sent)
+                if self.link_lost is not None:
+                    self.link_lost(pid, link.open_calls())
             link.cancel_all()
             if self.links.get(link.name) is link:
                 del self.links[link.name]
+
+
+def _pid(value: str | bytes | None) -> int | None:
+    """The gateway's pid from its Relay call's metadata (None: not said, or not a number)."""
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None

@@ -21,6 +21,7 @@ import pytest
 
 from controller import limits
 from controller.api.server import ControllerApp
+from controller.gateway import children
 from controller.gateway.frames import GATEWAY_METADATA_KEY, LINK_OPTIONS
 from controller.gateway.relay import RELAY_WINDOW, RelayedRequests
 from controller.retryinfo import controller_answered
@@ -486,3 +487,45 @@ async def test_the_gateways_stop_deadline_is_set_from_the_streams_they_hold_when
     for channel in channels:
         await channel.close()
     assert told[0] == 2
+
+
+# Pings every 0.5 s on the agents' connections and the gateways' links, unanswered after 0.5 s.
+SHORT_KEEPALIVE = limits.Keepalive(client_time_ms=500, client_timeout_ms=500, server_time_ms=500,
+                                   server_timeout_ms=500, server_min_ping_interval_ms=250)
+
+
+async def test_a_gateway_that_hangs_loses_its_link_is_killed_and_started_again_and_its_agents_come_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A gateway stopped (SIGSTOP: alive, answering nothing) kept its link and its port: its agents'
+    streams hung and nothing restarted it. The link's keepalive pings go unanswered, the link is
+    lost, and the gateway, which does not exit as one that lost its link does, is killed at the
+    end of its grace (`children.stop_grace_s`) and started again."""
+    monkeypatch.setattr(children, "STOP_GRACE_S", 1.0)
+    caplog.set_level(logging.ERROR, logger="maia.gateway")
+    async with gatewayed(tmp_path, heartbeat_timeout_s=60.0, agent_gateway_restart_s=0.1,
+                         agent_keepalive=SHORT_KEEPALIVE) as (app, stubs):
+        async with fleet_through_gateway(app, stubs, tmp_path, 2):
+            [hung] = app.gateways.processes
+            hung.send_signal(signal.SIGSTOP)
+            try:
+                await eventually(lambda: _async(app.gateways.restarts), lambda n: n == 1, timeout=30,
+                                 what="the hung gateway started again")
+                assert hung.poll() == -signal.SIGKILL
+                [again] = app.gateways.processes
+                assert again.pid != hung.pid and again.poll() is None
+                await ready_nodes(stubs, 2, "the agents back through the new gateway")
+                [link] = app.relay.links.values()
+                assert link.name == "gateway-0" and link.open_calls() == 2
+            finally:
+                if hung.poll() is None:
+                    hung.kill()
+    assert any("hung; killed" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_gateway_is_given_the_controllers_agent_keepalive(tmp_path: Path) -> None:
+    """The gateway serves the agents with the controller's keepalive settings (as its own port
+    does) and pings its link with them: it is told them as `--keepalive`."""
+    async with gatewayed(tmp_path, agent_keepalive=SHORT_KEEPALIVE) as (app, stubs):
+        [gateway] = app.gateways.processes
+        argv = Path(f"/proc/{gateway.pid}/cmdline").read_bytes().decode().split("\0")
+        assert argv[argv.index("--keepalive") + 1] == "500,500,500,500,250"

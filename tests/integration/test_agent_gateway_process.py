@@ -177,3 +177,51 @@ def test_a_temporary_directory_too_long_for_the_links_socket_stops_the_start_wit
     assert proc.returncode != 0 and "listening on" not in proc.stdout
     assert "maia-controller: the agent gateways' link socket" in proc.stderr
     assert "set TMPDIR to a shorter directory" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# A controller's end of the link in a process of its own (the relay, no agent method), pinging
+# and permitting pings as `KEEPALIVE` says; argv: the link's address, then `KEEPALIVE`.
+RELAY_SERVER = """
+import asyncio, sys
+from grpc import aio
+from controller.gateway.frames import keepalive_from_text, link_server_options
+from controller.gateway.relay import RelayServicer
+from maia.v1 import relay_pb2_grpc
+
+async def main():
+    server = aio.server(options=link_server_options(keepalive_from_text(sys.argv[2])))
+    relay_pb2_grpc.add_AgentRelayServicer_to_server(RelayServicer(0.005), server)
+    server.add_insecure_port(sys.argv[1])
+    await server.start()
+    print("serving", flush=True)
+    await server.wait_for_termination()
+
+asyncio.run(main())
+"""
+KEEPALIVE = "500,500,500,500,250"  # pings every 0.5 s, unanswered after 0.5 s
+
+
+def test_a_gateway_whose_controller_hangs_exits_on_its_own(tmp_path: Path) -> None:
+    """The controller stopped (SIGSTOP: alive, its socket open, answering nothing): its gateway's
+    link pings go unanswered, and the gateway exits as for a controller gone (its agents' calls end
+    UNAVAILABLE: they go on to the next controller) instead of holding them on a dead link."""
+    link = f"unix:{tmp_path / 'relay.sock'}"
+    controller = subprocess.Popen([sys.executable, "-c", RELAY_SERVER, link, KEEPALIVE], stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
+    gateway: subprocess.Popen[str] | None = None
+    try:
+        assert controller.stdout is not None and controller.stdout.readline().strip() == "serving"
+        gateway = subprocess.Popen([sys.executable, "-m", "controller.gateway", "--listen", "127.0.0.1:0",
+                                    "--link", link, "--keepalive", KEEPALIVE], stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, text=True)
+        assert gateway.stdout is not None and gateway.stdout.readline().startswith("maia-gateway listening on ")
+        time.sleep(2.0)  # four pings each way, answered: the link stays
+        assert gateway.poll() is None
+        controller.send_signal(signal.SIGSTOP)
+        assert gateway.wait(20) == 4  # EXIT_LINK_LOST
+    finally:
+        controller.kill()
+        controller.wait(10)
+        if gateway is not None:
+            gateway.kill()
+            gateway.wait(10)

@@ -16,7 +16,7 @@ import grpc
 from grpc import aio
 
 from controller.gateway.children import GatewayProcesses, GatewaySettings
-from controller.gateway.frames import GATEWAY_METADATA_KEY, LINK_CALL, LINK_OPTIONS, status_code
+from controller.gateway.frames import GATEWAY_METADATA_KEY, LINK_CALL, LINK_OPTIONS, link_server_options, status_code
 from controller.gateway.process import EXIT_LINK_LOST
 from controller.gateway.relay import RelayServicer
 from maia.v1 import relay_pb2, relay_pb2_grpc
@@ -42,7 +42,7 @@ async def test_every_stream_of_a_gateway_gets_the_controllers_goodbye_and_the_ga
     relay = RelayServicer(0.005)
     relay.handlers = {CONNECT: grpc.stream_stream_rpc_method_handler(holder.connect)}
     gateways = GatewayProcesses(GatewaySettings(count=1, listen="127.0.0.1:0", linger_ms=5.0))
-    relay_server = aio.server(options=LINK_OPTIONS)
+    relay_server = aio.server(options=link_server_options())
     relay_pb2_grpc.add_AgentRelayServicer_to_server(relay, relay_server)
     relay_server.add_insecure_port(gateways.link_address)
     await relay_server.start()
@@ -101,7 +101,7 @@ async def one_gateway(script: str) -> AsyncIterator[tuple[aio.Server, asyncio.su
     """A relay server (the controller's end of the link) and a gateway process run by `script`
     (its arguments: one gateway's) linked to it."""
     gateways = GatewayProcesses(GatewaySettings(count=1, listen="127.0.0.1:0", linger_ms=5.0))  # its link directory
-    relay_server = aio.server(options=LINK_OPTIONS)
+    relay_server = aio.server(options=link_server_options())
     relay_pb2_grpc.add_AgentRelayServicer_to_server(RelayServicer(0.005), relay_server)
     relay_server.add_insecure_port(gateways.link_address)
     await relay_server.start()
@@ -151,7 +151,7 @@ async def test_a_link_ends_only_once_its_gateway_read_the_statuses_and_the_links
     holder = Holder()
     relay = RelayServicer(0.005)
     relay.handlers = {CONNECT: grpc.stream_stream_rpc_method_handler(holder.connect)}
-    relay_server = aio.server(options=LINK_OPTIONS)
+    relay_server = aio.server(options=link_server_options())
     relay_pb2_grpc.add_AgentRelayServicer_to_server(relay, relay_server)
     port = relay_server.add_insecure_port("127.0.0.1:0")
     await relay_server.start()
