@@ -3,7 +3,9 @@
 CP-SAT should see "12 free nodes of this kind in rack r07", not 12 copies of the same
 variables. Two nodes are one class when they share the rack (so every domain and power budget),
 readiness, model, per-accelerator free state and owners, free CPU and memory, which tenants and
-deployments they hold (isolation and spread), and the deployment they are nominated for.
+deployments they hold (isolation and spread), the deployment they are nominated for, and, where
+some node has a `max_shards`, the shards they may still take under it, counted up to `horizon`
+(the most shards the caller may place: rooms beyond it bind nothing, so they split no class).
 Swapping two nodes of a class changes nothing a rule can see, so the model may count them.
 """
 
@@ -32,7 +34,8 @@ class NodeClass:
         return self.nodes[0]
 
 
-def node_classes(state: ClusterState, only_ready: bool = True) -> list[NodeClass]:
+def node_classes(state: ClusterState, only_ready: bool = True,
+                 horizon: int | None = None) -> list[NodeClass]:
     topo = state.topo
     held: dict[int, set[int]] = defaultdict(set)
     for (d, _), shards in state.replicas.items():
@@ -43,12 +46,17 @@ def node_classes(state: ClusterState, only_ready: bool = True) -> list[NodeClass
     tenants = state.node_tenant
     nominated = topo.node_nominated.tolist()
     noms = [(nom.deployment, nom.priority) for nom in topo.nominations]
+    room: list[int] | None = None
+    if topo.shards_capped:
+        left = state.shard_room()
+        room = (left if horizon is None else np.minimum(left, horizon)).tolist()
     for n in range(topo.n_nodes):
         if only_ready and not topo.node_ready[n]:
             continue
         key = (int(topo.node_rack[n]), topo.node_model[n], tuple(free[n]), tuple(owner[n]),
                tuple(hbm[n]), float(state.cpu_free[n]), float(state.mem_free[n]),
                tuple(np.flatnonzero(tenants[n]).tolist()), tuple(sorted(held.get(n, ()))),
-               noms[nominated[n]] if nominated[n] >= 0 else None)
+               noms[nominated[n]] if nominated[n] >= 0 else None,
+               room[n] if room is not None else None)
         groups[key].append(n)
     return [NodeClass(i, key[0], tuple(nodes)) for i, (key, nodes) in enumerate(groups.items())]

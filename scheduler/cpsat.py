@@ -149,13 +149,16 @@ class ClassModel:
     @classmethod
     def data(cls, base: ClusterState, pending: dict[int, list[int]],
              min_priority: int, greedy: ClusterState) -> ClassModel:
-        classes = node_classes(base)
+        deps = base.deps
+        # The most shards the model may place: a node's room under its `max_shards` beyond it
+        # binds nothing (`node_classes`, `_node_shards`).
+        horizon = sum(len(rs) * deps[d].shards_per_replica for d, rs in pending.items())
+        classes = node_classes(base, horizon=horizon)
         reps = np.array([c.representative for c in classes], dtype=np.int64)
         counts = np.array([c.count for c in classes], dtype=np.int64)
         slots = {d: node_fit(base, d).slots[reps] if len(reps) else np.zeros(0, dtype=np.int64)
                  for d in pending}
         pairs = [(d, ci) for d in pending for ci in np.flatnonzero(slots[d] > 0).tolist()]
-        deps = base.deps
         weight = {d: deps[d].shards_per_replica * max(deps[d].shard.milli, 1) *
                   (deps[d].priority - min_priority + 1) for d in pending}
         # Running deployments short of min_replicas: the greedy placed what they need before
@@ -246,6 +249,23 @@ def _class_capacity(m: ClassModel) -> None:
         if free_whole[n] == acc_count[n] and acc_count[n] > 0 and whole_use:
             m.opened[ci] = model.new_int_var(0, cnt, f"open_c{ci}")
             model.add(int(acc_count[n]) * m.opened[ci] >= sum(whole_use))
+
+
+def _node_shards(m: ClassModel) -> None:
+    """Per class, the shards its nodes may still take under their `max_shards`; only where that
+    could bind: where the most its (deployment, class) pairs may place (their variables' upper
+    bounds, each within one deployment's slots) is more. Nodes without a cap, or far from it
+    (4,096 against a few accelerators' shards), add nothing to the model."""
+    if not m.base.topo.shards_capped:
+        return
+    deps = m.deps
+    room = m.base.shard_room(m.reps)
+    for ci, ds in m.by_class.items():
+        cap = int(m.counts[ci]) * int(room[ci])
+        most = sum(min(int(m.counts[ci] * m.slots[d][ci]), len(m.pending[d]) * deps[d].shards_per_replica)
+                   for d in ds)  # `_variables`' upper bounds
+        if most > cap:
+            m.model.add(sum(m.x[d, ci] for d in ds) <= cap)
 
 
 def _power(m: ClassModel) -> None:
@@ -364,7 +384,8 @@ def _fresh_racks(m: ClassModel) -> None:
 
 
 # Rule families in the order they are added (the order is part of the deterministic search).
-CONSTRAINTS = (_gangs, _class_capacity, _power, _tenant_caps, _spread, _isolation, _fresh_racks)
+CONSTRAINTS = (_gangs, _class_capacity, _node_shards, _power, _tenant_caps, _spread, _isolation,
+               _fresh_racks)
 
 
 def _placed(m: ClassModel) -> cp_model.LinearExprT:

@@ -387,6 +387,37 @@ class Memory(NodeQuantity):
     code, need, free = "MEMORY", "memory_mib", "mem_free"
 
 
+class NodeShards(SlotFilter):
+    """A node's `max_shards`: as many more shards as it has room for, whatever each needs (the
+    Kubernetes pods-per-node bound: a node's agent lists every shard it holds in one message).
+    Tiny fractions and host-only shards are what reach it. Where no node has a cap it costs
+    nothing (all unlimited); else its room is node-local, kept per node like the others."""
+
+    code = "NODE_SHARDS"
+    node_local = True
+
+    def slots(self, fit: FitInput) -> np.ndarray:
+        if not fit.topo.shards_capped:
+            return fit.unlimited()
+        # One table of rooms for every (tenant, shape) table: the same for any shard.
+        state, n = fit.state, fit.topo.n_nodes
+        table = kept(state.fit_cache, (self.code,), lambda: NodeTable(n, room=np.zeros(n, dtype=np.int64)),
+                     FIT_TABLES_KEPT)
+        stale = table.stale(state, fit.rows)
+        if len(stale):
+            table.store(state, stale, room=state.shard_room(stale))
+        room = table.arrays["room"]
+        assert room is not None
+        return room.copy() if fit.rows is None else room[fit.rows]
+
+    def detail(self, state: ClusterState, d: int, nodes: np.ndarray) -> str:
+        topo = state.topo
+        held = state.node_shards(nodes[:MAX_NAMED])
+        at = dict(zip(nodes[:MAX_NAMED].tolist(), held.tolist()))
+        return "shards per node: " + names(first(nodes, lambda n: (
+            f"{topo.node_ids[n]} holds {at[n]} of max_shards {int(topo.node_max_shards[n])}")))
+
+
 class PowerDomains(NamedTuple):
     """The domains of one level with a power budget (racks, rows), as `DomainPower` reads them
     (a tuple: built on every call of the filter)."""
@@ -448,7 +479,7 @@ def _one_rack(state: ClusterState, nodes: np.ndarray) -> str | None:
 # The one table of per-node rules; a node failing several is counted under the first.
 NODE_FILTERS: tuple[MaskFilter | SlotFilter, ...] = (
     NodeState(), Zone(), AcceleratorModel(), Exclusion(), Isolation(), Spread(),
-    Capacity(), Hbm(), Cpu(), Memory(), PowerRack(), PowerRow(),
+    Capacity(), Hbm(), Cpu(), Memory(), NodeShards(), PowerRack(), PowerRow(),
 )
 NODE_CODES = tuple(f.code for f in NODE_FILTERS)
 LOCAL_FILTERS = tuple(f for f in NODE_FILTERS if isinstance(f, SlotFilter) and f.node_local)

@@ -47,6 +47,16 @@ needs nothing else. A node is nominated at most once; the reasons count a nomina
 NODE_STATE ("nominated for acme/big"). The independent checker refuses a plan that places
 against one (tests/scheduler/checker.py, NODE_STATE). A reader that ignores the field places as
 if no node were nominated.
+
+And a node's `max_shards`, an integer of at least 1: the most shards the node holds at once,
+whatever each needs (Kubernetes' pods per node). The controller says its agents' bound
+(`controller/limits.py`, `SHARDS_PER_NODE_MAX`) of every node, so that a node full of tiny
+fractions or host-only shards is never handed more than its agent can list. A node that holds
+more (its cap lowered since) keeps them and takes no new shard; what is left unplaced for it
+says NODE_SHARDS, a reason code beyond the spec's list (the shipped plan schema lists it). The
+independent checker refuses a plan that newly places onto a node beyond it
+(tests/scheduler/checker.py, NODE_SHARDS). Absent: no bound, as before. A reader that ignores the
+field may place any number of shards on a node.
 """
 
 from __future__ import annotations
@@ -96,7 +106,7 @@ _COUNT = (COUNT_LIMIT, "the most replicas or shards the solver lists")
 _INT64 = (INT64_MAX, "the largest 64-bit integer")
 INTEGERS = (  # (list, ((dotted name, minimum, (maximum, why) or None: QUANTITIES bounds it)))
     ("nodes", (("accelerators", 0, _ACCELERATORS), ("cpu_milli", 0, None),
-               ("memory_mib", 0, None))),
+               ("memory_mib", 0, None), ("max_shards", 1, _INT64))),
     ("deployments", (("replicas", 1, _COUNT), ("min_replicas", 1, _COUNT),
                      ("shards_per_replica", 1, _COUNT), ("shard.accelerators", 0, _ACCELERATORS),
                      ("shard.accelerator_milli", 1, (1000, "a whole accelerator")),
@@ -569,7 +579,8 @@ def _node(n: dict[str, Any]) -> Node:
                 idle_power_w=_real(n.get("idle_power_w", 0)),
                 labels=tuple(sorted(n.get("labels", {}).items())),
                 condition=_condition(n.get("condition")),
-                unhealthy_accelerators=_indices(n.get("unhealthy_accelerators")))
+                unhealthy_accelerators=_indices(n.get("unhealthy_accelerators")),
+                max_shards=_int(n.get("max_shards")))
 
 
 def node_shape(doc: dict[str, Any]) -> dict[str, Any]:
@@ -746,7 +757,8 @@ def problem_to_dict(problem: Problem) -> dict[str, Any]:
                              "cpu_milli": n.cpu_milli, "memory_mib": n.memory_mib,
                              "idle_power_w": n.idle_power_w,
                              "labels": dict(n.labels) or None, "condition": n.condition,
-                             "unhealthy_accelerators": list(n.unhealthy_accelerators) or None})
+                             "unhealthy_accelerators": list(n.unhealthy_accelerators) or None,
+                             "max_shards": n.max_shards})
                   for n in problem.nodes],
         "tenants": [_drop_none({"id": t.id, "isolation": t.isolation,
                                "excludes": list(t.excludes) or None,

@@ -10,8 +10,8 @@ then every fractional single-shard replica of the batch is assigned at once:
                  their used accelerators with room, and `EMPTY_PER_NODE` empty ones
     variables    x[i, g]: item i on accelerator g (g on one of its deployment's best
                  `ITEM_NODES` nodes)
-    constraints  an item at most once; per accelerator its free milli; per node CPU, memory
-                 and the deployment's slots (`node_fit`)
+    constraints  an item at most once; per accelerator its free milli; per node CPU, memory,
+                 the deployment's slots (`node_fit`) and the shards its `max_shards` leaves
     objective    most priority-weighted milli placed; then least cost: the FGD delta of each
                  item's node (its ranking's cost) + `PAIRING_WEIGHT` x the pairing value lost
                  on each accelerator, exact for several items sharing one
@@ -209,10 +209,13 @@ def _assign(solver: Solver, placer: Placer, ds: list[int]) -> None:
     for gs in empty_on.values():
         for g1, g2 in zip(gs, gs[1:]):
             model.add(loads[g1] >= loads[g2])
-    # Per node: CPU, memory and each deployment's slots.
+    # Per node: CPU, memory, each deployment's slots and its room under `max_shards`.
     by_node: dict[int, list[tuple[int, object]]] = {}
     for (i, g), v in x.items():
         by_node.setdefault(acc_list[g][0], []).append((i, v))
+    room = None
+    if state.topo.shards_capped:
+        room = dict(zip(by_node, state.shard_room(np.array(list(by_node), dtype=np.int64)).tolist()))
     for node, members in by_node.items():
         specs = [state.deps[items[i].d].shard for i, _ in members]
         model.add(sum(s.cpu_milli * v for s, (_, v) in zip(specs, members))
@@ -222,6 +225,8 @@ def _assign(solver: Solver, placer: Placer, ds: list[int]) -> None:
         for d in {items[i].d for i, _ in members}:
             model.add(sum(v for i, v in members if items[i].d == d)
                       <= int(rankings[d][1][node]))
+        if room is not None and len({i for i, _ in members}) > room[node]:  # `max_shards`, where it could bind
+            model.add(sum(v for _, v in members) <= room[node])
     # Objective: placed value first, then least cost (FGD + pairing value lost).
     net = [0.0 if values is None else values.net(it.milli) for it in items]
     pairing_w = PAIRING_WEIGHT if kept_value else 0.0

@@ -57,6 +57,10 @@ class Node:
     # Indices of its accelerators that failed (an interchange extension, `interchange.py`): no
     # shard may use them; a shard placed on one is lost, as on a down node.
     unhealthy_accelerators: tuple[int, ...] = ()
+    # The most shards the node may hold at once, whatever they need (an interchange extension,
+    # `interchange.py`; None: no bound), as Kubernetes' max-pods: an agent's assignment set
+    # and heartbeat list are bounded (the controller's `SHARDS_PER_NODE_MAX`).
+    max_shards: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -174,6 +174,8 @@ def _power_bound_domains(state: ClusterState, d: int, eligible: list[Replica], d
     codes = node_fit(state, d, explain=True).codes
     assert codes is not None
     slots = np.where((codes < 0) | np.isin(codes, _POWER_FILTERS), slots, 0)
+    if topo.shards_capped:
+        slots = np.minimum(slots, state.shard_room())
     room = np.bincount(dom, weights=slots, minlength=int(dom.max(initial=-1)) + 1)
     need = state.deps[d].shards_per_replica
     candidates = [int(dm) for dm in np.flatnonzero(room >= need) if int(dm) not in searched]
@@ -459,6 +461,10 @@ def restore(state: ClusterState, v: Replica, shards: dict[int, ShardAt]) -> bool
     for n, count in host.items():
         if state.cpu_free[n] < count * spec.cpu_milli or \
                 state.mem_free[n] < count * spec.memory_mib:
+            return False
+    if topo.shards_capped:  # room under each node's `max_shards`
+        nodes = np.array(list(host), dtype=np.int64)
+        if (state.shard_room(nodes) < np.array(list(host.values()))).any():
             return False
     power = sum(spec.power_w * at.milli * len(at.indices) / 1000.0 for at in shards.values())
     if power > 0:

@@ -19,7 +19,7 @@ from typing import NamedTuple, TypeVar
 import numpy as np
 
 from scheduler.model import Deployment
-from scheduler.topology import UNLIMITED, Topology
+from scheduler.topology import SHARDS_UNLIMITED, UNLIMITED, Topology
 
 # Node stamps, unique across every state of the process: a twin (`copy`) starts with its
 # original's stamps (same occupancy) and each later change draws a fresh one, so equal stamps
@@ -327,6 +327,19 @@ class ClusterState:
         away too."""
         have = len(self.by_dep.get(d, ()))
         return max(self.deps[d].min_replicas - have, 0) if have else 0
+
+    def node_shards(self, nodes: np.ndarray | None = None) -> np.ndarray:
+        """Shards each node (of `nodes`, None: all) holds, whatever they need (`Node.max_shards`
+        bounds it): the tenants' counts summed, which every mutation keeps."""
+        held = self.node_tenant if nodes is None else self.node_tenant[nodes]
+        return held.sum(axis=1)
+
+    def shard_room(self, nodes: np.ndarray | None = None) -> np.ndarray:
+        """More shards each node (of `nodes`, None: all) may take under its `max_shards`, at
+        least 0 (a node over it, lowered since, keeps what it has and takes nothing);
+        `topology.SHARDS_UNLIMITED` where the node has none."""
+        cap = self.topo.node_max_shards if nodes is None else self.topo.node_max_shards[nodes]
+        return np.where(cap < SHARDS_UNLIMITED, np.maximum(cap - self.node_shards(nodes), 0), SHARDS_UNLIMITED)
 
     def rack_headroom(self) -> np.ndarray:
         return self.topo.rack_budget - self.rack_power

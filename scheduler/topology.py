@@ -19,6 +19,9 @@ from scheduler.model import Deployment, Nomination, Problem
 # A resource a node (or budget a domain) does not declare is not limited; a large finite number
 # keeps integer division and subtraction well defined where infinity would not be.
 UNLIMITED = 1e15
+# A node without `max_shards` holds any number of shards: the slot filters' "unlimited"
+# (`filters.BIG`), so a room computed from it reads as no bound.
+SHARDS_UNLIMITED = 1 << 40
 LEVELS = ("node", "rack", "row", "zone")
 
 
@@ -49,6 +52,8 @@ class Topology:
     node_cpu: np.ndarray           # (N,)
     node_mem: np.ndarray           # (N,)
     node_idle_w: np.ndarray        # (N,)
+    node_max_shards: np.ndarray    # (N,) int: `Node.max_shards`, SHARDS_UNLIMITED if none
+    shards_capped: bool            # some node has `max_shards` (else the rule costs nothing)
     node_model: tuple[str | None, ...]
     node_condition: list[str | None]  # `Node.condition`: flipped in place with `node_ready` (a session's cordons)
     rack_budget: np.ndarray        # (R,) UNLIMITED if none
@@ -187,6 +192,8 @@ def build_topology(problem: Problem) -> Topology:
     failed = {i: frozenset(n.unhealthy_accelerators) for i, n in enumerate(problem.nodes) if n.unhealthy_accelerators}
     for i, indices in failed.items():
         usable[i, list(indices)] = False
+    max_shards = np.array([SHARDS_UNLIMITED if n.max_shards is None else min(n.max_shards, SHARDS_UNLIMITED)
+                           for n in problem.nodes], dtype=np.int64)
     topo = Topology(
         problem=problem, node_ids=node_ids, rack_ids=rack_ids, row_ids=row_ids,
         zone_ids=zone_ids, tenant_ids=tenant_ids,
@@ -203,6 +210,7 @@ def build_topology(problem: Problem) -> Topology:
         node_cpu=opt([n.cpu_milli for n in problem.nodes]),
         node_mem=opt([n.memory_mib for n in problem.nodes]),
         node_idle_w=np.array([n.idle_power_w for n in problem.nodes], dtype=float),
+        node_max_shards=max_shards, shards_capped=bool((max_shards < SHARDS_UNLIMITED).any()),
         node_model=tuple(n.accelerator_model for n in problem.nodes),
         rack_budget=opt([r.power_budget_w for r in problem.racks]),
         row_budget=opt([r.power_budget_w for r in problem.rows]),

@@ -8,6 +8,8 @@ Rules checked (each reported with the tenants and the place involved):
 - ACCELERATOR: a whole-accelerator shard shares its accelerator, two tenants share one, or the
   fractions on one exceed 1000 milli;
 - HBM, CPU, MEMORY: an accelerator's HBM or a node's CPU / memory is over-committed;
+- NODE_SHARDS: a node holds more shards than its `max_shards` (an interchange extension: its
+  agent could not list them all);
 - ISOLATION: a dedicated_node (dedicated_rack) tenant shares its node (rack) with another tenant;
 - EXCLUSION: two tenants that exclude each other share a rack;
 - ZONE: a tenant's shard runs outside its allowed zones;
@@ -24,7 +26,7 @@ One pass over the placements with dictionaries: linear in the number of placed s
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -36,7 +38,7 @@ EPSILON = 1e-6
 
 @dataclass(frozen=True, slots=True)
 class Violation:
-    rule: str                   # ACCELERATOR, HBM, CPU, MEMORY, ISOLATION, EXCLUSION, ZONE, REFERENCE
+    rule: str                   # ACCELERATOR, HBM, CPU, MEMORY, NODE_SHARDS, ISOLATION, EXCLUSION, ZONE, REFERENCE
     scope: str                  # where: "node n1", "node n1[2]", "rack r1"
     tenants: tuple[str, ...]    # the tenants involved, sorted
     message: str
@@ -131,12 +133,21 @@ def find_violations(problem: Problem) -> list[Violation]:
                 found.append(Violation(rule, f"node {node_id}", tuple(sorted(on_node[node_id])),
                                        f"node {node_id}: {amount} {capacity} placed > {limit}"))
 
-    held: dict[tuple[str, str], dict[str, set[str]]] = {}  # built once a violation needs its words
+    capped = {n.id: n.max_shards for n in problem.nodes if n.max_shards is not None}
+    held = Counter(p.node for p in problem.placements
+                   if p.node in capped and p.deployment in deployments) if capped else Counter()
+    for node_id, count in held.items():
+        limit = capped[node_id]
+        if count > limit:
+            found.append(Violation("NODE_SHARDS", f"node {node_id}", tuple(sorted(on_node[node_id])),
+                                   f"node {node_id}: {count} shards placed > {limit} max_shards"))
+
+    words: dict[tuple[str, str], dict[str, set[str]]] = {}  # built once a violation needs its words
 
     def holding(level: str, where: str, who: set[str]) -> str:
-        if not held:
-            held.update(_held(problem, deployments, nodes))
-        return _holding(held.get((level, where), {}), who)
+        if not words:
+            words.update(_held(problem, deployments, nodes))
+        return _holding(words.get((level, where), {}), who)
 
     for level, holders in (("node", on_node), ("rack", on_rack)):
         for where, present in holders.items():

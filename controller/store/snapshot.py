@@ -177,6 +177,8 @@ def _node_doc(n: Any) -> dict[str, Any] | None:
     failed = sorted(f.index for f in stored_faults(n.failed_accelerators, n.accelerators))  # usecases/faults.py
     if failed:
         node["unhealthy_accelerators"] = failed
+    # The shards an agent lists in one assignment set or heartbeat: the solver places no more.
+    node["max_shards"] = limits.SHARDS_PER_NODE_MAX
     return node
 
 

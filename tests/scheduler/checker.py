@@ -15,6 +15,11 @@ Interpretations the spec leaves open, decided here (and documented so they can b
 - A node the problem's `nominations` (an extension, scheduler/interchange.py) keep for a
   deployment is as cordoned to every other deployment of that nomination's priority or lower: a
   placement of one there is "new" (NODE_STATE) unless the problem placed the same shard there.
+- A node's `max_shards` (an extension, scheduler/interchange.py) bounds the shards it holds in the
+  plan, whatever they need (NODE_SHARDS). As with power budgets, "existing placements are kept"
+  wins over a cap the problem already breaks: a node may stay over it if every shard it holds in
+  the plan is kept there; one newly placed (or moved) there breaks the rule. Its reason code
+  NODE_SHARDS is allowed beside the spec's (`EXTENSION_CODES`).
 - Kept placements keep their node *and* their accelerator indices (a running process is bound
   to its accelerators); changing either is a move.
 - `spread` counts a replica in every domain one of its shards touches; domain `none` is no limit.
@@ -61,6 +66,7 @@ SHARED_ACCELERATOR = "SHARED_ACCELERATOR"
 HBM = "HBM"
 CPU = "CPU"
 MEMORY = "MEMORY"
+NODE_SHARDS = "NODE_SHARDS"
 ACCELERATOR_MODEL = "ACCELERATOR_MODEL"
 NODE_STATE = "NODE_STATE"
 LOCALITY = "LOCALITY"
@@ -80,24 +86,27 @@ STATUS = "STATUS"
 
 ALL_RULES: tuple[str, ...] = (
     SCHEMA, REFERENCE, DUPLICATE, GANG, MIN_REPLICAS, INDICES, EXCLUSIVE_ACCELERATOR,
-    SHARED_ACCELERATOR, HBM, CPU, MEMORY, ACCELERATOR_MODEL, NODE_STATE, LOCALITY, SPREAD,
-    ISOLATION, EXCLUSION, ZONE, QUOTA_ACCELERATORS, QUOTA_POWER, POWER_RACK, POWER_ROW, KEPT,
-    MOVES, PREEMPTION, UNPLACED, STATUS,
+    SHARED_ACCELERATOR, HBM, CPU, MEMORY, NODE_SHARDS, ACCELERATOR_MODEL, NODE_STATE, LOCALITY,
+    SPREAD, ISOLATION, EXCLUSION, ZONE, QUOTA_ACCELERATORS, QUOTA_POWER, POWER_RACK, POWER_ROW,
+    KEPT, MOVES, PREEMPTION, UNPLACED, STATUS,
 )
 
 # Rules that can only get worse when placements are added: a partial plan that breaks one of
 # them cannot be completed into a valid plan (used by the brute-force search to prune).
 MONOTONE_RULES: frozenset[str] = frozenset({
     REFERENCE, DUPLICATE, INDICES, EXCLUSIVE_ACCELERATOR, SHARED_ACCELERATOR, HBM, CPU, MEMORY,
-    ACCELERATOR_MODEL, NODE_STATE, LOCALITY, SPREAD, ISOLATION, EXCLUSION, ZONE,
+    NODE_SHARDS, ACCELERATOR_MODEL, NODE_STATE, LOCALITY, SPREAD, ISOLATION, EXCLUSION, ZONE,
     QUOTA_ACCELERATORS, QUOTA_POWER, POWER_RACK, POWER_ROW,
 })
 
+# Reason codes of the format's extensions (scheduler/interchange.py), beyond the spec's list: the
+# plan schema is read with them allowed.
+EXTENSION_CODES: frozenset[str] = frozenset({"NODE_SHARDS"})
 REASON_CODES: frozenset[str] = frozenset({
     "CAPACITY", "ACCELERATOR_MODEL", "HBM", "CPU", "MEMORY", "POWER_RACK", "POWER_ROW",
     "ISOLATION", "EXCLUSION", "ZONE", "QUOTA_ACCELERATORS", "QUOTA_POWER", "LOCALITY", "SPREAD",
     "NODE_STATE", "TIME_LIMIT",
-})
+}) | EXTENSION_CODES
 
 # Float sums (power, hbm, fractional accelerators) are compared with this slack.
 EPSILON = 1e-6
@@ -151,6 +160,9 @@ def _plan_validator() -> Any:
                 f"plan.schema.json not found under {spec}; set MAIA_PLACEMENT_SPEC_DIR")
         problem_schema = json.loads((spec / "problem.schema.json").read_text())
         plan_schema = json.loads((spec / "plan.schema.json").read_text())
+        reason = plan_schema["properties"]["unplaced"]["items"]["properties"]["reasons"]["items"]
+        codes = reason["properties"]["code"]["enum"]
+        codes.extend(sorted(EXTENSION_CODES - set(codes)))
         registry = Registry().with_resources([
             (problem_schema["$id"], Resource.from_contents(problem_schema)),
             (plan_schema["$id"], Resource.from_contents(plan_schema)),
@@ -404,6 +416,17 @@ def check_plan(problem_doc: dict[str, Any], plan_doc: dict[str, Any], *,
                 said = "cordoned node" if state == "cordoned" else \
                     f"node nominated for {prob.nominated[s.node]['deployment']}"
                 bad(NODE_STATE, f"{s.deployment} r{s.replica} s{s.shard} newly placed on {said} {s.node}")
+    on_node: dict[str, list[_Shard]] = defaultdict(list)
+    for s in shards:
+        on_node[s.node].append(s)
+    for node_id, here in sorted(on_node.items()):
+        cap = prob.nodes[node_id].get("max_shards")
+        if cap is None or len(here) <= cap:
+            continue
+        new = [s for s in here if (prob.existing_by_key.get((s.deployment, s.replica, s.shard)) or {}).get("node") != node_id]
+        if new:
+            bad(NODE_SHARDS, f"node {node_id}: {len(here)} shards > max_shards {cap}, "
+                             f"{len(new)} newly placed there (first {new[0].deployment} r{new[0].replica} s{new[0].shard})")
     for node_id, used in sorted(cpu.items()):
         cap = prob.nodes[node_id].get("cpu_milli")
         if cap is not None and used > cap:

@@ -171,6 +171,8 @@ def problems(draw: st.DrawFn, *, max_nodes: int = 6, max_accelerators: int = 4,
             n["cpu_milli"] = draw(st.sampled_from([8000, 32000]))
         if draw(st.booleans()):
             n["memory_mib"] = draw(st.sampled_from([65536, 262144]))
+        if draw(st.integers(0, 3)) == 0:  # an extension (interchange.py): small, so it binds
+            n["max_shards"] = draw(st.integers(1, 4))
         nodes.append(n)
 
     # Power budgets around what the hardware could draw, so they bind sometimes.

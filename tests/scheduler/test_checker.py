@@ -249,6 +249,21 @@ def build_cases() -> list[Case]:
              [pl("m", 0, 0, "n1", [0]), pl("m", 1, 0, "n2", [0])],
              [pl("m", 0, 0, "n1", [0]), pl("m", 1, 0, "n1", [1])]))
 
+    # NODE_SHARDS (an extension: a node's max_shards), host-only shards; one kept over a
+    # lowered cap stays, a new one on top breaks it.
+    def cap(limit: int) -> Callable[[Doc], None]:
+        def edit(doc: Doc) -> None:
+            doc["nodes"][0]["max_shards"] = limit
+        return edit
+    p = problem([dep("h", replicas=3, acc=0, locality="node")], edit=cap(2))
+    add(case(C.NODE_SHARDS, "shards over the node's max_shards", p,
+             [pl("h", 0, 0, "n1", []), pl("h", 1, 0, "n1", []), pl("h", 2, 0, "n2", [])],
+             [pl("h", 0, 0, "n1", []), pl("h", 1, 0, "n1", []), pl("h", 2, 0, "n1", [])]))
+    kept = [pl("h", 0, 0, "n1", []), pl("h", 1, 0, "n1", [])]
+    p = problem([dep("h", replicas=3, acc=0, locality="node")], placements=kept, edit=cap(1))
+    add(case(C.NODE_SHARDS, "a new shard on a node kept over its max_shards", p,
+             [*kept, pl("h", 2, 0, "n2", [])], [*kept, pl("h", 2, 0, "n1", [])]))
+
     # ACCELERATOR_MODEL.
     p = problem([dep("m2only", accelerator_models=["m2"])])
     add(case(C.ACCELERATOR_MODEL, "wrong model", p, [pl("m2only", 0, 0, "n4", [0])],

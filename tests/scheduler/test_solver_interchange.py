@@ -54,9 +54,34 @@ def test_referential_and_schema_errors(mutate, field: str) -> None:
     assert str(err).startswith(field + ":")
 
 
+def _reason_codes(plan_schema: dict) -> list:
+    return plan_schema["properties"]["unplaced"]["items"]["properties"]["reasons"]["items"]["properties"]["code"]["enum"]
+
+
+def _without_extensions(name: str, schema: dict) -> dict:
+    """A shipped schema less this repo's documented extensions (scheduler/interchange.py): a node's
+    `max_shards` and its reason code NODE_SHARDS. What is left is the shared contract's."""
+    if name == "problem.schema.json":
+        schema["$defs"]["node"]["properties"].pop("max_shards")
+    else:
+        _reason_codes(schema).remove("NODE_SHARDS")
+    return schema
+
+
 @pytest.mark.parametrize("name", ["problem.schema.json", "plan.schema.json"])
-def test_shipped_schemas_equal_the_shared_ones(name: str) -> None:
-    assert json.loads((SCHEMAS / name).read_text()) == json.loads((SHARED / name).read_text())
+def test_shipped_schemas_are_the_shared_ones_and_the_extensions(name: str) -> None:
+    shipped = json.loads((SCHEMAS / name).read_text())
+    assert _without_extensions(name, shipped) == json.loads((SHARED / name).read_text())
+
+
+def test_a_node_max_shards_is_an_optional_integer_of_at_least_one() -> None:
+    assert problem_from_dict(problem([node("n1")], [dep("a")])).nodes[0].max_shards is None
+    assert problem_from_dict(problem([node("n1", max_shards=4096)], [dep("a")])).nodes[0].max_shards == 4096
+    assert problem_from_dict(problem([node("n1", max_shards=3.0)], [dep("a")])).nodes[0].max_shards.__class__ is int
+    for bad in (0, -1, 2.5, "8", True):
+        with pytest.raises(ProblemError) as info:
+            problem_from_dict(problem([node("n1", max_shards=bad)], [dep("a")]))
+        assert info.value.field == "nodes[0].max_shards"
 
 
 def _plan_validator() -> jsonschema.protocols.Validator:

@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 from sqlalchemy import event, select
 
+from controller.limits import SHARDS_PER_NODE_MAX
 from controller.store.db import Database
 from controller.store.models import (
     Deployment,
@@ -98,10 +99,12 @@ EXPECTED = {
     "racks": [{"id": "rack1", "row": "row1", "power_budget_w": 9000.0}, {"id": "rack2", "row": "row1"}],
     "nodes": [
         {"id": "n1", "rack": "rack1", "state": "ready", "accelerators": 4, "accelerator_model": "maia-100",
-         "hbm_gib": 64.0, "cpu_milli": 96000, "memory_mib": 786432, "idle_power_w": 600.0, "labels": {"pool": "a"}},
+         "hbm_gib": 64.0, "cpu_milli": 96000, "memory_mib": 786432, "idle_power_w": 600.0, "labels": {"pool": "a"},
+         "max_shards": SHARDS_PER_NODE_MAX},
         {"id": "n2", "rack": "rack1", "state": "cordoned", "accelerators": 4, "accelerator_model": "maia-100",
-         "hbm_gib": 64.0, "idle_power_w": 600.0},
-        {"id": "n3", "rack": "rack2", "state": "down", "accelerators": 4, "idle_power_w": 0.0},
+         "hbm_gib": 64.0, "idle_power_w": 600.0, "max_shards": SHARDS_PER_NODE_MAX},
+        {"id": "n3", "rack": "rack2", "state": "down", "accelerators": 4, "idle_power_w": 0.0,
+         "max_shards": SHARDS_PER_NODE_MAX},
     ],
     "tenants": [
         {"id": "t1", "isolation": "dedicated_rack", "excludes": ["t2"], "reserved_accelerators": 4.0,
@@ -170,6 +173,8 @@ async def test_example_documents_round_trip(database: Database, example: str) ->
     doc["deployments"] = [{**d, "id": f"{d['tenant']}/{d['id']}"} for d in doc["deployments"]]
     doc["placements"] = [{**p, "deployment": f"{tenant_of[p['deployment']]}/{p['deployment']}"}
                          for p in doc.get("placements", ())]
+    # ... and gives every node its agent's bound on the shards it lists (the solver's max_shards).
+    doc["nodes"] = [{**n, "max_shards": SHARDS_PER_NODE_MAX} for n in doc["nodes"]]
     original = problem_from_dict({**doc, "options": {}})
     loaded = problem_from_dict(snap.problem)
     for part in ("zones", "rows", "racks", "nodes", "tenants", "placements"):
