@@ -228,13 +228,14 @@ class Session:
         those with a replica short of shards on nodes that are not down and accelerators that
         have not failed (the shards the solver's load takes as lost or missing)."""
         nodes = {n.id: n for n in problem.nodes}
-        standing: dict[tuple[str, int], int] = {}  # per replica placed, its shards that stand
+        standing: dict[tuple[str, int], set[int]] = {}  # per replica placed, its shards that stand
         for p in problem.placements:
             node = nodes[p.node]
-            stands = node.state != "down" and not set(node.unhealthy_accelerators) & set(p.accelerator_indices)
-            standing[(p.deployment, p.replica)] = standing.get((p.deployment, p.replica), 0) + stands
-        shards = {d.id: d.shards_per_replica for d in problem.deployments}
-        return sorted({dep for (dep, _), n in standing.items() if n < shards[dep]})
+            shards = standing.setdefault((p.deployment, p.replica), set())
+            if node.state != "down" and not set(node.unhealthy_accelerators) & set(p.accelerator_indices):
+                shards.add(p.shard)
+        per_replica = {d.id: d.shards_per_replica for d in problem.deployments}
+        return sorted({dep for (dep, _), stand in standing.items() if len(stand) < per_replica[dep]})
 
     # ---- what the session holds -------------------------------------------------------------
 

@@ -418,7 +418,8 @@ class ControllerApp:
         the gateways, the election, the background loops; the address served."""
         try:  # free when `preflight` checked them; taken since by another program
             if self.config.metrics_listen:
-                self.metrics.watch_cluster(asyncio.get_running_loop(), self.read_cluster, self.read_usage)
+                self.metrics.watch_cluster(asyncio.get_running_loop(), self.read_cluster, self.read_usage,
+                                           leading=self.election.should_run)
                 self.metrics_address = self.metrics.serve(self.config.metrics_listen)
             if self.config.http_listen:
                 self.console_address = await self.console.start(self.config.http_listen)

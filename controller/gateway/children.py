@@ -241,6 +241,8 @@ class GatewayProcesses:
                             "killed", process.pid, grace)
                 process.kill()
                 await in_own_thread(process.wait, name="gateway-stop")
-        for task in (*self._watchers, *self._reapers):
+        tasks = (*self._watchers, *self._reapers)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # none left pending once stopped
         self.link_directory.remove()

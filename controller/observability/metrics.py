@@ -308,6 +308,7 @@ class ControllerMetrics:
             "a commit checkpoints itself past checkpoints.COMMIT_CHECKPOINT_PAGES.", registry=r)
         self._reader: ClusterReader | None = None
         self._usage_reader: UsageReader | None = None
+        self._leading: Callable[[], bool] | None = None  # `watch_cluster`'s
         self._last_gauges = _LastRead[_GaugesRead]()
         self._last_usage = _LastRead[UsageCounters]()
         self._usage_shown = _UsageHighWater()
@@ -418,10 +419,13 @@ class ControllerMetrics:
 
     # --- state read at scrape time --------------------------------------------------------------
     def watch_cluster(self, loop: asyncio.AbstractEventLoop, reader: ClusterReader,
-                      usage: UsageReader | None = None) -> None:
+                      usage: UsageReader | None = None, leading: Callable[[], bool] | None = None) -> None:
         """Scrapes read the cluster through `reader` and the usage counters through `usage`, run
-        in `loop` (the controller's)."""
+        in `loop` (the controller's). `leading`: whether the lease is held now (the election's
+        `should_run`, from any thread): false as the lease runs out, before the step-down is told
+        (`leadership_changed`), and the leader's own series go then."""
         self._loop, self._reader, self._usage_reader = loop, reader, usage
+        self._leading = leading
 
     def watch_alarms(self, count: Callable[[], int], violated: Callable[[], int]) -> None:
         """The isolation watchdog's alarm count and the violations it finds now, exported as
@@ -464,7 +468,8 @@ class ControllerMetrics:
         """A read's gauges as this controller may show them now: its own series only from a read
         begun in the lead it holds now."""
         lead, gauges = read
-        return gauges if self._lead == (lead, True) else gauges.follower_view()
+        leading = self._lead == (lead, True) and (self._leading is None or self._leading())
+        return gauges if leading else gauges.follower_view()
 
     def _read_cluster_now(self) -> tuple[_GaugesRead | None, UsageCounters | None]:
         loop = self._loop

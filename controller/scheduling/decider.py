@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.connection import Connection, Pipe
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -85,12 +85,20 @@ class OpenSession(Protocol):
     def __call__(self, problem: dict[str, Any], *, time_limit_ms: int) -> Session | RemoteSession: ...
 
 
-def open_in_process(problem: dict[str, Any], *, time_limit_ms: int) -> Session:
+def open_in_process(problem: dict[str, Any], *, time_limit_ms: int,
+                    repairing: Callable[[float], None] | None = None) -> Session:
     """A warm session of a problem document, in this interpreter (blocking). The solver is
-    imported here, not with this module: the controller's sessions live in its decide process."""
+    imported here, not with this module: the controller's sessions live in its decide process.
+    `repairing` is told first how long the session's repairs at load may search, if it makes
+    any (`Session.repairs_at_load`: one decision each, each up to the time limit)."""
     from scheduler.session import Session
 
-    return Session(problem_from_dict(problem, validate=False), time_limit_ms=time_limit_ms)
+    parsed = problem_from_dict(problem, validate=False)
+    if repairing is not None:
+        repairs = Session.repairs_at_load(parsed)
+        if repairs:
+            repairing(len(repairs) * time_limit_ms / 1000.0)
+    return Session(parsed, time_limit_ms=time_limit_ms)
 
 
 def place_documents(session: Session | RemoteSession, docs: Sequence[dict[str, Any]]) -> tuple[Decision, ...]:
@@ -465,7 +473,9 @@ def serve(conn: Connection, parent_pid: int) -> None:
                 problem, time_limit_ms, environment = args
                 session, token, failed = None, call_token, None  # the last one's memory goes first
                 _take_environment(environment)
-                session = _open_telling_work(conn, problem, time_limit_ms)
+                # The session is not there to ask until its repairs are done: the parent is told first.
+                session = open_in_process(problem, time_limit_ms=time_limit_ms,
+                                          repairing=lambda work_s: conn.send(("work", work_s, 0.0)))
                 result: Any = session.repaired_at_load
             elif failed is not None:
                 raise RuntimeError(f"an earlier call failed: {failed}")
@@ -494,19 +504,6 @@ def serve(conn: Connection, parent_pid: int) -> None:
             except (OSError, EOFError):
                 return
             unreported_cpu_s = 0.0
-
-
-def _open_telling_work(conn: Connection, doc: dict[str, Any], time_limit_ms: int) -> Session:
-    """`open_in_process`, the parent told first the time the session's repairs at load may search
-    (`Session.repairs_at_load`: shards on down nodes or failed accelerators, one decision each):
-    the session is not there to ask until they are done."""
-    from scheduler.session import Session
-
-    problem = problem_from_dict(doc, validate=False)
-    repairs = Session.repairs_at_load(problem)
-    if repairs:  # `open` always waits for its answer
-        conn.send(("work", len(repairs) * time_limit_ms / 1000.0, 0.0))
-    return Session(problem, time_limit_ms=time_limit_ms)
 
 
 def _main(argv: Sequence[str]) -> None:

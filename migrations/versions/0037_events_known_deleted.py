@@ -45,10 +45,10 @@ depends_on: Union[str, Sequence[str], None] = None
 
 # Every id below the lowest stored is gone (NULL with no event stored).
 BELOW_THE_LOWEST = "(SELECT min(id) - 1 FROM events)"
-# PostgreSQL: the last id events.id's sequence gave (NULL: none yet).
-LAST_GIVEN = ("(SELECT s.last_value FROM pg_sequences AS s "
-              "WHERE format('%I.%I', s.schemaname, s.sequencename)::regclass "
-              "= pg_get_serial_sequence('events', 'id')::regclass)")
+# PostgreSQL: the last id events.id's sequence gave (NULL: none yet). Read of that one sequence:
+# `pg_sequences` names every sequence of the database, and casting those names to regclass needs
+# USAGE on each one's schema (an extension's, another application's: "permission denied").
+LAST_GIVEN = "pg_sequence_last_value(pg_get_serial_sequence('events', 'id')::regclass)"
 
 
 def upgrade() -> None:

@@ -104,3 +104,19 @@ async def test_a_read_the_lease_changed_under_shows_no_lag_now_nor_kept_for_the_
     assert LAG not in scraped and (("state", "ready"),) in scraped["maia_nodes"]
     database.down = False  # one begun in this lead has it
     assert LAG in await _scrape(metrics)
+
+
+async def test_the_lag_goes_as_the_lease_runs_out_before_the_step_down_is_told() -> None:
+    # The election's `should_run` turns false at the lease's end; its step-down is told later,
+    # once the renewal stuck on the database gives up (the lease's TTL): a read failing meanwhile
+    # was answered with the kept one, lag included, beside the next leader's.
+    database, leads = _Database(), [True]
+    metrics = ControllerMetrics()
+    metrics.watch_cluster(asyncio.get_running_loop(), database.read, leading=lambda: leads[0])
+    metrics.leadership_changed(True)
+    assert LAG in await _scrape(metrics)
+    database.down, leads[0] = True, False
+    scraped = await _scrape(metrics)
+    assert LAG not in scraped and (("state", "ready"),) in scraped["maia_nodes"]
+    database.down, leads[0] = False, True  # renewed in time after all: the same lead goes on
+    assert (await _scrape(metrics))[LAG] == {(("rack", "rack-00"),): 1.5, (("rack", "rack-01"),): 0.5}
