@@ -6,16 +6,22 @@ An existing replica that did not change is re-emitted with the input's own place
 before on another node or other accelerators. Deployments left pending get their reasons
 (`explain`), the preemption hint when preemption is off, and TIME_LIMIT when the deadline
 cut their search short.
+
+`note_kept_violations` (asked for by `solve(check_kept=True)`, not by the warm session) lists in
+`stats` the hard rules that existing placements the plan keeps break: the solver keeps or moves
+such a placement but never reports it otherwise, and never makes a new breach.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING
 
 from scheduler.explain import explain, leading
-from scheduler.model import Move, Placement, Plan, Preemption, Reason, Unplaced
+from scheduler.model import Move, Placement, Plan, Preemption, Problem, Reason, Unplaced
 from scheduler.preemption import preemption_hints, with_hint
+from scheduler.violations import Violation, find_power_violations, find_violations
 
 if TYPE_CHECKING:
     from scheduler.solve import Solver
@@ -130,3 +136,28 @@ def emit_plan(solver: Solver) -> Plan:
     return Plan(status=status, placements=tuple(placements), unplaced=tuple(unplaced),
                 preempted=tuple(Preemption(deps[d].id, r) for d, r in preempted),
                 moved=tuple(moved), stats=dict(stats))
+
+
+KEPT_VIOLATIONS_LISTED = 20  # of the kept breaches, the first few in stats (all are counted)
+
+
+def kept_violations(problem: Problem, plan: Plan) -> list[Violation]:
+    """The hard rules broken by the plan's placements that the problem gave (kept as they were),
+    judged alone: `find_violations`, then the rack and row power budgets the kept shards draw
+    past (`find_power_violations`; a budget that idle power alone exceeds is no kept shard's).
+    New and moved placements are left out: the solver never makes a breach."""
+    if not problem.placements:
+        return []
+    given = set(problem.placements)
+    kept = dataclasses.replace(problem, placements=tuple(p for p in plan.placements if p in given))
+    return find_violations(kept) + [v for v in find_power_violations(kept) if v.tenants]
+
+
+def note_kept_violations(problem: Problem, plan: Plan) -> None:
+    """stats.kept_violations: the first `KEPT_VIOLATIONS_LISTED` of `kept_violations`, each
+    `{rule, scope, tenants, message}` (empty: none); stats.kept_violations_total: how many."""
+    found = kept_violations(problem, plan)
+    plan.stats["kept_violations"] = [
+        {"rule": v.rule, "scope": v.scope, "tenants": list(v.tenants), "message": v.message}
+        for v in found[:KEPT_VIOLATIONS_LISTED]]
+    plan.stats["kept_violations_total"] = len(found)

@@ -21,6 +21,17 @@ Every stage reads and writes the `Solver`: the `ClusterState` it owns (replaced 
 search the deadline cut (`time_cut`) and `stats`. Which nodes can take a shard is decided only
 by the filter plugins (`filters.NODE_FILTERS`); why not, only by `explain`.
 
+Existing placements that break a hard rule (a dedicated_node tenant sharing its node, a zone
+breach, a node past its max_shards, a rack over its power budget, ...) are kept, or moved where
+a stage needs the room, and the status does not count them: `optimal` says the placement of
+what was pending, not that the cluster is clean. `solve(problem, check_kept=True)` lists the
+breaches the plan keeps in `stats.kept_violations` (the first 20, each `{rule, scope, tenants,
+message}`, judged by `violations.py` over the kept placements alone) and
+`stats.kept_violations_total`; `maiactl solve` asks for it and warns. It is off by default,
+and the warm session never runs it: the check costs about as much as a no-op solve on 4,096
+nodes (docs/benchmarks.md), and the controller's isolation watchdog reports such breaches of
+stored placements continuously.
+
 Objective weight (documented for term 1 of the spec's objective): a replica is worth
 shards x accelerator milli (1 for host-only shards) x (priority - lowest priority + 1), so
 weights are positive and monotone in priority.
@@ -36,7 +47,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from scheduler.emit import emit_plan
+from scheduler.emit import emit_plan, note_kept_violations
 from scheduler.explain import explain
 from scheduler.fragmentation import Workload
 from scheduler.greedy import Placer
@@ -383,7 +394,7 @@ def _needs_greedy_guard(problem: Problem) -> bool:
 
 
 def solve(problem: Problem, *, time_limit_ms: int | None = None,
-          wall_limit_ms: int | None = None) -> Plan:
+          wall_limit_ms: int | None = None, check_kept: bool = False) -> Plan:
     """Place what the problem asks for; never raises for a valid problem.
 
     The searches stop at budgets planned for `time_limit_ms` (the problem's by default):
@@ -397,7 +408,17 @@ def solve(problem: Problem, *, time_limit_ms: int | None = None,
     With moves or preemption in play, the greedy pipeline (greedy, moves, preemption; no
     CP-SAT) runs first, then the full one in the time left, and the better plan by
     `plan_value` is returned (ties: the full one): a solver that spends its time limit never
-    places less priority-weighted demand than the greedy with moves does."""
+    places less priority-weighted demand than the greedy with moves does.
+
+    With `check_kept`, the plan's stats also list the existing placements it keeps that break
+    a hard rule (`emit.note_kept_violations`; the module docstring says why it is asked for)."""
+    plan = _solve(problem, time_limit_ms, wall_limit_ms)
+    if check_kept:
+        note_kept_violations(problem, plan)
+    return plan
+
+
+def _solve(problem: Problem, time_limit_ms: int | None, wall_limit_ms: int | None) -> Plan:
     with _cyclic_gc_paused():
         if not _needs_greedy_guard(problem):
             return Solver(problem, time_limit_ms, wall_limit_ms=wall_limit_ms).run()

@@ -42,6 +42,28 @@ def status_text(plan: Mapping[str, Any]) -> str:
     return quality
 
 
+KEPT = ("kept_violations", "kept_violations_total")  # stats the solve's check of kept placements writes
+
+
+def kept_violations_text(stats: Mapping[str, Any]) -> list[str]:
+    """The warning line for the existing placements the plan keeps that break a hard rule
+    (`stats.kept_violations`), then a section listing them; nothing when it lists none."""
+    listed = stats.get("kept_violations")
+    if not isinstance(listed, list) or not listed:
+        return []
+    total = stats.get("kept_violations_total")
+    total = total if isinstance(total, int) and total >= len(listed) else len(listed)
+    rules = sorted({str(v.get("rule", "?")) for v in listed if isinstance(v, Mapping)})
+    lines = [f"the plan keeps {total} breach(es) of hard rules by existing placements "
+             f"({', '.join(rules)}{', ...' if total > len(listed) else ''}): the solver leaves them "
+             "as given and its status does not count them (listed below)"]
+    lines.append("Kept violations:" + (f" (first {len(listed)} of {total})" if total > len(listed) else ""))
+    for v in listed:
+        if isinstance(v, Mapping):
+            lines.append(f"  {v.get('rule', '?')} [{v.get('scope', '?')}]: {v.get('message', '')}")
+    return lines
+
+
 def plan_text(plan: Mapping[str, Any], problem: Mapping[str, Any]) -> str:
     rack_of = {n.get("id"): n.get("rack") for n in problem.get("nodes", [])}
     deployments = problem.get("deployments", [])
@@ -52,11 +74,16 @@ def plan_text(plan: Mapping[str, Any], problem: Mapping[str, Any]) -> str:
     for key in ("objective", "best_bound"):
         if key in stats:
             head.append((key.replace("_", " ").capitalize(), fmt_number(float(stats[key]))))
-    extra = {k: v for k, v in stats.items() if k not in ("solve_ms", "objective", "best_bound")
+    extra = {k: v for k, v in stats.items() if k not in ("solve_ms", "objective", "best_bound", *KEPT)
              and isinstance(v, (int, float, str))}
     if extra:
         head.append(("Stats", ", ".join(f"{k}={v}" for k, v in sorted(extra.items()))))
+    kept = kept_violations_text(stats)
+    if kept:
+        head.append(("Warning", kept[0]))
     sections = [render_kv(head)]  # type: ignore[arg-type]
+    if kept[1:]:
+        sections.append("\n".join(kept[1:]))
 
     by_deployment: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for p in plan.get("placements", []):

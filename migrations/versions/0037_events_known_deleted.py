@@ -23,7 +23,7 @@ written, not as they commit).
 
 With no event stored:
 - PostgreSQL: `events.id`'s sequence never gives an id twice, and the last one it gave
-  (`pg_sequences.last_value`: NULL until one was given) is the highest ever assigned; the mark
+  (`pg_sequence_last_value`: NULL until one was given) is the highest ever assigned; the mark
   is raised to it, new ids come after it. It may count ids taken and rolled back, as above.
 - SQLite: not knowable, and the mark stays. `events.id` is a rowid without AUTOINCREMENT (no
   `sqlite_sequence` row to read): SQLite gives a new row the highest id stored plus one, 1 in an

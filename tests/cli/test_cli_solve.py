@@ -172,3 +172,31 @@ def test_an_id_that_is_not_unicode_text_prints_escaped_not_a_traceback(tmp_path:
     done = maiactl("solve", str(problem))
     assert done.returncode == 0, done.stderr
     assert "d\\udfff" in done.stdout and "Traceback" not in done.stderr
+
+
+def test_a_kept_breach_of_a_hard_rule_is_warned_of(tmp_path: Path) -> None:
+    """Tenant a (dedicated_node) shares n1 with b in the given placements: the solve keeps them and
+    says `optimal`; the table warns and lists the breach, `-o json` carries it in stats only."""
+    doc = {"version": 1, "zones": [{"id": "z1"}], "rows": [{"id": "w1", "zone": "z1"}],
+           "racks": [{"id": "r1", "row": "w1"}],
+           "nodes": [{"id": n, "rack": "r1", "accelerators": 4} for n in ("n1", "n2")],
+           "tenants": [{"id": "a", "isolation": "dedicated_node"}, {"id": "b", "isolation": "shared"}],
+           "deployments": [{"id": d, "tenant": t, "replicas": 1, "shards_per_replica": 1,
+                            "shard": {"accelerators": 1}} for d, t in (("x", "a"), ("y", "b"))],
+           "placements": [{"deployment": d, "replica": 0, "shard": 0, "node": "n1", "accelerator_indices": [i]}
+                          for i, d in enumerate(("x", "y"))],
+           "options": {"mode": "batch"}}
+    path = tmp_path / "breach.json"
+    path.write_text(json.dumps(doc))
+    table = maiactl("solve", str(path))
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.startswith("Status:")
+    warning = next(line for line in table.stdout.splitlines() if line.startswith("Warning:"))
+    assert "keeps 1 breach(es) of hard rules by existing placements (ISOLATION)" in warning
+    assert "  ISOLATION [node n1]: node n1 holds tenant a (dedicated_node) together with b" in table.stdout
+    as_json = maiactl("solve", str(path), "-o", "json")
+    plan = json.loads(as_json.stdout)
+    assert plan["status"] == "optimal" and plan["stats"]["kept_violations_total"] == 1
+    assert [(v["rule"], v["scope"]) for v in plan["stats"]["kept_violations"]] == [("ISOLATION", "node n1")]
+    clean = maiactl("solve", str(SHARED / "examples" / "tiny.problem.json"))
+    assert clean.returncode == 0 and "Warning:" not in clean.stdout and "kept_violations" not in clean.stdout

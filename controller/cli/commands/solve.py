@@ -2,6 +2,8 @@
 
 With `-o json` stdout carries exactly one JSON document, plan_to_dict(plan); everything else
 (progress, errors) goes to stderr. A problem the library rejects (ProblemError) exits 2.
+The solve lists the existing placements the plan keeps that break a hard rule
+(`stats.kept_violations`, `solve(check_kept=True)`); the table output warns of them.
 """
 from __future__ import annotations
 
@@ -59,6 +61,6 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         problem = problem_from_dict(doc)
     except ProblemError as exc:
         raise CliError(str(exc), 2) from None
-    plan_doc = plan_to_dict(solve(problem))
+    plan_doc = plan_to_dict(solve(problem, check_kept=True))  # a file's reader is told what it keeps broken
     ctx.emit(lambda: plan_doc, lambda: plan_text(plan_doc, doc))
     return 0
