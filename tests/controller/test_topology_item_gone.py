@@ -16,12 +16,12 @@ from controller import limits
 from controller.errors import Conflict, FailedPrecondition, NotFound
 from controller.identity import Principal, Role
 from controller.store import audit
-from controller.store import repositories as repo
 from controller.store.db import Database
 from controller.usecases import agents, topology
 from controller.usecases.ports import RecordingSignals
 from controller.domain.values import NodeInfo, RackSpec, RowSpec, TopologySpec, ZoneSpec
 from uc_builders import WHO, add_nodes, apply_topology, every_row
+from tests.topology_races import after_first_read, applied_again_before_reread
 
 BOOT = Principal("boot", Role.NODE_BOOTSTRAP, token_id="b00t")
 REGISTER = "/maia.v1.NodeAgentService/Register"
@@ -41,48 +41,26 @@ async def _register(db: Database, batch: list[agents.Register]) -> list[Any]:
 
 def _deleting_after(monkeypatch: pytest.MonkeyPatch, module: Any, name: str, db: Database, kind: str,
                     item_id: str) -> list[dict[str, list[str]]]:
-    """`module.name` (a read of the request's, unlocked) is followed, the first time it is called,
-    by the deletion of `kind item_id` in a transaction of its own (DeleteRack, DeleteRow,
-    DeleteZone); every row of the database as that deletion left it."""
-    read, deleted = getattr(module, name), []
+    """`module.name` is followed, the first time, by the deletion of `kind item_id` in a
+    transaction of its own; every row of the database as that deletion left it."""
+    async def delete() -> None:
+        async with db.unit_of_work() as uow:
+            await topology.delete_item(uow, WHO, kind, item_id, RecordingSignals())
 
-    async def then_deleted(*args: Any, **kwargs: Any) -> Any:
-        out = await read(*args, **kwargs)
-        if not deleted:
-            async with db.unit_of_work() as uow:
-                await topology.delete_item(uow, WHO, kind, item_id, RecordingSignals())
-            deleted.append(await every_row(db))
-        return out
+    return after_first_read(monkeypatch, module, name, delete, lambda: every_row(db))
 
-    monkeypatch.setattr(module, name, then_deleted)
-    return deleted
+
+async def _with_empty_parents(db: Database) -> None:
+    """rack-a in row-a (zone z1), an empty row-b in z1, and an empty zone z2: parents to delete."""
+    await apply_topology(db, {"rack-a": "row-a"})
+    async with db.unit_of_work() as uow:
+        await topology.apply_topology(uow, WHO, TopologySpec(zones=(ZoneSpec("z2"),), rows=(RowSpec("row-b", "z1"),)),
+                                      RecordingSignals())
 
 
 def _applied_again_before_reread(monkeypatch: pytest.MonkeyPatch, db: Database,
-                                  apply: Callable[[], Awaitable[Any]]) -> list[dict[str, list[str]]]:
-    """The first read of stored ids after each foreign-key refusal of a parent gone
-    (`repo.topology_parent_gone`, the use case's re-read of what is gone) is preceded by `apply()`
-    in a transaction of its own: the parent deleted after the request read it is back as it reads
-    again. Every row of the database as each such apply left it."""
-    parent_gone, existing_ids = repo.topology_parent_gone, repo.existing_ids
-    refusals, applied = [], []
-
-    def seen(exc: BaseException) -> bool:
-        gone = parent_gone(exc)
-        if gone:
-            refusals.append(exc)
-        return gone
-
-    async def read_after_applied(*args: Any, **kwargs: Any) -> Any:
-        if len(refusals) > len(applied):
-            applied.append({})  # taken: the apply's own reads go through
-            await apply()
-            applied[-1] = await every_row(db)
-        return await existing_ids(*args, **kwargs)
-
-    monkeypatch.setattr(repo, "topology_parent_gone", seen)
-    monkeypatch.setattr(repo, "existing_ids", read_after_applied)
-    return applied
+                                 apply: Callable[[], Awaitable[Any]]) -> list[dict[str, list[str]]]:
+    return applied_again_before_reread(monkeypatch, apply, lambda: every_row(db))
 
 
 async def test_a_register_into_a_rack_deleted_after_its_read_is_refused_as_an_unknown_rack(
@@ -139,10 +117,7 @@ async def test_a_batch_with_a_register_into_a_rack_deleted_meanwhile_fails_whole
 async def test_an_apply_naming_a_parent_deleted_after_its_check_is_refused_as_unknown(
         database: Database, monkeypatch: pytest.MonkeyPatch, spec: TopologySpec, kind: str, gone: str,
         message: str) -> None:
-    await apply_topology(database, {"rack-a": "row-a"})
-    async with database.unit_of_work() as uow:  # an empty row-b, and an empty zone z2
-        await topology.apply_topology(uow, WHO, TopologySpec(zones=(ZoneSpec("z2"),), rows=(RowSpec("row-b", "z1"),)),
-                                      RecordingSignals())
+    await _with_empty_parents(database)
     deleted = _deleting_after(monkeypatch, topology, "_validate", database, kind, gone)
     signals = RecordingSignals()
     with pytest.raises(NotFound) as refused:
@@ -178,10 +153,7 @@ async def test_a_register_whose_rack_is_deleted_and_applied_again_before_its_rer
 async def test_an_apply_whose_parent_is_deleted_and_applied_again_before_its_recheck_is_aborted_with_a_retry_time(
         database: Database, monkeypatch: pytest.MonkeyPatch, spec: TopologySpec, kind: str, gone: str,
         again: TopologySpec) -> None:
-    await apply_topology(database, {"rack-a": "row-a"})
-    async with database.unit_of_work() as uow:  # an empty row-b, and an empty zone z2
-        await topology.apply_topology(uow, WHO, TopologySpec(zones=(ZoneSpec("z2"),), rows=(RowSpec("row-b", "z1"),)),
-                                      RecordingSignals())
+    await _with_empty_parents(database)
 
     async def apply_again() -> None:
         async with database.unit_of_work() as uow:

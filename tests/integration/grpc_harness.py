@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +28,8 @@ from controller.identity import CONTROLLER, Role
 from controller.simnode.transport import status_lost
 from controller.store import models as m
 from controller.store.db import Database
+from controller.domain.values import NodeInfo
+from controller.usecases import agents as agent_cases
 from controller.usecases import tokens
 from maia.v1 import (
     admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, audit_pb2_grpc, common_pb2, deployments_pb2,
@@ -73,6 +76,17 @@ async def controller_with_rack(db_url: str, tmp_path: Path, **overrides: Any) ->
             yield app, stubs
         finally:
             await stubs.channel.close()
+
+
+async def heard_node(app: ControllerApp, node: str = "n1", rack: str = "rack-00") -> None:
+    """Rack `rack` (row row-a) applied through the API, and node `node` registered in it and heard
+    from (its Hello, written by the use cases): a node the leader has a heartbeat lag for."""
+    async with Stubs.connect(app.address, admin_token_of(app)).channel as channel:
+        await Stubs.on(channel).admin.ApplyTopology(topology({rack: "row-a"}))
+    async with app.db.unit_of_work() as uow:
+        reg = await agent_cases.register_node(uow, CONTROLLER, NodeInfo(node, rack, 4), heartbeat_interval_ms=1000)
+    async with app.db.unit_of_work() as uow:
+        assert await agent_cases.hello(uow, CONTROLLER, node, reg.session_id, datetime.now(timezone.utc))
 
 
 RUNNING = deployments_pb2.DEPLOYMENT_PHASE_RUNNING

@@ -15,53 +15,22 @@ import pytest
 from controller import limits
 from controller.api.server import ControllerApp
 from controller.retryinfo import told_retry_s
-from controller.store import repositories as repo
 from controller.usecases import agents, topology as topology_cases
 from grpc_harness import Stubs, api_state, topology
+from tests.topology_races import after_first_read, applied_again_before_reread
 from maia.v1 import admin_pb2, agent_pb2
 
 
 def _deleting_after(monkeypatch: pytest.MonkeyPatch, module: Any, name: str, stubs: Stubs,
                     delete: Callable[[], Awaitable[Any]]) -> list[tuple]:
-    """`module.name` (a read of the call's, unlocked) is followed, the first time, by `delete()`
-    (a DeleteRack or DeleteRow call of its own); the API's state as that left it."""
-    read, deleted = getattr(module, name), []
-
-    async def then_deleted(*args: Any, **kwargs: Any) -> Any:
-        out = await read(*args, **kwargs)
-        if not deleted:
-            await delete()
-            deleted.append(await api_state(stubs))
-        return out
-
-    monkeypatch.setattr(module, name, then_deleted)
-    return deleted
+    """`module.name` is followed, the first time, by `delete()` (a DeleteRack or DeleteRow call of
+    its own); the API's state as that left it."""
+    return after_first_read(monkeypatch, module, name, delete, lambda: api_state(stubs))
 
 
 def _applied_again_before_reread(monkeypatch: pytest.MonkeyPatch, stubs: Stubs,
-                                  apply: Callable[[], Awaitable[Any]]) -> list[tuple]:
-    """The first read of stored ids after each foreign-key refusal of a parent gone (the use
-    case's re-read of what is gone) is preceded by `apply()` (an ApplyTopology call of its own);
-    the API's state as each left it."""
-    parent_gone, existing_ids = repo.topology_parent_gone, repo.existing_ids
-    refusals, applied = [], []
-
-    def seen(exc: BaseException) -> bool:
-        gone = parent_gone(exc)
-        if gone:
-            refusals.append(exc)
-        return gone
-
-    async def read_after_applied(*args: Any, **kwargs: Any) -> Any:
-        if len(refusals) > len(applied):
-            applied.append(())  # taken: the apply's own reads go through
-            await apply()
-            applied[-1] = await api_state(stubs)
-        return await existing_ids(*args, **kwargs)
-
-    monkeypatch.setattr(repo, "topology_parent_gone", seen)
-    monkeypatch.setattr(repo, "existing_ids", read_after_applied)
-    return applied
+                                 apply: Callable[[], Awaitable[Any]]) -> list[tuple]:
+    return applied_again_before_reread(monkeypatch, apply, lambda: api_state(stubs))
 
 
 async def test_a_register_into_a_rack_deleted_meanwhile_answers_failed_precondition(

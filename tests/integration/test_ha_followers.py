@@ -14,7 +14,6 @@ import gc
 import io
 import time
 from collections.abc import AsyncIterator, Awaitable
-from datetime import datetime, timezone
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -27,10 +26,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller.api.server import DEPLOYMENTS, ControllerApp
 from controller.cli.main import main as maiactl
-from grpc_harness import SimFleet, Stubs, admin_token_of, eventually, issue_token, running_controller, spec, topology
-from controller.domain.values import NodeInfo
-from controller.identity import CONTROLLER
-from controller.usecases import agents as agent_cases
+from grpc_harness import (SimFleet, Stubs, admin_token_of, eventually, heard_node, issue_token, running_controller, spec,
+                          topology)
 from maia.v1 import admin_pb2, agent_pb2, deployments_pb2
 
 pytestmark = pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -640,12 +637,6 @@ async def test_only_the_leader_reports_the_heartbeat_lag(db_url: str, tmp_path: 
     (tmp_path / "b").mkdir()
     async with running_controller(db_url, tmp_path / "a", **QUIET) as leader, \
             running_controller(db_url, tmp_path / "b", **QUIET) as follower:
-        async with Stubs.connect(leader.address, admin_token_of(leader)).channel as channel:
-            await Stubs.on(channel).admin.ApplyTopology(topology({"rack-00": "row-a"}))
-        async with leader.db.unit_of_work() as uow:
-            reg = await agent_cases.register_node(uow, CONTROLLER, NodeInfo("n1", "rack-00", 4),
-                                                  heartbeat_interval_ms=1000)
-        async with leader.db.unit_of_work() as uow:
-            assert await agent_cases.hello(uow, CONTROLLER, "n1", reg.session_id, datetime.now(timezone.utc))
+        await heard_node(leader)
         assert set((await leader.read_cluster()).heartbeat_lag_max_s) == {"rack-00"}
         assert (await follower.read_cluster()).heartbeat_lag_max_s == {}

@@ -12,7 +12,6 @@ import asyncio
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -21,11 +20,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from controller.domain.values import NodeInfo
-from controller.identity import CONTROLLER
 from controller.store.db import Database
-from controller.usecases import agents as agent_cases
-from grpc_harness import Stubs, admin_token_of, eventually, running_controller, topology
+from grpc_harness import eventually, heard_node, running_controller
 
 pytestmark = pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
 
@@ -73,13 +69,7 @@ async def _database_down(url: str) -> AsyncIterator[None]:
 async def test_a_leader_whose_database_failed_drops_its_heartbeat_lag_and_shows_it_again_when_it_leads(
         database: Database, tmp_path: Path) -> None:
     async with running_controller(database.url, tmp_path, **FAST_LEASE) as app:
-        async with Stubs.connect(app.address, admin_token_of(app)).channel as channel:
-            await Stubs.on(channel).admin.ApplyTopology(topology({"rack-00": "row-a"}))
-        async with app.db.unit_of_work() as uow:
-            reg = await agent_cases.register_node(uow, CONTROLLER, NodeInfo("n1", "rack-00", 4),
-                                                  heartbeat_interval_ms=1000)
-        async with app.db.unit_of_work() as uow:
-            assert await agent_cases.hello(uow, CONTROLLER, "n1", reg.session_id, datetime.now(timezone.utc))
+        await heard_node(app)
         assert app.metrics_address
         await eventually(lambda: _scrape(app.metrics_address), lambda s: (("rack", "rack-00"),) in s.get(LAG, {}),
                          what="the leader's heartbeat lag")
