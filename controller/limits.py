@@ -78,9 +78,11 @@ REPORTS_BURST = 2 * SHARDS_PER_NODE_MAX + 100
 # The bytes of one agent stream's messages a controller holds unread when the stream comes through
 # an agent gateway (before the hub reads the stream: its Hello is being written, its first set read);
 # past them the stream ends RESOURCE_EXHAUSTED. On the port HTTP/2's flow control stops an agent
-# that sends faster than the controller reads after ~4.6 MiB; a relayed stream's requests have no
-# window, and one agent with a node credential queued 67 MiB in the controller in 2 s. An agent's
-# messages before its Hello is answered are a few heartbeats (a full node's: ~0.4 MiB each).
+# that sends faster than the controller reads after ~4.6 MiB; a relayed stream's requests had no
+# window, and one agent with a node credential queued 67 MiB in the controller in 2 s. Now the
+# gateway holds a stream's requests to `gateway.frames.REQUEST_WINDOW_BYTES` (8 MiB) ahead of what
+# the handler took, plus one message: this is a backstop. An agent's messages before its Hello is
+# answered are a few heartbeats (a full node's: ~0.4 MiB each).
 RELAYED_UNREAD_BYTES_MAX = 16 * 1024 * 1024
 # A Connect stream's first message (its Hello) must arrive this long after the stream opened, else the
 # stream ends INVALID_ARGUMENT: without a bound any caller that may Connect held a stream (a handler,

@@ -1,5 +1,25 @@
-"""What both ends of a gateway's link share: the frame batching and the metadata and status
-conversions of `proto/maia/v1/relay.proto`."""
+"""What both ends of a gateway's link share: the frame batching, the flow control of a relayed
+call's requests, and the metadata and status conversions of `proto/maia/v1/relay.proto`.
+
+Both directions of a relayed call are flow-controlled as gRPC's HTTP/2 windows control a call on
+the controller's port, so that an agent the controller does not keep up with waits in its own
+transport, not in a buffer of the gateway or the controller. Responses: the controller sends a
+call at most `relay.RELAY_WINDOW` of them ahead of those the gateway says the agent's transport
+took. Requests: the gateway reads no more of an agent's stream while `REQUEST_WINDOW_BYTES` of it
+are ahead of what the controller says the call's handler took (`RelayEvent.taken` on the call,
+in bytes, told each `REQUEST_TAKEN_TOLD_BYTES`), nor while its link is behind (the gateway's
+`Outbox` over `OUTBOX_BYTES_MAX` or `OUTBOX_EVENTS_MAX`: its pumps wait their turn,
+`Outbox.message_in_turn`); HTTP/2 then holds the agent back at the gateway's port.
+
+None of this can deadlock, because what frees each wait never waits on what it frees: each end
+reads its side of the link without ever waiting (a frame's events are queued, pushed or counted
+in the call that reads it), so the link drains whatever its calls do, and with it a full outbox;
+control events (a call's opening, its end or cancel, `taken` both ways, statuses) are added
+without waiting, so a pump waiting for the outbox never holds back the credit that would free a
+call's window (at worst they queue behind the messages, which leave); the controller tells what
+a handler took before what it has not told reaches a window (`REQUEST_TAKEN_TOLD_BYTES` is at
+most `REQUEST_WINDOW_BYTES`), so a call's window is never closed on requests its handler already
+took; and one call's window waits only on its own handler, the outbox on the link alone."""
 
 from __future__ import annotations
 
@@ -41,6 +61,37 @@ LINK_OPTIONS: tuple[tuple[str, int], ...] = (
 # GOAWAY too_many_pings after ~1 min.
 
 KEEPALIVE_FIELDS = tuple(field.name for field in fields(limits.Keepalive))
+
+# --- a relayed call's requests (gateway -> controller) ------------------------------------------
+# A request counts for its bytes and this many more: about what holding one costs beyond its bytes
+# (its bytes object and queue slot, its event in a frame), so that a window of tiny messages (an
+# omitted-shards heartbeat is ~20 bytes) does not let hundreds of thousands of them go ahead.
+REQUEST_OVERHEAD_BYTES = 64
+# A call's requests the gateway sends ahead of those its handler in the controller took, in the
+# bytes `request_weight` counts. The gateway reads the agent's next message only while less than
+# this is ahead (so at most this and one message, <= limits.MAX_RECEIVE_MESSAGE_BYTES, are: under
+# limits.RELAYED_UNREAD_BYTES_MAX, which a well-behaved gateway never reaches); past it HTTP/2
+# holds the agent back at the gateway's port as it does at the controller's (~4.6 MiB there).
+# A normal agent never waits on it: the hub takes a stream's messages as their frame arrives
+# (`relay.RelayedRequests.push_to`), so only those in flight are ahead, and even the largest burst
+# the hub accepts at once (limits.REPORTS_BURST: a full node's 4,096 shards reported LOADING and
+# then RUNNING, ~60-175 bytes each, and a full heartbeat, ~0.2-0.7 MiB: at most ~2.6 MiB weighed,
+# names at their longest) fits beside what the controller has not told yet (< REQUEST_TAKEN_TOLD_BYTES).
+REQUEST_WINDOW_BYTES = 8 * 1024 * 1024
+# The controller tells the gateway what a call's handler took once it weighs this much (one
+# `taken` event per MiB of a stream, not one per message: an idle agent's heartbeats add none).
+# At most the window: a gateway whose call's handler took everything is never held back.
+REQUEST_TAKEN_TOLD_BYTES = 1024 * 1024
+# The gateway's outbox (events for its link) past which its agents' streams wait their turn
+# (`Outbox.message_in_turn`): a link slower than its agents (the controller's loop busy) holds
+# the agents back instead of growing the gateway's memory. Four full frames, or sixteen of events.
+OUTBOX_BYTES_MAX = 4 * FRAME_BYTES_MAX
+OUTBOX_EVENTS_MAX = 16 * FRAME_EVENTS_MAX
+
+
+def request_weight(data: bytes) -> int:
+    """What a request counts for in its call's window (`REQUEST_WINDOW_BYTES`), at both ends."""
+    return len(data) + REQUEST_OVERHEAD_BYTES
 
 
 def link_server_options(keepalive: limits.Keepalive = limits.AGENT_KEEPALIVE) -> tuple[tuple[str, int], ...]:
@@ -110,17 +161,45 @@ class Outbox:
     more (or a single event past the bytes): the events added while the link was busy go as as
     many frames as they fill. One frame of all of them could pass the link's message limit, and
     the link failed: every agent on the gateway lost its stream (agents without a token sending
-    4 MiB messages at once did it; the gateway reads no message)."""
+    4 MiB messages at once did it; the gateway reads no message).
 
-    def __init__(self, linger_s: float) -> None:
+    Bounded (`bytes_max`, `events_max`: the gateway's, `OUTBOX_BYTES_MAX`), the messages of
+    producers that wait their turn (`message_in_turn`: the gateway's pumps of its agents'
+    streams) go in only while the events not yet sent are under both bounds, in the order the
+    producers came (one woken at a time as frames leave, not every waiter at each frame); so a
+    slow link holds the agents back, and the outbox holds at most its bounds and one message.
+    Events added otherwise (`add`, `message`: a call's opening, its end or cancel, `taken`, a
+    Register's one request) never wait, so nothing that frees the link or a window is ever held
+    behind the producers it would free."""
+
+    def __init__(self, linger_s: float, *, bytes_max: int | None = None, events_max: int | None = None) -> None:
         self._linger_s = linger_s
         self._events: deque[tuple[relay_pb2.RelayEvent, int]] = deque()  # with its message's size
         self._bytes = 0
+        self._bytes_max = bytes_max
+        self._events_max = events_max
+        # The messages of the producers waiting their turn (`message_in_turn`), each with its future.
+        self._waiting: deque[tuple[asyncio.Future[None], relay_pb2.RelayEvent, int]] = deque()
         self._ready = Wakeup()
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
         self.frames_sent = 0
         self.events_sent = 0
+
+    @property
+    def over_bound(self) -> bool:
+        """The events not yet sent reach `bytes_max` or `events_max`."""
+        return ((self._bytes_max is not None and self._bytes >= self._bytes_max)
+                or (self._events_max is not None and len(self._events) >= self._events_max))
+
+    @property
+    def producers_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def queued_bytes(self) -> int:
+        """The bytes of the messages added and not yet sent (those waiting their turn aside)."""
+        return self._bytes
 
     def add(self, event: relay_pb2.RelayEvent, size: int = 0) -> None:
         if self._closed:
@@ -137,10 +216,40 @@ class Outbox:
     def message(self, call: int, data: bytes) -> None:
         self.add(relay_pb2.RelayEvent(call=call, message=data), len(data))
 
+    async def message_in_turn(self, call: int, data: bytes) -> None:
+        """`message`, once the outbox is under its bounds and the messages that waited before this
+        one went in: the caller reads no more of its source meanwhile. Cancelled while it waits,
+        its message is not sent (its call is gone); once the outbox is closed, nothing is."""
+        if self._closed:
+            return
+        self._let_in_waiting()  # (those of cancelled producers gone: none left ahead of it for nothing)
+        if not self._waiting and not self.over_bound:
+            self.message(call, data)
+            return
+        turn = asyncio.get_running_loop().create_future()
+        self._waiting.append((turn, relay_pb2.RelayEvent(call=call, message=data), len(data)))
+        await turn
+
     def close(self) -> None:
-        """No more frames: `frames` ends once the events added before are sent."""
+        """No more frames: `frames` ends once the events added before are sent (the messages still
+        waiting their turn are dropped, their producers let go)."""
         self._closed = True
+        for turn, _, _ in self._waiting:
+            if not turn.done():
+                turn.set_result(None)
+        self._waiting.clear()
         self._send_now()
+
+    def _let_in_waiting(self) -> None:
+        """The messages waiting their turn, in order, while the outbox is under its bounds."""
+        waiting = self._waiting
+        while waiting and not self.over_bound:
+            turn, event, size = waiting.popleft()
+            if turn.done():  # its producer was cancelled: its call is gone
+                continue
+            self._events.append((event, size))
+            self._bytes += size
+            turn.set_result(None)
 
     def _send_now(self) -> None:
         if self._timer is not None:
@@ -159,6 +268,8 @@ class Outbox:
             events.append(event)
             size += event_size
         self._bytes -= size
+        if self._waiting:
+            self._let_in_waiting()
         return events
 
     async def frames(self) -> AsyncIterator[relay_pb2.RelayFrame]:

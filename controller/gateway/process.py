@@ -6,14 +6,18 @@ none), opens one `AgentRelay.Relay` stream to the controller and relays each age
 its opening (method, the agent's metadata, peer, time left), its requests, its end, and each of
 its responses the agent's transport took (the controller sends a call only a few ahead); it
 answers each call with what the controller sends back, ending it with the controller's status and
-trailing metadata. A call whose deadline already passed is answered DEADLINE_EXCEEDED here and not
-relayed (the link's "no time left" would read as no deadline). It exits when the link ends: with
-status 0 when its controller ended it (its stop: every call's status came before the link's end,
-`LINK_CALL`), with `EXIT_LINK_LOST` when the link was lost (the controller died, or stopped
-answering the link's keepalive pings, `--keepalive`), ending every agent call still open
-UNAVAILABLE first; it exits too when the link does not come up (`--link-ready-timeout`,
-`LINK_READY_TIMEOUT_S`), and on SIGTERM/SIGINT. Prints "maia-gateway listening on HOST:PORT" once
-serving.
+trailing metadata. A stream's requests are read by a pump of its own, which reads no more of the
+agent while `REQUEST_WINDOW_BYTES` of them are ahead of those the controller says the call's
+handler took (`RelayEvent.taken`), nor while the link is behind (the outbox over its bounds,
+`OUTBOX_BYTES_MAX`): HTTP/2 then holds the agent back at this port, as at the controller's
+without a gateway (frames.py says why it cannot deadlock). A call whose deadline already passed
+is answered DEADLINE_EXCEEDED here and not relayed (the link's "no time left" would read as no
+deadline). It exits when the link ends: with status 0 when its controller ended it (its stop:
+every call's status came before the link's end, `LINK_CALL`), with `EXIT_LINK_LOST` when the link
+was lost (the controller died, or stopped answering the link's keepalive pings, `--keepalive`),
+ending every agent call still open UNAVAILABLE first; it exits too when the link does not come up
+(`--link-ready-timeout`, `LINK_READY_TIMEOUT_S`), and on SIGTERM/SIGINT. Prints "maia-gateway
+listening on HOST:PORT" once serving.
 """
 
 from __future__ import annotations
@@ -32,10 +36,11 @@ import grpc
 from grpc import aio
 
 from controller import limits
-from controller.aio import on_stop_signals, stopped_ignoring_sigterm
+from controller.aio import Wakeup, on_stop_signals, stopped_ignoring_sigterm
 from controller.gateway.frames import (
-    GATEWAY_METADATA_KEY, GATEWAY_PID_METADATA_KEY, KEEPALIVE_FIELDS, LINK_CALL, LINK_OPTIONS, Arrivals, Outbox,
-    from_relayed, keepalive_from_text, status_code, to_relayed)
+    GATEWAY_METADATA_KEY, GATEWAY_PID_METADATA_KEY, KEEPALIVE_FIELDS, LINK_CALL, LINK_OPTIONS, OUTBOX_BYTES_MAX,
+    OUTBOX_EVENTS_MAX, REQUEST_WINDOW_BYTES, Arrivals, Outbox, from_relayed, keepalive_from_text, request_weight,
+    status_code, to_relayed)
 from controller.logs import configure_logging
 from controller.tlsfiles import CertificateFiles
 from maia.v1 import relay_pb2, relay_pb2_grpc
@@ -53,23 +58,38 @@ LINK_READY_TIMEOUT_S = 10.0
 
 
 class _Pending(Arrivals):
-    """One relayed call's answer as it arrives: messages, then its status (None: the link ended)."""
+    """One relayed call's answer as it arrives: messages, then its status (None: the link ended);
+    and its requests' window: what was sent of them and not yet told taken by the controller."""
 
-    __slots__ = ("status",)
+    __slots__ = ("status", "requests_ahead", "_requests_taken")
 
     def __init__(self) -> None:
         super().__init__()
         self.status: relay_pb2.RelayStatus | None = None
+        self.requests_ahead = 0  # in `request_weight`s
+        self._requests_taken = Wakeup()
 
     def finish(self, status: relay_pb2.RelayStatus | None) -> None:
         self.status = status
         self.end()
 
+    def requests_taken(self, weight: int) -> None:
+        """The controller's `taken`: the call's handler took requests weighing this much more."""
+        self.requests_ahead = max(0, self.requests_ahead - weight)
+        self._requests_taken.set()
+
+    async def window_open(self, window: int) -> None:
+        """Return once less than `window` of the call's requests are ahead of those taken."""
+        while self.requests_ahead >= window:
+            self._requests_taken.clear()
+            await self._requests_taken.wait()
+
 
 class Gateway:
     def __init__(self, name: str, linger_s: float) -> None:
         self.name = name
-        self.outbox = Outbox(linger_s)
+        self.outbox = Outbox(linger_s, bytes_max=OUTBOX_BYTES_MAX, events_max=OUTBOX_EVENTS_MAX)
+        self.request_window_bytes = REQUEST_WINDOW_BYTES
         self._calls: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self.linked = False
@@ -94,9 +114,12 @@ class Gateway:
                     pending = self._calls.get(event.call)
                     if pending is None:
                         continue
-                    if event.WhichOneof("body") == "message":
+                    body = event.WhichOneof("body")
+                    if body == "message":
                         pending.put(event.message)
-                    else:
+                    elif body == "taken":
+                        pending.requests_taken(event.taken)
+                    elif body == "status":
                         pending.finish(event.status)
         except grpc.RpcError as exc:
             if self.ended_by_controller:  # what it had to say was read: how the connection closed is moot
@@ -173,7 +196,7 @@ class Gateway:
             call_id, pending = self._open(f"/{SERVICE}/Connect", context)
         except _NotRelayed as refused:
             await context.abort(refused.code, refused.details)
-        pump = asyncio.create_task(self._pump(call_id, requests), name=f"gateway-pump-{call_id}")
+        pump = asyncio.create_task(self._pump(call_id, pending, requests), name=f"gateway-pump-{call_id}")
         ended = False
         try:
             while (message := await pending.next()) is not None:
@@ -187,10 +210,16 @@ class Gateway:
                 self._end(call_id, cancelled=True)
             self._calls.pop(call_id, None)
 
-    async def _pump(self, call_id: int, requests: AsyncIterator[bytes]) -> None:
+    async def _pump(self, call_id: int, pending: _Pending, requests: AsyncIterator[bytes]) -> None:
+        """Relay the agent's requests, reading the next only once the last went in the outbox (its
+        turn, the link not behind) and the call's window is open (the controller's handler not
+        behind): meanwhile HTTP/2 holds the agent back at this port."""
+        outbox, window = self.outbox, self.request_window_bytes
         try:
             async for data in requests:
-                self.outbox.message(call_id, data)
+                pending.requests_ahead += request_weight(data)
+                await outbox.message_in_turn(call_id, data)
+                await pending.window_open(window)
         except Exception:  # the agent's side of the call broke
             self._end(call_id, cancelled=True)
             return

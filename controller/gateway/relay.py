@@ -4,22 +4,27 @@
 metadata, its peer, its time left) is handed to the method's handler as built by the controller's
 interceptor chain (`method_handlers`: load shedding, authentication, metrics, logging, errors,
 audit, around `NodeAgentServicer`), with a `RelayedContext` standing for gRPC's: the chain reads
-the agent's metadata and peer from it, and its aborts become the call's status. So an agent
-without a valid token is refused UNAUTHENTICATED with today's message, a follower answers
-UNAVAILABLE with the leader's address, and a Connect stream feeds `AgentHub.converse` as on the
-port, its requests pushed to the hub as each frame arrives (`RelayedRequests.push_to`: no task
-woken a message). A call the gateway says is gone (`RelayEnd.cancelled`) is cancelled as gRPC cancels
-the handler of a call whose connection died; the link ending cancels every call of its gateway.
-The controller's stop ends the links itself (`RelayServicer.end_links`): once a link's calls have
-sent their statuses (the hub ended their streams) it sends the link's end (`LINK_CALL`), and its
-stream ends when the gateway, having read it, ended its side: every status reached the gateway
-before the relay server's stop closes the connection (ending the stream at once let that close
-drop the last frames: the gateway then ended its agents' streams UNAVAILABLE instead of with the
-controller's status). The gateway ends what is left of its agents' calls as for a controller gone
-and exits, and the relay server's stop does not wait out its grace for links that would otherwise
-end only when cancelled. A link lost otherwise (its gateway died, or hung and stopped answering the
-link's keepalive pings) is told to `RelayServicer.link_lost` with the gateway's pid, which its
-Relay call's metadata carries: the controller kills a gateway that does not exit then.
+the agent's metadata and peer from it, and its aborts become the call's status. So an agent without
+a valid token is refused UNAUTHENTICATED with today's message, a follower answers UNAVAILABLE with
+the leader's address, and a Connect stream feeds `AgentHub.converse` as on the port, its requests
+pushed to the hub as each frame arrives (`RelayedRequests.push_to`: no task woken a message). What
+a call's handler took of its requests (read or pushed) is told to the gateway (`RelayEvent.taken`,
+each `REQUEST_TAKEN_TOLD_BYTES`), whose window keeps the agent from sending more than
+`REQUEST_WINDOW_BYTES` ahead of it: a handler that reads slowly holds its agent back as on the port
+(`limits.RELAYED_UNREAD_BYTES_MAX`, past which the call ends RESOURCE_EXHAUSTED, stays as a
+backstop no gateway that keeps its window reaches). A call the gateway says is gone
+(`RelayEnd.cancelled`) is cancelled as gRPC cancels the handler of a call whose connection died;
+the link ending cancels every call of its gateway. The controller's stop ends the links itself
+(`RelayServicer.end_links`): once a link's calls have sent their statuses (the hub ended their
+streams) it sends the link's end (`LINK_CALL`), and its stream ends when the gateway, having read
+it, ended its side: every status reached the gateway before the relay server's stop closes the
+connection (ending the stream at once let that close drop the last frames: the gateway then ended
+its agents' streams UNAVAILABLE instead of with the controller's status). The gateway ends what is
+left of its agents' calls as for a controller gone and exits, and the relay server's stop does not
+wait out its grace for links that would otherwise end only when cancelled. A link lost otherwise
+(its gateway died, or hung and stopped answering the link's keepalive pings) is told to
+`RelayServicer.link_lost` with the gateway's pid, which its Relay call's metadata carries: the
+controller kills a gateway that does not exit then.
 """
 
 from __future__ import annotations
@@ -38,11 +43,13 @@ from controller.aio import Wakeup
 from controller.gateway.frames import (
     GATEWAY_METADATA_KEY,
     GATEWAY_PID_METADATA_KEY,
+    REQUEST_TAKEN_TOLD_BYTES,
     Arrivals,
     Metadata,
     Outbox,
     from_relayed,
     link_end_event,
+    request_weight,
     status_event,
 )
 from maia.v1 import agent_pb2_grpc, relay_pb2, relay_pb2_grpc
@@ -146,15 +153,18 @@ class RelayedRequests:
     """A relayed call's requests, each parsed by the chain's deserializer (a malformed one reaches
     the chain's check as on the port): read by its handler (an async iterator), or pushed to it as
     the link takes them (`push_to`, `controller.aio.PushedStream`: the agent hub takes a stream's
-    messages so, with no task woken a message)."""
+    messages so, with no task woken a message). `told`, if given, is told the `request_weight` of
+    those its handler took, once they weigh `REQUEST_TAKEN_TOLD_BYTES` (the gateway's window)."""
 
-    __slots__ = ("arrivals", "_parse", "_take", "_ended")
+    __slots__ = ("arrivals", "_parse", "_take", "_ended", "_told", "_untold")
 
-    def __init__(self, parse: Callable[[bytes], Any] | None) -> None:
+    def __init__(self, parse: Callable[[bytes], Any] | None, told: Callable[[int], None] | None = None) -> None:
         self.arrivals = Arrivals()
         self._parse = parse
         self._take: Callable[[Any], None] | None = None  # pushing to it (None: read)
         self._ended: Callable[[BaseException | None], None] = _ignored
+        self._told = told
+        self._untold = 0  # the weight of those taken and not told yet
 
     def __aiter__(self) -> RelayedRequests:
         return self
@@ -163,7 +173,15 @@ class RelayedRequests:
         data = await self.arrivals.next()
         if data is None:
             raise StopAsyncIteration
+        self._taken(data)
         return data if self._parse is None else self._parse(data)
+
+    def _taken(self, data: bytes) -> None:
+        if self._told is not None:
+            self._untold += request_weight(data)
+            if self._untold >= REQUEST_TAKEN_TOLD_BYTES:
+                self._told(self._untold)
+                self._untold = 0
 
     def put(self, data: bytes) -> None:
         """A request from the link."""
@@ -171,6 +189,7 @@ class RelayedRequests:
         if take is None:
             self.arrivals.put(data)
         elif take is not _ignored:
+            self._taken(data)
             try:
                 take(data if self._parse is None else self._parse(data))
             except Exception as exc:  # the consumer's refusal ends its reading, as a read's would
@@ -297,8 +316,10 @@ class _Link:
 
     def _overflowed(self, call_id: int, call: _Call) -> None:
         """A call whose agent sent more than `limits.RELAYED_UNREAD_BYTES_MAX` that its handler has
-        not read ends RESOURCE_EXHAUSTED (on the port, HTTP/2's flow control holds such an agent
-        back; a relayed call has none for its requests). Its later events are ignored."""
+        not read ends RESOURCE_EXHAUSTED. A backstop: the gateway's window for the call's requests
+        (`REQUEST_WINDOW_BYTES` and one message, less than it) holds such an agent back, as
+        HTTP/2's flow control does on the port; only a gateway that does not keep it gets here.
+        Its later events are ignored."""
         log.warning("relayed call %s on %s: its agent sent over %d bytes not read yet; ended", call_id, self.name,
                     limits.RELAYED_UNREAD_BYTES_MAX)
         details = (f"the agent sent over {limits.RELAYED_UNREAD_BYTES_MAX} bytes before the controller read its "
@@ -316,7 +337,9 @@ class _Link:
             self._outbox.add(status_event(call_id, grpc.StatusCode.UNIMPLEMENTED,
                                           f"method {opened.method} is not relayed"))
             return
-        requests = RelayedRequests(handler.request_deserializer)
+        outbox = self._outbox
+        requests = RelayedRequests(handler.request_deserializer,
+                                   lambda weight: outbox.add(relay_pb2.RelayEvent(call=call_id, taken=weight)))
         context = RelayedContext(opened, self.name)
         credit = _Credit()
         serve = self._serve_unary if handler.unary_unary is not None else self._serve_stream
