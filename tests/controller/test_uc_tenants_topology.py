@@ -12,12 +12,14 @@ from controller.identity import Principal, Role
 from controller.reconcile import Reconciler
 from controller.store import models as m
 from controller.store import repositories as repo
+from controller.store import snapshot
 from controller.store import tokens as token_store
 from controller.usecases import deployments, tenants, tokens, topology
 from controller.domain.values import RackSpec, RowSpec, TenantSpec, TokenRequest, TopologySpec, ZoneSpec
 from controller.usecases.ports import RecordingSignals
 from uc_builders import (
-    WHO, add_tenant, apply_topology, assert_refused_writing_nothing, deployment, no_publish, statements, submit,
+    WHO, add_nodes, add_tenant, apply_topology, assert_refused_writing_nothing, deployment, no_publish, statements,
+    submit,
 )
 
 
@@ -231,6 +233,80 @@ async def test_moving_a_rack_or_a_row_under_work_it_would_break_is_refused(clust
         view = await topology.apply_topology(uow, WHO, TopologySpec(racks=(RackSpec("rack-c", "row-b"),)),
                                              RecordingSignals())
     assert {k.spec.id: k.spec.row for k in view.racks}["rack-c"] == "row-b"
+
+
+async def _gang_and_far(db) -> None:  # noqa: ANN001
+    """On `cluster`, row-b (zone z2) with rack-c of two nodes; t1/gang (row-local, three shards of
+    a whole node) on three of row-a's four nodes, so across rack-a and rack-b; t2/far (z2 only) on
+    rack-c."""
+    async with db.unit_of_work() as uow:
+        await topology.apply_topology(uow, WHO, TopologySpec(zones=(ZoneSpec("z2"),), rows=(RowSpec("row-b", "z2"),),
+                                                             racks=(RackSpec("rack-c", "row-b"),)), RecordingSignals())
+    await add_tenant(db, "t2", zones=("z2",))
+    await add_nodes(db, "rack-c", 2)
+    loop = Reconciler(db, push=lambda nodes: None, publish=no_publish, solve_time_limit_ms=60_000, backoff_s=0.0)
+    await submit(db, deployment("gang", shards=3, accelerators=4, locality="row"))
+    await submit(db, deployment("far", tenant="t2"))
+    await loop.reconcile_once()
+    await loop.reconcile_once()
+
+
+def _whole_cluster_unread(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[str], list[str]]]:
+    """Reading the whole cluster fails; each read of the work on moved racks: (racks, deployments)."""
+    async def whole(session):  # noqa: ANN001, ANN202
+        raise AssertionError("a move's check read the whole cluster")
+
+    read, reads = topology.load_work_on_racks, []
+
+    async def scoped(session, racks):  # noqa: ANN001, ANN202
+        work = await read(session, racks)
+        reads.append((list(racks), sorted(d["id"] for d in work["deployments"])))
+        return work
+
+    monkeypatch.setattr(snapshot, "read_snapshot_rows", whole)
+    monkeypatch.setattr(topology, "load_work_on_racks", scoped)
+    return reads
+
+
+async def test_a_move_reads_the_work_on_the_racks_it_moves_not_the_cluster(cluster, monkeypatch):
+    """A move's check read the whole cluster (every node, deployment and placement: ~1-2 s at
+    16,384 nodes), again while holding the generation, every commit waiting. It reads the
+    deployments with a shard on a moved rack, all their shards, their nodes and tenants."""
+    await _gang_and_far(cluster)
+    reads = _whole_cluster_unread(monkeypatch)
+    async with cluster.unit_of_work() as uow:
+        work = await snapshot.load_work_on_racks(uow.session, ["rack-b"])
+    assert [d["id"] for d in work["deployments"]] == ["t1/gang"]
+    assert [t["id"] for t in work["tenants"]] == ["t1"]
+    on = sorted(p["node"] for p in work["placements"])  # its shard on rack-a too
+    assert len(on) == 3 and {n.split("-n")[0] for n in on} == {"rack-a", "rack-b"}
+    assert sorted(n["id"] for n in work["nodes"]) == on
+    async with cluster.unit_of_work() as uow:  # a row moved: the work on its racks
+        work = await snapshot.load_work_on_racks(uow.session, ["rack-c", "rack-d"])
+    assert ([d["id"] for d in work["deployments"]], [n["id"] for n in work["nodes"]]) == (
+        ["t2/far"], [p["node"] for p in work["placements"]])
+
+    async with cluster.unit_of_work() as uow:  # in z2 still: far keeps its zone, taken
+        await topology.apply_topology(uow, WHO, TopologySpec(rows=(RowSpec("row-c", "z2"),),
+                                                             racks=(RackSpec("rack-c", "row-c"),)), RecordingSignals())
+    assert reads == [(["rack-c"], ["t2/far"])] * 2  # checked, then again holding the generation
+
+
+async def test_a_move_under_a_replica_across_a_moved_rack_and_one_that_stays_is_refused(cluster, monkeypatch):
+    """The work on a moved rack is judged with all its shards: gang's replica on rack-a and
+    rack-b, rack-b moved to row-b, would stand across two rows (its shards on rack-b alone would
+    not); far, on rack-c, is not read."""
+    await _gang_and_far(cluster)
+    reads = _whole_cluster_unread(monkeypatch)
+    with pytest.raises(FailedPrecondition) as refused:
+        async with cluster.unit_of_work() as uow:
+            await topology.apply_topology(uow, WHO, TopologySpec(racks=(RackSpec("rack-b", "row-b"),)),
+                                          RecordingSignals())
+    assert [(r.code, r.message) for r in refused.value.reasons] == [
+        ("LOCALITY", "t1/gang replica 0 (row-local) across rows row-a, row-b")]
+    assert reads == [(["rack-b"], ["t1/gang"])]
+    async with cluster.unit_of_work() as uow:
+        assert {k.spec.id: k.spec.row for k in (await topology.get_topology(uow, WHO)).racks}["rack-b"] == "row-a"
 
 
 async def _delete_item(db, kind: str, item_id: str, who=WHO):
