@@ -150,7 +150,8 @@ def kept_violations(problem: Problem, plan: Plan) -> list[Violation]:
         return []
     given = set(problem.placements)
     kept = dataclasses.replace(problem, placements=tuple(p for p in plan.placements if p in given))
-    return find_violations(kept) + [v for v in find_power_violations(kept) if v.tenants]
+    idle = {v.scope for v in find_power_violations(dataclasses.replace(problem, placements=()))}
+    return find_violations(kept) + [v for v in find_power_violations(kept) if v.scope not in idle]
 
 
 def note_kept_violations(problem: Problem, plan: Plan) -> None:

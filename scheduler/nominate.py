@@ -55,6 +55,8 @@ def empty_slots(state: ClusterState, d: int, *, zones_apart: bool = False) -> np
         slots = np.minimum(slots, topo.node_cpu // spec.cpu_milli)
     if spec.memory_mib:
         slots = np.minimum(slots, topo.node_mem // spec.memory_mib)
+    if topo.shards_capped:  # an emptied node holds at most its `max_shards`
+        slots = np.minimum(slots, topo.node_max_shards)
     return np.where(ok, slots, 0).astype(np.int64)
 
 

@@ -174,8 +174,9 @@ def _power_bound_domains(state: ClusterState, d: int, eligible: list[Replica], d
     codes = node_fit(state, d, explain=True).codes
     assert codes is not None
     slots = np.where((codes < 0) | np.isin(codes, _POWER_FILTERS), slots, 0)
-    if topo.shards_capped:
-        slots = np.minimum(slots, state.shard_room())
+    if topo.shards_capped:  # of the nodes with slots only: a room per node is O(tenants)
+        open_ = np.flatnonzero(slots > 0)
+        slots[open_] = np.minimum(slots[open_], state.shard_room(open_))
     room = np.bincount(dom, weights=slots, minlength=int(dom.max(initial=-1)) + 1)
     need = state.deps[d].shards_per_replica
     candidates = [int(dm) for dm in np.flatnonzero(room >= need) if int(dm) not in searched]

@@ -165,11 +165,11 @@ class Outbox:
 
     Bounded (`bytes_max`, `events_max`: the gateway's, `OUTBOX_BYTES_MAX`), the messages of
     producers that wait their turn (`message_in_turn`: the gateway's pumps of its agents'
-    streams) go in only while the events not yet sent are under both bounds, in the order the
-    producers came (one woken at a time as frames leave, not every waiter at each frame); so a
-    slow link holds the agents back, and the outbox holds at most its bounds and one message.
-    Events added otherwise (`add`, `message`: a call's opening, its end or cancel, `taken`, a
-    Register's one request) never wait, so nothing that frees the link or a window is ever held
+    streams, and a Register's one request) go in only while the events not yet sent are under
+    both bounds, in the order the producers came (one woken at a time as frames leave, not every
+    waiter at each frame); so a slow link holds the agents back, and the outbox holds at most its
+    bounds and one message. Events added otherwise (`add`, `message`: a call's opening, its end
+    or cancel, `taken`) never wait, so nothing that frees the link or a window is ever held
     behind the producers it would free."""
 
     def __init__(self, linger_s: float, *, bytes_max: int | None = None, events_max: int | None = None) -> None:

@@ -176,7 +176,7 @@ class Gateway:
         except _NotRelayed as refused:
             await context.abort(refused.code, refused.details)
         try:
-            self.outbox.message(call_id, request)
+            await self.outbox.message_in_turn(call_id, request)  # within the outbox's bounds, as a stream's
             self._end(call_id, cancelled=False)
             response = await pending.next()
             while await pending.next() is not None:  # to the status

@@ -67,7 +67,7 @@ log = logging.getLogger("maia.reconcile")
 
 # Reasons a departure could end: nodes kept for the deployment fill up with room for it.
 ROOM = frozenset({"CAPACITY", "HBM", "CPU", "MEMORY", "POWER_RACK", "POWER_ROW", "LOCALITY", "ISOLATION",
-                  "EXCLUSION"})
+                  "EXCLUSION", "NODE_SHARDS"})
 # Reasons that keeping nodes cannot end: the deployment's own tenant at its cap.
 NOT_ROOM = frozenset({"QUOTA_ACCELERATORS", "QUOTA_POWER"})
 

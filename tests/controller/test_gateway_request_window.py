@@ -181,6 +181,27 @@ async def test_a_gateways_pumps_wait_while_its_outbox_is_over_its_bound_and_resu
             == [b"%d:%d:" % (n, i) + b"x" * 1024 for i in range(100)]
 
 
+async def test_a_register_waits_its_turn_while_the_outbox_is_over_its_bound() -> None:
+    # Registers are relayed before the controller checks any token: many of 4 MiB at once grew
+    # the outbox past its bound while the link was behind.
+    gateway = Gateway("gateway-0", linger_s=0.0)
+    gateway.linked = True
+    gateway.outbox = Outbox(0.0, bytes_max=8 * 1024)
+    gateway.outbox.message(99, b"y" * 8 * 1024)  # a stream's message: the outbox at its bound
+    register = asyncio.create_task(gateway.register(b"r" * 1024, AgentCall()))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    assert gateway.outbox.producers_waiting == 1  # its request waits; its opening went at once
+    events: list[relay_pb2.RelayEvent] = []
+    drained = asyncio.create_task(_drain(gateway.outbox, events, 10_000))
+    try:
+        await asyncio.wait_for(_until(lambda: any(e.WhichOneof("body") == "end" for e in events)), 5)
+    finally:
+        drained.cancel()
+        register.cancel()
+    bodies = [e.WhichOneof("body") for e in events if e.call != 99]
+    assert bodies == ["open", "message", "end"]  # in order, the request after the opening
+
+
 async def _until(condition: Any) -> None:
     while not condition():
         await asyncio.sleep(0.005)

@@ -373,3 +373,10 @@ async def test_a_commit_that_fails_leaves_the_set_and_its_events_for_the_next():
 
 async def _written(into: list[object], what: object) -> None:
     into.append(what)
+
+
+def test_work_held_back_only_by_its_nodes_shard_caps_waits_for_room() -> None:
+    # A shard leaving frees a place under a node's max_shards: a departure can end NODE_SHARDS.
+    noms = Nominations(after_s=30, max_s=600)
+    noms.saw(plan(unplaced("t/fractions", "NODE_SHARDS")), 0.0, whole=False)
+    assert noms.waiting_since("t/fractions") == 0.0

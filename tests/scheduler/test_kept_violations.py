@@ -76,3 +76,13 @@ def test_many_breaches_are_counted_and_the_first_few_listed() -> None:
     assert plan.stats["kept_violations_total"] == many
     assert len(plan.stats["kept_violations"]) == KEPT_VIOLATIONS_LISTED
     assert {v["rule"] for v in plan.stats["kept_violations"]} == {"ZONE"}
+
+
+def test_a_budget_idle_power_alone_exceeds_is_no_kept_shards_breach() -> None:
+    # Rack r1's budget 500 W, its node idling at 600 W: over with no shard at all. A kept shard
+    # drawing nothing there breaks nothing; one drawing power on a rack within budget would.
+    doc = problem([node("n1", acc=4, idle_power_w=600)], [dep("a", acc=0, cpu_milli=100)],
+                  racks=[{"id": "r1", "row": "w1", "power_budget_w": 500}], tenants=[{"id": "t1"}],
+                  placements=[placed("a", "n1", [])])
+    plan = solve(problem_from_dict(doc), check_kept=True)
+    assert plan.stats["kept_violations"] == [] and plan.stats["kept_violations_total"] == 0

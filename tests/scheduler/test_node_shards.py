@@ -191,3 +191,12 @@ def test_node_classes_tell_rooms_apart_only_up_to_what_may_be_placed() -> None:
     state = Solver(problem_from_dict(doc), 2000).state
     assert len(node_classes(state, horizon=8)) == 1
     assert len(node_classes(state, horizon=5000)) == 2
+
+
+def test_a_node_nominated_for_a_waiting_deployment_counts_only_the_shards_its_cap_lets_it_hold() -> None:
+    from scheduler.nominate import empty_slots
+
+    doc = problem([node("n1", acc=8, max_shards=2), node("n2", acc=8)], [dep("d", acc=1, replicas=8)],
+                  tenants=[{"id": "t1"}])
+    solver = Solver(problem_from_dict(doc), 1000)
+    assert empty_slots(solver.state, 0).tolist() == [2, 8]
