@@ -3,6 +3,7 @@ works; a URL with no host at all is still refused, its hint naming both forms.""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,10 @@ from controller.store.db import Database
 async def test_a_unix_socket_url_is_accepted_and_connects(database: Database) -> None:
     url = make_url(str(database.url))
     name = f".s.PGSQL.{url.port}"
-    sockets = [*Path("/tmp").rglob(name), *Path("/var/run/postgresql").glob(name)]
+    # The test server's socket is in its own directory (`bench.pgserver.LocalPostgres`, "maia-pg-*"
+    # in the temp dir): one level, never a walk of the whole temp dir, whose other tests' directories
+    # come and go meanwhile (a walk failed on one removed while it listed it).
+    sockets = [*Path(tempfile.gettempdir()).glob(f"maia-pg-*/{name}"), *Path("/var/run/postgresql").glob(name)]
     if not sockets:
         pytest.skip(f"no unix socket of the test server (port {url.port})")
     over_socket = URL.create(url.drivername, username=url.username, password=url.password, database=url.database,
