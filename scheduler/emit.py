@@ -8,8 +8,10 @@ before on another node or other accelerators. Deployments left pending get their
 cut their search short.
 
 `note_kept_violations` (asked for by `solve(check_kept=True)`, not by the warm session) lists in
-`stats` the hard rules that existing placements the plan keeps break: the solver keeps or moves
-such a placement but never reports it otherwise, and never makes a new breach.
+`stats` the hard rules that existing placements the plan keeps break (isolation, capacity and
+power as the watchdog and the plan applier judge them; gangs, locality, spread, models and
+quotas as the solver does): the solver keeps or moves such a placement but never reports it
+otherwise, and never makes a new breach.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING
 from scheduler.explain import explain, leading
 from scheduler.model import Move, Placement, Plan, Preemption, Problem, Reason, Unplaced
 from scheduler.preemption import preemption_hints, with_hint
-from scheduler.violations import Violation, find_power_violations, find_violations
+from scheduler.violations import Violation, find_power_violations, find_violations, find_workload_violations
 
 if TYPE_CHECKING:
     from scheduler.solve import Solver
@@ -145,13 +147,23 @@ def kept_violations(problem: Problem, plan: Plan) -> list[Violation]:
     """The hard rules broken by the plan's placements that the problem gave (kept as they were),
     judged alone: `find_violations`, then the rack and row power budgets the kept shards draw
     past (`find_power_violations`; a budget that idle power alone exceeds is no kept shard's).
-    New and moved placements are left out: the solver never makes a breach."""
+    New and moved placements are left out: the solver never makes a breach.
+
+    Then the rules over replicas, deployments and tenants (`find_workload_violations`: gangs,
+    locality, spread, models, quotas), judged over the replicas the plan keeps a shard of, each
+    whole as the plan runs it: a replica `repair` made whole beside its kept shards is no gang
+    left partial, and the shards it added were placed within the rules (what breaks one there
+    is the kept shards'). Replicas only new in the plan are left out."""
     if not problem.placements:
         return []
     given = set(problem.placements)
     kept = dataclasses.replace(problem, placements=tuple(p for p in plan.placements if p in given))
     idle = {v.scope for v in find_power_violations(dataclasses.replace(problem, placements=()))}
-    return find_violations(kept) + [v for v in find_power_violations(kept) if v.scope not in idle]
+    held = {(p.deployment, p.replica) for p in kept.placements}
+    replicas = dataclasses.replace(problem, placements=tuple(
+        p for p in plan.placements if (p.deployment, p.replica) in held))
+    return (find_violations(kept) + [v for v in find_power_violations(kept) if v.scope not in idle]
+            + find_workload_violations(replicas))
 
 
 def note_kept_violations(problem: Problem, plan: Plan) -> None:

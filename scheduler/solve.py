@@ -22,15 +22,17 @@ search the deadline cut (`time_cut`) and `stats`. Which nodes can take a shard i
 by the filter plugins (`filters.NODE_FILTERS`); why not, only by `explain`.
 
 Existing placements that break a hard rule (a dedicated_node tenant sharing its node, a zone
-breach, a node past its max_shards, a rack over its power budget, ...) are kept, or moved where
-a stage needs the room, and the status does not count them: `optimal` says the placement of
-what was pending, not that the cluster is clean. `solve(problem, check_kept=True)` lists the
-breaches the plan keeps in `stats.kept_violations` (the first 20, each `{rule, scope, tenants,
-message}`, judged by `violations.py` over the kept placements alone) and
+breach, a node past its max_shards, a rack over its power budget, a replica across racks, a
+spread or a quota exceeded, ...) are kept, or moved where a stage needs the room, and the status
+does not count them: `optimal` says the placement of what was pending, not that the cluster is
+clean. `solve(problem, check_kept=True)` lists the breaches the plan keeps in
+`stats.kept_violations` (the first 20, each `{rule, scope, tenants, message}`, judged by
+`violations.py` over the kept placements alone and, for gangs, locality, spread, models and
+quotas, over the replicas they belong to: `emit.kept_violations`) and
 `stats.kept_violations_total`; `maiactl solve` asks for it and warns. It is off by default,
 and the warm session never runs it: the check costs about as much as a no-op solve on 4,096
-nodes (docs/benchmarks.md), and the controller's isolation watchdog reports such breaches of
-stored placements continuously.
+nodes (docs/benchmarks.md), and the controller's isolation watchdog reports the isolation and
+capacity breaches of stored placements continuously.
 
 Objective weight (documented for term 1 of the spec's objective): a replica is worth
 shards x accelerator milli (1 for host-only shards) x (priority - lowest priority + 1), so

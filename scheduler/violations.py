@@ -1,10 +1,11 @@
-"""Re-check a set of committed placements against the rules that keep tenants apart.
+"""Re-check a set of committed placements against the rules that keep tenants apart (and, for a
+solve's check of what it keeps, against the solver's other hard rules).
 
 The solver never emits a placement that breaks these rules; this check exists for what the
 solver did not write: a row edited by hand, a bug elsewhere, a restore from an old backup. The
 controller's isolation watchdog runs it continuously over the stored placements.
 
-Rules checked (each reported with the tenants and the place involved):
+Rules `find_violations` checks (each reported with the tenants and the place involved):
 - ACCELERATOR: a whole-accelerator shard shares its accelerator, two tenants share one, or the
   fractions on one exceed 1000 milli;
 - HBM, CPU, MEMORY: an accelerator's HBM or a node's CPU / memory is over-committed;
@@ -16,10 +17,18 @@ Rules checked (each reported with the tenants and the place involved):
 - REFERENCE: a placement names an unknown deployment or node, or an accelerator the node lacks
   (such a placement is reported and left out of the other checks).
 Gangs, locality, spread, models, power budgets and quotas are the solver's business (a
-violation there costs performance or money, not isolation) and are not re-checked here; the
-plan applier's re-check (controller/store/recheck.py) also checks rack and row power budgets
-(`find_power_violations`), and names the scopes a shard can be blamed in
-(`PlacementScopes`).
+violation there costs performance or money, not isolation) and are not re-checked by
+`find_violations`, whose every rule lies within one node or one rack: the isolation watchdog
+judges a node or a rack at a time (controller/store/isolation_view.py) and the plan applier's
+re-check the racks a plan lands on. That re-check (controller/store/recheck.py) also checks
+rack and row power budgets (`find_power_violations`) and tenant quotas (its own `Quotas`), and
+names the scopes a shard can be blamed in (`PlacementScopes`).
+
+`find_workload_violations` judges the rules whose scope is a replica, a deployment or a tenant
+(GANG, LOCALITY, SPREAD, QUOTA_ACCELERATORS, QUOTA_POWER) and the accelerator model, as the
+solver's filters count them; `solve(check_kept=True)` runs it over the replicas a plan keeps
+(`emit.kept_violations`). `min_replicas` is no rule of it: a plan never runs fewer replicas of a
+deployment than its minimum (`emit.enforce_min_replicas`), and pending ones break nothing.
 
 One pass over the placements with dictionaries: linear in the number of placed shards.
 """
@@ -30,7 +39,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from scheduler.model import Deployment, Node, Problem
+from scheduler.model import Deployment, Node, Placement, Problem, ShardSpec
 
 # Float sums (HBM) are compared with this slack.
 EPSILON = 1e-6
@@ -38,8 +47,9 @@ EPSILON = 1e-6
 
 @dataclass(frozen=True, slots=True)
 class Violation:
-    rule: str                   # ACCELERATOR, HBM, CPU, MEMORY, NODE_SHARDS, ISOLATION, EXCLUSION, ZONE, REFERENCE
-    scope: str                  # where: "node n1", "node n1[2]", "rack r1"
+    rule: str                   # ACCELERATOR, HBM, CPU, MEMORY, NODE_SHARDS, ISOLATION, EXCLUSION, ZONE, REFERENCE;
+                                # POWER; GANG, LOCALITY, SPREAD, ACCELERATOR_MODEL, QUOTA_ACCELERATORS, QUOTA_POWER
+    scope: str                  # where: "node n1", "node n1[2]", "rack r1", "deployment web replica 0", "tenant a"
     tenants: tuple[str, ...]    # the tenants involved, sorted
     message: str
 
@@ -47,6 +57,12 @@ class Violation:
     def key(self) -> tuple[str, str, tuple[str, ...]]:
         """What identifies one violation across checks (its message may carry changing numbers)."""
         return self.rule, self.scope, self.tenants
+
+
+def _milli(p: Placement, shard: ShardSpec) -> int:
+    """The milli a placement holds of each accelerator it names: all of it for a whole shard, a
+    fraction's own (its placement's, or its shard's when the placement leaves it out)."""
+    return (p.accelerator_milli or shard.accelerator_milli) if shard.fractional else 1000
 
 
 @dataclass(slots=True)
@@ -82,9 +98,7 @@ def find_violations(problem: Problem) -> list[Violation]:
                                    f"{'has ' + str(node.accelerators) if node else 'does not exist'}"))
             continue
         tenant, shard = dep.tenant, dep.shard
-        whole = not shard.fractional
-        use = _Use(tenant, p.deployment, whole, 1000 if whole else (p.accelerator_milli or shard.accelerator_milli),
-                   shard.hbm_gib)
+        use = _Use(tenant, p.deployment, not shard.fractional, _milli(p, shard), shard.hbm_gib)
         for index in p.accelerator_indices:
             key = (p.node, index)
             other = first.get(key)
@@ -216,8 +230,7 @@ def find_power_violations(problem: Problem) -> list[Violation]:
         node, dep = nodes.get(p.node), deployments.get(p.deployment)
         if node is None or dep is None:
             continue  # a REFERENCE violation of find_violations
-        milli = 1000 if not dep.shard.fractional else (p.accelerator_milli or dep.shard.accelerator_milli)
-        watts = dep.shard.power_w * milli * len(p.accelerator_indices) / 1000.0
+        watts = dep.shard.power_w * _milli(p, dep.shard) * len(p.accelerator_indices) / 1000.0
         for scope in (f"rack {node.rack}", f"row {rack_row.get(node.rack, '')}"):
             draw[scope] += watts
             present[scope].add(dep.tenant)
@@ -228,6 +241,89 @@ def find_power_violations(problem: Problem) -> list[Violation]:
             found.append(Violation("POWER", scope, tuple(sorted(present[scope])),
                                    f"{scope} draws {draw[scope]:g} W, over its budget of {budget:g} W"))
     return sorted(found, key=lambda v: v.scope)
+
+
+def find_workload_violations(problem: Problem) -> list[Violation]:
+    """Every rule over a replica, a deployment or a tenant's total that `problem.placements`
+    break, and every shard on a node of a model its deployment does not take, in a stable order
+    (rule, scope). Counted as the solver's filters count them:
+    - GANG: a replica holds some of its shards, not all (scope `deployment D replica R`);
+    - LOCALITY: a replica's shards sit in more than one domain of its `locality` (the same scope);
+    - SPREAD: more replicas of a deployment in one domain of its `spread` than `max_per_domain`,
+      a replica counted in every domain one of its shards touches (`state.spread_count`; a
+      `spread_group`'s other replicas do not count: the group's is a preference, not a rule);
+    - ACCELERATOR_MODEL: a shard on a node whose model its `accelerator_models` leave out;
+    - QUOTA_ACCELERATORS, QUOTA_POWER: a tenant holding more than its `max_accelerators` (milli per
+      accelerator held / 1000) or drawing more than its `max_power_w` (per accelerator held,
+      power_w x that milli / 1000), scope `tenant T`, as `filters.TENANT_CAPS` count them.
+    Placements naming an unknown deployment or node are left out (REFERENCE, `find_violations`)."""
+    deployments = {d.id: d for d in problem.deployments}
+    nodes = {n.id: n for n in problem.nodes}
+    rack_row = {r.id: r.row for r in problem.racks}
+    row_zone = {r.id: r.zone for r in problem.rows}
+
+    def domain(node: Node, level: str) -> str:
+        """The id of the node's `level` domain (node, rack, row or zone)."""
+        if level in ("node", "rack"):
+            return node.id if level == "node" else node.rack
+        row = rack_row.get(node.rack, "")
+        return row if level == "row" else row_zone.get(row, "")
+
+    found: list[Violation] = []
+    replicas: dict[tuple[str, int], list[tuple[Placement, Node]]] = defaultdict(list)
+    milli: dict[str, int] = defaultdict(int)          # by tenant, as the solver's tenant_milli
+    watts: dict[str, float] = defaultdict(float)      # by tenant, as its tenant_power
+    for p in problem.placements:
+        node, dep = nodes.get(p.node), deployments.get(p.deployment)
+        if dep is None or node is None:
+            continue
+        replicas[(p.deployment, p.replica)].append((p, node))
+        models = dep.shard.accelerator_models
+        if models is not None and node.accelerator_model not in models:
+            model = f"model {node.accelerator_model}" if node.accelerator_model else "no declared model"
+            found.append(Violation("ACCELERATOR_MODEL", f"node {p.node}", (dep.tenant,),
+                                   f"{p.deployment} replica {p.replica} shard {p.shard} runs on {p.node} "
+                                   f"({model}); it needs {'|'.join(models) or 'no model (an empty list)'}"))
+        held = _milli(p, dep.shard) * len(p.accelerator_indices)
+        milli[dep.tenant] += held
+        watts[dep.tenant] += dep.shard.power_w * held / 1000.0
+
+    spread: Counter[tuple[str, str]] = Counter()  # (deployment, "rack r1") -> replicas touching it
+    max_per_domain: dict[str, int] = {}
+    for (dep_id, replica), shards in replicas.items():
+        dep = deployments[dep_id]
+        scope, who = f"deployment {dep_id} replica {replica}", (dep.tenant,)
+        have = sorted({p.shard for p, _ in shards})
+        if len(have) < dep.shards_per_replica:
+            found.append(Violation("GANG", scope, who,
+                                   f"{dep_id} replica {replica} runs shards {', '.join(map(str, have))} of its "
+                                   f"{dep.shards_per_replica}: a replica runs all its shards or none"))
+        if dep.locality != "none":
+            places = sorted({domain(node, dep.locality) for _, node in shards})
+            if len(places) > 1:
+                found.append(Violation("LOCALITY", scope, who,
+                                       f"{dep_id} replica {replica} runs in {dep.locality}s {', '.join(places)}; "
+                                       f"its locality keeps it in one {dep.locality}"))
+        if dep.spread is not None and dep.spread.domain != "none":
+            level, max_per_domain[dep_id] = dep.spread.domain, dep.spread.max_per_domain
+            spread.update((dep_id, f"{level} {place}") for place in {domain(node, level) for _, node in shards})
+    for (dep_id, scope), count in spread.items():
+        if count > max_per_domain[dep_id]:
+            found.append(Violation("SPREAD", scope, (deployments[dep_id].tenant,),
+                                   f"{scope} holds {count} replicas of {dep_id} > {max_per_domain[dep_id]}, "
+                                   f"its spread's max_per_domain"))
+
+    for tenant in problem.tenants:
+        cap = tenant.max_accelerators
+        if cap is not None and milli[tenant.id] > cap * 1000 + EPSILON:
+            found.append(Violation("QUOTA_ACCELERATORS", f"tenant {tenant.id}", (tenant.id,),
+                                   f"tenant {tenant.id} holds {milli[tenant.id] / 1000:g} accelerators > "
+                                   f"{cap:g} max_accelerators"))
+        cap = tenant.max_power_w
+        if cap is not None and watts[tenant.id] > cap + EPSILON:
+            found.append(Violation("QUOTA_POWER", f"tenant {tenant.id}", (tenant.id,),
+                                   f"tenant {tenant.id} draws {watts[tenant.id]:g} W > {cap:g} W max_power_w"))
+    return sorted(found, key=lambda v: (v.rule, v.scope, v.tenants))
 
 
 class PlacementScopes:

@@ -1,5 +1,7 @@
 """find_violations: each isolation/capacity rule caught on hand-made placements, nothing flagged
-on what the solver places (property over the generated problems of the solver's own tests)."""
+on what the solver places (property over the generated problems of the solver's own tests); the
+same of find_workload_violations (gangs, locality, spread, models, quotas), whose rules
+find_violations leaves out."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from builders import dep, node, placed, problem
 from scheduler import plan_to_dict, problem_from_dict, solve
 from scheduler.interchange import placement_from_dict
-from scheduler.violations import PlacementScopes, find_power_violations, find_violations
+from scheduler.violations import PlacementScopes, find_power_violations, find_violations, find_workload_violations
 from strategies import problems
 
 
@@ -72,6 +74,61 @@ def test_what_the_solver_places_is_never_flagged(doc: dict) -> None:
     plan = plan_to_dict(solve(problem_from_dict(copy.deepcopy(doc)), time_limit_ms=2000))
     assert _rules({**doc, "placements": plan["placements"]}) == []
     assert find_power_violations(problem_from_dict({**doc, "placements": plan["placements"]})) == []
+    assert find_workload_violations(problem_from_dict({**doc, "placements": plan["placements"]})) == []
+
+
+SPREAD_RACK = {"domain": "rack", "max_per_domain": 1}
+
+
+@pytest.mark.parametrize("tenants, deployments, placements, expected", [
+    pytest.param([{"id": "a"}], [dep("x", "a", shards=2)], [placed("x", "n1", [0])],
+                 [("GANG", "deployment x replica 0", ("a",))], id="a gang placed in part"),
+    pytest.param([{"id": "a"}], [dep("x", "a", shards=2)], [placed("x", "n1", [0]), placed("x", "n3", [0], shard=1)],
+                 [("LOCALITY", "deployment x replica 0", ("a",))], id="a rack-local gang in two racks"),
+    pytest.param([{"id": "a"}], [dep("x", "a", shards=2, locality="node")],
+                 [placed("x", "n1", [0]), placed("x", "n2", [0], shard=1)],
+                 [("LOCALITY", "deployment x replica 0", ("a",))], id="a node-local gang on two nodes"),
+    pytest.param([{"id": "a"}], [dep("x", "a", replicas=2, spread=SPREAD_RACK)],
+                 [placed("x", "n1", [0]), placed("x", "n2", [0], replica=1)],
+                 [("SPREAD", "rack r1", ("a",))], id="two replicas in a rack spread one per rack"),
+    pytest.param([{"id": "a"}], [dep("x", "a", replicas=2, shards=2, locality="none", spread=SPREAD_RACK)],
+                 [placed("x", "n1", [0]), placed("x", "n3", [0], shard=1),
+                  placed("x", "n3", [1], replica=1), placed("x", "n3", [2], replica=1, shard=1)],
+                 [("SPREAD", "rack r2", ("a",))], id="a replica counts in every rack its shards touch"),
+    pytest.param([{"id": "a"}], [dep("x", "a", accelerator_models=["m1"])], [placed("x", "n1", [0])],
+                 [("ACCELERATOR_MODEL", "node n1", ("a",))], id="a node of another model"),
+    pytest.param([{"id": "a", "max_accelerators": 1.5}], [dep("x", "a", replicas=2, accelerator_milli=800)],
+                 [placed("x", "n1", [0], milli=800), placed("x", "n1", [1], replica=1, milli=800)],
+                 [("QUOTA_ACCELERATORS", "tenant a", ("a",))], id="fractions over max_accelerators"),
+    pytest.param([{"id": "a", "max_power_w": 500}], [dep("x", "a", acc=2, power_w=300)], [placed("x", "n1", [0, 1])],
+                 [("QUOTA_POWER", "tenant a", ("a",))], id="over max_power_w"),
+    pytest.param([{"id": "a", "max_accelerators": 2, "max_power_w": 600}],
+                 [dep("x", "a", replicas=2, shards=2, locality="none", power_w=300, accelerator_models=["maia-100"],
+                      spread=SPREAD_RACK)],
+                 [placed("x", "n1", [0]), placed("x", "n1", [1], shard=1)], [], id="within every rule"),
+])
+def test_each_workload_rule(tenants: list, deployments: list, placements: list, expected: list) -> None:
+    doc = problem(NODES, deployments, tenants=tenants, placements=placements, **TWO_RACKS)
+    assert [(v.rule, v.scope, v.tenants) for v in find_workload_violations(problem_from_dict(doc))] == expected
+    assert _rules(doc) == []  # none of them is find_violations' (the watchdog's and the re-check's)
+
+
+def test_workload_messages_name_the_binding_numbers() -> None:
+    nodes = [node("n1", "r1", model="m3"), node("n2", "r1"), node("n3", "r2")]
+    doc = problem(nodes, [dep("x", "a", replicas=3, shards=2, spread=SPREAD_RACK, power_w=100,
+                              accelerator_models=["maia-100", "m2"])],
+                  tenants=[{"id": "a", "max_accelerators": 2, "max_power_w": 250}], **TWO_RACKS,
+                  placements=[placed("x", "n1", [0]), placed("x", "n3", [0], shard=1),
+                              placed("x", "n2", [1], replica=1)])
+    messages = {v.rule: v.message for v in find_workload_violations(problem_from_dict(doc))}
+    assert messages == {
+        "GANG": "x replica 1 runs shards 0 of its 2: a replica runs all its shards or none",
+        "LOCALITY": "x replica 0 runs in racks r1, r2; its locality keeps it in one rack",
+        "SPREAD": "rack r1 holds 2 replicas of x > 1, its spread's max_per_domain",
+        "ACCELERATOR_MODEL": "x replica 0 shard 0 runs on n1 (model m3); it needs maia-100|m2",
+        "QUOTA_ACCELERATORS": "tenant a holds 3 accelerators > 2 max_accelerators",
+        "QUOTA_POWER": "tenant a draws 300 W > 250 W max_power_w",
+    }
 
 
 def test_power_over_a_rack_or_row_budget() -> None:
