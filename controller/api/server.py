@@ -51,7 +51,7 @@ from controller.observability.loop import watch_event_loop
 from controller.observability.metrics import ControllerMetrics
 from controller.errors import Unauthenticated, Unavailable
 from controller.gateway.children import GatewayProcesses, GatewaySettings, GatewayStartError
-from controller.gateway.frames import link_server_options
+from controller.gateway.frames import link_ping_times, link_server_options
 from controller.gateway.relay import RelayServicer, method_handlers
 from controller.gcpolicy import CollectionPacer, WarmHeapFreezer
 from controller.health import LIVENESS_SERVICE, HealthMonitor, resident_mib
@@ -507,15 +507,17 @@ class ControllerApp:
     async def _start_gateways(self, agents: NodeAgentServicer, chain: list[aio.ServerInterceptor]) -> None:
         """The agent gateways (--agent-gateways) and the private server of their links: each relayed
         call is served by `agents` through this server's interceptor chain (controller/gateway/relay.py).
-        The links are pinged as the agents' connections are (`agent_keepalive`): a gateway that stops
-        answering (hung, not exited) loses its link, and is killed and started again (`link_lost`).
+        The links are pinged as the agents' connections are (`agent_keepalive`), and in the relay
+        protocol itself, which the gateway's event loop answers (`frames.link_ping_times`): a gateway
+        that stops answering (hung, or its loop stuck, not exited) loses its link, and is killed and
+        started again (`link_lost`).
         A failure stops what was started (`GatewayProcesses.start`; `start` stops the rest)."""
         config = self.config
         self.gateways = GatewayProcesses(GatewaySettings(
             count=config.agent_gateways, listen=config.agent_listen, linger_ms=config.agent_gateway_linger_ms,
             tls_cert=config.tls_cert, tls_key=config.tls_key, log_level=config.log_level,
             restart_after_s=config.agent_gateway_restart_s, keepalive=config.agent_keepalive))
-        self.relay = RelayServicer(config.agent_gateway_linger_ms / 1000)
+        self.relay = RelayServicer(config.agent_gateway_linger_ms / 1000, link_ping_times(config.agent_keepalive))
         self.relay.handlers = await method_handlers(agents, chain)
         self.relay.link_lost = self.gateways.link_lost
         self.relay_server = aio.server(options=link_server_options(config.agent_keepalive))

@@ -15,7 +15,7 @@ process (SQLite has one writer: `store/turns.py`). A gateway holds no credential
 but its open calls; its link ending ends them all (the controller judges their nodes as for lost
 connections) and the gateway exits.
 
-- `frames`: the frame batching both ends use, and metadata/status conversions.
+- `frames`: the frame batching both ends use, the link's pings, and metadata/status conversions.
 - `relay`: the controller's end (a relayed call's context, the AgentRelay servicer).
 - `process`: the gateway process (`python -m controller.gateway`).
 - `children`: the controller starting and stopping its gateways.

@@ -15,9 +15,10 @@ the gateways' deadline; `stop` sends SIGTERM and kills what is still there at th
 
 A gateway that hangs (alive, answering nothing) does not exit: the links' keepalive pings
 (the note under `frames.LINK_OPTIONS`: the controller's `agent_keepalive`, given to each gateway as
-`--keepalive`) end its link, and the relay tells `link_lost`; a gateway whose link was lost exits
-on its own, so one still there `stop_grace_s` later (the time it is given to end its agents' calls)
-is killed, and its watcher starts it again as one that exited.
+`--keepalive`), or for one whose event loop is stuck while its gRPC core still answers those, the
+relay's own pings (`frames.link_ping_times`), end its link, and the relay tells `link_lost`; a
+gateway whose link was lost exits on its own, so one still there `stop_grace_s` later (the time it
+is given to end its agents' calls) is killed, and its watcher starts it again as one that exited.
 
 The deadline grows with the agent streams the gateways hold (`stop_grace_s`): a gateway ends each
 of its agents' calls with the controller's status (gRPC has no call for ending many at once, and
@@ -192,8 +193,8 @@ class GatewayProcesses:
         """The link of the gateway `pid` was lost while it held `calls` agent calls (the controller's
         stop did not end it). A gateway that lost its link exits on its own (`process.serve`), and
         its watcher starts it again; one that does not within `stop_grace_s(calls)` is hung (a
-        process stopped, or stuck so that it no longer answers the link's keepalive pings) and is
-        killed: its watcher then starts it again as one that exited."""
+        process stopped, or stuck so that it no longer answers the link's keepalive pings or the
+        relay's own) and is killed: its watcher then starts it again as one that exited."""
         if self._stopping or pid is None:
             return
         for index, process in enumerate(self.processes):

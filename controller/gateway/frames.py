@@ -16,10 +16,11 @@ reads its side of the link without ever waiting (a frame's events are queued, pu
 in the call that reads it), so the link drains whatever its calls do, and with it a full outbox;
 control events (a call's opening, its end or cancel, `taken` both ways, statuses) are added
 without waiting, so a pump waiting for the outbox never holds back the credit that would free a
-call's window (at worst they queue behind the messages, which leave); the controller tells what
-a handler took before what it has not told reaches a window (`REQUEST_TAKEN_TOLD_BYTES` is at
-most `REQUEST_WINDOW_BYTES`), so a call's window is never closed on requests its handler already
-took; and one call's window waits only on its own handler, the outbox on the link alone."""
+call's window (at worst they queue behind the messages, which leave; the link's pings and their
+answers do not even queue: `Outbox.add_first`); the controller tells what a handler took before
+what it has not told reaches a window (`REQUEST_TAKEN_TOLD_BYTES` is at most
+`REQUEST_WINDOW_BYTES`), so a call's window is never closed on requests its handler already took;
+and one call's window waits only on its own handler, the outbox on the link alone."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import fields
+from typing import NamedTuple
 
 import grpc
 
@@ -61,6 +63,48 @@ LINK_OPTIONS: tuple[tuple[str, int], ...] = (
 # GOAWAY too_many_pings after ~1 min.
 
 KEEPALIVE_FIELDS = tuple(field.name for field in fields(limits.Keepalive))
+
+# --- the link's own pings (`RelayEvent.ping`, answered `pong`, on `LINK_CALL`) --------------------
+# gRPC's core answers HTTP/2 pings while its process's event loop is stuck (a blocking call, a task
+# that never yields): a gateway so stuck kept its link, and its agents' streams hung until their
+# heartbeats timed out (nodes suspect, then down, then their work evicted). So the controller also
+# pings each link in the relay protocol, and the gateway's loop answers: a gateway that leaves a
+# ping unanswered past the timeout loses its link as one whose transport stopped answering (killed
+# if it does not exit, and started again: `children.GatewayProcesses.link_lost`); a gateway that
+# hears no ping for as long ends its link and exits, as for a controller gone (its agents go on to
+# the next controller). Both ends take the times from the same `Keepalive` (the controller's
+# `agent_keepalive`, the gateway's `--keepalive`), `link_ping_times`: the timeout is the keepalive's
+# `server_timeout_ms` (10 s: what the controller gives any peer's transport to answer a ping), at
+# least `LINK_PING_TIMEOUT_MIN_S` (a loop's own hiccups, a long collection or a loaded host, are no
+# stuck loop), and a ping goes every quarter of it (2.5 s; an event of a few bytes). A wait is
+# judged at each ping, and lost only when it reached the timeout at two in a row (the link's
+# reader had a turn between: after this end's own loop stalled, an answer may have arrived unread,
+# as `AgentHub._expire` judges its streams' silence): found 12.5-15 s after the loop stuck. With the
+# gateway's grace (`children.stop_grace_s`, 5 s and more) and its restart (1 s), its agents are
+# back within ~25 s, before `--node-down-grace` (30 s) marks their nodes down.
+# A ping and its answer go ahead of the events waiting in the outbox, whatever its bounds
+# (`Outbox.add_first`): a link's backlog of data never makes a live peer look stuck.
+#
+# Events an end does not know (a field of a later relay.proto): protobuf keeps them as unknown
+# fields, and `WhichOneof("body")` is None. The controller ignores them (as any event on a call it
+# does not hold); the gateway ignores them on an agent's call and on `LINK_CALL` (where it acts on
+# `end` and `ping` only; gateways before the pings ended the link on any event there, so they must
+# not be sent a ping). And a gateway exits when no ping comes, so a controller that does not ping
+# cannot keep one. Neither arises: the controller starts its gateways from its own install
+# (`python -m controller.gateway` of its interpreter), giving them its keepalive as `--keepalive`.
+LINK_PINGS_PER_TIMEOUT = 4
+LINK_PING_TIMEOUT_MIN_S = 2.0
+
+
+class PingTimes(NamedTuple):
+    interval_s: float  # the controller pings each link this often (the gateway judges its silence as often)
+    timeout_s: float   # an unanswered ping, or no ping heard, for this long (at two judgements in a row): lost
+
+
+def link_ping_times(keepalive: limits.Keepalive = limits.AGENT_KEEPALIVE) -> PingTimes:
+    """The link's ping times at both ends, from the keepalive both are given (the note above)."""
+    timeout_s = max(keepalive.server_timeout_ms / 1000, LINK_PING_TIMEOUT_MIN_S)
+    return PingTimes(interval_s=timeout_s / LINK_PINGS_PER_TIMEOUT, timeout_s=timeout_s)
 
 # --- a relayed call's requests (gateway -> controller) ------------------------------------------
 # A request counts for its bytes and this many more: about what holding one costs beyond its bytes
@@ -170,7 +214,8 @@ class Outbox:
     waiter at each frame); so a slow link holds the agents back, and the outbox holds at most its
     bounds and one message. Events added otherwise (`add`, `message`: a call's opening, its end
     or cancel, `taken`) never wait, so nothing that frees the link or a window is ever held
-    behind the producers it would free."""
+    behind the producers it would free; the link's pings and their answers (`add_first`) go
+    ahead of every event waiting."""
 
     def __init__(self, linger_s: float, *, bytes_max: int | None = None, events_max: int | None = None) -> None:
         self._linger_s = linger_s
@@ -212,6 +257,14 @@ class Outbox:
             loop = asyncio.get_running_loop()
             self._timer = (loop.call_later(self._linger_s, self._send_now) if self._linger_s > 0
                            else loop.call_soon(self._send_now))
+
+    def add_first(self, event: relay_pb2.RelayEvent) -> None:
+        """An event of the link itself (a ping, its answer): in the next frame, ahead of the
+        events waiting, whatever the bounds, and without lingering."""
+        if self._closed:
+            return
+        self._events.appendleft((event, 0))
+        self._send_now()
 
     def message(self, call: int, data: bytes) -> None:
         self.add(relay_pb2.RelayEvent(call=call, message=data), len(data))
@@ -305,6 +358,84 @@ def status_event(call: int, code: grpc.StatusCode, details: str = "",
 
 def link_end_event() -> relay_pb2.RelayEvent:
     return relay_pb2.RelayEvent(call=LINK_CALL, end=relay_pb2.RelayEnd())
+
+
+def ping_event(number: int) -> relay_pb2.RelayEvent:
+    return relay_pb2.RelayEvent(call=LINK_CALL, ping=number)
+
+
+def pong_event(number: int) -> relay_pb2.RelayEvent:
+    return relay_pb2.RelayEvent(call=LINK_CALL, pong=number)
+
+
+class _Overdue:
+    """A wait judged against a timeout: lost when it reached it at this judgement and the one
+    before (between them the link's reader had a turn: after the judge's own loop stalled, what it
+    waits for may have arrived and not been read yet)."""
+
+    __slots__ = ("timeout_s", "_before")
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._before = False
+
+    def judged(self, waited_s: float) -> bool:
+        overdue = waited_s >= self.timeout_s
+        lost, self._before = overdue and self._before, overdue
+        return lost
+
+
+class LinkPings:
+    """The controller's pings on one link: those its gateway has not answered yet (an answer
+    answers every ping up to its number), and whether the gateway is lost (`lost`: its oldest
+    unanswered ping waited the timeout at two judgements in a row)."""
+
+    __slots__ = ("_overdue", "_sent", "_unanswered")
+
+    def __init__(self, timeout_s: float) -> None:
+        self._overdue = _Overdue(timeout_s)
+        self._sent = 0
+        self._unanswered: deque[tuple[int, float]] = deque()  # number, sent at
+
+    def send(self, now: float) -> int:
+        """The next ping's number, sent at `now`."""
+        self._sent += 1
+        self._unanswered.append((self._sent, now))
+        return self._sent
+
+    def answered(self, number: int) -> None:
+        unanswered = self._unanswered
+        while unanswered and unanswered[0][0] <= number:
+            unanswered.popleft()
+
+    def waited_s(self, now: float) -> float:
+        """How long the oldest unanswered ping has waited (0: none)."""
+        return now - self._unanswered[0][1] if self._unanswered else 0.0
+
+    def lost(self, now: float) -> bool:
+        """Judge the link at `now` (once a ping interval)."""
+        return self._overdue.judged(self.waited_s(now))
+
+
+class PingsHeard:
+    """The gateway's watch on its controller's pings: lost when none was heard for the timeout at
+    two judgements in a row (a link's start counts as one heard)."""
+
+    __slots__ = ("_overdue", "_heard_at")
+
+    def __init__(self, timeout_s: float, now: float) -> None:
+        self._overdue = _Overdue(timeout_s)
+        self._heard_at = now
+
+    def heard(self, now: float) -> None:
+        self._heard_at = now
+
+    def silent_s(self, now: float) -> float:
+        return now - self._heard_at
+
+    def lost(self, now: float) -> bool:
+        """Judge the link at `now` (once a ping interval)."""
+        return self._overdue.judged(self.silent_s(now))
 
 
 def status_code(status: relay_pb2.RelayStatus) -> grpc.StatusCode:

@@ -14,10 +14,11 @@ without a gateway (frames.py says why it cannot deadlock). A call whose deadline
 is answered DEADLINE_EXCEEDED here and not relayed (the link's "no time left" would read as no
 deadline). It exits when the link ends: with status 0 when its controller ended it (its stop:
 every call's status came before the link's end, `LINK_CALL`), with `EXIT_LINK_LOST` when the link
-was lost (the controller died, or stopped answering the link's keepalive pings, `--keepalive`),
-ending every agent call still open UNAVAILABLE first; it exits too when the link does not come up
-(`--link-ready-timeout`, `LINK_READY_TIMEOUT_S`), and on SIGTERM/SIGINT. Prints "maia-gateway
-listening on HOST:PORT" once serving.
+was lost (the controller died, or stopped answering the link's keepalive pings, `--keepalive`, or
+its event loop stopped sending the relay's own pings, `RelayEvent.ping`, which this gateway's loop
+answers: `frames.link_ping_times` of `--keepalive`), ending every agent call still open UNAVAILABLE
+first; it exits too when the link does not come up (`--link-ready-timeout`, `LINK_READY_TIMEOUT_S`),
+and on SIGTERM/SIGINT. Prints "maia-gateway listening on HOST:PORT" once serving.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ from controller import limits
 from controller.aio import Wakeup, on_stop_signals, stopped_ignoring_sigterm
 from controller.gateway.frames import (
     GATEWAY_METADATA_KEY, GATEWAY_PID_METADATA_KEY, KEEPALIVE_FIELDS, LINK_CALL, LINK_OPTIONS, OUTBOX_BYTES_MAX,
-    OUTBOX_EVENTS_MAX, REQUEST_WINDOW_BYTES, Arrivals, Outbox, from_relayed, keepalive_from_text, request_weight,
-    status_code, to_relayed)
+    OUTBOX_EVENTS_MAX, REQUEST_WINDOW_BYTES, Arrivals, Outbox, PingsHeard, PingTimes, from_relayed, keepalive_from_text,
+    link_ping_times, pong_event, request_weight, status_code, to_relayed)
 from controller.logs import configure_logging
 from controller.tlsfiles import CertificateFiles
 from maia.v1 import relay_pb2, relay_pb2_grpc
@@ -86,30 +87,40 @@ class _Pending(Arrivals):
 
 
 class Gateway:
-    def __init__(self, name: str, linger_s: float) -> None:
+    def __init__(self, name: str, linger_s: float, pings: PingTimes | None = None) -> None:
         self.name = name
+        self.pings = pings or link_ping_times()  # the controller's (from the same keepalive)
         self.outbox = Outbox(linger_s, bytes_max=OUTBOX_BYTES_MAX, events_max=OUTBOX_EVENTS_MAX)
         self.request_window_bytes = REQUEST_WINDOW_BYTES
         self._calls: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self.linked = False
         self.ended_by_controller = False  # it sent the link's end (`LINK_CALL`): it is stopping
+        self.controller_silent = False  # it sent no ping for the ping timeout: the link was given up
 
     def open_calls(self) -> int:
         return len(self._calls)
 
     # --- the link ----------------------------------------------------------------------------
     async def run_link(self, channel: aio.Channel) -> None:
-        """Relay until the link ends; then every open agent call ends UNAVAILABLE."""
+        """Relay until the link ends (or the controller's pings stop: `_watch_pings`); then every
+        open agent call ends UNAVAILABLE."""
         stub = relay_pb2_grpc.AgentRelayStub(channel)
         call = stub.Relay(self.outbox.frames(), metadata=((GATEWAY_METADATA_KEY, self.name),
                                                           (GATEWAY_PID_METADATA_KEY, str(os.getpid()))))
         self.linked = True
+        heard = PingsHeard(self.pings.timeout_s, time.monotonic())
+        watch = asyncio.create_task(self._watch_pings(call, heard), name="gateway-pings")
         try:
             async for frame in call:
                 for event in frame.events:
-                    if event.call == LINK_CALL:  # the controller ends the link: every status came before
-                        self._link_ended()
+                    if event.call == LINK_CALL:
+                        body = event.WhichOneof("body")
+                        if body == "ping":  # answered by this loop: the controller knows it runs
+                            heard.heard(time.monotonic())
+                            self.outbox.add_first(pong_event(event.ping))
+                        elif body == "end":  # the controller ends the link: every status came before
+                            self._link_ended()
                         continue
                     pending = self._calls.get(event.call)
                     if pending is None:
@@ -126,11 +137,31 @@ class Gateway:
                 log.info("gateway %s: link closed after its end: %s", self.name, exc.code())
             else:
                 log.warning("gateway %s: link to the controller failed: %s", self.name, exc.code())
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not self.controller_silent or (task is not None and task.cancelling()):
+                raise
+            # `_watch_pings` cancelled the call: a link given up, as one that failed
         finally:
+            watch.cancel()
             self.linked = False
             for pending in list(self._calls.values()):
                 if not pending.ended:  # one whose status came has it (the controller ends the link right after)
                     pending.finish(None)
+
+    async def _watch_pings(self, call: aio.StreamStreamCall, heard: PingsHeard) -> None:
+        """Give the link up (cancel its call) once the controller's pings stop (`PingsHeard.lost`):
+        its event loop is stuck though its gRPC core may still answer HTTP/2's pings; this gateway
+        then exits as for a controller gone, and its agents go on to the next controller."""
+        while not self.ended_by_controller:
+            await asyncio.sleep(self.pings.interval_s)
+            now = time.monotonic()
+            if heard.lost(now) and not self.ended_by_controller:
+                log.warning("gateway %s: the controller sent no ping on the link for %.1fs (timeout %gs): its event "
+                            "loop is stuck; giving the link up", self.name, heard.silent_s(now), self.pings.timeout_s)
+                self.controller_silent = True
+                call.cancel()
+                return
 
     def _link_ended(self) -> None:
         """No call opens from now on, and this side of the stream ends (after what is queued): the
@@ -265,7 +296,7 @@ def keepalive_flag(text: str) -> limits.Keepalive:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    gateway = Gateway(args.name, args.linger_ms / 1000)
+    gateway = Gateway(args.name, args.linger_ms / 1000, link_ping_times(args.keepalive))
     channel = aio.insecure_channel(args.link, options=(*LINK_OPTIONS, *args.keepalive.client_options()))
     try:
         async with asyncio.timeout(args.link_ready_timeout):

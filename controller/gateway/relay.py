@@ -22,14 +22,17 @@ connection (ending the stream at once let that close drop the last frames: the g
 its agents' streams UNAVAILABLE instead of with the controller's status). The gateway ends what is
 left of its agents' calls as for a controller gone and exits, and the relay server's stop does not
 wait out its grace for links that would otherwise end only when cancelled. A link lost otherwise
-(its gateway died, or hung and stopped answering the link's keepalive pings) is told to
-`RelayServicer.link_lost` with the gateway's pid, which its Relay call's metadata carries: the
-controller kills a gateway that does not exit then.
+(its gateway died, or hung and stopped answering the link's keepalive pings, or its event loop
+stuck and stopped answering the relay's own pings, `RelayEvent.ping`, which gRPC's core does not
+answer for it: `frames.link_ping_times`) is told to `RelayServicer.link_lost` with the gateway's
+pid, which its Relay call's metadata carries: the controller kills a gateway that does not exit
+then.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -43,12 +46,17 @@ from controller.aio import Wakeup
 from controller.gateway.frames import (
     GATEWAY_METADATA_KEY,
     GATEWAY_PID_METADATA_KEY,
+    LINK_CALL,
     REQUEST_TAKEN_TOLD_BYTES,
     Arrivals,
+    LinkPings,
     Metadata,
     Outbox,
+    PingTimes,
     from_relayed,
     link_end_event,
+    link_ping_times,
+    ping_event,
     request_weight,
     status_event,
 )
@@ -64,6 +72,8 @@ RELAY_WINDOW = 8
 # How long the link's end waits for its gateway to end its side of the stream (it does as soon as
 # it reads the end; bounded for a gateway that is stuck: the relay server's stop grace bounds it too).
 LINK_END_READ_TIMEOUT_S = 5.0
+# The status of the Relay call of a gateway that left a ping unanswered past the timeout (`_ping`).
+PINGS_UNANSWERED = "the agent gateway answered no ping on its link in time: its event loop is stuck"
 
 
 class _Details(NamedTuple):
@@ -256,10 +266,12 @@ class _Call(NamedTuple):
 class _Link:
     """One gateway's link: its relayed calls by the gateway's ids."""
 
-    def __init__(self, name: str, handlers: Mapping[str, grpc.RpcMethodHandler], outbox: Outbox) -> None:
+    def __init__(self, name: str, handlers: Mapping[str, grpc.RpcMethodHandler], outbox: Outbox,
+                 ping_timeout_s: float = link_ping_times().timeout_s) -> None:
         self.name = name
         self._handlers = handlers
         self._outbox = outbox
+        self.pings = LinkPings(ping_timeout_s)
         self._calls: dict[int, _Call] = {}
         self.frames_taken = 0
         self.events_taken = 0
@@ -283,6 +295,10 @@ class _Link:
             self._outbox.add(link_end_event())
             self._outbox.close()
 
+    def ping(self, now: float) -> None:
+        """Ping the gateway's event loop (ahead of the responses waiting: `Outbox.add_first`)."""
+        self._outbox.add_first(ping_event(self.pings.send(now)))
+
     def take(self, frame: relay_pb2.RelayFrame) -> None:
         if self.closed:  # what the gateway sent before it read the link's end: no call opens after it
             return
@@ -303,6 +319,9 @@ class _Link:
                 call = calls.get(event.call)
                 if call is not None:
                     call.credit.take(event.taken)
+            elif body == "pong":
+                if event.call == LINK_CALL:
+                    self.pings.answered(event.pong)
             elif body == "open":
                 self._open(event.call, event.open)
             elif body == "end":
@@ -400,10 +419,14 @@ class RelayServicer(relay_pb2_grpc.AgentRelayServicer):
     """AgentRelay: one `Relay` call per gateway (on the controller's private unix socket).
     `handlers`: `method_handlers` (built once the server's chain exists). `link_lost`, if set, is
     told of each link lost (not ended by the controller's stop): the gateway's pid (None when its
-    call did not say) and the calls the link held (`GatewayProcesses.link_lost`)."""
+    call did not say) and the calls the link held (`GatewayProcesses.link_lost`). Each link is
+    pinged as `pings` says (`frames.link_ping_times` of the controller's `agent_keepalive`, which
+    its gateways are given): a gateway that leaves a ping unanswered past its timeout has its link
+    ended (its Relay call cancelled) and told to `link_lost` as one lost otherwise."""
 
-    def __init__(self, linger_s: float) -> None:
+    def __init__(self, linger_s: float, pings: PingTimes | None = None) -> None:
         self._linger_s = linger_s
+        self.pings = pings or link_ping_times()
         self.handlers: Mapping[str, grpc.RpcMethodHandler] = {}
         self.links: dict[str, _Link] = {}
         self._ending = False
@@ -426,7 +449,7 @@ class RelayServicer(relay_pb2_grpc.AgentRelayServicer):
         name = metadata.get(GATEWAY_METADATA_KEY, "gateway")
         pid = _pid(metadata.get(GATEWAY_PID_METADATA_KEY))
         outbox = Outbox(self._linger_s)
-        link = _Link(str(name), self.handlers, outbox)
+        link = _Link(str(name), self.handlers, outbox, self.pings.timeout_s)
         self.links[link.name] = link
         log.info("agent gateway %s linked", link.name)
         if self._ending:
@@ -440,6 +463,9 @@ class RelayServicer(relay_pb2_grpc.AgentRelayServicer):
                 outbox.close()
 
         reader = asyncio.create_task(read(), name=f"relay-read-{link.name}")
+        relay = asyncio.current_task()  # gRPC's task of this call: cancelled, the call ends as one lost
+        assert relay is not None
+        pinger = asyncio.create_task(self._ping(link, relay, context), name=f"relay-ping-{link.name}")
         ended = False
         try:
             async for frame in outbox.frames():
@@ -449,6 +475,7 @@ class RelayServicer(relay_pb2_grpc.AgentRelayServicer):
                 await asyncio.wait([reader], timeout=LINK_END_READ_TIMEOUT_S)
         finally:
             reader.cancel()
+            pinger.cancel()
             if ended:
                 log.info("agent gateway %s unlinked: the controller is stopping", link.name)
             else:
@@ -460,6 +487,27 @@ class RelayServicer(relay_pb2_grpc.AgentRelayServicer):
             link.cancel_all()
             if self.links.get(link.name) is link:
                 del self.links[link.name]
+
+    async def _ping(self, link: _Link, relay: asyncio.Task[Any], context: aio.ServicerContext) -> None:
+        """Ping `link` every ping interval until it closes. A gateway whose event loop no longer
+        answers (`LinkPings.lost`: its gRPC core may still answer HTTP/2's pings) loses its link:
+        its Relay call's task, `relay`, is cancelled at once, whatever its write waits on (the call's
+        end tells `link_lost` and cancels the link's calls), and the call ends UNAVAILABLE (the
+        status goes as soon as the stream's window lets it: a gateway that comes back reads it and
+        exits; one that does not is killed, which closes the stream)."""
+        interval_s = self.pings.interval_s
+        while not link.closed:
+            now = time.monotonic()
+            if link.pings.lost(now):
+                log.error("agent gateway %s answered no ping on its link for %.1fs (timeout %gs): its event loop is "
+                          "stuck; its link is lost", link.name, link.pings.waited_s(now), self.pings.timeout_s)
+                relay.cancel()
+                # The status's send begins before the abort's first wait; `relay`'s end then cancels this task.
+                with contextlib.suppress(Exception):  # AbortError, or an error: the call ended meanwhile
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, PINGS_UNANSWERED)
+                return
+            link.ping(now)
+            await asyncio.sleep(interval_s)
 
 
 def _pid(value: str | bytes | None) -> int | None:

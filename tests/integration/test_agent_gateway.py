@@ -522,6 +522,61 @@ async def test_a_gateway_that_hangs_loses_its_link_is_killed_and_started_again_a
     assert any("hung; killed" in r.getMessage() for r in caplog.records)
 
 
+# The test's hook, loaded by every Python process started with its directory on PYTHONPATH (a
+# gateway is given the controller's PYTHON* variables): SIGUSR1 blocks the main thread, so the
+# event loop, while gRPC's core threads go on answering HTTP/2's keepalive pings.
+LOOP_STUCK_ON_SIGUSR1 = "import signal, time\nsignal.signal(signal.SIGUSR1, lambda *_: time.sleep(600))\n"
+DOWN = common_pb2.NODE_STATE_DOWN
+
+
+async def test_a_gateway_whose_event_loop_is_stuck_is_killed_and_started_again_before_its_agents_time_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A gateway whose event loop is stuck (a blocking call) while its gRPC core still answers the
+    link's keepalive pings kept its link: its agents' streams hung until their heartbeats timed out.
+    It answers no ping of the relay's own (`RelayEvent.ping`): the controller ends its link, and
+    the gateway is killed at the end of its grace and started again; its agents are back well
+    before the heartbeat timeout would have judged them (their nodes never down)."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(LOOP_STUCK_ON_SIGUSR1)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (str(hooks), os.environ.get("PYTHONPATH")))))
+    monkeypatch.setattr(children, "STOP_GRACE_S", 1.0)
+    caplog.set_level(logging.ERROR, logger="maia.gateway")
+    heartbeat_timeout_s = 20.0  # its link pings' timeout is 2 s (`frames.LINK_PING_TIMEOUT_MIN_S`)
+    async with gatewayed(tmp_path, heartbeat_timeout_s=heartbeat_timeout_s, node_down_grace_s=30.0,
+                         node_eviction_grace_s=90.0, agent_gateway_restart_s=0.1,
+                         agent_keepalive=SHORT_KEEPALIVE) as (app, stubs):
+        async with fleet_through_gateway(app, stubs, tmp_path, 2):
+            [stuck] = app.gateways.processes
+            states: set[int] = set()
+
+            async def nodes() -> Any:
+                listed = await stubs.admin.ListNodes(admin_pb2.ListNodesRequest())
+                states.update(n.state for n in listed.nodes)
+                return listed
+
+            stuck.send_signal(signal.SIGUSR1)
+            began = asyncio.get_running_loop().time()
+            try:
+                await eventually(lambda: _async(app.gateways.restarts), lambda n: n == 1,
+                                 timeout=heartbeat_timeout_s, what="the stuck gateway started again")
+                assert stuck.poll() == -signal.SIGKILL  # it did not exit on its own: its loop was stuck
+                [again] = app.gateways.processes
+                assert again.pid != stuck.pid and again.poll() is None
+                await eventually(nodes, lambda r: sum(n.connected and n.state == READY for n in r.nodes) == 2,
+                                 timeout=heartbeat_timeout_s, what="the agents back through the new gateway")
+                assert asyncio.get_running_loop().time() - began < heartbeat_timeout_s
+                assert DOWN not in states
+                [link] = app.relay.links.values()
+                assert link.name == "gateway-0" and link.open_calls() == 2
+            finally:
+                if stuck.poll() is None:
+                    stuck.kill()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("answered no ping on its link" in m for m in messages)
+    assert any("hung; killed" in m for m in messages)
+
+
 async def test_a_gateway_is_given_the_controllers_agent_keepalive(tmp_path: Path) -> None:
     """The gateway serves the agents with the controller's keepalive settings (as its own port
     does) and pings its link with them: it is told them as `--keepalive`."""

@@ -180,17 +180,19 @@ def test_a_temporary_directory_too_long_for_the_links_socket_stops_the_start_wit
 
 
 # A controller's end of the link in a process of its own (the relay, no agent method), pinging
-# and permitting pings as `KEEPALIVE` says; argv: the link's address, then `KEEPALIVE`.
+# (HTTP/2's pings and the relay's own) and permitting pings as `KEEPALIVE` says; argv: the link's
+# address, then `KEEPALIVE`.
 RELAY_SERVER = """
 import asyncio, sys
 from grpc import aio
-from controller.gateway.frames import keepalive_from_text, link_server_options
+from controller.gateway.frames import keepalive_from_text, link_ping_times, link_server_options
 from controller.gateway.relay import RelayServicer
 from maia.v1 import relay_pb2_grpc
 
 async def main():
-    server = aio.server(options=link_server_options(keepalive_from_text(sys.argv[2])))
-    relay_pb2_grpc.add_AgentRelayServicer_to_server(RelayServicer(0.005), server)
+    keepalive = keepalive_from_text(sys.argv[2])
+    server = aio.server(options=link_server_options(keepalive))
+    relay_pb2_grpc.add_AgentRelayServicer_to_server(RelayServicer(0.005, link_ping_times(keepalive)), server)
     server.add_insecure_port(sys.argv[1])
     await server.start()
     print("serving", flush=True)
@@ -219,6 +221,35 @@ def test_a_gateway_whose_controller_hangs_exits_on_its_own(tmp_path: Path) -> No
         assert gateway.poll() is None
         controller.send_signal(signal.SIGSTOP)
         assert gateway.wait(20) == 4  # EXIT_LINK_LOST
+    finally:
+        controller.kill()
+        controller.wait(10)
+        if gateway is not None:
+            gateway.kill()
+            gateway.wait(10)
+
+
+def test_a_gateway_whose_controllers_event_loop_is_stuck_exits_on_its_own(tmp_path: Path) -> None:
+    """The controller's event loop stuck (a blocking call: SIGUSR1 makes this one sleep in its main
+    thread) while its gRPC core still answers the link's keepalive pings: the relay's own pings
+    (`RelayEvent.ping`) stop, and the gateway exits as for a controller gone (its agents go on to
+    the next controller) instead of holding them on a link nothing reads."""
+    link = f"unix:{tmp_path / 'relay.sock'}"
+    stuck_on_sigusr1 = "import signal, time\nsignal.signal(signal.SIGUSR1, lambda *_: time.sleep(600))\n"
+    controller = subprocess.Popen([sys.executable, "-c", stuck_on_sigusr1 + RELAY_SERVER, link, KEEPALIVE],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    gateway: subprocess.Popen[str] | None = None
+    try:
+        assert controller.stdout is not None and controller.stdout.readline().strip() == "serving"
+        gateway = subprocess.Popen([sys.executable, "-m", "controller.gateway", "--listen", "127.0.0.1:0",
+                                    "--link", link, "--keepalive", KEEPALIVE], stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, text=True)
+        assert gateway.stdout is not None and gateway.stdout.readline().startswith("maia-gateway listening on ")
+        time.sleep(3.0)  # past the link pings' timeout (2 s, `frames.LINK_PING_TIMEOUT_MIN_S`), pinged: it stays
+        assert gateway.poll() is None
+        controller.send_signal(signal.SIGUSR1)
+        assert gateway.wait(20) == 4  # EXIT_LINK_LOST
+        assert controller.poll() is None  # still there, answering HTTP/2's pings: the gateway gave the link up
     finally:
         controller.kill()
         controller.wait(10)

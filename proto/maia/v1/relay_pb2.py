@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13maia/v1/relay.proto\x12\x07maia.v1\"1\n\nRelayFrame\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.maia.v1.RelayEvent\"\xb4\x01\n\nRelayEvent\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12\"\n\x04open\x18\x02 \x01(\x0b\x32\x12.maia.v1.RelayOpenH\x00\x12\x11\n\x07message\x18\x03 \x01(\x0cH\x00\x12 \n\x03\x65nd\x18\x04 \x01(\x0b\x32\x11.maia.v1.RelayEndH\x00\x12&\n\x06status\x18\x05 \x01(\x0b\x32\x14.maia.v1.RelayStatusH\x00\x12\x0f\n\x05taken\x18\x06 \x01(\rH\x00\x42\x06\n\x04\x62ody\",\n\x0eRelayMetadatum\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"g\n\tRelayOpen\x12\x0e\n\x06method\x18\x01 \x01(\t\x12)\n\x08metadata\x18\x02 \x03(\x0b\x32\x17.maia.v1.RelayMetadatum\x12\x0c\n\x04peer\x18\x03 \x01(\t\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\"\x1d\n\x08RelayEnd\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"`\n\x0bRelayStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\t\x12\x32\n\x11trailing_metadata\x18\x03 \x03(\x0b\x32\x17.maia.v1.RelayMetadatum2C\n\nAgentRelay\x12\x35\n\x05Relay\x12\x13.maia.v1.RelayFrame\x1a\x13.maia.v1.RelayFrame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13maia/v1/relay.proto\x12\x07maia.v1\"1\n\nRelayFrame\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.maia.v1.RelayEvent\"\xd4\x01\n\nRelayEvent\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12\"\n\x04open\x18\x02 \x01(\x0b\x32\x12.maia.v1.RelayOpenH\x00\x12\x11\n\x07message\x18\x03 \x01(\x0cH\x00\x12 \n\x03\x65nd\x18\x04 \x01(\x0b\x32\x11.maia.v1.RelayEndH\x00\x12&\n\x06status\x18\x05 \x01(\x0b\x32\x14.maia.v1.RelayStatusH\x00\x12\x0f\n\x05taken\x18\x06 \x01(\rH\x00\x12\x0e\n\x04ping\x18\x07 \x01(\x04H\x00\x12\x0e\n\x04pong\x18\x08 \x01(\x04H\x00\x42\x06\n\x04\x62ody\",\n\x0eRelayMetadatum\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"g\n\tRelayOpen\x12\x0e\n\x06method\x18\x01 \x01(\t\x12)\n\x08metadata\x18\x02 \x03(\x0b\x32\x17.maia.v1.RelayMetadatum\x12\x0c\n\x04peer\x18\x03 \x01(\t\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\"\x1d\n\x08RelayEnd\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"`\n\x0bRelayStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\t\x12\x32\n\x11trailing_metadata\x18\x03 \x03(\x0b\x32\x17.maia.v1.RelayMetadatum2C\n\nAgentRelay\x12\x35\n\x05Relay\x12\x13.maia.v1.RelayFrame\x1a\x13.maia.v1.RelayFrame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,15 +34,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RELAYFRAME']._serialized_start=32
   _globals['_RELAYFRAME']._serialized_end=81
   _globals['_RELAYEVENT']._serialized_start=84
-  _globals['_RELAYEVENT']._serialized_end=264
-  _globals['_RELAYMETADATUM']._serialized_start=266
-  _globals['_RELAYMETADATUM']._serialized_end=310
-  _globals['_RELAYOPEN']._serialized_start=312
-  _globals['_RELAYOPEN']._serialized_end=415
-  _globals['_RELAYEND']._serialized_start=417
-  _globals['_RELAYEND']._serialized_end=446
-  _globals['_RELAYSTATUS']._serialized_start=448
-  _globals['_RELAYSTATUS']._serialized_end=544
-  _globals['_AGENTRELAY']._serialized_start=546
-  _globals['_AGENTRELAY']._serialized_end=613
+  _globals['_RELAYEVENT']._serialized_end=296
+  _globals['_RELAYMETADATUM']._serialized_start=298
+  _globals['_RELAYMETADATUM']._serialized_end=342
+  _globals['_RELAYOPEN']._serialized_start=344
+  _globals['_RELAYOPEN']._serialized_end=447
+  _globals['_RELAYEND']._serialized_start=449
+  _globals['_RELAYEND']._serialized_end=478
+  _globals['_RELAYSTATUS']._serialized_start=480
+  _globals['_RELAYSTATUS']._serialized_end=576
+  _globals['_AGENTRELAY']._serialized_start=578
+  _globals['_AGENTRELAY']._serialized_end=645
 # @@protoc_insertion_point(module_scope)

@@ -13,20 +13,24 @@ class RelayFrame(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[RelayEvent, _Mapping]]] = ...) -> None: ...
 
 class RelayEvent(_message.Message):
-    __slots__ = ("call", "open", "message", "end", "status", "taken")
+    __slots__ = ("call", "open", "message", "end", "status", "taken", "ping", "pong")
     CALL_FIELD_NUMBER: _ClassVar[int]
     OPEN_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     TAKEN_FIELD_NUMBER: _ClassVar[int]
+    PING_FIELD_NUMBER: _ClassVar[int]
+    PONG_FIELD_NUMBER: _ClassVar[int]
     call: int
     open: RelayOpen
     message: bytes
     end: RelayEnd
     status: RelayStatus
     taken: int
-    def __init__(self, call: _Optional[int] = ..., open: _Optional[_Union[RelayOpen, _Mapping]] = ..., message: _Optional[bytes] = ..., end: _Optional[_Union[RelayEnd, _Mapping]] = ..., status: _Optional[_Union[RelayStatus, _Mapping]] = ..., taken: _Optional[int] = ...) -> None: ...
+    ping: int
+    pong: int
+    def __init__(self, call: _Optional[int] = ..., open: _Optional[_Union[RelayOpen, _Mapping]] = ..., message: _Optional[bytes] = ..., end: _Optional[_Union[RelayEnd, _Mapping]] = ..., status: _Optional[_Union[RelayStatus, _Mapping]] = ..., taken: _Optional[int] = ..., ping: _Optional[int] = ..., pong: _Optional[int] = ...) -> None: ...
 
 class RelayMetadatum(_message.Message):
     __slots__ = ("key", "value")
