@@ -70,6 +70,21 @@ async def test_a_rack_moved_while_a_plan_lands_zoned_work_on_it_is_refused(datab
     assert placed["node"].startswith("rack-b")  # in z2 still: the move was not written
 
 
+def _a_plan_lands_after_the_first_check(monkeypatch: pytest.MonkeyPatch, loop: Reconciler) -> list[Any]:
+    """The apply's first read of the power it judges (`_with_power_judged`, without a lock) is
+    followed, the first time, by a reconciler pass that commits: what that pass did."""
+    read, landed = topology._with_power_judged, []
+
+    async def then_a_plan_lands(*args: Any) -> Any:
+        views = await read(*args)
+        if not landed:
+            landed.append(await loop.reconcile_once())
+        return views
+
+    monkeypatch.setattr(topology, "_with_power_judged", then_a_plan_lands)
+    return landed
+
+
 async def test_a_budget_cut_while_a_plan_lands_is_refused(database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     await _apply(database, TopologySpec(zones=(ZoneSpec("z1"),), rows=(RowSpec("row-a", "z1"),),
                                         racks=(RackSpec("rack-a", "row-a", 10_000.0),)))
@@ -77,23 +92,46 @@ async def test_a_budget_cut_while_a_plan_lands_is_refused(database: Database, mo
     await add_tenant(database, "t1")
     loop = _reconciler(database)
     await submit(database, deployment("hot", accelerators=4, shard_power_w=1000.0, locality="node"))  # 4 kW
-    read = topology.get_topology
-
-    async def then_a_plan_lands(uow: Any, who: Any) -> Any:
-        view = await read(uow, who)
-        if not landed:
-            landed.append(await loop.reconcile_once())  # 4 kW lands after the check read 1 kW
-        return view
-
-    landed: list[Any] = []
-    monkeypatch.setattr(topology, "get_topology", then_a_plan_lands)
+    landed = _a_plan_lands_after_the_first_check(monkeypatch, loop)  # 4 kW lands after the check read 1 kW
     with pytest.raises(FailedPrecondition, match="rack rack-a uses 5 kW .* over its budget of 2 kW"):
         await _apply(database, TopologySpec(racks=(RackSpec("rack-a", "row-a", 2_000.0),)))
-    monkeypatch.setattr(topology, "get_topology", read)
+    assert landed
     async with database.unit_of_work() as uow:
         [rack] = (await topology.get_topology(uow, WHO)).racks
     assert (rack.power_used_w, rack.spec.power_budget_w) == (5_000.0, 10_000.0)
     assert len(await _placements(database)) == 1
+
+
+@pytest.mark.parametrize(("row_a_w", "with_nodes", "spec"), [
+    pytest.param(None, ("rack-a", "rack-b"), TopologySpec(rows=(RowSpec("row-a", "z1", 5_500.0),),
+                                                          racks=(RackSpec("rack-a", "row-a", 20_000.0),)),
+                 id="row-cut"),
+    pytest.param(5_500.0, ("rack-a", "rack-c"), TopologySpec(racks=(RackSpec("rack-c", "row-a"),)), id="rack-moved-in"),
+])
+async def test_a_row_cut_or_a_rack_moved_in_while_a_plan_lands_is_refused(
+        database: Database, monkeypatch: pytest.MonkeyPatch, row_a_w: float | None, with_nodes: tuple[str, ...],
+        spec: TopologySpec) -> None:
+    """Held under the generation, the check reads the power of the racks and rows the apply
+    changes, not the cluster's; a row's is all its racks', those the apply does not name too
+    (rack-b beside rack-a; rack-a, where rack-c moves in). 2 kW idle in row-a (or to be), 4 kW
+    lands on one of the two racks after the first check: 6 kW, over 5.5 kW."""
+    await _apply(database, TopologySpec(zones=(ZoneSpec("z1"),),
+                                        rows=(RowSpec("row-a", "z1", row_a_w), RowSpec("row-b", "z1")),
+                                        racks=(RackSpec("rack-a", "row-a"), RackSpec("rack-b", "row-a"),
+                                               RackSpec("rack-c", "row-b"))))
+    for rack in with_nodes:
+        await add_nodes(database, rack, 2)  # 2 x 500 W idle
+    await add_tenant(database, "t1")
+    loop = _reconciler(database)
+    await submit(database, deployment("hot", accelerators=4, shard_power_w=1000.0, locality="node"))  # 4 kW
+    landed = _a_plan_lands_after_the_first_check(monkeypatch, loop)
+    with pytest.raises(FailedPrecondition, match=r"row row-a uses 6 kW .* over its budget of 5\.5 kW"):
+        await _apply(database, spec)
+    assert landed and len(await _placements(database)) == 1
+    async with database.unit_of_work() as uow:
+        view = await topology.get_topology(uow, WHO)
+    assert ({r.spec.id: r.spec.power_budget_w for r in view.rows}["row-a"],
+            {k.spec.id: k.spec.row for k in view.racks}["rack-c"]) == (row_a_w, "row-b")  # not written
 
 
 async def test_the_same_topology_again_writes_nothing_and_wakes_nothing(database: Database) -> None:

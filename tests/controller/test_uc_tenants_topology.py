@@ -309,6 +309,92 @@ async def test_a_move_under_a_replica_across_a_moved_rack_and_one_that_stays_is_
         assert {k.spec.id: k.spec.row for k in (await topology.get_topology(uow, WHO)).racks}["rack-b"] == "row-a"
 
 
+async def _three_rows(db) -> dict[str, float]:  # noqa: ANN001
+    """On `cluster` (row-a: rack-a, rack-b), row-b with rack-c (two nodes) and rack-d (none) and
+    row-c with rack-e (two nodes), 500 W idle a node, and t1/hot's 4 kW placed: each rack's and
+    row's power as `get_topology` reads it, over the whole cluster ('rack R' / 'row W' -> watts)."""
+    async with db.unit_of_work() as uow:
+        await topology.apply_topology(uow, WHO, TopologySpec(
+            rows=(RowSpec("row-b", "z1"), RowSpec("row-c", "z1")),
+            racks=(RackSpec("rack-c", "row-b"), RackSpec("rack-d", "row-b"), RackSpec("rack-e", "row-c"))),
+            RecordingSignals())
+    for rack in ("rack-c", "rack-e"):
+        await add_nodes(db, rack, 2)
+    loop = Reconciler(db, push=lambda nodes: None, publish=no_publish, solve_time_limit_ms=60_000, backoff_s=0.0)
+    await submit(db, deployment("hot", accelerators=4, shard_power_w=1000.0, locality="node"))
+    await loop.reconcile_once()
+    async with db.unit_of_work() as uow:
+        view = await topology.get_topology(uow, WHO)
+    assert sum(k.power_used_w for k in view.racks) == 8 * 500.0 + 4000.0  # placed
+    return {f"rack {k.spec.id}": k.power_used_w for k in view.racks} | {
+        f"row {r.spec.id}": r.power_used_w for r in view.rows}
+
+
+def _power_reads(monkeypatch: pytest.MonkeyPatch) -> list[list[str] | None]:
+    """Each read of power placed (`repo.power_usage`): the racks it names, or None for every rack."""
+    read, reads = repo.power_usage, []
+
+    async def recorded(session, racks=None):  # noqa: ANN001, ANN202
+        reads.append(None if racks is None else sorted(racks))
+        return await read(session, racks)
+
+    monkeypatch.setattr(repo, "power_usage", recorded)
+    return reads
+
+
+async def test_a_budget_cut_or_a_move_reads_the_power_of_the_racks_and_rows_it_changes(cluster, monkeypatch):
+    """An apply's checks read every rack's power, summed over the whole cluster (50-90 ms at 16,384
+    nodes), the second time holding the generation, every commit waiting. They read that of a
+    rack whose budget changes, and of every rack of a row whose budget or racks change (its
+    power is theirs): rack-c leaving row-b (rack-d stays) for row-c (rack-e); none for a row
+    moved to another zone. The answer is still the whole topology."""
+    await _three_rows(cluster)
+    reads = _power_reads(monkeypatch)
+    for spec, judged in [
+        (TopologySpec(racks=(RackSpec("rack-a", "row-a", 90_000.0),)), ["rack-a"]),
+        (TopologySpec(rows=(RowSpec("row-a", "z1", 90_000.0),)), ["rack-a", "rack-b"]),
+        (TopologySpec(racks=(RackSpec("rack-c", "row-c"),)), ["rack-c", "rack-d", "rack-e"]),
+        (TopologySpec(zones=(ZoneSpec("z2"),), rows=(RowSpec("row-b", "z2"),)), None),
+    ]:
+        reads.clear()
+        async with cluster.unit_of_work() as uow:
+            view = await topology.apply_topology(uow, WHO, spec, RecordingSignals())
+        checked = [judged, judged] if judged else []  # checked, then again holding the generation
+        assert reads == checked + [None]  # and the answer, the whole topology
+        assert sum(k.power_used_w for k in view.racks) == 8_000.0 and len(view.racks) == 5
+
+
+def _over(where: str, used_w: float, budget_w: float) -> str:
+    return f"{where} uses {used_w / 1000:g} kW (up nodes' idle power and placed shards), over its budget of " \
+           f"{budget_w / 1000:g} kW"
+
+
+async def test_a_budget_cut_or_a_move_over_what_runs_is_refused_by_the_whole_cluster_s_numbers(cluster):
+    """Judged by the power of the racks and rows it changes alone, an apply is refused as when it
+    read the whole cluster's: a rack's budget cut below what it holds; a row's below what all its
+    racks hold, rack-b too, which the apply does not name; a rack moved into a row without room
+    for it (rack-a and rack-b, which stay, and rack-c). Each naming the power `get_topology` reads."""
+    used = await _three_rows(cluster)
+    rack_a, row_a, moved = used["rack rack-a"], used["row row-a"], used["row row-a"] + used["rack rack-c"]
+
+    def apply(spec: TopologySpec):  # noqa: ANN202
+        return lambda uow: topology.apply_topology(uow, WHO, spec, RecordingSignals())
+
+    await assert_refused_writing_nothing(
+        cluster, apply(TopologySpec(racks=(RackSpec("rack-a", "row-a", rack_a - 100.0),))), FailedPrecondition,
+        _over("rack rack-a", rack_a, rack_a - 100.0))
+    await assert_refused_writing_nothing(
+        cluster, apply(TopologySpec(rows=(RowSpec("row-a", "z1", row_a - 100.0),),
+                                    racks=(RackSpec("rack-a", "row-a", 90_000.0),))), FailedPrecondition,
+        _over("row row-a", row_a, row_a - 100.0))
+    async with cluster.unit_of_work() as uow:  # what row-a holds exactly: taken
+        await topology.apply_topology(uow, WHO, TopologySpec(rows=(RowSpec("row-a", "z1", row_a),)),
+                                      RecordingSignals())
+    await assert_refused_writing_nothing(
+        cluster, apply(TopologySpec(racks=(RackSpec("rack-c", "row-a"),))), FailedPrecondition,
+        _over("row row-a", moved, row_a))
+
+
 async def _delete_item(db, kind: str, item_id: str, who=WHO):
     async with db.unit_of_work() as uow:
         return await topology.delete_item(uow, who, kind, item_id, RecordingSignals())

@@ -186,6 +186,27 @@ async def test_power_usage_and_placed_milli_are_cluster_usages_totals(database: 
     assert milli == sum(whole.node_milli.values()) == 4750
 
 
+async def test_the_power_of_some_racks_is_the_whole_cluster_s_for_them(database: Database) -> None:
+    """A topology apply's check reads the power of the racks it judges alone (`racks`): what the
+    whole cluster's read gives for each of them, nothing of the others; a row's is the sum of its
+    racks asked for, so all of its power when they are all asked for."""
+    async with database.unit_of_work() as uow:
+        await seed_problem(uow.session, CLUSTER)
+        await uow.commit()
+    async with database.unit_of_work() as uow:
+        whole = await repo.power_usage(uow.session)
+        used, draw = await repo.rack_power(uow.session)
+        for asked in (["rack1"], ["rack2"], ["rack1", "rack2", "ghost"], []):
+            power = await repo.power_usage(uow.session, asked)
+            assert dict(power.rack_power_w) == {k: w for k, w in whole.rack_power_w.items() if k in asked}
+            assert await repo.rack_power(uow.session, asked) == (
+                {k: w for k, w in used.items() if k in asked}, {k: w for k, w in draw.items() if k in asked})
+        rack2 = await repo.power_usage(uow.session, ["rack2"])
+        both = await repo.power_usage(uow.session, ["rack2", "rack1"])
+    assert dict(rack2.row_power_w) == {"row1": whole.rack_power_w["rack2"]} == {"row1": 1400.0}
+    assert dict(both.row_power_w) == dict(whole.row_power_w) == {"row1": 1200.0 + 1400.0 + 600.0 + 1400.0}
+
+
 # Tenants with and without reservations (a owes nothing: it holds its 6; d and f hold nothing, f
 # has a deployment with no placement), on nodes of every state (n5 is made suspect), with whole,
 # quarter and 0.333 shards, one of a deployment being deleted (its placements still hold).

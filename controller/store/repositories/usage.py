@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,23 +121,29 @@ _PLACED_BY_TENANT = (
     .select_from(m.Placement).join(m.Deployment).group_by(m.Deployment.tenant_id))
 
 
-async def rack_power(session: AsyncSession) -> tuple[dict[str, float], dict[str, float]]:
+async def rack_power(session: AsyncSession, racks: Collection[str] | None = None,
+                     ) -> tuple[dict[str, float], dict[str, float]]:
     """Per rack, summed by the database: the power placed on it, as the solver counts it against
     the budget (the idle power of its nodes but those down with their work evicted, plus every
     placed shard's power on its nodes, down ones included: still placed) and the power its nodes
     not down last reported. Two queries, a row per rack each. A node down, its work not evicted
-    yet, was left out: the gauge showed room the scheduler refused to use (`snapshot.node_state`)."""
+    yet, was left out: the gauge showed room the scheduler refused to use (`snapshot.node_state`).
+    `racks`: those racks' alone, their nodes' and their placements' rows (by the indexes on the
+    rack and the node); None, every rack's."""
     used: dict[str, float] = defaultdict(float)
     draw: dict[str, float] = {}
     not_down = m.Node.health != m.NodeHealth.DOWN
     idle = (select(m.Node.rack_id, func.sum(m.Node.idle_power_w),
                    func.sum(case((not_down, m.Node.power_draw_w), else_=0.0)))
             .where(or_(not_down, m.Node.evicted_at.is_(None))).group_by(m.Node.rack_id))
+    shards = (select(m.Node.rack_id, func.sum(_PLACED_POWER_W))
+              .select_from(m.Placement).join(m.Deployment).join(m.Node).group_by(m.Node.rack_id))
+    if racks is not None:
+        on_racks = any_of(session, m.Node.rack_id, sorted(set(racks)))
+        idle, shards = idle.where(on_racks), shards.where(on_racks)
     for rack_id, idle_w, draw_w in await session.execute(idle):
         used[rack_id] += float(idle_w or 0.0)
         draw[rack_id] = float(draw_w or 0.0)
-    shards = (select(m.Node.rack_id, func.sum(_PLACED_POWER_W))
-              .select_from(m.Placement).join(m.Deployment).join(m.Node).group_by(m.Node.rack_id))
     for rack_id, watts in await session.execute(shards):
         used[rack_id] += float(watts or 0.0)
     return dict(used), draw
@@ -295,13 +301,18 @@ async def cluster_usage(session: AsyncSession) -> ClusterUsage:
     return usage
 
 
-async def power_usage(session: AsyncSession) -> ClusterUsage:
+async def power_usage(session: AsyncSession, racks: Collection[str] | None = None) -> ClusterUsage:
     """The power placed per rack and per row (`rack_power_w`, `row_power_w`; the rest empty): what
     the topology view and the cluster summary show, without `cluster_usage`'s row per (node,
-    tenant) of the whole cluster."""
+    tenant) of the whole cluster. `racks`: those racks' alone (`rack_power`; a topology apply's
+    checks, usecases/topology.py), and a row's is then the sum over those of its racks: all of
+    its power only when every one of them is among them."""
     usage = ClusterUsage()
-    used, _ = await rack_power(session)
-    row_of = {rack_id: row_id for rack_id, row_id in await session.execute(select(m.Rack.id, m.Rack.row_id))}
+    used, _ = await rack_power(session, racks)
+    rows = select(m.Rack.id, m.Rack.row_id)
+    if racks is not None:
+        rows = rows.where(any_of(session, m.Rack.id, sorted(set(racks))))
+    row_of = {rack_id: row_id for rack_id, row_id in await session.execute(rows)}
     for rack_id, watts in used.items():
         usage.rack_power_w[rack_id] += watts
         usage.row_power_w[row_of.get(rack_id, "")] += watts
