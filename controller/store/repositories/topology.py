@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import sqlite3
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Row, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import selectinload
 
 from controller.store import models as m
 from controller.store.marks import sqlite_refusal
@@ -22,8 +21,11 @@ async def list_rows(session: AsyncSession) -> list[m.Row]:
     return list(await session.scalars(select(m.Row).order_by(m.Row.id)))
 
 
-async def list_racks(session: AsyncSession) -> list[m.Rack]:
-    return list(await session.scalars(select(m.Rack).options(selectinload(m.Rack.row)).order_by(m.Rack.id)))
+async def list_racks(session: AsyncSession) -> list[Row[tuple[str, str, float | None]]]:
+    """Every rack's (id, row_id, power_budget_w), by id: plain rows, not ORM objects. At 1,024 racks
+    the objects (and a query for their rows, which no caller read) took ~27 ms on SQLite against
+    ~6 ms for the columns, in a topology apply's check holding the cluster generation."""
+    return list(await session.execute(select(m.Rack.id, m.Rack.row_id, m.Rack.power_budget_w).order_by(m.Rack.id)))
 
 
 async def get_rack(session: AsyncSession, rack_id: str) -> m.Rack | None:
