@@ -252,7 +252,8 @@ def find_workload_violations(problem: Problem) -> list[Violation]:
     - SPREAD: more replicas of a deployment in one domain of its `spread` than `max_per_domain`,
       a replica counted in every domain one of its shards touches (`state.spread_count`; a
       `spread_group`'s other replicas do not count: the group's is a preference, not a rule);
-    - ACCELERATOR_MODEL: a shard on a node whose model its `accelerator_models` leave out;
+    - ACCELERATOR_MODEL: a deployment's shards on a node whose model its `accelerator_models` leave
+      out (one a node and deployment, naming the first shard and how many more);
     - QUOTA_ACCELERATORS, QUOTA_POWER: a tenant holding more than its `max_accelerators` (milli per
       accelerator held / 1000) or drawing more than its `max_power_w` (per accelerator held,
       power_w x that milli / 1000), scope `tenant T`, as `filters.TENANT_CAPS` count them.
@@ -273,6 +274,7 @@ def find_workload_violations(problem: Problem) -> list[Violation]:
     replicas: dict[tuple[str, int], list[tuple[Placement, Node]]] = defaultdict(list)
     milli: dict[str, int] = defaultdict(int)          # by tenant, as the solver's tenant_milli
     watts: dict[str, float] = defaultdict(float)      # by tenant, as its tenant_power
+    wrong_model: dict[tuple[str, str], list[Placement]] = defaultdict(list)  # (node, deployment) -> its shards there
     for p in problem.placements:
         node, dep = nodes.get(p.node), deployments.get(p.deployment)
         if dep is None or node is None:
@@ -280,13 +282,20 @@ def find_workload_violations(problem: Problem) -> list[Violation]:
         replicas[(p.deployment, p.replica)].append((p, node))
         models = dep.shard.accelerator_models
         if models is not None and node.accelerator_model not in models:
-            model = f"model {node.accelerator_model}" if node.accelerator_model else "no declared model"
-            found.append(Violation("ACCELERATOR_MODEL", f"node {p.node}", (dep.tenant,),
-                                   f"{p.deployment} replica {p.replica} shard {p.shard} runs on {p.node} "
-                                   f"({model}); it needs {'|'.join(models) or 'no model (an empty list)'}"))
+            wrong_model[(p.node, p.deployment)].append(p)
         held = _milli(p, dep.shard) * len(p.accelerator_indices)
         milli[dep.tenant] += held
         watts[dep.tenant] += dep.shard.power_w * held / 1000.0
+
+    for (node_id, dep_id), shards in wrong_model.items():  # one a deployment a node (a node re-modelled: not one a shard)
+        node, dep = nodes[node_id], deployments[dep_id]
+        model = f"model {node.accelerator_model}" if node.accelerator_model else "no declared model"
+        first = shards[0]
+        more = f" and {len(shards) - 1} more of its shards run" if len(shards) > 1 else " runs"
+        needs = "|".join(dep.shard.accelerator_models or ()) or "no model (an empty list)"
+        found.append(Violation("ACCELERATOR_MODEL", f"node {node_id}", (dep.tenant,),
+                               f"{dep_id} replica {first.replica} shard {first.shard}{more} on {node_id} "
+                               f"({model}); it needs {needs}"))
 
     spread: Counter[tuple[str, str]] = Counter()  # (deployment, "rack r1") -> replicas touching it
     max_per_domain: dict[str, int] = {}
