@@ -64,6 +64,11 @@ READY_TIMEOUT_S = 30.0
 STOP_GRACE_S = 5.0
 STOP_GRACE_PER_STREAM_S = 0.001
 STOP_GRACE_MAX_S = 20.0
+# The grace of a gateway whose link was lost to unanswered relay pings (`link_lost(stuck=True)`):
+# its event loop is known stuck, so it cannot end its agents' calls in any grace, and its gRPC core
+# keeps their connections open (they go nowhere else) until it is killed. A second, for one that
+# came unstuck just then to read the link's end and exit on its own.
+STUCK_GRACE_S = 1.0
 STOP_AFTER_SIGTERM_S = 1.0
 RESTART_BACKOFF_MAX_S = 30.0
 READY_PREFIX = "maia-gateway listening on "
@@ -189,17 +194,19 @@ class GatewayProcesses:
             else:
                 delay = self.settings.restart_after_s
 
-    def link_lost(self, pid: int | None, calls: int) -> None:
+    def link_lost(self, pid: int | None, calls: int, stuck: bool = False) -> None:
         """The link of the gateway `pid` was lost while it held `calls` agent calls (the controller's
         stop did not end it). A gateway that lost its link exits on its own (`process.serve`), and
         its watcher starts it again; one that does not within `stop_grace_s(calls)` is hung (a
-        process stopped, or stuck so that it no longer answers the link's keepalive pings or the
-        relay's own) and is killed: its watcher then starts it again as one that exited."""
+        process stopped, or stuck so that it no longer answers the link's keepalive pings) and is
+        killed: its watcher then starts it again as one that exited. `stuck`: the link was lost to
+        the relay's own pings left unanswered (its event loop is stuck): killed after
+        `STUCK_GRACE_S`, whatever the calls it holds."""
         if self._stopping or pid is None:
             return
         for index, process in enumerate(self.processes):
             if process.pid == pid and process.poll() is None:
-                self._reapers.append(asyncio.create_task(self._reap(index, process, stop_grace_s(calls)),
+                self._reapers.append(asyncio.create_task(self._reap(index, process, STUCK_GRACE_S if stuck else stop_grace_s(calls)),
                                                          name=f"gateway-{index}-reap"))
                 self._reapers = [reaper for reaper in self._reapers if not reaper.done()]
                 return

@@ -75,13 +75,16 @@ KEEPALIVE_FIELDS = tuple(field.name for field in fields(limits.Keepalive))
 # the next controller). Both ends take the times from the same `Keepalive` (the controller's
 # `agent_keepalive`, the gateway's `--keepalive`), `link_ping_times`: the timeout is the keepalive's
 # `server_timeout_ms` (10 s: what the controller gives any peer's transport to answer a ping), at
-# least `LINK_PING_TIMEOUT_MIN_S` (a loop's own hiccups, a long collection or a loaded host, are no
-# stuck loop), and a ping goes every quarter of it (2.5 s; an event of a few bytes). A wait is
-# judged at each ping, and lost only when it reached the timeout at two in a row (the link's
-# reader had a turn between: after this end's own loop stalled, an answer may have arrived unread,
-# as `AgentHub._expire` judges its streams' silence): found 12.5-15 s after the loop stuck. With the
-# gateway's grace (`children.stop_grace_s`, 5 s and more) and its restart (1 s), its agents are
-# back within ~25 s, before `--node-down-grace` (30 s) marks their nodes down.
+# least `LINK_PING_TIMEOUT_MIN_S`, 5 s (a loop's own pauses, a collection over a heap of 16,384
+# streams or a loaded host, are no stuck loop, whatever keepalive timeout an operator shortened),
+# and a ping goes every quarter of it (2.5 s; an event of a few bytes). A wait is judged at each
+# ping, and lost only when it reached the timeout at two in a row (the link's reader had a turn
+# between, as `AgentHub._expire` judges its streams' silence); a judge whose own turn came half an
+# interval late or more (`late`: its loop stalled, and what it waits for may have arrived unread)
+# gives no verdict then, and its next judgement counts as a first (`_Overdue.excused`). Found
+# 12.5-15 s after the loop stuck. The gateway is then killed after `children.STUCK_GRACE_S` (1 s:
+# its loop cannot use the stop's grace, which grows to 20 s with its streams) and started again
+# (1 s): its agents are back within ~20 s, before `--node-down-grace` (30 s) marks their nodes down.
 # A ping and its answer go ahead of the events waiting in the outbox, whatever its bounds
 # (`Outbox.add_first`): a link's backlog of data never makes a live peer look stuck.
 #
@@ -93,7 +96,7 @@ KEEPALIVE_FIELDS = tuple(field.name for field in fields(limits.Keepalive))
 # cannot keep one. Neither arises: the controller starts its gateways from its own install
 # (`python -m controller.gateway` of its interpreter), giving them its keepalive as `--keepalive`.
 LINK_PINGS_PER_TIMEOUT = 4
-LINK_PING_TIMEOUT_MIN_S = 2.0
+LINK_PING_TIMEOUT_MIN_S = 5.0
 
 
 class PingTimes(NamedTuple):
@@ -258,13 +261,15 @@ class Outbox:
             self._timer = (loop.call_later(self._linger_s, self._send_now) if self._linger_s > 0
                            else loop.call_soon(self._send_now))
 
-    def add_first(self, event: relay_pb2.RelayEvent) -> None:
+    def add_first(self, event: relay_pb2.RelayEvent) -> bool:
         """An event of the link itself (a ping, its answer): in the next frame, ahead of the
-        events waiting, whatever the bounds, and without lingering."""
+        events waiting, whatever the bounds, and without lingering. False: the outbox is closed
+        (nothing added)."""
         if self._closed:
-            return
+            return False
         self._events.appendleft((event, 0))
         self._send_now()
+        return True
 
     def message(self, call: int, data: bytes) -> None:
         self.add(relay_pb2.RelayEvent(call=call, message=data), len(data))
@@ -282,6 +287,10 @@ class Outbox:
         turn = asyncio.get_running_loop().create_future()
         self._waiting.append((turn, relay_pb2.RelayEvent(call=call, message=data), len(data)))
         await turn
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         """No more frames: `frames` ends once the events added before are sent (the messages still
@@ -384,6 +393,18 @@ class _Overdue:
         lost, self._before = overdue and self._before, overdue
         return lost
 
+    def excused(self) -> None:
+        """The judge's own loop stalled (its turn came late by half an interval or more: `late`):
+        this turn is no judgement, and the next counts as a first (the reader has had no turn since
+        what it waits for may have arrived). A judge lagging that much at every turn never finds the
+        other end lost: it is itself in trouble, and its peer's verdict on it is the one to trust."""
+        self._before = False
+
+
+def late(expected: float | None, now: float, interval_s: float) -> bool:
+    """Whether a judge's turn due at `expected` (None: its first) came half an interval late or more."""
+    return expected is not None and now - expected >= interval_s / 2
+
 
 class LinkPings:
     """The controller's pings on one link: those its gateway has not answered yet (an answer
@@ -416,6 +437,9 @@ class LinkPings:
         """Judge the link at `now` (once a ping interval)."""
         return self._overdue.judged(self.waited_s(now))
 
+    def excused(self) -> None:
+        self._overdue.excused()
+
 
 class PingsHeard:
     """The gateway's watch on its controller's pings: lost when none was heard for the timeout at
@@ -436,6 +460,9 @@ class PingsHeard:
     def lost(self, now: float) -> bool:
         """Judge the link at `now` (once a ping interval)."""
         return self._overdue.judged(self.silent_s(now))
+
+    def excused(self) -> None:
+        self._overdue.excused()
 
 
 def status_code(status: relay_pb2.RelayStatus) -> grpc.StatusCode:

@@ -41,7 +41,7 @@ from controller.aio import Wakeup, on_stop_signals, stopped_ignoring_sigterm
 from controller.gateway.frames import (
     GATEWAY_METADATA_KEY, GATEWAY_PID_METADATA_KEY, KEEPALIVE_FIELDS, LINK_CALL, LINK_OPTIONS, OUTBOX_BYTES_MAX,
     OUTBOX_EVENTS_MAX, REQUEST_WINDOW_BYTES, Arrivals, Outbox, PingsHeard, PingTimes, from_relayed, keepalive_from_text,
-    link_ping_times, pong_event, request_weight, status_code, to_relayed)
+    late, link_ping_times, pong_event, request_weight, status_code, to_relayed)
 from controller.logs import configure_logging
 from controller.tlsfiles import CertificateFiles
 from maia.v1 import relay_pb2, relay_pb2_grpc
@@ -153,10 +153,14 @@ class Gateway:
         """Give the link up (cancel its call) once the controller's pings stop (`PingsHeard.lost`):
         its event loop is stuck though its gRPC core may still answer HTTP/2's pings; this gateway
         then exits as for a controller gone, and its agents go on to the next controller."""
+        interval_s = self.pings.interval_s
         while not self.ended_by_controller:
-            await asyncio.sleep(self.pings.interval_s)
+            due = time.monotonic() + interval_s
+            await asyncio.sleep(interval_s)
             now = time.monotonic()
-            if heard.lost(now) and not self.ended_by_controller:
+            if late(due, now, interval_s):  # this gateway's own loop stalled: pings may wait unread
+                heard.excused()
+            elif heard.lost(now) and not self.ended_by_controller:
                 log.warning("gateway %s: the controller sent no ping on the link for %.1fs (timeout %gs): its event "
                             "loop is stuck; giving the link up", self.name, heard.silent_s(now), self.pings.timeout_s)
                 self.controller_silent = True

@@ -54,6 +54,7 @@ from controller.gateway.frames import (
     Outbox,
     PingTimes,
     from_relayed,
+    late,
     link_end_event,
     link_ping_times,
     ping_event,
@@ -272,6 +273,7 @@ class _Link:
         self._handlers = handlers
         self._outbox = outbox
         self.pings = LinkPings(ping_timeout_s)
+        self.stuck = False  # lost to its pings left unanswered (`RelayServicer._ping`)
         self._calls: dict[int, _Call] = {}
         self.frames_taken = 0
         self.events_taken = 0
@@ -296,8 +298,10 @@ class _Link:
             self._outbox.close()
 
     def ping(self, now: float) -> None:
-        """Ping the gateway's event loop (ahead of the responses waiting: `Outbox.add_first`)."""
-        self._outbox.add_first(ping_event(self.pings.send(now)))
+        """Ping the gateway's event loop (ahead of the responses waiting: `Outbox.add_first`); none
+        is counted as sent once the outbox is closed (the link ending)."""
+        if not self._outbox.closed:
+            self._outbox.add_first(ping_event(self.pings.send(now)))
 
     def take(self, frame: relay_pb2.RelayFrame) -> None:
         if self.closed:  # what the gateway sent before it read the link's end: no call opens after it
@@ -422,7 +426,8 @@ class RelayServicer(relay_pb2_grpc.AgentRelayServicer):
     call did not say) and the calls the link held (`GatewayProcesses.link_lost`). Each link is
     pinged as `pings` says (`frames.link_ping_times` of the controller's `agent_keepalive`, which
     its gateways are given): a gateway that leaves a ping unanswered past its timeout has its link
-    ended (its Relay call cancelled) and told to `link_lost` as one lost otherwise."""
+    ended (its Relay call cancelled) and told to `link_lost` with `stuck` (killed after a short
+    grace: `children.STUCK_GRACE_S`)."""
 
     def __init__(self, linger_s: float, pings: PingTimes | None = None) -> None:
         self._linger_s = linger_s
@@ -430,7 +435,7 @@ class RelayServicer(relay_pb2_grpc.AgentRelayServicer):
         self.handlers: Mapping[str, grpc.RpcMethodHandler] = {}
         self.links: dict[str, _Link] = {}
         self._ending = False
-        self.link_lost: Callable[[int | None, int], None] | None = None
+        self.link_lost: Callable[[int | None, int, bool], None] | None = None
 
     def open_calls(self) -> int:
         """The relayed calls open on every link (the agent streams the gateways hold, mostly)."""
@@ -483,7 +488,7 @@ class RelayServicer(relay_pb2_grpc.AgentRelayServicer):
                             "%d frames from it, %d events in %d frames to it)", link.name, link.open_calls(),
                             link.events_taken, link.frames_taken, outbox.events_sent, outbox.frames_sent)
                 if self.link_lost is not None:
-                    self.link_lost(pid, link.open_calls())
+                    self.link_lost(pid, link.open_calls(), link.stuck)
             link.cancel_all()
             if self.links.get(link.name) is link:
                 del self.links[link.name]
@@ -495,18 +500,22 @@ class RelayServicer(relay_pb2_grpc.AgentRelayServicer):
         end tells `link_lost` and cancels the link's calls), and the call ends UNAVAILABLE (the
         status goes as soon as the stream's window lets it: a gateway that comes back reads it and
         exits; one that does not is killed, which closes the stream)."""
-        interval_s = self.pings.interval_s
+        interval_s, due = self.pings.interval_s, None
         while not link.closed:
             now = time.monotonic()
-            if link.pings.lost(now):
+            if late(due, now, interval_s):  # this controller's own loop stalled: no verdict on the gateway
+                link.pings.excused()
+            elif link.pings.lost(now):
                 log.error("agent gateway %s answered no ping on its link for %.1fs (timeout %gs): its event loop is "
                           "stuck; its link is lost", link.name, link.pings.waited_s(now), self.pings.timeout_s)
+                link.stuck = True
                 relay.cancel()
                 # The status's send begins before the abort's first wait; `relay`'s end then cancels this task.
                 with contextlib.suppress(Exception):  # AbortError, or an error: the call ended meanwhile
                     await context.abort(grpc.StatusCode.UNAVAILABLE, PINGS_UNANSWERED)
                 return
             link.ping(now)
+            due = now + interval_s
             await asyncio.sleep(interval_s)
 
 

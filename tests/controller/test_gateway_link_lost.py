@@ -42,6 +42,23 @@ async def test_a_gateway_still_there_after_its_grace_is_killed() -> None:
         gateways.link_directory.remove()
 
 
+async def test_a_gateway_lost_to_its_pings_is_killed_after_the_stuck_grace_whatever_its_streams(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its event loop is stuck: it cannot end its agents' calls in the stop's grace (which grows to
+    20 s with its streams), and its agents wait on it until it is killed."""
+    monkeypatch.setattr(children, "STOP_GRACE_S", 60.0)
+    monkeypatch.setattr(children, "STUCK_GRACE_S", 0.3)
+    gateways, stuck = gateways_running("import time; time.sleep(60)")
+    try:
+        gateways.link_lost(stuck.pid, 16_384, True)
+        await asyncio.wait_for(asyncio.to_thread(stuck.wait), 10)
+        assert stuck.returncode == -signal.SIGKILL
+    finally:
+        stuck.kill()
+        stuck.wait()
+        gateways.link_directory.remove()
+
+
 async def test_a_gateway_that_exits_within_its_grace_is_not_killed() -> None:
     gateways, exiting = gateways_running("import sys, time; time.sleep(0.1); sys.exit(4)")
     try:

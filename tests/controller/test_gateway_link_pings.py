@@ -21,7 +21,7 @@ from controller.domain.liveness import LivenessPolicy
 from controller.gateway import children
 from controller.gateway.frames import (
     GATEWAY_METADATA_KEY, GATEWAY_PID_METADATA_KEY, LINK_CALL, LINK_OPTIONS, LinkPings, Outbox, PingsHeard, PingTimes,
-    link_ping_times, link_server_options, ping_event, pong_event,
+    late, link_ping_times, link_server_options, ping_event, pong_event,
 )
 from controller.gateway.process import Gateway
 from controller.gateway.relay import PINGS_UNANSWERED, RelayServicer
@@ -35,14 +35,16 @@ QUICK = PingTimes(interval_s=0.25, timeout_s=1.0)
 # --- the times ---------------------------------------------------------------------------------
 def test_the_ping_times_come_from_the_keepalive_both_ends_are_given() -> None:
     assert link_ping_times() == link_ping_times(limits.AGENT_KEEPALIVE) == PingTimes(2.5, 10.0)
-    short = limits.Keepalive(500, 500, 500, 500, 250)  # a loop's hiccups are no stuck loop: 2 s at least
-    assert link_ping_times(short) == PingTimes(0.5, 2.0)
+    short = limits.Keepalive(500, 500, 500, 500, 250)  # a loop's pauses are no stuck loop: 5 s at least
+    assert link_ping_times(short) == PingTimes(1.25, 5.0)
 
 
 def test_a_stuck_gateway_is_found_and_started_again_before_its_nodes_would_be_down() -> None:
     times = link_ping_times()
     found_s = times.timeout_s + 2 * times.interval_s  # the second judgement past the timeout, at the latest
-    back_s = found_s + children.STOP_GRACE_S + children.GatewaySettings(1, "", 5.0).restart_after_s
+    # Killed after the stuck grace whatever the streams it holds (the stop's grace grows to
+    # STOP_GRACE_MAX_S, 20 s, with them: 12.5-15 s + 20 s was past the down grace).
+    back_s = found_s + children.STUCK_GRACE_S + children.GatewaySettings(1, "", 5.0).restart_after_s
     assert back_s < LivenessPolicy().down_grace_s
 
 
@@ -76,6 +78,35 @@ def test_an_answer_read_after_this_loop_stalled_keeps_the_link() -> None:
     pings.send(30.0)
     assert not pings.lost(30.1)
     assert not pings.lost(32.6)
+
+
+def test_a_judge_whose_own_turn_came_late_gives_no_verdict_and_counts_its_next_as_a_first() -> None:
+    """The controller's loop lagged (its turn half an interval late or more, at every turn a
+    verdict before): the pong may wait unread, so a healthy gateway is not judged by it."""
+    assert not late(None, 0.0, 2.5) and not late(10.0, 11.2, 2.5) and late(10.0, 11.25, 2.5)
+    pings = LinkPings(TIMEOUT_S)
+    pings.send(0.0)
+    assert not pings.lost(TIMEOUT_S)  # reached once
+    pings.excused()  # the next turn came late: no verdict
+    assert not pings.lost(20.0)  # a first again
+    assert pings.lost(22.5)  # still unanswered a turn on time later: lost
+    heard = PingsHeard(TIMEOUT_S, now=0.0)
+    assert not heard.lost(TIMEOUT_S)
+    heard.excused()
+    assert not heard.lost(20.0) and heard.lost(22.5)
+
+
+def test_no_ping_is_counted_once_the_links_outbox_is_closed() -> None:
+    from controller.gateway.relay import _Link
+
+    outbox = Outbox(linger_s=0.001)
+    link = _Link("gateway-0", {}, outbox, TIMEOUT_S)
+    link.ping(0.0)
+    assert link.pings.waited_s(1.0) == 1.0
+    link.pings.answered(1)
+    outbox.close()
+    link.ping(2.0)  # the link ending: nothing sent, nothing to wait for
+    assert link.pings.waited_s(30.0) == 0.0
 
 
 def test_an_answer_answers_every_ping_up_to_its_number() -> None:
@@ -132,8 +163,8 @@ async def test_the_controller_ends_the_link_of_a_gateway_that_answers_no_ping_an
     """A gateway whose loop reads nothing and answers nothing (its transport still up: here a
     client that never sends a frame)."""
     servicer = RelayServicer(0.001, QUICK)
-    lost: list[tuple[int | None, int]] = []
-    servicer.link_lost = lambda pid, calls: lost.append((pid, calls))
+    lost: list[tuple[int | None, int, bool]] = []
+    servicer.link_lost = lambda pid, calls, stuck: lost.append((pid, calls, stuck))
     server, address = await _relay_server(servicer)
     channel = aio.insecure_channel(address, options=LINK_OPTIONS)
     mute = asyncio.Event()
@@ -155,7 +186,7 @@ async def test_the_controller_ends_the_link_of_a_gateway_that_answers_no_ping_an
         assert asyncio.get_running_loop().time() - began >= QUICK.timeout_s
         assert pinged[:3] == [1, 2, 3]
         await asyncio.wait_for(_until(lambda: bool(lost)), 5)
-        assert lost == [(4242, 0)] and not servicer.links
+        assert lost == [(4242, 0, True)] and not servicer.links  # lost to its pings: killed after the stuck grace
     finally:
         mute.set()
         await channel.close()
@@ -165,7 +196,7 @@ async def test_the_controller_ends_the_link_of_a_gateway_that_answers_no_ping_an
 async def test_a_gateway_that_answers_keeps_its_link() -> None:
     servicer = RelayServicer(0.001, QUICK)
     lost: list[Any] = []
-    servicer.link_lost = lambda pid, calls: lost.append(pid)
+    servicer.link_lost = lambda pid, calls, stuck: lost.append(pid)
     server, address = await _relay_server(servicer)
     channel = aio.insecure_channel(address, options=LINK_OPTIONS)
     gateway = Gateway("gateway-0", linger_s=0.001, pings=QUICK)

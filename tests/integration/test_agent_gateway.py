@@ -540,9 +540,11 @@ async def test_a_gateway_whose_event_loop_is_stuck_is_killed_and_started_again_b
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(LOOP_STUCK_ON_SIGUSR1)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (str(hooks), os.environ.get("PYTHONPATH")))))
-    monkeypatch.setattr(children, "STOP_GRACE_S", 1.0)
+    # A stop's grace this long would outlast the heartbeat timeout: a gateway lost to its pings is
+    # killed after `children.STUCK_GRACE_S` instead, whatever the streams it holds.
+    monkeypatch.setattr(children, "STOP_GRACE_S", 60.0)
     caplog.set_level(logging.ERROR, logger="maia.gateway")
-    heartbeat_timeout_s = 20.0  # its link pings' timeout is 2 s (`frames.LINK_PING_TIMEOUT_MIN_S`)
+    heartbeat_timeout_s = 20.0  # its link pings' timeout is 5 s (`frames.LINK_PING_TIMEOUT_MIN_S`)
     async with gatewayed(tmp_path, heartbeat_timeout_s=heartbeat_timeout_s, node_down_grace_s=30.0,
                          node_eviction_grace_s=90.0, agent_gateway_restart_s=0.1,
                          agent_keepalive=SHORT_KEEPALIVE) as (app, stubs):

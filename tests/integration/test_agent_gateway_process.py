@@ -203,12 +203,12 @@ asyncio.run(main())
 KEEPALIVE = "500,500,500,500,250"  # pings every 0.5 s, unanswered after 0.5 s
 
 
-def test_a_gateway_whose_controller_hangs_exits_on_its_own(tmp_path: Path) -> None:
-    """The controller stopped (SIGSTOP: alive, its socket open, answering nothing): its gateway's
-    link pings go unanswered, and the gateway exits as for a controller gone (its agents' calls end
-    UNAVAILABLE: they go on to the next controller) instead of holding them on a dead link."""
-    link = f"unix:{tmp_path / 'relay.sock'}"
-    controller = subprocess.Popen([sys.executable, "-c", RELAY_SERVER, link, KEEPALIVE], stdout=subprocess.PIPE,
+def _gateway_exits_once_its_controller_stops_answering(link: str, controller_script: str, stop: signal.Signals,
+                                                       pinged_s: float) -> None:
+    """A relay server running `controller_script` and a real gateway linked to it; after `pinged_s`
+    of pings the gateway is still linked; then the server gets `stop`, and the gateway exits
+    EXIT_LINK_LOST (4) while the server is still there."""
+    controller = subprocess.Popen([sys.executable, "-c", controller_script, link, KEEPALIVE], stdout=subprocess.PIPE,
                                   stderr=subprocess.DEVNULL, text=True)
     gateway: subprocess.Popen[str] | None = None
     try:
@@ -217,16 +217,25 @@ def test_a_gateway_whose_controller_hangs_exits_on_its_own(tmp_path: Path) -> No
                                     "--link", link, "--keepalive", KEEPALIVE], stdout=subprocess.PIPE,
                                    stderr=subprocess.DEVNULL, text=True)
         assert gateway.stdout is not None and gateway.stdout.readline().startswith("maia-gateway listening on ")
-        time.sleep(2.0)  # four pings each way, answered: the link stays
+        time.sleep(pinged_s)  # pinged each way, answered: the link stays
         assert gateway.poll() is None
-        controller.send_signal(signal.SIGSTOP)
+        controller.send_signal(stop)
         assert gateway.wait(20) == 4  # EXIT_LINK_LOST
+        assert controller.poll() is None  # still there: the gateway gave the link up
     finally:
         controller.kill()
         controller.wait(10)
         if gateway is not None:
             gateway.kill()
             gateway.wait(10)
+
+
+def test_a_gateway_whose_controller_hangs_exits_on_its_own(tmp_path: Path) -> None:
+    """The controller stopped (SIGSTOP: alive, its socket open, answering nothing): its gateway's
+    link pings go unanswered, and the gateway exits as for a controller gone (its agents' calls end
+    UNAVAILABLE: they go on to the next controller) instead of holding them on a dead link."""
+    _gateway_exits_once_its_controller_stops_answering(f"unix:{tmp_path / 'relay.sock'}", RELAY_SERVER,
+                                                        signal.SIGSTOP, pinged_s=2.0)
 
 
 def test_a_gateway_whose_controllers_event_loop_is_stuck_exits_on_its_own(tmp_path: Path) -> None:
@@ -234,25 +243,7 @@ def test_a_gateway_whose_controllers_event_loop_is_stuck_exits_on_its_own(tmp_pa
     thread) while its gRPC core still answers the link's keepalive pings: the relay's own pings
     (`RelayEvent.ping`) stop, and the gateway exits as for a controller gone (its agents go on to
     the next controller) instead of holding them on a link nothing reads."""
-    link = f"unix:{tmp_path / 'relay.sock'}"
     stuck_on_sigusr1 = "import signal, time\nsignal.signal(signal.SIGUSR1, lambda *_: time.sleep(600))\n"
-    controller = subprocess.Popen([sys.executable, "-c", stuck_on_sigusr1 + RELAY_SERVER, link, KEEPALIVE],
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    gateway: subprocess.Popen[str] | None = None
-    try:
-        assert controller.stdout is not None and controller.stdout.readline().strip() == "serving"
-        gateway = subprocess.Popen([sys.executable, "-m", "controller.gateway", "--listen", "127.0.0.1:0",
-                                    "--link", link, "--keepalive", KEEPALIVE], stdout=subprocess.PIPE,
-                                   stderr=subprocess.DEVNULL, text=True)
-        assert gateway.stdout is not None and gateway.stdout.readline().startswith("maia-gateway listening on ")
-        time.sleep(3.0)  # past the link pings' timeout (2 s, `frames.LINK_PING_TIMEOUT_MIN_S`), pinged: it stays
-        assert gateway.poll() is None
-        controller.send_signal(signal.SIGUSR1)
-        assert gateway.wait(20) == 4  # EXIT_LINK_LOST
-        assert controller.poll() is None  # still there, answering HTTP/2's pings: the gateway gave the link up
-    finally:
-        controller.kill()
-        controller.wait(10)
-        if gateway is not None:
-            gateway.kill()
-            gateway.wait(10)
+    # Past the link pings' timeout (5 s, `frames.LINK_PING_TIMEOUT_MIN_S`), pinged: it stays.
+    _gateway_exits_once_its_controller_stops_answering(f"unix:{tmp_path / 'relay.sock'}",
+                                                        stuck_on_sigusr1 + RELAY_SERVER, signal.SIGUSR1, pinged_s=6.0)
