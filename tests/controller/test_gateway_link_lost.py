@@ -28,10 +28,17 @@ def short_grace(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(children, "STOP_GRACE_S", 0.3)
 
 
-async def test_a_gateway_still_there_after_its_grace_is_killed() -> None:
+@pytest.mark.parametrize("stuck", [False, True], ids=["hung", "lost to its pings"])
+async def test_a_gateway_still_there_after_its_grace_is_killed(stuck: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lost to its pings (`stuck`), its event loop is: it cannot end its agents' calls in the stop's
+    grace (which grows to 20 s with its streams), so it is killed after STUCK_GRACE_S whatever its
+    streams."""
+    if stuck:
+        monkeypatch.setattr(children, "STOP_GRACE_S", 60.0)
+        monkeypatch.setattr(children, "STUCK_GRACE_S", 0.3)
     gateways, hung = gateways_running("import time; time.sleep(60)")
     try:
-        gateways.link_lost(hung.pid, calls=0)
+        gateways.link_lost(hung.pid, 16_384 if stuck else 0, stuck)
         await asyncio.sleep(0.1)
         assert hung.poll() is None  # within its grace
         await asyncio.wait_for(asyncio.to_thread(hung.wait), 10)
@@ -39,23 +46,6 @@ async def test_a_gateway_still_there_after_its_grace_is_killed() -> None:
     finally:
         hung.kill()
         hung.wait()
-        gateways.link_directory.remove()
-
-
-async def test_a_gateway_lost_to_its_pings_is_killed_after_the_stuck_grace_whatever_its_streams(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Its event loop is stuck: it cannot end its agents' calls in the stop's grace (which grows to
-    20 s with its streams), and its agents wait on it until it is killed."""
-    monkeypatch.setattr(children, "STOP_GRACE_S", 60.0)
-    monkeypatch.setattr(children, "STUCK_GRACE_S", 0.3)
-    gateways, stuck = gateways_running("import time; time.sleep(60)")
-    try:
-        gateways.link_lost(stuck.pid, 16_384, True)
-        await asyncio.wait_for(asyncio.to_thread(stuck.wait), 10)
-        assert stuck.returncode == -signal.SIGKILL
-    finally:
-        stuck.kill()
-        stuck.wait()
         gateways.link_directory.remove()
 
 
