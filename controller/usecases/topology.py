@@ -111,7 +111,7 @@ async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, si
     stored = await _layout(uow)
     after = applied(stored, spec)
     if spec.rows or spec.racks:  # a budget lowered or a rack moved may overdraw or break what runs
-        await _check_what_runs(uow, *await _with_power_judged(uow, stored, after))
+        await _check_what_runs(uow, stored, after)
     if dry_run or not changes(stored, after):  # the same again: nothing written, nothing woken
         return applied(await get_topology(uow, who), spec)  # every rack's and row's power
     s = uow.session
@@ -138,7 +138,7 @@ async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, si
         now = await _layout(uow)
         was = applied(now, TopologySpec(rows=tuple(r.spec for r in stored.rows),
                                         racks=tuple(k.spec for k in stored.racks)))
-        await _check_what_runs(uow, *await _with_power_judged(uow, was, now))
+        await _check_what_runs(uow, was, now)
     changed = changes(stored, after)
     kept = dict(list(changed.items())[:CHANGES_KEPT])  # a first topology adds hundreds
     said = "; ".join(f"{item}: " + (", ".join(f"{name} {_said(was)} -> {_said(now)}"
@@ -219,7 +219,9 @@ def _said(value: Any) -> str:
 async def _check_what_runs(uow: UnitOfWork, stored: TopologyView, after: TopologyView) -> None:
     """`after` (a budget lowered, a rack moved) must not overdraw what runs where `stored` did
     not, nor move it to break a rule it kept (`_check_not_overdrawn`, `_check_moves_keep_work`).
-    Both carry the power of the racks and rows the first judges (`_with_power_judged`)."""
+    Both views are the layout alone (`_layout`): the power of the racks and rows the first judges
+    is read here, once for both (`_with_power_judged`)."""
+    stored, after = await _with_power_judged(uow, stored, after)
     _check_not_overdrawn(stored, after)
     if moved := _moved_racks(stored, after):  # only the work on them can break (`load_work_on_racks`)
         _check_moves_keep_work(await load_work_on_racks(uow.session, moved), stored, after)
