@@ -4,7 +4,8 @@ The topology is operator intent: applying it never removes anything (a rack with
 silently disappear); a rack, row or zone is removed by name, and only once nothing holds it
 (`delete_item`: no node in the rack, no rack in the row, no row in the zone nor a tenant's
 contract naming it). References must resolve against the request itself or what is stored (one
-deleted after that check, before the write, is refused the same way: `_refusal_of_parents_gone`). A
+deleted after that check, before the write, is refused the same way: `_refusal_of_parents_gone`; a
+row or rack it adds that another apply added meanwhile, retryably: `_refusal_of_items_arrived`). A
 change that would leave a rack or row placing more power than its budget is refused
 (`_check_not_overdrawn`), as is moving a rack to another row or a row to another zone under work
 that would then break its tenant's zones, its locality or its spread (`_check_moves_keep_work`);
@@ -101,6 +102,17 @@ async def _refusal_of_parents_gone(uow: UnitOfWork, spec: TopologySpec) -> Confl
                     retry_after_ms=limits.PARENT_REAPPLIED_RETRY_MS)
 
 
+async def _refusal_of_items_arrived(uow: UnitOfWork, items: str) -> Conflict:
+    """What refuses an apply that adds `items` (rows, racks) another apply added after this one read
+    the topology: what it judged of them (nothing stored, no power, no work) is not what it would
+    change (a rack of another row, with nodes and work on it, moved without `_check_what_runs`
+    seeing a move: the held re-check rebuilds the old topology from what this apply read). Found in
+    review. Rolled back; applied again, the apply reads them and judges the change."""
+    await uow.rollback()
+    return Conflict(f"{items} was added by another topology change while it was applied; nothing was written: "
+                    f"apply it again", retry_after_ms=limits.PARENT_REAPPLIED_RETRY_MS)
+
+
 async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, signals: Signals, *,
                          dry_run: bool = False) -> TopologyView:
     """`dry_run`: every check, then the topology as it would be (`applied`); nothing written."""
@@ -115,20 +127,30 @@ async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, si
     if dry_run or not changes(stored, after):  # the same again: nothing written, nothing woken
         return applied(await get_topology(uow, who), spec)  # every rack's and row's power
     s = uow.session
+    had_rows, had_racks = ({i.spec.id for i in items} for items in (stored.rows, stored.racks))
+    arrived: list[str] = []  # rows and racks this apply adds that another added since it read
     try:
         for z in spec.zones:
             await repo.upsert(s, m.Zone, z.id)
         await s.flush()  # parents before children
         for r in spec.rows:
-            await repo.upsert(s, m.Row, r.id, zone_id=r.zone, power_budget_w=r.power_budget_w)
+            if not await repo.upsert(s, m.Row, r.id, zone_id=r.zone, power_budget_w=r.power_budget_w) \
+                    and r.id not in had_rows:
+                arrived.append(f"row {r.id}")
         await s.flush()
         for k in spec.racks:
-            await repo.upsert(s, m.Rack, k.id, row_id=k.row, power_budget_w=k.power_budget_w)
+            if not await repo.upsert(s, m.Rack, k.id, row_id=k.row, power_budget_w=k.power_budget_w) \
+                    and k.id not in had_racks:
+                arrived.append(f"rack {k.id}")
         await s.flush()  # the checks above read the zones and rows named without a lock: one may be gone
     except Exception as exc:
         if repo.topology_parent_gone(exc):
             raise await _refusal_of_parents_gone(uow, spec) from None
+        if repo.topology_item_taken(exc):
+            raise await _refusal_of_items_arrived(uow, "a zone, row or rack this apply adds") from None
         raise
+    if arrived:
+        raise await _refusal_of_items_arrived(uow, f"{', '.join(arrived)}, which this apply adds,")
     await repo.bump_cluster_generation(s, ClusterChange.topology())
     # Again, holding the generation: the checks above hold no lock, and a plan commit that landed
     # since them was checked against the old topology. Accepted, a tenant's shard stood outside

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from bench.checking import check_state
-from controller.errors import FailedPrecondition
+from controller.errors import Conflict, FailedPrecondition
 from controller.reconcile import Reconciler
 from controller.store import repositories as repo
 from controller.store.db import Database
@@ -168,3 +168,64 @@ async def test_an_apply_beside_a_plan_commit_that_takes_the_generation_first_doe
     monkeypatch.setattr(repo, "bump_cluster_generation", pass_meanwhile)
     await _apply(database, TopologySpec(rows=(RowSpec("row-n", "z1"),)))
     await passes[0]
+
+
+async def test_a_rack_another_apply_added_meanwhile_with_work_on_it_is_refused_retryably(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An apply that adds rack-c read no rack-c. Another added it in row-b (z2) before its write, a
+    node joined it and z2-only work landed there: the upsert then moved rack-c into z1 under that
+    work, and the held re-check, rebuilding the old topology from what the apply read, saw no move
+    (found in review). It is refused, retryably, writing nothing; applied again, it judges the move."""
+    await _apply(database, TWO_ZONES)
+    await add_tenant(database, "t2", zones=("z2",))
+    loop = _reconciler(database)
+    read = topology._with_power_judged
+    meanwhile: list[Any] = []
+
+    async def then_rack_c_is_added_and_used(*args: Any) -> Any:
+        views = await read(*args)
+        if not meanwhile:
+            meanwhile.append("rack-c added")  # first: that apply comes through here too
+            await _apply(database, TopologySpec(racks=(RackSpec("rack-c", "row-b"),)))
+            await add_nodes(database, "rack-c", 1)
+            await submit(database, deployment("resident", tenant="t2"))  # only rack-c may take it (z2)
+            meanwhile.append(await loop.reconcile_once())
+        return views
+
+    monkeypatch.setattr(topology, "_with_power_judged", then_rack_c_is_added_and_used)
+    moved = TopologySpec(racks=(RackSpec("rack-c", "row-a"),))
+    with pytest.raises(Conflict, match="rack rack-c, which this apply adds, was added by another topology change "
+                                       "while it was applied; nothing was written") as refused:
+        await _apply(database, moved)
+    assert refused.value.retry_after_ms and len(meanwhile) == 2
+    monkeypatch.setattr(topology, "_with_power_judged", read)
+    [placed] = await _placements(database)
+    assert placed["node"].startswith("rack-c")
+    async with database.unit_of_work() as uow:
+        assert {k.spec.id: k.spec.row for k in (await topology.get_topology(uow, WHO)).racks}["rack-c"] == "row-b"
+    with pytest.raises(FailedPrecondition, match="moves racks or rows under work that runs now: t2/resident"):
+        await _apply(database, moved)  # again: rack-c read, its move judged
+
+
+async def test_a_rack_another_apply_inserted_between_the_read_and_the_insert_is_refused_retryably(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upsert found no rack-c, another apply inserted and committed it, then this one's INSERT
+    met the primary key: a retryable Conflict, not an internal error."""
+    await _apply(database, TWO_ZONES)
+    upsert, inserted = repo.upsert, []
+
+    async def then_another_inserts_it(session: Any, model: Any, key: str, **values: Any) -> bool:
+        added = await upsert(session, model, key, **values)
+        if key == "rack-c" and not inserted:
+            inserted.append("rack-c")  # first: that apply comes through here too
+            await _apply(database, TopologySpec(racks=(RackSpec("rack-c", "row-b"),)))
+        return added
+
+    monkeypatch.setattr(repo, "upsert", then_another_inserts_it)
+    with pytest.raises(Conflict, match="a zone, row or rack this apply adds was added by another topology change"):
+        await _apply(database, TopologySpec(racks=(RackSpec("rack-c", "row-a"),)))
+    assert inserted
+    monkeypatch.setattr(repo, "upsert", upsert)
+    async with database.unit_of_work() as uow:
+        assert {k.spec.id: k.spec.row for k in (await topology.get_topology(uow, WHO)).racks}["rack-c"] == "row-b"
+    await _apply(database, TopologySpec(racks=(RackSpec("rack-c", "row-a"),)))  # again: a move of an empty rack

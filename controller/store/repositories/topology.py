@@ -80,3 +80,21 @@ def topology_parent_gone(exc: BaseException) -> bool:
         return sqlite_refusal(exc.orig, sqlite3.SQLITE_CONSTRAINT_FOREIGNKEY, {"FOREIGN KEY constraint failed"})
     driver = getattr(exc.orig, "orig", None)  # asyncpg's exception (SQLAlchemy's EmulatedDBAPIException.orig)
     return sqlstate(exc) == _FOREIGN_KEY_VIOLATION and getattr(driver, "constraint_name", None) in _PARENT_KEYS
+
+
+# The primary keys of zones, rows and racks: what refuses an item inserted twice.
+_ITEM_KEYS = {str(model.__table__.primary_key.name): f"{model.__tablename__}.id" for model in _MODELS.values()}
+_UNIQUE_VIOLATION = "23505"  # PostgreSQL's SQLSTATE
+
+
+def topology_item_taken(exc: BaseException) -> bool:
+    """`exc` is the refusal of a zone, row or rack inserted under an id another transaction inserted
+    after this one read it absent (`upsert`): committed before the INSERT, or, on PostgreSQL, under
+    way then (the INSERT waits for it to commit, then fails)."""
+    if not isinstance(exc, IntegrityError):
+        return False
+    if isinstance(exc.orig, sqlite3.IntegrityError):
+        return sqlite_refusal(exc.orig, sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY,
+                              {f"UNIQUE constraint failed: {column}" for column in _ITEM_KEYS.values()})
+    driver = getattr(exc.orig, "orig", None)  # asyncpg's exception (SQLAlchemy's EmulatedDBAPIException.orig)
+    return sqlstate(exc) == _UNIQUE_VIOLATION and getattr(driver, "constraint_name", None) in _ITEM_KEYS
