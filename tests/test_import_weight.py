@@ -57,6 +57,12 @@ def test_maiactl_and_maia_simnode_start_without_the_certificate_library(module: 
     assert imported_after(f"import {module}").isdisjoint({"cryptography", *SOLVER})
 
 
+def test_a_controller_imports_its_consoles_http_server_only_to_serve_it() -> None:
+    # aiohttp (~0.2 s of a start) for `--http-listen` alone: the controllers of an HA group, the
+    # tests' and the demo's, mostly serve no console (`ControllerServer._serve_console`).
+    assert "aiohttp" not in imported_after("import controller.api.server")
+
+
 def test_the_package_still_gives_the_solver_and_its_function_stays_a_function() -> None:
     # `scheduler.solve` names a submodule and the function: importing the submodule first (as
     # the session does) must not make the package's `solve` the module.

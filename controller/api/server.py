@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -45,7 +45,6 @@ from controller.api.peers import (
 )
 from controller.api.tls import NodeCertificateInterceptor, TlsSettings
 from controller.config import Config
-from controller.console.server import ConsoleServer
 from controller.observability.cluster import ClusterGauges, UsageCounters, read_cluster_gauges, read_usage_counters
 from controller.observability.loop import watch_event_loop
 from controller.observability.metrics import ControllerMetrics
@@ -81,6 +80,9 @@ from maia.v1 import (
     admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, audit_pb2, audit_pb2_grpc, deployments_pb2, deployments_pb2_grpc,
     relay_pb2_grpc,
 )
+
+if TYPE_CHECKING:
+    from controller.console.server import ConsoleServer
 
 log = logging.getLogger("maia.server")
 T = TypeVar("T")
@@ -243,10 +245,7 @@ class ControllerApp:
         self.audit_retention = (AuditRetention(leader_db, ttl_s=config.audit_ttl_s, should_run=self.election.should_run,
                                                on_pruned=self.metrics.audit_entries_pruned.inc)
                                 if config.audit_ttl_s > 0 else None)
-        self.console = ConsoleServer(self.db, self.bus, streams=self.streams,
-                                     resolve_token=self._console_viewer if self.authn.enabled else None,
-                                     max_connections=config.console_max_connections,
-                                     max_connections_per_peer=config.console_max_connections_per_peer)
+        self.console: ConsoleServer | None = None  # --http-listen: made as it starts (`_serve_console`)
         self.health = health.aio.HealthServicer()
         self.monitor = HealthMonitor(
             self.health, ("", *SERVICE_NAMES), db=self.db, reconciler=self.reconciler,
@@ -267,6 +266,18 @@ class ControllerApp:
         self.console_address = ""
         self._tasks: list[asyncio.Task] = []
         self._channel_task: asyncio.Task | None = None
+
+    async def _serve_console(self, listen: str) -> str:
+        """Serve the web console on `listen`; the address it took. Imported here: its HTTP server
+        (aiohttp) took ~0.2 s of every controller's start, and most serve no console."""
+        from controller.console.server import ConsoleServer
+
+        config = self.config
+        self.console = ConsoleServer(self.db, self.bus, streams=self.streams,
+                                     resolve_token=self._console_viewer if self.authn.enabled else None,
+                                     max_connections=config.console_max_connections,
+                                     max_connections_per_peer=config.console_max_connections_per_peer)
+        return await self.console.start(listen)
 
     async def _console_viewer(self, token: str) -> Principal:
         """The console's viewers: admin and tenant tokens (a tenant sees its own view); any other
@@ -422,7 +433,7 @@ class ControllerApp:
                                            leading=self.election.should_run)
                 self.metrics_address = self.metrics.serve(self.config.metrics_listen)
             if self.config.http_listen:
-                self.console_address = await self.console.start(self.config.http_listen)
+                self.console_address = await self._serve_console(self.config.http_listen)
         except OSError as exc:
             raise ListenError(str(exc)) from exc
         if self.config.agent_gateways:
@@ -609,7 +620,8 @@ class ControllerApp:
             await self.gateways.stop()
         log.info("%d agent streams ended in %.1fs", streams, time.monotonic() - started)
         await asyncio.to_thread(self.metrics.stop)
-        await self.console.stop()
+        if self.console is not None:
+            await self.console.stop()
         if self.decider is not None:
             await asyncio.to_thread(self.decider.stop)
         if self.election.leading:
