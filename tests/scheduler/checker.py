@@ -20,6 +20,20 @@ Interpretations the spec leaves open, decided here (and documented so they can b
   wins over a cap the problem already breaks: a node may stay over it if every shard it holds in
   the plan is kept there; one newly placed (or moved) there breaks the rule. Its reason code
   NODE_SHARDS is allowed beside the spec's (`EXTENSION_CODES`).
+- Likewise for the rules of a replica, a deployment or a tenant that the problem's own
+  placements already break (a quota lowered below what a tenant runs, a spread tightened, a node
+  re-modelled, a locality tightened): the solver never moves placed work for them (it reports
+  such breaches as kept, scheduler/emit.py). A plan may keep such a breach, not make it worse:
+  - QUOTA_ACCELERATORS, QUOTA_POWER: a tenant's total in the plan is at most the larger of its cap
+    and its total in the problem's placements (all of them, as given);
+  - SPREAD: a deployment's replicas in a domain are at most the larger of `max_per_domain` and
+    its replicas there in the problem's placements (likewise);
+  - ACCELERATOR_MODEL: a shard kept on its node may stay on a model it does not take; one newly
+    placed (or moved) there may not;
+  - LOCALITY: a replica may span several domains if its shards kept on their node span them all:
+    a new shard may join them only in a domain a kept one holds (as the solver's repair completes
+    a gang beside its first surviving shard), never in another.
+  "Kept" is per shard: the same (deployment, replica, shard) on the same node as in the problem.
 - Kept placements keep their node *and* their accelerator indices (a running process is bound
   to its accelerators); changing either is a move.
 - `spread` counts a replica in every domain one of its shards touches; domain `none` is no limit.
@@ -27,6 +41,9 @@ Interpretations the spec leaves open, decided here (and documented so they can b
   the sum of its `unplaced[].replicas` equals `replicas - placed replicas`.
 - `min_replicas` wins over "existing placements are kept": a deployment whose surviving
   replicas are fewer than `min_replicas` may drop them all, if the plan lists it as unplaced.
+- Dropping a replica is no KEPT breach either when the problem places it incomplete (some of
+  its shards have no placement): its gang cannot run as given and completing it may not fit, so
+  it may be dropped whole; a plan that keeps it partial breaks GANG.
 - A preemption must be justified by some newly placed replica (or one a down node broke that the
   plan places again: a repair is new work too) of another deployment that has a
   higher priority, or that is not preemptible and whose tenant is below its reservation: the
@@ -92,7 +109,9 @@ ALL_RULES: tuple[str, ...] = (
 )
 
 # Rules that can only get worse when placements are added: a partial plan that breaks one of
-# them cannot be completed into a valid plan (used by the brute-force search to prune).
+# them cannot be completed into a valid plan (used by the brute-force search to prune). For
+# LOCALITY this holds of partial plans that hold every placement they keep (as the search's do):
+# adding a kept shard could widen the domains a replica's new shards may join.
 MONOTONE_RULES: frozenset[str] = frozenset({
     REFERENCE, DUPLICATE, INDICES, EXCLUSIVE_ACCELERATOR, SHARED_ACCELERATOR, HBM, CPU, MEMORY,
     NODE_SHARDS, ACCELERATOR_MODEL, NODE_STATE, LOCALITY, SPREAD, ISOLATION, EXCLUSION, ZONE,
@@ -202,6 +221,25 @@ class _Problem:
         self.existing_by_key = {_key(p): p for p in self.existing}
         # node -> the nomination keeping it (an extension: `nominations`)
         self.nominated = {node: nom for nom in doc.get("nominations", ()) for node in nom["nodes"]}
+        # The problem's placements resolved (those naming a known deployment and node): what the
+        # input already held, against which a plan's quota and spread are judged.
+        self.given = [self.resolve(p) for p in self.existing
+                      if p["deployment"] in self.deployments and p["node"] in self.nodes]
+
+    def resolve(self, p: dict[str, Any]) -> _Shard:
+        """The demand of placement `p` (its deployment and node known), defaults applied;
+        indices the node lacks are left out (INDICES reports them)."""
+        fractional = self.is_fractional(p["deployment"])
+        milli = self.shard_spec(p["deployment"]).get("accelerator_milli", 1000) if fractional else 1000
+        have = self.nodes[p["node"]]["accelerators"]
+        return _Shard(p["deployment"], p["replica"], p["shard"], p["node"],
+                      tuple(i for i in p["accelerator_indices"] if i < have), milli, fractional,
+                      self.tenant_of(p["deployment"]))
+
+    def kept_in_place(self, s: _Shard) -> bool:
+        """Whether the problem placed the same shard on the same node: a breach such shards make
+        alone was the problem's before the plan (see the module docstring)."""
+        return self.existing_by_key.get((s.deployment, s.replica, s.shard), {}).get("node") == s.node
 
     def state(self, node: str) -> str:
         return self.nodes[node].get("state", "ready")
@@ -343,9 +381,7 @@ def check_plan(problem_doc: dict[str, Any], plan_doc: dict[str, Any], *,
             if declared != (milli if fractional else 1000):
                 bad(INDICES, f"placement {k}: accelerator_milli {declared} != the shard's "
                              f"{milli if fractional else 1000}")
-        shards.append(_Shard(p["deployment"], p["replica"], p["shard"], p["node"],
-                             tuple(i for i in idx if i < node_accels), milli, fractional,
-                             prob.tenant_of(p["deployment"])))
+        shards.append(prob.resolve(p))
 
     # --- gangs and min_replicas ------------------------------------------------------------
     by_replica: dict[tuple[str, int], list[_Shard]] = defaultdict(list)
@@ -404,7 +440,8 @@ def check_plan(problem_doc: dict[str, Any], plan_doc: dict[str, Any], *,
         mem[s.node] += spec.get("memory_mib", 0)
         node = prob.nodes[s.node]
         models = spec.get("accelerator_models")
-        if models is not None and node.get("accelerator_model") not in models:
+        if models is not None and node.get("accelerator_model") not in models \
+                and not prob.kept_in_place(s):
             bad(ACCELERATOR_MODEL, f"{s.deployment} r{s.replica} s{s.shard} on {s.node}: model "
                                    f"{node.get('accelerator_model')!r} not in {models}")
         state = prob.state(s.node)
@@ -423,7 +460,7 @@ def check_plan(problem_doc: dict[str, Any], plan_doc: dict[str, Any], *,
         cap = prob.nodes[node_id].get("max_shards")
         if cap is None or len(here) <= cap:
             continue
-        new = [s for s in here if (prob.existing_by_key.get((s.deployment, s.replica, s.shard)) or {}).get("node") != node_id]
+        new = [s for s in here if not prob.kept_in_place(s)]
         if new:
             bad(NODE_SHARDS, f"node {node_id}: {len(here)} shards > max_shards {cap}, "
                              f"{len(new)} newly placed there (first {new[0].deployment} r{new[0].replica} s{new[0].shard})")
@@ -437,34 +474,30 @@ def check_plan(problem_doc: dict[str, Any], plan_doc: dict[str, Any], *,
             bad(MEMORY, f"node {node_id}: {used} memory_mib used > {cap}")
 
     # --- locality and spread, per replica ---------------------------------------------------
-    spread_count: dict[tuple[str, str], int] = defaultdict(int)
+    # A breach the problem's placements already make may be kept, not made worse (module doc).
     for (dep_id, rep), members in sorted(by_replica.items()):
-        dep = prob.deployments[dep_id]
-        level = dep.get("locality", "rack")
+        level = prob.deployments[dep_id].get("locality", "rack")
         if level != "none":
-            domains = sorted({str(prob.domain(m.node, level)) for m in members})
-            if len(domains) > 1:
-                bad(LOCALITY, f"{dep_id} replica {rep}: locality {level} but shards in {domains}")
-        spread = dep.get("spread")
-        if spread and spread["domain"] != "none":
-            for d in {prob.domain(m.node, spread["domain"]) for m in members}:
-                spread_count[(dep_id, str(d))] += 1
-    for (dep_id, d), n in sorted(spread_count.items()):
+            domains = {str(prob.domain(m.node, level)) for m in members}
+            kept = {str(prob.domain(m.node, level)) for m in members if prob.kept_in_place(m)}
+            if len(domains) > 1 and domains != kept:
+                held = f" (its kept shards hold only {sorted(kept)})" if kept else ""
+                bad(LOCALITY, f"{dep_id} replica {rep}: locality {level} but shards in "
+                              f"{sorted(domains)}{held}")
+    plan_tally, given_tally = _tally(prob, shards), _tally(prob, prob.given)
+    for (dep_id, d), n in sorted(plan_tally.spread.items()):
         spread = prob.deployments[dep_id]["spread"]
-        if n > spread["max_per_domain"]:
+        had = given_tally.spread[(dep_id, d)]
+        if _worse(n, spread["max_per_domain"], had):
             bad(SPREAD, f"{dep_id}: {n} replicas in {spread['domain']} {d}, max_per_domain "
-                        f"{spread['max_per_domain']}")
+                        f"{spread['max_per_domain']}{_before(had, spread['max_per_domain'])}")
 
     # --- tenants: isolation, exclusion, zones, caps ----------------------------------------
     tenants_on_node: dict[str, set[str]] = defaultdict(set)
     tenants_on_rack: dict[str, set[str]] = defaultdict(set)
-    tenant_accels: dict[str, float] = defaultdict(float)
-    tenant_power: dict[str, float] = defaultdict(float)
     for s in shards:
         tenants_on_node[s.node].add(s.tenant)
         tenants_on_rack[prob.nodes[s.node]["rack"]].add(s.tenant)
-        tenant_accels[s.tenant] += prob.accelerators_of(s.deployment)
-        tenant_power[s.tenant] += prob.power_of(s.deployment)
         zones = prob.tenant(s.tenant).get("zones")
         if zones is not None:
             z = prob.domain(s.node, "zone")
@@ -487,21 +520,20 @@ def check_plan(problem_doc: dict[str, Any], plan_doc: dict[str, Any], *,
                               or a in prob.tenant(b).get("excludes", [])):
                     bad(EXCLUSION, f"rack {rack} holds tenants {a} and {b}, which exclude "
                                    f"each other")
-    for t, used in sorted(tenant_accels.items()):
-        cap = prob.tenant(t).get("max_accelerators")
-        if cap is not None and used > cap + EPSILON:
-            bad(QUOTA_ACCELERATORS, f"tenant {t} holds {used:g} accelerators > max {cap}")
-    for t, used in sorted(tenant_power.items()):
-        cap = prob.tenant(t).get("max_power_w")
-        if cap is not None and used > cap + EPSILON:
-            bad(QUOTA_POWER, f"tenant {t} draws {used:g} W > max_power_w {cap}")
+    for t, used in sorted(plan_tally.accelerators.items()):
+        cap, had = prob.tenant(t).get("max_accelerators"), given_tally.accelerators[t]
+        if cap is not None and _worse(used, cap, had):
+            bad(QUOTA_ACCELERATORS, f"tenant {t} holds {used:g} accelerators > max {cap}"
+                                    f"{_before(had, cap)}")
+    for t, used in sorted(plan_tally.power.items()):
+        cap, had = prob.tenant(t).get("max_power_w"), given_tally.power[t]
+        if cap is not None and _worse(used, cap, had):
+            bad(QUOTA_POWER, f"tenant {t} draws {used:g} W > max_power_w {cap}{_before(had, cap)}")
 
     # --- power: racks and rows, idle of every node that is not down ------------------------
     # An overdraw made of idle power and placements kept on their node alone was the problem's
     # before the plan (see the module docstring): only power the plan adds there breaks the rule.
-    existing = prob.existing_by_key
-    kept_in_place = [s for s in shards
-                     if existing.get((s.deployment, s.replica, s.shard), {}).get("node") == s.node]
+    kept_in_place = [s for s in shards if prob.kept_in_place(s)]
     drawn, inherited = _power_drawn(prob, shards), _power_drawn(prob, kept_in_place)
     for rule, level, domains in ((POWER_RACK, "rack", prob.racks), (POWER_ROW, "row", prob.rows)):
         for domain_id, domain in sorted(domains.items()):
@@ -521,6 +553,44 @@ def check_plan(problem_doc: dict[str, Any], plan_doc: dict[str, Any], *,
     if rules is not None:
         out = [v for v in out if v.rule in set(rules)]
     return out
+
+
+@dataclass(frozen=True)
+class _Tally:
+    """What a set of shards holds, as the quota and spread rules count it."""
+
+    accelerators: defaultdict[str, float]  # per tenant, fractions as milli/1000
+    power: defaultdict[str, float]  # per tenant, W
+    spread: defaultdict[tuple[str, str], int]  # per (deployment, domain id): replicas touching it
+
+
+def _tally(prob: _Problem, shards: Iterable[_Shard]) -> _Tally:
+    """The tally of `shards`: counted alike over the plan's and the problem's placements, so the
+    plan is judged against what the problem already held by the same measure. A replica counts
+    once in every domain of its deployment's spread level one of its shards touches."""
+    tally = _Tally(defaultdict(float), defaultdict(float), defaultdict(int))
+    touched: dict[tuple[str, int], set[str]] = defaultdict(set)
+    for s in shards:
+        tally.accelerators[s.tenant] += prob.accelerators_of(s.deployment)
+        tally.power[s.tenant] += prob.power_of(s.deployment)
+        spread = prob.deployments[s.deployment].get("spread")
+        if spread and spread["domain"] != "none":
+            touched[(s.deployment, s.replica)].add(str(prob.domain(s.node, spread["domain"])))
+    for (dep_id, _r), domains in touched.items():
+        for d in domains:
+            tally.spread[(dep_id, d)] += 1
+    return tally
+
+
+def _worse(used: float, cap: float, had: float) -> bool:
+    """Whether `used` breaks `cap` by the plan's doing: over the cap and over what the problem's
+    placements already held (`had`), a breach the plan may keep but not deepen."""
+    return used > max(cap, had) + EPSILON
+
+
+def _before(had: float, cap: float) -> str:
+    """What a breach's message adds when the problem's placements were over the cap already."""
+    return f", and more than the {had:g} the problem's placements held" if had > cap + EPSILON else ""
 
 
 def _power_drawn(prob: _Problem, shards: Iterable[_Shard]) -> dict[tuple[str, str], float]:
@@ -565,12 +635,14 @@ def _check_history(prob: _Problem, plan_doc: dict[str, Any], placements: list[di
     may_drop = {d for d, reps in surviving.items()
                 if d in prob.deployments and replicas_placed.get(d, 0) == 0 and d in unplaced_ids
                 and len(reps) < prob.deployments[d].get("min_replicas", 1)}
+    dropped_incomplete = _incomplete(prob) - set(by_replica)
 
     # --- existing placements are kept unless moved or preempted -----------------------------
     for p in prob.existing:
         k = _key(p)
         rep = (p["deployment"], p["replica"])
-        if p["deployment"] not in prob.deployments or rep in broken or p["deployment"] in may_drop:
+        if p["deployment"] not in prob.deployments or rep in broken or p["deployment"] in may_drop \
+                or rep in dropped_incomplete:
             continue
         if rep in preempted_keys:
             continue
@@ -697,6 +769,16 @@ def _check_history(prob: _Problem, plan_doc: dict[str, Any], placements: list[di
     objective = stats.get("objective")
     if isinstance(objective, (int, float)) and abs(objective - weight) > EPSILON:
         bad(STATUS, f"stats.objective {objective:g} but the placed weight is {weight:g}")
+
+
+def _incomplete(prob: _Problem) -> set[tuple[str, int]]:
+    """Replicas the problem places only some shards of: a plan may drop them whole (module doc)."""
+    have: dict[tuple[str, int], set[int]] = defaultdict(set)
+    for p in prob.existing:
+        if p["deployment"] in prob.deployments:
+            have[(p["deployment"], p["replica"])].add(p["shard"])
+    return {rep for rep, got in have.items()
+            if len(got) < prob.deployments[rep[0]]["shards_per_replica"]}
 
 
 def _replica_accelerators(prob: _Problem, deployment: str) -> float:

@@ -174,6 +174,11 @@ def build_cases() -> list[Case]:
     p = problem([dep("g", shards=2)])
     add(case(C.GANG, "half a gang", p, [pl("g", 0, 0, "n1", [0]), pl("g", 0, 1, "n1", [1])],
              [pl("g", 0, 0, "n1", [0])]))
+    # ... and a replica the problem places incomplete (its second 3-accelerator shard fits on no
+    # node beside the first) may be dropped whole (no KEPT breach), not kept partial.
+    half = pl("g", 0, 0, "n1", [0, 1, 2])
+    p = problem([dep("g", shards=2, acc=3, locality="node")], placements=[half])
+    add(case(C.GANG, "an incomplete input gang kept partial", p, [], [half]))
 
     # MIN_REPLICAS: 0 or at least min_replicas.
     p = problem([dep("m", replicas=3, min_replicas=2, locality="node")])
@@ -268,6 +273,12 @@ def build_cases() -> list[Case]:
     p = problem([dep("m2only", accelerator_models=["m2"])])
     add(case(C.ACCELERATOR_MODEL, "wrong model", p, [pl("m2only", 0, 0, "n4", [0])],
              [pl("m2only", 0, 0, "n1", [0])]))
+    # ... a shard kept on a node re-modelled under it stays, a new one there does not.
+    kept = [pl("m2only", 0, 0, "n1", [0])]
+    p = problem([dep("m2only", replicas=2, locality="node", accelerator_models=["m2"])],
+                placements=kept)
+    add(case(C.ACCELERATOR_MODEL, "a new shard beside one kept on a wrong model", p,
+             [*kept, pl("m2only", 1, 0, "n4", [0])], [*kept, pl("m2only", 1, 0, "n2", [0])]))
 
     # NODE_STATE: nothing on down nodes, nothing new on cordoned ones.
     old = pl("d", 0, 0, "n5", [0])
@@ -285,6 +296,17 @@ def build_cases() -> list[Case]:
         add(case(C.LOCALITY, f"locality {level}", p,
                  [pl("g", 0, 0, "n1", [0]), pl("g", 0, 1, same, [1])],
                  [pl("g", 0, 0, "n1", [0]), pl("g", 0, 1, other, [1])]))
+    # ... a replica kept across racks (its locality tightened) stays so, but no shard of it
+    # moves (in rebalance mode) or is placed again (after a down node) outside the racks its
+    # kept shards hold: the solver repairs it beside its first surviving shard.
+    across = [pl("g", 0, 0, "n1", [0]), pl("g", 0, 1, "n3", [0])]
+    p = problem([dep("g", shards=2)], placements=across, options={"mode": "rebalance"})
+    add(case(C.LOCALITY, "a shard of a replica kept across racks moved to another", p, across,
+             [across[0], pl("g", 0, 1, "n4", [0])], broken_extra={"moved": [
+                 {"deployment": "g", "replica": 0, "shard": 1, "from": "n3", "to": "n4"}]}))
+    p = problem([dep("g", shards=3)], placements=[*across, pl("g", 0, 2, "n6", [0])])
+    add(case(C.LOCALITY, "a lost shard of a replica kept across racks placed in a third", p,
+             [*across, pl("g", 0, 2, "n1", [1])], [*across, pl("g", 0, 2, "n4", [0])]))
 
     # SPREAD: at most max_per_domain replicas per domain.
     p = problem([dep("s", replicas=2, locality="node",
@@ -292,6 +314,12 @@ def build_cases() -> list[Case]:
     add(case(C.SPREAD, "two replicas in one rack", p,
              [pl("s", 0, 0, "n1", [0]), pl("s", 1, 0, "n3", [0])],
              [pl("s", 0, 0, "n1", [0]), pl("s", 1, 0, "n2", [0])]))
+    # ... a rack kept over a tightened spread takes no further replica.
+    kept = [pl("s", 0, 0, "n1", [0]), pl("s", 1, 0, "n2", [0])]
+    p = problem([dep("s", replicas=3, locality="node",
+                     spread={"domain": "rack", "max_per_domain": 1})], placements=kept)
+    add(case(C.SPREAD, "a new replica in a rack kept over max_per_domain", p,
+             [*kept, pl("s", 2, 0, "n3", [0])], [*kept, pl("s", 2, 0, "n1", [1])]))
 
     # ISOLATION: dedicated_node and dedicated_rack.
     p = problem([dep("dn", "c"), dep("sa", "a")],
@@ -330,6 +358,12 @@ def build_cases() -> list[Case]:
              [pl("q", 0, 0, "n1", [0, 1]), pl("qf", 0, 0, "n1", [2], 500)],
              [pl("q", 0, 0, "n1", [0, 1]), pl("qf", 0, 0, "n1", [2], 500),
               pl("qf", 1, 0, "n1", [3], 500)]))
+    # ... a tenant kept over a lowered quota (2 of max 1) takes nothing more.
+    kept = [pl("q", 0, 0, "n1", [0]), pl("q", 1, 0, "n1", [1])]
+    p = problem([dep("q", "g", replicas=3, locality="node")], placements=kept,
+                tenants=[{"id": "g", "max_accelerators": 1}])
+    add(case(C.QUOTA_ACCELERATORS, "a new accelerator for a tenant kept over its max", p,
+             kept, [*kept, pl("q", 2, 0, "n2", [0])]))
 
     # QUOTA_POWER: a fraction draws power_w x milli / 1000.
     p = problem([dep("w", "g", acc=2, power_w=400),
@@ -340,6 +374,11 @@ def build_cases() -> list[Case]:
              [pl("w", 0, 0, "n1", [0, 1]), pl("wf", 0, 0, "n1", [2], 500)],
              [pl("w", 0, 0, "n1", [0, 1]), pl("wf", 0, 0, "n1", [2], 500),
               pl("wf", 1, 0, "n1", [3], 500)]))
+    kept = [pl("w", 0, 0, "n1", [0]), pl("w", 1, 0, "n1", [1])]  # 800 W of max 500
+    p = problem([dep("w", "g", replicas=3, power_w=400, locality="node")], placements=kept,
+                tenants=[{"id": "g", "max_power_w": 500}])
+    add(case(C.QUOTA_POWER, "new power for a tenant kept over its max_power_w", p,
+             kept, [*kept, pl("w", 2, 0, "n2", [0])]))
 
     # POWER_RACK: idle of the rack's non-down nodes plus shard power.
     def rack_budget(budget: float) -> Callable[[Doc], None]:
@@ -605,3 +644,15 @@ def test_lists_left_out_are_implied_as_the_interchange_implies_them() -> None:
                                  "shard": {"accelerators": 1, "power_w": 200}}]}
     plan["placements"] = [on_n1, dict(on_n1, replica=1, node="n2")]  # 2 x 100 idle + 2 x 200 > 500
     assert [v.rule for v in check_plan(budgeted, plan)] == ["POWER_ROW"]
+
+
+def test_an_incomplete_input_gang_is_dropped_whole_or_completed_with_its_shards_kept() -> None:
+    """Only dropping an incomplete gang whole is exempt from KEPT: completed, its placed shards
+    stay where they ran (moved silently is KEPT, kept partial is GANG)."""
+    half = pl("g", 0, 0, "n1", [0])
+    p = problem([dep("g", shards=2, locality="node")], placements=[half])
+    assert check_plan(p, plan(p, [])) == []
+    assert check_plan(p, plan(p, [half, pl("g", 0, 1, "n1", [1])])) == []
+    moved = [pl("g", 0, 0, "n2", [0]), pl("g", 0, 1, "n2", [1])]
+    assert {v.rule for v in check_plan(p, plan(p, moved))} == {C.KEPT}
+    assert {v.rule for v in check_plan(p, plan(p, [half]))} == {C.GANG}
