@@ -244,6 +244,7 @@ AGENT_KEEPALIVE = Keepalive()
 CLIENT_KEEPALIVE = AGENT_KEEPALIVE
 ERROR_MESSAGE_MAX = 1024            # an error's message as sent to the caller
 PARENT_REAPPLIED_RETRY_MS = 100     # retry time of a write whose rack, row or zone was deleted and re-applied under it
+TOPOLOGY_CHANGED_RETRY_MS = 100     # ... of a topology apply whose rows or racks another apply changed since it read them
 QUOTED_VALUE_MAX = 40               # a caller's value quoted in an error message
 
 # --- rates (defaults of the controller flags) ------------------------------------------------------

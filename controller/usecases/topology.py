@@ -5,7 +5,7 @@ silently disappear); a rack, row or zone is removed by name, and only once nothi
 (`delete_item`: no node in the rack, no rack in the row, no row in the zone nor a tenant's
 contract naming it). References must resolve against the request itself or what is stored (one
 deleted after that check, before the write, is refused the same way: `_refusal_of_parents_gone`; a
-row or rack it adds that another apply added meanwhile, retryably: `_refusal_of_items_arrived`). A
+row or rack another apply changed or added since it read them, retryably: `_write_rows_and_racks`). A
 change that would leave a rack or row placing more power than its budget is refused
 (`_check_not_overdrawn`), as is moving a rack to another row or a row to another zone under work
 that would then break its tenant's zones, its locality or its spread (`_check_moves_keep_work`);
@@ -102,15 +102,36 @@ async def _refusal_of_parents_gone(uow: UnitOfWork, spec: TopologySpec) -> Confl
                     retry_after_ms=limits.PARENT_REAPPLIED_RETRY_MS)
 
 
-async def _refusal_of_items_arrived(uow: UnitOfWork, items: str) -> Conflict:
-    """What refuses an apply that adds `items` (rows, racks) another apply added after this one read
-    the topology: what it judged of them (nothing stored, no power, no work) is not what it would
-    change (a rack of another row, with nodes and work on it, moved without `_check_what_runs`
-    seeing a move: the held re-check rebuilds the old topology from what this apply read). Found in
-    review. Rolled back; applied again, the apply reads them and judges the change."""
+async def _write_rows_and_racks(uow: UnitOfWork, stored: TopologyView, spec: TopologySpec) -> list[str]:
+    """Write the rows and racks of `spec`, each as it was read (`stored`) or not at all: a new one
+    inserted, a stored one updated only where it still holds what was read (`repo.write_topology_item`);
+    in id order, as two applies lock them. The rows and racks another apply changed or added since
+    this one read them: the checks judged them as read (`stored`), and the held re-check rebuilds
+    the old topology from it too, so a rack another moved to another row, with nodes and work on it
+    by then, was moved back unjudged (found in review). An id another added meanwhile fails its
+    INSERT (`repo.topology_item_taken`)."""
+    s, out = uow.session, []
+    was_rows, was_racks = ({i.spec.id: i.spec for i in items} for items in (stored.rows, stored.racks))
+    for r in sorted(spec.rows, key=lambda r: r.id):
+        was = was_rows.get(r.id)
+        read = None if was is None else {"zone_id": was.zone, "power_budget_w": was.power_budget_w}
+        if not await repo.write_topology_item(s, m.Row, r.id, read, zone_id=r.zone, power_budget_w=r.power_budget_w):
+            out.append(f"row {r.id}")
+    for k in sorted(spec.racks, key=lambda k: k.id):
+        was = was_racks.get(k.id)
+        read = None if was is None else {"row_id": was.row, "power_budget_w": was.power_budget_w}
+        if not await repo.write_topology_item(s, m.Rack, k.id, read, row_id=k.row, power_budget_w=k.power_budget_w):
+            out.append(f"rack {k.id}")
+    return out
+
+
+async def _refusal_of_changed_meanwhile(uow: UnitOfWork, what: str) -> Conflict:
+    """What refuses an apply whose rows or racks another apply changed or added after this one read
+    them (`what`, as the message says it): rolled back; applied again, it reads them as they are
+    and judges its change against that."""
     await uow.rollback()
-    return Conflict(f"{items} was added by another topology change while it was applied; nothing was written: "
-                    f"apply it again", retry_after_ms=limits.PARENT_REAPPLIED_RETRY_MS)
+    return Conflict(f"{what} by another topology change while this one was applied; nothing was written: apply it "
+                    f"again", retry_after_ms=limits.TOPOLOGY_CHANGED_RETRY_MS)
 
 
 async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, signals: Signals, *,
@@ -127,30 +148,20 @@ async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, si
     if dry_run or not changes(stored, after):  # the same again: nothing written, nothing woken
         return applied(await get_topology(uow, who), spec)  # every rack's and row's power
     s = uow.session
-    had_rows, had_racks = ({i.spec.id for i in items} for items in (stored.rows, stored.racks))
-    arrived: list[str] = []  # rows and racks this apply adds that another added since it read
     try:
         for z in spec.zones:
             await repo.upsert(s, m.Zone, z.id)
         await s.flush()  # parents before children
-        for r in spec.rows:
-            if not await repo.upsert(s, m.Row, r.id, zone_id=r.zone, power_budget_w=r.power_budget_w) \
-                    and r.id not in had_rows:
-                arrived.append(f"row {r.id}")
-        await s.flush()
-        for k in spec.racks:
-            if not await repo.upsert(s, m.Rack, k.id, row_id=k.row, power_budget_w=k.power_budget_w) \
-                    and k.id not in had_racks:
-                arrived.append(f"rack {k.id}")
-        await s.flush()  # the checks above read the zones and rows named without a lock: one may be gone
-    except Exception as exc:
+        changed = await _write_rows_and_racks(uow, stored, spec)
+    except Exception as exc:  # the checks above read the zones and rows named without a lock: one may be gone
         if repo.topology_parent_gone(exc):
             raise await _refusal_of_parents_gone(uow, spec) from None
         if repo.topology_item_taken(exc):
-            raise await _refusal_of_items_arrived(uow, "a zone, row or rack this apply adds") from None
+            raise await _refusal_of_changed_meanwhile(uow, "a zone, row or rack this apply adds was added") from None
         raise
-    if arrived:
-        raise await _refusal_of_items_arrived(uow, f"{', '.join(arrived)}, which this apply adds,")
+    if changed:
+        raise await _refusal_of_changed_meanwhile(
+            uow, f"{', '.join(changed)}, which this apply changes, {'was' if len(changed) == 1 else 'were'} changed")
     await repo.bump_cluster_generation(s, ClusterChange.topology())
     # Again, holding the generation: the checks above hold no lock, and a plan commit that landed
     # since them was checked against the old topology. Accepted, a tenant's shard stood outside

@@ -7,6 +7,7 @@ store/changes.py). The same topology again writes and wakes nothing. Found in re
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -194,8 +195,8 @@ async def test_a_rack_another_apply_added_meanwhile_with_work_on_it_is_refused_r
 
     monkeypatch.setattr(topology, "_with_power_judged", then_rack_c_is_added_and_used)
     moved = TopologySpec(racks=(RackSpec("rack-c", "row-a"),))
-    with pytest.raises(Conflict, match="rack rack-c, which this apply adds, was added by another topology change "
-                                       "while it was applied; nothing was written") as refused:
+    with pytest.raises(Conflict, match="a zone, row or rack this apply adds was added by another topology change "
+                                       "while this one was applied; nothing was written") as refused:
         await _apply(database, moved)
     assert refused.value.retry_after_ms and len(meanwhile) == 2
     monkeypatch.setattr(topology, "_with_power_judged", read)
@@ -207,25 +208,104 @@ async def test_a_rack_another_apply_added_meanwhile_with_work_on_it_is_refused_r
         await _apply(database, moved)  # again: rack-c read, its move judged
 
 
-async def test_a_rack_another_apply_inserted_between_the_read_and_the_insert_is_refused_retryably(
+async def test_a_zone_another_apply_inserted_between_the_read_and_the_insert_is_refused_retryably(
         database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The upsert found no rack-c, another apply inserted and committed it, then this one's INSERT
-    met the primary key: a retryable Conflict, not an internal error."""
+    """The zone's upsert found no z3, another apply inserted and committed it, then this one's
+    INSERT met the primary key: a retryable Conflict, not an internal error."""
     await _apply(database, TWO_ZONES)
     upsert, inserted = repo.upsert, []
 
-    async def then_another_inserts_it(session: Any, model: Any, key: str, **values: Any) -> bool:
-        added = await upsert(session, model, key, **values)
-        if key == "rack-c" and not inserted:
-            inserted.append("rack-c")  # first: that apply comes through here too
-            await _apply(database, TopologySpec(racks=(RackSpec("rack-c", "row-b"),)))
-        return added
+    async def then_another_inserts_it(session: Any, model: Any, key: str, **values: Any) -> None:
+        await upsert(session, model, key, **values)
+        if key == "z3" and not inserted:
+            inserted.append("z3")  # first: that apply comes through here too
+            await _apply(database, TopologySpec(zones=(ZoneSpec("z3"),)))
 
     monkeypatch.setattr(repo, "upsert", then_another_inserts_it)
     with pytest.raises(Conflict, match="a zone, row or rack this apply adds was added by another topology change"):
-        await _apply(database, TopologySpec(racks=(RackSpec("rack-c", "row-a"),)))
+        await _apply(database, TopologySpec(zones=(ZoneSpec("z3"),), rows=(RowSpec("row-c", "z3"),)))
     assert inserted
-    monkeypatch.setattr(repo, "upsert", upsert)
+    monkeypatch.undo()
     async with database.unit_of_work() as uow:
-        assert {k.spec.id: k.spec.row for k in (await topology.get_topology(uow, WHO)).racks}["rack-c"] == "row-b"
-    await _apply(database, TopologySpec(racks=(RackSpec("rack-c", "row-a"),)))  # again: a move of an empty rack
+        assert [r.spec.id for r in (await topology.get_topology(uow, WHO)).rows] == ["row-a", "row-b"]  # none written
+    await _apply(database, TopologySpec(zones=(ZoneSpec("z3"),), rows=(RowSpec("row-c", "z3"),)))  # again: applied
+
+
+def _then_another_apply(monkeypatch: pytest.MonkeyPatch, db: Database, first: TopologySpec, *,
+                        after: Callable[[], Awaitable[Any]]) -> list[str]:
+    """After the apply's first check read (`_with_power_judged`), the first time: another apply of
+    `first`, then `after` (nodes joining, work landing). Said in the list returned once begun."""
+    read, begun = topology._with_power_judged, []
+
+    async def then_another(*args: Any) -> Any:
+        views = await read(*args)
+        if not begun:
+            begun.append("another apply")  # first: that apply comes through here too
+            await _apply(db, first)
+            await after()
+        return views
+
+    monkeypatch.setattr(topology, "_with_power_judged", then_another)
+    return begun
+
+
+@pytest.mark.parametrize("kind", ["rack", "row"])
+async def test_a_rack_or_row_another_apply_moved_meanwhile_under_work_is_not_moved_back_unjudged(
+        database: Database, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """This apply read rack-x in row-x, row-x in z1, and names them so again (with a budget). Another
+    moved rack-x to row-b, or row-x to z2, before its write; a node joined rack-x and z2-only work
+    landed there. Its UPDATE moved it back into z1 under that work, and the held re-check (the old
+    topology rebuilt from what it read) saw no move (found in review). Refused, retryably, writing
+    nothing; applied again, the move back is judged."""
+    await _apply(database, TopologySpec(zones=TWO_ZONES.zones, rows=TWO_ZONES.rows + (RowSpec("row-x", "z1"),),
+                                        racks=TWO_ZONES.racks + (RackSpec("rack-x", "row-x"),)))
+    await add_tenant(database, "t2", zones=("z2",))
+    loop = _reconciler(database)
+
+    async def work_lands_on_rack_x() -> None:
+        await add_nodes(database, "rack-x", 1)
+        await submit(database, deployment("resident", tenant="t2"))  # only rack-x, in z2 now, may take it
+        assert (await loop.reconcile_once()).changed_nodes
+
+    moved, back = ((RackSpec("rack-x", "row-b"), RackSpec("rack-x", "row-x", 50_000.0)) if kind == "rack" else
+                   (RowSpec("row-x", "z2"), RowSpec("row-x", "z1", 90_000.0)))
+    field = "racks" if kind == "rack" else "rows"
+    begun = _then_another_apply(monkeypatch, database, TopologySpec(**{field: (moved,)}), after=work_lands_on_rack_x)
+    with pytest.raises(Conflict, match=f"{kind} {back.id}, which this apply changes, was changed by another "
+                                       f"topology change while this one was applied; nothing was written"):
+        await _apply(database, TopologySpec(**{field: (back,)}))
+    assert begun
+    monkeypatch.undo()
+    [placed] = await _placements(database)
+    assert placed["node"].startswith("rack-x")  # in z2 still, as `_placements` checked
+    with pytest.raises(FailedPrecondition, match="moves racks or rows under work that runs now: t2/resident"):
+        await _apply(database, TopologySpec(**{field: (back,)}))
+
+
+async def test_a_budget_another_apply_raised_meanwhile_under_work_is_not_cut_back_unjudged(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This apply read rack-a's 2 kW budget and names it so again, beside a new zone. Another raised it
+    to 10 kW before its write and 4 kW landed: written back, 2 kW stood under 5 kW placed, the held
+    re-check seeing no budget change (found in review). Refused; applied again, the cut is judged."""
+    await _apply(database, TopologySpec(zones=(ZoneSpec("z1"),), rows=(RowSpec("row-a", "z1"),),
+                                        racks=(RackSpec("rack-a", "row-a", 2_000.0),)))
+    await add_nodes(database, "rack-a", 2)  # 1 kW idle
+    await add_tenant(database, "t1")
+    loop = _reconciler(database)
+
+    async def four_kw_land() -> None:
+        await submit(database, deployment("hot", accelerators=4, shard_power_w=1000.0, locality="node"))
+        assert (await loop.reconcile_once()).changed_nodes
+
+    begun = _then_another_apply(monkeypatch, database, TopologySpec(racks=(RackSpec("rack-a", "row-a", 10_000.0),)),
+                                after=four_kw_land)
+    again = TopologySpec(zones=(ZoneSpec("z9"),), racks=(RackSpec("rack-a", "row-a", 2_000.0),))
+    with pytest.raises(Conflict, match="rack rack-a, which this apply changes, was changed by another topology"):
+        await _apply(database, again)
+    assert begun
+    monkeypatch.undo()
+    async with database.unit_of_work() as uow:
+        view = await topology.get_topology(uow, WHO)
+    assert ([z.id for z in view.zones], view.racks[0].spec.power_budget_w) == (["z1"], 10_000.0)  # nothing written
+    with pytest.raises(FailedPrecondition, match="rack rack-a uses 5 kW .* over its budget of 2 kW"):
+        await _apply(database, again)

@@ -29,7 +29,7 @@ from controller.store.repositories.events import (
     NewEvent, event_rows, events_of_kinds, list_events, newest_event_id, record_event, record_events)
 from controller.store.repositories.topology import (
     delete_topology_item, get_rack, held_by, list_racks, list_rows, list_zones, lock_topology_item,
-    tenants_naming_zone, topology_item_taken, topology_parent_gone)
+    tenants_naming_zone, topology_item_taken, topology_parent_gone, write_topology_item)
 from controller.store.repositories.tenants import (
     Customer, ForgetRequestIds, PlacedBeside, SubmitBatchReads, TenantSubmitFacts, count_tenant_deployments,
     customer_of, delete_tenant_row, get_tenant, known_tenant_ids, list_tenant_rows, lock_tenant,

@@ -37,13 +37,11 @@ async def existing_ids(session: AsyncSession, model: type, ids: Iterable[str], *
     return set(await session.scalars(query.with_for_update(read=True, key_share=True) if key_share else query))
 
 
-async def upsert(session: AsyncSession, model: type[m.Base], key: str, **values: object) -> bool:
-    """Insert the row of `model` whose id is `key` with `values`, or set them on the stored one:
-    True when it inserted (its INSERT is sent at the next flush)."""
+async def upsert(session: AsyncSession, model: type[m.Base], key: str, **values: object) -> None:
+    """Insert the row of `model` whose id is `key` with `values`, or set them on the stored one."""
     row = await session.get(model, key)
     if row is None:
         session.add(model(id=key, **values))
-        return True
-    for name, value in values.items():
-        setattr(row, name, value)
-    return False
+    else:
+        for name, value in values.items():
+            setattr(row, name, value)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import sqlite3
 
-from sqlalchemy import Row, delete, func, select
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import Row, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -17,8 +20,11 @@ async def list_zones(session: AsyncSession) -> list[m.Zone]:
     return list(await session.scalars(select(m.Zone).order_by(m.Zone.id)))
 
 
-async def list_rows(session: AsyncSession) -> list[m.Row]:
-    return list(await session.scalars(select(m.Row).order_by(m.Row.id)))
+async def list_rows(session: AsyncSession) -> list[Row[tuple[str, str, float | None]]]:
+    """Every row's (id, zone_id, power_budget_w), by id: plain rows, as `list_racks`. ORM objects
+    would stay in the session's identity map, and a later read in the transaction would answer
+    them as first loaded, not as `write_topology_item`'s UPDATE left them."""
+    return list(await session.execute(select(m.Row.id, m.Row.zone_id, m.Row.power_budget_w).order_by(m.Row.id)))
 
 
 async def list_racks(session: AsyncSession) -> list[Row[tuple[str, str, float | None]]]:
@@ -30,6 +36,22 @@ async def list_racks(session: AsyncSession) -> list[Row[tuple[str, str, float | 
 
 async def get_rack(session: AsyncSession, rack_id: str) -> m.Rack | None:
     return await session.get(m.Rack, rack_id)
+
+
+async def write_topology_item(session: AsyncSession, model: type[m.Row] | type[m.Rack], key: str,
+                              was: Mapping[str, Any] | None, **values: Any) -> bool:
+    """Write the row or rack `key` of `model` with `values`: inserted when the caller read none
+    (`was` None; an id another transaction inserted since fails on its primary key:
+    `topology_item_taken`), else updated only where it still holds `was` (column -> value, as the
+    caller read them). False when it no longer does: changed or deleted since that read (on
+    PostgreSQL a transaction changing it is waited for, then its result judged)."""
+    if was is None:
+        await session.execute(insert(model).values(id=key, **values))
+        return True
+    unchanged = [getattr(model, column).is_not_distinct_from(value) for column, value in was.items()]
+    written = await session.execute(update(model).where(model.id == key, *unchanged).values(**values)
+                                    .execution_options(synchronize_session=False))
+    return written.rowcount == 1
 
 
 # What holds each kind of item: the child table and its column that names it.
