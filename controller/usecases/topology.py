@@ -102,27 +102,31 @@ async def _refusal_of_parents_gone(uow: UnitOfWork, spec: TopologySpec) -> Confl
                     retry_after_ms=limits.PARENT_REAPPLIED_RETRY_MS)
 
 
-async def _write_rows_and_racks(uow: UnitOfWork, stored: TopologyView, spec: TopologySpec) -> list[str]:
-    """Write the rows and racks of `spec`, each as it was read (`stored`) or not at all: a new one
+async def _write_rows_and_racks(uow: UnitOfWork, stored: TopologyView, spec: TopologySpec) -> str | None:
+    """Write the rows and racks `spec` changes, each only as it was read (`stored`): a new one
     inserted, a stored one updated only where it still holds what was read (`repo.write_topology_item`);
-    in id order, as two applies lock them. The rows and racks another apply changed or added since
-    this one read them: the checks judged them as read (`stored`), and the held re-check rebuilds
-    the old topology from it too, so a rack another moved to another row, with nodes and work on it
-    by then, was moved back unjudged (found in review). An id another added meanwhile fails its
-    INSERT (`repo.topology_item_taken`)."""
-    s, out = uow.session, []
+    in id order. The first another apply changed or added since this one read it, else None: the
+    checks judged it as read, and the held re-check rebuilds the old topology from that too, so a
+    rack another moved to another row, with nodes and work on it by then, was moved back unjudged
+    (found in review). An id another added meanwhile fails its INSERT (`repo.topology_item_taken`).
+    One the spec restates unchanged is not written (nor locked: an UPDATE of it beside another
+    apply's or a deletion's made deadlocks, found in review); a change to it since is judged by
+    the held re-check, which puts it back as read in the old topology."""
+    s = uow.session
     was_rows, was_racks = ({i.spec.id: i.spec for i in items} for items in (stored.rows, stored.racks))
     for r in sorted(spec.rows, key=lambda r: r.id):
-        was = was_rows.get(r.id)
+        if (was := was_rows.get(r.id)) == r:
+            continue
         read = None if was is None else {"zone_id": was.zone, "power_budget_w": was.power_budget_w}
         if not await repo.write_topology_item(s, m.Row, r.id, read, zone_id=r.zone, power_budget_w=r.power_budget_w):
-            out.append(f"row {r.id}")
+            return f"row {r.id}"
     for k in sorted(spec.racks, key=lambda k: k.id):
-        was = was_racks.get(k.id)
-        read = None if was is None else {"row_id": was.row, "power_budget_w": was.power_budget_w}
+        if (was_rack := was_racks.get(k.id)) == k:
+            continue
+        read = None if was_rack is None else {"row_id": was_rack.row, "power_budget_w": was_rack.power_budget_w}
         if not await repo.write_topology_item(s, m.Rack, k.id, read, row_id=k.row, power_budget_w=k.power_budget_w):
-            out.append(f"rack {k.id}")
-    return out
+            return f"rack {k.id}"
+    return None
 
 
 async def _refusal_of_changed_meanwhile(uow: UnitOfWork, what: str) -> Conflict:
@@ -160,8 +164,7 @@ async def apply_topology(uow: UnitOfWork, who: Principal, spec: TopologySpec, si
             raise await _refusal_of_changed_meanwhile(uow, "a zone, row or rack this apply adds was added") from None
         raise
     if changed:
-        raise await _refusal_of_changed_meanwhile(
-            uow, f"{', '.join(changed)}, which this apply changes, {'was' if len(changed) == 1 else 'were'} changed")
+        raise await _refusal_of_changed_meanwhile(uow, f"{changed}, which this apply changes, was changed")
     await repo.bump_cluster_generation(s, ClusterChange.topology())
     # Again, holding the generation: the checks above hold no lock, and a plan commit that landed
     # since them was checked against the old topology. Accepted, a tenant's shard stood outside

@@ -282,11 +282,11 @@ async def test_a_rack_or_row_another_apply_moved_meanwhile_under_work_is_not_mov
         await _apply(database, TopologySpec(**{field: (back,)}))
 
 
-async def test_a_budget_another_apply_raised_meanwhile_under_work_is_not_cut_back_unjudged(
+async def test_a_budget_another_apply_raised_meanwhile_under_work_is_not_cut_unjudged(
         database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
-    """This apply read rack-a's 2 kW budget and names it so again, beside a new zone. Another raised it
-    to 10 kW before its write and 4 kW landed: written back, 2 kW stood under 5 kW placed, the held
-    re-check seeing no budget change (found in review). Refused; applied again, the cut is judged."""
+    """This apply read rack-a's 2 kW budget and sets 3 kW, beside a new zone. Another raised it to
+    10 kW before its write and 4 kW landed: written, 3 kW stood under 5 kW placed, the held re-check
+    judging 2 -> 3 kW as read (found in review). Refused; applied again, the cut is judged."""
     await _apply(database, TopologySpec(zones=(ZoneSpec("z1"),), rows=(RowSpec("row-a", "z1"),),
                                         racks=(RackSpec("rack-a", "row-a", 2_000.0),)))
     await add_nodes(database, "rack-a", 2)  # 1 kW idle
@@ -299,7 +299,7 @@ async def test_a_budget_another_apply_raised_meanwhile_under_work_is_not_cut_bac
 
     begun = _then_another_apply(monkeypatch, database, TopologySpec(racks=(RackSpec("rack-a", "row-a", 10_000.0),)),
                                 after=four_kw_land)
-    again = TopologySpec(zones=(ZoneSpec("z9"),), racks=(RackSpec("rack-a", "row-a", 2_000.0),))
+    again = TopologySpec(zones=(ZoneSpec("z9"),), racks=(RackSpec("rack-a", "row-a", 3_000.0),))
     with pytest.raises(Conflict, match="rack rack-a, which this apply changes, was changed by another topology"):
         await _apply(database, again)
     assert begun
@@ -307,5 +307,70 @@ async def test_a_budget_another_apply_raised_meanwhile_under_work_is_not_cut_bac
     async with database.unit_of_work() as uow:
         view = await topology.get_topology(uow, WHO)
     assert ([z.id for z in view.zones], view.racks[0].spec.power_budget_w) == (["z1"], 10_000.0)  # nothing written
-    with pytest.raises(FailedPrecondition, match="rack rack-a uses 5 kW .* over its budget of 2 kW"):
+    with pytest.raises(FailedPrecondition, match="rack rack-a uses 5 kW .* over its budget of 3 kW"):
         await _apply(database, again)
+
+
+async def test_a_rack_restated_unchanged_that_another_apply_moved_meanwhile_keeps_that_move(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole topology file applied again with one change: the racks it restates as it read them
+    are not written (nor locked: a deadlock with another apply or a deletion, found in review), so
+    a move another made of one meanwhile stands, judged by the held re-check as a change from what
+    this apply read; what runs there breaks nothing."""
+    await _apply(database, TopologySpec(zones=TWO_ZONES.zones, rows=TWO_ZONES.rows + (RowSpec("row-x", "z1"),),
+                                        racks=TWO_ZONES.racks + (RackSpec("rack-x", "row-x"),)))
+    await add_tenant(database, "t2", zones=("z2",))
+    loop = _reconciler(database)
+
+    async def work_lands_on_rack_x() -> None:
+        await add_nodes(database, "rack-x", 1)
+        await submit(database, deployment("resident", tenant="t2"))  # only rack-x, in z2 now, may take it
+        assert (await loop.reconcile_once()).changed_nodes
+
+    begun = _then_another_apply(monkeypatch, database, TopologySpec(racks=(RackSpec("rack-x", "row-b"),)),
+                                after=work_lands_on_rack_x)
+    await _apply(database, TopologySpec(zones=(ZoneSpec("z9"),), racks=(RackSpec("rack-x", "row-x"),)))
+    assert begun
+    monkeypatch.undo()
+    async with database.unit_of_work() as uow:
+        view = await topology.get_topology(uow, WHO)
+    assert ({k.spec.id: k.spec.row for k in view.racks}["rack-x"], [z.id for z in view.zones]) == (
+        "row-b", ["z1", "z2", "z9"])
+    [placed] = await _placements(database)  # and the state clean (`_placements` checks it)
+    assert placed["node"].startswith("rack-x")
+
+
+@pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_an_apply_restating_a_row_another_apply_changes_does_not_deadlock_with_it(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A changes r2 and restates r3 as it read it; B changes r3. A wrote r2 (its trigger took
+    isolation_state), B then wrote r3 (its trigger waiting for isolation_state), and A's UPDATE of
+    the r3 it did not change waited for B: deadlock detected after a second, one apply failed
+    (found in review). A writes only what it changes: both are applied, one after the other."""
+    await _apply(database, TopologySpec(zones=(ZoneSpec("z1"),),
+                                        rows=(RowSpec("r2", "z1", 1000.0), RowSpec("r3", "z1", 1000.0))))
+    write, a_wrote_r2, b_wrote_r3 = repo.write_topology_item, asyncio.Event(), asyncio.Event()
+
+    async def interleaved(session: Any, model: Any, key: str, was: Any, **values: Any) -> bool:
+        me = asyncio.current_task().get_name()  # type: ignore[union-attr]
+        if me == "A" and key == "r3":  # only if A writes the row it restates
+            await b_wrote_r3.wait()
+            await asyncio.sleep(0.3)  # B's trigger now waits for isolation_state
+        if me == "B":
+            await a_wrote_r2.wait()
+            b_wrote_r3.set()
+        written = await write(session, model, key, was, **values)
+        if me == "A" and key == "r2":
+            a_wrote_r2.set()
+        return written
+
+    monkeypatch.setattr(repo, "write_topology_item", interleaved)
+    a = asyncio.create_task(_apply(database, TopologySpec(rows=(RowSpec("r2", "z1", 2000.0),
+                                                                RowSpec("r3", "z1", 1000.0)))), name="A")
+    b = asyncio.create_task(_apply(database, TopologySpec(rows=(RowSpec("r3", "z1", 3000.0),))), name="B")
+    outcomes = await asyncio.gather(a, b, return_exceptions=True)
+    assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
+    monkeypatch.undo()
+    async with database.unit_of_work() as uow:
+        view = await topology.get_topology(uow, WHO)
+    assert {r.spec.id: r.spec.power_budget_w for r in view.rows} == {"r2": 2000.0, "r3": 3000.0}
