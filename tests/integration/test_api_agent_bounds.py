@@ -34,9 +34,9 @@ from maia.v1 import admin_pb2, agent_pb2, common_pb2, deployments_pb2
 
 
 @pytest.fixture
-async def strict_app(db_url: str, tmp_path) -> AsyncIterator[ControllerApp]:
+async def strict_app(migrated_db_url: str, tmp_path) -> AsyncIterator[ControllerApp]:
     """A controller whose agent streams may send 20 reports at once, 5 a second after that."""
-    async with running_controller(db_url, tmp_path, agent_reports_per_second=5.0, agent_reports_burst=20,
+    async with running_controller(migrated_db_url, tmp_path, agent_reports_per_second=5.0, agent_reports_burst=20,
                                   heartbeat_timeout_s=60) as app:
         yield app
 
@@ -60,11 +60,11 @@ async def strict(strict_app: ControllerApp) -> AsyncIterator[Stubs]:
 
 
 @pytest.fixture
-async def slow_refill(db_url: str, tmp_path) -> AsyncIterator[Stubs]:
+async def slow_refill(migrated_db_url: str, tmp_path) -> AsyncIterator[Stubs]:
     """A controller whose agent streams may send 20 reports at once, then one every 10 s: 25
     reports overflow it unless they take 50 s to arrive (at 5 a second, 25 written at once were
     all let through once on a loaded machine: they arrived over more than a second)."""
-    async with running_controller(db_url, tmp_path, agent_reports_per_second=0.1, agent_reports_burst=20,
+    async with running_controller(migrated_db_url, tmp_path, agent_reports_per_second=0.1, agent_reports_burst=20,
                                   heartbeat_timeout_s=60) as app, _seeded(app) as stubs:
         yield stubs
 
@@ -337,10 +337,10 @@ async def test_a_database_outage_fails_a_flush_once_not_node_by_node(database, m
     assert not any(r.exc_info for r in caplog.records)
 
 
-async def test_a_join_storm_beyond_the_admission_queue_is_told_when_to_retry(db_url: str, tmp_path) -> None:
+async def test_a_join_storm_beyond_the_admission_queue_is_told_when_to_retry(migrated_db_url: str, tmp_path) -> None:
     """One Register inside at a time and none queued: of 24 at once some are refused UNAVAILABLE
     with retry-after-ms (and google.rpc.RetryInfo), never INTERNAL, and each registers on retry."""
-    async with running_controller(db_url, tmp_path, agent_admission_concurrency=1, agent_admission_queue=0) as app:
+    async with running_controller(migrated_db_url, tmp_path, agent_admission_concurrency=1, agent_admission_queue=0) as app:
         stubs = Stubs.connect(app.address, admin_token_of(app))
         try:
             await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
@@ -370,14 +370,14 @@ async def test_a_join_storm_beyond_the_admission_queue_is_told_when_to_retry(db_
 
 
 async def test_a_register_the_gate_would_refuse_is_shed_before_the_interceptor_chain(
-        db_url: str, tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+        migrated_db_url: str, tmp_path, caplog: pytest.LogCaptureFixture) -> None:
     """With the gate full (one inside, no queue), a Register is refused UNAVAILABLE with the
     pacer's retry time (retry-after-ms and google.rpc.RetryInfo) before any interceptor runs: a
     caller with a token nobody issued hears 'busy', not UNAUTHENTICATED (no token check), no audit
     entry is written for it, no per-call log line, and it is counted in maia_grpc_server_shed.
     Each refused caller takes a slot of the pacer. Once the gate has room, the next Register is
     served."""
-    async with running_controller(db_url, tmp_path, agent_admission_concurrency=1, agent_admission_queue=0) as app:
+    async with running_controller(migrated_db_url, tmp_path, agent_admission_concurrency=1, agent_admission_queue=0) as app:
         stubs = Stubs.connect(app.address, admin_token_of(app))
         stranger = Stubs.connect(app.address, "maia_0123456789abcdef.not-a-token-anyone-issued")
         bootstrap = Stubs.connect(app.address, await issue_token(app.db, "node-bootstrap", name="storm"))
@@ -414,14 +414,14 @@ async def test_a_register_the_gate_would_refuse_is_shed_before_the_interceptor_c
                 await s.channel.close()
 
 
-async def test_a_join_storm_of_real_agents_never_times_out_in_the_admission_queue(db_url: str, tmp_path) -> None:
+async def test_a_join_storm_of_real_agents_never_times_out_in_the_admission_queue(migrated_db_url: str, tmp_path) -> None:
     """128 `maia-simnode` agents start at once against one Register at a time, each Register with a
     2 s deadline: about as much work as that deadline (128 Registers one by one and the hellos'
     batches, more on a busy machine). A caller that would outwait its deadline is refused RESOURCE_EXHAUSTED at
     once and comes back when told; none waits in the queue until its deadline passes, and every
     node ends up ready."""
     racks, per_rack = 8, 16
-    async with running_controller(db_url, tmp_path, agent_admission_concurrency=1,
+    async with running_controller(migrated_db_url, tmp_path, agent_admission_concurrency=1,
                                   agent_admission_queue=10_000, heartbeat_timeout_s=60) as app:
         stubs = Stubs.connect(app.address, admin_token_of(app))
         await stubs.admin.ApplyTopology(topology({f"rack-{r:02d}": "row-a" for r in range(racks)}))
@@ -443,12 +443,12 @@ async def test_a_join_storm_of_real_agents_never_times_out_in_the_admission_queu
             await stubs.channel.close()
 
 
-async def test_registers_arriving_together_commit_together_and_a_refused_one_fails_alone(db_url: str,
+async def test_registers_arriving_together_commit_together_and_a_refused_one_fails_alone(migrated_db_url: str,
                                                                                          tmp_path) -> None:
     """32 Registers at once over real gRPC: they are committed in batches (fewer transactions than
     calls), the one naming an unknown rack gets its own FAILED_PRECONDITION and its own audit entry,
     the others are registered and audited OK, and the chain stays intact."""
-    async with running_controller(db_url, tmp_path) as app:
+    async with running_controller(migrated_db_url, tmp_path) as app:
         stubs = Stubs.connect(app.address, admin_token_of(app))
         bootstrap = Stubs.connect(app.address, await issue_token(app.db, "node-bootstrap", name="storm"))
         try:

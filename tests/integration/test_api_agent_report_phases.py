@@ -34,11 +34,11 @@ async def _two_agents_and_svc(stubs: Stubs) -> tuple[dict[str, HandAgent], Calla
     return agents, svc, await eventually(svc, lambda d: len(d.placements) == 1, what="svc placed")
 
 
-async def test_a_shard_its_agent_stopped_while_still_assigned_is_placed_again(db_url: str, tmp_path):
+async def test_a_shard_its_agent_stopped_while_still_assigned_is_placed_again(migrated_db_url: str, tmp_path):
     """An agent stops only the shards its set no longer names; one that says STOPPED of a shard
     still assigned to it runs it no more: a failure, placed again (elsewhere) after its back-off,
     not a placement left STOPPED that nothing moves again."""
-    async with controller_with_rack(db_url, tmp_path, restart_backoff_s=0.2) as (_, stubs):
+    async with controller_with_rack(migrated_db_url, tmp_path, restart_backoff_s=0.2) as (_, stubs):
         agents, svc, placed = await _two_agents_and_svc(stubs)
         holder = agents[placed.placements[0].node]
         other = next(agent for agent in agents.values() if agent is not holder)
@@ -60,7 +60,7 @@ async def test_a_shard_its_agent_stopped_while_still_assigned_is_placed_again(db
             await agent.close()
 
 
-async def test_a_shard_its_agent_never_takes_up_fails_and_is_placed_again(db_url: str, tmp_path):
+async def test_a_shard_its_agent_never_takes_up_fails_and_is_placed_again(migrated_db_url: str, tmp_path):
     """An agent that heartbeats but says nothing of a shard its set named (a bug, a hung loader)
     left the placement ASSIGNED for ever and the replica never ran: after --assignment-ack-timeout
     it is FAILED (after the stream's silence timeout, when that is longer: a heartbeat may answer),
@@ -68,7 +68,7 @@ async def test_a_shard_its_agent_never_takes_up_fails_and_is_placed_again(db_url
     agent's LOADING keeps its own clock from running out."""
     # An ack timeout below the stream's silence timeout (the test controller's 2 s): the latter
     # counts, as the agent may answer in its next heartbeat.
-    async with controller_with_rack(db_url, tmp_path, restart_backoff_s=0.2, assignment_ack_timeout_s=0.5) as (
+    async with controller_with_rack(migrated_db_url, tmp_path, restart_backoff_s=0.2, assignment_ack_timeout_s=0.5) as (
             _, stubs):
         agents, svc, placed = await _two_agents_and_svc(stubs)
         mute = agents[placed.placements[0].node]  # says nothing of it

@@ -22,9 +22,9 @@ def _trailer(ended: grpc.aio.AioRpcError, key: str) -> str | None:
 
 
 async def test_a_stream_superseded_by_a_newer_one_of_its_node_ends_aborted_and_is_told_not_to_reconnect(
-        db_url: str, tmp_path: Path) -> None:
+        migrated_db_url: str, tmp_path: Path) -> None:
     # The hand agents never heartbeat: a long timeout, so only the newer stream ends the first.
-    async with controller_with_rack(db_url, tmp_path, heartbeat_timeout_s=60) as (_, stubs):
+    async with controller_with_rack(migrated_db_url, tmp_path, heartbeat_timeout_s=60) as (_, stubs):
         old = await connected_agent(stubs, "node-1")
         new = await connected_agent(stubs, "node-1")  # a second agent of node-1 (or its own reconnect)
         ended = await old.reader_error()
@@ -56,8 +56,8 @@ async def test_a_silent_stream_ends_unavailable_with_a_retry_time(stubs: Stubs) 
 
 
 async def test_a_stopping_controller_ends_its_streams_unavailable_sending_agents_to_the_next_leader(
-        db_url: str, tmp_path: Path) -> None:
-    async with controller_with_rack(db_url, tmp_path, heartbeat_timeout_s=60) as (app, stubs):
+        migrated_db_url: str, tmp_path: Path) -> None:
+    async with controller_with_rack(migrated_db_url, tmp_path, heartbeat_timeout_s=60) as (app, stubs):
         agent = await connected_agent(stubs, "node-1")
         await app.stop(grace_s=5.0)
         ended = await agent.reader_error()
@@ -71,10 +71,10 @@ async def test_a_stopping_controller_ends_its_streams_unavailable_sending_agents
 
 
 async def test_a_leader_that_steps_down_with_no_successor_known_ends_its_streams_unavailable_without_a_hint(
-        db_url: str, tmp_path: Path) -> None:
+        migrated_db_url: str, tmp_path: Path) -> None:
     """Its lease could not be renewed in time: it knows of no other leader (as a follower that
     knows none answers an agent)."""
-    async with controller_with_rack(db_url, tmp_path, heartbeat_timeout_s=60) as (app, stubs):
+    async with controller_with_rack(migrated_db_url, tmp_path, heartbeat_timeout_s=60) as (app, stubs):
         agent = await connected_agent(stubs, "node-1")
         app.election._step_down("the lease could not be renewed in time", app.election._term.token)
         ended = await agent.reader_error()
@@ -87,7 +87,7 @@ async def test_a_leader_that_steps_down_with_no_successor_known_ends_its_streams
 
 @pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
 async def test_a_leader_that_steps_down_ends_its_streams_unavailable_naming_the_new_leader(
-        db_url: str, tmp_path: Path) -> None:
+        migrated_db_url: str, tmp_path: Path) -> None:
     """Another controller took the lease: the deposed leader's streams end as a follower answers
     an agent, UNAVAILABLE with the new leader's address in `maia-leader`. (Its renewal finds who
     took it; a write of its refused by the fence first knows no successor, and its streams end as
@@ -95,8 +95,8 @@ async def test_a_leader_that_steps_down_ends_its_streams_unavailable_naming_the_
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     quiet = {"heartbeat_timeout_s": 60, "reconcile_interval_s": 30.0}
-    async with running_controller(db_url, tmp_path / "a", **quiet) as leader, \
-            running_controller(db_url, tmp_path / "b", **quiet) as follower:
+    async with running_controller(migrated_db_url, tmp_path / "a", **quiet) as leader, \
+            running_controller(migrated_db_url, tmp_path / "b", **quiet) as follower:
         assert leader.election.should_run() and not follower.election.should_run()
         stubs = Stubs.connect(leader.address, admin_token_of(leader))
         try:

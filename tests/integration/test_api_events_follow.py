@@ -25,9 +25,9 @@ def _node_events(*object_ids: str, kind: str = "node.down", at: datetime | None 
 
 
 @asynccontextmanager
-async def _with_events(db_url: str, tmp_path: Path, events: list[NewEvent]) -> AsyncIterator[tuple[ControllerApp, Stubs]]:
+async def _with_events(migrated_db_url: str, tmp_path: Path, events: list[NewEvent]) -> AsyncIterator[tuple[ControllerApp, Stubs]]:
     """A running controller whose history holds `events` (one transaction), and an admin's stubs."""
-    async with running_controller(db_url, tmp_path) as app:
+    async with running_controller(migrated_db_url, tmp_path) as app:
         async with app.db.unit_of_work() as uow:
             await record_events(uow.session, events)
             await uow.commit()
@@ -38,8 +38,8 @@ async def _with_events(db_url: str, tmp_path: Path, events: list[NewEvent]) -> A
             await stubs.channel.close()
 
 
-async def test_a_follower_reads_a_burst_from_the_start_in_full(db_url: str, tmp_path: Path) -> None:
-    async with _with_events(db_url, tmp_path, _node_events(*(f"burst-{i:04}" for i in range(1500)))) as (_, stubs):
+async def test_a_follower_reads_a_burst_from_the_start_in_full(migrated_db_url: str, tmp_path: Path) -> None:
+    async with _with_events(migrated_db_url, tmp_path, _node_events(*(f"burst-{i:04}" for i in range(1500)))) as (_, stubs):
         async def ask(**fields: object) -> list[str]:
             reply = await stubs.admin.ListEvents(admin_pb2.ListEventsRequest(object_kind="node", limit=1000, **fields))
             return [e.object_id for e in reply.events]
@@ -55,12 +55,12 @@ async def test_a_follower_reads_a_burst_from_the_start_in_full(db_url: str, tmp_
 
 
 async def test_after_an_id_retention_deleted_past_is_out_of_range_and_says_where_to_resume(
-        db_url: str, tmp_path: Path) -> None:
+        migrated_db_url: str, tmp_path: Path) -> None:
     """A reader resuming after an id whose successors retention deleted got the rest as if those
     had never been; now it is told, with the highest id deleted to resume after."""
     old = datetime.now(timezone.utc) - timedelta(days=30)
     events = _node_events("old-0", "old-1", "old-2", at=old) + _node_events("new", kind="node.up")
-    async with _with_events(db_url, tmp_path, events) as (app, stubs):
+    async with _with_events(migrated_db_url, tmp_path, events) as (app, stubs):
         ids = [e.id for e in (await stubs.admin.ListEvents(
             admin_pb2.ListEventsRequest(object_kind="node", oldest_first=True))).events]
         async with app.db.unit_of_work() as uow:
@@ -80,10 +80,10 @@ async def test_after_an_id_retention_deleted_past_is_out_of_range_and_says_where
         assert [e.object_id for e in whole.events] == ["old-2", "new"]
 
 
-async def test_a_reply_says_how_far_its_read_reached_whatever_the_filter(db_url: str, tmp_path: Path) -> None:
+async def test_a_reply_says_how_far_its_read_reached_whatever_the_filter(migrated_db_url: str, tmp_path: Path) -> None:
     """A follower of a quiet object moves on to it (`read_through`) rather than asking after that
     object's last event for ever; a full page of the oldest after an id reached its last only."""
-    async with _with_events(db_url, tmp_path, _node_events(*(f"n{i % 2}" for i in range(6)))) as (_, stubs):
+    async with _with_events(migrated_db_url, tmp_path, _node_events(*(f"n{i % 2}" for i in range(6)))) as (_, stubs):
         every = (await stubs.admin.ListEvents(admin_pb2.ListEventsRequest(oldest_first=True))).events
         newest = every[-1].id
         first_n0 = next(e.id for e in every if e.object_id == "n0")
@@ -95,10 +95,10 @@ async def test_a_reply_says_how_far_its_read_reached_whatever_the_filter(db_url:
         assert page.read_through == page.events[-1].id == every[2].id
 
 
-async def test_a_tenant_reads_how_far_its_own_read_reached_not_the_whole_historys(db_url: str, tmp_path: Path) -> None:
+async def test_a_tenant_reads_how_far_its_own_read_reached_not_the_whole_historys(migrated_db_url: str, tmp_path: Path) -> None:
     """`read_through` gave a tenant token the newest id of every tenant's history (their rate of
     events); a tenant's is its own last, or the retention mark, whichever is higher."""
-    async with _with_events(db_url, tmp_path, []) as (app, stubs):
+    async with _with_events(migrated_db_url, tmp_path, []) as (app, stubs):
         await stubs.admin.CreateTenant(admin_pb2.Tenant(id="lab"))
         await stubs.deployments.SubmitDeployment(deployments_pb2.SubmitDeploymentRequest(spec=spec("svc", tenant="lab")))
         async with app.db.unit_of_work() as uow:  # other objects' events, after the deployment's

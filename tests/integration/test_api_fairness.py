@@ -29,12 +29,12 @@ QUARANTINED = deployments_pb2.DEPLOYMENT_PHASE_QUARANTINED
 
 
 @pytest.fixture
-async def make_app(db_url: str, tmp_path) -> AsyncIterator:
+async def make_app(migrated_db_url: str, tmp_path) -> AsyncIterator:
     stack = AsyncExitStack()
     channels: list[grpc.aio.Channel] = []
 
     async def start(**overrides) -> tuple[ControllerApp, Stubs]:
-        app = await stack.enter_async_context(running_controller(db_url, tmp_path, **overrides))
+        app = await stack.enter_async_context(running_controller(migrated_db_url, tmp_path, **overrides))
         stubs = Stubs.connect(app.address, admin_token_of(app))
         channels.append(stubs.channel)
         await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))

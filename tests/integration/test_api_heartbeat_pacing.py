@@ -33,9 +33,9 @@ pytestmark = pytest.mark.parametrize("db_backend", ["sqlite"])
 ENDED_WITHIN_S = 15.0
 
 
-def _controller(db_url: str, tmp_path: Path, *, timeout_s: float,
+def _controller(migrated_db_url: str, tmp_path: Path, *, timeout_s: float,
                 max_per_second: float) -> AbstractAsyncContextManager[tuple[ControllerApp, Stubs]]:
-    return controller_with_rack(db_url, tmp_path, heartbeat_timeout_s=timeout_s,
+    return controller_with_rack(migrated_db_url, tmp_path, heartbeat_timeout_s=timeout_s,
                                 max_heartbeats_per_second=max_per_second)
 
 
@@ -121,8 +121,8 @@ async def _silent_suspect(stubs: Stubs, node_id: str, silence_timeout_s: float) 
     pytest.param(1000.0, [333, 333, 333], id="the default: a small cluster beats 3 times a timeout"),
 ])
 async def test_the_interval_a_register_tells_grows_with_the_connected_nodes_and_the_cap(
-        db_url: str, tmp_path: Path, max_per_second: float, expected_ms: list[int]) -> None:
-    async with _controller(db_url, tmp_path, timeout_s=1.0, max_per_second=max_per_second) as (_, stubs):
+        migrated_db_url: str, tmp_path: Path, max_per_second: float, expected_ms: list[int]) -> None:
+    async with _controller(migrated_db_url, tmp_path, timeout_s=1.0, max_per_second=max_per_second) as (_, stubs):
         agents, told = [], []
         for i in range(3):
             agent, interval_ms = await _joined(stubs, f"node-{i}")
@@ -134,11 +134,11 @@ async def test_the_interval_a_register_tells_grows_with_the_connected_nodes_and_
             await agent.close()
 
 
-async def test_a_node_beating_at_its_told_interval_is_never_marked_silent(db_url: str, tmp_path: Path) -> None:
+async def test_a_node_beating_at_its_told_interval_is_never_marked_silent(migrated_db_url: str, tmp_path: Path) -> None:
     """Told 1 s (one node, one heartbeat a second), it beats every second: ten times longer than
     the 0.1 s heartbeat timeout (a stream judged by it ends in the first gap), never longer than
     its own 3 s. Its stream lives through two and a half of its intervals."""
-    async with _controller(db_url, tmp_path, timeout_s=0.1, max_per_second=1.0) as (_, stubs):
+    async with _controller(migrated_db_url, tmp_path, timeout_s=0.1, max_per_second=1.0) as (_, stubs):
         agent, told_ms = await _joined(stubs, "node-1")
         assert told_ms == 1000
         end = _StreamEnd(agent)
@@ -150,10 +150,10 @@ async def test_a_node_beating_at_its_told_interval_is_never_marked_silent(db_url
         await agent.close()
 
 
-async def test_a_node_that_stops_is_marked_silent_by_its_own_timeout(db_url: str, tmp_path: Path) -> None:
+async def test_a_node_that_stops_is_marked_silent_by_its_own_timeout(migrated_db_url: str, tmp_path: Path) -> None:
     """Told 250 ms (four heartbeats a second), it beats twice and stops: its stream ends, the node
     suspect, after three of its own intervals of silence (0.75 s), not the 0.1 s heartbeat timeout."""
-    async with _controller(db_url, tmp_path, timeout_s=0.1, max_per_second=4.0) as (_, stubs):
+    async with _controller(migrated_db_url, tmp_path, timeout_s=0.1, max_per_second=4.0) as (_, stubs):
         agent, told_ms = await _joined(stubs, "node-1")
         assert told_ms == 250
         silence_timeout_s = 3 * told_ms / 1000
@@ -167,13 +167,13 @@ async def test_a_node_that_stops_is_marked_silent_by_its_own_timeout(db_url: str
         await agent.close()
 
 
-async def test_connected_agents_are_told_the_grown_interval_and_judged_by_it(db_url: str, tmp_path: Path) -> None:
+async def test_connected_agents_are_told_the_grown_interval_and_judged_by_it(migrated_db_url: str, tmp_path: Path) -> None:
     """Five heartbeats a second: each node joining lengthens the cluster's interval by 200 ms.
     Connected agents are told it once it grew 1.5 times past the shortest one told (at the 2nd and
     3rd node, not the 4th). Agents that keep beating at their Register's interval (they ignore what
     they are told) stay connected; node-0, told 600 ms, stops and is judged silent by 1.8 s of
     silence, not by its Register's 0.6 s nor the 0.3 s heartbeat timeout."""
-    async with _controller(db_url, tmp_path, timeout_s=0.3, max_per_second=5.0) as (_, stubs):
+    async with _controller(migrated_db_url, tmp_path, timeout_s=0.3, max_per_second=5.0) as (_, stubs):
         agents, told = await _all_joined(stubs, [f"node-{i}" for i in range(4)])
         assert told == [200, 400, 600, 800]
         await eventually(lambda: asyncio.sleep(0, [a.told_intervals_ms for a in agents]),
@@ -193,12 +193,12 @@ async def test_connected_agents_are_told_the_grown_interval_and_judged_by_it(db_
 
 
 async def test_an_agent_registered_after_the_fleet_shrank_is_told_the_interval_it_grows_back_to(
-        db_url: str, tmp_path: Path) -> None:
+        migrated_db_url: str, tmp_path: Path) -> None:
     """Five heartbeats a second. Three nodes join (the cluster's interval grows to 600 ms, told
     to all); two leave. node-1 registers again with one node connected: told 400 ms, shorter than
     any agent was told since the last growth. When node-2 comes back the interval is 600 ms again,
     1.5 times node-1's: node-1 is told it on its stream (else it would beat faster than the cap)."""
-    async with _controller(db_url, tmp_path, timeout_s=0.3, max_per_second=5.0) as (_, stubs):
+    async with _controller(migrated_db_url, tmp_path, timeout_s=0.3, max_per_second=5.0) as (_, stubs):
         agents, told = await _all_joined(stubs, ["node-0", "node-1", "node-2"])
         assert told == [200, 400, 600]
         for agent in agents[1:]:

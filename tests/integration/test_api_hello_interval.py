@@ -43,10 +43,10 @@ async def _session_after_silence(app: ControllerApp, node_id: str, silent_s: flo
     pytest.param(0, 1.5, 2.5, [], id="none stated (older agents): the timeout"),
 ])
 async def test_a_controller_that_never_saw_the_register_judges_the_stream_by_the_stated_interval(
-        db_url: str, tmp_path: Path, stated_ms: int, quiet_s: float, cut_s: float, told_ms: list[int]) -> None:
-    async with controller_with_rack(db_url, tmp_path) as (_, stubs):
+        migrated_db_url: str, tmp_path: Path, stated_ms: int, quiet_s: float, cut_s: float, told_ms: list[int]) -> None:
+    async with controller_with_rack(migrated_db_url, tmp_path) as (_, stubs):
         session_id = (await HandAgent(stubs, NODE, "rack-a").register()).session_id
-    async with running_controller(db_url, tmp_path) as app:  # restarted: it never heard the Register
+    async with running_controller(migrated_db_url, tmp_path) as app:  # restarted: it never heard the Register
         stubs = Stubs.connect(app.address, admin_token_of(app))
         agent = HandAgent(stubs, NODE, "rack-a")
         try:
@@ -61,10 +61,10 @@ async def test_a_controller_that_never_saw_the_register_judges_the_stream_by_the
             await stubs.channel.close()
 
 
-async def test_a_hello_stating_no_interval_is_judged_by_the_one_told_at_register(db_url: str, tmp_path: Path) -> None:
+async def test_a_hello_stating_no_interval_is_judged_by_the_one_told_at_register(migrated_db_url: str, tmp_path: Path) -> None:
     """One heartbeat a second: a lone node is told 1 s at Register (3 s of silence), longer than
     the 2 s timeout's third; its Hello stating none keeps that."""
-    async with controller_with_rack(db_url, tmp_path, max_heartbeats_per_second=1.0) as (app, stubs):
+    async with controller_with_rack(migrated_db_url, tmp_path, max_heartbeats_per_second=1.0) as (app, stubs):
         agent = HandAgent(stubs, NODE, "rack-a")
         try:
             assert (await agent.register()).heartbeat_interval_ms == 1_000
@@ -76,8 +76,8 @@ async def test_a_hello_stating_no_interval_is_judged_by_the_one_told_at_register
             await agent.close()
 
 
-async def test_a_negative_stated_interval_is_refused(db_url: str, tmp_path: Path) -> None:
-    async with controller_with_rack(db_url, tmp_path) as (app, stubs):
+async def test_a_negative_stated_interval_is_refused(migrated_db_url: str, tmp_path: Path) -> None:
+    async with controller_with_rack(migrated_db_url, tmp_path) as (app, stubs):
         agent = HandAgent(stubs, NODE, "rack-a")
         await agent.register()
         await agent.connect(heartbeat_interval_ms=-1)

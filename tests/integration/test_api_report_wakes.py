@@ -45,8 +45,8 @@ def _assignments(agents: dict[str, HandAgent], view: DeploymentView, replica: in
     return [(agents[p.node], p.shard) for p in view.placements if p.replica == replica]
 
 
-async def test_reports_wake_the_reconciler_when_a_pass_waits_on_them(db_url: str, tmp_path: Path) -> None:
-    async with running_controller(db_url, tmp_path, reconcile_interval_s=QUIET_S) as app:
+async def test_reports_wake_the_reconciler_when_a_pass_waits_on_them(migrated_db_url: str, tmp_path: Path) -> None:
+    async with running_controller(migrated_db_url, tmp_path, reconcile_interval_s=QUIET_S) as app:
         stubs = Stubs.connect(app.address, admin_token_of(app))
         agents = {f"node-{i}": HandAgent(stubs, f"node-{i}", "rack-a", accelerators=2) for i in (1, 2)}
         try:

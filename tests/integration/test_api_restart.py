@@ -18,8 +18,8 @@ from grpc_harness import (
 from maia.v1 import admin_pb2, common_pb2, deployments_pb2
 
 
-def _config(db_url: str, listen: str, token_file: Path) -> Config:
-    return Config(listen=listen, db_url=db_url, reconcile_interval_s=0.2, heartbeat_timeout_s=3.0,
+def _config(migrated_db_url: str, listen: str, token_file: Path) -> Config:
+    return Config(listen=listen, db_url=migrated_db_url, reconcile_interval_s=0.2, heartbeat_timeout_s=3.0,
                   solve_time_limit_ms=1000, bootstrap_admin_token_file=str(token_file))
 
 
@@ -29,9 +29,9 @@ async def _running(stubs: Stubs) -> deployments_pb2.Deployment:
         lambda d: d.phase == RUNNING, what="svc running")
 
 
-async def test_restart_keeps_placements_and_agents_reconnect(db_url: str, tmp_path: Path):
+async def test_restart_keeps_placements_and_agents_reconnect(migrated_db_url: str, tmp_path: Path):
     token_file = tmp_path / "admin.token"
-    first = ControllerApp(_config(db_url, "127.0.0.1:0", token_file))
+    first = ControllerApp(_config(migrated_db_url, "127.0.0.1:0", token_file))
     address = await first.start()
     token = token_file.read_text().strip()
     fleet = SimFleet(address, racks=1, nodes_per_rack=2, token=await issue_token(first.db, "node-bootstrap"),
@@ -49,7 +49,7 @@ async def test_restart_keeps_placements_and_agents_reconnect(db_url: str, tmp_pa
             before = await _running(stubs)
         await first.stop(grace_s=0.5)
 
-        second = ControllerApp(_config(db_url, address, token_file))  # same port: the agents know only this one
+        second = ControllerApp(_config(migrated_db_url, address, token_file))  # same port: the agents know only this one
         await second.start()
         assert token_file.read_text().strip() == token  # an admin token exists: the file is left alone
         async with Stubs.connect(address, token).channel as channel:
@@ -85,16 +85,16 @@ async def _health(app: ControllerApp, node_id: str) -> tuple[m.NodeHealth, bool]
 
 
 async def test_a_restarted_controller_leaves_a_node_whose_hello_it_is_writing_to_that_hello(
-        db_url: str, tmp_path: Path, monkeypatch) -> None:
+        migrated_db_url: str, tmp_path: Path, monkeypatch) -> None:
     """Its restart grace over (its node lifecycle's clock moved past it and the down and eviction
     graces), the controller finds the node up, its stored contact written before the restart, no
     stream holding it: its Hello is being written (held back here). The lifecycle leaves it to
     that Hello: still up, its work not evicted, whatever passes run meanwhile; then connected."""
     node_id = "node-1"
-    async with controller_with_rack(db_url, tmp_path) as (_, stubs):
+    async with controller_with_rack(migrated_db_url, tmp_path) as (_, stubs):
         session_id = (await HandAgent(stubs, node_id, "rack-a").register()).session_id
     went_at = datetime.now(timezone.utc)
-    async with running_controller(db_url, tmp_path) as app:
+    async with running_controller(migrated_db_url, tmp_path) as app:
         async with app.db.unit_of_work() as uow:  # as the old leader left it: up, heard from just before it went
             node = await uow.session.get(m.Node, node_id)
             node.health, node.evicted_at, node.last_heartbeat_at = m.NodeHealth.UP, None, went_at

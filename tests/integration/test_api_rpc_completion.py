@@ -222,11 +222,11 @@ def _connect_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 
 
 async def test_an_agent_stream_dropped_by_its_node_is_counted_cancelled_and_logged_at_info(
-        db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        migrated_db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A node killed (its connection reset) ends its Connect under the handler: CANCELLED, at INFO
     (an SRE killing and flapping nodes saw `code="ERROR"` and a WARNING line a stream)."""
     caplog.set_level(logging.DEBUG, logger="maia.api")
-    async with running_controller(db_url, tmp_path, heartbeat_timeout_s=60) as app:
+    async with running_controller(migrated_db_url, tmp_path, heartbeat_timeout_s=60) as app:
         handled = _Handled()
         app.metrics.rpc_handled = handled.rpc_handled  # type: ignore[method-assign]
         async with _an_agent_streaming(app) as node:
@@ -237,11 +237,11 @@ async def test_an_agent_stream_dropped_by_its_node_is_counted_cancelled_and_logg
 
 
 async def test_agent_streams_the_controller_ends_at_its_stop_are_logged_at_info(
-        db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        migrated_db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """At a clean stop the controller ends every agent's stream UNAVAILABLE (go to another
     controller): a WARNING line an agent, 63 of them at each SIGTERM of a 64-node fleet."""
     caplog.set_level(logging.DEBUG, logger="maia.api")
-    async with running_controller(db_url, tmp_path, heartbeat_timeout_s=60) as app:
+    async with running_controller(migrated_db_url, tmp_path, heartbeat_timeout_s=60) as app:
         async with _an_agent_streaming(app):
             await app.stop(grace_s=1.0)
     connect = _connect_lines(caplog)

@@ -24,7 +24,7 @@ AGENTS = 200
 RACKS = 10
 
 
-async def test_a_stop_ends_every_agent_stream_and_refuses_the_queued_register(db_url: str, tmp_path: Path) -> None:
+async def test_a_stop_ends_every_agent_stream_and_refuses_the_queued_register(migrated_db_url: str, tmp_path: Path) -> None:
     """200 agents connected, one Register queued behind the admission gate's only place (held):
     the stop refuses the queued Register UNAVAILABLE at once (it is neither written nor cancelled
     by the server at the end of the grace) and ends every stream with the controller's UNAVAILABLE
@@ -32,7 +32,7 @@ async def test_a_stop_ends_every_agent_stream_and_refuses_the_queued_register(db
     cut off (CANCELLED) by the server's grace running out."""
     # A 60 s heartbeat timeout: the 200 streams are silent until the stop, and with the test
     # controller's 2 s the first ones were ended before the last connected under load (.ci/run).
-    async with running_controller(db_url, tmp_path, agent_admission_concurrency=1,
+    async with running_controller(migrated_db_url, tmp_path, agent_admission_concurrency=1,
                                   agent_admission_queue=AGENTS, heartbeat_timeout_s=60) as app:
         stubs = Stubs.connect(app.address, admin_token_of(app))
         agents = [HandAgent(stubs, f"n{i:03d}", f"rack-{i % RACKS:02d}") for i in range(AGENTS)]
@@ -80,7 +80,7 @@ async def test_a_stop_ends_every_agent_stream_and_refuses_the_queued_register(db
             for agent in agents:
                 await agent.close()
             await stubs.channel.close()
-    db = Database(db_url)
+    db = Database(migrated_db_url)
     try:
         async with db.unit_of_work() as uow:
             nodes = set(await uow.session.scalars(select(m.Node.id)))

@@ -20,8 +20,8 @@ SUBMIT = "/maia.v1.DeploymentService/SubmitDeployment"
 
 
 @pytest.fixture
-async def throttled(db_url: str, tmp_path: Path) -> AsyncIterator[ControllerApp]:
-    async with running_controller(db_url, tmp_path, submits_per_minute=3) as app:
+async def throttled(migrated_db_url: str, tmp_path: Path) -> AsyncIterator[ControllerApp]:
+    async with running_controller(migrated_db_url, tmp_path, submits_per_minute=3) as app:
         yield app
 
 

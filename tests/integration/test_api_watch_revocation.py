@@ -122,14 +122,14 @@ async def test_a_watch_opened_with_an_expiring_token_ends_unauthenticated_at_its
 
 @pytest.mark.parametrize("db_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
 async def test_a_watch_on_a_follower_ends_when_its_token_is_revoked_through_the_leader(
-        db_url: str, tmp_path: Path) -> None:
+        migrated_db_url: str, tmp_path: Path) -> None:
     """Two controllers on one PostgreSQL: a tenant's watch on the follower ends UNAUTHENTICATED as
     the follower hears the revocation made through the leader (TOKENS_REVOKED), and is not shown the
     deployment submitted after it, which another token's watch on the follower is shown."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    async with running_controller(db_url, tmp_path / "a") as leader, \
-            running_controller(db_url, tmp_path / "b") as follower, \
+    async with running_controller(migrated_db_url, tmp_path / "a") as leader, \
+            running_controller(migrated_db_url, tmp_path / "b") as follower, \
             Stubs.connect(leader.address, admin_token_of(leader)).channel as admin_channel:
         admin = Stubs.on(admin_channel)
         await admin.admin.ApplyTopology(topology({"rack-a": "row-a"}))

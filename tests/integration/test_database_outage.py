@@ -39,10 +39,10 @@ ATTEMPTS = 20
 WAIT_HOLDING_S = 5.0
 
 
-async def _end_the_controllers_connections(db_url: str) -> int:
+async def _end_the_controllers_connections(migrated_db_url: str) -> int:
     """pg_terminate_backend every other connection to the controller's database (as a server
     restart or a failover would); how many were ended."""
-    engine = create_async_engine(db_url)
+    engine = create_async_engine(migrated_db_url)
     try:
         async with engine.connect() as conn:
             return len((await conn.execute(text(

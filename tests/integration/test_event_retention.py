@@ -27,14 +27,14 @@ from test_metrics import scrape, value
 TTL_S = 3600.0
 
 
-def _config(db_url: str, tmp_path: Path, **more: object) -> Config:
-    return Config(listen="127.0.0.1:0", db_url=db_url, metrics_listen="127.0.0.1:0",
+def _config(migrated_db_url: str, tmp_path: Path, **more: object) -> Config:
+    return Config(listen="127.0.0.1:0", db_url=migrated_db_url, metrics_listen="127.0.0.1:0",
                   bootstrap_admin_token_file=str(tmp_path / "admin.token"), **more)  # type: ignore[arg-type]
 
 
 @pytest.fixture
-async def app(db_url: str, tmp_path: Path) -> AsyncIterator[ControllerApp]:
-    app = ControllerApp(_config(db_url, tmp_path, event_ttl_s=TTL_S))
+async def app(migrated_db_url: str, tmp_path: Path) -> AsyncIterator[ControllerApp]:
+    app = ControllerApp(_config(migrated_db_url, tmp_path, event_ttl_s=TTL_S))
     assert app.retention is not None and app.retention.ttl_s == TTL_S
     app.retention.interval_s = 0.1  # a pass every 0.1 s rather than every minute
     await app.start()
@@ -67,8 +67,8 @@ async def test_the_leader_deletes_events_past_the_ttl_and_keeps_the_alarms(app: 
         await stubs.channel.close()
 
 
-async def test_an_event_ttl_of_zero_runs_no_retention(db_url: str, tmp_path: Path) -> None:
-    app = ControllerApp(_config(db_url, tmp_path, event_ttl_s=0))
+async def test_an_event_ttl_of_zero_runs_no_retention(migrated_db_url: str, tmp_path: Path) -> None:
+    app = ControllerApp(_config(migrated_db_url, tmp_path, event_ttl_s=0))
     assert app.retention is None
     await app.start()
     try:

@@ -55,8 +55,8 @@ def total(samples: Samples, name: str, **labels: str) -> float:
 
 
 @pytest.fixture
-async def app(db_url: str, tmp_path: Path) -> AsyncIterator[ControllerApp]:
-    app = ControllerApp(Config(listen="127.0.0.1:0", db_url=db_url, reconcile_interval_s=0.2,
+async def app(migrated_db_url: str, tmp_path: Path) -> AsyncIterator[ControllerApp]:
+    app = ControllerApp(Config(listen="127.0.0.1:0", db_url=migrated_db_url, reconcile_interval_s=0.2,
                                heartbeat_timeout_s=5.0, solve_time_limit_ms=1000, metrics_listen="127.0.0.1:0",
                                bootstrap_admin_token_file=str(tmp_path / "admin.token")))
     await app.start()

@@ -12,7 +12,7 @@ from controller.api.peers import NODE_REMOVED
 from grpc_harness import running_controller
 
 
-async def test_a_message_still_being_handled_ends_with_the_stop(db_url: str, tmp_path: Path, monkeypatch) -> None:
+async def test_a_message_still_being_handled_ends_with_the_stop(migrated_db_url: str, tmp_path: Path, monkeypatch) -> None:
     reading = asyncio.Event()
     ended: list[str] = []
 
@@ -26,7 +26,7 @@ async def test_a_message_still_being_handled_ends_with_the_stop(db_url: str, tmp
         return {}
 
     monkeypatch.setattr(peers_module, "registered_sessions", slow_read)
-    async with running_controller(db_url, tmp_path) as app:
+    async with running_controller(migrated_db_url, tmp_path) as app:
         app.peers.notified(NODE_REMOVED, "node-gone")  # as another controller's deletion is heard
         await asyncio.wait_for(reading.wait(), timeout=10)
         handling = set(app.peers._handling)

@@ -38,11 +38,11 @@ async def _until(condition, what: str, timeout: float = 20.0) -> None:  # type: 
 
 
 async def test_a_node_superseded_by_a_second_agent_of_it_gives_way_instead_of_taking_it_back(
-        db_url: str, tmp_path: Path) -> None:
+        migrated_db_url: str, tmp_path: Path) -> None:
     """Two agents run for one node (--insecure-no-auth: nothing refuses the second's Register):
     the first, its stream superseded, stops reconnecting; the second keeps the node. (Told OK as
     before, the first registered again, superseding the second, which did the same, and so on.)"""
-    app = ControllerApp(replace(TEST_CONFIG, db_url=db_url, insecure_no_auth=True, heartbeat_timeout_s=10))
+    app = ControllerApp(replace(TEST_CONFIG, db_url=migrated_db_url, insecure_no_auth=True, heartbeat_timeout_s=10))
     await app.start()
     try:
         stubs = Stubs.connect(app.address, None)
@@ -63,10 +63,10 @@ async def test_a_node_superseded_by_a_second_agent_of_it_gives_way_instead_of_ta
         await app.stop(grace_s=1.0)
 
 
-async def test_a_deleted_node_registers_again_with_its_bootstrap_token_at_once(db_url: str, tmp_path: Path) -> None:
+async def test_a_deleted_node_registers_again_with_its_bootstrap_token_at_once(migrated_db_url: str, tmp_path: Path) -> None:
     """Its stream ends NOT_FOUND: the node forgets its revoked credential and registers with its
     bootstrap token, without a Register refused for that credential first."""
-    async with running_controller(db_url, tmp_path, heartbeat_timeout_s=10) as app:
+    async with running_controller(migrated_db_url, tmp_path, heartbeat_timeout_s=10) as app:
         stubs = Stubs.connect(app.address, admin_token_of(app))
         try:
             await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
@@ -89,10 +89,10 @@ async def test_a_deleted_node_registers_again_with_its_bootstrap_token_at_once(d
 
 
 async def test_a_node_whose_stream_ended_silent_connects_again_to_the_same_controller(
-        db_url: str, tmp_path: Path) -> None:
+        migrated_db_url: str, tmp_path: Path) -> None:
     """Ended for its silence (UNAVAILABLE with a retry time), a node given several controllers
     comes back to the one that ended it (it leads), not the next in its list (none listens there)."""
-    async with running_controller(db_url, tmp_path) as app:
+    async with running_controller(migrated_db_url, tmp_path) as app:
         stubs = Stubs.connect(app.address, admin_token_of(app))
         try:
             await stubs.admin.ApplyTopology(topology({"rack-a": "row-a"}))
