@@ -112,20 +112,18 @@ async def _write_rows_and_racks(uow: UnitOfWork, stored: TopologyView, spec: Top
     One the spec restates unchanged is not written (nor locked: an UPDATE of it beside another
     apply's or a deletion's made deadlocks, found in review); a change to it since is judged by
     the held re-check, which puts it back as read in the old topology."""
-    s = uow.session
-    was_rows, was_racks = ({i.spec.id: i.spec for i in items} for items in (stored.rows, stored.racks))
-    for r in sorted(spec.rows, key=lambda r: r.id):
-        if (was := was_rows.get(r.id)) == r:
-            continue
-        read = None if was is None else {"zone_id": was.zone, "power_budget_w": was.power_budget_w}
-        if not await repo.write_topology_item(s, m.Row, r.id, read, zone_id=r.zone, power_budget_w=r.power_budget_w):
-            return f"row {r.id}"
-    for k in sorted(spec.racks, key=lambda k: k.id):
-        if (was_rack := was_racks.get(k.id)) == k:
-            continue
-        read = None if was_rack is None else {"row_id": was_rack.row, "power_budget_w": was_rack.power_budget_w}
-        if not await repo.write_topology_item(s, m.Rack, k.id, read, row_id=k.row, power_budget_w=k.power_budget_w):
-            return f"rack {k.id}"
+    def columns(item: RowSpec | RackSpec) -> dict[str, Any]:
+        parent = {"zone_id": item.zone} if isinstance(item, RowSpec) else {"row_id": item.row}
+        return {**parent, "power_budget_w": item.power_budget_w}
+
+    for kind, model, items, read in (("row", m.Row, spec.rows, stored.rows), ("rack", m.Rack, spec.racks, stored.racks)):
+        was: dict[str, RowSpec | RackSpec] = {i.spec.id: i.spec for i in read}
+        for item in sorted(items, key=lambda i: i.id):
+            if (before := was.get(item.id)) == item:
+                continue
+            if not await repo.write_topology_item(uow.session, model, item.id,
+                                                  None if before is None else columns(before), **columns(item)):
+                return f"{kind} {item.id}"
     return None
 
 

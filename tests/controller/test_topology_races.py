@@ -249,6 +249,22 @@ def _then_another_apply(monkeypatch: pytest.MonkeyPatch, db: Database, first: To
     return begun
 
 
+async def _rack_x_in_z1_and_z2_only_work(db: Database) -> Callable[[], Awaitable[None]]:
+    """TWO_ZONES and rack-x in row-x (z1), tenant t2 (z2 only): what makes work land on rack-x once
+    another apply moved it into z2 (a node joins it, t2's deployment is placed there)."""
+    await _apply(db, TopologySpec(zones=TWO_ZONES.zones, rows=TWO_ZONES.rows + (RowSpec("row-x", "z1"),),
+                                  racks=TWO_ZONES.racks + (RackSpec("rack-x", "row-x"),)))
+    await add_tenant(db, "t2", zones=("z2",))
+    loop = _reconciler(db)
+
+    async def work_lands_on_rack_x() -> None:
+        await add_nodes(db, "rack-x", 1)
+        await submit(db, deployment("resident", tenant="t2"))  # only rack-x, in z2 now, may take it
+        assert (await loop.reconcile_once()).changed_nodes
+
+    return work_lands_on_rack_x
+
+
 @pytest.mark.parametrize("kind", ["rack", "row"])
 async def test_a_rack_or_row_another_apply_moved_meanwhile_under_work_is_not_moved_back_unjudged(
         database: Database, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
@@ -257,16 +273,7 @@ async def test_a_rack_or_row_another_apply_moved_meanwhile_under_work_is_not_mov
     landed there. Its UPDATE moved it back into z1 under that work, and the held re-check (the old
     topology rebuilt from what it read) saw no move (found in review). Refused, retryably, writing
     nothing; applied again, the move back is judged."""
-    await _apply(database, TopologySpec(zones=TWO_ZONES.zones, rows=TWO_ZONES.rows + (RowSpec("row-x", "z1"),),
-                                        racks=TWO_ZONES.racks + (RackSpec("rack-x", "row-x"),)))
-    await add_tenant(database, "t2", zones=("z2",))
-    loop = _reconciler(database)
-
-    async def work_lands_on_rack_x() -> None:
-        await add_nodes(database, "rack-x", 1)
-        await submit(database, deployment("resident", tenant="t2"))  # only rack-x, in z2 now, may take it
-        assert (await loop.reconcile_once()).changed_nodes
-
+    work_lands_on_rack_x = await _rack_x_in_z1_and_z2_only_work(database)
     moved, back = ((RackSpec("rack-x", "row-b"), RackSpec("rack-x", "row-x", 50_000.0)) if kind == "rack" else
                    (RowSpec("row-x", "z2"), RowSpec("row-x", "z1", 90_000.0)))
     field = "racks" if kind == "rack" else "rows"
@@ -317,16 +324,7 @@ async def test_a_rack_restated_unchanged_that_another_apply_moved_meanwhile_keep
     are not written (nor locked: a deadlock with another apply or a deletion, found in review), so
     a move another made of one meanwhile stands, judged by the held re-check as a change from what
     this apply read; what runs there breaks nothing."""
-    await _apply(database, TopologySpec(zones=TWO_ZONES.zones, rows=TWO_ZONES.rows + (RowSpec("row-x", "z1"),),
-                                        racks=TWO_ZONES.racks + (RackSpec("rack-x", "row-x"),)))
-    await add_tenant(database, "t2", zones=("z2",))
-    loop = _reconciler(database)
-
-    async def work_lands_on_rack_x() -> None:
-        await add_nodes(database, "rack-x", 1)
-        await submit(database, deployment("resident", tenant="t2"))  # only rack-x, in z2 now, may take it
-        assert (await loop.reconcile_once()).changed_nodes
-
+    work_lands_on_rack_x = await _rack_x_in_z1_and_z2_only_work(database)
     begun = _then_another_apply(monkeypatch, database, TopologySpec(racks=(RackSpec("rack-x", "row-b"),)),
                                 after=work_lands_on_rack_x)
     await _apply(database, TopologySpec(zones=(ZoneSpec("z9"),), racks=(RackSpec("rack-x", "row-x"),)))
