@@ -261,15 +261,13 @@ class Outbox:
             self._timer = (loop.call_later(self._linger_s, self._send_now) if self._linger_s > 0
                            else loop.call_soon(self._send_now))
 
-    def add_first(self, event: relay_pb2.RelayEvent) -> bool:
+    def add_first(self, event: relay_pb2.RelayEvent) -> None:
         """An event of the link itself (a ping, its answer): in the next frame, ahead of the
-        events waiting, whatever the bounds, and without lingering. False: the outbox is closed
-        (nothing added)."""
+        events waiting, whatever the bounds, and without lingering; nothing once closed."""
         if self._closed:
-            return False
+            return
         self._events.appendleft((event, 0))
         self._send_now()
-        return True
 
     def message(self, call: int, data: bytes) -> None:
         self.add(relay_pb2.RelayEvent(call=call, message=data), len(data))

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from sqlalchemy import Row, delete, func, insert, select, update
@@ -96,12 +95,8 @@ def topology_parent_gone(exc: BaseException) -> bool:
     that is not there: deleted after the writer read it (`lock_topology_item` locks it against the
     writes that name it, not against their reads). PostgreSQL's error names the foreign key;
     SQLite's names none, so there it is any foreign key's refusal."""
-    if not isinstance(exc, IntegrityError):
-        return False
-    if isinstance(exc.orig, sqlite3.IntegrityError):
-        return sqlite_refusal(exc.orig, sqlite3.SQLITE_CONSTRAINT_FOREIGNKEY, {"FOREIGN KEY constraint failed"})
-    driver = getattr(exc.orig, "orig", None)  # asyncpg's exception (SQLAlchemy's EmulatedDBAPIException.orig)
-    return sqlstate(exc) == _FOREIGN_KEY_VIOLATION and getattr(driver, "constraint_name", None) in _PARENT_KEYS
+    return _refused_by(exc, sqlite3.SQLITE_CONSTRAINT_FOREIGNKEY, {"FOREIGN KEY constraint failed"},
+                      _FOREIGN_KEY_VIOLATION, _PARENT_KEYS)
 
 
 # The primary keys of zones, rows and racks: what refuses an item inserted twice.
@@ -111,12 +106,21 @@ _UNIQUE_VIOLATION = "23505"  # PostgreSQL's SQLSTATE
 
 def topology_item_taken(exc: BaseException) -> bool:
     """`exc` is the refusal of a zone, row or rack inserted under an id another transaction inserted
-    after this one read it absent (`upsert`): committed before the INSERT, or, on PostgreSQL, under
-    way then (the INSERT waits for it to commit, then fails)."""
+    after this one read it absent (`upsert`, `write_topology_item`): committed before the INSERT,
+    or, on PostgreSQL, under way then (the INSERT waits for it to commit, then fails)."""
+    return _refused_by(exc, sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY,
+                       {f"UNIQUE constraint failed: {column}" for column in _ITEM_KEYS.values()},
+                       _UNIQUE_VIOLATION, _ITEM_KEYS)
+
+
+def _refused_by(exc: BaseException, sqlite_code: int, sqlite_messages: set[str], pg_sqlstate: str,
+                constraints: Collection[str]) -> bool:
+    """`exc` is a write's refusal by one of these `constraints`: SQLite's by its extended error code
+    and message (which alone name the table and column, no constraint), PostgreSQL's by its
+    SQLSTATE and the constraint its error names."""
     if not isinstance(exc, IntegrityError):
         return False
     if isinstance(exc.orig, sqlite3.IntegrityError):
-        return sqlite_refusal(exc.orig, sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY,
-                              {f"UNIQUE constraint failed: {column}" for column in _ITEM_KEYS.values()})
+        return sqlite_refusal(exc.orig, sqlite_code, sqlite_messages)
     driver = getattr(exc.orig, "orig", None)  # asyncpg's exception (SQLAlchemy's EmulatedDBAPIException.orig)
-    return sqlstate(exc) == _UNIQUE_VIOLATION and getattr(driver, "constraint_name", None) in _ITEM_KEYS
+    return sqlstate(exc) == pg_sqlstate and getattr(driver, "constraint_name", None) in constraints
